@@ -1,0 +1,327 @@
+"""One validated configuration tree for optics, simulator, model, training, engine and the daemon.
+
+Every section is a plain pydantic model that round-trips to YAML. Unknown keys are errors, so a typo in a
+config on the scope PC is caught at start-up instead of being silently ignored. Units are in the names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from acquire_refocus.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OpticsConfig(_Section):
+    """Widefield fluorescence optics. Defaults: BBBC006-like 20x/0.45 air objective, Hoechst emission."""
+
+    numerical_aperture: float = Field(0.45, gt=0.0, le=1.7)
+    magnification: float = Field(20.0, gt=0.0)
+    immersion_index: float = Field(1.0, ge=1.0, le=2.0, description="refractive index of the immersion medium")
+    coverslip_index: float = Field(1.515, ge=1.0, le=2.0)
+    coverslip_thickness_um: float = Field(170.0, ge=0.0, le=1000.0)
+    sample_index: float = Field(1.33, ge=1.0, le=2.0, description="refractive index of the mounting medium")
+    emission_wavelength_nm: float = Field(461.0, ge=300.0, le=1100.0)
+    camera_pixel_size_um: float = Field(6.5, gt=0.0, le=50.0)
+
+    @model_validator(mode="after")
+    def _aperture_below_immersion(self) -> OpticsConfig:
+        if self.numerical_aperture >= self.immersion_index:
+            raise ValueError(
+                f"numerical_aperture ({self.numerical_aperture}) must be smaller than immersion_index "
+                f"({self.immersion_index}); an objective cannot collect light at NA >= n"
+            )
+        return self
+
+    @property
+    def pixel_size_um(self) -> float:
+        """Pixel size at the sample."""
+        return self.camera_pixel_size_um / self.magnification
+
+    @property
+    def depth_of_field_um(self) -> float:
+        """Total depth of field (Berek/Inoue: wave term plus detector term)."""
+        wavelength_um = self.emission_wavelength_nm / 1000.0
+        na, n = self.numerical_aperture, self.immersion_index
+        return wavelength_um * n / na**2 + n * self.pixel_size_um / na
+
+
+class CameraConfig(_Section):
+    """A scientific CMOS camera model: the simulator's noise, and the frame size of a simulated run."""
+
+    width_px: int = Field(512, ge=64, le=8192)
+    height_px: int = Field(512, ge=64, le=8192)
+    bit_depth: int = Field(16, ge=8, le=16)
+    gain_adu_per_electron: float = Field(2.0, gt=0.0, le=100.0)
+    offset_adu: float = Field(100.0, ge=0.0)
+    read_noise_electrons: float = Field(1.6, ge=0.0, le=100.0)
+    quantum_efficiency: float = Field(0.8, gt=0.0, le=1.0)
+    exposure_ms: float = Field(20.0, gt=0.0, le=60_000.0)
+
+    @property
+    def max_adu(self) -> int:
+        return 2**self.bit_depth - 1
+
+
+class SpecimenConfig(_Section):
+    """Procedural Hoechst-stained nuclei in a monolayer, larger than one camera frame."""
+
+    field_size_um: tuple[float, float] = (600.0, 600.0)
+    layer_thickness_um: float = Field(6.0, ge=0.0, le=100.0, description="spread of nucleus centres in z")
+    nuclei_per_mm2: float = Field(1500.0, ge=0.0, le=20_000.0)
+    nucleus_diameter_um: tuple[float, float] = (7.0, 14.0)
+    nucleus_thickness_um: tuple[float, float] = (4.0, 7.0)
+    cluster_fraction: float = Field(0.4, ge=0.0, le=1.0)
+    bright_fraction: float = Field(0.08, ge=0.0, le=1.0, description="mitotic / dividing, brighter nuclei")
+    photons_per_um3: float = Field(60.0, gt=0.0, description="emission of an average nucleus per exposure")
+    background_photons_per_px: float = Field(5.0, ge=0.0)
+    z_step_um: float = Field(1.0, gt=0.0, le=5.0, description="axial sampling of the specimen volume")
+
+
+class DriftConfig(_Section):
+    """Focus disturbances: how the in-focus stage Z wanders over time, and a sample tilt."""
+
+    model: Literal["none", "linear", "thermal", "random_walk", "steps"] = "none"
+    rate_um_per_min: float = Field(1.0, description="linear drift speed")
+    amplitude_um: float = Field(8.0, description="final excursion of the thermal (exponential) drift")
+    time_constant_s: float = Field(300.0, gt=0.0, description="thermal settling time")
+    random_walk_um_per_sqrt_s: float = Field(0.1, ge=0.0)
+    step_um: float = Field(4.0, description="size of each sudden step")
+    step_interval_s: float = Field(60.0, gt=0.0)
+    tilt_x_um_per_mm: float = Field(0.0, description="defocus gradient across the field along x")
+    tilt_y_um_per_mm: float = Field(0.0)
+    seed: int = 0
+
+
+class SimulatorConfig(_Section):
+    """The simulated microscope: specimen, camera, drift, stages."""
+
+    camera: CameraConfig = CameraConfig()
+    specimen: SpecimenConfig = SpecimenConfig()
+    drift: DriftConfig = DriftConfig()
+    focus_z_um: float = Field(100.0, description="stage Z at which the specimen mid-plane is in focus at t=0")
+    z_limits_um: tuple[float, float] = (0.0, 200.0)
+    max_defocus_um: float = Field(40.0, gt=0.0, le=200.0, description="half-range of the precomputed PSF bank")
+    psf_z_step_um: float = Field(0.25, gt=0.0, le=5.0)
+    psf_cache_dir: Path | None = Field(None, description="where the PSF bank is cached; default ~/.cache")
+    seed: int = 0
+    time_per_frame_s: float | None = Field(
+        None, description="simulated clock advance per frame; None follows the wall clock"
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> SimulatorConfig:
+        lo, hi = self.z_limits_um
+        if lo >= hi:
+            raise ValueError(f"z_limits_um must be (low, high) with low < high, got {self.z_limits_um}")
+        if not lo <= self.focus_z_um <= hi:
+            raise ValueError(f"focus_z_um ({self.focus_z_um}) lies outside z_limits_um {self.z_limits_um}")
+        return self
+
+
+class ModelConfig(_Section):
+    """The refocusing network. `weights: null` means the default model shipped in the package."""
+
+    architecture: Literal["unet", "multiscale", "resnet34"] = "unet"
+    base_channels: int = Field(16, ge=4, le=128)
+    depth: int = Field(4, ge=2, le=6, description="number of down-sampling stages")
+    scales: int = Field(3, ge=2, le=4, description="multiscale network: number of scales")
+    fusion: Literal["sum", "concat"] = "sum"
+    pretrained_encoder: Path | None = Field(None, description="ResNet-34 ImageNet weights, local file only")
+    weights: Path | None = None
+
+
+class LossConfig(_Section):
+    """Weights of each loss term; a weight of 0 switches a term off."""
+
+    l1_weight: float = Field(1.0, ge=0.0)
+    ms_ssim_weight: float = Field(0.5, ge=0.0)
+    multiscale_weight: float = Field(0.5, ge=0.0, description="loss on the coarser outputs of multiscale nets")
+    perceptual_weight: float = Field(0.0, ge=0.0)
+    gram_weight: float = Field(0.0, ge=0.0)
+    feature_network_weights: Path | None = Field(None, description="VGG-16 weights file for the feature loss")
+    defocus_weight: float = Field(0.05, ge=0.0)
+    defocus_huber_delta_um: float = Field(1.0, gt=0.0)
+
+
+class TrainingConfig(_Section):
+    """How to train: data source, optimisation, validation and checkpoints."""
+
+    data: Literal["simulated", "stored"] = "simulated"
+    dataset_dir: Path | None = Field(None, description="stored dataset (simulated or BBBC006-style folders)")
+    in_focus_index: int | None = Field(None, ge=0, description="stored real data: z index of the focal plane")
+    z_step_um: float | None = Field(None, gt=0.0, description="stored real data: stage step between planes")
+    pixel_size_um: float | None = Field(None, gt=0.0, description="stored real data: pixel size at sample")
+    defocus_range_um: tuple[float, float] = (-35.0, 35.0)
+    patch_size_px: int = Field(128, ge=64, le=1024)
+    batch_size: int = Field(8, ge=1, le=512)
+    steps: int = Field(3000, ge=1)
+    learning_rate: float = Field(2e-3, gt=0.0, le=1.0)
+    validation_every: int = Field(250, ge=1)
+    validation_fields: int = Field(16, ge=1)
+    train_fields: int = Field(64, ge=1, description="distinct specimen fields of view for training")
+    checkpoint_dir: Path = Path("runs/train")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None uses all cores")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+class EngineConfig(_Section):
+    """Which inference backend runs the network, and the frame sizes it is built for."""
+
+    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = "auto"
+    precision: Literal["fp16", "fp32"] = "fp16"
+    cache_dir: Path = PROJECT_ROOT / "trt_engines"
+    min_size_px: int = Field(64, ge=16)
+    opt_size_px: int = Field(2048, ge=16)
+    max_size_px: int = Field(2048, ge=16)
+    max_batch: int = Field(4, ge=1, le=64)
+    tile_overlap_px: int = Field(64, ge=0)
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for onnxruntime / torch")
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> EngineConfig:
+        if not self.min_size_px <= self.opt_size_px <= self.max_size_px:
+            raise ValueError("need min_size_px <= opt_size_px <= max_size_px")
+        if self.tile_overlap_px * 2 >= self.max_size_px:
+            raise ValueError("tile_overlap_px must be less than half of max_size_px")
+        return self
+
+
+class PipelineConfig(_Section):
+    """Between the acquisition thread and the engine."""
+
+    queue_size: int = Field(8, ge=1, le=10_000)
+    overflow: Literal["latest", "all"] = Field(
+        "all", description="latest: always correct the newest frame; all: queue up to queue_size, then skip"
+    )
+
+
+class PublishingConfig(_Section):
+    """ZeroMQ sockets. Loopback by default: open them to the network only on purpose."""
+
+    enabled: bool = True
+    pub_address: str = "tcp://127.0.0.1:5556"
+    control_address: str = "tcp://127.0.0.1:5557"
+    high_water_mark: int = Field(64, ge=1, description="messages kept per subscriber before dropping")
+    publish_raw: bool = True
+
+
+class StorageConfig(_Section):
+    """Where corrected frames and the focus log are saved, beside the raw data."""
+
+    output_dir: Path | None = None
+    save_raw: bool = True
+    save_refocused: bool = True
+
+
+class FocusConfig(_Section):
+    """Closed-loop focus: from autofocus estimates to Z-stage moves."""
+
+    mode: Literal["off", "observe", "correct"] = "observe"
+    window_frames: int = Field(5, ge=1, le=1000, description="recent estimates combined (median)")
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    dead_band_um: float = Field(0.3, ge=0.0)
+    max_step_um: float = Field(5.0, gt=0.0)
+    gain: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the estimated error corrected per move")
+    z_limits_um: tuple[float, float] = Field((0.0, 200.0), description="soft limits never crossed")
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> FocusConfig:
+        if self.z_limits_um[0] >= self.z_limits_um[1]:
+            raise ValueError(f"z_limits_um must be (low, high) with low < high, got {self.z_limits_um}")
+        return self
+
+
+class AcquisitionConfig(_Section):
+    """Which acquisition backend runs, and the useq-schema MDASequence it runs."""
+
+    backend: Literal["simulator", "pymmcore-plus", "pycromanager"] = "simulator"
+    mm_config_file: Path | None = Field(None, description="Micro-Manager hardware config (pymmcore-plus)")
+    mm_app_path: Path | None = Field(None, description="Micro-Manager installation (adapters)")
+    pycromanager_port: int = Field(4827, ge=1, le=65535)
+    focus_device: str | None = Field(None, description="Z stage to drive; None uses the core's focus device")
+    pixel_size_um: float | None = Field(None, gt=0.0, description="override the core's pixel size")
+    sequence: dict[str, Any] | Path | None = Field(None, description="useq MDASequence, inline or a file")
+
+
+class AppConfig(_Section):
+    """The whole configuration of acquire-refocus."""
+
+    optics: OpticsConfig = OpticsConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    training: TrainingConfig = TrainingConfig()
+    engine: EngineConfig = EngineConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    publishing: PublishingConfig = PublishingConfig()
+    storage: StorageConfig = StorageConfig()
+    focus: FocusConfig = FocusConfig()
+    acquisition: AcquisitionConfig = AcquisitionConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def _describe_error(error: Any) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{location}: unknown key (check its spelling and section)"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) or kind == "missing" else f" (got {given!r})"
+    return f"{location}: {message}{shown}"
+
+
+def _resolve_paths(section: BaseModel, base_dir: Path) -> None:
+    """Make relative paths in a config file relative to that file, not to wherever the command ran."""
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            _resolve_paths(value, base_dir)
+        elif isinstance(value, Path) and not value.is_absolute():
+            setattr(section, name, (base_dir / value).resolve())
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> AppConfig:
+    """Validate a mapping as an AppConfig; every problem is listed in one ConfigError naming `source`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (optics:, simulator:, ...), got {type(data).__name__}")
+    try:
+        config = AppConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe_error(e) for e in exc.errors())
+        raise ConfigError(f"{source}: invalid configuration:\n  {problems}") from None
+    if base_dir is not None:
+        _resolve_paths(config, base_dir)
+    return config
+
+
+def load_config(path: str | Path | None) -> AppConfig:
+    """Load a YAML config file; None gives the defaults (the simulated microscope)."""
+    if path is None:
+        return AppConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path), base_dir=path.parent.resolve())
+
+
+def dump_config(config: AppConfig) -> str:
+    """The config as YAML, for run records."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Hooks that hand frames from an acquisition (pymmcore-plus, pycromanager) to the pipeline."""

@@ -1,0 +1,1 @@
+"""The refocus network, its losses, training and evaluation."""

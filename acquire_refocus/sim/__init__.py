@@ -1,0 +1,1 @@
+"""The simulated microscope: PSF, specimen, camera, drift, and Micro-Manager devices around them."""
