@@ -165,6 +165,10 @@ class TrainingConfig(_Section):
     patch_size_px: int = Field(128, ge=64, le=1024)
     batch_size: int = Field(8, ge=1, le=512)
     steps: int = Field(3000, ge=1)
+    max_wall_time_min: float | None = Field(
+        None, gt=0.0, description="stop after this long; the learning-rate schedule follows time or steps, whichever "
+        "is further along, so a time-limited run still anneals fully"
+    )
     learning_rate: float = Field(2e-3, gt=0.0, le=1.0)
     validation_every: int = Field(250, ge=1)
     validation_fields: int = Field(16, ge=1)
@@ -234,6 +238,10 @@ class FocusConfig(_Section):
     max_step_um: float = Field(5.0, gt=0.0)
     gain: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the estimated error corrected per move")
     z_limits_um: tuple[float, float] = Field((0.0, 200.0), description="soft limits never crossed")
+    estimate_wait_s: float = Field(
+        5.0, ge=0.0, le=600.0,
+        description="correct mode: how long a time point may wait for the previous one's estimates (0: never)",
+    )
 
     @model_validator(mode="after")
     def _check_limits(self) -> FocusConfig:

@@ -9,14 +9,25 @@ from typing import Any
 _FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 
 
+class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is now, so a redirected or closed stderr (tests, daemons) never breaks it."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Send our log lines to stderr once; repeated calls only change the level."""
     root = logging.getLogger("acquire_refocus")
     root.setLevel(level.upper())
-    if not any(getattr(h, "_acquire_refocus", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _CurrentStderrHandler) for h in root.handlers):
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter(_FORMAT))
-        handler._acquire_refocus = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.propagate = False
 

@@ -1,0 +1,80 @@
+"""`acquire-refocus status | pause | resume | run FILE | stop`: talk to a running daemon's control socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from acquire_refocus.config import load_config
+
+_HELP = {
+    "status": "Print a running daemon's state: queue depth, frames seen / refocused / skipped / failed, messages "
+    "published / dropped, engine, focus offsets, paused or not, output directory.",
+    "pause": "Pause correction in a running daemon. Frames are still acquired, saved raw, counted and published raw.",
+    "resume": "Resume correction in a running daemon.",
+    "run": "Send a useq-schema MDASequence (YAML or JSON file) to a running daemon, which acquires it next.",
+    "stop": "Ask a running daemon to cancel its acquisition, drain its queue, close its stores and exit.",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    command = parser.prog.split()[-1]
+    parser.description = _HELP.get(command, parser.description) + (
+        " Exits 1, with a message, when no daemon answers within --timeout."
+    )
+    if command == "run":
+        parser.add_argument("file", metavar="FILE", type=Path, help="MDASequence as YAML or JSON")
+        parser.add_argument("--output", metavar="DIR", help="save this run here (default: the daemon's DIR/run-NNN)")
+    parser.add_argument("--address", help="control address (default: publishing.control_address of --config)")
+    parser.add_argument("--config", metavar="FILE", help="config whose control address to use")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for an answer")
+    if command == "status":
+        parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+
+def _print_status(reply: dict[str, Any]) -> None:
+    counts = reply.get("counts") or {}
+    publishing = reply.get("publishing") or {}
+    focus = reply.get("focus") or {}
+    lines = [
+        f"state        {reply.get('state')}  (run {reply.get('run') or '-'}, paused: {reply.get('paused')})",
+        f"engine       {reply.get('engine')}   backend {reply.get('backend')}",
+        f"output       {reply.get('output_dir') or 'not saved'}",
+        "frames       seen {seen}  refocused {refocused}  skipped {skipped}  failed {failed}  paused {paused_frames}"
+        .format(**{k: counts.get(k, 0) for k in ("seen", "refocused", "skipped", "failed", "paused_frames")}),
+        f"queue        {counts.get('queue_depth', 0)} / {counts.get('queue_size', '-')}",
+        f"publishing   {publishing.get('address', 'off')}  published {publishing.get('published', 0)}  "
+        f"dropped {publishing.get('dropped', 0)}",
+        f"focus        mode {focus.get('mode')}  offsets_um {focus.get('offsets_um', {})}  "
+        f"last_defocus_um {focus.get('last_defocus_um', {})}  moves {focus.get('moves', 0)}",
+    ]
+    print("\n".join(lines))
+
+
+def run(args: argparse.Namespace) -> int:
+    from acquire_refocus.control import DaemonUnavailable, request
+    from acquire_refocus.daemon import parse_sequence
+
+    address = args.address or load_config(args.config).publishing.control_address
+    fields: dict[str, Any] = {}
+    if args.command == "run":
+        sequence = parse_sequence(args.file, str(args.file))  # a bad file fails here, with its name
+        fields["sequence"] = sequence.model_dump(mode="json", exclude_unset=True)
+        if args.output:
+            fields["output"] = str(Path(args.output).resolve())
+    try:
+        reply = request(address, args.command, timeout_s=args.timeout, **fields)
+    except DaemonUnavailable as exc:
+        print(f"acquire-refocus {args.command}: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"acquire-refocus {args.command}: the daemon refused: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if args.command == "status" and not args.json:
+        _print_status(reply)
+    else:
+        print(json.dumps(reply, indent=2))
+    return 0

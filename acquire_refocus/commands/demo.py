@@ -1,0 +1,260 @@
+"""`acquire-refocus demo`: the whole daemon on the simulated microscope, closed loop on, in one command."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from acquire_refocus.config import PROJECT_ROOT, AppConfig, load_config, parse_config
+from acquire_refocus.errors import UserError
+
+_DESCRIPTION = """\
+Run the daemon on the simulated microscope, no hardware needed: a multi-position time-lapse of
+Hoechst-stained nuclei while the focus drifts (thermal drift by default), closed-loop focus correction on,
+every frame refocused by the network, published over ZeroMQ and saved beside the raw data.
+
+It ends with a summary: frames, rates, frames skipped, the focus error (RMS, from the simulator's ground
+truth) with the correction and what it would have been without it (the stage left at its planned Z, same
+drift, same instants), and where the data and the plot (focus_trace.png) are.
+"""
+
+_EPILOG = """\
+examples:
+  acquire-refocus demo                              # ./demo-output
+  acquire-refocus demo --output /tmp/demo --loops 10
+  acquire-refocus demo --config configs/simulator.yaml --drift steps
+"""
+
+DEMO_CONFIG = PROJECT_ROOT / "configs" / "simulator.yaml"
+# The same settings as configs/simulator.yaml, for installs without the repository's configs/ folder.
+_DEMO_DEFAULTS: dict[str, Any] = {
+    "simulator": {
+        "drift": {"model": "thermal", "amplitude_um": 8, "time_constant_s": 120},
+        "time_per_frame_s": 2.0,
+    },
+    "focus": {"mode": "correct", "window_frames": 3, "z_limits_um": [50, 150]},
+    "acquisition": {
+        "backend": "simulator",
+        "sequence": {
+            "time_plan": {"interval": 0, "loops": 20},
+            "stage_positions": [{"x": 0, "y": 0, "z": 100}, {"x": 200, "y": 100, "z": 100}],
+            "axis_order": "tp",
+        },
+    },
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = _DESCRIPTION
+    parser.epilog = _EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--config", metavar="FILE",
+                        help="config (default: configs/simulator.yaml; its backend must be 'simulator')")
+    parser.add_argument("--output", metavar="DIR", type=Path, default=Path("demo-output"),
+                        help="where to save (default ./demo-output; a previous demo there is replaced)")
+    parser.add_argument("--loops", "--frames", dest="loops", type=int, metavar="N",
+                        help="time points per position (default: the config's time_plan)")
+    parser.add_argument("--drift", choices=["none", "linear", "thermal", "random_walk", "steps"],
+                        help="override simulator.drift.model")
+    parser.add_argument("--mode", choices=["off", "observe", "correct"], help="override focus.mode")
+
+
+def _demo_config(args: argparse.Namespace) -> AppConfig:
+    if args.config:
+        config = load_config(args.config)
+    elif DEMO_CONFIG.is_file():
+        config = load_config(DEMO_CONFIG)
+    else:
+        config = parse_config(_DEMO_DEFAULTS, source="built-in demo settings")
+    if config.acquisition.backend != "simulator":
+        raise UserError(f"the demo runs on the simulated microscope; {args.config} has acquisition.backend "
+                        f"{config.acquisition.backend!r} (use 'acquire-refocus serve' for hardware)")
+    if config.acquisition.sequence is None:
+        config.acquisition.sequence = _DEMO_DEFAULTS["acquisition"]["sequence"]
+    if args.drift:
+        config.simulator.drift.model = args.drift
+    if args.mode:
+        config.focus.mode = args.mode
+    if args.loops is not None:
+        if args.loops < 1:
+            raise UserError("--loops must be at least 1")
+    return config
+
+
+def _free_address(address: str) -> str:
+    """The configured address, or a free port on the same interface when a daemon already uses it."""
+    import zmq
+
+    probe = zmq.Context.instance().socket(zmq.PUB)
+    probe.setsockopt(zmq.LINGER, 0)
+    try:
+        probe.bind(address)
+        return address
+    except zmq.ZMQError:
+        host = address.rsplit(":", 1)[0]
+        port = probe.bind_to_random_port(host)
+        return f"{host}:{port}"
+    finally:
+        probe.close(linger=0)
+
+
+class _Truth:
+    """frameReady listener recording, per frame, the simulator's true in-focus Z at that frame's instant."""
+
+    def __init__(self, scope: Any, time_per_frame_s: float | None, nominal_z_um: dict[int, float]) -> None:
+        self._scope = scope
+        self._dt = time_per_frame_s or 0.0
+        self._nominal = nominal_z_um
+        self.rows: list[dict[str, float]] = []
+
+    def frameReady(self, image: Any, event: Any, meta: dict) -> None:  # noqa: N802
+        index = {str(getattr(k, "value", k)): int(v) for k, v in event.index.items()}
+        position = index.get("p", 0)
+        pos = meta.get("position") or {}
+        xy = (float(pos.get("x", event.x_pos or 0.0)), float(pos.get("y", event.y_pos or 0.0)))
+        stage_z = float(pos.get("z", event.z_pos))
+        t_s = self._scope.clock_s() - self._dt  # the clock advanced once when this frame was exposed
+        focus_z = self._scope.focus_z_um(xy, t_s)
+        self.rows.append({
+            "p": position, "t_index": index.get("t", 0), "t_s": t_s, "stage_z_um": stage_z,
+            "focus_z_um": focus_z, "error_um": stage_z - focus_z,
+            "uncorrected_error_um": self._nominal.get(position, stage_z) - focus_z,
+        })
+
+
+def _rms(values: list[float]) -> float:
+    return math.sqrt(sum(v * v for v in values) / len(values)) if values else math.nan
+
+
+def _plot(path: Path, truth: _Truth, estimates: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_err, ax_z) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    positions = sorted({row["p"] for row in truth.rows})
+    for position in positions:
+        rows = [r for r in truth.rows if r["p"] == position]
+        t = [r["t_s"] for r in rows]
+        ax_err.plot(t, [r["uncorrected_error_um"] for r in rows], "--", label=f"p{position} without correction")
+        ax_err.plot(t, [r["error_um"] for r in rows], "-o", ms=3, label=f"p{position} with correction")
+        by_frame = {e["frame"]: e for e in estimates}
+        est = [(r["t_s"], by_frame[k]["defocus_um"]) for k, r in enumerate(truth.rows)
+               if r["p"] == position and k in by_frame and by_frame[k]["refocused"]
+               and math.isfinite(by_frame[k]["defocus_um"])]
+        if est:
+            ax_err.plot(*zip(*est, strict=True), "x", ms=4, label=f"p{position} network estimate")
+        ax_z.plot(t, [r["focus_z_um"] for r in rows], "--", label=f"p{position} true in-focus Z")
+        ax_z.plot(t, [r["stage_z_um"] for r in rows], "-o", ms=3, label=f"p{position} stage Z")
+    ax_err.axhline(0.0, color="k", lw=0.5)
+    ax_err.set_ylabel("focus error = stage Z - in-focus Z (um)")
+    ax_err.legend(fontsize=7, ncol=2)
+    ax_err.set_title(title)
+    ax_z.set_xlabel("simulated time (s)")
+    ax_z.set_ylabel("Z (um)")
+    ax_z.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+
+    import useq
+
+    from acquire_refocus.client import Subscriber
+    from acquire_refocus.daemon import Daemon, parse_sequence
+    from acquire_refocus.storage import FOCUS_LOG, RAW_STORE, REFOCUSED_STORE, RUN_RECORD, read_focus_log
+
+    t_start = time.perf_counter()
+    config = _demo_config(args)
+    sequence = parse_sequence(config.acquisition.sequence)
+    if args.loops is not None:
+        sequence = sequence.model_copy(update={"time_plan": useq.TIntervalLoops(interval=0, loops=args.loops)})
+    output = args.output.resolve()
+    if output.exists():
+        if not (output / RUN_RECORD).exists() and any(output.iterdir()):
+            raise UserError(f"{output} exists and is not a previous demo's output; choose another --output")
+        shutil.rmtree(output)
+    config.publishing.pub_address = _free_address(config.publishing.pub_address)
+    config.publishing.control_address = _free_address(config.publishing.control_address)
+    nominal = {i: float(p.z) for i, p in enumerate(sequence.stage_positions) if p.z is not None}
+
+    received: dict[str, int] = {"raw": 0, "refocused": 0, "focus": 0}
+    listening = threading.Event()
+    done = threading.Event()
+
+    def listen(address: str) -> None:
+        with Subscriber(address, timeout_s=0.2) as sub:
+            listening.set()
+            while not done.is_set():
+                message = sub.receive()
+                if message is not None:
+                    received[message[0]["topic"]] += 1
+            while (message := sub.receive(0.5)) is not None:
+                received[message[0]["topic"]] += 1
+
+    print(f"acquire-refocus demo: simulated microscope, drift {config.simulator.drift.model}, "
+          f"focus {config.focus.mode}; writing to {output}", flush=True)
+    with Daemon(config, output_dir=output, control=True) as daemon:
+        listener = threading.Thread(target=listen, args=(daemon.publisher.address,), daemon=True) \
+            if daemon.publisher else None
+        if listener is not None:
+            listener.start()
+            listening.wait(5.0)
+        core = daemon.acquisition_core()
+        truth = _Truth(daemon.scope, config.simulator.time_per_frame_s, nominal)
+        core.mda.events.frameReady.connect(truth.frameReady)
+        try:
+            summary = daemon.run(sequence, output)
+        finally:
+            core.mda.events.frameReady.disconnect(truth.frameReady)
+            done.set()
+            if listener is not None:
+                listener.join(5.0)
+    wall_s = time.perf_counter() - t_start
+
+    rows = read_focus_log(output / FOCUS_LOG)
+    counts = summary.counts()
+    corrected = [r["error_um"] for r in truth.rows]
+    uncorrected = [r["uncorrected_error_um"] for r in truth.rows]
+    rms_with, rms_without = _rms(corrected), _rms(uncorrected)
+    dof_um = config.optics.depth_of_field_um
+    plot_path = output / "focus_trace.png"
+    _plot(plot_path, truth, rows,
+          f"{config.simulator.drift.model} drift, focus {config.focus.mode}: RMS error {rms_with:.2f} um "
+          f"(without correction {rms_without:.2f} um; depth of field {dof_um:.2f} um)")
+    acquired_fps = counts.get("seen", 0) / summary.wall_s if summary.wall_s else math.nan
+    latencies = sorted(r["latency_ms"] for r in rows if r["refocused"])
+    p50 = latencies[len(latencies) // 2] if latencies else math.nan
+    mode_word = "with correction" if config.focus.mode == "correct" else f"focus mode {config.focus.mode}"
+    print(
+        "\n".join([
+            "",
+            "demo summary",
+            f"  engine                {daemon.engine_name}",
+            f"  frames                {counts.get('seen', 0)} acquired, {counts.get('refocused', 0)} refocused, "
+            f"{counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed",
+            f"  rates                 {acquired_fps:.1f} frames/s over the run; refocus latency p50 {p50:.0f} ms",
+            f"  published             {summary.publisher.get('published', 0)} messages, "
+            f"dropped {summary.publisher.get('dropped', 0)}; demo subscriber received "
+            f"raw {received['raw']}, refocused {received['refocused']}, focus {received['focus']}",
+            f"  focus error RMS       {rms_with:.2f} um {mode_word}, {rms_without:.2f} um without correction "
+            f"(depth of field {dof_um:.2f} um)",
+            f"  focus moves           {summary.focus.get('moves', 0)}, offsets_um {summary.focus.get('offsets_um', {})}",
+            f"  raw data              {output / RAW_STORE}",
+            f"  refocused             {output / REFOCUSED_STORE}",
+            f"  focus log             {output / FOCUS_LOG}",
+            f"  run record            {output / RUN_RECORD}",
+            f"  plot                  {plot_path}",
+            f"  wall time             {wall_s:.1f} s",
+        ]),
+        flush=True,
+    )
+    return 1 if summary.error else 0

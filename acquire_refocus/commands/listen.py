@@ -1,0 +1,76 @@
+"""`acquire-refocus listen`: subscribe to a running daemon; print live rates and the focus trace."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+_DESCRIPTION = """\
+Connect to a daemon's publishing socket and print one line per focus estimate (frame, axes, stage Z,
+estimated defocus, confidence, whether it was refocused, latency) and, every --every seconds, the rates:
+frames per second and MB/s per topic, and messages lost on the way (a subscriber that falls behind the
+daemon's high-water mark loses messages; the daemon never waits for it).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = _DESCRIPTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--address", help="publishing address (default: publishing.pub_address of --config)")
+    parser.add_argument("--config", metavar="FILE", help="config whose publishing address to use")
+    parser.add_argument("--topic", action="append", choices=["raw", "refocused", "focus"],
+                        help="topic to receive (repeatable; default: all)")
+    parser.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    parser.add_argument("--timeout", type=float, default=None, metavar="S",
+                        help="exit when nothing arrives for S seconds (default: wait forever)")
+    parser.add_argument("--every", type=float, default=1.0, metavar="S", help="seconds between rate lines")
+
+
+def _trace_line(header: dict) -> str:
+    def num(key: str, fmt: str) -> str:
+        value = header.get(key)
+        return "-" if value is None else format(value, fmt)
+
+    axes = ",".join(f"{k}{v}" for k, v in header.get("axes", {}).items()) or "-"
+    return (f"focus frame={header['frame']} axes={axes} stage_z_um={num('stage_z_um', '.3f')} "
+            f"defocus_um={num('defocus_um', '+.3f')} confidence={num('confidence', '.2f')} "
+            f"refocused={str(header.get('refocused')).lower()} latency_ms={num('latency_ms', '.1f')}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from acquire_refocus.client import Subscriber
+    from acquire_refocus.config import load_config
+
+    address = args.address or load_config(args.config).publishing.pub_address
+    topics = tuple(args.topic or ("raw", "refocused", "focus"))
+    print(f"listening on {address} for {', '.join(topics)}", flush=True)
+    counts = {t: 0 for t in topics}
+    nbytes = {t: 0 for t in topics}
+    total = 0
+    t_window = time.perf_counter()
+    with Subscriber(address, topics=topics, timeout_s=min(args.every, args.timeout or args.every)) as sub:
+        last_message = time.perf_counter()
+        while args.count is None or total < args.count:
+            message = sub.receive()
+            now = time.perf_counter()
+            if message is not None:
+                header, pixels = message
+                topic = header.get("topic", "")
+                total += 1
+                last_message = now
+                counts[topic] = counts.get(topic, 0) + 1
+                nbytes[topic] = nbytes.get(topic, 0) + (pixels.nbytes if pixels is not None else 0)
+                if topic == "focus":
+                    print(_trace_line(header), flush=True)
+            if now - t_window >= args.every or (args.count is not None and total >= args.count):
+                span = max(now - t_window, 1e-9)
+                rates = "  ".join(f"{t}={counts[t] / span:.1f}/s,{nbytes[t] / span / 1e6:.1f}MB/s" for t in topics)
+                print(f"rates {rates}  received={sub.received} missed={sub.missed}", flush=True)
+                counts = {t: 0 for t in topics}
+                nbytes = {t: 0 for t in topics}
+                t_window = now
+            if args.timeout is not None and now - last_message >= args.timeout:
+                print(f"nothing received for {args.timeout:g} s; stopping", file=sys.stderr)
+                return 0 if total else 1
+    return 0

@@ -1,0 +1,440 @@
+"""The acquisition-side daemon: one engine, one publisher, one control socket, and a pipeline per run.
+
+A run = one useq MDASequence acquired through the configured backend ("simulator": the simulated microscope in a
+pymmcore-plus UniMMCore; "pymmcore-plus": a real Micro-Manager configuration in a CMMCorePlus; "pycromanager": the
+Micro-Manager desktop application, or pycromanager's headless backend). Every frame goes through
+`FramePipeline` to the sinks: publisher, refocused store, focus log, focus controller. Acquisitions run in their
+own thread; the main thread waits for control requests and signals, so SIGINT/SIGTERM cancel the acquisition,
+drain the queue, close the stores and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import useq
+import yaml
+from pydantic import ValidationError
+
+from acquire_refocus.config import AppConfig, dump_config
+from acquire_refocus.control import ControlServer
+from acquire_refocus.errors import ConfigError, UserError
+from acquire_refocus.focus import FocusController
+from acquire_refocus.logs import kv
+from acquire_refocus.pipeline import FrameCorrector, FramePipeline, FrameSink, PipelineStats
+from acquire_refocus.publishing import Publisher, PublishSink
+from acquire_refocus.storage import (
+    FOCUS_LOG,
+    RAW_STORE,
+    REFOCUSED_STORE,
+    RUN_RECORD,
+    FocusLog,
+    RefocusedStore,
+    package_versions,
+    utc_now,
+    write_run_record,
+)
+
+log = logging.getLogger(__name__)
+
+
+def parse_sequence(value: Any, source: str = "acquisition.sequence") -> useq.MDASequence:
+    """An MDASequence from a mapping, a YAML/JSON text, a file path or an MDASequence; ConfigError otherwise."""
+    if isinstance(value, useq.MDASequence):
+        return value
+    if isinstance(value, Path):
+        if not value.is_file():
+            raise ConfigError(f"{source}: sequence file not found: {value}")
+        source = str(value)
+        value = value.read_text(encoding="utf-8")
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)  # YAML is a superset of JSON
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML/JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: expected a useq-schema MDASequence mapping, got {type(value).__name__}")
+    try:
+        sequence = useq.MDASequence.model_validate(value)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{source}: not a valid useq-schema MDASequence: {problems}") from None
+    return sequence
+
+
+def load_refocuser(config: AppConfig) -> FrameCorrector:
+    """The configured model on the configured engine (Refocuser.load logs which engine it picked and why)."""
+    from acquire_refocus import Refocuser
+
+    return Refocuser.load(config.model.weights, engine=config.engine)
+
+
+@dataclass
+class RunSummary:
+    """What one run produced."""
+
+    run: str
+    output_dir: Path | None
+    backend: str
+    started: str
+    ended: str = ""
+    wall_s: float = 0.0
+    stats: PipelineStats | None = None
+    publisher: dict[str, Any] = field(default_factory=dict)
+    focus: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    cancelled: bool = False
+
+    def counts(self) -> dict[str, Any]:
+        return self.stats.as_dict() if self.stats is not None else {}
+
+
+class Daemon:
+    """Holds the engine, the publisher and the control socket across runs; see the module docstring."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        output_dir: Path | None = None,
+        corrector: FrameCorrector | None = None,
+        control: bool = True,
+        extra_sinks: Callable[[], list[FrameSink]] | None = None,
+    ) -> None:
+        self.config = config
+        self.output_dir = Path(output_dir) if output_dir is not None else config.storage.output_dir
+        self._extra_sinks = extra_sinks
+        self._lock = threading.Lock()
+        self._runs: queue.Queue[tuple[str, useq.MDASequence, Path | None]] = queue.Queue()
+        self._stop = threading.Event()
+        self._paused = False
+        self._run_count = 0
+        self._pipeline: FramePipeline | None = None
+        self._controller: FocusController | None = None
+        self._current: RunSummary | None = None
+        self._last: RunSummary | None = None
+        self._core: Any = None
+        self.scope: Any = None  # the simulated microscope, with the simulator backend
+        self.corrector = corrector if corrector is not None else load_refocuser(config)
+        self.publisher = Publisher(config.publishing) if config.publishing.enabled else None
+        self.control: ControlServer | None = None
+        try:
+            if control:
+                self.control = ControlServer(
+                    config.publishing.control_address,
+                    {
+                        "status": self._on_status,
+                        "pause": self._on_pause,
+                        "resume": self._on_resume,
+                        "run": self._on_run,
+                        "stop": self._on_stop,
+                    },
+                ).start()
+        except BaseException:
+            if self.publisher is not None:
+                self.publisher.close()
+            raise
+        log.info(
+            kv(
+                "daemon_ready",
+                engine=self.engine_name,
+                backend=config.acquisition.backend,
+                output=self.output_dir or "not saved (no --output / storage.output_dir)",
+                publish=self.publisher.address if self.publisher else "off",
+                control=self.control.address if self.control else "off",
+                focus=config.focus.mode,
+            )
+        )
+
+    @property
+    def engine_name(self) -> str:
+        return str(getattr(self.corrector, "engine_name", type(self.corrector).__name__))
+
+    # ----------------------------------------------------------------- control handlers (control thread)
+    def _on_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            pipeline, current, last, controller = self._pipeline, self._current, self._last, self._controller
+        shown = current or last
+        return {
+            "state": "running" if current is not None else ("stopping" if self._stop.is_set() else "idle"),
+            "engine": self.engine_name,
+            "backend": self.config.acquisition.backend,
+            "paused": self._paused,
+            "run": shown.run if shown else None,
+            "output_dir": str(shown.output_dir) if shown and shown.output_dir else (str(self.output_dir or "") or None),
+            "counts": pipeline.stats().as_dict() if pipeline is not None else (last.counts() if last else {}),
+            "publishing": self._publisher_stats(),
+            "focus": controller.state() if controller is not None else {"mode": self.config.focus.mode},
+            "runs_queued": self._runs.qsize(),
+        }
+
+    def _on_pause(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._paused = True
+        with self._lock:
+            if self._pipeline is not None:
+                self._pipeline.pause()
+        return {"paused": True}
+
+    def _on_resume(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._paused = False
+        with self._lock:
+            if self._pipeline is not None:
+                self._pipeline.resume()
+        return {"paused": False}
+
+    def _on_run(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._stop.is_set():
+            raise UserError("the daemon is stopping; it takes no new runs")
+        sequence = parse_sequence(request.get("sequence"), "run request")
+        output = request.get("output")
+        run_id, out_dir = self._next_run(Path(output) if output else None)
+        self._runs.put((run_id, sequence, out_dir))
+        return {"run": run_id, "output_dir": str(out_dir) if out_dir else None, "queued_before": self._runs.qsize() - 1}
+
+    def _on_stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.request_stop("control")
+        return {"stopping": True}
+
+    def _publisher_stats(self) -> dict[str, Any]:
+        if self.publisher is None:
+            return {"enabled": False}
+        stats = self.publisher.stats()
+        return {"enabled": True, "address": stats.address, "published": stats.published, "dropped": stats.dropped,
+                "bytes": stats.bytes_published}
+
+    # ----------------------------------------------------------------- runs
+    def _next_run(self, output: Path | None) -> tuple[str, Path | None]:
+        with self._lock:
+            self._run_count += 1
+            run_id = f"run-{self._run_count:03d}"
+        if output is None and self.output_dir is not None:
+            output = self.output_dir / run_id
+        return run_id, output
+
+    def request_stop(self, why: str) -> None:
+        """Cancel the acquisition in progress (raw data is closed properly), then drain and stop. Thread-safe."""
+        if not self._stop.is_set():
+            log.info(kv("daemon_stopping", reason=why))
+        self._stop.set()
+        core = self._core
+        if core is not None:
+            core.mda.cancel()
+
+    def run(self, sequence: useq.MDASequence, output_dir: Path | None, run_id: str | None = None) -> RunSummary:
+        """Acquire one sequence (in this thread) with a fresh pipeline; returns when the stores are closed."""
+        if run_id is None:
+            run_id, _ = self._next_run(None)
+        if output_dir is not None:
+            output_dir = Path(output_dir)
+            if (output_dir / RAW_STORE).exists() or (output_dir / REFOCUSED_STORE).exists():
+                raise UserError(f"{output_dir} already holds a run ({RAW_STORE} / {REFOCUSED_STORE}); raw data is "
+                                "never overwritten: choose another --output directory")
+            output_dir.mkdir(parents=True, exist_ok=True)
+        backend = self.config.acquisition.backend
+        summary = RunSummary(run=run_id, output_dir=output_dir, backend=backend, started=utc_now())
+        controller = FocusController(self.config.focus) if self.config.focus.mode != "off" else None
+        sinks: list[FrameSink] = []
+        if self.publisher is not None:
+            self.publisher.run = run_id
+            sinks.append(PublishSink(self.publisher))
+        core = self.acquisition_core() if backend != "pycromanager" else None
+        if output_dir is not None:
+            if self.config.storage.save_refocused:
+                pixel_size_um = self.config.acquisition.pixel_size_um or (core.getPixelSizeUm() if core else None)
+                frame_shape = (core.getImageHeight(), core.getImageWidth()) if core is not None else None
+                sinks.append(RefocusedStore(output_dir / REFOCUSED_STORE, sequence, frame_shape, pixel_size_um or None))
+            sinks.append(FocusLog(output_dir / FOCUS_LOG))
+        if controller is not None:
+            sinks.append(controller)
+        if self._extra_sinks is not None:
+            sinks.extend(self._extra_sinks())
+        pipeline = FramePipeline(self.corrector, sinks, self.config.pipeline)
+        if self._paused:
+            pipeline.pause()
+        with self._lock:
+            self._pipeline, self._controller, self._current = pipeline, controller, summary
+        self._write_record(summary, sequence, "running")
+        log.info(kv("run_start", run=run_id, backend=backend, engine=self.engine_name,
+                    output=output_dir or "not saved", focus=self.config.focus.mode))
+        t0 = time.perf_counter()
+        pipeline.start()
+        try:
+            self._acquire(core, sequence, pipeline, controller, output_dir)
+        except UserError as exc:
+            summary.error = str(exc)
+            raise
+        except Exception as exc:
+            summary.error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            summary.cancelled = self._stop.is_set()
+            summary.stats = pipeline.close(drain=True)
+            summary.wall_s = time.perf_counter() - t0
+            summary.ended = utc_now()
+            summary.publisher = self._publisher_stats()
+            summary.focus = controller.state() if controller is not None else {"mode": "off"}
+            with self._lock:
+                self._pipeline, self._controller, self._current, self._last = None, None, None, summary
+            self._write_record(summary, sequence, "failed" if summary.error else
+                               ("cancelled" if summary.cancelled else "completed"))
+            log.info(kv("run_done", run=run_id, wall_s=f"{summary.wall_s:.1f}", error=summary.error or "none",
+                        **{k: v for k, v in summary.counts().items() if k in ("seen", "refocused", "skipped", "failed")}))
+        return summary
+
+    def acquisition_core(self) -> Any:
+        """The Micro-Manager core of the configured backend, created once per daemon."""
+        if self._core is not None:
+            return self._core
+        acq = self.config.acquisition
+        if acq.backend == "simulator":
+            from acquire_refocus.sim.devices import create_simulated_core
+
+            self._core, self.scope = create_simulated_core(self.config.optics, self.config.simulator)
+        else:
+            from acquire_refocus.hooks.mm_hardware import load_hardware_core
+
+            if acq.mm_config_file is None:
+                raise ConfigError("acquisition.mm_config_file: required for backend pymmcore-plus (the .cfg file "
+                                  "of your microscope)")
+            self._core = load_hardware_core(acq.mm_config_file, acq.mm_app_path, focus_device=acq.focus_device)
+        if acq.focus_device and acq.backend == "simulator":
+            self._core.setFocusDevice(acq.focus_device)
+        return self._core
+
+    def _acquire(
+        self, core: Any, sequence: useq.MDASequence, pipeline: FramePipeline,
+        controller: FocusController | None, output_dir: Path | None,
+    ) -> None:
+        acq = self.config.acquisition
+        save_raw = output_dir is not None and self.config.storage.save_raw
+        if self._stop.is_set():
+            return
+        if acq.backend == "pycromanager":
+            from acquire_refocus.hooks import pycromanager as pycro
+
+            z_offset = None
+            if controller is not None and controller.applies:
+                z_offset = controller.offset_um
+            pycro.run_sequence(
+                sequence,
+                pipeline,
+                z_offset_um=z_offset,
+                directory=output_dir if save_raw else None,
+                name="raw",
+                pixel_size_um=acq.pixel_size_um,
+                focus_device=acq.focus_device,
+                port=acq.pycromanager_port,
+            )
+            return
+        from acquire_refocus.hooks.pymmcore_plus import run_sequence
+
+        run_sequence(
+            core,
+            sequence,
+            pipeline,
+            controller=controller,
+            raw_path=output_dir / RAW_STORE if save_raw and output_dir is not None else None,
+            pixel_size_um=acq.pixel_size_um,
+        )
+
+    def _write_record(self, summary: RunSummary, sequence: useq.MDASequence, state: str) -> None:
+        if summary.output_dir is None:
+            return
+        record = {
+            "run": summary.run,
+            "state": state,
+            "started": summary.started,
+            "ended": summary.ended or None,
+            "wall_s": round(summary.wall_s, 3),
+            "backend": summary.backend,
+            "engine": self.engine_name,
+            "model_sha256": getattr(self.corrector, "model_sha256", None),
+            "stores": {"raw": RAW_STORE, "refocused": REFOCUSED_STORE, "focus_log": FOCUS_LOG},
+            "counts": summary.counts(),
+            "publishing": summary.publisher,
+            "focus": summary.focus,
+            "error": summary.error or None,
+            "sequence": sequence.model_dump(mode="json", exclude_unset=True),
+            "config": yaml.safe_load(dump_config(self.config)),
+            "versions": package_versions(),
+        }
+        write_run_record(summary.output_dir / RUN_RECORD, record)
+
+    # ----------------------------------------------------------------- serving
+    def serve(self, once: bool = False, handle_signals: bool = True) -> int:
+        """--once: run the config's sequence into the output directory and return. Otherwise: run each sequence
+        sent with the `run` command until `stop` or a signal. Returns the exit code (0 unless a run failed)."""
+        if handle_signals:
+            self._install_signal_handlers()
+        exit_code = 0
+        if once:
+            if self.config.acquisition.sequence is None:
+                raise ConfigError("acquisition.sequence: required with --once (inline, or a YAML/JSON file path)")
+            sequence = parse_sequence(self.config.acquisition.sequence)
+            run_id, _ = self._next_run(None)
+            self._runs.put((run_id, sequence, self.output_dir))
+        else:
+            log.info(kv("daemon_waiting", control=self.control.address if self.control else "off",
+                        hint="send a sequence with 'acquire-refocus run FILE'"))
+        while not self._stop.is_set():
+            try:
+                run_id, sequence, out_dir = self._runs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            summary = self._run_in_thread(run_id, sequence, out_dir)
+            if summary is None or summary.error:
+                exit_code = 1
+            if once:
+                break
+        return exit_code
+
+    def _run_in_thread(self, run_id: str, sequence: useq.MDASequence, out_dir: Path | None) -> RunSummary | None:
+        """Acquire in a worker thread so this (main) thread stays free for signals."""
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                outcome["summary"] = self.run(sequence, out_dir, run_id)
+            except BaseException as exc:  # reported below, in the main thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=target, name="acquisition", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+        error = outcome.get("error")
+        if isinstance(error, UserError):
+            log.error(kv("run_failed", run=run_id, error=str(error)))
+            return None
+        if error is not None:
+            log.error(kv("run_failed", run=run_id, error=f"{type(error).__name__}: {error}"), exc_info=error)
+            return None
+        return outcome["summary"]
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            # Only set a flag and cancel: the MDA runner's cancel takes a lock in another thread, never this one.
+            threading.Thread(target=self.request_stop, args=(signal.Signals(signum).name,), daemon=True).start()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        if self.publisher is not None:
+            self.publisher.close()
+        log.info(kv("daemon_closed"))
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,222 @@
+"""Closed-loop focus: autofocus estimates in, Z offsets for the next time point out.
+
+Each accepted estimate gives an absolute in-focus stage Z for its position: `focus_z = stage_z - defocus`
+(Z convention: defocus = stage Z now - stage Z in focus). Because it is absolute, estimates taken before and
+after a move can be pooled. Per position, the controller keeps the last `window_frames` of them and, when that
+position's next time point starts, plans one move:
+
+    wanted offset = median(focus_z window) - centre Z planned for the position
+    error = wanted - current offset;  no move inside the dead band;  step = clamp(gain * error, +-max_step)
+
+and the new centre (planned centre + offset) is clamped to the soft limits `z_limits_um`, with a log line when
+that happens. An estimate that is not finite, has too low a confidence, or belongs to a frame that was not
+refocused never reaches the window, so it can never cause a move. Offsets only change at a position's next time
+point, so a z-stack is never moved in its middle.
+
+mode "observe" plans the same moves and logs them ("would move") without applying them: the estimates and
+the focus log are there, the stage is left alone. The acquisition hooks apply the offsets (pymmcore-plus:
+`hooks.pymmcore_plus.FocusMDAEngine` rewrites each upcoming event's Z; pycromanager: a pre-hardware hook).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import useq
+
+from acquire_refocus.config import FocusConfig
+from acquire_refocus.logs import kv
+from acquire_refocus.pipeline import FrameResult
+
+log = logging.getLogger(__name__)
+
+
+def _index(event: useq.MDAEvent) -> dict[str, int]:
+    return {str(getattr(axis, "value", axis)): int(i) for axis, i in event.index.items()}
+
+
+def _relative_z_um(event: useq.MDAEvent) -> float:
+    """How far a plane of a relative z-stack lies from the stack's centre (0 without one)."""
+    sequence = event.sequence
+    z_index = _index(event).get("z")
+    if sequence is None or z_index is None or sequence.z_plan is None or not sequence.z_plan.is_relative:
+        return 0.0
+    positions = list(sequence.z_plan)
+    return float(positions[z_index]) if z_index < len(positions) else 0.0
+
+
+@dataclass(frozen=True)
+class FocusMove:
+    position: int
+    t_index: int
+    offset_before_um: float
+    offset_after_um: float
+    error_um: float
+    applied: bool  # False in observe mode
+    clamped: bool
+
+
+class FocusController:
+    """FrameSink collecting estimates, and the planner the acquisition hook asks for Z offsets.
+
+    `on_frame` runs in the pipeline's dispatch thread, `adjust_events` / `offset_um` in the acquisition thread;
+    a lock keeps them consistent.
+    """
+
+    def __init__(self, config: FocusConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._window: dict[int, deque[float]] = {}
+        self._centre_um: dict[int, float] = {}
+        self._offset_um: dict[int, float] = {}
+        self._last_defocus_um: dict[int, float] = {}
+        self.moves: list[FocusMove] = []
+        self.accepted = 0
+        self.rejected = 0
+        self.clamps = 0
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def applies(self) -> bool:
+        return self.config.mode == "correct"
+
+    # ----------------------------------------------------------------- estimates (dispatch thread)
+    def on_frame(self, result: FrameResult) -> None:
+        position = int(result.info.axes.get("p", 0))
+        stage_z_um = result.info.stage_z_um
+        usable = (
+            result.refocused
+            and stage_z_um is not None
+            and math.isfinite(stage_z_um)
+            and math.isfinite(result.defocus_um)
+            and math.isfinite(result.confidence)
+            and result.confidence >= self.config.min_confidence
+        )
+        with self._lock:
+            if not usable:
+                self.rejected += 1
+                return
+            self.accepted += 1
+            self._last_defocus_um[position] = result.defocus_um
+            window = self._window.setdefault(position, deque(maxlen=self.config.window_frames))
+            window.append(float(stage_z_um) - result.defocus_um)  # type: ignore[operator]
+
+    def close(self) -> None:
+        log.info(kv("focus_summary", mode=self.mode, accepted=self.accepted, rejected=self.rejected,
+                    moves=sum(m.applied for m in self.moves), clamps=self.clamps,
+                    offsets_um=";".join(f"p{p}={o:+.3f}" for p, o in sorted(self._offset_um.items())) or "-"))
+
+    # ----------------------------------------------------------------- planning (acquisition thread)
+    def offset_um(self, position: int = 0) -> float:
+        """The Z offset currently applied at a position (0 in observe mode)."""
+        with self._lock:
+            return self._offset_um.get(position, 0.0)
+
+    def has_estimates(self, position: int) -> bool:
+        with self._lock:
+            return bool(self._window.get(position))
+
+    def plan(self, position: int, centre_um: float, t_index: int = 0) -> float:
+        """Decide the offset for the next time point at `position` whose planned centre Z is `centre_um`."""
+        cfg = self.config
+        with self._lock:
+            self._centre_um[position] = centre_um
+            current = self._offset_um.get(position, 0.0)
+            window = self._window.get(position)
+            if not window:
+                return current
+            error = statistics.median(window) - centre_um - current
+            if not math.isfinite(error) or abs(error) <= cfg.dead_band_um:
+                return current
+            step = max(-cfg.max_step_um, min(cfg.max_step_um, cfg.gain * error))
+            lo, hi = cfg.z_limits_um
+            target = centre_um + current + step
+            clamped = not lo <= target <= hi
+            new = min(hi, max(lo, target)) - centre_um
+            if clamped:
+                self.clamps += 1
+            move = FocusMove(position, t_index, current, new, error, self.applies, clamped)
+            self.moves.append(move)
+            if self.applies:
+                self._offset_um[position] = new
+        log.log(
+            logging.WARNING if clamped else logging.INFO,
+            kv(
+                "focus_move" if self.applies else "focus_would_move",
+                position=position,
+                t=t_index,
+                error_um=f"{error:+.3f}",
+                step_um=f"{new - current:+.3f}",
+                offset_um=f"{new:+.3f}",
+                z_um=f"{centre_um + new:.3f}",
+                clamped_to_limits=clamped,
+            ),
+        )
+        return new if self.applies else current
+
+    def adjust_events(
+        self,
+        events: Iterable[useq.MDAEvent],
+        start_z_um: float | None = None,
+        wait_for_estimates: Callable[[float], bool] | None = None,
+    ) -> Iterator[useq.MDAEvent]:
+        """Yield `events` with each one's Z shifted by its position's offset (correct mode).
+
+        A position's offset is planned when its next time point starts and then held for all of that time
+        point's events (a whole z-stack moves together). Events without a Z get `start_z_um` + offset once an
+        offset is non-zero. In correct mode, before planning, `wait_for_estimates(estimate_wait_s)` lets the
+        pipeline finish the frames already taken, so the move uses the latest estimates.
+        """
+        planned_t: dict[int, int] = {}
+        held: dict[int, float] = {}
+        lo, hi = self.config.z_limits_um
+        for event in events:
+            index = _index(event)
+            position, t_index = index.get("p", 0), index.get("t", 0)
+            nominal = event.z_pos if event.z_pos is not None else start_z_um
+            if planned_t.get(position) != t_index:
+                planned_t[position] = t_index
+                if nominal is not None:
+                    if (
+                        self.applies
+                        and wait_for_estimates is not None
+                        and self.config.estimate_wait_s > 0
+                        and t_index > 0
+                        and not wait_for_estimates(self.config.estimate_wait_s)
+                    ):
+                        log.warning(kv("focus_estimates_late", position=position, t=t_index,
+                                       waited_s=self.config.estimate_wait_s))
+                    held[position] = self.plan(position, nominal - _relative_z_um(event), t_index)
+            offset = held.get(position, 0.0)
+            if self.applies and nominal is not None and (offset != 0.0 or event.z_pos is not None):
+                z_um = nominal + offset
+                if not lo <= z_um <= hi:
+                    log.warning(kv("focus_z_clamped", position=position, t=t_index, requested_um=f"{z_um:.3f}",
+                                   limits_um=f"{lo:g}..{hi:g}"))
+                    z_um = min(hi, max(lo, z_um))
+                if z_um != event.z_pos:
+                    event = event.model_copy(update={"z_pos": z_um})
+            yield event
+
+    def state(self) -> dict[str, Any]:
+        """For the status command: mode, offsets and last estimates per position, counts."""
+        with self._lock:
+            return {
+                "mode": self.mode,
+                "offsets_um": {str(p): round(o, 4) for p, o in sorted(self._offset_um.items())},
+                "last_defocus_um": {str(p): round(d, 4) for p, d in sorted(self._last_defocus_um.items())},
+                "estimates_accepted": self.accepted,
+                "estimates_rejected": self.rejected,
+                "moves": sum(m.applied for m in self.moves),
+                "clamps": self.clamps,
+            }

@@ -1,0 +1,156 @@
+"""pymmcore-plus acquisitions (`core.mda`, real hardware or the simulated microscope) -> pipeline.
+
+`PymmcorePlusHook` listens to `core.mda.events.frameReady`, which pymmcore-plus emits in its acquisition thread
+right after the raw frame went to the run's own writer: the hook only builds a `FrameInfo` and calls
+`pipeline.submit` (no copy, no I/O). `FocusMDAEngine` is pymmcore-plus's `MDAEngine` with the closed focus loop
+in its `event_iterator` (the engine's documented extension point, which the runner uses to pull each upcoming
+event): every event's Z gets its position's current offset, planned when a time point starts. `run_sequence`
+puts it together: raw data written by pymmcore-plus's writer (ome-writers OME-Zarr), frames to the pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import useq
+from pymmcore_plus import CMMCorePlus
+from pymmcore_plus.mda import MDAEngine
+
+from acquire_refocus.focus import FocusController
+from acquire_refocus.logs import kv
+from acquire_refocus.pipeline import FrameInfo, FramePipeline
+from acquire_refocus.storage import raw_store_settings
+
+log = logging.getLogger(__name__)
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+class PymmcorePlusHook:
+    """Hands every frame of `core.mda` runs to the pipeline. Connect with `with hook:` or connect()/disconnect()."""
+
+    def __init__(self, core: CMMCorePlus, pipeline: FramePipeline, pixel_size_um: float | None = None) -> None:
+        self._core = core
+        self._pipeline = pipeline
+        self._pixel_size_um = pixel_size_um
+        self.frames = 0
+
+    def frameReady(self, image: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]) -> None:  # noqa: N802
+        """Runs in the acquisition thread: build the FrameInfo and enqueue; never raises."""
+        try:
+            self._pipeline.submit(image, self.frame_info(event, meta))
+            self.frames += 1
+        except Exception as exc:  # the acquisition must not stop because of the correction side
+            log.error(kv("pymmcore_plus_hook_failed", error=repr(exc)))
+
+    def frame_info(self, event: useq.MDAEvent, meta: Mapping[str, Any]) -> FrameInfo:
+        position = meta.get("position") or {}
+        z_um = _finite(position.get("z"))
+        if z_um is None:
+            z_um = _finite(event.z_pos)
+        x_um, y_um = _finite(position.get("x", event.x_pos)), _finite(position.get("y", event.y_pos))
+        pixel_size_um = self._pixel_size_um or _finite(meta.get("pixel_size_um")) or None
+        return FrameInfo(
+            axes={str(getattr(axis, "value", axis)): int(i) for axis, i in event.index.items()},
+            stage_z_um=z_um,
+            stage_xy_um=(x_um, y_um) if x_um is not None and y_um is not None else None,
+            t_acquired=time.time(),
+            pixel_size_um=pixel_size_um,
+        )
+
+    def connect(self) -> None:
+        self._core.mda.events.frameReady.connect(self.frameReady)
+
+    def disconnect(self) -> None:
+        self._core.mda.events.frameReady.disconnect(self.frameReady)
+
+    def __enter__(self) -> PymmcorePlusHook:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.disconnect()
+
+
+class FocusMDAEngine(MDAEngine):
+    """MDAEngine whose upcoming events carry the focus controller's per-position Z offset.
+
+    In correct mode the engine waits (at most `focus.estimate_wait_s`) at the start of each time point for the
+    pipeline to finish the frames already taken, so the move is based on them; observe mode never waits.
+    """
+
+    def __init__(
+        self, core: CMMCorePlus, controller: FocusController, pipeline: FramePipeline | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(core, **kwargs)
+        self._controller = controller
+        self._pipeline = pipeline
+        self._start_z_um: float | None = None
+
+    def setup_sequence(self, sequence: useq.MDASequence) -> Any:
+        core = self.mmcore
+        self._start_z_um = core.getZPosition() if core.getFocusDevice() else None
+        return super().setup_sequence(sequence)
+
+    def event_iterator(self, events: Iterable[useq.MDAEvent]) -> Iterator[useq.MDAEvent]:
+        wait = self._pipeline.wait_idle if self._pipeline is not None else None
+        adjusted = self._controller.adjust_events(events, self._start_z_um, wait)
+        return super().event_iterator(adjusted)
+
+
+def run_sequence(
+    core: CMMCorePlus,
+    sequence: useq.MDASequence,
+    pipeline: FramePipeline,
+    *,
+    controller: FocusController | None = None,
+    raw_path: str | Path | None = None,
+    pixel_size_um: float | None = None,
+) -> None:
+    """Acquire `sequence` with `core.mda` in this thread, every frame to `pipeline`; blocks until done.
+
+    Raw frames go to `raw_path` (OME-Zarr via pymmcore-plus's own ome-writers sink, one chunk per frame) when
+    given. With a controller in observe/correct mode, a `FocusMDAEngine` drives the run and the previous engine
+    is put back afterwards. Raises what the MDA raised (after disconnecting everything).
+    """
+    output: Any = None
+    if raw_path is not None:
+        output = raw_store_settings(
+            Path(raw_path),
+            sequence,
+            core.getImageHeight(),
+            core.getImageWidth(),
+            str(np.dtype(f"uint{8 * core.getBytesPerPixel()}")) if core.getBytesPerPixel() in (1, 2, 4) else "uint16",
+            pixel_size_um or core.getPixelSizeUm() or None,
+        )
+    old_engine = None
+    if controller is not None and controller.mode != "off":
+        old_engine = core.mda.set_engine(FocusMDAEngine(core, controller, pipeline))
+    log.info(kv("mda_run_start", backend="pymmcore-plus", core=type(core).__name__, raw=raw_path or "not saved",
+                focus=controller.mode if controller is not None else "off", events=_count_events(sequence)))
+    try:
+        with PymmcorePlusHook(core, pipeline, pixel_size_um):
+            core.mda.run(sequence, output=output)
+    finally:
+        if old_engine is not None:
+            core.mda.set_engine(old_engine)
+    log.info(kv("mda_run_done", frames=pipeline.stats().seen))
+
+
+def _count_events(sequence: useq.MDASequence) -> int | str:
+    try:
+        return len(list(sequence))
+    except Exception:
+        return "?"

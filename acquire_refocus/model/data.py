@@ -1,0 +1,319 @@
+"""Training data: (defocused input, in-focus target, defocus) patches, from the simulator on the fly or from stored
+z-stacks.
+
+Fields of view are the unit of every split: a field is one specimen seed and stage position (simulated) or one
+stored field; all its planes go to the same side, so no specimen seen in training is ever used to validate or test.
+Simulated specimens use disjoint seed ranges (`TRAIN_SEED_BASE`, `VALIDATION_SEED_BASE`, `TEST_SEED_BASE`).
+
+Patches are normalised with the input's own percentiles (normalization.py) and the target with the same
+offset/scale, exactly as Refocuser does with a whole frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from acquire_refocus.config import AppConfig, OpticsConfig, SimulatorConfig
+from acquire_refocus.errors import ConfigError
+from acquire_refocus.logs import kv
+from acquire_refocus.model.normalization import NormalizationParams, frame_scale, normalize
+
+log = logging.getLogger(__name__)
+
+TRAIN_SEED_BASE = 1000
+VALIDATION_SEED_BASE = 2000
+TEST_SEED_BASE = 3000
+FIELDS_PER_SPECIMEN = 16
+# Share of training planes drawn near focus (|d| <= this), where the defocus MAE target is tightest.
+NEAR_FOCUS_FRACTION = 0.25
+NEAR_FOCUS_UM = 5.0
+
+
+@dataclass(frozen=True)
+class Field:
+    """A field of view: a specimen (seed) and a stage position in um."""
+
+    seed: int
+    x_um: float
+    y_um: float
+
+
+@dataclass
+class Window:
+    """One field of view through focus: raw planes, their defocus, and the in-focus ground truth."""
+
+    planes: np.ndarray  # [Z, H, W] raw camera counts
+    defocus_um: np.ndarray  # float64 [Z]
+    truth: np.ndarray  # float32 [H, W], same units as planes
+    name: str
+
+
+@dataclass
+class PatchBatch:
+    inputs: np.ndarray  # float32 [N, 1, P, P], normalised
+    targets: np.ndarray  # float32 [N, 1, P, P], normalised with the input's offset/scale
+    defocus_um: np.ndarray  # float32 [N]
+
+
+class WindowSource(Protocol):
+    """Anything that hands out fields of view through focus for training."""
+
+    def next_window(self, rng: np.random.Generator) -> Window: ...
+
+
+def simulated_fields(count: int, seed_base: int, field_size_um: tuple[float, float]) -> list[Field]:
+    """`count` fields: FIELDS_PER_SPECIMEN stage positions on a grid over each specimen, specimen seeds from
+    `seed_base`, ordered by specimen so a pass over them builds each specimen once."""
+    per_axis = int(math.ceil(math.sqrt(FIELDS_PER_SPECIMEN)))
+    fields = []
+    for index in range(count):
+        specimen, position = divmod(index, FIELDS_PER_SPECIMEN)
+        row, col = divmod(position, per_axis)
+        x_um = (col + 0.5) / per_axis * field_size_um[0]
+        y_um = (row + 0.5) / per_axis * field_size_um[1]
+        fields.append(Field(seed_base + specimen, x_um, y_um))
+    return fields
+
+
+def sample_defocus(rng: np.random.Generator, count: int, defocus_range_um: tuple[float, float]) -> np.ndarray:
+    """Uniform over the training range, with NEAR_FOCUS_FRACTION of the values drawn within +-NEAR_FOCUS_UM."""
+    low, high = defocus_range_um
+    values = rng.uniform(low, high, count)
+    near = rng.random(count) < NEAR_FOCUS_FRACTION
+    near_low, near_high = max(low, -NEAR_FOCUS_UM), min(high, NEAR_FOCUS_UM)
+    if near_low < near_high:
+        values[near] = rng.uniform(near_low, near_high, int(near.sum()))
+    return values
+
+
+class MicroscopeCache:
+    """Simulated microscopes by specimen seed; a specimen takes seconds and ~200 MB, so only a few are kept."""
+
+    def __init__(self, optics: OpticsConfig, simulator: SimulatorConfig, keep: int = 2) -> None:
+        self.optics = optics
+        self.simulator = simulator
+        self.keep = keep
+        self._scopes: OrderedDict[int, object] = OrderedDict()
+
+    def get(self, seed: int):  # -> SimulatedMicroscope (imported lazily: the simulator is heavy)
+        from acquire_refocus.sim.microscope import SimulatedMicroscope
+
+        scope = self._scopes.pop(seed, None)
+        if scope is None:
+            simulator = self.simulator.model_copy(update={"seed": seed})
+            drift = simulator.drift.model_copy(update={"model": "none", "tilt_x_um_per_mm": 0.0, "tilt_y_um_per_mm": 0.0})
+            simulator = simulator.model_copy(update={"drift": drift})
+            scope = SimulatedMicroscope(self.optics, simulator)
+            log.debug(kv("specimen_built", seed=seed))
+        self._scopes[seed] = scope
+        while len(self._scopes) > self.keep:
+            self._scopes.popitem(last=False)
+        return scope
+
+
+class SimulatedWindows:
+    """Windows rendered on demand, cycling through a fixed list of fields with fresh defocus and noise each time."""
+
+    def __init__(
+        self,
+        optics: OpticsConfig,
+        simulator: SimulatorConfig,
+        fields: Sequence[Field],
+        defocus_range_um: tuple[float, float],
+        window_px: int,
+        planes_per_window: int = 8,
+    ) -> None:
+        if not fields:
+            raise ConfigError("training needs at least one field of view")
+        self.scopes = MicroscopeCache(optics, simulator)
+        self.fields = list(fields)
+        self.defocus_range_um = defocus_range_um
+        self.window_px = window_px
+        self.planes_per_window = planes_per_window
+        self._next = 0
+
+    def render(self, field: Field, defocus_um: Sequence[float], rng: np.random.Generator) -> Window:
+        scope = self.scopes.get(field.seed)
+        planes, truth = scope.render_stack(
+            list(defocus_um), (field.x_um, field.y_um), rng=rng, shape_px=(self.window_px, self.window_px)
+        )
+        return Window(planes, np.asarray(defocus_um, dtype=np.float64), truth, f"seed{field.seed}_x{field.x_um:g}_y{field.y_um:g}")
+
+    def next_window(self, rng: np.random.Generator) -> Window:
+        field = self.fields[self._next % len(self.fields)]
+        self._next += 1
+        return self.render(field, sample_defocus(rng, self.planes_per_window, self.defocus_range_um), rng)
+
+
+class StoredWindows:
+    """Fields of a stored z-stack dataset (simulated or BBBC006-style), a subset chosen by field name."""
+
+    def __init__(self, dataset, names: Sequence[str], defocus_range_um: tuple[float, float]) -> None:
+        self.dataset = dataset
+        by_name = {name: index for index, name in enumerate(dataset.field_names)}
+        self.indices = [by_name[name] for name in names]
+        if not self.indices:
+            raise ConfigError("the stored dataset has no fields left for this split")
+        self.defocus_range_um = defocus_range_um
+        self._next = 0
+
+    def next_window(self, rng: np.random.Generator) -> Window:
+        field = self.dataset[self.indices[self._next % len(self.indices)]]
+        self._next += 1
+        low, high = self.defocus_range_um
+        keep = (field.defocus_um >= low) & (field.defocus_um <= high)
+        if not keep.any():
+            raise ConfigError(f"stored field {field.name} has no plane within training.defocus_range_um {self.defocus_range_um}")
+        return Window(field.planes[keep], field.defocus_um[keep], field.ground_truth, field.name)
+
+
+def split_field_names(names: Sequence[str], validation_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic split of stored fields by name (a field's planes never straddle the split)."""
+    def rank(name: str) -> str:
+        return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
+
+    ordered = sorted(names, key=rank)
+    count = max(1, int(round(len(ordered) * validation_fraction))) if len(ordered) > 1 else 0
+    return sorted(ordered[count:]), sorted(ordered[:count])
+
+
+def _augment(patch: np.ndarray, truth: np.ndarray, k: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    patch, truth = np.rot90(patch, k), np.rot90(truth, k)
+    if flip:
+        patch, truth = patch[:, ::-1], truth[:, ::-1]
+    return patch, truth
+
+
+def make_pair(
+    raw: np.ndarray, truth: np.ndarray, normalization: NormalizationParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised (input, target), the target with the input's offset/scale."""
+    intensity = frame_scale(raw, normalization)
+    return normalize(raw, intensity), normalize(truth, intensity)
+
+
+class PatchPool:
+    """A pool of windows, refreshed one at a time, from which random augmented patches are cut.
+
+    Rendering a window costs about as much as a few training steps, so each window serves many patches
+    (random crop, plane, 90-degree rotation and flip); refreshing keeps the data from repeating.
+    """
+
+    def __init__(
+        self,
+        source: WindowSource,
+        pool_size: int,
+        patch_px: int,
+        normalization: NormalizationParams,
+        rng: np.random.Generator,
+    ) -> None:
+        self.source = source
+        self.patch_px = patch_px
+        self.normalization = normalization
+        self.rng = rng
+        self.windows = [source.next_window(rng) for _ in range(pool_size)]
+        self._replace = 0
+
+    def refresh(self, count: int = 1) -> None:
+        for _ in range(count):
+            self.windows[self._replace % len(self.windows)] = self.source.next_window(self.rng)
+            self._replace += 1
+
+    def batch(self, size: int) -> PatchBatch:
+        inputs, targets, defocus = [], [], []
+        p = self.patch_px
+        for _ in range(size):
+            window = self.windows[int(self.rng.integers(len(self.windows)))]
+            z = int(self.rng.integers(len(window.defocus_um)))
+            height, width = window.truth.shape
+            if height < p or width < p:
+                raise ConfigError(f"field {window.name} ({height}x{width} px) is smaller than the {p} px patch")
+            top = int(self.rng.integers(height - p + 1))
+            left = int(self.rng.integers(width - p + 1))
+            raw = window.planes[z, top : top + p, left : left + p]
+            truth = window.truth[top : top + p, left : left + p]
+            raw, truth = _augment(raw, truth, int(self.rng.integers(4)), bool(self.rng.integers(2)))
+            x, y = make_pair(raw, truth, self.normalization)
+            inputs.append(x)
+            targets.append(y)
+            defocus.append(window.defocus_um[z])
+        return PatchBatch(
+            np.stack(inputs)[:, None],
+            np.stack(targets)[:, None],
+            np.asarray(defocus, dtype=np.float32),
+        )
+
+
+def fixed_batch(windows: Sequence[Window], patch_px: int, normalization: NormalizationParams) -> PatchBatch:
+    """Every plane of every window, centre-cropped to patch_px: a deterministic validation set."""
+    inputs, targets, defocus = [], [], []
+    for window in windows:
+        height, width = window.truth.shape
+        top, left = (height - patch_px) // 2, (width - patch_px) // 2
+        truth = window.truth[top : top + patch_px, left : left + patch_px]
+        for z, d in enumerate(window.defocus_um):
+            x, y = make_pair(window.planes[z, top : top + patch_px, left : left + patch_px], truth, normalization)
+            inputs.append(x)
+            targets.append(y)
+            defocus.append(d)
+    return PatchBatch(np.stack(inputs)[:, None], np.stack(targets)[:, None], np.asarray(defocus, dtype=np.float32))
+
+
+def simulated_sources(config: AppConfig, window_px: int) -> tuple[SimulatedWindows, list[Window]]:
+    """Training window source and fixed validation windows (evenly spaced defocus) from disjoint specimens."""
+    training = config.training
+    field_size = config.simulator.specimen.field_size_um
+    train = SimulatedWindows(
+        config.optics,
+        config.simulator,
+        simulated_fields(training.train_fields, TRAIN_SEED_BASE, field_size),
+        training.defocus_range_um,
+        window_px,
+    )
+    validation_source = SimulatedWindows(
+        config.optics,
+        config.simulator,
+        simulated_fields(training.validation_fields, VALIDATION_SEED_BASE, field_size),
+        training.defocus_range_um,
+        window_px,
+    )
+    rng = np.random.default_rng(np.random.SeedSequence([training.seed, 0x5A1]))
+    low, high = training.defocus_range_um
+    planes = np.linspace(low, high, 8)
+    validation = []
+    for index, field in enumerate(validation_source.fields):
+        # a different offset per field, so together the fields cover the range densely
+        shift = (index / max(1, len(validation_source.fields)) - 0.5) * (planes[1] - planes[0])
+        validation.append(validation_source.render(field, np.clip(planes + shift, low, high), rng))
+    return train, validation
+
+
+def stored_sources(config: AppConfig) -> tuple[StoredWindows, list[Window]]:
+    """Training source and validation windows from training.dataset_dir, split by field name."""
+    from acquire_refocus.sim.dataset import read_zstack_folders
+
+    training = config.training
+    if training.dataset_dir is None:
+        raise ConfigError("training.data is 'stored' but training.dataset_dir is not set")
+    dataset = read_zstack_folders(
+        training.dataset_dir, training.in_focus_index, training.z_step_um, training.pixel_size_um
+    )
+    names = list(dataset.field_names)
+    if len(names) < 2:
+        raise ConfigError(f"{training.dataset_dir}: needs at least 2 fields of view to split training/validation")
+    fraction = min(0.5, training.validation_fields / len(names))
+    train_names, validation_names = split_field_names(names, fraction, training.seed)
+    log.info(kv("dataset_split", dataset=training.dataset_dir, train_fields=len(train_names),
+                validation_fields=len(validation_names)))
+    validation_source = StoredWindows(dataset, validation_names, training.defocus_range_um)
+    rng = np.random.default_rng(training.seed)
+    validation = [validation_source.next_window(rng) for _ in validation_names]
+    return StoredWindows(dataset, train_names, training.defocus_range_um), validation

@@ -1,0 +1,299 @@
+"""The refocus networks: a U-Net that predicts the in-focus image and, from the same bottleneck features, the
+signed defocus and its uncertainty.
+
+Every architecture shares one contract, because the engines export it to ONNX / TensorRT unchanged:
+eval-mode `forward(x)` returns exactly `(image [N,1,H,W], focus [N,2])` with focus[:, 0] = defocus_um and
+focus[:, 1] = log_sigma_um. There is no data-dependent Python control flow, the head uses global average pooling
+(so any H, W that is a multiple of `stride` works), and only convolutions, batch norm, ReLU, pooling, bilinear
+resizing by 2 and concatenation are used.
+
+Architectures (ModelConfig.architecture):
+- "unet": a compact U-Net (the default, sized for real time).
+- "multiscale": the head-to-tail multi-scale U-Net: one U-Net per scale, coarsest first; each coarser scale's
+  decoder output is upsampled and fused (sum or concat) into the next finer scale's encoder input.
+  `forward_train` returns every scale's output for the multi-scale loss; `forward` returns the finest.
+- "resnet34": a U-Net whose encoder is a ResNet-34 (torchvision parameter names, so an ImageNet state dict from a
+  local file loads into `network.encoder`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from acquire_refocus.config import ModelConfig
+from acquire_refocus.errors import ConfigError
+
+# The focus head predicts defocus in units of this many um, so its raw outputs stay O(1) during training.
+DEFOCUS_SCALE_UM = 10.0
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _upsample2(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+class FocusHead(nn.Module):
+    """Signed defocus and log-uncertainty from bottleneck features: 1x1 conv, global average pool, two linears."""
+
+    def __init__(self, in_channels: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True))
+        self.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = self.reduce(features).mean(dim=(2, 3))
+        raw = self.fc(pooled)
+        defocus_um = raw[:, 0:1] * DEFOCUS_SCALE_UM
+        log_sigma_um = raw[:, 1:2]
+        return torch.cat([defocus_um, log_sigma_um], dim=1)
+
+
+class UNetCore(nn.Module):
+    """Encoder-decoder with skip connections; returns (decoder features at full resolution, bottleneck)."""
+
+    def __init__(self, in_channels: int, base_channels: int, depth: int, max_channels: int = 256) -> None:
+        super().__init__()
+        widths = [min(base_channels * 2**level, max_channels) for level in range(depth + 1)]
+        self.widths = widths
+        self.encoders = nn.ModuleList()
+        previous = in_channels
+        for width in widths[:-1]:
+            self.encoders.append(_conv_block(previous, width))
+            previous = width
+        self.bottleneck = _conv_block(widths[-2], widths[-1])
+        self.decoders = nn.ModuleList()
+        for level in reversed(range(depth)):
+            self.decoders.append(_conv_block(widths[level + 1] + widths[level], widths[level]))
+
+    @property
+    def out_channels(self) -> int:
+        return self.widths[0]
+
+    @property
+    def bottleneck_channels(self) -> int:
+        return self.widths[-1]
+
+    def forward(self, x: torch.Tensor, inject: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`inject` (same shape as the first encoder block's output) is added to it: head-to-tail sum fusion."""
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            x = encoder(x)
+            if level == 0 and inject is not None:
+                x = x + inject
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        bottom = self.bottleneck(x)
+        x = bottom
+        for decoder, skip in zip(self.decoders, reversed(skips)):
+            x = decoder(torch.cat([_upsample2(x), skip], dim=1))
+        return x, bottom
+
+
+class RefocusUNet(nn.Module):
+    """The default network: U-Net predicting a residual on the (normalised) input, plus the focus head."""
+
+    def __init__(self, base_channels: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.core = UNetCore(1, base_channels, depth)
+        self.to_image = nn.Conv2d(self.core.out_channels, 1, 1)
+        self.focus_head = FocusHead(self.core.bottleneck_channels)
+        self.stride = 2**depth
+
+    def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        features, bottom = self.core(x)
+        return [x + self.to_image(features)], self.focus_head(bottom)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, bottom = self.core(x)
+        return x + self.to_image(features), self.focus_head(bottom)
+
+
+class MultiScaleUNet(nn.Module):
+    """Head-to-tail multi-scale U-Net: coarse-to-fine, each coarser scale's decoder output feeds the finer
+    scale's encoder (by summation after a 1x1 projection, or by concatenation)."""
+
+    def __init__(self, base_channels: int = 16, depth: int = 4, scales: int = 3, fusion: str = "sum") -> None:
+        super().__init__()
+        if fusion not in ("sum", "concat"):
+            raise ConfigError(f"model.fusion must be 'sum' or 'concat', got {fusion!r}")
+        self.scales = scales
+        self.fusion = fusion
+        self.stride = 2 ** (depth + scales - 1)
+        self.cores = nn.ModuleList()
+        self.to_images = nn.ModuleList()
+        for scale in range(scales):  # 0 = coarsest
+            # concat: the coarser decoder features join the input channels; sum: they are added to the output of
+            # the first encoder block (both have base_channels channels).
+            in_channels = 1 + base_channels if scale > 0 and fusion == "concat" else 1
+            core = UNetCore(in_channels, base_channels, depth)
+            self.cores.append(core)
+            self.to_images.append(nn.Conv2d(core.out_channels, 1, 1))
+        self.focus_head = FocusHead(self.cores[-1].bottleneck_channels)
+
+    def _pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        levels = [x]
+        for _ in range(self.scales - 1):
+            levels.append(F.avg_pool2d(levels[-1], 2))
+        return levels[::-1]  # coarsest first
+
+    def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Outputs at every scale (coarsest first, each at its own resolution) and the focus of the finest."""
+        outputs: list[torch.Tensor] = []
+        coarse_features: torch.Tensor | None = None
+        bottom = x
+        for scale, level in enumerate(self._pyramid(x)):
+            if coarse_features is None:
+                features, bottom = self.cores[scale](level)
+            elif self.fusion == "sum":
+                features, bottom = self.cores[scale](level, inject=_upsample2(coarse_features))
+            else:
+                features, bottom = self.cores[scale](torch.cat([level, _upsample2(coarse_features)], dim=1))
+            outputs.append(level + self.to_images[scale](features))
+            coarse_features = features
+        return outputs, self.focus_head(bottom)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs, focus = self.forward_train(x)
+        return outputs[-1], focus
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with torchvision's parameter names (conv1, bn1, conv2, bn2, downsample.0/1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet34Encoder(nn.Module):
+    """ResNet-34 without its classifier, named like torchvision's so ImageNet state dicts load by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = self._layer(64, 64, 3, 1)
+        self.layer2 = self._layer(64, 128, 4, 2)
+        self.layer3 = self._layer(128, 256, 6, 2)
+        self.layer4 = self._layer(256, 512, 3, 2)
+
+    @staticmethod
+    def _layer(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = [BasicBlock(in_channels, out_channels, stride)]
+        layers += [BasicBlock(out_channels, out_channels) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features at strides 2, 4, 8, 16, 32."""
+        x0 = self.relu(self.bn1(self.conv1(x)))
+        x1 = self.layer1(self.maxpool(x0))
+        x2 = self.layer2(x1)
+        x3 = self.layer3(x2)
+        x4 = self.layer4(x3)
+        return [x0, x1, x2, x3, x4]
+
+    def load_pretrained(self, path: Path) -> None:
+        """Load a torchvision-format ResNet-34 state dict (the `fc.*` classifier is ignored)."""
+        if not Path(path).is_file():
+            raise ConfigError(f"model.pretrained_encoder: {path} not found (a local torchvision ResNet-34 state dict)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a config mistake
+            raise ConfigError(f"model.pretrained_encoder: {path} is not a readable PyTorch state dict ({exc})") from None
+        if not isinstance(state, dict):
+            raise ConfigError(f"model.pretrained_encoder: {path} does not hold a state dict")
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ConfigError(
+                f"model.pretrained_encoder: {path} is not a torchvision ResNet-34 state dict "
+                f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ConfigError(f"model.pretrained_encoder: {key} has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(own[key].shape)}")
+        self.load_state_dict(state)
+
+
+class ResNet34UNet(nn.Module):
+    """U-Net with a ResNet-34 encoder. The grey input is repeated to the three channels ImageNet weights expect."""
+
+    def __init__(self, base_channels: int = 16) -> None:
+        super().__init__()
+        self.encoder = ResNet34Encoder()
+        self.stride = 32
+        enc = [64, 64, 128, 256, 512]
+        dec = [base_channels * 8, base_channels * 4, base_channels * 2, base_channels * 2, base_channels]
+        self.decoders = nn.ModuleList()
+        previous = enc[4]
+        for skip, width in zip([enc[3], enc[2], enc[1], enc[0]], dec[:4]):
+            self.decoders.append(_conv_block(previous + skip, width))
+            previous = width
+        self.full_res = _conv_block(previous + 1, dec[4])
+        self.to_image = nn.Conv2d(dec[4], 1, 1)
+        self.focus_head = FocusHead(enc[4])
+
+    def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        image, focus = self.forward(x)
+        return [image], focus
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder(x.expand(-1, 3, -1, -1))
+        y = features[4]
+        for decoder, skip in zip(self.decoders, [features[3], features[2], features[1], features[0]]):
+            y = decoder(torch.cat([_upsample2(y), skip], dim=1))
+        y = self.full_res(torch.cat([_upsample2(y), x], dim=1))
+        return x + self.to_image(y), self.focus_head(features[4])
+
+
+def build_network(model_config: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
+    """The network named by `model_config.architecture`, freshly initialised (ImageNet encoder weights only from
+    `model_config.pretrained_encoder`, and only when `load_pretrained`)."""
+    if model_config.architecture == "unet":
+        return RefocusUNet(model_config.base_channels, model_config.depth)
+    if model_config.architecture == "multiscale":
+        return MultiScaleUNet(model_config.base_channels, model_config.depth, model_config.scales, model_config.fusion)
+    if model_config.architecture == "resnet34":
+        network = ResNet34UNet(model_config.base_channels)
+        if load_pretrained and model_config.pretrained_encoder is not None:
+            network.encoder.load_pretrained(model_config.pretrained_encoder)
+        return network
+    raise ConfigError(f"model.architecture: unknown architecture {model_config.architecture!r}")
+
+
+def parameter_count(network: nn.Module) -> int:
+    return sum(p.numel() for p in network.parameters())

@@ -1,0 +1,282 @@
+"""Train the refocus network: patches from the simulator (or stored z-stacks), AdamW with warm-up and cosine decay,
+periodic validation on fields never trained on, checkpoints that double as weights files, and resume.
+
+Outputs in the run folder: `checkpoint.pt` (latest, with optimizer state: resume from it), `weights.pt` (final
+weights, no optimizer: ship or load this), `history.csv` (one validation row per `validation_every` steps) and
+`config.yaml` (the configuration that ran).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from acquire_refocus.config import AppConfig, ModelConfig, dump_config
+from acquire_refocus.errors import ConfigError, WeightsError
+from acquire_refocus.logs import kv
+from acquire_refocus.model import data as training_data
+from acquire_refocus.model.checkpoint import checkpoint_payload, read_payload, write_payload
+from acquire_refocus.model.losses import RefocusLoss
+from acquire_refocus.model.network import build_network, parameter_count
+from acquire_refocus.model.normalization import NormalizationParams
+
+log = logging.getLogger(__name__)
+
+WARMUP_FRACTION = 0.03
+FINAL_LR_FRACTION = 0.05
+POOL_WINDOWS = 12
+PLANES_PER_WINDOW = 8
+REFRESH_EVERY_STEPS = 12
+
+
+@dataclass
+class ValidationResult:
+    step: int
+    loss: float
+    psnr_input_db: float
+    psnr_output_db: float
+    defocus_mae_um: float
+
+    @property
+    def psnr_gain_db(self) -> float:
+        return self.psnr_output_db - self.psnr_input_db
+
+
+@dataclass
+class TrainResult:
+    weights_path: Path
+    checkpoint_path: Path
+    steps: int
+    wall_time_s: float
+    history: list[ValidationResult] = field(default_factory=list)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device is 'cuda' but PyTorch sees no CUDA device here")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def learning_rate(progress: float, peak: float) -> float:
+    """Linear warm-up over the first WARMUP_FRACTION of training, then cosine decay to FINAL_LR_FRACTION of the
+    peak; `progress` in [0, 1] is the fraction of training done (by steps or by wall time)."""
+    if progress < WARMUP_FRACTION:
+        return peak * max(progress, 1e-3) / WARMUP_FRACTION
+    decay = min(1.0, (progress - WARMUP_FRACTION) / (1.0 - WARMUP_FRACTION))
+    return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * decay)))
+
+
+def psnr_db(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR with data_range = the target's own max - min."""
+    dims = tuple(range(1, target.ndim))
+    data_range = target.amax(dim=dims) - target.amin(dim=dims)
+    mse = ((estimate - target) ** 2).mean(dim=dims).clamp_min(1e-12)
+    return 10.0 * torch.log10(data_range.clamp_min(1e-6) ** 2 / mse)
+
+
+def validate(
+    network: torch.nn.Module, criterion: RefocusLoss, batch: training_data.PatchBatch, device: torch.device,
+    step: int, chunk: int = 16,
+) -> ValidationResult:
+    """Loss, PSNR of input and output against the target, and defocus MAE on a fixed batch (eval mode)."""
+    network.eval()
+    losses, psnr_in, psnr_out, errors = [], [], [], []
+    with torch.no_grad():
+        for start in range(0, len(batch.inputs), chunk):
+            x = torch.from_numpy(batch.inputs[start : start + chunk]).to(device)
+            y = torch.from_numpy(batch.targets[start : start + chunk]).to(device)
+            d = torch.from_numpy(batch.defocus_um[start : start + chunk]).to(device)
+            outputs, focus = network.forward_train(x)
+            losses.append(float(criterion(outputs, focus, y, d).total) * len(x))
+            psnr_in.append(psnr_db(x, y))
+            psnr_out.append(psnr_db(outputs[-1], y))
+            errors.append((focus[:, 0] - d).abs())
+    network.train()
+    count = len(batch.inputs)
+    return ValidationResult(
+        step=step,
+        loss=sum(losses) / count,
+        psnr_input_db=float(torch.cat(psnr_in).mean()),
+        psnr_output_db=float(torch.cat(psnr_out).mean()),
+        defocus_mae_um=float(torch.cat(errors).mean()),
+    )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _resume_state(path: Path, model_config: ModelConfig) -> dict[str, Any]:
+    payload, _ = read_payload(path)
+    if "optimizer" not in payload or "step" not in payload:
+        raise WeightsError(f"{path}: a weights file without optimizer state; resume needs a training checkpoint.pt")
+    saved = ModelConfig.model_validate(payload["model_config"])
+    current = model_config.model_copy(update={"weights": None, "pretrained_encoder": None})
+    if saved != current:
+        raise ConfigError(f"{path}: was trained with model settings {saved.model_dump(mode='json')}, "
+                          f"the config asks for {current.model_dump(mode='json')}")
+    return payload
+
+
+def train(
+    config: AppConfig,
+    out_dir: Path | None = None,
+    steps: int | None = None,
+    resume: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train per `config` (model, loss, training, optics, simulator sections) and write the run folder."""
+    training = config.training
+    total_steps = int(steps if steps is not None else training.steps)
+    out_dir = Path(out_dir if out_dir is not None else training.checkpoint_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    if training.num_threads is not None:
+        torch.set_num_threads(training.num_threads)
+    device = pick_device(training.device)
+    _seed_everything(training.seed)
+
+    network = build_network(config.model).to(device)
+    criterion = RefocusLoss(config.loss).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=training.learning_rate, weight_decay=1e-4)
+    normalization = NormalizationParams()
+    start_step = 0
+    history: list[ValidationResult] = []
+    previous_wall_s = 0.0
+    if resume is not None:
+        state = _resume_state(Path(resume), config.model)
+        network.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+        previous_wall_s = float(state.get("metadata", {}).get("training", {}).get("wall_time_s", 0.0))
+        history = [ValidationResult(**row) for row in state.get("history", [])]
+        log.info(kv("training_resumed", checkpoint=resume, step=start_step))
+
+    patch_px = training.patch_size_px
+    if training.data == "simulated":
+        source, validation_windows = training_data.simulated_sources(config, window_px=2 * patch_px)
+        source.planes_per_window = PLANES_PER_WINDOW
+        data_description = {
+            "source": "simulated",
+            "train_specimen_seeds": sorted({f.seed for f in source.fields}),
+            "train_fields": len(source.fields),
+            "validation_specimen_seeds": sorted({training_data.VALIDATION_SEED_BASE + i
+                                                 for i in range(math.ceil(training.validation_fields
+                                                                          / training_data.FIELDS_PER_SPECIMEN))}),
+        }
+    else:
+        source, validation_windows = training_data.stored_sources(config)
+        data_description = {"source": "stored", "dataset_dir": str(training.dataset_dir)}
+    validation_batch = training_data.fixed_batch(validation_windows, patch_px, normalization)
+    # A data stream that continues differently after a resume, but reproducibly for a given (seed, step).
+    rng = np.random.default_rng(np.random.SeedSequence([training.seed, start_step]))
+    pool = training_data.PatchPool(source, POOL_WINDOWS, patch_px, normalization, rng)
+
+    log.info(kv("training_started", architecture=config.model.architecture, parameters=parameter_count(network),
+                device=device, steps=total_steps, start_step=start_step, patch_px=patch_px,
+                batch=training.batch_size, threads=torch.get_num_threads(), out=out_dir))
+    checkpoint_path = out_dir / "checkpoint.pt"
+    weights_path = out_dir / "weights.pt"
+    history_path = out_dir / "history.csv"
+    started = time.monotonic()
+
+    def metadata(step: int) -> dict[str, Any]:
+        last = history[-1] if history else None
+        return {
+            "training": {
+                "steps": step,
+                "batch_size": training.batch_size,
+                "patch_size_px": patch_px,
+                "learning_rate": training.learning_rate,
+                "defocus_range_um": list(training.defocus_range_um),
+                "seed": training.seed,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "wall_time_s": round(previous_wall_s + time.monotonic() - started, 1),
+                "parameters": parameter_count(network),
+                "data": data_description,
+                "loss": config.loss.model_dump(mode="json"),
+                "validation": None if last is None else {
+                    "step": last.step, "psnr_gain_db": round(last.psnr_gain_db, 3),
+                    "psnr_output_db": round(last.psnr_output_db, 3),
+                    "defocus_mae_um": round(last.defocus_mae_um, 3)},
+            }
+        }
+
+    def save(step: int) -> None:
+        payload = checkpoint_payload(network, config.model, config.optics, metadata(step), normalization)
+        payload["optimizer"] = optimizer.state_dict()
+        payload["step"] = step
+        payload["history"] = [vars(row) for row in history]
+        write_payload(checkpoint_path, payload)
+
+    def run_validation(step: int) -> None:
+        result = validate(network, criterion, validation_batch, device, step)
+        history.append(result)
+        with history_path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["step", "loss", "psnr_input_db", "psnr_output_db", "psnr_gain_db", "defocus_mae_um"])
+            for row in history:
+                writer.writerow([row.step, f"{row.loss:.5f}", f"{row.psnr_input_db:.3f}", f"{row.psnr_output_db:.3f}",
+                                 f"{row.psnr_gain_db:.3f}", f"{row.defocus_mae_um:.3f}"])
+        log.info(kv("validation", step=step, loss=f"{result.loss:.4f}", psnr_gain_db=f"{result.psnr_gain_db:.2f}",
+                    defocus_mae_um=f"{result.defocus_mae_um:.2f}",
+                    train_loss=f"{running.get('loss', float('nan')):.4f}",
+                    elapsed_s=round(time.monotonic() - started)))
+        save(step)
+
+    network.train()
+    running: dict[str, float] = {}
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not progress,
+               desc="train", unit="step", dynamic_ncols=True)
+    budget_s = None if training.max_wall_time_min is None else training.max_wall_time_min * 60.0
+    done = start_step
+    for step in bar:
+        elapsed_s = previous_wall_s + time.monotonic() - started
+        progress_fraction = step / total_steps if budget_s is None else max(step / total_steps, elapsed_s / budget_s)
+        if progress_fraction >= 1.0:
+            log.info(kv("training_time_limit", step=step, elapsed_s=round(elapsed_s), limit_min=training.max_wall_time_min))
+            break
+        if step > start_step and step % REFRESH_EVERY_STEPS == 0:
+            pool.refresh()
+        batch = pool.batch(training.batch_size)
+        x = torch.from_numpy(batch.inputs).to(device)
+        y = torch.from_numpy(batch.targets).to(device)
+        d = torch.from_numpy(batch.defocus_um).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(progress_fraction, training.learning_rate)
+        outputs, focus = network.forward_train(x)
+        terms = criterion(outputs, focus, y, d)
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 5.0)
+        optimizer.step()
+        for name, value in {"loss": float(terms.total.detach()), **terms.parts}.items():
+            running[name] = value if name not in running else 0.95 * running[name] + 0.05 * value
+        done = step + 1
+        if done % training.validation_every == 0 or done == total_steps:
+            run_validation(done)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
+    bar.close()
+    if not history or history[-1].step != done:
+        run_validation(done)
+
+    final_payload = checkpoint_payload(network, config.model, config.optics, metadata(done), normalization)
+    write_payload(weights_path, final_payload)
+    wall = previous_wall_s + time.monotonic() - started
+    log.info(kv("training_finished", steps=done, wall_time_s=round(wall, 1), weights=weights_path))
+    return TrainResult(weights_path, checkpoint_path, done, wall, history)

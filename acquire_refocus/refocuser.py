@@ -1,0 +1,153 @@
+"""The public API: one frame in, the refocused frame and a defocus estimate out.
+
+    from acquire_refocus import Refocuser
+    r = Refocuser.load()                        # shipped model, best engine here
+    out = r(frame, pixel_size_um=0.325)
+    out.image, out.defocus_um, out.confidence
+
+Per frame: validate -> percentile-normalise (normalization.py) -> resample to the model's pixel size if the frame's
+differs -> the engine (padding to the stride and tiling large frames: engines.tiling.infer_frame) -> resample back to
+the exact original shape -> undo the normalisation, so `image` is in the frame's own intensity units.
+
+defocus_um follows the project convention: stage Z now minus stage Z in focus; moving the focus stage by
+-defocus_um restores focus.
+
+confidence = exp(-sigma_um / CONFIDENCE_SIGMA_SCALE_UM), where sigma_um is the network's predicted standard
+deviation of its defocus estimate (trained with a Gaussian likelihood on the actual errors): 1 for a certain
+estimate, 0.61 at sigma = 1 um, 0.37 at sigma = 2 um, below 0.1 when sigma exceeds ~4.6 um (e.g. a field without
+cells). A constant (or all-zero) frame has nothing to refocus or focus on: it is returned unchanged (as float32)
+with defocus_um = 0.0 and confidence = 0.0, so closed-loop focus ignores it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+from skimage.transform import resize
+
+from acquire_refocus.config import EngineConfig
+from acquire_refocus.errors import ConfigError, InputError
+from acquire_refocus.logs import kv
+from acquire_refocus.model.checkpoint import LoadedModel, load_weights
+from acquire_refocus.model.normalization import denormalize, frame_scale, normalize
+
+log = logging.getLogger(__name__)
+
+MIN_FRAME_PX = 64
+CONFIDENCE_SIGMA_SCALE_UM = 2.0
+# Pixel sizes within this relative difference of the model's are used as they are (no resampling).
+_PIXEL_SIZE_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class RefocusResult:
+    image: np.ndarray  # float32, the frame's shape and intensity units
+    defocus_um: float  # stage Z now - stage Z in focus
+    confidence: float  # in [0, 1], from the predicted uncertainty
+    sigma_um: float  # predicted standard deviation of defocus_um (inf for a constant frame)
+
+
+def confidence_from_sigma(sigma_um: float) -> float:
+    return float(min(1.0, max(0.0, math.exp(-sigma_um / CONFIDENCE_SIGMA_SCALE_UM))))
+
+
+def _engine_config(engine: EngineConfig | str | None) -> EngineConfig:
+    if engine is None:
+        return EngineConfig(backend="auto")
+    if isinstance(engine, EngineConfig):
+        return engine
+    if isinstance(engine, str):
+        try:
+            return EngineConfig(backend=engine)  # type: ignore[arg-type]
+        except ValidationError:
+            raise ConfigError(
+                f"unknown engine {engine!r}; choose one of auto, tensorrt, onnxruntime, torch"
+            ) from None
+    raise ConfigError(f"engine must be an EngineConfig or a backend name, got {type(engine).__name__}")
+
+
+def check_frame(frame: object) -> np.ndarray:
+    """The frame as an array, or InputError saying what is wrong with it."""
+    if not isinstance(frame, np.ndarray):
+        raise InputError(f"expected a 2-D numpy array, got {type(frame).__name__}")
+    if frame.dtype.kind not in "uif":
+        raise InputError(
+            f"frame dtype {frame.dtype} is not supported; expected unsigned/signed integers (e.g. uint8, uint16) "
+            "or floats"
+        )
+    if frame.ndim != 2:
+        hint = " (squeeze the singleton axes first)" if frame.ndim > 2 and sum(s > 1 for s in frame.shape) == 2 else ""
+        raise InputError(f"expected a 2-D frame (height, width), got shape {frame.shape}{hint}")
+    if min(frame.shape) < MIN_FRAME_PX:
+        raise InputError(f"frame {frame.shape[0]}x{frame.shape[1]} px is too small; at least "
+                         f"{MIN_FRAME_PX}x{MIN_FRAME_PX} px is needed")
+    if frame.dtype.kind == "f" and not np.isfinite(frame).all():
+        bad = int(np.count_nonzero(~np.isfinite(frame)))
+        raise InputError(f"frame contains {bad} NaN or infinite value(s); replace them before refocusing")
+    return frame
+
+
+class Refocuser:
+    """Refocus frames and estimate their defocus with a loaded model on one engine. Thread-compatible: one
+    Refocuser per thread, or calls serialised by the caller (the daemon runs it on one worker thread)."""
+
+    def __init__(self, loaded: LoadedModel, engine) -> None:  # engine: acquire_refocus.engines.Engine
+        self.loaded = loaded
+        self.engine = engine
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, engine: EngineConfig | str | None = None) -> Refocuser:
+        """Load weights (None: the shipped default model) on the best available engine, or the one named."""
+        from acquire_refocus.engines import create_engine
+
+        loaded = load_weights(path)
+        built = create_engine(loaded, _engine_config(engine))
+        log.info(kv("refocuser_loaded", weights=loaded.path, sha256=loaded.sha256[:12], engine=built.name,
+                    precision=built.precision, device=built.device, model_pixel_size_um=loaded.pixel_size_um))
+        return cls(loaded, built)
+
+    @property
+    def engine_name(self) -> str:
+        return str(self.engine.name)
+
+    @property
+    def pixel_size_um(self) -> float:
+        """The pixel size (at the sample) the model was trained for."""
+        return self.loaded.pixel_size_um
+
+    @property
+    def model_sha256(self) -> str:
+        return self.loaded.sha256
+
+    def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> RefocusResult:
+        from acquire_refocus.engines.tiling import infer_frame
+
+        frame = check_frame(frame)
+        if pixel_size_um is not None and not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
+            raise InputError(f"pixel_size_um must be a positive number of micrometres, got {pixel_size_um!r}")
+        intensity = frame_scale(frame, self.loaded.normalization)
+        if intensity.is_degenerate:
+            return RefocusResult(frame.astype(np.float32, copy=True), 0.0, 0.0, math.inf)
+        normalised = normalize(frame, intensity)
+        zoom = 1.0 if pixel_size_um is None else float(pixel_size_um) / self.pixel_size_um
+        resampled = abs(zoom - 1.0) > _PIXEL_SIZE_TOLERANCE
+        if resampled:
+            shape = (max(1, round(frame.shape[0] * zoom)), max(1, round(frame.shape[1] * zoom)))
+            normalised = resize(normalised, shape, order=1, mode="reflect", anti_aliasing=zoom < 1.0,
+                                preserve_range=True).astype(np.float32)
+        image, defocus_um, log_sigma_um = infer_frame(self.engine, normalised)
+        if resampled:
+            image = resize(image, frame.shape, order=1, mode="reflect", anti_aliasing=zoom > 1.0,
+                           preserve_range=True).astype(np.float32)
+        sigma_um = math.exp(log_sigma_um)
+        return RefocusResult(
+            image=denormalize(image, intensity),
+            defocus_um=float(defocus_um),
+            confidence=confidence_from_sigma(sigma_um),
+            sigma_um=float(sigma_um),
+        )

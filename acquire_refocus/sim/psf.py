@@ -1,0 +1,311 @@
+"""The defocus PSF bank of the simulated microscope, computed with `psfmodels` and cached on disk.
+
+Sign convention (checked against the psfmodels source, `scalarPSF.cpp` / `vectorialPSF.cpp`): the optical path
+difference contains ``(ci - z) * ni * cos(theta) + zp * sqrt(ns**2 - ni**2 sin(theta)**2)`` with
+``ci = zp * (1 - ni / ns)``, i.e. the immersion layer is ``ti = ti0 + ci - z`` thick. Increasing psfmodels' ``z``
+thins the immersion layer: the objective moves towards the coverslip and the focal plane moves deeper into the
+sample. That is our stage convention, so psfmodels' ``z`` and our stage Z have the same sign and the same unit
+(stage micrometres); they differ only by an offset. The paraxial focus of a point at depth ``zp`` lies at
+``z = zp``; we locate the actual best focus numerically (on-axis intensity maximum, which also absorbs the
+non-paraxial focal shift), so ``z = z_best + defocus``.
+
+Focal shift: with a dry objective (ni = 1.0) imaging into water (ns = 1.33), moving the stage by 1 um moves the
+focal plane by more than 1 um in the sample (about ns / ni paraxially, more for marginal rays). Everything in this
+package is expressed in *stage* micrometres: the bank is indexed by stage defocus, and a specimen plane that lies
+``dz`` micrometres deeper in the sample is in focus ``dz * stage_um_per_sample_um`` stage micrometres later, where
+that factor is measured from the model (0.73 for the default optics; the paraxial value ni / ns is 0.75).
+
+Above/below asymmetry: the aqueous sample behind a dry objective adds depth-dependent spherical aberration, so the
+PSF at +d and -d differ (rings on one side, a softer disc on the other); the network can learn the sign of defocus
+from one frame only because of that. The bank is computed for a point at the specimen's mid-plane depth; the slow
+change of that aberration over the few micrometres of a cell monolayer is neglected.
+
+Model: the vectorial model (Aguet et al. 2009) computes the default bank (321 planes of 183 x 183 px) in about
+5 s on a 2-core machine, well inside the 30 s budget for a first start, so we use it; 'scalar' (Gibson-Lanni) is
+available for very large banks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from acquire_refocus.config import OpticsConfig
+from acquire_refocus.logs import kv
+
+log = logging.getLogger(__name__)
+
+PsfModel = Literal["vectorial", "scalar"]
+_CACHE_FORMAT = 1
+# the design working distance only enters psfmodels' constant optical path; any positive value gives the same PSF
+_WORKING_DISTANCE_UM = 150.0
+
+
+def default_cache_dir() -> Path:
+    """~/.cache/acquire-refocus (or $XDG_CACHE_HOME/acquire-refocus)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "acquire-refocus"
+
+
+@dataclass(frozen=True)
+class PsfBank:
+    """Widefield PSFs at evenly spaced stage defocus values, each normalised to unit sum (flux is conserved).
+
+    psf[i] is the image of a point source for stage defocus ``defocus_um[i]`` (stage Z minus the stage Z at which
+    the point is in focus), centred at pixel (n // 2, n // 2).
+    """
+
+    defocus_um: np.ndarray  # float64 [Z], ascending, evenly spaced
+    psf: np.ndarray  # float32 [Z, n, n]
+    pixel_size_um: float
+    depth_um: float  # depth of the point source below the coverslip, in the sample
+    stage_um_per_sample_um: float  # focal-shift factor: stage motion that refocuses 1 um deeper in the sample
+    model: str
+    key: str  # hash of everything the bank depends on
+
+    @property
+    def z_step_um(self) -> float:
+        return float(self.defocus_um[1] - self.defocus_um[0]) if len(self.defocus_um) > 1 else 1.0
+
+    @property
+    def radius_px(self) -> int:
+        return self.psf.shape[-1] // 2
+
+    def index(self, defocus_um: float | np.ndarray) -> np.ndarray:
+        """Nearest bank plane for each stage defocus, clamped to the bank's range."""
+        position = (np.asarray(defocus_um, dtype=np.float64) - self.defocus_um[0]) / self.z_step_um
+        return np.clip(np.rint(position), 0, len(self.defocus_um) - 1).astype(np.int64)
+
+
+def psf_size_px(optics: OpticsConfig, max_defocus_um: float, pixel_size_um: float) -> int:
+    """Odd PSF width covering the geometric blur disc at the largest defocus, with a margin for the rim rings.
+
+    The blur radius is the stage defocus times tan of the marginal ray angle in the immersion medium.
+    """
+    theta = math.asin(optics.numerical_aperture / optics.immersion_index)
+    radius_px = max_defocus_um * math.tan(theta) / pixel_size_um
+    half = int(math.ceil(1.3 * radius_px + 12))
+    return 2 * half + 1
+
+
+def _psf_kwargs(optics: OpticsConfig, pixel_size_um: float) -> dict[str, float]:
+    return {
+        "dxy": pixel_size_um,
+        "NA": optics.numerical_aperture,
+        "wvl": optics.emission_wavelength_nm / 1000.0,
+        "ns": optics.sample_index,
+        "ni": optics.immersion_index,
+        "ni0": optics.immersion_index,
+        "ng": optics.coverslip_index,
+        "ng0": optics.coverslip_index,
+        "tg": optics.coverslip_thickness_um,
+        "tg0": optics.coverslip_thickness_um,
+        "ti0": _WORKING_DISTANCE_UM,
+    }
+
+
+def _make_psf(z_um: np.ndarray, nx: int, depth_um: float, kwargs: dict[str, float], model: PsfModel) -> np.ndarray:
+    import psfmodels
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return np.asarray(psfmodels.make_psf(z_um, nx, pz=depth_um, model=model, normalize=False, **kwargs))
+
+
+def _best_focus_z(depth_um: float, kwargs: dict[str, float], model: PsfModel) -> float:
+    """psfmodels z of the on-axis intensity maximum for a point at `depth_um` (coarse scan, then fine)."""
+    centre = float(depth_um)
+    for half_range, step in ((6.0, 0.1), (0.15, 0.005)):
+        z = np.arange(centre - half_range, centre + half_range + step / 2, step)
+        psf = _make_psf(z, 7, depth_um, kwargs, model)
+        centre = float(z[int(np.argmax(psf[:, 3, 3]))])
+    return centre
+
+
+def _cache_key(optics: OpticsConfig, params: dict[str, object]) -> str:
+    import psfmodels
+
+    blob = json.dumps(
+        {"optics": optics.model_dump(mode="json"), **params, "psfmodels": psfmodels.__version__, "v": _CACHE_FORMAT},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def compute_psf_bank(
+    optics: OpticsConfig,
+    *,
+    max_defocus_um: float,
+    z_step_um: float,
+    depth_um: float,
+    model: PsfModel = "vectorial",
+) -> PsfBank:
+    """Compute the bank over [-max_defocus_um, +max_defocus_um] (stage um) for a point at `depth_um`."""
+    pixel_size_um = optics.pixel_size_um
+    nx = psf_size_px(optics, max_defocus_um, pixel_size_um)
+    kwargs = _psf_kwargs(optics, pixel_size_um)
+    count = int(round(max_defocus_um / z_step_um))
+    defocus_um = np.arange(-count, count + 1, dtype=np.float64) * z_step_um
+    depth_step_um = 2.0
+    z_best = _best_focus_z(depth_um, kwargs, model)
+    z_deeper = _best_focus_z(depth_um + depth_step_um, kwargs, model)
+    # stage position of best focus is z - zp (1 - ni/ns) (see module docstring); its slope over depth
+    paraxial_offset = 1.0 - optics.immersion_index / optics.sample_index
+    stage_per_sample = (z_deeper - z_best) / depth_step_um - paraxial_offset
+    psf = _make_psf(z_best + defocus_um, nx, depth_um, kwargs, model)
+    psf /= psf.sum(axis=(1, 2), keepdims=True)
+    key = _cache_key(optics, _bank_params(max_defocus_um, z_step_um, depth_um, model))
+    return PsfBank(
+        defocus_um=defocus_um,
+        psf=psf.astype(np.float32),
+        pixel_size_um=pixel_size_um,
+        depth_um=float(depth_um),
+        stage_um_per_sample_um=float(stage_per_sample),
+        model=model,
+        key=key,
+    )
+
+
+def _bank_params(max_defocus_um: float, z_step_um: float, depth_um: float, model: str) -> dict[str, object]:
+    return {
+        "max_defocus_um": float(max_defocus_um),
+        "z_step_um": float(z_step_um),
+        "depth_um": round(float(depth_um), 6),
+        "model": model,
+    }
+
+
+def load_or_compute_psf_bank(
+    optics: OpticsConfig,
+    *,
+    max_defocus_um: float,
+    z_step_um: float,
+    depth_um: float,
+    cache_dir: Path | None = None,
+    model: PsfModel = "vectorial",
+) -> tuple[PsfBank, bool]:
+    """The bank from the on-disk cache when present, else computed and stored. Returns (bank, loaded_from_cache).
+
+    The cache file name is a hash of the optics, the grid, the model and the psfmodels version, so a change to
+    any of them computes a new bank instead of reusing a stale one. A damaged cache file is recomputed.
+    """
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    params = _bank_params(max_defocus_um, z_step_um, depth_um, model)
+    key = _cache_key(optics, params)
+    path = directory / f"psf-bank-{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                bank = PsfBank(
+                    defocus_um=data["defocus_um"],
+                    psf=data["psf"],
+                    pixel_size_um=float(data["pixel_size_um"]),
+                    depth_um=float(data["depth_um"]),
+                    stage_um_per_sample_um=float(data["stage_um_per_sample_um"]),
+                    model=str(data["model"]),
+                    key=key,
+                )
+            log.debug(kv("psf_bank_loaded", path=path))
+            return bank, True
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning(kv("psf_bank_cache_unreadable", path=path, error=exc))
+    import time
+
+    start = time.perf_counter()
+    bank = compute_psf_bank(optics, max_defocus_um=max_defocus_um, z_step_um=z_step_um, depth_um=depth_um, model=model)
+    log.info(
+        kv(
+            "psf_bank_computed",
+            model=model,
+            planes=len(bank.defocus_um),
+            size_px=bank.psf.shape[-1],
+            seconds=f"{time.perf_counter() - start:.1f}",
+            stage_um_per_sample_um=f"{bank.stage_um_per_sample_um:.3f}",
+        )
+    )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
+            np.savez(
+                handle,
+                defocus_um=bank.defocus_um,
+                psf=bank.psf,
+                pixel_size_um=bank.pixel_size_um,
+                depth_um=bank.depth_um,
+                stage_um_per_sample_um=bank.stage_um_per_sample_um,
+                model=bank.model,
+            )
+        os.replace(handle.name, path)  # atomic: concurrent starts never read a half-written bank
+    except OSError as exc:
+        log.warning(kv("psf_bank_cache_not_written", path=path, error=exc))
+    return bank, False
+
+
+class OtfCache:
+    """Real transfer functions of bank planes on an rfft2 grid, computed on demand and kept in an LRU cache.
+
+    The PSFs are even in x and y (radially symmetric, centred), so their transfer function is real and even:
+    H(u, v) = sum_xy psf(x, y) cos(2 pi u x / P) cos(2 pi v y / Q). We evaluate it as two small matrix products on
+    the folded PSF, which is several times cheaper than an FFT of the PSF zero-padded to the frame, and only over the
+    low-frequency block where the plane's transfer function is non-negligible (`cutoff_index`): strongly defocused
+    planes carry no high frequencies, so their multiply-add touches a small corner of the spectrum.
+    """
+
+    def __init__(self, bank: PsfBank, *, max_bytes: int = 512 * 2**20, rel_tolerance: float = 1e-4) -> None:
+        self.bank = bank
+        self.max_bytes = max_bytes
+        half = bank.radius_px
+        folded = bank.psf[:, half:, half:].astype(np.float64)
+        folded[:, 1:, :] *= 2.0
+        folded[:, :, 1:] *= 2.0
+        self._folded = folded  # [Z, half+1, half+1], row 0 / col 0 are the axes
+        self._cutoff_cycles = self._cutoffs(rel_tolerance)
+        self._cache: dict[tuple[int, int, int], np.ndarray] = {}
+        self._bytes = 0
+
+    def _cutoffs(self, rel_tolerance: float) -> np.ndarray:
+        """Per plane, the spatial frequency (cycles/px) beyond which |H| < rel_tolerance * H(0) everywhere."""
+        n = self.bank.psf.shape[-1]
+        size = 2 * n
+        fy = np.fft.fftfreq(size)[:, None]
+        fx = np.fft.rfftfreq(size)[None, :]
+        radius = np.sqrt(fx**2 + fy**2)
+        cutoffs = np.empty(len(self.bank.psf))
+        for i, psf in enumerate(self.bank.psf):
+            spectrum = np.abs(np.fft.rfft2(psf, s=(size, size)))
+            significant = spectrum > rel_tolerance * spectrum[0, 0]
+            cutoffs[i] = radius[significant].max() + 1.0 / size
+        return np.minimum(cutoffs, 1.0)
+
+    def block_size(self, index: int, fft_shape: tuple[int, int]) -> tuple[int, int]:
+        """Rows and columns (from frequency 0) of the non-negligible quarter of plane `index` on this grid."""
+        rows = min(fft_shape[0] // 2 + 1, int(math.ceil(self._cutoff_cycles[index] * fft_shape[0])) + 1)
+        cols = min(fft_shape[1] // 2 + 1, int(math.ceil(self._cutoff_cycles[index] * fft_shape[1])) + 1)
+        return rows, cols
+
+    def quarter(self, index: int, fft_shape: tuple[int, int]) -> np.ndarray:
+        """H(u, v) for u = 0..rows-1, v = 0..cols-1 (float32), from `block_size`."""
+        key = (int(index), int(fft_shape[0]), int(fft_shape[1]))
+        cached = self._cache.pop(key, None)
+        if cached is None:
+            rows, cols = self.block_size(index, fft_shape)
+            taps = np.arange(self._folded.shape[-1])
+            cos_y = np.cos(2.0 * np.pi * np.outer(np.arange(rows), taps) / fft_shape[0])
+            cos_x = np.cos(2.0 * np.pi * np.outer(np.arange(cols), taps) / fft_shape[1])
+            cached = (cos_y @ self._folded[index] @ cos_x.T).astype(np.float32)
+            self._bytes += cached.nbytes
+            while self._bytes > self.max_bytes and self._cache:
+                oldest = next(iter(self._cache))
+                self._bytes -= self._cache.pop(oldest).nbytes
+        self._cache[key] = cached
+        return cached

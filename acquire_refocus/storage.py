@@ -1,0 +1,292 @@
+"""Saving beside the raw data: refocused frames (OME-Zarr), the focus log (CSV) and the run record (JSON).
+
+Layout of an output directory:
+
+    DIR/raw.ome.zarr        raw frames, written by the acquisition backend's own writer (never rewritten here)
+    DIR/refocused.ome.zarr  refocused frames, float32, same axes and frame order as the raw data
+    DIR/focus.csv           one row per raw frame: estimate, stage Z, whether it was refocused, latency
+    DIR/run.json            config, model, engine, package versions, times, counts
+
+Both OME-Zarr stores are written with `ome-writers` (the writer pymmcore-plus itself uses), one chunk per frame
+and no sharding, with the OME-NGFF metadata on disk from creation: after a crash or `kill -9`, everything but the
+frames in flight stays readable. The focus log is flushed after every row. run.json is written at the start and
+replaced atomically at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import useq
+
+from acquire_refocus.logs import kv
+from acquire_refocus.pipeline import FrameResult
+
+log = logging.getLogger(__name__)
+
+RAW_STORE = "raw.ome.zarr"
+REFOCUSED_STORE = "refocused.ome.zarr"
+FOCUS_LOG = "focus.csv"
+RUN_RECORD = "run.json"
+FOCUS_LOG_COLUMNS = (
+    "frame",
+    "axes",
+    "stage_z_um",
+    "defocus_um",
+    "confidence",
+    "refocused",
+    "latency_ms",
+    "status",
+    "t_acquired",
+)
+PACKAGES = (
+    "acquire-refocus",
+    "numpy",
+    "torch",
+    "onnxruntime",
+    "pymmcore",
+    "pymmcore-plus",
+    "useq-schema",
+    "ome-writers",
+    "zarr",
+    "tensorstore",
+    "pyzmq",
+    "pycromanager",
+)
+
+
+def _axes_key(axes: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted((str(getattr(k, "value", k)), int(v)) for k, v in axes.items()))
+
+
+def stream_settings(
+    path: Path, sequence: useq.MDASequence | None, height_px: int, width_px: int, dtype: str,
+    pixel_size_um: float | None,
+) -> Any:
+    """ome-writers settings for frames laid out like `sequence` (as pymmcore-plus lays out the raw data):
+    one chunk per frame, no sharding; an unbounded time axis when there is no sequence."""
+    from ome_writers import AcquisitionSettings, Dimension, useq_to_acquisition_settings
+
+    layout: Mapping[str, Any]
+    if sequence is not None:
+        layout = useq_to_acquisition_settings(
+            sequence, image_width=width_px, image_height=height_px, pixel_size_um=pixel_size_um
+        )
+    else:
+        layout = {
+            "dimensions": [
+                Dimension(name="t", count=None, chunk_size=1, type="time"),
+                Dimension(name="y", count=height_px, chunk_size=height_px, scale=pixel_size_um, unit="micrometer"),
+                Dimension(name="x", count=width_px, chunk_size=width_px, scale=pixel_size_um, unit="micrometer"),
+            ],
+            "plate": None,
+        }
+    layout = dict(layout)
+    if np.dtype(dtype).kind == "f":
+        # ome-writers 0.3.2 builds OMERO display windows for named channels with np.iinfo, which fails for
+        # float data: keep the channel axis, leave its names to the raw store.
+        layout["dimensions"] = [
+            d.model_copy(update={"coords": None}) if d.type == "channel" else d for d in layout["dimensions"]
+        ]
+    return AcquisitionSettings(root_path=str(path), overwrite=False, dtype=dtype, **layout)
+
+
+def raw_store_settings(
+    path: Path, sequence: useq.MDASequence, height_px: int, width_px: int, dtype: str, pixel_size_um: float | None
+) -> Any:
+    """Settings for the raw store written by pymmcore-plus (`mda.run(seq, output=settings)`)."""
+    return stream_settings(path, sequence, height_px, width_px, dtype, pixel_size_um)
+
+
+class RefocusedStore:
+    """FrameSink writing refocused frames to an OME-Zarr store with the raw data's axes and frame order.
+
+    Results reach the sinks in the order they were resolved, not acquired (a skipped frame resolves at once, a
+    queued one later), so a small reorder buffer puts them back into acquisition order; its size is bounded by
+    the pipeline's queue. A frame that was not refocused leaves its plane at the fill value 0 (focus.csv says
+    which). With a sequence, frames are placed by their useq index, so events the acquisition skipped stay empty
+    in both stores.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        sequence: useq.MDASequence | None = None,
+        frame_shape: tuple[int, int] | None = None,
+        pixel_size_um: float | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._sequence = sequence
+        self._pixel_size_um = pixel_size_um
+        self._order: dict[tuple[tuple[str, int], ...], int] | None = None
+        if sequence is not None:
+            self._order = {_axes_key(event.index): i for i, event in enumerate(sequence)}
+        self._stream: Any = None
+        self._next_frame = 0  # next pipeline frame index to place
+        self._next_slot = 0  # next position in the store's acquisition order
+        self._pending: dict[int, FrameResult] = {}
+        self.frames_written = 0
+        self.frames_empty = 0
+        if frame_shape is not None:
+            self._open(frame_shape)
+
+    def _open(self, frame_shape: tuple[int, int]) -> None:
+        from ome_writers import create_stream
+
+        settings = stream_settings(
+            self.path, self._sequence, frame_shape[0], frame_shape[1], "float32", self._pixel_size_um
+        )
+        self._stream = create_stream(settings)
+        log.info(kv("refocused_store_created", path=self.path, frame_px=f"{frame_shape[1]}x{frame_shape[0]}"))
+
+    def on_frame(self, result: FrameResult) -> None:
+        self._pending[result.frame] = result
+        while self._next_frame in self._pending:
+            self._place(self._pending.pop(self._next_frame))
+            self._next_frame += 1
+
+    def _place(self, result: FrameResult) -> None:
+        if self._stream is None:
+            if result.raw.ndim != 2:
+                return  # nothing with this shape can be stored; the focus log has the frame
+            self._open((int(result.raw.shape[0]), int(result.raw.shape[1])))
+        slot = self._next_slot
+        if self._order is not None:
+            slot = self._order.get(_axes_key(result.info.axes), -1)
+            if slot < self._next_slot:
+                log.warning(kv("refocused_frame_not_placed", frame=result.frame, axes=result.info.axes,
+                               reason="index not in the sequence, or out of order"))
+                return
+            if slot > self._next_slot:
+                self._stream.skip(frames=slot - self._next_slot)
+                self.frames_empty += slot - self._next_slot
+        if result.image is not None and result.image.shape == result.raw.shape:
+            self._stream.append(np.ascontiguousarray(result.image, dtype=np.float32))
+            self.frames_written += 1
+        else:
+            self._stream.skip(frames=1)
+            self.frames_empty += 1
+        self._next_slot = slot + 1
+
+    def close(self) -> None:
+        for frame in sorted(self._pending):  # frames that never resolved cannot exist after a drain; be safe
+            self._place(self._pending.pop(frame))
+        if self._stream is not None:
+            self._stream.close()
+            log.info(kv("refocused_store_closed", path=self.path, written=self.frames_written,
+                        empty=self.frames_empty))
+
+
+def _number(value: float | None, digits: int) -> str:
+    if value is None or not math.isfinite(value):
+        return ""
+    return f"{value:.{digits}f}"
+
+
+class FocusLog:
+    """FrameSink writing focus.csv: one row per raw frame, flushed at once so a crash loses no row."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._file = self.path.open("a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file)
+        if new:
+            self._writer.writerow(FOCUS_LOG_COLUMNS)
+            self._file.flush()
+        self.rows = 0
+
+    def on_frame(self, result: FrameResult) -> None:
+        info = result.info
+        self._writer.writerow(
+            (
+                result.frame,
+                json.dumps(dict(info.axes), separators=(",", ":")),
+                _number(info.stage_z_um, 4),
+                _number(result.defocus_um, 4),
+                _number(result.confidence, 4),
+                "true" if result.refocused else "false",
+                f"{result.latency_ms:.2f}",
+                result.status,
+                f"{info.t_acquired:.6f}",
+            )
+        )
+        self._file.flush()
+        self.rows += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_focus_log(path: str | Path) -> list[dict[str, Any]]:
+    """focus.csv as dicts with numbers parsed (empty -> nan) and refocused as bool."""
+    rows = []
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            parsed: dict[str, Any] = dict(row)
+            parsed["frame"] = int(row["frame"])
+            parsed["axes"] = json.loads(row["axes"])
+            for key in ("stage_z_um", "defocus_um", "confidence", "latency_ms", "t_acquired"):
+                parsed[key] = float(row[key]) if row.get(key) else math.nan
+            parsed["refocused"] = row["refocused"] == "true"
+            rows.append(parsed)
+    return rows
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_run_record(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Write run.json atomically (a crash leaves the previous complete version)."""
+    path = Path(path)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def open_stores(path: str | Path) -> dict[str, Any]:
+    """Open an output directory's OME-Zarr stores read-only: {"raw": {series: zarr.Array}, "refocused": ...}.
+
+    Series are the stores' image groups ("0", "1", ... one per position), each with its full-resolution array.
+    """
+    import zarr
+
+    out: dict[str, Any] = {}
+    for name, store in (("raw", RAW_STORE), ("refocused", REFOCUSED_STORE)):
+        root = Path(path) / store
+        if not root.exists():
+            continue
+        group = zarr.open_group(str(root), mode="r")
+        series = {}
+        for key, node in group.groups():
+            if key == "OME":
+                continue
+            multiscales = node.attrs.get("ome", {}).get("multiscales") or node.attrs.get("multiscales")
+            if multiscales:
+                series[key] = node[multiscales[0]["datasets"][0]["path"]]
+        if not series and group.attrs.get("ome", {}).get("multiscales"):
+            series["0"] = group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
+        out[name] = series
+    return out

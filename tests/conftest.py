@@ -1,0 +1,59 @@
+"""Shared fixtures. Sockets are real ZeroMQ sockets on loopback, on ports chosen free for each test."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+def free_tcp_address() -> str:
+    """A loopback address whose port was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture
+def tcp_address() -> Callable[[], str]:
+    return free_tcp_address
+
+
+# A small, fast simulated microscope: 128 x 128 frames, a specimen just larger than the frame, a clock that
+# advances 2 s per frame (so drift shows within a few frames whatever the machine's speed).
+FAST_SIMULATOR: dict = {
+    "camera": {"width_px": 128, "height_px": 128, "exposure_ms": 10},
+    "specimen": {"field_size_um": [200, 200], "photons_per_um3": 1500, "nuclei_per_mm2": 4000},
+    "focus_z_um": 100.0,
+    "z_limits_um": [50, 150],
+    "time_per_frame_s": 2.0,
+    "drift": {"model": "none"},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised small network saved as a weights file: fast, deterministic, not trained."""
+    import torch
+
+    from acquire_refocus.config import ModelConfig, OpticsConfig
+    from acquire_refocus.model.checkpoint import save_weights
+    from acquire_refocus.model.network import build_network
+
+    torch.manual_seed(0)
+    model_config = ModelConfig(base_channels=4, depth=2)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    save_weights(path, build_network(model_config), model_config, OpticsConfig(), {"purpose": "tests"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_refocuser(tiny_weights: Path) -> object:
+    import torch
+
+    from acquire_refocus import Refocuser
+
+    torch.set_num_threads(1)
+    return Refocuser.load(tiny_weights, engine="torch")

@@ -1,0 +1,222 @@
+"""The daemon end to end on the simulated microscope, through the real Micro-Manager core (pymmcore-plus UniMMCore),
+real ZeroMQ sockets on free loopback ports and real files. The engine is a small untrained network (torch)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import useq
+
+from acquire_refocus.cli import main as cli_main
+from acquire_refocus.client import Subscriber
+from acquire_refocus.config import AppConfig, parse_config
+from acquire_refocus.control import request
+from acquire_refocus.daemon import Daemon
+from acquire_refocus.pipeline import FrameResult
+from acquire_refocus.storage import open_stores, read_focus_log
+
+from conftest import FAST_SIMULATOR, free_tcp_address
+from test_pipeline import GatedCorrector
+
+pytestmark = pytest.mark.timeout(180)
+
+SEQUENCE = {"time_plan": {"interval": 0, "loops": 4}, "stage_positions": [{"x": 0, "y": 0, "z": 100}, {"x": 40, "y": 20, "z": 100}],
+            "axis_order": "tp"}
+
+
+def daemon_config(weights: Path, **sections: Any) -> AppConfig:
+    data: dict[str, Any] = {
+        "simulator": FAST_SIMULATOR,
+        "model": {"weights": str(weights)},
+        "engine": {"backend": "torch", "num_threads": 1},
+        "publishing": {"pub_address": free_tcp_address(), "control_address": free_tcp_address()},
+        "focus": {"mode": "observe", "z_limits_um": [50, 150]},
+        "acquisition": {"backend": "simulator", "sequence": SEQUENCE},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return parse_config(data)
+
+
+def written_planes(series: dict[str, Any]) -> int:
+    """Planes holding data (the simulated camera's offset makes every real frame non-zero)."""
+    return sum(int(np.count_nonzero(arr[:].reshape(arr.shape[0], -1).any(axis=1))) for arr in series.values())
+
+
+class Collector:
+    """Subscribes before the run and keeps every header until `expected` messages came (or 60 s of silence)."""
+
+    def __init__(self, address: str, expected: int) -> None:
+        self.sub = Subscriber(address, timeout_s=60.0)
+        self.expected = expected
+        self.headers: list[dict] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self.sub:
+            while len(self.headers) < self.expected and (message := self.sub.receive()) is not None:
+                header, pixels = message
+                if pixels is not None:
+                    assert list(pixels.shape) == header["shape"]
+                self.headers.append(header)
+
+    def topics(self) -> Counter:
+        return Counter(h["topic"] for h in self.headers)
+
+
+def test_end_to_end_counts_match_everywhere(tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path) -> None:
+    config = daemon_config(tiny_weights)
+    with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
+        collector = Collector(daemon.publisher.address, expected=24)  # type: ignore[union-attr]
+        collector.thread.start()
+        daemon.acquisition_core()  # build the microscope first, so the subscriber has joined before frames flow
+        summary = daemon.run(useq.MDASequence(**SEQUENCE), tmp_path)
+        collector.thread.join(60)
+    n = 8
+    assert summary.counts()["seen"] == n and summary.counts()["refocused"] == n and not summary.error
+    stores = open_stores(tmp_path)
+    assert {k: v.shape for k, v in stores["raw"].items()} == {"0": (4, 128, 128), "1": (4, 128, 128)}
+    assert {k: v.shape for k, v in stores["refocused"].items()} == {"0": (4, 128, 128), "1": (4, 128, 128)}
+    assert written_planes(stores["raw"]) == n and written_planes(stores["refocused"]) == n
+    rows = read_focus_log(tmp_path / "focus.csv")
+    assert sorted(r["frame"] for r in rows) == list(range(n)) and all(r["refocused"] for r in rows)
+    assert collector.topics() == {"raw": n, "refocused": n, "focus": n}
+    assert collector.sub.missed == 0
+    # raw frames published are the ones saved
+    for header in collector.headers:
+        if header["topic"] == "raw":
+            assert header["stage_z_um"] == pytest.approx(100.0) and header["engine"] == "torch"
+    record = (tmp_path / "run.json").read_text()
+    assert '"state": "completed"' in record and '"seen": 8' in record
+
+
+def test_engine_slower_than_the_camera_loses_no_raw_frame(
+    tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path
+) -> None:
+    """The engine is stuck until every frame has been taken: raw data complete, skips counted and logged."""
+    n = 10
+    corrector = GatedCorrector(tiny_refocuser)
+
+    class OpenGateAfterLastFrame:
+        def on_frame(self, result: FrameResult) -> None:
+            if result.frame == n - 1:
+                corrector.gate.set()
+
+        def close(self) -> None:
+            corrector.gate.set()
+
+    config = daemon_config(tiny_weights, pipeline={"queue_size": 2, "overflow": "all"}, publishing={"enabled": False})
+    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": n}, stage_positions=[(0, 0, 100)])
+    with Daemon(config, output_dir=tmp_path, corrector=corrector, control=False,
+                extra_sinks=lambda: [OpenGateAfterLastFrame()]) as daemon:
+        summary = daemon.run(sequence, tmp_path)
+    counts = summary.counts()
+    assert counts["seen"] == n and counts["refocused"] == 3 and counts["skipped"] == n - 3
+    stores = open_stores(tmp_path)
+    assert written_planes(stores["raw"]) == n  # every raw frame saved
+    assert written_planes(stores["refocused"]) == 3
+    rows = read_focus_log(tmp_path / "focus.csv")
+    assert len(rows) == n
+    assert sorted(r["frame"] for r in rows if not r["refocused"]) == list(range(3, n))
+    assert all(r["status"] == "skipped" for r in rows if not r["refocused"])
+
+
+def test_control_pause_resume_run_stop(tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path) -> None:
+    config = daemon_config(tiny_weights)
+    address = config.publishing.control_address
+    with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
+        exit_code: list[int] = []
+        server = threading.Thread(target=lambda: exit_code.append(daemon.serve(handle_signals=False)), daemon=True)
+        server.start()
+        try:
+            status = request(address, "status")
+            assert status["ok"] and status["state"] == "idle" and status["engine"] == "torch"
+            assert request(address, "pause")["paused"] is True
+            first = request(address, "run", sequence=SEQUENCE)
+            assert first["ok"] and first["run"] == "run-001"
+            assert request(address, "run", sequence={"time_plan": "nonsense"})["ok"] is False
+            _wait_for_run(daemon, "run-001")
+            paused = request(address, "status")
+            assert paused["paused"] is True and paused["counts"]["paused_frames"] == 8
+            assert paused["counts"]["refocused"] == 0
+            assert request(address, "resume")["paused"] is False
+            assert request(address, "run", sequence=SEQUENCE)["run"] == "run-002"
+            _wait_for_run(daemon, "run-002")
+            resumed = request(address, "status")
+            assert resumed["counts"]["refocused"] == 8 and resumed["run"] == "run-002"
+            assert resumed["publishing"]["published"] > 0 and resumed["focus"]["mode"] == "observe"
+            assert request(address, "stop")["stopping"] is True
+            server.join(60)
+        finally:
+            daemon.request_stop("test cleanup")
+            server.join(60)
+    assert exit_code == [0]
+    for run in ("run-001", "run-002"):
+        assert len(read_focus_log(tmp_path / run / "focus.csv")) == 8
+
+
+def _wait_for_run(daemon: Daemon, run_id: str) -> None:
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            status = request(daemon.config.publishing.control_address, "status")
+            if status["run"] == run_id and status["state"] == "idle":
+                done.set()
+            done.wait(0.2)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    poller.join(120)
+    assert done.is_set(), f"{run_id} did not finish"
+
+
+def test_listen_prints_the_focus_trace(tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path) -> None:
+    config = daemon_config(tiny_weights)
+    with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
+        daemon.acquisition_core()
+        listener = subprocess.Popen(
+            [sys.executable, "-m", "acquire_refocus.cli", "listen", "--address", daemon.publisher.address,  # type: ignore[union-attr]
+             "--topic", "focus", "--topic", "raw", "--count", "16", "--timeout", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            assert listener.stdout is not None
+            assert listener.stdout.readline().startswith("listening on")
+            # a PUB/SUB subscription takes a moment to reach the publisher: run until the listener has its 16
+            for _ in range(5):
+                daemon.run(useq.MDASequence(**SEQUENCE), None)
+                if listener.poll() is not None:
+                    break
+            out, err = listener.communicate(timeout=60)
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.communicate()
+    assert listener.returncode == 0, err
+    trace = [line for line in out.splitlines() if line.startswith("focus frame=")]
+    assert trace and "defocus_um=" in trace[0] and "stage_z_um=100.000" in trace[0]
+    rates = [line for line in out.splitlines() if line.startswith("rates ")]
+    assert rates and "raw=" in rates[-1] and "focus=" in rates[-1] and "missed=" in rates[-1]
+
+
+def test_control_commands_without_a_daemon(capsys: pytest.CaptureFixture[str], tcp_address: Callable[[], str]) -> None:
+    assert cli_main(["status", "--address", tcp_address(), "--timeout", "0.3"]) == 1
+    err = capsys.readouterr().err
+    assert "no acquire-refocus daemon answered" in err and "Traceback" not in err
+
+
+def test_run_command_rejects_a_bad_sequence_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "seq.yaml"
+    bad.write_text("time_plan: {loops: many}\n")
+    assert cli_main(["run", str(bad), "--address", free_tcp_address(), "--timeout", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "not a valid useq-schema MDASequence" in err and str(bad) in err

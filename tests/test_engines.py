@@ -1,0 +1,335 @@
+"""Engines: interface, parity with PyTorch, padding and tiling, the ONNX cache, backend selection and fallbacks.
+
+Relative error, as used throughout: max|a - b| / max|b| with b the PyTorch FP32 reference (for images, of the
+residual image - input, the part the network computes; the input itself would dilute any error).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from acquire_refocus.config import EngineConfig, ModelConfig
+from acquire_refocus.engines import (
+    Engine,
+    EngineOutOfMemoryError,
+    ShapeOutOfRangeError,
+    create_engine,
+)
+from acquire_refocus.engines.onnx_engine import onnx_path
+from acquire_refocus.engines.tiling import combine_focus, infer_frame, infer_frames
+from acquire_refocus.engines.torch_engine import TorchEngine
+from acquire_refocus.model.network import build_network
+
+FP32_RELATIVE_TOLERANCE = 1e-4
+
+
+@dataclass
+class Loaded:
+    """The two things an engine takes from acquire_refocus.model.checkpoint.LoadedModel."""
+
+    network: torch.nn.Module
+    sha256: str
+
+
+def small_network(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    network = build_network(ModelConfig(base_channels=8, depth=3)).eval()
+    # Non-trivial batch-norm statistics, so the network is not close to its initial identity-like state.
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    return network
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def engine_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Capture our log lines even after setup_logging() stopped them propagating to the root logger."""
+    ours = logging.getLogger("acquire_refocus")
+    attach = not ours.propagate
+    if attach:
+        ours.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="acquire_refocus")
+    yield caplog
+    if attach:
+        ours.removeHandler(caplog.handler)
+
+
+@pytest.fixture(scope="module")
+def loaded() -> Loaded:
+    return Loaded(small_network(), "1f2e3d4c5b6a" + "0" * 52)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+def engine_config(cache_dir: Path, backend: str = "auto", **changes: object) -> EngineConfig:
+    values: dict[str, object] = dict(
+        backend=backend, precision="fp32", cache_dir=cache_dir, min_size_px=16, opt_size_px=64, max_size_px=64,
+        max_batch=4, tile_overlap_px=16, num_threads=1,
+    )
+    values.update(changes)
+    return EngineConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def torch_engine(loaded: Loaded, cache_dir: Path) -> Engine:
+    return create_engine(loaded, engine_config(cache_dir, "torch"))
+
+
+@pytest.fixture(scope="module")
+def ort_engine(loaded: Loaded, cache_dir: Path) -> Engine:
+    engine = create_engine(loaded, engine_config(cache_dir, "onnxruntime"))
+    assert engine.name == "onnxruntime", "onnxruntime is a dependency; its engine must build here"
+    return engine
+
+
+def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.max(np.abs(actual - reference)) / np.max(np.abs(reference)))
+
+
+def frames(shape: tuple[int, ...], seed: int = 1) -> np.ndarray:
+    """Blurred noise, normalised like real frames (mostly in 0..1)."""
+    rng = np.random.default_rng(seed)
+    data = rng.random(shape).astype(np.float32)
+    return np.cumsum(np.cumsum(data, axis=-1), axis=-2).astype(np.float32) / (shape[-1] * shape[-2] / 4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_engine_honours_the_interface(backend: str, request: pytest.FixtureRequest) -> None:
+    engine: Engine = request.getfixturevalue("torch_engine" if backend == "torch" else "ort_engine")
+    assert isinstance(engine, Engine)
+    assert engine.name == backend
+    assert engine.precision == "fp32"  # CPU: FP32 whatever is asked
+    assert engine.device == "cpu"
+    assert engine.stride == 8
+    assert (engine.min_size_px, engine.max_size_px, engine.max_batch) == (16, 64, 4)
+    images, focus = engine.run(frames((3, 1, 32, 48)))
+    assert images.shape == (3, 1, 32, 48) and images.dtype == np.float32
+    assert focus.shape == (3, 2) and focus.dtype == np.float32
+    for bad in (frames((1, 1, 36, 32)), frames((1, 1, 72, 64)), frames((5, 1, 32, 32)), frames((1, 32, 32))):
+        with pytest.raises(ShapeOutOfRangeError, match=backend):
+            engine.run(bad)
+
+
+def test_onnxruntime_agrees_with_pytorch(torch_engine: Engine, ort_engine: Engine) -> None:
+    batch = frames((4, 1, 64, 48), seed=3)
+    reference_images, reference_focus = torch_engine.run(batch)
+    images, focus = ort_engine.run(batch)
+    assert relative_error(images - batch, reference_images - batch) <= FP32_RELATIVE_TOLERANCE
+    assert relative_error(focus, reference_focus) <= FP32_RELATIVE_TOLERANCE
+    assert np.max(np.abs(focus[:, 0] - reference_focus[:, 0])) <= 0.05
+
+
+@pytest.mark.parametrize("shape", [(67, 101), (64, 64), (9, 130), (1, 1)])
+def test_padding_crops_back_exactly(torch_engine: Engine, shape: tuple[int, int]) -> None:
+    frame = frames(shape, seed=4)
+    image, defocus_um, log_sigma_um = infer_frame(torch_engine, frame)
+    assert image.shape == shape and image.dtype == np.float32
+    height = max(16, -(-shape[0] // 8) * 8)
+    width = max(16, -(-shape[1] // 8) * 8)
+    if max(height, width) <= 64:  # one pass: identical to running the reflect-padded frame and cropping
+        padded = np.pad(frame, ((0, height - shape[0]), (0, width - shape[1])), mode="reflect")
+        images, focus = torch_engine.run(padded[None, None])
+        np.testing.assert_array_equal(image, images[0, 0, : shape[0], : shape[1]])
+        assert (defocus_um, log_sigma_um) == (float(focus[0, 0]), float(focus[0, 1]))
+
+
+def test_tiled_frame_matches_untiled(loaded: Loaded, cache_dir: Path, engine_log: pytest.LogCaptureFixture) -> None:
+    frame = frames((150, 203), seed=5)
+    whole = TorchEngine(loaded.network, engine_config(cache_dir, max_size_px=256, opt_size_px=256))
+    tiled_engine = TorchEngine(loaded.network, engine_config(cache_dir, max_size_px=96, tile_overlap_px=32))
+    reference, reference_defocus_um, _ = infer_frame(whole, frame)
+    engine_log.set_level(logging.DEBUG, logger="acquire_refocus")
+    image, defocus_um, log_sigma_um = infer_frame(tiled_engine, frame)
+    assert "event=tiling" in engine_log.text
+    assert image.shape == frame.shape
+    assert relative_error(image - frame, reference - frame) <= 2e-3
+    assert abs(defocus_um - reference_defocus_um) <= 0.05
+    assert np.isfinite(log_sigma_um)
+
+
+def test_tile_seams_are_invisible(loaded: Loaded, cache_dir: Path) -> None:
+    """A flat frame through a tiled engine stays flat: blending leaves no step where tiles meet."""
+    engine = TorchEngine(loaded.network, engine_config(cache_dir, max_size_px=64, tile_overlap_px=24))
+    flat = np.full((64 + 40, 64 + 40), 0.5, dtype=np.float32)
+    single = np.full((64, 64), 0.5, dtype=np.float32)
+    image, _, _ = infer_frame(engine, flat)
+    reference, _, _ = infer_frame(engine, single)
+    # Away from the frame border every pixel sees the same flat surroundings, tiled or not.
+    inner = image[24:-24, 24:-24]
+    assert np.max(np.abs(inner - reference[32, 32])) <= 1e-4 * max(1.0, abs(float(reference[32, 32])))
+
+
+def test_frame_outside_the_compiled_range_is_tiled(ort_engine: Engine) -> None:
+    frame = frames((130, 75), seed=6)
+    with pytest.raises(ShapeOutOfRangeError, match="outside the built range"):
+        ort_engine.run(np.pad(frame, ((0, 6), (0, 5)), mode="reflect")[None, None])
+    image, defocus_um, log_sigma_um = infer_frame(ort_engine, frame)
+    assert image.shape == frame.shape and np.all(np.isfinite(image))
+    assert np.isfinite(defocus_um) and np.isfinite(log_sigma_um)
+
+
+def test_batch_path_matches_one_by_one(torch_engine: Engine) -> None:
+    stack = frames((6, 37, 50), seed=7)
+    images, defocus_um, log_sigma_um = infer_frames(torch_engine, stack)  # 6 frames: batches of 4 and 2
+    assert images.shape == stack.shape and defocus_um.shape == (6,) and log_sigma_um.shape == (6,)
+    for k in range(len(stack)):
+        image, d, s = infer_frame(torch_engine, stack[k])
+        np.testing.assert_allclose(images[k], image, rtol=0, atol=1e-5)
+        assert abs(defocus_um[k] - d) <= 1e-4 and abs(log_sigma_um[k] - s) <= 1e-4
+
+
+def test_inverse_variance_focus_combination() -> None:
+    defocus_um, log_sigma_um = combine_focus(np.array([1.0, 3.0]), np.log(np.array([0.1, 1.0])))
+    assert defocus_um == pytest.approx((1.0 / 0.01 + 3.0 / 1.0) / (1 / 0.01 + 1 / 1.0))
+    # Equal tiles: the uncertainty of one tile (tiles share the specimen, their errors are not independent).
+    same_um, same_log_sigma = combine_focus(np.array([2.0, 2.0, 2.0]), np.log(np.array([0.5, 0.5, 0.5])))
+    assert same_um == pytest.approx(2.0) and same_log_sigma == pytest.approx(np.log(0.5))
+
+
+class MemoryLimitedEngine:
+    """A torch engine on a device that holds at most `budget_px` input pixels per run, as a small GPU would."""
+
+    def __init__(self, inner: Engine, budget_px: int) -> None:
+        self.inner, self.budget_px = inner, budget_px
+        for name in ("name", "precision", "device", "min_size_px", "max_size_px", "max_batch", "stride",
+                     "tile_overlap_px"):
+            setattr(self, name, getattr(inner, name))
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if batch.size > self.budget_px:
+            raise EngineOutOfMemoryError(f"{batch.size} px do not fit in {self.budget_px}")
+        return self.inner.run(batch)
+
+
+def test_out_of_memory_splits_batches_then_tiles(torch_engine: Engine, engine_log: pytest.LogCaptureFixture) -> None:
+    limited = MemoryLimitedEngine(torch_engine, budget_px=32 * 32)
+    frame = frames((64, 64), seed=8)
+    image, defocus_um, _ = infer_frame(limited, frame)
+    assert image.shape == frame.shape and np.isfinite(defocus_um)
+    assert "retry_tile_px=32" in engine_log.text
+    stack = frames((3, 32, 32), seed=9)
+    images, _, _ = infer_frames(limited, stack)
+    np.testing.assert_allclose(images, infer_frames(torch_engine, stack)[0], rtol=0, atol=1e-5)
+    assert "retry_batch=" in engine_log.text
+
+
+def test_onnx_export_is_cached_and_reused(
+    loaded: Loaded, cache_dir: Path, ort_engine: Engine, engine_log: pytest.LogCaptureFixture
+) -> None:
+    path = onnx_path(cache_dir, loaded.sha256)
+    assert path.is_file() and path.name == "1f2e3d4c5b6a.onnx"
+    before = path.stat().st_mtime_ns
+    again = create_engine(loaded, engine_config(cache_dir, "onnxruntime"))
+    assert again.name == "onnxruntime"
+    assert path.stat().st_mtime_ns == before
+    assert "event=onnx_cache_hit" in engine_log.text and "event=onnx_exported" not in engine_log.text
+    assert not list(cache_dir.glob(".*"))  # no temporary files left behind
+
+
+def test_corrupt_onnx_cache_is_rebuilt(loaded: Loaded, tmp_path: Path, engine_log: pytest.LogCaptureFixture) -> None:
+    config = engine_config(tmp_path, "onnxruntime")
+    reference = create_engine(loaded, config)
+    path = onnx_path(tmp_path, loaded.sha256)
+    batch = frames((1, 1, 32, 32), seed=10)
+    expected = reference.run(batch)
+
+    path.write_bytes(b"this is not an ONNX model")  # garbage: the checksum no longer matches
+    engine = create_engine(loaded, config)
+    assert engine.name == "onnxruntime"
+    assert "event=onnx_cache_invalid" in engine_log.text and "checksum mismatch" in engine_log.text
+    np.testing.assert_array_equal(engine.run(batch)[0], expected[0])
+
+    # Garbage whose checksum was recorded (a file that was broken when written): loading fails, rebuilt.
+    engine_log.clear()
+    path.write_bytes(b"\x08\x07garbage")
+    sidecar = path.with_name(path.name + ".json")
+    record = json.loads(sidecar.read_text())
+    import hashlib
+
+    record["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    sidecar.write_text(json.dumps(record))
+    engine = create_engine(loaded, config)
+    assert engine.name == "onnxruntime"
+    assert "onnxruntime cannot load it" in engine_log.text
+    np.testing.assert_array_equal(engine.run(batch)[0], expected[0])
+
+
+def test_cached_export_of_another_network_is_replaced(
+    cache_dir: Path, ort_engine: Engine, tmp_path: Path, engine_log: pytest.LogCaptureFixture
+) -> None:
+    """A sound file with a valid checksum that does not compute this network is caught by the build-time check."""
+    other = Loaded(small_network(seed=1), "abcdef012345" + "0" * 52)
+    source = onnx_path(cache_dir, "1f2e3d4c5b6a")
+    target = onnx_path(tmp_path, other.sha256)
+    target.write_bytes(source.read_bytes())
+    sidecar = source.with_name(source.name + ".json")
+    target.with_name(target.name + ".json").write_text(sidecar.read_text())
+    engine = create_engine(other, engine_config(tmp_path, "onnxruntime"))
+    assert engine.name == "onnxruntime"
+    assert "it does not reproduce the network" in engine_log.text and "event=onnx_exported" in engine_log.text
+    batch = frames((1, 1, 32, 32), seed=11)
+    reference = TorchEngine(other.network, engine_config(tmp_path)).run(batch)
+    assert relative_error(engine.run(batch)[1], reference[1]) <= FP32_RELATIVE_TOLERANCE
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the choice on a machine without CUDA")
+def test_auto_without_cuda_picks_onnxruntime_and_says_why(
+    loaded: Loaded, cache_dir: Path, ort_engine: Engine, engine_log: pytest.LogCaptureFixture
+) -> None:
+    engine = create_engine(loaded, engine_config(cache_dir, "auto"))
+    assert engine.name == "onnxruntime"
+    passed = [r.getMessage() for r in engine_log.records if "event=engine_passed_over" in r.getMessage()]
+    assert len(passed) == 1 and "engine=tensorrt" in passed[0] and "no CUDA device" in passed[0]
+    assert "event=engine_selected requested=auto engine=onnxruntime" in engine_log.text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
+def test_requested_tensorrt_without_cuda_falls_back(
+    loaded: Loaded, cache_dir: Path, ort_engine: Engine, engine_log: pytest.LogCaptureFixture
+) -> None:
+    engine = create_engine(loaded, engine_config(cache_dir, "tensorrt", precision="fp16"))
+    assert engine.name == "onnxruntime" and engine.precision == "fp32"
+    warning = [r for r in engine_log.records if "engine=tensorrt" in r.getMessage()]
+    assert warning and warning[0].levelno == logging.WARNING and "next=onnxruntime" in warning[0].getMessage()
+
+
+class DataDependent(torch.nn.Module):
+    """Honours the output contract, but branches in Python on the frame's content: a traced graph can hold
+    only one branch, so an ONNX export cannot reproduce it."""
+
+    stride = 8
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = x.mean(dim=(1, 2, 3))
+        scale = 2.0 if float(mean.max()) > 0.25 else 3.0
+        return x * scale, torch.stack([mean, torch.zeros_like(mean)], dim=1)
+
+
+def test_failed_onnx_export_falls_back_to_torch(tmp_path: Path, engine_log: pytest.LogCaptureFixture) -> None:
+    engine = create_engine(Loaded(DataDependent().eval(), "9" * 64), engine_config(tmp_path, "auto"))
+    assert engine.name == "torch"
+    assert "engine=onnxruntime reason=\"failed to build:" in engine_log.text
+    assert "ONNX export of the network failed: TorchExportError" in engine_log.text
+    assert not list(tmp_path.iterdir())  # the unusable export is not left behind
+    images, focus = engine.run(np.ones((1, 1, 16, 16), dtype=np.float32))
+    assert float(images.max()) == 2.0 and float(focus[0, 0]) == 1.0

@@ -1,0 +1,144 @@
+"""FocusController: estimates -> per-position Z offsets, with gates, dead band, step limit, gain and soft limits.
+
+Estimates here are synthetic (known defocus), so every rule is checked exactly; the closed loop on the simulated
+microscope with the shipped network is in test_daemon_closed_loop.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import useq
+
+from acquire_refocus.config import FocusConfig
+from acquire_refocus.focus import FocusController
+from acquire_refocus.pipeline import FrameInfo, FrameResult
+
+RAW = np.zeros((64, 64), np.uint16)
+
+
+def result(defocus_um: float, stage_z_um: float | None = 100.0, p: int = 0, t: int = 0, confidence: float = 0.9,
+           status: str = "refocused") -> FrameResult:
+    return FrameResult(
+        frame=0, raw=RAW, info=FrameInfo({"t": t, "p": p}, stage_z_um, (0.0, 0.0), 0.0, 0.325),
+        status=status, defocus_um=defocus_um, confidence=confidence,  # type: ignore[arg-type]
+    )
+
+
+def controller(**overrides: object) -> FocusController:
+    settings = {"mode": "correct", "window_frames": 3, "min_confidence": 0.5, "dead_band_um": 0.3,
+                "max_step_um": 5.0, "gain": 1.0, "z_limits_um": (50.0, 150.0), **overrides}
+    return FocusController(FocusConfig.model_validate(settings))
+
+
+def test_moves_by_minus_the_median_defocus() -> None:
+    c = controller()
+    for d in (2.0, 2.2, 9.0):  # one outlier: the median ignores it
+        c.on_frame(result(d))
+    assert c.plan(0, centre_um=100.0) == pytest.approx(-2.2)
+    assert c.offset_um(0) == pytest.approx(-2.2)
+
+
+def test_dead_band_gain_and_max_step() -> None:
+    c = controller()
+    c.on_frame(result(0.25))
+    assert c.plan(0, 100.0) == 0.0  # inside the dead band: no move
+    c = controller(gain=0.5)
+    c.on_frame(result(3.0))
+    assert c.plan(0, 100.0) == pytest.approx(-1.5)
+    c = controller(max_step_um=1.0)
+    c.on_frame(result(-4.0))
+    assert c.plan(0, 100.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("estimate", "why"),
+    [
+        (result(math.nan), "non-finite defocus"),
+        (result(5.0, confidence=0.2), "low confidence"),
+        (result(5.0, confidence=math.nan), "non-finite confidence"),
+        (result(5.0, stage_z_um=None), "no stage Z"),
+        (result(5.0, status="skipped"), "not refocused"),
+        (result(5.0, status="failed"), "failed frame"),
+    ],
+)
+def test_unusable_estimates_never_move(estimate: FrameResult, why: str) -> None:
+    c = controller()
+    c.on_frame(estimate)
+    assert c.plan(0, 100.0) == 0.0, why
+    assert c.rejected == 1 and c.accepted == 0
+
+
+def test_soft_limits_are_never_crossed() -> None:
+    c = controller(max_step_um=100.0, z_limits_um=(90.0, 110.0))
+    c.on_frame(result(-30.0))  # wants the stage at 130
+    assert c.plan(0, 100.0) == pytest.approx(10.0)
+    assert c.clamps == 1 and c.moves[-1].clamped
+    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 3}, stage_positions=[(0, 0, 100)])
+    z = [e.z_pos for e in c.adjust_events(sequence)]
+    assert all(90.0 <= v <= 110.0 for v in z)
+
+
+def test_offsets_are_per_position() -> None:
+    c = controller()
+    c.on_frame(result(2.0, p=0))
+    c.on_frame(result(-1.0, stage_z_um=80.0, p=1))
+    assert c.plan(0, 100.0) == pytest.approx(-2.0)
+    assert c.plan(1, 80.0) == pytest.approx(1.0)
+    assert c.state()["offsets_um"] == {"0": -2.0, "1": 1.0}
+
+
+def test_estimates_taken_after_a_move_are_absolute() -> None:
+    """After moving by -2, a frame at the new Z reading 0 defocus confirms the move instead of undoing it."""
+    c = controller(window_frames=5)
+    c.on_frame(result(2.0, stage_z_um=100.0))
+    assert c.plan(0, 100.0) == pytest.approx(-2.0)
+    c.on_frame(result(0.0, stage_z_um=98.0))
+    assert c.plan(0, 100.0, t_index=1) == pytest.approx(-2.0)
+
+
+def test_observe_mode_plans_but_never_applies() -> None:
+    c = controller(mode="observe")
+    c.on_frame(result(3.0))
+    assert c.plan(0, 100.0) == 0.0
+    assert c.offset_um(0) == 0.0
+    assert len(c.moves) == 1 and not c.moves[0].applied
+    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 2}, stage_positions=[(0, 0, 100)])
+    assert [e.z_pos for e in c.adjust_events(sequence)] == [100.0, 100.0]
+
+
+def test_z_stack_moves_as_a_whole_between_time_points() -> None:
+    """Offsets change only when a position's next time point starts, never inside its z-stack."""
+    c = controller()
+    sequence = useq.MDASequence(
+        time_plan={"interval": 0, "loops": 2}, stage_positions=[(0, 0, 100)],
+        z_plan={"range": 4, "step": 2}, axis_order="tpz",
+    )
+    planes: list[tuple[int, float]] = []
+    for event in c.adjust_events(sequence):
+        planes.append((event.index["t"], event.z_pos))
+        # an estimate arrives in the middle of the first stack: the stack keeps its Z
+        if event.index["t"] == 0 and event.index["z"] == 0:
+            c.on_frame(result(2.0, stage_z_um=98.0))  # plane 98 is 2 um too deep: focus at 96
+    assert [z for t, z in planes if t == 0] == [98.0, 100.0, 102.0]
+    # the stack centre follows the focus (96) at the next time point, all planes shifted together
+    assert [z for t, z in planes if t == 1] == pytest.approx([94.0, 96.0, 98.0])
+
+
+def test_closed_loop_tracks_synthetic_drift() -> None:
+    """A drifting focus seen through noisy estimates: the loop keeps the error small; uncorrected it grows."""
+    rng = np.random.default_rng(0)
+    c = controller(window_frames=3)
+    focus = lambda t: 100.0 + 0.5 * t  # noqa: E731  linear drift, 0.5 um per time point
+    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 30}, stage_positions=[(0, 0, 100)])
+    errors = []
+    for event in c.adjust_events(sequence):
+        t = event.index["t"]
+        stage = event.z_pos
+        errors.append(stage - focus(t))
+        c.on_frame(result(stage - focus(t) + rng.normal(0, 0.2), stage_z_um=stage, t=t))
+    rms = math.sqrt(np.mean(np.square(errors)))
+    uncorrected = math.sqrt(np.mean([(100.0 - focus(t)) ** 2 for t in range(30)]))
+    assert rms < 1.0 < uncorrected

@@ -1,0 +1,185 @@
+"""FramePipeline: every frame gets exactly one result, whatever the engine, the queue or the frame is like.
+
+The engine is a real Refocuser (a small untrained network on the torch engine). To make "the engine is slower
+than the camera" deterministic instead of timed, `GatedCorrector` holds the real Refocuser back until the test
+has submitted every frame.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from acquire_refocus.config import PipelineConfig
+from acquire_refocus.pipeline import FrameInfo, FramePipeline, FrameResult, FrameSink
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Recorder:
+    """A sink that keeps what it got (a real sink: the pipeline cannot tell it from the store)."""
+
+    def __init__(self) -> None:
+        self.results: list[FrameResult] = []
+        self.closed = False
+        self.thread_names: set[str] = set()
+
+    def on_frame(self, result: FrameResult) -> None:
+        self.thread_names.add(threading.current_thread().name)
+        self.results.append(result)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def by_frame(self) -> dict[int, FrameResult]:
+        return {r.frame: r for r in self.results}
+
+
+class GatedCorrector:
+    """The real Refocuser, started only once `gate` is set: an engine that is (deterministically) behind."""
+
+    def __init__(self, refocuser: Any) -> None:
+        self._refocuser = refocuser
+        self.engine_name = refocuser.engine_name
+        self.gate = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> Any:
+        self.started.set()
+        if not self.gate.wait(60):
+            raise TimeoutError("test gate never opened")
+        return self._refocuser(frame, pixel_size_um=pixel_size_um)
+
+
+def info(t: int) -> FrameInfo:
+    return FrameInfo({"t": t, "p": 0}, 100.0, (0.0, 0.0), time.time(), 0.325)
+
+
+def frame(seed: int, shape: tuple[int, ...] = (128, 128)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(100, 3000, shape, dtype=np.uint16)
+
+
+def test_every_frame_is_refocused_when_the_engine_keeps_up(tiny_refocuser: Any) -> None:
+    sink = Recorder()
+    with FramePipeline(tiny_refocuser, [sink], PipelineConfig(queue_size=16)) as pipeline:
+        frames = [frame(i) for i in range(6)]
+        for i, f in enumerate(frames):
+            pipeline.submit(f, info(i))
+        assert pipeline.wait_idle(60)
+    stats = pipeline.stats()
+    assert (stats.seen, stats.refocused, stats.skipped, stats.failed, stats.delivered) == (6, 6, 0, 0, 6)
+    assert sink.closed
+    assert sink.thread_names == {"refocus-sinks"}  # sinks run in the dispatch thread only
+    for i, f in enumerate(frames):
+        result = sink.by_frame()[i]
+        assert result.raw is f  # the raw frame is passed on as it came, never copied or modified
+        assert result.image is not None and result.image.shape == f.shape and result.image.dtype == np.float32
+        assert np.isfinite(result.defocus_um) and 0.0 <= result.confidence <= 1.0
+        assert result.engine == tiny_refocuser.engine_name and result.latency_ms >= result.engine_ms > 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (np.full((128, 128), np.nan, np.float32), "non-finite"),
+        (np.ones((2, 128, 128), np.uint16), "2-D"),
+        (np.ones((128, 16), np.uint16), "smaller than"),
+        (np.array([["a"] * 128] * 128), "dtype"),
+        (None, "numpy array"),
+    ],
+)
+def test_bad_frames_are_counted_and_passed_on_raw(tiny_refocuser: Any, bad: Any, reason: str) -> None:
+    sink = Recorder()
+    with FramePipeline(tiny_refocuser, [sink], PipelineConfig()) as pipeline:
+        pipeline.submit(frame(0), info(0))
+        pipeline.submit(bad, info(1))  # never raises
+        pipeline.submit(frame(2), info(2))  # and the acquisition goes on
+        assert pipeline.wait_idle(60)
+    stats = pipeline.stats()
+    assert (stats.seen, stats.refocused, stats.failed) == (3, 2, 1)
+    failed = sink.by_frame()[1]
+    assert failed.status == "failed" and reason in failed.reason
+    assert failed.raw is bad and failed.image is None
+
+
+@pytest.mark.parametrize("overflow", ["all", "latest"])
+def test_engine_behind_skips_are_counted_never_silent(tiny_refocuser: Any, overflow: str) -> None:
+    corrector = GatedCorrector(tiny_refocuser)
+    sink = Recorder()
+    pipeline = FramePipeline(corrector, [sink], PipelineConfig(queue_size=2, overflow=overflow)).start()
+    try:
+        pipeline.submit(frame(0), info(0))
+        assert corrector.started.wait(30)  # frame 0 is in the engine, which is now stuck
+        for i in range(1, 10):
+            pipeline.submit(frame(i), info(i))
+        corrector.gate.set()
+        assert pipeline.wait_idle(60)
+    finally:
+        corrector.gate.set()
+        stats = pipeline.close()
+    results = sink.by_frame()
+    assert sorted(results) == list(range(10))  # one result per frame, raw pixels always there
+    refocused = sorted(i for i, r in results.items() if r.refocused)
+    if overflow == "all":
+        assert refocused == [0, 1, 2]  # in the engine + a full queue of 2; the rest skipped
+    else:
+        assert refocused == [0, 9]  # the newest frame replaced every older one waiting
+    assert stats.skipped == 10 - len(refocused) and stats.refocused == len(refocused)
+    for i, r in results.items():
+        if not r.refocused:
+            assert r.status == "skipped" and "engine behind" in r.reason and r.image is None
+            assert r.raw is not None
+
+
+def test_pause_passes_frames_raw(tiny_refocuser: Any) -> None:
+    sink = Recorder()
+    with FramePipeline(tiny_refocuser, [sink], PipelineConfig()) as pipeline:
+        pipeline.submit(frame(0), info(0))
+        pipeline.pause()
+        assert pipeline.paused
+        pipeline.submit(frame(1), info(1))
+        pipeline.submit(frame(2), info(2))
+        pipeline.resume()
+        pipeline.submit(frame(3), info(3))
+        assert pipeline.wait_idle(60)
+    statuses = [sink.by_frame()[i].status for i in range(4)]
+    assert statuses == ["refocused", "paused", "paused", "refocused"]
+    assert pipeline.stats().paused_frames == 2
+
+
+def test_a_failing_sink_does_not_stop_the_others(tiny_refocuser: Any) -> None:
+    class Broken:
+        def on_frame(self, result: FrameResult) -> None:
+            raise OSError("disk full")
+
+        def close(self) -> None:
+            raise OSError("still full")
+
+    broken: FrameSink = Broken()
+    sink = Recorder()
+    with FramePipeline(tiny_refocuser, [broken, sink], PipelineConfig()) as pipeline:
+        for i in range(3):
+            pipeline.submit(frame(i), info(i))
+        assert pipeline.wait_idle(60)
+    assert len(sink.results) == 3 and sink.closed
+    assert pipeline.stats().sink_errors == 3
+
+
+def test_close_without_drain_skips_what_is_queued(tiny_refocuser: Any) -> None:
+    corrector = GatedCorrector(tiny_refocuser)
+    sink = Recorder()
+    pipeline = FramePipeline(corrector, [sink], PipelineConfig(queue_size=8)).start()
+    pipeline.submit(frame(0), info(0))
+    assert corrector.started.wait(30)
+    for i in range(1, 5):
+        pipeline.submit(frame(i), info(i))
+    threading.Timer(0.5, corrector.gate.set).start()
+    stats = pipeline.close(drain=False, timeout_s=60)
+    assert stats.seen == 5 and stats.refocused == 1 and stats.skipped == 4
+    assert len(sink.results) == 5 and sink.closed
+    pipeline.submit(frame(9), info(9))  # after close: counted, never raises
+    assert pipeline.stats().seen == 6
