@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from acquire_refocus.config import AppConfig, dump_config
 from acquire_refocus.control import ControlServer
 from acquire_refocus.errors import ConfigError, UserError
-from acquire_refocus.focus import FocusController
+from acquire_refocus.focus import FocusController, PycromanagerFocusOffset, estimates_waiter
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FrameCorrector, FramePipeline, FrameSink, PipelineStats
 from acquire_refocus.publishing import Publisher, PublishSink
@@ -240,7 +240,8 @@ class Daemon:
         backend = self.config.acquisition.backend
         summary = RunSummary(run=run_id, output_dir=output_dir, backend=backend, started=utc_now())
         controller = FocusController(self.config.focus) if self.config.focus.mode != "off" else None
-        sinks: list[FrameSink] = []
+        # The focus controller first: the closed loop waits for estimates, never for the network or the disk.
+        sinks: list[FrameSink] = [controller] if controller is not None else []
         if self.publisher is not None:
             self.publisher.run = run_id
             sinks.append(PublishSink(self.publisher))
@@ -251,8 +252,6 @@ class Daemon:
                 frame_shape = (core.getImageHeight(), core.getImageWidth()) if core is not None else None
                 sinks.append(RefocusedStore(output_dir / REFOCUSED_STORE, sequence, frame_shape, pixel_size_um or None))
             sinks.append(FocusLog(output_dir / FOCUS_LOG))
-        if controller is not None:
-            sinks.append(controller)
         if self._extra_sinks is not None:
             sinks.extend(self._extra_sinks())
         pipeline = FramePipeline(self.corrector, sinks, self.config.pipeline)
@@ -260,12 +259,12 @@ class Daemon:
             pipeline.pause()
         with self._lock:
             self._pipeline, self._controller, self._current = pipeline, controller, summary
-        self._write_record(summary, sequence, "running")
         log.info(kv("run_start", run=run_id, backend=backend, engine=self.engine_name,
                     output=output_dir or "not saved", focus=self.config.focus.mode))
         t0 = time.perf_counter()
         pipeline.start()
         try:
+            self._write_record(summary, sequence, "running")
             self._acquire(core, sequence, pipeline, controller, output_dir)
         except UserError as exc:
             summary.error = str(exc)
@@ -320,8 +319,8 @@ class Daemon:
             from acquire_refocus.hooks import pycromanager as pycro
 
             z_offset = None
-            if controller is not None and controller.applies:
-                z_offset = controller.offset_um
+            if controller is not None:  # observe mode plans (and logs) too, and always returns 0
+                z_offset = PycromanagerFocusOffset(controller, sequence, estimates_waiter(controller, pipeline))
             pycro.run_sequence(
                 sequence,
                 pipeline,
@@ -431,6 +430,12 @@ class Daemon:
             self.control.close()
         if self.publisher is not None:
             self.publisher.close()
+        if self._core is not None:
+            try:
+                self._core.unloadAllDevices()  # releases the hardware (or the simulated devices)
+            except Exception as exc:
+                log.warning(kv("unload_devices_failed", error=repr(exc)))
+            self._core = None
         log.info(kv("daemon_closed"))
 
     def __enter__(self) -> Daemon:

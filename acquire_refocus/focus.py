@@ -24,6 +24,7 @@ import logging
 import math
 import statistics
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import useq
 
 from acquire_refocus.config import FocusConfig
 from acquire_refocus.logs import kv
-from acquire_refocus.pipeline import FrameResult
+from acquire_refocus.pipeline import FramePipeline, FrameResult
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _index(event: useq.MDAEvent) -> dict[str, int]:
     return {str(getattr(axis, "value", axis)): int(i) for axis, i in event.index.items()}
 
 
-def _relative_z_um(event: useq.MDAEvent) -> float:
+def relative_z_um(event: useq.MDAEvent) -> float:
     """How far a plane of a relative z-stack lies from the stack's centre (0 without one)."""
     sequence = event.sequence
     z_index = _index(event).get("z")
@@ -77,6 +78,8 @@ class FocusController:
         self._centre_um: dict[int, float] = {}
         self._offset_um: dict[int, float] = {}
         self._last_defocus_um: dict[int, float] = {}
+        self._frames_seen = threading.Condition(self._lock)
+        self.frames = 0  # results seen, usable or not
         self.moves: list[FocusMove] = []
         self.accepted = 0
         self.rejected = 0
@@ -103,6 +106,8 @@ class FocusController:
             and result.confidence >= self.config.min_confidence
         )
         with self._lock:
+            self.frames += 1
+            self._frames_seen.notify_all()
             if not usable:
                 self.rejected += 1
                 return
@@ -110,6 +115,18 @@ class FocusController:
             self._last_defocus_um[position] = result.defocus_um
             window = self._window.setdefault(position, deque(maxlen=self.config.window_frames))
             window.append(float(stage_z_um) - result.defocus_um)  # type: ignore[operator]
+
+    def wait_for_frames(self, count: int, timeout_s: float) -> bool:
+        """Wait until `count` results have reached the controller (the closed loop waits for the estimates of
+        the frames already taken, not for the slower sinks). False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self.frames < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._frames_seen.wait(remaining)
+            return True
 
     def close(self) -> None:
         log.info(kv("focus_summary", mode=self.mode, accepted=self.accepted, rejected=self.rejected,
@@ -177,35 +194,12 @@ class FocusController:
         offset is non-zero. In correct mode, before planning, `wait_for_estimates(estimate_wait_s)` lets the
         pipeline finish the frames already taken, so the move uses the latest estimates.
         """
-        planned_t: dict[int, int] = {}
-        held: dict[int, float] = {}
-        lo, hi = self.config.z_limits_um
+        planner = EventPlanner(self, wait_for_estimates)
         for event in events:
-            index = _index(event)
-            position, t_index = index.get("p", 0), index.get("t", 0)
             nominal = event.z_pos if event.z_pos is not None else start_z_um
-            if planned_t.get(position) != t_index:
-                planned_t[position] = t_index
-                if nominal is not None:
-                    if (
-                        self.applies
-                        and wait_for_estimates is not None
-                        and self.config.estimate_wait_s > 0
-                        and t_index > 0
-                        and not wait_for_estimates(self.config.estimate_wait_s)
-                    ):
-                        log.warning(kv("focus_estimates_late", position=position, t=t_index,
-                                       waited_s=self.config.estimate_wait_s))
-                    held[position] = self.plan(position, nominal - _relative_z_um(event), t_index)
-            offset = held.get(position, 0.0)
-            if self.applies and nominal is not None and (offset != 0.0 or event.z_pos is not None):
-                z_um = nominal + offset
-                if not lo <= z_um <= hi:
-                    log.warning(kv("focus_z_clamped", position=position, t=t_index, requested_um=f"{z_um:.3f}",
-                                   limits_um=f"{lo:g}..{hi:g}"))
-                    z_um = min(hi, max(lo, z_um))
-                if z_um != event.z_pos:
-                    event = event.model_copy(update={"z_pos": z_um})
+            z_um = planner.z_for(_index(event), nominal, relative_z_um(event))
+            if z_um is not None and (z_um != nominal or event.z_pos is not None) and z_um != event.z_pos:
+                event = event.model_copy(update={"z_pos": z_um})
             yield event
 
     def state(self) -> dict[str, Any]:
@@ -220,3 +214,104 @@ class FocusController:
                 "moves": sum(m.applied for m in self.moves),
                 "clamps": self.clamps,
             }
+
+
+def estimates_waiter(controller: FocusController, pipeline: FramePipeline) -> Callable[[float], bool]:
+    """wait(timeout_s): until the controller has the results of every frame submitted so far."""
+    return lambda timeout_s: controller.wait_for_frames(pipeline.stats().seen, timeout_s)
+
+
+class EventPlanner:
+    """Per-event Z for one acquisition: plans each position's offset when its next time point starts, holds it
+    for the rest of that time point, clamps every Z to the soft limits. Used by the pymmcore-plus engine
+    (`FocusController.adjust_events`) and by pycromanager's pre-hardware hook (`PycromanagerFocusOffset`)."""
+
+    def __init__(
+        self, controller: FocusController, wait_for_estimates: Callable[[float], bool] | None = None
+    ) -> None:
+        self._controller = controller
+        self._wait = wait_for_estimates
+        self._planned_t: dict[int, int] = {}
+        self._held: dict[int, float] = {}
+
+    def z_for(self, index: dict[str, int], nominal_z_um: float | None, relative_z_um: float = 0.0) -> float | None:
+        """The Z to send for an event with useq `index` planned at `nominal_z_um` (None: leave Z alone)."""
+        controller, cfg = self._controller, self._controller.config
+        position, t_index = index.get("p", 0), index.get("t", 0)
+        if nominal_z_um is None:
+            return None
+        if self._planned_t.get(position) != t_index:
+            self._planned_t[position] = t_index
+            if (
+                controller.applies
+                and self._wait is not None
+                and cfg.estimate_wait_s > 0
+                and t_index > 0
+                and not self._wait(cfg.estimate_wait_s)
+            ):
+                log.warning(kv("focus_estimates_late", position=position, t=t_index, waited_s=cfg.estimate_wait_s))
+            self._held[position] = controller.plan(position, nominal_z_um - relative_z_um, t_index)
+        if not controller.applies:
+            return nominal_z_um
+        z_um = nominal_z_um + self._held.get(position, 0.0)
+        lo, hi = cfg.z_limits_um
+        if not lo <= z_um <= hi:
+            log.warning(kv("focus_z_clamped", position=position, t=t_index, requested_um=f"{z_um:.3f}",
+                           limits_um=f"{lo:g}..{hi:g}"))
+            z_um = min(hi, max(lo, z_um))
+        return z_um
+
+
+_PYCRO_TO_USEQ = {"time": "t", "position": "p", "z": "z", "channel": "c"}
+
+
+class PycromanagerFocusOffset:
+    """`z_offset_um` for `hooks.pycromanager.run_sequence`: the offset to add to the next event's Z.
+
+    Called with the pycromanager event (a dict, or a list of dicts for a hardware sequence) it plans from that
+    event's axes and Z. Called with no argument (the hook's current calling convention) it walks the
+    MDASequence's events in order, one per call, which holds while pycromanager does not merge events into
+    hardware sequences; that path needs absolute Z in the sequence (positions with z), otherwise the offset
+    stays 0 and a warning says so.
+    """
+
+    def __init__(self, controller: FocusController, sequence: useq.MDASequence,
+                 wait_for_estimates: Callable[[float], bool] | None = None) -> None:
+        self._planner = EventPlanner(controller, wait_for_estimates)
+        self._sequence = sequence
+        self._events = iter(sequence)
+        self._last = 0.0
+        self._warned = False
+
+    def _relative_z_um(self, index: dict[str, int]) -> float:
+        z_plan, z_index = self._sequence.z_plan, index.get("z")
+        if z_plan is None or z_index is None or not z_plan.is_relative:
+            return 0.0
+        planes = list(z_plan)
+        return float(planes[z_index]) if z_index < len(planes) else 0.0
+
+    def __call__(self, event: dict[str, Any] | list[dict[str, Any]] | None = None) -> float:
+        if event is not None:
+            single = event[0] if isinstance(event, list) and event else event
+            single = single if isinstance(single, dict) else {}
+            index = {_PYCRO_TO_USEQ.get(k, k): int(v) for k, v in single.get("axes", {}).items()
+                     if isinstance(v, int)}
+            nominal = float(single["z"]) if single.get("z") is not None else None
+        else:
+            mda_event = next(self._events, None)
+            if mda_event is None:
+                return self._last
+            index = _index(mda_event)
+            position = index.get("p")
+            absolute = (self._sequence.z_plan is None or not self._sequence.z_plan.is_relative or (
+                position is not None and self._sequence.stage_positions
+                and self._sequence.stage_positions[position].z is not None))
+            nominal = mda_event.z_pos if absolute else None
+            if nominal is None and not self._warned:
+                self._warned = True
+                log.warning(kv("focus_correction_unavailable", backend="pycromanager",
+                               reason="the sequence has no absolute Z; give each stage position a z"))
+        z_um = self._planner.z_for(index, nominal, self._relative_z_um(index))
+        if z_um is not None and nominal is not None:
+            self._last = z_um - nominal
+        return self._last

@@ -233,6 +233,9 @@ class FramePipeline:
             self._dispatcher.join(max(1.0, deadline - time.monotonic()))
             if self._dispatcher.is_alive():
                 log.error(kv("pipeline_close_timeout", waited_s=timeout_s, note="a sink is still blocked"))
+        elif self._sinks:  # never started: the sinks still hold open files
+            self._close_sinks()
+            self._sinks = []
         stats = self.stats()
         log.info(kv("pipeline_closed", **{k: v for k, v in stats.as_dict().items() if k != "overflow"}))
         return stats
@@ -442,6 +445,9 @@ class FramePipeline:
             with self._lock:
                 self._counts.delivered += 1
                 self._lock.notify_all()
+        self._close_sinks()
+
+    def _close_sinks(self) -> None:
         for sink in self._sinks:
             try:
                 sink.close()

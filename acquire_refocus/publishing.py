@@ -39,13 +39,15 @@ def _finite_or_none(value: float | None) -> float | None:
 def frame_header(result: FrameResult, topic: str, pixels: np.ndarray | None, run: str = "") -> dict[str, Any]:
     """The JSON header of one message. Non-finite numbers become null."""
     info = result.info
+    shown = pixels if pixels is not None else result.raw  # focus messages describe the raw frame
+    is_array = isinstance(shown, np.ndarray)
     header: dict[str, Any] = {
         "topic": topic,
         "run": run,
         "frame": result.frame,
         "axes": dict(info.axes),
-        "shape": list(pixels.shape) if pixels is not None else list(result.raw.shape),
-        "dtype": str(pixels.dtype) if pixels is not None else str(result.raw.dtype),
+        "shape": list(shown.shape) if is_array else None,
+        "dtype": str(shown.dtype) if is_array else None,
         "stage_z_um": _finite_or_none(info.stage_z_um),
         "stage_xy_um": list(info.stage_xy_um) if info.stage_xy_um is not None else None,
         "pixel_size_um": _finite_or_none(info.pixel_size_um),
@@ -110,8 +112,9 @@ class Publisher:
 
     def publish(self, result: FrameResult) -> None:
         """Send raw (when configured), refocused (when there is one) and focus messages for one result."""
-        if self._config.publish_raw:
-            self._send(TOPIC_RAW, result, np.ascontiguousarray(result.raw))
+        raw = result.raw
+        if self._config.publish_raw and isinstance(raw, np.ndarray) and raw.dtype.kind in "uif":
+            self._send(TOPIC_RAW, result, np.ascontiguousarray(raw))
         if result.image is not None:
             self._send(TOPIC_REFOCUSED, result, np.ascontiguousarray(result.image))
         self._send(TOPIC_FOCUS, result, None)

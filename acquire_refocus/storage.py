@@ -24,6 +24,7 @@ import math
 import os
 import platform
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +79,15 @@ def stream_settings(
     one chunk per frame, no sharding; an unbounded time axis when there is no sequence."""
     from ome_writers import AcquisitionSettings, Dimension, useq_to_acquisition_settings
 
-    layout: Mapping[str, Any]
+    layout: Mapping[str, Any] | None = None
     if sequence is not None:
-        layout = useq_to_acquisition_settings(
-            sequence, image_width=width_px, image_height=height_px, pixel_size_um=pixel_size_um
-        )
-    else:
+        try:
+            layout = useq_to_acquisition_settings(
+                sequence, image_width=width_px, image_height=height_px, pixel_size_um=pixel_size_um
+            )
+        except NotImplementedError as exc:  # as pymmcore-plus does for its raw store: frames in acquisition order
+            log.warning(kv("store_layout_fallback", path=path, reason=str(exc), layout="t,y,x"))
+    if layout is None:
         layout = {
             "dimensions": [
                 Dimension(name="t", count=None, chunk_size=1, type="time"),
@@ -107,6 +111,24 @@ def raw_store_settings(
 ) -> Any:
     """Settings for the raw store written by pymmcore-plus (`mda.run(seq, output=settings)`)."""
     return stream_settings(path, sequence, height_px, width_px, dtype, pixel_size_um)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    axes: dict[str, int]
+    image: np.ndarray | None  # the refocused frame, or None: leave the plane empty
+    shape: tuple[int, ...] | None  # the raw frame's (height, width); None when it has no usable shape
+    frame: int
+
+
+def _frame_count(settings: Any) -> int | None:
+    """Frames a bounded layout holds (None when a dimension is unbounded)."""
+    count = 1
+    for dim in settings.dimensions[:-2]:
+        if dim.count is None:
+            return None
+        count *= dim.count
+    return count
 
 
 class RefocusedStore:
@@ -135,7 +157,7 @@ class RefocusedStore:
         self._stream: Any = None
         self._next_frame = 0  # next pipeline frame index to place
         self._next_slot = 0  # next position in the store's acquisition order
-        self._pending: dict[int, FrameResult] = {}
+        self._pending: dict[int, _Placement] = {}
         self.frames_written = 0
         self.frames_empty = 0
         if frame_shape is not None:
@@ -147,32 +169,38 @@ class RefocusedStore:
         settings = stream_settings(
             self.path, self._sequence, frame_shape[0], frame_shape[1], "float32", self._pixel_size_um
         )
+        if self._order is not None and len(self._order) != _frame_count(settings):
+            self._order = None  # a fallback layout: place frames in acquisition order
         self._stream = create_stream(settings)
         log.info(kv("refocused_store_created", path=self.path, frame_px=f"{frame_shape[1]}x{frame_shape[0]}"))
 
     def on_frame(self, result: FrameResult) -> None:
-        self._pending[result.frame] = result
+        raw = result.raw
+        shape = tuple(raw.shape) if isinstance(raw, np.ndarray) and raw.ndim == 2 else None
+        image = result.image if result.image is not None and shape is not None and result.image.shape == shape else None
+        # keep only what placing needs: waiting frames must not hold raw pixels in memory
+        self._pending[result.frame] = _Placement(dict(result.info.axes), image, shape, result.frame)
         while self._next_frame in self._pending:
             self._place(self._pending.pop(self._next_frame))
             self._next_frame += 1
 
-    def _place(self, result: FrameResult) -> None:
+    def _place(self, item: _Placement) -> None:
         if self._stream is None:
-            if result.raw.ndim != 2:
+            if item.shape is None:
                 return  # nothing with this shape can be stored; the focus log has the frame
-            self._open((int(result.raw.shape[0]), int(result.raw.shape[1])))
+            self._open((int(item.shape[0]), int(item.shape[1])))
         slot = self._next_slot
         if self._order is not None:
-            slot = self._order.get(_axes_key(result.info.axes), -1)
+            slot = self._order.get(_axes_key(item.axes), -1)
             if slot < self._next_slot:
-                log.warning(kv("refocused_frame_not_placed", frame=result.frame, axes=result.info.axes,
+                log.warning(kv("refocused_frame_not_placed", frame=item.frame, axes=item.axes,
                                reason="index not in the sequence, or out of order"))
                 return
             if slot > self._next_slot:
                 self._stream.skip(frames=slot - self._next_slot)
                 self.frames_empty += slot - self._next_slot
-        if result.image is not None and result.image.shape == result.raw.shape:
-            self._stream.append(np.ascontiguousarray(result.image, dtype=np.float32))
+        if item.image is not None:
+            self._stream.append(np.ascontiguousarray(item.image, dtype=np.float32))
             self.frames_written += 1
         else:
             self._stream.skip(frames=1)

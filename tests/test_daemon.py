@@ -220,3 +220,90 @@ def test_run_command_rejects_a_bad_sequence_file(capsys: pytest.CaptureFixture[s
     assert cli_main(["run", str(bad), "--address", free_tcp_address(), "--timeout", "0.3"]) == 2
     err = capsys.readouterr().err
     assert "not a valid useq-schema MDASequence" in err and str(bad) in err
+
+
+def test_pymmcore_plus_backend_on_micro_manager_demo_devices(
+    tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path
+) -> None:
+    """A real Micro-Manager configuration (the DemoCamera devices of mm-test-adapters) in a CMMCorePlus, closed
+    loop on: raw data with the sequence's axes, z-stacks shifted as a whole between time points."""
+    from mm_test_adapters import device_adapter_path
+
+    adapters = Path(device_adapter_path())
+    sequence = {"time_plan": {"interval": 0, "loops": 3}, "z_plan": {"range": 2, "step": 2}, "axis_order": "tz",
+                "channels": [{"group": "Channel", "config": "DAPI", "exposure": 5}]}
+    config = daemon_config(
+        tiny_weights,
+        focus={"mode": "correct", "z_limits_um": [-50, 50], "dead_band_um": 0.0, "min_confidence": 0.0},
+        acquisition={"backend": "pymmcore-plus", "mm_config_file": str(adapters / "MMConfig_demo.cfg"),
+                     "mm_app_path": str(adapters), "sequence": sequence},
+    )
+    with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
+        daemon.acquisition_core().setROI(0, 0, 128, 128)
+        summary = daemon.run(useq.MDASequence(**sequence), tmp_path)
+    assert summary.counts()["seen"] == 6 and not summary.error
+    raw = open_stores(tmp_path)["raw"]
+    assert {k: v.shape for k, v in raw.items()} == {"0": (3, 2, 128, 128)}
+    assert open_stores(tmp_path)["refocused"]["0"].shape == (3, 2, 128, 128)
+    rows = read_focus_log(tmp_path / "focus.csv")
+    assert len(rows) == 6
+    z = {(r["axes"]["t"], r["axes"]["z"]): r["stage_z_um"] for r in rows}
+    for t in range(3):
+        assert z[(t, 1)] - z[(t, 0)] == pytest.approx(2.0)  # the stack keeps its shape
+    assert all(-50 <= v <= 50 for v in z.values())
+    assert summary.focus["moves"] >= 1  # the untrained network is never exactly in focus: the loop moved Z
+
+
+def test_closed_loop_moves_between_time_points_of_a_single_position(
+    tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path
+) -> None:
+    """One position, no interval: pymmcore-plus would merge the whole time-lapse into one hardware sequence.
+    The focus engine keeps time points apart, so Z can change at each, and waits for the estimates."""
+    config = daemon_config(tiny_weights, focus={"mode": "correct", "min_confidence": 0.0, "dead_band_um": 0.0},
+                           publishing={"enabled": False})
+    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 6}, stage_positions=[(0, 0, 100)])
+    with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser, control=False) as daemon:
+        summary = daemon.run(sequence, tmp_path)
+    counts = summary.counts()
+    assert counts["refocused"] == 6 and counts["skipped"] == 0  # waited for each estimate: nothing piled up
+    rows = sorted(read_focus_log(tmp_path / "focus.csv"), key=lambda r: r["frame"])
+    z = [r["stage_z_um"] for r in rows]
+    # the untrained network reports a steady defocus, so the loop steps Z at every time point after the first
+    assert z[0] == pytest.approx(100.0) and len(set(z)) == 6
+    assert summary.focus["moves"] == 5
+
+
+def test_bad_frames_pass_every_sink_raw(tmp_path: Path, tiny_refocuser: Any) -> None:
+    """NaN, 3-D and non-array frames next to good ones: counted as failed, published raw when they are arrays,
+    logged in focus.csv, left empty in the refocused store; no sink fails."""
+    import time
+
+    from acquire_refocus.config import FocusConfig, PipelineConfig, PublishingConfig
+    from acquire_refocus.focus import FocusController
+    from acquire_refocus.pipeline import FrameInfo, FramePipeline
+    from acquire_refocus.publishing import Publisher, PublishSink
+    from acquire_refocus.storage import FocusLog, RefocusedStore
+
+    good = np.full((128, 128), 500, np.uint16)
+    frames = [good, np.full((128, 128), np.nan, np.float32), np.ones((2, 128, 128), np.uint16), None, good]
+    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": len(frames)})
+    publisher = Publisher(PublishingConfig(pub_address=free_tcp_address()))
+    collector = Collector(publisher.address, expected=4 + 2 + 5)  # raw: 4 arrays; refocused: 2; focus: 5
+    collector.thread.start()
+    time.sleep(1.0)  # let the subscription reach the publisher (loopback: milliseconds)
+    sinks = [FocusController(FocusConfig(mode="observe")), PublishSink(publisher),
+             RefocusedStore(tmp_path / "refocused.ome.zarr", sequence, (128, 128)), FocusLog(tmp_path / "focus.csv")]
+    try:
+        with FramePipeline(tiny_refocuser, sinks, PipelineConfig()) as pipeline:
+            for t, frame in enumerate(frames):
+                pipeline.submit(frame, FrameInfo({"t": t}, 100.0, (0.0, 0.0), time.time(), 0.325))
+        collector.thread.join(60)
+    finally:
+        publisher.close()
+    stats = pipeline.stats()
+    assert (stats.refocused, stats.failed, stats.sink_errors) == (2, 3, 0)
+    rows = sorted(read_focus_log(tmp_path / "focus.csv"), key=lambda r: r["frame"])
+    assert [r["status"] for r in rows] == ["refocused", "failed", "failed", "failed", "refocused"]
+    assert collector.topics() == {"raw": 4, "refocused": 2, "focus": 5}
+    refocused = open_stores(tmp_path)["refocused"]["0"]
+    assert [bool(np.any(refocused[t])) for t in range(5)] == [True, False, False, False, True]

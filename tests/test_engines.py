@@ -6,6 +6,7 @@ residual image - input, the part the network computes; the input itself would di
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ def small_network(seed: int = 0) -> torch.nn.Module:
     # Non-trivial batch-norm statistics, so the network is not close to its initial identity-like state.
     for module in network.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 2.0)
     return network
@@ -87,7 +89,7 @@ def engine_config(cache_dir: Path, backend: str = "auto", **changes: object) -> 
         max_batch=4, tile_overlap_px=16, num_threads=1,
     )
     values.update(changes)
-    return EngineConfig(**values)
+    return EngineConfig.model_validate(values)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +160,6 @@ def test_tiled_frame_matches_untiled(loaded: Loaded, cache_dir: Path, engine_log
     whole = TorchEngine(loaded.network, engine_config(cache_dir, max_size_px=256, opt_size_px=256))
     tiled_engine = TorchEngine(loaded.network, engine_config(cache_dir, max_size_px=96, tile_overlap_px=32))
     reference, reference_defocus_um, _ = infer_frame(whole, frame)
-    engine_log.set_level(logging.DEBUG, logger="acquire_refocus")
     image, defocus_um, log_sigma_um = infer_frame(tiled_engine, frame)
     assert "event=tiling" in engine_log.text
     assert image.shape == frame.shape
@@ -211,9 +212,9 @@ class MemoryLimitedEngine:
 
     def __init__(self, inner: Engine, budget_px: int) -> None:
         self.inner, self.budget_px = inner, budget_px
-        for name in ("name", "precision", "device", "min_size_px", "max_size_px", "max_batch", "stride",
-                     "tile_overlap_px"):
-            setattr(self, name, getattr(inner, name))
+        self.name, self.precision, self.device = inner.name, inner.precision, inner.device
+        self.min_size_px, self.max_size_px, self.max_batch = inner.min_size_px, inner.max_size_px, inner.max_batch
+        self.stride, self.tile_overlap_px = inner.stride, inner.tile_overlap_px
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if batch.size > self.budget_px:
@@ -264,8 +265,6 @@ def test_corrupt_onnx_cache_is_rebuilt(loaded: Loaded, tmp_path: Path, engine_lo
     path.write_bytes(b"\x08\x07garbage")
     sidecar = path.with_name(path.name + ".json")
     record = json.loads(sidecar.read_text())
-    import hashlib
-
     record["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     sidecar.write_text(json.dumps(record))
     engine = create_engine(loaded, config)

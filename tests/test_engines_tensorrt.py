@@ -71,8 +71,10 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def trt_config(cache_dir: Path, precision: str = "fp16") -> EngineConfig:
-    return EngineConfig(backend="tensorrt", precision=precision, cache_dir=cache_dir, min_size_px=64,
-                        opt_size_px=256, max_size_px=512, max_batch=2, tile_overlap_px=64)
+    return EngineConfig.model_validate(dict(
+        backend="tensorrt", precision=precision, cache_dir=cache_dir, min_size_px=64, opt_size_px=256,
+        max_size_px=512, max_batch=2, tile_overlap_px=64,
+    ))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,9 @@ def engine_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFi
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 @pytest.mark.parametrize("shape", [(2, 1, 256, 256), (1, 1, 512, 384), (1, 1, 64, 64)])
-def test_fp16_engine_matches_pytorch_fp32(fp16_engine: Any, loaded: Any, cache_dir: Path, shape: tuple[int, ...]) -> None:
+def test_fp16_engine_matches_pytorch_fp32(
+    fp16_engine: Any, loaded: Any, cache_dir: Path, shape: tuple[int, ...]
+) -> None:
     reference = TorchEngine(loaded.network, trt_config(cache_dir, "fp32"), device="cpu")  # true FP32, no TF32
     batch = frames(shape, seed=sum(shape))
     expected_images, expected_focus = reference.run(batch)
@@ -115,7 +119,8 @@ def test_engine_is_saved_named_and_reloaded(fp16_engine: Any, loaded: Any, cache
     from acquire_refocus.engines.tensorrt_engine import gpu_label, tensorrt_version
 
     expected = engine_path(cache_dir, loaded.sha256, gpu_label(), tensorrt_version(), "fp16")
-    assert fp16_engine.path == expected and expected.is_file() and expected.with_suffix(".json").is_file()
+    assert fp16_engine.path == expected and expected.is_file()
+    assert expected.with_name(expected.name + ".json").is_file()
     again = create_engine(loaded, trt_config(cache_dir))
     assert again.name == "tensorrt"
     assert "event=tensorrt_engine_loaded" in engine_log.text and "event=tensorrt_engine_built" not in engine_log.text
@@ -130,7 +135,7 @@ def test_stale_and_corrupt_engines_are_rebuilt(fp16_engine: Any, loaded: Any, tm
     # An engine from another GPU lies beside: it is named as such, never loaded, and the right one is built.
     stale = engine_path(tmp_path, loaded.sha256, "Some-Other-GPU", "8.6.1", "fp16")
     stale.write_bytes(b"an engine for another GPU")
-    engine = create_engine(loaded, trt_config(tmp_path))
+    engine: Any = create_engine(loaded, trt_config(tmp_path))  # a TensorRTEngine, with .path
     assert engine.name == "tensorrt" and engine.path != stale
     assert "event=tensorrt_engines_ignored" in engine_log.text and stale.name in engine_log.text
     assert "event=tensorrt_engine_built" in engine_log.text

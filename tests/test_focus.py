@@ -16,6 +16,8 @@ from acquire_refocus.config import FocusConfig
 from acquire_refocus.focus import FocusController
 from acquire_refocus.pipeline import FrameInfo, FrameResult
 
+pytestmark = pytest.mark.timeout(60)
+
 RAW = np.zeros((64, 64), np.uint16)
 
 
@@ -142,3 +144,22 @@ def test_closed_loop_tracks_synthetic_drift() -> None:
     rms = math.sqrt(np.mean(np.square(errors)))
     uncorrected = math.sqrt(np.mean([(100.0 - focus(t)) ** 2 for t in range(30)]))
     assert rms < 1.0 < uncorrected
+
+
+def test_pycromanager_offsets_follow_the_sequence() -> None:
+    """The pre-hardware hook's offsets: planned once per position and time point, from the event or in order."""
+    from acquire_refocus.focus import PycromanagerFocusOffset
+
+    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 2}, stage_positions=[(0, 0, 100)],
+                                z_plan={"range": 2, "step": 2}, axis_order="tpz")
+    c = controller()
+    in_order = PycromanagerFocusOffset(c, sequence)
+    assert [in_order(), in_order()] == [0.0, 0.0]  # t0: no estimate yet
+    c.on_frame(result(1.5, stage_z_um=99.0))  # focus at 97.5
+    assert [in_order(), in_order()] == pytest.approx([-2.5, -2.5])  # t1: the whole stack moves
+    c2 = controller()
+    from_events = PycromanagerFocusOffset(c2, sequence)
+    assert from_events({"axes": {"time": 0, "position": 0, "z": 0}, "z": 99.0}) == 0.0
+    c2.on_frame(result(1.5, stage_z_um=99.0))
+    assert from_events({"axes": {"time": 0, "position": 0, "z": 1}, "z": 101.0}) == 0.0  # same stack: held
+    assert from_events([{"axes": {"time": 1, "position": 0, "z": 0}, "z": 99.0}]) == pytest.approx(-2.5)

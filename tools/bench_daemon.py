@@ -4,8 +4,9 @@ Three records per frame size (square uint16 frames), in the shape tools/benchmar
 
 * engine "hook": the acquisition thread's cost per frame, `PymmcorePlusHook.frameReady` (FrameInfo + enqueue)
   into a running pipeline. Target <= 1 ms at 2048 x 2048, so the acquisition keeps >= 95 % of its speed.
-* engine "zmq-publish": raw frames through `Publisher` to a `Subscriber` on loopback TCP, the subscriber in
-  another process; extra "gb_per_s" (pixel bytes the subscriber received per second). Target >= 1 GB/s.
+* engine "zmq-publish": raw frames through `Publisher` to a `Subscriber` on loopback TCP (and ipc://), the
+  subscriber in another process; extra "gb_per_s" (pixel bytes the subscriber received per second) and
+  "transport". Target >= 1 GB/s.
 * engine "daemon-overhead": per frame, from `submit` until every sink (publisher with a subscriber, refocused
   OME-Zarr store, focus log, focus controller) is done, minus the time inside the engine, which is a
   pass-through here. Target p99 <= 5 ms at 2048 x 2048.
@@ -102,21 +103,20 @@ from acquire_refocus.client import Subscriber
 address, expected, frame_bytes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 with Subscriber(address, topics=("raw",), timeout_s=10.0, high_water_mark=10_000) as sub:
     print("ready", flush=True)
-    received, t_first, t_last = 0, None, None
+    received, t_last = 0, None
     while received < expected:
         message = sub.receive()
         if message is None:
             break
         if message[1] is None or message[1].nbytes != frame_bytes:
             continue  # a join probe
-        t_last = time.perf_counter()
-        t_first = t_first or t_last
+        t_last = time.time()
         received += 1
-print(json.dumps({"received": received}), flush=True)
+print(json.dumps({"received": received, "t_last": t_last}), flush=True)
 """
 
 
-def bench_publish(size: int, repeats: int) -> dict[str, Any]:
+def bench_publish(size: int, repeats: int, address: str = "tcp://127.0.0.1:*") -> dict[str, Any]:
     """Raw frames, publisher in this process, subscriber in another process (as a viewer would be).
 
     Throughput = pixel bytes the subscriber received / time from the first send to its last receive."""
@@ -124,9 +124,9 @@ def bench_publish(size: int, repeats: int) -> dict[str, Any]:
 
     from acquire_refocus.publishing import Publisher
 
-    frames_n = max(repeats, 20)
     raw = np.random.default_rng(0).integers(0, 4000, (size, size), dtype=np.uint16)
-    publisher = Publisher(PublishingConfig(pub_address="tcp://127.0.0.1:*", high_water_mark=10_000))
+    frames_n = max(repeats, min(5000, -(-400_000_000 // raw.nbytes)))  # ~400 MB: start-up costs do not count
+    publisher = Publisher(PublishingConfig(pub_address=address, high_water_mark=10_000))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen(
         [sys.executable, "-c", _SUBSCRIBER, publisher.address, str(frames_n), str(raw.nbytes)],
@@ -141,14 +141,15 @@ def bench_publish(size: int, repeats: int) -> dict[str, Any]:
             publisher.publish(probe)
             time.sleep(0.05)
         times = []
-        t0 = time.perf_counter()
+        t0 = time.time()  # the wall clock: the subscriber's last receive is timed in another process
         for i in range(frames_n):
             t = time.perf_counter()
             publisher.publish(FrameResult(frame=i, raw=raw, info=info, status="paused"))
             times.append((time.perf_counter() - t) * 1000.0)
         out, _ = proc.communicate(timeout=120)
-        wall_s = time.perf_counter() - t0
-        received = json.loads(out.strip().splitlines()[-1])["received"]
+        report = json.loads(out.strip().splitlines()[-1])
+        received = report["received"]
+        wall_s = (report["t_last"] - t0) if report["t_last"] else float("nan")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -156,7 +157,8 @@ def bench_publish(size: int, repeats: int) -> dict[str, Any]:
         publisher.close()
     gb_per_s = received * raw.nbytes / wall_s / 1e9
     return _record("zmq-publish", size, times, gb_per_s=round(gb_per_s, 3), frames_received=received,
-                   frames_sent=frames_n, target_gb_per_s=1.0, transport="tcp loopback, subscriber in another process")
+                   frames_sent=frames_n, target_gb_per_s=1.0,
+                   transport=f"{address.split(':')[0]} (loopback), subscriber in another process")
 
 
 class _DoneSink:
@@ -176,8 +178,8 @@ class _DoneSink:
         """Nothing to release."""
 
 
-def bench_overhead(size: int, repeats: int) -> dict[str, Any]:
-    """submit -> all sinks done, minus engine time; one frame at a time (latency, not throughput)."""
+def _overhead_ms(size: int, repeats: int, with_store: bool) -> tuple[list[float], list[float]]:
+    """(overhead per frame, engine time per frame), one frame at a time (latency, not throughput)."""
     import useq
 
     from acquire_refocus.client import Subscriber
@@ -200,8 +202,10 @@ def bench_overhead(size: int, repeats: int) -> dict[str, Any]:
         drainer = threading.Thread(target=drain, daemon=True)
         drainer.start()
         done = _DoneSink()
-        sinks = [PublishSink(publisher), RefocusedStore(Path(tmp) / "r.ome.zarr", sequence, (size, size), 0.325),
-                 FocusLog(Path(tmp) / "focus.csv"), FocusController(FocusConfig(mode="observe")), done]
+        sinks: list[Any] = [FocusController(FocusConfig(mode="observe")), PublishSink(publisher)]
+        if with_store:
+            sinks.append(RefocusedStore(Path(tmp) / "r.ome.zarr", sequence, (size, size), 0.325))
+        sinks += [FocusLog(Path(tmp) / "focus.csv"), done]
         pipeline = FramePipeline(PassThrough(), sinks, PipelineConfig(queue_size=8)).start()
         submitted: dict[int, float] = {}
         try:
@@ -216,10 +220,21 @@ def bench_overhead(size: int, repeats: int) -> dict[str, Any]:
             drainer.join(5)
             sub.close()
             publisher.close()
-    overhead = [(done.done[i] - submitted[i]) * 1000.0 - done.engine_ms[i] for i in range(5, n) if i in done.done]
+    frames = [i for i in range(5, n) if i in done.done]
+    return ([(done.done[i] - submitted[i]) * 1000.0 - done.engine_ms[i] for i in frames],
+            [done.engine_ms[i] for i in frames])
+
+
+def bench_overhead(size: int, repeats: int) -> dict[str, Any]:
+    """submit -> all sinks done, minus engine time. Also measured without the refocused store (extra fields
+    "no_store_*"): writing float32 frames to disk is the costly sink when CPU cores are scarce."""
+    overhead, engine_ms = _overhead_ms(size, repeats, with_store=True)
+    no_store, _ = _overhead_ms(size, repeats, with_store=False)
     return _record("daemon-overhead", size, overhead, target_p99_ms=5.0,
-                   engine_ms_p50=round(float(np.median([done.engine_ms[i] for i in done.engine_ms])), 3),
-                   sinks="publisher+subscriber,refocused-ome-zarr,focus-csv,focus-controller")
+                   engine_ms_p50=round(float(np.median(engine_ms)), 3),
+                   no_store_p50_ms=round(float(np.percentile(no_store, 50)), 4),
+                   no_store_p99_ms=round(float(np.percentile(no_store, 99)), 4),
+                   sinks="focus-controller,publisher+subscriber,refocused-ome-zarr,focus-csv")
 
 
 def daemon_records(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
@@ -228,6 +243,9 @@ def daemon_records(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
     for size in sizes:
         records.append(bench_hook(size, repeats))
         records.append(bench_publish(size, repeats))
+        if sys.platform != "win32":  # a viewer on the acquisition PC itself can use ipc://
+            with tempfile.TemporaryDirectory() as tmp:
+                records.append(bench_publish(size, repeats, f"ipc://{tmp}/publish.ipc"))
         records.append(bench_overhead(size, repeats))
     return records
 

@@ -9,12 +9,16 @@ Run through `acquire-refocus benchmark` (which loads this file by path). Output:
 The machine description (CPU model, cores, GPU, library versions) goes into every record under "machine",
 so that each record stands alone when records from several machines are merged; the top level stays a list.
 
+Memory: `peak_rss_mb` is the whole process's peak resident memory during the untimed first (warm-up) call (all engines built
+so far included); `rss_increase_mb` is how far that call pushed it above the resident memory just before (what
+this engine, size and batch need beyond what is already held).
+
 Fairness on a shared machine: all engines are built and warmed up first, then timed round-robin, one call
 each per round, the starting engine rotating every round. Load from other processes then hits every engine
 alike, and each record's `round_start_s` (seconds since the first round of its size and batch) shows the
-interleaving. Peak host memory is the process's peak RSS (Linux VmHWM, reset per measurement through
-/proc/self/clear_refs where the kernel allows it) during one untimed call; GPU memory is
-torch.cuda.max_memory_allocated (PyTorch and TensorRT engines; ONNX Runtime's CUDA arena is not visible to it).
+interleaving. Peak RSS is Linux VmHWM, reset before each measurement through /proc/self/clear_refs where the
+kernel allows it; GPU memory is torch.cuda.max_memory_allocated (PyTorch and TensorRT engines; ONNX Runtime's
+CUDA arena is not visible to it).
 """
 
 from __future__ import annotations
@@ -99,20 +103,28 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_mb() -> float:
+def _status_mb(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
-    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+    return None
+
+
+def _peak_rss_mb() -> float:
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return max_rss / (1024.0 * 1024.0) if sys.platform == "darwin" else max_rss / 1024.0
 
 
 def _measure_memory(engine: Engine, batch: np.ndarray) -> dict[str, float | None]:
     import torch
 
+    before_mb = _status_mb("VmRSS")
     reset = _reset_peak_rss()
     on_gpu = engine.device.startswith("cuda")
     if on_gpu:
@@ -120,8 +132,13 @@ def _measure_memory(engine: Engine, batch: np.ndarray) -> dict[str, float | None
         torch.cuda.reset_peak_memory_stats()
     engine.run(batch)
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
-    return {"peak_rss_mb": round(_peak_rss_mb(), 1), "peak_rss_is_process_lifetime": not reset,
-            "peak_gpu_mb": None if gpu_mb is None else round(gpu_mb, 1)}
+    peak_mb = _peak_rss_mb()
+    return {
+        "peak_rss_mb": round(peak_mb, 1),  # the whole process (all engines built so far) during this call
+        "rss_increase_mb": None if before_mb is None or not reset else round(peak_mb - before_mb, 1),
+        "peak_rss_is_process_lifetime": not reset,
+        "peak_gpu_mb": None if gpu_mb is None else round(gpu_mb, 1),
+    }
 
 
 # ------------------------------------------------------------------------------------------------- timing
@@ -146,25 +163,24 @@ def _frames(batch: int, size: int) -> np.ndarray:
 
 def engine_records(
     loaded: ModelSource,
-    base_config: EngineConfig,
+    config: EngineConfig,
     engine_names: Sequence[str],
     sizes: Sequence[int],
     repeats: int,
     batches: Sequence[int] | None = None,
     model_label: str = "",
 ) -> list[dict[str, Any]]:
-    """Time each engine at each size and batch, interleaved round-robin; one record per (engine, size, batch)."""
-    largest = max(sizes)
-    config = base_config.model_copy(update={
-        "max_size_px": max(base_config.max_size_px, largest),
-        "opt_size_px": max(base_config.opt_size_px, min(largest, 2048)),
-        "max_batch": max([base_config.max_batch, *(batches or ())]),
-    })
+    """Time each engine at each size and batch, interleaved round-robin; one record per (engine, size, batch).
+
+    Engines are built with the config's engine section unchanged (size range, max_batch), so the files they
+    cache are the ones the daemon uses; sizes beyond engine.max_size_px are refused by run_benchmark.
+    """
     engines: list[Engine] = []
     for name in engine_names:
         engine = create_engine(loaded, config.model_copy(update={"backend": name}))
         if engine.name != name:
-            log.warning(kv("benchmark_engine_skipped", engine=name, reason=f"could not be built; fell back to {engine.name}"))
+            log.warning(kv("benchmark_engine_skipped", engine=name,
+                           reason=f"could not be built; fell back to {engine.name}"))
             continue
         engines.append(engine)
     records: list[dict[str, Any]] = []
@@ -172,10 +188,11 @@ def engine_records(
         plan = {id(e): _batches_for(e, size, batches) for e in engines}
         for batch in sorted({b for bs in plan.values() for b in bs}):
             active = [e for e in engines if batch in plan[id(e)]]
+            log.info(kv("benchmark_measuring", size=size, batch=batch, repeats=repeats,
+                        engines=",".join(e.name for e in active)))
             frames = _frames(batch, size)
             memory = {}
-            for engine in active:  # warm-up (first-call allocations, lazy initialisation) and memory
-                engine.run(frames)
+            for engine in active:  # the untimed first call: warm-up (lazy initialisation) and memory
                 memory[id(engine)] = _measure_memory(engine, frames)
             samples: dict[int, list[float]] = {id(e): [] for e in active}
             starts: dict[int, list[float]] = {id(e): [] for e in active}
@@ -245,7 +262,10 @@ def _load_tool(name: str) -> ModuleType | None:
 
 def part_records(part: str, sizes: list[int], repeats: int) -> tuple[list[dict[str, Any]], str | None]:
     """Records from tools/bench_sim.py or tools/bench_daemon.py, or ([], why they are absent)."""
-    tool, function = {"simulator": ("bench_sim", "simulator_records"), "daemon": ("bench_daemon", "daemon_records")}[part]
+    tool, function = {
+        "simulator": ("bench_sim", "simulator_records"),
+        "daemon": ("bench_daemon", "daemon_records"),
+    }[part]
     try:
         module = _load_tool(tool)
         if module is None:
@@ -264,7 +284,7 @@ def part_records(part: str, sizes: list[int], repeats: int) -> tuple[list[dict[s
 
 # ------------------------------------------------------------------------------------------------- output
 _COLUMNS = ("kind", "engine", "precision", "device", "size", "batch", "p50_ms", "p99_ms", "fps",
-            "meets_camera_rate", "speedup_vs_torch", "peak_rss_mb", "peak_gpu_mb")
+            "meets_camera_rate", "speedup_vs_torch", "peak_rss_mb", "rss_increase_mb", "peak_gpu_mb")
 
 
 def format_table(records: list[dict[str, Any]], machine: dict[str, Any], notes: list[str]) -> str:
@@ -319,6 +339,15 @@ def run_benchmark(
         bad = [size for size in sizes if size < 1 or size % stride]
         if bad:
             raise UserError(f"--sizes: {bad} are not multiples of the network stride ({stride} px)")
+        too_large = [size for size in sizes if size > engine_config.max_size_px]
+        if too_large:
+            raise UserError(
+                f"--sizes: {too_large} exceed engine.max_size_px ({engine_config.max_size_px}); engines would tile "
+                "them. Raise engine.max_size_px in the config to measure such frames whole."
+            )
+        if batches is not None and max(batches) > engine_config.max_batch:
+            raise UserError(f"--batches: {max(batches)} exceeds engine.max_batch ({engine_config.max_batch}); "
+                            "raise it in the config")
         availability = backend_availability()
         if engines is None:
             engines = [name for name in BACKENDS if availability[name] is None]
@@ -332,7 +361,8 @@ def run_benchmark(
             engines = [name for name in engines if availability[name] is None]
         records += engine_records(loaded, engine_config, engines, sizes, repeats, batches, model_label)
         measured = {r["engine"] for r in records}
-        notes += [f"{name} not measured: it could not be built (see the log)" for name in engines if name not in measured]
+        notes += [f"{name} not measured: it could not be built (see the log)"
+                  for name in engines if name not in measured]
     for part in ("simulator", "daemon"):
         if part in parts:
             extra, why_not = part_records(part, sizes, repeats)

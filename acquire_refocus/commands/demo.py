@@ -102,7 +102,7 @@ def _free_address(address: str) -> str:
         probe.close(linger=0)
 
 
-class _Truth:
+class FocusTruth:
     """frameReady listener recording, per frame, the simulator's true in-focus Z at that frame's instant."""
 
     def __init__(self, scope: Any, time_per_frame_s: float | None, nominal_z_um: dict[int, float]) -> None:
@@ -130,7 +130,7 @@ def _rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values)) if values else math.nan
 
 
-def _plot(path: Path, truth: _Truth, estimates: list[dict], title: str) -> None:
+def _plot(path: Path, truth: FocusTruth, estimates: list[dict], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
             listener.start()
             listening.wait(5.0)
         core = daemon.acquisition_core()
-        truth = _Truth(daemon.scope, config.simulator.time_per_frame_s, nominal)
+        truth = FocusTruth(daemon.scope, config.simulator.time_per_frame_s, nominal)
         core.mda.events.frameReady.connect(truth.frameReady)
         try:
             summary = daemon.run(sequence, output)

@@ -86,7 +86,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Let `write` fill a temporary file beside `path`, then rename it into place.
 
     A crash or a concurrent reader never sees a half-written engine file: the rename is atomic on POSIX

@@ -15,7 +15,7 @@ models"; and py/torch_tensorrt/_compile.py `compile`/`save`/`load` in pytorch/Te
   dynamic shapes from the Input objects and writes an ExportedProgram (.ep); `torch_tensorrt.load(path)`
   returns the ExportedProgram, `.module()` the callable.
 
-Files (see trt_engines/README.md): `<sha256[:12]>_<gpu>_trt<version>_<precision>.ep` plus a `.json` sidecar
+Files (see trt_engines/README.md): `<sha256[:12]>_<gpu>_trt<version>_<precision>.ep` plus an `.ep.json` sidecar
 with the file checksum and the compiled shape range. A different model, GPU, TensorRT version or precision is
 a different name, so a stale engine is never loaded; a range mismatch, a checksum mismatch or a load failure
 rebuilds in place. Nothing here can run without an NVIDIA GPU; the tests marked `gpu` exercise it.
@@ -96,7 +96,7 @@ def engine_path(cache_dir: Path, model_sha256: str, gpu: str, trt_version: str, 
 
 
 def _sidecar(path: Path) -> Path:
-    return path.with_suffix(".json")
+    return path.with_name(path.name + ".json")
 
 
 class TensorRTEngine:
@@ -113,7 +113,7 @@ class TensorRTEngine:
         self.opt_size_px = min(self.max_size_px, max(self.min_size_px, config.opt_size_px // self.stride * self.stride))
         self.max_batch = config.max_batch
         self.tile_overlap_px = config.tile_overlap_px
-        self.precision = config.precision
+        self.precision: str = config.precision
         self._dtype = torch.float16 if self.precision == "fp16" else torch.float32
         self._device = torch.device("cuda", torch.cuda.current_device())
         self.device = str(self._device)
@@ -141,14 +141,10 @@ class TensorRTEngine:
         if not self.path.is_file():
             log.info(kv("tensorrt_engine_missing", path=self.path, action="building (takes minutes)"))
             return None
-        try:
-            record = json.loads(_sidecar(self.path).read_text())
-        except (OSError, ValueError) as exc:
-            return self._discard(f"sidecar missing or unreadable ({exc})")
-        if record.get("sha256") != file_sha256(self.path):
-            return self._discard("checksum mismatch: the file changed after it was built")
-        if any(record.get(key) != value for key, value in self._shape_record.items()):
-            return self._discard("built for another shape range than engine.min/opt/max_size_px and max_batch")
+        problem = self._cached_file_problem()
+        if problem is not None:
+            self._discard(problem)
+            return None
         try:
             import torch_tensorrt
 
@@ -156,15 +152,27 @@ class TensorRTEngine:
                 module = torch_tensorrt.load(str(self.path)).module()
             self._smoke_test(module)
         except Exception as exc:  # deserialisation errors come from TensorRT's C++ runtime with many types
-            return self._discard(f"cannot be loaded: {type(exc).__name__}: {exc}")
+            self._discard(f"cannot be loaded: {type(exc).__name__}: {exc}")
+            return None
         log.info(kv("tensorrt_engine_loaded", path=self.path, precision=self.precision, gpu=self.gpu))
         return module
+
+    def _cached_file_problem(self) -> str | None:
+        """Why the cached engine cannot be trusted for this configuration, or None."""
+        try:
+            record = json.loads(_sidecar(self.path).read_text())
+        except (OSError, ValueError) as exc:
+            return f"sidecar missing or unreadable ({exc})"
+        if not isinstance(record, dict) or record.get("sha256") != file_sha256(self.path):
+            return "checksum mismatch: the file changed after it was built"
+        if any(record.get(key) != value for key, value in self._shape_record.items()):
+            return "built for another shape range than engine.min/opt/max_size_px and max_batch"
+        return None
 
     def _discard(self, reason: str) -> None:
         log.warning(kv("tensorrt_engine_invalid", path=self.path, reason=reason, action="deleted; rebuilding"))
         self.path.unlink(missing_ok=True)
         _sidecar(self.path).unlink(missing_ok=True)
-        return None
 
     def _build_and_save(self, network: torch.nn.Module, model_sha256: str) -> Any:
         import torch_tensorrt
@@ -236,5 +244,7 @@ class TensorRTEngine:
         except RuntimeError as exc:
             if "out of memory" in str(exc).lower():
                 torch.cuda.empty_cache()
-                raise EngineOutOfMemoryError(f"TensorRT ran out of GPU memory for a batch of shape {batch.shape}") from exc
+                raise EngineOutOfMemoryError(
+                    f"TensorRT ran out of GPU memory for a batch of shape {batch.shape}"
+                ) from exc
             raise EngineError(f"TensorRT failed on a batch of shape {batch.shape}: {exc}") from exc

@@ -30,6 +30,9 @@ from acquire_refocus.logs import kv
 log = logging.getLogger(__name__)
 
 
+_TILING_ANNOUNCED: set[tuple[str, int, int, int]] = set()
+
+
 def _padded_length(length: int, engine: Engine) -> int:
     return max(engine.min_size_px, -(-length // engine.stride) * engine.stride)
 
@@ -134,7 +137,12 @@ def infer_frame(engine: Engine, frame: np.ndarray, overlap_px: int | None = None
     padded = _pad(np.asarray(frame, dtype=np.float32), _padded_length(height, engine), _padded_length(width, engine))
     tile_px = engine.max_size_px
     if max(padded.shape) > tile_px:
-        log.debug(kv("tiling", engine=engine.name, frame=f"{height}x{width}", tile_px=tile_px, overlap_px=overlap_px))
+        # Said once per engine and frame shape at INFO (a daemon sees thousands of frames of one shape).
+        key = (engine.name, engine.max_size_px, height, width)
+        level = logging.DEBUG if key in _TILING_ANNOUNCED else logging.INFO
+        _TILING_ANNOUNCED.add(key)
+        log.log(level, kv("tiling", engine=engine.name, frame=f"{height}x{width}", max_size_px=tile_px,
+                          overlap_px=overlap_px, reason="frame larger than the engine's size range"))
     while True:
         overlap = min(overlap_px, (tile_px // 2 - 1) // engine.stride * engine.stride)
         try:

@@ -2,9 +2,9 @@
 
 `PymmcorePlusHook` listens to `core.mda.events.frameReady`, which pymmcore-plus emits in its acquisition thread
 right after the raw frame went to the run's own writer: the hook only builds a `FrameInfo` and calls
-`pipeline.submit` (no copy, no I/O). `FocusMDAEngine` is pymmcore-plus's `MDAEngine` with the closed focus loop
-in its `event_iterator` (the engine's documented extension point, which the runner uses to pull each upcoming
-event): every event's Z gets its position's current offset, planned when a time point starts. `run_sequence`
+`pipeline.submit` (no copy, no I/O). `FocusMDAEngine` is pymmcore-plus's `MDAEngine` (subclassed through its
+public `setup_event` / `event_iterator` methods) with the closed focus loop: every event's Z gets its position's
+current offset, planned when a time point starts. `run_sequence`
 puts it together: raw data written by pymmcore-plus's writer (ome-writers OME-Zarr), frames to the pipeline.
 """
 
@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import useq
 from pymmcore_plus import CMMCorePlus
+from pymmcore_plus.core import SequencedEvent
 from pymmcore_plus.mda import MDAEngine
 
-from acquire_refocus.focus import FocusController
+from acquire_refocus.focus import EventPlanner, FocusController, estimates_waiter, relative_z_um
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FrameInfo, FramePipeline
 from acquire_refocus.storage import raw_store_settings
@@ -85,10 +86,15 @@ class PymmcorePlusHook:
 
 
 class FocusMDAEngine(MDAEngine):
-    """MDAEngine whose upcoming events carry the focus controller's per-position Z offset.
+    """pymmcore-plus's MDAEngine with the closed focus loop.
 
-    In correct mode the engine waits (at most `focus.estimate_wait_s`) at the start of each time point for the
-    pipeline to finish the frames already taken, so the move is based on them; observe mode never waits.
+    The Z offset is applied in `setup_event`, the moment the runner is about to execute an event (every earlier
+    frame is taken by then), not when the event is pulled from the iterator: pymmcore-plus looks ahead there to
+    merge events into hardware sequences. `event_iterator` only stops such merging across time points, so each
+    time point can start at a new Z while a z-stack within one time point can still run as a hardware sequence
+    (shifted as a whole). In correct mode the first event of a time point waits (at most
+    `focus.estimate_wait_s`) for the estimates of the frames already taken (not for the disk or the network);
+    observe mode never waits.
     """
 
     def __init__(
@@ -96,18 +102,51 @@ class FocusMDAEngine(MDAEngine):
     ) -> None:
         super().__init__(core, **kwargs)
         self._controller = controller
-        self._pipeline = pipeline
+        self._wait = estimates_waiter(controller, pipeline) if pipeline is not None else None
+        self._planner = EventPlanner(controller, self._wait)
         self._start_z_um: float | None = None
 
     def setup_sequence(self, sequence: useq.MDASequence) -> Any:
         core = self.mmcore
         self._start_z_um = core.getZPosition() if core.getFocusDevice() else None
+        self._planner = EventPlanner(self._controller, self._wait)
         return super().setup_sequence(sequence)
 
     def event_iterator(self, events: Iterable[useq.MDAEvent]) -> Iterator[useq.MDAEvent]:
-        wait = self._pipeline.wait_idle if self._pipeline is not None else None
-        adjusted = self._controller.adjust_events(events, self._start_z_um, wait)
-        return super().event_iterator(adjusted)
+        for time_point in _split_time_points(events):
+            yield from super().event_iterator(time_point)
+
+    def setup_event(self, event: useq.MDAEvent) -> None:
+        super().setup_event(self._adjusted(event))
+
+    def _adjusted(self, event: useq.MDAEvent) -> useq.MDAEvent:
+        first = event.events[0] if isinstance(event, SequencedEvent) and event.events else event
+        nominal = first.z_pos if first.z_pos is not None else self._start_z_um
+        z_um = self._planner.z_for(_useq_index(first), nominal, relative_z_um(first))
+        if z_um is None or nominal is None or (z_um == nominal and event.z_pos is None):
+            return event
+        offset_um = z_um - nominal
+        update: dict[str, Any] = {"z_pos": (event.z_pos if event.z_pos is not None else nominal) + offset_um}
+        if isinstance(event, SequencedEvent) and event.z_sequence:
+            lo, hi = self._controller.config.z_limits_um
+            update["z_sequence"] = tuple(min(hi, max(lo, z + offset_um)) for z in event.z_sequence)
+        return event.model_copy(update=update)
+
+
+def _useq_index(event: useq.MDAEvent) -> dict[str, int]:
+    return {str(getattr(axis, "value", axis)): int(i) for axis, i in event.index.items()}
+
+
+def _split_time_points(events: Iterable[useq.MDAEvent]) -> Iterator[list[useq.MDAEvent]]:
+    """Consecutive events of the same time point, as lists (reading ahead in the plan moves nothing)."""
+    batch: list[useq.MDAEvent] = []
+    for event in events:
+        if batch and event.index.get("t", 0) != batch[-1].index.get("t", 0):
+            yield batch
+            batch = []
+        batch.append(event)
+    if batch:
+        yield batch
 
 
 def run_sequence(

@@ -35,6 +35,8 @@ FIELDS_PER_SPECIMEN = 16
 # Share of training planes drawn near focus (|d| <= this), where the defocus MAE target is tightest.
 NEAR_FOCUS_FRACTION = 0.25
 NEAR_FOCUS_UM = 5.0
+EMPTY_PATCH_CONTRAST = 0.2
+EMPTY_PATCH_RETRIES = 4
 
 
 @dataclass(frozen=True)
@@ -236,10 +238,16 @@ class PatchPool:
             height, width = window.truth.shape
             if height < p or width < p:
                 raise ConfigError(f"field {window.name} ({height}x{width} px) is smaller than the {p} px patch")
-            top = int(self.rng.integers(height - p + 1))
-            left = int(self.rng.integers(width - p + 1))
+            # Patches without any specimen teach little; redraw a crop whose in-focus contrast is below
+            # EMPTY_PATCH_CONTRAST of its window's a few times (some empty patches stay: the network must see them).
+            window_contrast = float(np.ptp(window.truth))
+            for _ in range(EMPTY_PATCH_RETRIES):
+                top = int(self.rng.integers(height - p + 1))
+                left = int(self.rng.integers(width - p + 1))
+                truth = window.truth[top : top + p, left : left + p]
+                if np.ptp(truth) >= EMPTY_PATCH_CONTRAST * window_contrast:
+                    break
             raw = window.planes[z, top : top + p, left : left + p]
-            truth = window.truth[top : top + p, left : left + p]
             raw, truth = _augment(raw, truth, int(self.rng.integers(4)), bool(self.rng.integers(2)))
             x, y = make_pair(raw, truth, self.normalization)
             inputs.append(x)
@@ -257,7 +265,11 @@ def fixed_batch(windows: Sequence[Window], patch_px: int, normalization: Normali
     inputs, targets, defocus = [], [], []
     for window in windows:
         height, width = window.truth.shape
-        top, left = (height - patch_px) // 2, (width - patch_px) // 2
+        # the centre crop or one of the four corner crops: whichever shows the most specimen
+        candidates = [((height - patch_px) // 2, (width - patch_px) // 2), (0, 0), (0, width - patch_px),
+                      (height - patch_px, 0), (height - patch_px, width - patch_px)]
+        top, left = max(candidates, key=lambda c: float(np.ptp(window.truth[c[0] : c[0] + patch_px,
+                                                                            c[1] : c[1] + patch_px])))
         truth = window.truth[top : top + patch_px, left : left + patch_px]
         for z, d in enumerate(window.defocus_um):
             x, y = make_pair(window.planes[z, top : top + patch_px, left : left + patch_px], truth, normalization)

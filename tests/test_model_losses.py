@@ -1,0 +1,102 @@
+"""Loss terms: image fidelity, multi-scale, VGG-16 feature loss from a local file, robust defocus loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from acquire_refocus.config import LossConfig
+from acquire_refocus.errors import ConfigError
+from acquire_refocus.model.losses import RefocusLoss, defocus_loss, structural_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+
+def _images(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    target = torch.rand(2, 1, size, size)
+    return target + 0.2 * torch.randn_like(target), target
+
+
+@pytest.mark.parametrize("size", [64, 128, 200])
+def test_structural_loss_is_zero_for_a_perfect_image_and_positive_otherwise(size: int) -> None:
+    noisy, target = _images(size)
+    assert float(structural_loss(target, target)) == pytest.approx(0.0, abs=1e-5)
+    assert float(structural_loss(noisy, target)) > 0.05
+
+
+def test_defocus_loss_rewards_accurate_and_honest_estimates() -> None:
+    truth = torch.tensor([5.0, -12.0, 0.5])
+    good = torch.stack([truth + 0.1, torch.full_like(truth, -2.0)], dim=1)  # sigma ~0.14 um, error 0.1 um
+    bad = torch.stack([truth + 4.0, torch.full_like(truth, -2.0)], dim=1)
+    honest = torch.stack([truth + 4.0, torch.full_like(truth, 1.4)], dim=1)  # sigma ~4 um for a 4 um error
+    assert float(defocus_loss(good, truth, 1.0)) < float(defocus_loss(bad, truth, 1.0))
+    assert float(defocus_loss(honest, truth, 1.0)) < float(defocus_loss(bad, truth, 1.0))
+
+
+def test_defocus_loss_is_robust_to_one_wild_estimate() -> None:
+    """Huber: a 100 um outlier pulls on the estimate no harder than a 1 um error (gradient bounded by delta / N);
+    the likelihood term sees the estimate detached, so it only teaches sigma."""
+    truth = torch.zeros(4)
+    focus = torch.stack([torch.tensor([0.0, 0.0, 1.0, 100.0]), torch.zeros(4)], dim=1).requires_grad_(True)
+    defocus_loss(focus, truth, 1.0).backward()
+    grad = focus.grad[:, 0]
+    assert float(grad[3]) == pytest.approx(float(grad[2])) == pytest.approx(1.0 / 4)
+    assert float(focus.grad[3, 1]) < 0  # the wild sample asks for a larger sigma
+
+
+def test_multiscale_term_uses_the_coarse_outputs() -> None:
+    noisy, target = _images(64)
+    criterion = RefocusLoss(LossConfig(multiscale_weight=1.0))
+    coarse_good = torch.nn.functional.avg_pool2d(target, 2)
+    focus = torch.zeros(2, 2)
+    d = torch.zeros(2)
+    good = criterion([coarse_good, target], focus, target, d)
+    bad = criterion([coarse_good + 0.5, target], focus, target, d)
+    assert bad.parts["multiscale"] > good.parts["multiscale"] + 0.1
+    assert good.parts["l1"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_loss_without_a_weights_file_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="feature_network_weights"):
+        RefocusLoss(LossConfig(perceptual_weight=0.1))
+
+
+def _vgg_file(tmp_path: Path) -> Path:
+    """A randomly initialised VGG-16 `features` stack saved with torchvision's key names."""
+    layers, channels = [], 3
+    for item in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512):
+        if item == "M":
+            layers.append(torch.nn.MaxPool2d(2))
+        else:
+            layers += [torch.nn.Conv2d(channels, item, 3, padding=1), torch.nn.ReLU()]
+            channels = item
+    state = {f"features.{k}": v for k, v in torch.nn.Sequential(*layers).state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(4, 4)  # a torchvision file has a classifier too; it is ignored
+    path = tmp_path / "vgg16.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_feature_and_gram_loss_from_a_local_vgg16_file(tmp_path: Path) -> None:
+    criterion = RefocusLoss(LossConfig(perceptual_weight=1.0, gram_weight=1.0,
+                                       feature_network_weights=_vgg_file(tmp_path)))
+    noisy, target = _images(64)
+    focus, d = torch.zeros(2, 2), torch.zeros(2)
+    same = criterion([target], focus, target, d)
+    different = criterion([noisy], focus, target, d)
+    assert same.parts["perceptual"] == pytest.approx(0.0, abs=1e-6)
+    assert different.parts["perceptual"] > 0 and different.parts["gram"] > 0
+    assert not any(p.requires_grad for p in criterion.features.parameters())
+
+
+def test_feature_loss_rejects_a_file_that_is_not_vgg16(tmp_path: Path) -> None:
+    path = tmp_path / "not-vgg.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+    with pytest.raises(ConfigError, match="not a torchvision VGG-16"):
+        RefocusLoss(LossConfig(perceptual_weight=1.0, feature_network_weights=path))

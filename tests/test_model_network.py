@@ -1,0 +1,147 @@
+"""The refocus networks: shapes at any stride multiple, the export contract, the multi-scale outputs, ResNet-34
+weight loading by torchvision names, and the intensity normalisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from acquire_refocus.config import ModelConfig
+from acquire_refocus.errors import ConfigError
+from acquire_refocus.model.network import MultiScaleUNet, ResNet34Encoder, build_network
+from acquire_refocus.model.normalization import NormalizationParams, denormalize, frame_scale, normalize
+
+ARCHITECTURES = {
+    "unet": ModelConfig(architecture="unet", base_channels=4, depth=3),
+    "multiscale-sum": ModelConfig(architecture="multiscale", base_channels=4, depth=2, scales=3, fusion="sum"),
+    "multiscale-concat": ModelConfig(architecture="multiscale", base_channels=4, depth=2, scales=2, fusion="concat"),
+    "resnet34": ModelConfig(architecture="resnet34", base_channels=4),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_eval_forward_returns_image_and_focus_at_odd_multiples_of_the_stride(name: str) -> None:
+    network = build_network(ARCHITECTURES[name]).eval()
+    stride = network.stride
+    for height, width in ((3 * stride, 5 * stride), (max(64, stride), max(64, stride) + stride)):
+        x = torch.rand(2, 1, height, width)
+        with torch.no_grad():
+            outputs = network(x)
+        assert isinstance(outputs, tuple) and len(outputs) == 2
+        image, focus = outputs
+        assert isinstance(image, torch.Tensor) and isinstance(focus, torch.Tensor)
+        assert image.shape == (2, 1, height, width)
+        assert focus.shape == (2, 2)
+        assert torch.isfinite(image).all() and torch.isfinite(focus).all()
+
+
+def test_parameter_count_of_the_default_unet_suits_real_time() -> None:
+    count = sum(p.numel() for p in build_network(ModelConfig()).parameters())
+    assert 500_000 <= count <= 2_000_000
+
+
+def test_multiscale_training_outputs_every_scale_and_eval_returns_the_finest() -> None:
+    network = build_network(ARCHITECTURES["multiscale-sum"]).eval()
+    assert isinstance(network, MultiScaleUNet)
+    x = torch.rand(1, 1, 64, 96)
+    with torch.no_grad():
+        outputs, focus = network.forward_train(x)
+        image, focus_eval = network(x)
+    assert [tuple(o.shape[-2:]) for o in outputs] == [(16, 24), (32, 48), (64, 96)]
+    torch.testing.assert_close(outputs[-1], image)
+    torch.testing.assert_close(focus, focus_eval)
+
+
+def test_multiscale_fusion_feeds_the_coarse_scale_into_the_fine_one() -> None:
+    """Head-to-tail: changing only the coarsest scale's weights changes the finest output."""
+    network = build_network(ARCHITECTURES["multiscale-sum"]).eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        before, _ = network(x)
+        for parameter in network.cores[0].parameters():
+            parameter.add_(0.5)
+        after, _ = network(x)
+    assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("name", ["multiscale-sum"])
+def test_multiscale_exports_to_onnx_with_dynamic_size(name: str, tmp_path: Path) -> None:
+    """Through the engines' own exporter, then ONNX Runtime at a size and batch other than the export example."""
+    import onnxruntime
+
+    from acquire_refocus.engines.onnx_engine import export_onnx
+
+    network = build_network(ARCHITECTURES[name]).eval()
+    path = export_onnx(network, tmp_path / "multiscale.onnx", "0" * 64, example_size_px=64)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((3, 1, 96, 160), dtype=np.float32)
+    image, focus = session.run(None, {session.get_inputs()[0].name: x})
+    with torch.no_grad():
+        expected_image, expected_focus = network(torch.from_numpy(x))
+    np.testing.assert_allclose(image, expected_image.numpy(), atol=1e-4)
+    np.testing.assert_allclose(focus, expected_focus.numpy(), atol=1e-4)
+
+
+def _torchvision_style_resnet34_state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    state = {k: torch.randn_like(v.float()).to(v.dtype) if v.dtype.is_floating_point else v
+             for k, v in ResNet34Encoder().state_dict().items()}
+    state["fc.weight"] = torch.randn(1000, 512)
+    state["fc.bias"] = torch.randn(1000)
+    return state
+
+
+def test_resnet34_encoder_loads_a_torchvision_state_dict(tmp_path: Path) -> None:
+    state = _torchvision_style_resnet34_state(1)
+    assert "layer2.0.downsample.0.weight" in state and "layer4.2.bn2.running_var" in state
+    path = tmp_path / "resnet34.pth"
+    torch.save(state, path)
+    network = build_network(ModelConfig(architecture="resnet34", base_channels=4, pretrained_encoder=path))
+    torch.testing.assert_close(network.encoder.conv1.weight, state["conv1.weight"])
+    torch.testing.assert_close(network.encoder.layer4[2].bn2.running_var, state["layer4.2.bn2.running_var"])
+
+
+def test_resnet34_rejects_a_file_that_is_not_a_resnet34(tmp_path: Path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, path)
+    with pytest.raises(ConfigError, match="not a torchvision ResNet-34"):
+        build_network(ModelConfig(architecture="resnet34", pretrained_encoder=path))
+    with pytest.raises(ConfigError, match="not found"):
+        build_network(ModelConfig(architecture="resnet34", pretrained_encoder=tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64, np.int32])
+def test_normalisation_round_trip_for_any_offset_and_brightness(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    high = 200 if dtype == np.uint8 else 40_000
+    frame = (rng.random((70, 90)) * high + 7).astype(dtype)
+    intensity = frame_scale(frame)
+    normalised = normalize(frame, intensity)
+    assert normalised.dtype == np.float32
+    low, top = np.percentile(normalised, [1.0, 99.8])
+    assert abs(low) < 1e-5 and abs(top - 1.0) < 1e-5
+    np.testing.assert_allclose(denormalize(normalised, intensity), frame.astype(np.float64), rtol=1e-6, atol=1e-3)
+
+
+def test_normalisation_is_invariant_to_camera_offset_and_gain() -> None:
+    frame = np.random.default_rng(4).random((80, 80)) * 1000
+    shifted = 3.5 * frame + 100
+    np.testing.assert_allclose(normalize(frame, frame_scale(frame)), normalize(shifted, frame_scale(shifted)),
+                               atol=1e-5)
+
+
+def test_constant_frame_has_a_degenerate_scale() -> None:
+    assert frame_scale(np.full((64, 64), 12, np.uint16)).is_degenerate
+    nearly = np.zeros((64, 64))
+    nearly[3, 3] = 5.0  # constant but for one pixel: the full range is used rather than a zero scale
+    intensity = frame_scale(nearly, NormalizationParams())
+    assert not intensity.is_degenerate and intensity.scale == pytest.approx(5.0)

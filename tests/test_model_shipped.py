@@ -1,0 +1,40 @@
+"""The shipped default model, loaded from the package, on held-out simulated specimens: a floor well below the
+targets in tools/reports/default-model/report.md, so a broken or swapped weights file cannot go unnoticed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio
+
+from acquire_refocus import Refocuser
+from acquire_refocus.config import AppConfig
+from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS
+from acquire_refocus.model.evaluate import TestSet
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Refocuser:
+    torch.set_num_threads(1)
+    return Refocuser.load(engine="torch")
+
+
+def test_shipped_weights_are_the_package_file(shipped: Refocuser) -> None:
+    assert shipped.loaded.path == DEFAULT_WEIGHTS
+    assert DEFAULT_WEIGHTS.stat().st_size <= 10 * 1024 * 1024
+    assert shipped.pixel_size_um == pytest.approx(AppConfig().optics.pixel_size_um)
+
+
+def test_shipped_model_refocuses_and_estimates_defocus_on_unseen_specimens(shipped: Refocuser) -> None:
+    test_set = TestSet(AppConfig(), fields=2, window_px=192, distances_um=(10.0, 6.0, 2.0), tilt_distances_um=())
+    gains, errors = [], []
+    for sample in test_set.samples:
+        out = shipped(sample.raw)
+        data_range = float(sample.truth.max() - sample.truth.min())
+        gains.append(peak_signal_noise_ratio(sample.truth, out.image, data_range=data_range)
+                     - peak_signal_noise_ratio(sample.truth, sample.raw.astype(np.float32), data_range=data_range))
+        errors.append(abs(out.defocus_um - sample.defocus_um))
+    assert len(gains) == 12
+    assert float(np.mean(gains)) > 1.0, f"PSNR gains {np.round(gains, 2)}"
+    assert float(np.mean(errors)) < 3.0, f"defocus errors {np.round(errors, 2)}"
