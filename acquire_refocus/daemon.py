@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from acquire_refocus.config import AppConfig, dump_config
 from acquire_refocus.control import ControlServer
 from acquire_refocus.errors import ConfigError, UserError
-from acquire_refocus.focus import FocusController, PycromanagerFocusOffset, estimates_waiter
+from acquire_refocus.focus import FocusController, estimates_waiter, pycromanager_planner
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FrameCorrector, FramePipeline, FrameSink, PipelineStats
 from acquire_refocus.publishing import Publisher, PublishSink
@@ -318,13 +318,14 @@ class Daemon:
         if acq.backend == "pycromanager":
             from acquire_refocus.hooks import pycromanager as pycro
 
-            z_offset = None
+            planner = None
             if controller is not None:  # observe mode plans (and logs) too, and always returns 0
-                z_offset = PycromanagerFocusOffset(controller, sequence, estimates_waiter(controller, pipeline))
+                planner = pycromanager_planner(controller, estimates_waiter(controller, pipeline))
             pycro.run_sequence(
                 sequence,
                 pipeline,
-                z_offset_um=z_offset,
+                focus_planner=planner,
+                stop_event=self._stop,
                 directory=output_dir if save_raw else None,
                 name="raw",
                 pixel_size_um=acq.pixel_size_um,

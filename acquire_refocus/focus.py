@@ -224,7 +224,7 @@ def estimates_waiter(controller: FocusController, pipeline: FramePipeline) -> Ca
 class EventPlanner:
     """Per-event Z for one acquisition: plans each position's offset when its next time point starts, holds it
     for the rest of that time point, clamps every Z to the soft limits. Used by the pymmcore-plus engine
-    (`FocusController.adjust_events`) and by pycromanager's pre-hardware hook (`PycromanagerFocusOffset`)."""
+    (`FocusController.adjust_events`)."""
 
     def __init__(
         self, controller: FocusController, wait_for_estimates: Callable[[float], bool] | None = None
@@ -262,56 +262,24 @@ class EventPlanner:
         return z_um
 
 
-_PYCRO_TO_USEQ = {"time": "t", "position": "p", "z": "z", "channel": "c"}
+def pycromanager_planner(
+    controller: FocusController, wait_for_estimates: Callable[[float], bool] | None = None
+) -> Callable[[int, float, int], float]:
+    """`focus_planner` for `hooks.pycromanager.run_sequence`, called once per position and time point before its
+    events run: in correct mode it first waits (at most `estimate_wait_s`) for the estimates of frames already
+    taken, then returns the offset to add to every Z of that time point (0 unless the mode is `correct`)."""
+    cfg = controller.config
 
+    def plan(position: int, centre_um: float, t_index: int) -> float:
+        if (
+            controller.applies
+            and wait_for_estimates is not None
+            and cfg.estimate_wait_s > 0
+            and t_index > 0
+            and not wait_for_estimates(cfg.estimate_wait_s)
+        ):
+            log.warning(kv("focus_estimates_late", position=position, t=t_index, waited_s=cfg.estimate_wait_s))
+        offset_um = controller.plan(position, centre_um, t_index)
+        return offset_um if controller.applies else 0.0
 
-class PycromanagerFocusOffset:
-    """`z_offset_um` for `hooks.pycromanager.run_sequence`: the offset to add to the next event's Z.
-
-    Called with the pycromanager event (a dict, or a list of dicts for a hardware sequence) it plans from that
-    event's axes and Z. Called with no argument (the hook's current calling convention) it walks the
-    MDASequence's events in order, one per call, which holds while pycromanager does not merge events into
-    hardware sequences; that path needs absolute Z in the sequence (positions with z), otherwise the offset
-    stays 0 and a warning says so.
-    """
-
-    def __init__(self, controller: FocusController, sequence: useq.MDASequence,
-                 wait_for_estimates: Callable[[float], bool] | None = None) -> None:
-        self._planner = EventPlanner(controller, wait_for_estimates)
-        self._sequence = sequence
-        self._events = iter(sequence)
-        self._last = 0.0
-        self._warned = False
-
-    def _relative_z_um(self, index: dict[str, int]) -> float:
-        z_plan, z_index = self._sequence.z_plan, index.get("z")
-        if z_plan is None or z_index is None or not z_plan.is_relative:
-            return 0.0
-        planes = list(z_plan)
-        return float(planes[z_index]) if z_index < len(planes) else 0.0
-
-    def __call__(self, event: dict[str, Any] | list[dict[str, Any]] | None = None) -> float:
-        if event is not None:
-            single = event[0] if isinstance(event, list) and event else event
-            single = single if isinstance(single, dict) else {}
-            index = {_PYCRO_TO_USEQ.get(k, k): int(v) for k, v in single.get("axes", {}).items()
-                     if isinstance(v, int)}
-            nominal = float(single["z"]) if single.get("z") is not None else None
-        else:
-            mda_event = next(self._events, None)
-            if mda_event is None:
-                return self._last
-            index = _index(mda_event)
-            position = index.get("p")
-            absolute = (self._sequence.z_plan is None or not self._sequence.z_plan.is_relative or (
-                position is not None and self._sequence.stage_positions
-                and self._sequence.stage_positions[position].z is not None))
-            nominal = mda_event.z_pos if absolute else None
-            if nominal is None and not self._warned:
-                self._warned = True
-                log.warning(kv("focus_correction_unavailable", backend="pycromanager",
-                               reason="the sequence has no absolute Z; give each stage position a z"))
-        z_um = self._planner.z_for(index, nominal, self._relative_z_um(index))
-        if z_um is not None and nominal is not None:
-            self._last = z_um - nominal
-        return self._last
+    return plan

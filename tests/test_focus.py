@@ -146,20 +146,16 @@ def test_closed_loop_tracks_synthetic_drift() -> None:
     assert rms < 1.0 < uncorrected
 
 
-def test_pycromanager_offsets_follow_the_sequence() -> None:
-    """The pre-hardware hook's offsets: planned once per position and time point, from the event or in order."""
-    from acquire_refocus.focus import PycromanagerFocusOffset
+def test_pycromanager_planner_applies_offsets_only_in_correct_mode() -> None:
+    """pycromanager's focus planner: called once per position and time point; observe mode plans but returns 0."""
+    from acquire_refocus.focus import pycromanager_planner
 
-    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 2}, stage_positions=[(0, 0, 100)],
-                                z_plan={"range": 2, "step": 2}, axis_order="tpz")
-    c = controller()
-    in_order = PycromanagerFocusOffset(c, sequence)
-    assert [in_order(), in_order()] == [0.0, 0.0]  # t0: no estimate yet
-    c.on_frame(result(1.5, stage_z_um=99.0))  # focus at 97.5
-    assert [in_order(), in_order()] == pytest.approx([-2.5, -2.5])  # t1: the whole stack moves
-    c2 = controller()
-    from_events = PycromanagerFocusOffset(c2, sequence)
-    assert from_events({"axes": {"time": 0, "position": 0, "z": 0}, "z": 99.0}) == 0.0
-    c2.on_frame(result(1.5, stage_z_um=99.0))
-    assert from_events({"axes": {"time": 0, "position": 0, "z": 1}, "z": 101.0}) == 0.0  # same stack: held
-    assert from_events([{"axes": {"time": 1, "position": 0, "z": 0}, "z": 99.0}]) == pytest.approx(-2.5)
+    correcting = controller()
+    plan = pycromanager_planner(correcting)
+    assert plan(0, 100.0, 0) == 0.0  # t0: no estimate yet
+    correcting.on_frame(result(1.5, stage_z_um=99.0))  # in focus at 97.5
+    assert plan(0, 100.0, 1) == pytest.approx(-2.5)
+    observing = FocusController(FocusConfig(mode="observe", window_frames=1, dead_band_um=0.0))
+    observe_plan = pycromanager_planner(observing)
+    observing.on_frame(result(1.5, stage_z_um=99.0))
+    assert observe_plan(0, 100.0, 1) == 0.0

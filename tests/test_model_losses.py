@@ -39,6 +39,14 @@ def test_defocus_loss_rewards_accurate_and_honest_estimates() -> None:
     assert float(defocus_loss(honest, truth, 1.0)) < float(defocus_loss(bad, truth, 1.0))
 
 
+def test_training_outputs_supervise_magnitude_and_sign() -> None:
+    """Columns 3 and 4 (magnitude, sign logit): a right sign costs less than a wrong one at equal magnitude."""
+    truth = torch.tensor([8.0, -8.0])
+    right = torch.tensor([[0.0, 0.0, 8.0, 4.0], [0.0, 0.0, 8.0, -4.0]])
+    wrong = torch.tensor([[0.0, 0.0, 8.0, -4.0], [0.0, 0.0, 8.0, 4.0]])
+    assert float(defocus_loss(right, truth, 1.0)) + 1.0 < float(defocus_loss(wrong, truth, 1.0))
+
+
 def test_defocus_loss_is_robust_to_one_wild_estimate() -> None:
     """Huber: a 100 um outlier pulls on the estimate no harder than a 1 um error (gradient bounded by delta / N);
     the likelihood term sees the estimate detached, so it only teaches sigma."""

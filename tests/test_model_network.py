@@ -58,7 +58,8 @@ def test_multiscale_training_outputs_every_scale_and_eval_returns_the_finest() -
         image, focus_eval = network(x)
     assert [tuple(o.shape[-2:]) for o in outputs] == [(16, 24), (32, 48), (64, 96)]
     torch.testing.assert_close(outputs[-1], image)
-    torch.testing.assert_close(focus, focus_eval)
+    assert focus.shape == (1, 4)  # training adds magnitude and sign logit
+    torch.testing.assert_close(focus[:, :2], focus_eval)
 
 
 def test_multiscale_fusion_feeds_the_coarse_scale_into_the_fine_one() -> None:
@@ -73,6 +74,7 @@ def test_multiscale_fusion_feeds_the_coarse_scale_into_the_fine_one() -> None:
     assert not torch.allclose(before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["multiscale-sum"])
 def test_multiscale_exports_to_onnx_with_dynamic_size(name: str, tmp_path: Path) -> None:
     """Through the engines' own exporter, then ONNX Runtime at a size and batch other than the export example."""

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     failed: list[tuple[Path, str]] = []
     rows: list[tuple[str, float, float]] = []
+    written: set[str] = set()
     for path in args.inputs:
         try:
             frame = _read_image(path)
@@ -70,7 +71,13 @@ def run(args: argparse.Namespace) -> int:
             log.error(kv("correct_failed", file=path, reason=message))
             failed.append((path, message))
             continue
-        target = args.out / f"{path.stem}.tif"
+        stem = path.stem
+        suffix = 2
+        while stem in written:  # same file name from two folders: keep both
+            stem = f"{path.stem}_{suffix}"
+            suffix += 1
+        written.add(stem)
+        target = args.out / f"{stem}.tif"
         tifffile.imwrite(target, result.image, photometric="minisblack",
                          metadata={"defocus_um": result.defocus_um, "confidence": result.confidence,
                                    "model_sha256": refocuser.model_sha256})

@@ -21,8 +21,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import textwrap
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,7 +49,7 @@ TILT_DISTANCES_UM = (22.0, 10.0, 2.0)
 TILT_UM_PER_MM = 40.0
 SIGN_MIN_UM = 3.0
 RL_ITERATIONS = 30
-WIENER_BALANCES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+WIENER_BALANCES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 EMPTY_FIELD_CONTRAST = 0.25
 PAPER_BBBC006 = {
     "input": {34: 32.05, 28: 32.42, 22: 32.92, 16: 33.73, 10: 35.40},
@@ -79,6 +79,8 @@ class Row:
     estimate_um: float  # NaN for methods without a defocus estimate
     sigma_um: float
     seconds: float
+    magnitude_um: float = math.nan  # the focus head's |d| factor (networks only)
+    p_positive: float = math.nan  # the focus head's P(d > 0) (networks only)
 
 
 Method = Callable[[Sample], tuple[np.ndarray, float, float]]  # -> (image in ADU, estimate_um, sigma_um)
@@ -117,7 +119,7 @@ def _deconvolve(sample: Sample, psf: np.ndarray, in_focus_psf: np.ndarray, offse
     return (restored * scale + offset_adu).astype(np.float32)
 
 
-class TestSet:
+class HeldOutSet:
     """Held-out test frames and access to the true PSFs of the simulator that made them."""
 
     def __init__(self, config: AppConfig, fields: int, window_px: int, distances_um: Sequence[float],
@@ -211,7 +213,7 @@ def tune_wiener_balance(config: AppConfig, distances_um: Sequence[float], window
     return chosen
 
 
-def baseline_methods(test_set: TestSet, wiener_balance: dict[int, float]) -> dict[str, Method]:
+def baseline_methods(test_set: HeldOutSet, wiener_balance: dict[int, float]) -> dict[str, Method]:
     offset = test_set.config.simulator.camera.offset_adu
     in_focus = test_set.true_psf(0.0)
 
@@ -234,6 +236,22 @@ def baseline_methods(test_set: TestSet, wiener_balance: dict[int, float]) -> dic
     }
 
 
+def _magnitude_and_sign(loaded, frame: np.ndarray) -> tuple[float, float]:
+    """The focus head's two factors for a whole frame (training outputs, not part of the inference contract):
+    the unsigned defocus |d| in um and P(d > 0)."""
+    import torch
+
+    from acquire_refocus.model.normalization import frame_scale, normalize
+
+    stride = loaded.network.stride
+    x = normalize(frame, frame_scale(frame, loaded.normalization))
+    height, width = (-(-n // stride) * stride for n in x.shape)
+    x = np.pad(x, ((0, height - x.shape[0]), (0, width - x.shape[1])), mode="reflect")
+    with torch.inference_mode():
+        _, focus = loaded.network.forward_train(torch.from_numpy(x)[None, None])
+    return float(focus[0, 2]), float(torch.sigmoid(focus[0, 3]))
+
+
 def network_method(weights: Path | None, num_threads: int | None = None) -> tuple[Method, dict]:
     from acquire_refocus.refocuser import Refocuser
 
@@ -244,13 +262,18 @@ def network_method(weights: Path | None, num_threads: int | None = None) -> tupl
         result = refocuser(sample.raw)
         return result.image, result.defocus_um, result.sigma_um
 
+    def factors(sample: Sample) -> tuple[float, float]:
+        return _magnitude_and_sign(refocuser.loaded, sample.raw)
+
     info = {"sha256": refocuser.model_sha256, "metadata": refocuser.loaded.metadata,
             "architecture": refocuser.loaded.model_config.architecture,
-            "parameters": sum(p.numel() for p in refocuser.loaded.network.parameters())}
+            "parameters": sum(p.numel() for p in refocuser.loaded.network.parameters()),
+            "factors": factors}
     return run, info
 
 
-def evaluate_methods(test_set: TestSet, methods: dict[str, Method]) -> list[Row]:
+def evaluate_methods(test_set: HeldOutSet, methods: dict[str, Method],
+                     factors: dict[str, Callable[[Sample], tuple[float, float]]] | None = None) -> list[Row]:
     rows = []
     for name, method in methods.items():
         started = time.monotonic()
@@ -267,6 +290,8 @@ def evaluate_methods(test_set: TestSet, methods: dict[str, Method]) -> list[Row]
                 ssim=float(structural_similarity(sample.truth, image, data_range=data_range)),
                 estimate_um=float(estimate), sigma_um=float(sigma), seconds=seconds,
             ))
+            if factors and name in factors:
+                rows[-1].magnitude_um, rows[-1].p_positive = factors[name](sample)
         log.info(kv("evaluated", method=name, frames=len(test_set.samples), seconds=round(time.monotonic() - started)))
     return rows
 
@@ -275,11 +300,13 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "setting", "field", "defocus_um", "psnr_db", "ssim", "estimate_um", "sigma_um",
-                         "seconds"])
+                         "magnitude_um", "p_positive", "seconds"])
         for r in rows:
             writer.writerow([r.method, r.setting, r.field, f"{r.defocus_um:.3f}", f"{r.psnr_db:.3f}", f"{r.ssim:.4f}",
                              "" if math.isnan(r.estimate_um) else f"{r.estimate_um:.3f}",
-                             "" if math.isnan(r.sigma_um) else f"{r.sigma_um:.3f}", f"{r.seconds:.3f}"])
+                             "" if math.isnan(r.sigma_um) else f"{r.sigma_um:.3f}",
+                             "" if math.isnan(r.magnitude_um) else f"{r.magnitude_um:.3f}",
+                             "" if math.isnan(r.p_positive) else f"{r.p_positive:.3f}", f"{r.seconds:.3f}"])
 
 
 def _group(rows: Sequence[Row], key: Callable[[Row], object]) -> dict[object, list[Row]]:
@@ -330,7 +357,7 @@ def focus_table(rows: Sequence[Row], setting: str) -> str:
     return _markdown_table(header, lines)
 
 
-def summary_numbers(rows: Sequence[Row], method: str, baseline: str, rl: str) -> dict[str, float | bool]:
+def summary_numbers(rows: Sequence[Row], method: str, baseline: str, rl: str | None) -> dict[str, float | bool | None]:
     """The numbers the targets are judged on, for one network."""
     flat = [r for r in rows if r.setting == "flat"]
 
@@ -343,7 +370,7 @@ def summary_numbers(rows: Sequence[Row], method: str, baseline: str, rl: str) ->
     gain_far = mean("psnr_db", method, 20, 35) - mean("psnr_db", baseline, 20, 35)
     by_distance = _group(flat, lambda r: (r.method, round(abs(r.defocus_um))))
     distances = sorted({round(abs(r.defocus_um)) for r in flat})
-    beats_rl = all(np.mean([r.psnr_db for r in by_distance[(method, d)]])
+    beats_rl = None if rl is None else all(np.mean([r.psnr_db for r in by_distance[(method, d)]])
                    > np.mean([r.psnr_db for r in by_distance[(rl, d)]]) for d in distances)
     mae_near = float(np.mean([abs(r.estimate_um - r.defocus_um) for r in mine if abs(r.defocus_um) <= 10]))
     mae_all = float(np.mean([abs(r.estimate_um - r.defocus_um) for r in mine if abs(r.defocus_um) <= 35]))
@@ -354,6 +381,23 @@ def summary_numbers(rows: Sequence[Row], method: str, baseline: str, rl: str) ->
     return {"psnr_gain_near_db": gain_near, "psnr_gain_far_db": gain_far, "beats_rl_everywhere": beats_rl,
             "mae_near_um": mae_near, "mae_all_um": mae_all, "mae_worst_distance_um": worst_far,
             "sign_accuracy": sign}
+
+
+def magnitude_table(rows: Sequence[Row], setting: str) -> str:
+    chosen = [r for r in rows if r.setting == setting and not math.isnan(r.magnitude_um)]
+    distances = sorted({round(abs(r.defocus_um)) for r in chosen}, reverse=True)
+    lines = []
+    for method in dict.fromkeys(r.method for r in chosen):
+        mine = [r for r in chosen if r.method == method]
+        cells = [method]
+        for d in distances:
+            cells.append(f"{np.mean([abs(r.magnitude_um - abs(r.defocus_um)) for r in mine if round(abs(r.defocus_um)) == d]):.2f}")
+        signed = [r for r in mine if abs(r.defocus_um) >= SIGN_MIN_UM]
+        correct = sum(1 for r in signed if (r.p_positive > 0.5) == (r.defocus_um > 0))
+        cells.append(f"{100.0 * correct / max(1, len(signed)):.1f}%")
+        lines.append(cells)
+    header = ["|d| error of the magnitude factor (um)"] + [f"{d:g}" for d in distances] + ["P(d>0) on the right side"]
+    return _markdown_table(header, lines)
 
 
 def calibration_line(rows: Sequence[Row], method: str) -> str:
@@ -391,7 +435,7 @@ def plot_scatter(rows: Sequence[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_examples(test_set: TestSet, methods: dict[str, Method], distances_um: Sequence[float], path: Path) -> None:
+def plot_examples(test_set: HeldOutSet, methods: dict[str, Method], distances_um: Sequence[float], path: Path) -> None:
     """One field at a few defocus distances: each method's output beside the input and the ground truth."""
     import matplotlib
 
@@ -412,7 +456,8 @@ def plot_examples(test_set: TestSet, methods: dict[str, Method], distances_um: S
             ax.imshow(image, cmap="gray", vmin=low, vmax=high)
             data_range = float(sample.truth.max() - sample.truth.min())
             psnr = peak_signal_noise_ratio(sample.truth, image, data_range=data_range)
-            ax.set_title(f"{name[:28]}\nd={sample.defocus_um:+g} um, {psnr:.1f} dB", fontsize=7)
+            label = textwrap.shorten(name, 34, placeholder="...")
+            ax.set_title(f"{label}\nd={sample.defocus_um:+g} um, {psnr:.1f} dB", fontsize=7)
             ax.axis("off")
         axes[i, -1].imshow(sample.truth, cmap="gray", vmin=low, vmax=high)
         axes[i, -1].set_title("ground truth (in focus)", fontsize=7)
@@ -426,11 +471,11 @@ def _status(value: bool) -> str:
     return "met" if value else "MISSED"
 
 
-def write_report(out_dir: Path, rows: Sequence[Row], networks: dict[str, dict], test_set: TestSet,
+def write_report(out_dir: Path, rows: Sequence[Row], networks: dict[str, dict], test_set: HeldOutSet,
                  wall_s: float) -> Path:
     """report.md with the tables, the targets and how the numbers were made."""
     baseline = "input (unprocessed)"
-    rl = next(name for name in dict.fromkeys(r.method for r in rows) if name.startswith("Richardson"))
+    rl = next((name for name in dict.fromkeys(r.method for r in rows) if name.startswith("Richardson")), None)
     config = test_set.config
     flat = [r for r in rows if r.setting == "flat"]
     tilt = [r for r in rows if r.setting == "tilt"]
@@ -479,7 +524,8 @@ def write_report(out_dir: Path, rows: Sequence[Row], networks: dict[str, dict], 
         "",
         metric_table(rows, "psnr_db", "flat", None, ".2f"),
         "",
-        "For reference, the paper reports on real BBBC006 data (8-bit images; not comparable in absolute terms): "
+        "For reference, the paper reports on real BBBC006 data (other images, noise and intensity scaling: not comparable "
+        "in absolute terms, only the gains are): "
         "input 32.05/32.42/32.92/33.73/35.40 dB and network 34.55/35.69/36.35/37.99/40.86 dB at 34/28/22/16/10 um.",
         "",
         "## SSIM per |defocus|, flat sample",
@@ -501,6 +547,12 @@ def write_report(out_dir: Path, rows: Sequence[Row], networks: dict[str, dict], 
         focus_table(rows, "flat"),
         "",
         "![estimated vs true defocus](defocus_scatter.png)",
+        "",
+        "The focus head factors the estimate as |d| x sign (see network.FocusHead). Its unsigned part alone, "
+        "|estimate of |d|| - |d|| (um), and the share of frames with |d| >= 3 um whose P(d > 0) is on the right side "
+        "of 0.5:",
+        "",
+        magnitude_table(rows, "flat"),
         "",
         "Uncertainty calibration (a Gaussian sigma would cover 68% of errors within 1 sigma, 95% within 2): "
         + "; ".join(calibration_line(rows, name) for name in networks) + ".",
@@ -529,8 +581,9 @@ def write_report(out_dir: Path, rows: Sequence[Row], networks: dict[str, dict], 
             f"{_status(numbers['psnr_gain_near_db'] >= 5)}",
             f"- PSNR gain over the input for 20 <= |d| <= 35 um: {numbers['psnr_gain_far_db']:+.2f} dB "
             f"(target >= +3 dB): {_status(numbers['psnr_gain_far_db'] >= 3)}",
-            f"- better PSNR than Richardson-Lucy with the true PSF at every distance: "
-            f"{_status(bool(numbers['beats_rl_everywhere']))}",
+            "- better PSNR than Richardson-Lucy with the true PSF at every distance: "
+            + ("not measured (--no-baselines)" if numbers["beats_rl_everywhere"] is None
+               else _status(bool(numbers["beats_rl_everywhere"]))),
             f"- defocus MAE for |d| <= 10 um: {numbers['mae_near_um']:.2f} um (target <= 0.5 um): "
             f"{_status(numbers['mae_near_um'] <= 0.5)}",
             f"- defocus MAE at the worst distance up to 35 um: {numbers['mae_worst_distance_um']:.2f} um "
@@ -552,7 +605,7 @@ def run_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | None]]
     """Build the test set, run every method, write metrics.csv, the PNGs and report.md; returns the report."""
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
-    test_set = TestSet(config, fields, window_px, distances_um, tilt_distances_um, seed=config.training.seed)
+    test_set = HeldOutSet(config, fields, window_px, distances_um, tilt_distances_um, seed=config.training.seed)
     log.info(kv("test_set_ready", frames=len(test_set.samples), fields=fields, window_px=window_px,
                 seconds=round(time.monotonic() - started)))
     if baselines:
@@ -564,7 +617,7 @@ def run_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | None]]
         method, info = network_method(path, config.engine.num_threads)
         methods[label] = method
         networks[label] = info
-    rows = evaluate_methods(test_set, methods)
+    rows = evaluate_methods(test_set, methods, {label: info["factors"] for label, info in networks.items()})
     write_csv(rows, out_dir / "metrics.csv")
     plot_scatter(rows, out_dir / "defocus_scatter.png")
     plot_examples(test_set, methods, (-28.0, 10.0, 2.0), out_dir / "examples.png")

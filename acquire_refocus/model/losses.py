@@ -23,6 +23,8 @@ _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 _VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 # Outputs of relu1_2, relu2_2, relu3_3, relu4_3 (indices into torchvision's vgg16().features).
 _VGG16_TAPS = (3, 8, 15, 22)
+# A wrong sign costs 2|d| in the final estimate; this weight makes the sign term comparable to the magnitude term.
+DEFOCUS_SIGN_WEIGHT = 5.0
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -45,13 +47,22 @@ def structural_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 def defocus_loss(focus: torch.Tensor, defocus_um: torch.Tensor, huber_delta_um: float) -> torch.Tensor:
     """Huber loss on the defocus (robust to the occasional empty, unestimable patch) plus the Gaussian negative
     log-likelihood of the error under the predicted sigma. The NLL sees the defocus estimate detached, so the
-    estimate itself is trained by the Huber term alone and sigma learns to match the actual error."""
+    estimate itself is trained by the Huber terms alone and sigma learns to match the actual error.
+
+    With the training outputs of FocusHead (4 columns) the two factors are supervised too: Huber on the magnitude
+    and a logistic loss on the sign, weighted down within 1 um of focus where the sign hardly matters.
+    """
     estimate_um = focus[:, 0]
     log_sigma_um = focus[:, 1].clamp(-6.0, 6.0)
-    huber = F.huber_loss(estimate_um, defocus_um, delta=huber_delta_um)
+    loss = F.huber_loss(estimate_um, defocus_um, delta=huber_delta_um)
+    if focus.shape[1] >= 4:
+        loss = loss + F.huber_loss(focus[:, 2], defocus_um.abs(), delta=huber_delta_um)
+        sign_weight = defocus_um.abs().clamp(max=1.0)
+        loss = loss + DEFOCUS_SIGN_WEIGHT * F.binary_cross_entropy_with_logits(
+            focus[:, 3], (defocus_um > 0).to(focus.dtype), weight=sign_weight)
     error = estimate_um.detach() - defocus_um
     nll = 0.5 * (error * torch.exp(-log_sigma_um)) ** 2 + log_sigma_um
-    return huber + nll.mean()
+    return loss + nll.mean()
 
 
 class VGG16Features(nn.Module):

@@ -47,19 +47,29 @@ def _upsample2(x: torch.Tensor) -> torch.Tensor:
 
 
 class FocusHead(nn.Module):
-    """Signed defocus and log-uncertainty from bottleneck features: 1x1 conv, global average pool, two linears."""
+    """Signed defocus and log-uncertainty from bottleneck features: 1x1 conv, global average pool, two linears.
+
+    The defocus is factored as magnitude * sign: |d| shows directly as blur and is learnt fast, while the sign
+    only shows in the subtle above/below asymmetry of the PSF. A single signed output trained with L1 sits at 0
+    until the sign is learnt (0 is the best guess when the sign is a coin toss), so training supervises both
+    factors (`forward_train` exposes them); inference returns only their product and the log sigma.
+    """
 
     def __init__(self, in_channels: int, hidden: int = 64) -> None:
         super().__init__()
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True))
-        self.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2))
+        self.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 3))
+
+    def forward_train(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, 4]: defocus_um, log_sigma_um, magnitude_um, sign_logit (P(d > 0) = sigmoid(sign_logit))."""
+        raw = self.fc(self.reduce(features).mean(dim=(2, 3)))
+        magnitude_um = F.softplus(raw[:, 0:1]) * DEFOCUS_SCALE_UM
+        sign_logit = raw[:, 1:2]
+        defocus_um = magnitude_um * torch.tanh(0.5 * sign_logit)  # = magnitude * (2 P(d > 0) - 1)
+        return torch.cat([defocus_um, raw[:, 2:3], magnitude_um, sign_logit], dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        pooled = self.reduce(features).mean(dim=(2, 3))
-        raw = self.fc(pooled)
-        defocus_um = raw[:, 0:1] * DEFOCUS_SCALE_UM
-        log_sigma_um = raw[:, 1:2]
-        return torch.cat([defocus_um, log_sigma_um], dim=1)
+        return self.forward_train(features)[:, :2]
 
 
 class UNetCore(nn.Module):
@@ -115,7 +125,7 @@ class RefocusUNet(nn.Module):
 
     def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         features, bottom = self.core(x)
-        return [x + self.to_image(features)], self.focus_head(bottom)
+        return [x + self.to_image(features)], self.focus_head.forward_train(bottom)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, bottom = self.core(x)
@@ -150,8 +160,7 @@ class MultiScaleUNet(nn.Module):
             levels.append(F.avg_pool2d(levels[-1], 2))
         return levels[::-1]  # coarsest first
 
-    def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Outputs at every scale (coarsest first, each at its own resolution) and the focus of the finest."""
+    def _scales(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         outputs: list[torch.Tensor] = []
         coarse_features: torch.Tensor | None = None
         bottom = x
@@ -164,11 +173,16 @@ class MultiScaleUNet(nn.Module):
                 features, bottom = self.cores[scale](torch.cat([level, _upsample2(coarse_features)], dim=1))
             outputs.append(level + self.to_images[scale](features))
             coarse_features = features
-        return outputs, self.focus_head(bottom)
+        return outputs, bottom
+
+    def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Outputs at every scale (coarsest first, each at its own resolution) and the focus of the finest."""
+        outputs, bottom = self._scales(x)
+        return outputs, self.focus_head.forward_train(bottom)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs, focus = self.forward_train(x)
-        return outputs[-1], focus
+        outputs, bottom = self._scales(x)
+        return outputs[-1], self.focus_head(bottom)
 
 
 class BasicBlock(nn.Module):
@@ -267,17 +281,21 @@ class ResNet34UNet(nn.Module):
         self.to_image = nn.Conv2d(dec[4], 1, 1)
         self.focus_head = FocusHead(enc[4])
 
-    def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        image, focus = self.forward(x)
-        return [image], focus
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(x.expand(-1, 3, -1, -1))
         y = features[4]
         for decoder, skip in zip(self.decoders, [features[3], features[2], features[1], features[0]]):
             y = decoder(torch.cat([_upsample2(y), skip], dim=1))
         y = self.full_res(torch.cat([_upsample2(y), x], dim=1))
-        return x + self.to_image(y), self.focus_head(features[4])
+        return x + self.to_image(y), features[4]
+
+    def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        image, bottom = self._decode(x)
+        return [image], self.focus_head.forward_train(bottom)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image, bottom = self._decode(x)
+        return image, self.focus_head(bottom)
 
 
 def build_network(model_config: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:

@@ -3,7 +3,8 @@
 Image formation: the camera sees the plane at the current focus of (3-D specimen convolved with the 3-D PSF), i.e.
 ``sum_k plane_k * PSF(d - z_k * s)`` where ``d`` is the stage defocus of the specimen mid-plane, ``z_k`` the depth
 of specimen plane k relative to the mid-plane (sample um) and ``s`` the focal-shift factor (stage um per sample
-um, see `psf.py`). All defocus values are in stage micrometres: ``defocus_um = stage Z - stage Z at which the
+um, see `psf.py`). The PSF bank reaches beyond `max_defocus_um` by the specimen's half-thickness, so frames up to
++-max_defocus_um are exact for every specimen plane; beyond that the nearest bank PSF is used. All defocus values are in stage micrometres: ``defocus_um = stage Z - stage Z at which the
 specimen mid-plane is in focus``; moving the stage by ``-defocus_um`` restores focus.
 
 Speed: per stage position, the specimen planes of the frame window are Fourier transformed once (cached); per
@@ -29,7 +30,7 @@ import scipy.fft
 from acquire_refocus.config import OpticsConfig, SimulatorConfig
 from acquire_refocus.sim.camera import Camera
 from acquire_refocus.sim.drift import Drift
-from acquire_refocus.sim.psf import OtfCache, PsfBank, load_or_compute_psf_bank
+from acquire_refocus.sim.psf import OtfCache, load_or_compute_psf_bank
 from acquire_refocus.sim.specimen import Specimen
 
 _TILT_NODE_SPACING_UM = 1.0
@@ -41,7 +42,11 @@ _WORKERS = os.cpu_count() or 1
 class SimulatedMicroscope:
     """A deterministic microscope: same configs (and seed) give the same frames."""
 
-    def __init__(self, optics: OpticsConfig | None = None, simulator: SimulatorConfig | None = None) -> None:
+    def __init__(
+        self,
+        optics: OpticsConfig | None = None,
+        simulator: SimulatorConfig | None = None,
+    ) -> None:
         self.optics = optics if optics is not None else OpticsConfig()
         self.simulator = simulator if simulator is not None else SimulatorConfig()
         sim = self.simulator
@@ -49,8 +54,15 @@ class SimulatedMicroscope:
         self.specimen = Specimen(sim.specimen, self.pixel_size_um, seed=sim.seed)
         # the bank reaches beyond max_defocus_um by the specimen's half-thickness, so that every specimen plane of a
         # frame at +-max_defocus_um has its own PSF (paraxial focal shift ni/ns bounds the stage distance)
-        reach_um = self.specimen.depth_um * self.optics.immersion_index / self.optics.sample_index
-        bank_half_um = sim.max_defocus_um + math.ceil(reach_um / sim.psf_z_step_um + 1) * sim.psf_z_step_um
+        reach_um = (
+            self.specimen.depth_um
+            * self.optics.immersion_index
+            / self.optics.sample_index
+        )
+        bank_half_um = (
+            sim.max_defocus_um
+            + math.ceil(reach_um / sim.psf_z_step_um + 1) * sim.psf_z_step_um
+        )
         self.psf_bank, self.psf_bank_from_cache = load_or_compute_psf_bank(
             self.optics,
             max_defocus_um=bank_half_um,
@@ -71,16 +83,23 @@ class SimulatedMicroscope:
         """(height_px, width_px) of a camera frame."""
         return (self.simulator.camera.height_px, self.simulator.camera.width_px)
 
-    @property
-    def bank(self) -> PsfBank:
-        return self.psf_bank
-
-    def focus_z_um(self, stage_xy_um: Sequence[float] = (0.0, 0.0), t_s: float = 0.0) -> float:
+    def focus_z_um(
+        self, stage_xy_um: Sequence[float] = (0.0, 0.0), t_s: float = 0.0
+    ) -> float:
         """Stage Z at which the specimen mid-plane at the field centre is in focus: nominal + drift(t) + tilt(xy)."""
         x_um, y_um = float(stage_xy_um[0]), float(stage_xy_um[1])
-        return float(self.simulator.focus_z_um + self.drift.drift_um(t_s) + self.drift.tilt_um(x_um, y_um))
+        return float(
+            self.simulator.focus_z_um
+            + self.drift.drift_um(t_s)
+            + self.drift.tilt_um(x_um, y_um)
+        )
 
-    def defocus_um(self, stage_z_um: float, stage_xy_um: Sequence[float] = (0.0, 0.0), t_s: float = 0.0) -> float:
+    def defocus_um(
+        self,
+        stage_z_um: float,
+        stage_xy_um: Sequence[float] = (0.0, 0.0),
+        t_s: float = 0.0,
+    ) -> float:
         """Signed defocus at the field centre (stage um): positive when the focal plane lies too deep."""
         return float(stage_z_um) - self.focus_z_um(stage_xy_um, t_s)
 
@@ -130,17 +149,26 @@ class SimulatedMicroscope:
             generator = self._pick_rng(rng)
             frames = np.empty((len(defocus_um), *shape), dtype=np.uint16)
             for i, defocus in enumerate(defocus_um):
-                frames[i] = self.camera.expose(self._photons(spectra, shape, float(defocus)), generator, noise=noise)
+                frames[i] = self.camera.expose(
+                    self._photons(spectra, shape, float(defocus)),
+                    generator,
+                    noise=noise,
+                )
             truth = self.camera.expected_adu(self._photons(spectra, shape, 0.0))
         return frames, truth
 
     def expected_photons(
-        self, defocus_um: float, stage_xy_um: Sequence[float] = (0.0, 0.0), shape_px: tuple[int, int] | None = None
+        self,
+        defocus_um: float,
+        stage_xy_um: Sequence[float] = (0.0, 0.0),
+        shape_px: tuple[int, int] | None = None,
     ) -> np.ndarray:
         """Noiseless expected photons per pixel (background included) at a uniform stage defocus."""
         shape = self._shape(shape_px)
         with self._lock:
-            return self._photons(self._window_spectra(stage_xy_um, shape), shape, float(defocus_um))
+            return self._photons(
+                self._window_spectra(stage_xy_um, shape), shape, float(defocus_um)
+            )
 
     # ---------------------------------------------------------------- internals
     def _shape(self, shape_px: tuple[int, int] | None) -> tuple[int, int]:
@@ -148,7 +176,9 @@ class SimulatedMicroscope:
             return self.frame_shape
         height, width = int(shape_px[0]), int(shape_px[1])
         if height < 1 or width < 1:
-            raise ValueError(f"shape_px must be two positive sizes (height, width), got {shape_px!r}")
+            raise ValueError(
+                f"shape_px must be two positive sizes (height, width), got {shape_px!r}"
+            )
         return (height, width)
 
     def _pick_rng(self, rng: np.random.Generator | None) -> np.random.Generator:
@@ -156,42 +186,66 @@ class SimulatedMicroscope:
 
     def _fft_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         pad = 2 * self.psf_bank.radius_px
-        return (scipy.fft.next_fast_len(shape[0] + pad, real=True), scipy.fft.next_fast_len(shape[1] + pad, real=True))
+        return (
+            scipy.fft.next_fast_len(shape[0] + pad, real=True),
+            scipy.fft.next_fast_len(shape[1] + pad, real=True),
+        )
 
-    def _window_spectra(self, stage_xy_um: Sequence[float], shape: tuple[int, int], *, cache: bool = True) -> np.ndarray:
+    def _window_spectra(
+        self,
+        stage_xy_um: Sequence[float],
+        shape: tuple[int, int],
+        *,
+        cache: bool = True,
+    ) -> np.ndarray:
         """rfft2 of the specimen planes around the frame window, padded by the PSF radius: complex64 [K, P, Q/2+1]."""
         fft_shape = self._fft_shape(shape)
         px = self.pixel_size_um
         # frame pixel (r, c) images sample point ((left + c + 0.5) px, (top + r + 0.5) px); the stage XY is the centre
-        top = int(math.floor(float(stage_xy_um[1]) / px - shape[0] / 2 + 0.5))
-        left = int(math.floor(float(stage_xy_um[0]) / px - shape[1] / 2 + 0.5))
+        top = math.floor(float(stage_xy_um[1]) / px - shape[0] / 2 + 0.5)
+        left = math.floor(float(stage_xy_um[0]) / px - shape[1] / 2 + 0.5)
         pad = self.psf_bank.radius_px
         key = (top, left, *fft_shape)
         spectra = self._spectra.get(key)
         if spectra is None:
-            planes = self.specimen.window(top - pad, left - pad, fft_shape[0], fft_shape[1])
-            spectra = scipy.fft.rfft2(planes, workers=_WORKERS).astype(np.complex64, copy=False)
+            planes = self.specimen.window(
+                top - pad, left - pad, fft_shape[0], fft_shape[1]
+            )
+            spectra = scipy.fft.rfft2(planes, workers=_WORKERS).astype(
+                np.complex64, copy=False
+            )
             if cache:
                 while len(self._spectra) >= _SPECTRA_CACHE_WINDOWS:
                     self._spectra.pop(next(iter(self._spectra)))
                 self._spectra[key] = spectra
         return spectra
 
-    def _photons(self, spectra: np.ndarray, shape: tuple[int, int], defocus_um: float) -> np.ndarray:
+    def _photons(
+        self, spectra: np.ndarray, shape: tuple[int, int], defocus_um: float
+    ) -> np.ndarray:
         """Expected photons per pixel (float32 [H, W]) at a uniform stage defocus of the specimen mid-plane."""
         bank = self.psf_bank
         fft_shape = self._fft_shape(shape)
         rows_total = fft_shape[0]
-        indices = bank.index(defocus_um - self.specimen.plane_z_um * bank.stage_um_per_sample_um)
+        indices = bank.index(
+            defocus_um - self.specimen.plane_z_um * bank.stage_um_per_sample_um
+        )
         accumulator = np.zeros(spectra.shape[1:], dtype=np.complex64)
+        scratch = np.empty(spectra.shape[1:], dtype=np.complex64)
         for plane, index in enumerate(indices):
             transfer = self._otf.quarter(int(index), fft_shape)
             rows, cols = transfer.shape
-            accumulator[:rows, :cols] += spectra[plane, :rows, :cols] * transfer
-            if rows > 1:
-                accumulator[rows_total - rows + 1 :, :cols] += spectra[plane, rows_total - rows + 1 :, :cols] * transfer[
-                    :0:-1
-                ]
+            # positive row frequencies, then the mirrored negative ones (the transfer function is even)
+            for target, weights in (
+                (slice(0, rows), transfer),
+                (slice(rows_total - rows + 1, rows_total), transfer[:0:-1]),
+            ):
+                if weights.shape[0] == 0:
+                    continue
+                product = np.multiply(
+                    spectra[plane, target, :cols], weights, out=scratch[target, :cols]
+                )
+                accumulator[target, :cols] += product
         image = scipy.fft.irfft2(accumulator, s=fft_shape, workers=_WORKERS)
         pad = bank.radius_px
         photons = image[pad : pad + shape[0], pad : pad + shape[1]]
@@ -199,15 +253,22 @@ class SimulatedMicroscope:
         photons += np.float32(self.simulator.specimen.background_photons_per_px)
         return photons
 
-    def _tilted_photons(self, spectra: np.ndarray, shape: tuple[int, int], centre_defocus_um: float) -> np.ndarray:
+    def _tilted_photons(
+        self, spectra: np.ndarray, shape: tuple[int, int], centre_defocus_um: float
+    ) -> np.ndarray:
         """Blend renders at a few defocus values by each pixel's own defocus (linear in x and y with a tilt)."""
         px = self.pixel_size_um
         rows = (np.arange(shape[0]) - (shape[0] - 1) / 2) * px
         cols = (np.arange(shape[1]) - (shape[1] - 1) / 2) * px
         # the in-focus stage Z rises with the tilt, so the defocus falls with it
-        local = centre_defocus_um - (self.drift.tilt_um(cols[None, :], 0.0) + self.drift.tilt_um(0.0, rows[:, None]))
+        local = centre_defocus_um - (
+            self.drift.tilt_um(cols[None, :], 0.0)
+            + self.drift.tilt_um(0.0, rows[:, None])
+        )
         low, high = float(local.min()), float(local.max())
-        count = min(_MAX_TILT_NODES, max(2, int(math.ceil((high - low) / _TILT_NODE_SPACING_UM)) + 1))
+        count = min(
+            _MAX_TILT_NODES, max(2, math.ceil((high - low) / _TILT_NODE_SPACING_UM) + 1)
+        )
         nodes = np.linspace(low, high, count)
         if high - low < 1e-9:
             return self._photons(spectra, shape, centre_defocus_um)
@@ -216,7 +277,11 @@ class SimulatedMicroscope:
         weight = (position - lower).astype(np.float32)
         result = np.zeros(shape, dtype=np.float32)
         for i, node in enumerate(nodes):
-            share = np.where(lower == i, 1.0 - weight, 0.0) + np.where(lower == i - 1, weight, 0.0)
+            share = np.where(lower == i, 1.0 - weight, 0.0) + np.where(
+                lower == i - 1, weight, 0.0
+            )
             if share.any():
-                result += self._photons(spectra, shape, float(node)) * share.astype(np.float32)
+                result += self._photons(spectra, shape, float(node)) * share.astype(
+                    np.float32
+                )
         return result

@@ -16,13 +16,16 @@ package is expressed in *stage* micrometres: the bank is indexed by stage defocu
 that factor is measured from the model (0.73 for the default optics; the paraxial value ni / ns is 0.75).
 
 Above/below asymmetry: the aqueous sample behind a dry objective adds depth-dependent spherical aberration, so the
-PSF at +d and -d differ (rings on one side, a softer disc on the other); the network can learn the sign of defocus
-from one frame only because of that. The bank is computed for a point at the specimen's mid-plane depth; the slow
-change of that aberration over the few micrometres of a cell monolayer is neglected.
+PSF at +d and -d differ; this is what lets a network learn the sign of defocus from one frame. With the default
+optics (20x/0.45 air, cells 6.5 um deep) the effect is weak: the PSFs at +d and -d differ by 1-3 % (L1, relative)
+for |d| = 0.5-40 um, and the ring structure differs near +-5 um (rim/centre intensity 1.77 at +5 um, 1.90 at
+-5 um). A coverslip or correction-collar mismatch would strengthen it; the optics config has no field for that yet.
+The bank is computed for a point at the specimen's mid-plane depth; the slow change of the aberration over the few
+micrometres of a cell monolayer is neglected.
 
-Model: the vectorial model (Aguet et al. 2009) computes the default bank (321 planes of 183 x 183 px) in about
-5 s on a 2-core machine, well inside the 30 s budget for a first start, so we use it; 'scalar' (Gibson-Lanni) is
-available for very large banks.
+Model: the vectorial model (Aguet et al. 2009) computes the default bank (363 planes of 209 x 209 px, +-45 um) in
+8-15 s on the shared 2-core machine, inside the 30 s budget for a first start, so we use it; later starts load it
+from the cache in well under a second. 'scalar' (Gibson-Lanni) took about the same time here.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +79,11 @@ class PsfBank:
 
     @property
     def z_step_um(self) -> float:
-        return float(self.defocus_um[1] - self.defocus_um[0]) if len(self.defocus_um) > 1 else 1.0
+        return (
+            float(self.defocus_um[1] - self.defocus_um[0])
+            if len(self.defocus_um) > 1
+            else 1.0
+        )
 
     @property
     def radius_px(self) -> int:
@@ -83,18 +91,22 @@ class PsfBank:
 
     def index(self, defocus_um: float | np.ndarray) -> np.ndarray:
         """Nearest bank plane for each stage defocus, clamped to the bank's range."""
-        position = (np.asarray(defocus_um, dtype=np.float64) - self.defocus_um[0]) / self.z_step_um
+        position = (
+            np.asarray(defocus_um, dtype=np.float64) - self.defocus_um[0]
+        ) / self.z_step_um
         return np.clip(np.rint(position), 0, len(self.defocus_um) - 1).astype(np.int64)
 
 
-def psf_size_px(optics: OpticsConfig, max_defocus_um: float, pixel_size_um: float) -> int:
+def psf_size_px(
+    optics: OpticsConfig, max_defocus_um: float, pixel_size_um: float
+) -> int:
     """Odd PSF width covering the geometric blur disc at the largest defocus, with a margin for the rim rings.
 
     The blur radius is the stage defocus times tan of the marginal ray angle in the immersion medium.
     """
     theta = math.asin(optics.numerical_aperture / optics.immersion_index)
     radius_px = max_defocus_um * math.tan(theta) / pixel_size_um
-    half = int(math.ceil(1.3 * radius_px + 12))
+    half = math.ceil(1.3 * radius_px + 12)
     return 2 * half + 1
 
 
@@ -114,12 +126,22 @@ def _psf_kwargs(optics: OpticsConfig, pixel_size_um: float) -> dict[str, float]:
     }
 
 
-def _make_psf(z_um: np.ndarray, nx: int, depth_um: float, kwargs: dict[str, float], model: PsfModel) -> np.ndarray:
+def _make_psf(
+    z_um: np.ndarray,
+    nx: int,
+    depth_um: float,
+    kwargs: dict[str, float],
+    model: PsfModel,
+) -> np.ndarray:
     import psfmodels
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return np.asarray(psfmodels.make_psf(z_um, nx, pz=depth_um, model=model, normalize=False, **kwargs))
+        return np.asarray(
+            psfmodels.make_psf(
+                z_um, nx, pz=depth_um, model=model, normalize=False, **kwargs
+            )
+        )
 
 
 def _best_focus_z(depth_um: float, kwargs: dict[str, float], model: PsfModel) -> float:
@@ -136,7 +158,12 @@ def _cache_key(optics: OpticsConfig, params: dict[str, object]) -> str:
     import psfmodels
 
     blob = json.dumps(
-        {"optics": optics.model_dump(mode="json"), **params, "psfmodels": psfmodels.__version__, "v": _CACHE_FORMAT},
+        {
+            "optics": optics.model_dump(mode="json"),
+            **params,
+            "psfmodels": psfmodels.__version__,
+            "v": _CACHE_FORMAT,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -154,7 +181,7 @@ def compute_psf_bank(
     pixel_size_um = optics.pixel_size_um
     nx = psf_size_px(optics, max_defocus_um, pixel_size_um)
     kwargs = _psf_kwargs(optics, pixel_size_um)
-    count = int(round(max_defocus_um / z_step_um))
+    count = round(max_defocus_um / z_step_um)
     defocus_um = np.arange(-count, count + 1, dtype=np.float64) * z_step_um
     depth_step_um = 2.0
     z_best = _best_focus_z(depth_um, kwargs, model)
@@ -176,7 +203,9 @@ def compute_psf_bank(
     )
 
 
-def _bank_params(max_defocus_um: float, z_step_um: float, depth_um: float, model: str) -> dict[str, object]:
+def _bank_params(
+    max_defocus_um: float, z_step_um: float, depth_um: float, model: str
+) -> dict[str, object]:
     return {
         "max_defocus_um": float(max_defocus_um),
         "z_step_um": float(z_step_um),
@@ -219,10 +248,14 @@ def load_or_compute_psf_bank(
             return bank, True
         except (OSError, KeyError, ValueError) as exc:
             log.warning(kv("psf_bank_cache_unreadable", path=path, error=exc))
-    import time
-
     start = time.perf_counter()
-    bank = compute_psf_bank(optics, max_defocus_um=max_defocus_um, z_step_um=z_step_um, depth_um=depth_um, model=model)
+    bank = compute_psf_bank(
+        optics,
+        max_defocus_um=max_defocus_um,
+        z_step_um=z_step_um,
+        depth_um=depth_um,
+        model=model,
+    )
     log.info(
         kv(
             "psf_bank_computed",
@@ -235,7 +268,9 @@ def load_or_compute_psf_bank(
     )
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
+        with tempfile.NamedTemporaryFile(
+            dir=directory, suffix=".tmp", delete=False
+        ) as handle:
             np.savez(
                 handle,
                 defocus_um=bank.defocus_um,
@@ -245,7 +280,9 @@ def load_or_compute_psf_bank(
                 stage_um_per_sample_um=bank.stage_um_per_sample_um,
                 model=bank.model,
             )
-        os.replace(handle.name, path)  # atomic: concurrent starts never read a half-written bank
+        os.replace(
+            handle.name, path
+        )  # atomic: concurrent starts never read a half-written bank
     except OSError as exc:
         log.warning(kv("psf_bank_cache_not_written", path=path, error=exc))
     return bank, False
@@ -261,7 +298,13 @@ class OtfCache:
     planes carry no high frequencies, so their multiply-add touches a small corner of the spectrum.
     """
 
-    def __init__(self, bank: PsfBank, *, max_bytes: int = 512 * 2**20, rel_tolerance: float = 1e-4) -> None:
+    def __init__(
+        self,
+        bank: PsfBank,
+        *,
+        max_bytes: int = 512 * 2**20,
+        rel_tolerance: float = 1e-4,
+    ) -> None:
         self.bank = bank
         self.max_bytes = max_bytes
         half = bank.radius_px
@@ -289,8 +332,14 @@ class OtfCache:
 
     def block_size(self, index: int, fft_shape: tuple[int, int]) -> tuple[int, int]:
         """Rows and columns (from frequency 0) of the non-negligible quarter of plane `index` on this grid."""
-        rows = min(fft_shape[0] // 2 + 1, int(math.ceil(self._cutoff_cycles[index] * fft_shape[0])) + 1)
-        cols = min(fft_shape[1] // 2 + 1, int(math.ceil(self._cutoff_cycles[index] * fft_shape[1])) + 1)
+        rows = min(
+            fft_shape[0] // 2 + 1,
+            math.ceil(self._cutoff_cycles[index] * fft_shape[0]) + 1,
+        )
+        cols = min(
+            fft_shape[1] // 2 + 1,
+            math.ceil(self._cutoff_cycles[index] * fft_shape[1]) + 1,
+        )
         return rows, cols
 
     def quarter(self, index: int, fft_shape: tuple[int, int]) -> np.ndarray:

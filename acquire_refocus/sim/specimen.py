@@ -40,13 +40,17 @@ class Specimen:
         self.config = config
         self.pixel_size_um = float(pixel_size_um)
         self.seed = int(seed)
-        height_px = max(16, int(round(config.field_size_um[1] / pixel_size_um)))
-        width_px = max(16, int(round(config.field_size_um[0] / pixel_size_um)))
+        height_px = max(16, round(config.field_size_um[1] / pixel_size_um))
+        width_px = max(16, round(config.field_size_um[0] / pixel_size_um))
         self.field_shape_px = (height_px, width_px)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x5EC1]))
-        self.nuclei = _place_nuclei(config, (height_px * pixel_size_um, width_px * pixel_size_um), rng)
-        half_extent_um = config.layer_thickness_um / 2 + config.nucleus_thickness_um[1] / 2
-        half_planes = int(math.ceil(half_extent_um / config.z_step_um))
+        self.nuclei = _place_nuclei(
+            config, (height_px * pixel_size_um, width_px * pixel_size_um), rng
+        )
+        half_extent_um = (
+            config.layer_thickness_um / 2 + config.nucleus_thickness_um[1] / 2
+        )
+        half_planes = math.ceil(half_extent_um / config.z_step_um)
         self.plane_z_um = np.arange(-half_planes, half_planes + 1) * config.z_step_um
         # the lowest nuclei touch the coverslip: the mid-plane lies this deep in the sample
         self.depth_um = float(half_extent_um)
@@ -56,7 +60,9 @@ class Specimen:
     def mean_photons_per_px(self) -> float:
         return float(self.planes.sum(axis=0).mean())
 
-    def window(self, top_px: int, left_px: int, height_px: int, width_px: int) -> np.ndarray:
+    def window(
+        self, top_px: int, left_px: int, height_px: int, width_px: int
+    ) -> np.ndarray:
         """Planes [K, height, width] whose pixel (0, 0) is field pixel (top, left), wrapping periodically."""
         rows = np.arange(top_px, top_px + height_px) % self.field_shape_px[0]
         cols = np.arange(left_px, left_px + width_px) % self.field_shape_px[1]
@@ -71,8 +77,12 @@ class Specimen:
             a, b, c = nucleus.semi_axes_um
             reach_um = max(a, b) + 2 * _EDGE_SOFTNESS_UM
             cy, cx = nucleus.y_um / px, nucleus.x_um / px
-            rows = np.arange(int(math.floor(cy - reach_um / px)), int(math.ceil(cy + reach_um / px)) + 1)
-            cols = np.arange(int(math.floor(cx - reach_um / px)), int(math.ceil(cx + reach_um / px)) + 1)
+            rows = np.arange(
+                math.floor(cy - reach_um / px), math.ceil(cy + reach_um / px) + 1
+            )
+            cols = np.arange(
+                math.floor(cx - reach_um / px), math.ceil(cx + reach_um / px) + 1
+            )
             in_z = np.abs(self.plane_z_um - nucleus.z_um) < c + 2 * _EDGE_SOFTNESS_UM
             if not in_z.any():
                 continue
@@ -84,21 +94,36 @@ class Specimen:
             v = -xs * sin + ys * cos
             radius = np.sqrt((u / a) ** 2 + (v / b) ** 2 + (zs / c) ** 2)
             # soft envelope: the edge width is _EDGE_SOFTNESS_UM whatever the nucleus size
-            edge = 0.5 * (1.0 - np.tanh((radius - 1.0) * min(a, b, c) / _EDGE_SOFTNESS_UM))
+            edge = 0.5 * (
+                1.0 - np.tanh((radius - 1.0) * min(a, b, c) / _EDGE_SOFTNESS_UM)
+            )
             density = edge * _chromatin(edge.shape, nucleus, px, rng)
-            photons = (self.config.photons_per_um3 * voxel_um3 * nucleus.brightness) * density
-            planes[np.ix_(np.flatnonzero(in_z), rows % height, cols % width)] += photons.astype(np.float32)
+            photons = (
+                self.config.photons_per_um3 * voxel_um3 * nucleus.brightness
+            ) * density
+            planes[np.ix_(np.flatnonzero(in_z), rows % height, cols % width)] += (
+                photons.astype(np.float32)
+            )
         return planes
 
 
-def _chromatin(shape: tuple[int, ...], nucleus: Nucleus, pixel_size_um: float, rng: np.random.Generator) -> np.ndarray:
+def _chromatin(
+    shape: tuple[int, ...],
+    nucleus: Nucleus,
+    pixel_size_um: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Multiplicative texture: mottled chromatin, bright chromocentres, dim nucleoli (condensed when mitotic)."""
     grain_px = (0.6, 0.5 / pixel_size_um, 0.5 / pixel_size_um)
     noise = ndimage.gaussian_filter(rng.standard_normal(shape), grain_px, mode="wrap")
     noise /= noise.std() + 1e-9
     contrast = 0.5 if nucleus.mitotic else 0.3
     texture = np.clip(1.0 + contrast * noise, 0.2, None)
-    coarse = ndimage.gaussian_filter(rng.standard_normal(shape), (1.0, 1.6 / pixel_size_um, 1.6 / pixel_size_um), mode="wrap")
+    coarse = ndimage.gaussian_filter(
+        rng.standard_normal(shape),
+        (1.0, 1.6 / pixel_size_um, 1.6 / pixel_size_um),
+        mode="wrap",
+    )
     coarse /= coarse.std() + 1e-9
     if not nucleus.mitotic:
         # nucleoli: smooth dark patches; chromocentres: sparse bright spots
@@ -108,7 +133,9 @@ def _chromatin(shape: tuple[int, ...], nucleus: Nucleus, pixel_size_um: float, r
     return texture
 
 
-def _place_nuclei(config: SpecimenConfig, field_um: tuple[float, float], rng: np.random.Generator) -> list[Nucleus]:
+def _place_nuclei(
+    config: SpecimenConfig, field_um: tuple[float, float], rng: np.random.Generator
+) -> list[Nucleus]:
     """Nucleus parameters: a smooth density map for sparse/dense regions, clusters, mitotic pairs."""
     height_um, width_um = field_um
     count = int(rng.poisson(config.nuclei_per_mm2 * height_um * width_um / 1e6))
@@ -116,7 +143,9 @@ def _place_nuclei(config: SpecimenConfig, field_um: tuple[float, float], rng: np
         return []
     # density map on a coarse periodic grid: exp of smooth noise gives sparse and dense regions
     grid = 32
-    density = ndimage.gaussian_filter(rng.standard_normal((grid, grid)), 3.0, mode="wrap")
+    density = ndimage.gaussian_filter(
+        rng.standard_normal((grid, grid)), 3.0, mode="wrap"
+    )
     density = np.exp(1.2 * density / (density.std() + 1e-9))
     density /= density.sum()
     cells = rng.choice(grid * grid, size=count, p=density.ravel())
@@ -151,8 +180,32 @@ def _place_nuclei(config: SpecimenConfig, field_um: tuple[float, float], rng: np
             offset = 0.5 * diameter + rng.uniform(0.5, 2.0)
             dx, dy = math.cos(angle) * offset, math.sin(angle) * offset
             small = (axes[0] * 0.8, axes[1] * 0.8, axes[2])
-            nuclei.append(Nucleus((x + dx) % width_um, (y + dy) % height_um, z, small, angle, brightness, True))
-            nuclei.append(Nucleus((x - dx) % width_um, (y - dy) % height_um, z, small, angle, brightness, True))
+            nuclei.append(
+                Nucleus(
+                    (x + dx) % width_um,
+                    (y + dy) % height_um,
+                    z,
+                    small,
+                    angle,
+                    brightness,
+                    True,
+                )
+            )
+            nuclei.append(
+                Nucleus(
+                    (x - dx) % width_um,
+                    (y - dy) % height_um,
+                    z,
+                    small,
+                    angle,
+                    brightness,
+                    True,
+                )
+            )
             continue
-        nuclei.append(Nucleus(float(x), float(y), float(z), axes, float(angle), brightness, mitotic))
+        nuclei.append(
+            Nucleus(
+                float(x), float(y), float(z), axes, float(angle), brightness, mitotic
+            )
+        )
     return nuclei
