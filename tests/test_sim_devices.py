@@ -167,6 +167,19 @@ def test_exposure_is_validated(sim: tuple[UniMMCore, ClockedMicroscope]) -> None
     assert core.getExposure() == 10.0
 
 
+def test_longer_exposure_collects_proportionally_more_light(
+    sim: tuple[UniMMCore, ClockedMicroscope], config: AppConfig
+) -> None:
+    core, _ = sim
+    offset_adu = config.simulator.camera.offset_adu
+    core.snapImage()
+    signal_10ms = float(core.getImage().mean()) - offset_adu
+    core.setExposure(20.0)
+    core.snapImage()
+    signal_20ms = float(core.getImage().mean()) - offset_adu
+    assert signal_20ms / signal_10ms == pytest.approx(2.0, rel=0.05)
+
+
 def test_z_origin_shifts_reported_positions_not_the_optics(sim: tuple[UniMMCore, ClockedMicroscope]) -> None:
     core, scope = sim
     core.setOrigin()

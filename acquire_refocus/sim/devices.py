@@ -174,8 +174,8 @@ class SimXYStage(XYStageDevice):
 class SimCamera(SimpleCameraDevice):
     """Simulated sCMOS camera: each frame is the specimen rendered at the stages' positions and the scope's clock.
 
-    Exposure is a settable property; with the wall clock a frame takes that long. Brightness stays that of
-    `simulator.camera.exposure_ms`, because `SimulatedMicroscope.render` has no exposure input.
+    Exposure is a settable property: photons scale with it (relative to `simulator.camera.exposure_ms`), and with
+    the wall clock a frame takes that long.
     """
 
     def __init__(self, scope: ClockedMicroscope, focus: SimFocusStage, xy: SimXYStage, exposure_ms: float) -> None:
@@ -204,7 +204,7 @@ class SimCamera(SimpleCameraDevice):
         z_um = self._focus.physical_z_um
         xy_um = self._xy.physical_xy_um
         t_s = self._scope.clock.frame_exposed(self._exposure_ms)
-        buffer[:] = self._scope.render(stage_z_um=z_um, stage_xy_um=xy_um, t_s=t_s)
+        buffer[:] = self._scope.render(stage_z_um=z_um, stage_xy_um=xy_um, t_s=t_s, exposure_ms=self._exposure_ms)
         return {"SimTime_s": f"{t_s:.6f}", "SimStageZ_um": f"{z_um:.4f}"}
 
 

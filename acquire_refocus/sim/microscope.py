@@ -113,11 +113,13 @@ class SimulatedMicroscope:
         noise: bool = True,
         rng: np.random.Generator | None = None,
         shape_px: tuple[int, int] | None = None,
+        exposure_ms: float | None = None,
     ) -> np.ndarray:
         """A uint16 camera frame with the stages at (stage_xy_um, stage_z_um) at simulated time t_s.
 
         Without `rng`, noise comes from the microscope's own generator (seeded by `simulator.seed`), so a sequence
-        of frames is reproducible.
+        of frames is reproducible. `exposure_ms` scales signal and background photons relative to
+        `camera.exposure_ms` (the exposure `specimen.photons_per_um3` is given for); None means that exposure.
         """
         shape = self._shape(shape_px)
         centre_defocus = self.defocus_um(stage_z_um, stage_xy_um, t_s)
@@ -127,6 +129,8 @@ class SimulatedMicroscope:
                 photons = self._photons(spectra, shape, centre_defocus)
             else:
                 photons = self._tilted_photons(spectra, shape, centre_defocus)
+            if exposure_ms is not None:
+                photons = photons * np.float32(exposure_ms / self.camera.config.exposure_ms)
             return self.camera.expose(photons, self._pick_rng(rng), noise=noise)
 
     def render_stack(
