@@ -283,8 +283,17 @@ def part_records(part: str, sizes: list[int], repeats: int) -> tuple[list[dict[s
 
 
 # ------------------------------------------------------------------------------------------------- output
-_COLUMNS = ("kind", "engine", "precision", "device", "size", "batch", "p50_ms", "p99_ms", "fps",
-            "meets_camera_rate", "speedup_vs_torch", "peak_rss_mb", "rss_increase_mb", "peak_gpu_mb")
+_COLUMNS = ("kind", "engine", "variant", "precision", "device", "size", "batch", "p50_ms", "p99_ms", "fps",
+            "gb_per_s", "meets_camera_rate", "speedup_vs_torch", "peak_rss_mb", "rss_increase_mb", "peak_gpu_mb")
+
+
+def _variant(record: dict[str, Any]) -> str | None:
+    """What tells two records of one engine and size apart in the table (simulator case, ZeroMQ transport)."""
+    if "case" in record:
+        return str(record["case"])
+    if "transport" in record:
+        return str(record["transport"]).split(" ")[0]
+    return None
 
 
 def format_table(records: list[dict[str, Any]], machine: dict[str, Any], notes: list[str]) -> str:
@@ -297,7 +306,7 @@ def format_table(records: list[dict[str, Any]], machine: dict[str, Any], notes: 
             return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
         return str(value)
 
-    rows = [[cell(r.get(c)) for c in _COLUMNS] for r in records]
+    rows = [[cell(_variant(r) if c == "variant" else r.get(c)) for c in _COLUMNS] for r in records]
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(_COLUMNS)]
     lines = [
         f"machine: {machine['cpu']} ({machine['cpu_cores_usable']} usable of {machine['cpu_cores']} cores), "
