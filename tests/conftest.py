@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,29 @@ def free_tcp_address() -> str:
 @pytest.fixture
 def tcp_address() -> Callable[[], str]:
     return free_tcp_address
+
+
+@pytest.fixture
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests that call `cli.main`: its `setup_logging` adds our handler and stops propagation to the root
+    logger; put the logger back afterwards so later tests see it as they would alone."""
+    logger = logging.getLogger("acquire_refocus")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(logger, "level", logger.level)
+
+
+@pytest.fixture
+def engine_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Capture our log lines even after setup_logging() stopped them propagating to the root logger."""
+    ours = logging.getLogger("acquire_refocus")
+    attach = not ours.propagate
+    if attach:
+        ours.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="acquire_refocus")
+    yield caplog
+    if attach:
+        ours.removeHandler(caplog.handler)
 
 
 # A small, fast simulated microscope: 128 x 128 frames, a specimen just larger than the frame, a clock that

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +24,7 @@ BAD_CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _drop_cli_log_handler(monkeypatch: pytest.MonkeyPatch) -> None:
-    """cli.main binds a log handler to the stderr of the moment (pytest's capture, closed after the test); undo
-    it, so later tests' log lines do not land on a closed stream as '--- Logging error ---' tracebacks."""
-    logger = logging.getLogger("acquire_refocus")
-    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
-    monkeypatch.setattr(logger, "propagate", logger.propagate)
-    monkeypatch.setattr(logger, "level", logger.level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def _write(tmp_path: Path, name: str) -> Path:

@@ -60,18 +60,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def engine_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Capture our log lines even after setup_logging() stopped them propagating to the root logger."""
-    ours = logging.getLogger("acquire_refocus")
-    attach = not ours.propagate
-    if attach:
-        ours.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="acquire_refocus")
-    yield caplog
-    if attach:
-        ours.removeHandler(caplog.handler)
-
 
 @pytest.fixture(scope="module")
 def loaded() -> Loaded:

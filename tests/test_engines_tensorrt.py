@@ -8,8 +8,6 @@ PSNR, as used here: 10 log10(range^2 / MSE) with range = max - min of the PyTorc
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +81,6 @@ def fp16_engine(torch_tensorrt: Any, loaded: Any, cache_dir: Path) -> Any:
     assert engine.name == "tensorrt", "the TensorRT engine must build on a GPU machine with torch-tensorrt"
     return engine
 
-
-@pytest.fixture
-def engine_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    ours = logging.getLogger("acquire_refocus")
-    attach = not ours.propagate
-    if attach:
-        ours.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="acquire_refocus")
-    yield caplog
-    if attach:
-        ours.removeHandler(caplog.handler)
 
 
 @pytest.mark.gpu

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +14,7 @@ from acquire_refocus.config import AppConfig, parse_config
 from acquire_refocus.errors import InputError
 from acquire_refocus.sim.dataset import field_key, read_zstack_folders, write_simulated_dataset
 
-@pytest.fixture(autouse=True)
-def _drop_cli_log_handler(monkeypatch: pytest.MonkeyPatch) -> None:
-    """cli.main binds a log handler to the stderr of the moment (pytest's capture, closed after the test); undo
-    it, so later tests' log lines do not land on a closed stream as '--- Logging error ---' tracebacks."""
-    logger = logging.getLogger("acquire_refocus")
-    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
-    monkeypatch.setattr(logger, "propagate", logger.propagate)
-    monkeypatch.setattr(logger, "level", logger.level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 # ------------------------------------------------------------------------------------ BBBC006-like trees
