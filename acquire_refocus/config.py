@@ -22,13 +22,22 @@ class _Section(BaseModel):
 
 
 class OpticsConfig(_Section):
-    """Widefield fluorescence optics. Defaults: BBBC006-like 20x/0.45 air objective, Hoechst emission."""
+    """Widefield fluorescence optics. Defaults: BBBC006-like 20x/0.45 air objective, Hoechst emission.
+
+    `collar_thickness_um` is the coverslip thickness the objective is corrected for. A mismatch with the actual
+    `coverslip_thickness_um` adds spherical aberration, which makes the blur above and below focus differ (a 100 um
+    mismatch: 34-52 % L1 between the PSFs at +d and -d for |d| = 2-30 um, against 2-3 % when matched).
+    """
 
     numerical_aperture: float = Field(0.45, gt=0.0, le=1.7)
     magnification: float = Field(20.0, gt=0.0)
     immersion_index: float = Field(1.0, ge=1.0, le=2.0, description="refractive index of the immersion medium")
     coverslip_index: float = Field(1.515, ge=1.0, le=2.0)
-    coverslip_thickness_um: float = Field(170.0, ge=0.0, le=1000.0)
+    coverslip_thickness_um: float = Field(
+        170.0, ge=0.0, le=2000.0, description="actual thickness of the coverslip or plate bottom")
+    collar_thickness_um: float = Field(
+        170.0, ge=0.0, le=2000.0,
+        description="coverslip thickness the objective is corrected for (its correction collar setting)")
     sample_index: float = Field(1.33, ge=1.0, le=2.0, description="refractive index of the mounting medium")
     emission_wavelength_nm: float = Field(461.0, ge=300.0, le=1100.0)
     camera_pixel_size_um: float = Field(6.5, gt=0.0, le=50.0)

@@ -5,9 +5,12 @@ Three threads take part:
 * the acquisition thread calls `FramePipeline.submit` for every raw frame. It only appends to in-memory queues
   (no I/O, no locks held for long, no copies), so the camera runs at full speed whatever happens downstream;
 * the worker thread takes frames from the bounded correction queue and runs the corrector (a `Refocuser`);
-* the dispatch thread hands every result to the sinks in turn (publisher, refocused store, focus log, focus
-  controller). Sinks may block on disk or on the network: only this thread waits for them, and it alone owns
-  whatever the sinks own (a ZeroMQ socket is not thread-safe, so the publisher's socket lives here).
+* the dispatch thread hands every result to the sinks in turn, latency-critical ones first (the daemon's
+  order: focus controller, publisher, focus log, then the refocused store). Sinks may block on disk or on the
+  network: only this thread waits for them, and it alone owns whatever the sinks own (a ZeroMQ socket is not
+  thread-safe, so the publisher's socket lives here). A sink slow enough to hold the others up (the refocused
+  store: 16 MB of float32 per 2048 x 2048 frame) is wrapped in a `BackgroundSink`, its own writer thread behind
+  a small bounded queue, so neither the closed focus loop nor the next frame's publish waits for the disk.
 
 Every submitted frame produces exactly one `FrameResult`, whatever happened to it: `refocused`, `skipped` (the
 engine was behind: the queue was full, or a newer frame replaced it with overflow "latest"), `failed` (a frame the
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
@@ -88,9 +92,10 @@ class FrameCorrector(Protocol):
 class FrameSink(Protocol):
     """Receives every result in the dispatch thread (like pymmcore-plus's SinkProtocol, one call per frame).
 
-    `on_frame` may block (disk, network); it only delays later results, never the acquisition. An exception in
-    a sink is logged and counted; the other sinks still get the frame. `close` is called once, at the end,
-    in the dispatch thread.
+    `on_frame` may block (disk, network); it only delays later results and the sinks after it, never the
+    acquisition (wrap a slow sink in `BackgroundSink` to keep it off the other sinks' path). An exception in a
+    sink is logged and counted; the other sinks still get the frame. `close` is called once, at the end, in the
+    dispatch thread.
     """
 
     def on_frame(self, result: FrameResult) -> None: ...
@@ -109,8 +114,8 @@ class PipelineStats:
     paused_frames: int
     queue_depth: int
     in_flight: int
-    delivered: int  # results handed to the sinks
-    sink_errors: int
+    delivered: int  # results handed to the sinks (a BackgroundSink may still be writing them until close)
+    sink_errors: int  # exceptions in sinks, those in BackgroundSinks' writer threads included
     paused: bool
     engine: str
     overflow: str
@@ -310,7 +315,7 @@ class FramePipeline:
                 queue_depth=len(self._queue),
                 in_flight=self._in_flight,
                 delivered=c.delivered,
-                sink_errors=c.sink_errors,
+                sink_errors=c.sink_errors + sum(s.errors for s in self._sinks if isinstance(s, BackgroundSink)),
                 paused=self._paused,
                 engine=self._engine_name,
                 overflow=self._config.overflow,
@@ -318,7 +323,8 @@ class FramePipeline:
             )
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until every frame submitted so far has been delivered to the sinks. False on timeout.
+        """Wait until every frame submitted so far has been delivered to the sinks (queued, for a BackgroundSink).
+        False on timeout.
 
         The closed focus loop uses this between time points, so a correction is based on the latest estimates.
         """
@@ -453,6 +459,92 @@ class FramePipeline:
                 sink.close()
             except Exception as exc:
                 log.error(kv("sink_close_failed", sink=type(sink).__name__, error=repr(exc)))
+
+
+class BackgroundSink:
+    """A FrameSink that runs another, slow one (disk) in its own writer thread behind a bounded queue.
+
+    Why: the dispatch thread calls the sinks one after the other, so a sink that can take milliseconds per frame
+    (the refocused OME-Zarr store, 16 MB of float32 per 2048 x 2048 frame: usually a fraction of a millisecond,
+    several at p99 on a busy machine) delays every sink after it and the next frame's publish and focus
+    estimate. Behind this wrapper its time leaves the latency path; its CPU use does not.
+
+    * `on_frame` (dispatch thread) queues the result and returns. When `max_pending` results are already waiting
+      it waits for room: back-pressure, never a dropped result. The dispatch thread then falls behind, and later
+      results wait in the pipeline's result queue (the engine does not wait for the sinks). Waits are counted in
+      `waits` and logged at most once per 5 s.
+    * The wrapped sink sees every result, in order, all in the writer thread; `close` runs there too.
+    * An exception in the wrapped sink's `on_frame` is logged and counted in `errors` (which the pipeline adds to
+      its `sink_errors`); the writer goes on with the next result.
+    * `close` drains the queue, closes the wrapped sink and joins the writer; an exception from the wrapped
+      `close` is raised again here. Idempotent.
+    * Memory: at most `max_pending` + 1 results (their raw and refocused frames) are held here. A process killed
+      with SIGKILL loses those, and whatever the wrapped sink had not finished writing itself.
+    """
+
+    def __init__(self, sink: FrameSink, max_pending: int = 4) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        self.sink = sink
+        self.max_pending = max_pending
+        self._name = type(sink).__name__
+        self._queue: queue.Queue[FrameResult | None] = queue.Queue(maxsize=max_pending)
+        self._thread: threading.Thread | None = None  # started with the first frame
+        self._closed = False
+        self._close_error: Exception | None = None
+        self._last_wait_log = 0.0
+        self.received = 0  # results queued
+        self.written = 0  # results the wrapped sink has returned from (with or without an error)
+        self.errors = 0
+        self.waits = 0  # on_frame calls that found the queue full and waited for room
+        self.max_depth = 0  # most results waiting at once
+
+    def on_frame(self, result: FrameResult) -> None:
+        if self._closed:
+            raise RuntimeError(f"BackgroundSink({self._name}) is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write, name=f"{self._name}-writer", daemon=True)
+            self._thread.start()
+        try:
+            self._queue.put_nowait(result)
+        except queue.Full:
+            self.waits += 1
+            now = time.monotonic()
+            if now - self._last_wait_log >= 5.0:
+                self._last_wait_log = now
+                log.warning(kv("sink_behind", sink=self._name, waits=self.waits, max_pending=self.max_pending,
+                               note="the writer is slower than the frames; the other sinks wait for it"))
+            self._queue.put(result)
+        self.received += 1
+        self.max_depth = max(self.max_depth, self._queue.qsize())
+
+    def _write(self) -> None:
+        while (result := self._queue.get()) is not None:
+            try:
+                self.sink.on_frame(result)
+            except Exception as exc:  # the next frames must still be written
+                self.errors += 1
+                log.error(kv("sink_failed", sink=self._name, frame=result.frame, error=repr(exc)))
+            self.written += 1
+            del result  # do not hold the last frame's pixels while waiting for the next
+        try:
+            self.sink.close()
+        except Exception as exc:  # raised again by close(), in the caller's thread
+            self._close_error = exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is None:  # never got a frame: nothing queued
+            self.sink.close()
+            return
+        self._queue.put(None)  # after every queued result
+        self._thread.join()
+        log.info(kv("background_sink_closed", sink=self._name, written=self.written, errors=self.errors,
+                    waits=self.waits, max_depth=self.max_depth, max_pending=self.max_pending))
+        if self._close_error is not None:
+            raise self._close_error
 
 
 def _axes_text(axes: dict[str, int]) -> str:

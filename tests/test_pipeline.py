@@ -2,7 +2,7 @@
 
 The engine is a real Refocuser (a small untrained network on the torch engine). To make "the engine is slower
 than the camera" deterministic instead of timed, `GatedCorrector` holds the real Refocuser back until the test
-has submitted every frame.
+has submitted every frame; `GatedSink` does the same for a slow sink behind a `BackgroundSink`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from acquire_refocus.config import PipelineConfig
-from acquire_refocus.pipeline import FrameInfo, FramePipeline, FrameResult, FrameSink
+from acquire_refocus.pipeline import BackgroundSink, FrameInfo, FramePipeline, FrameResult, FrameSink
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -183,3 +183,139 @@ def test_close_without_drain_skips_what_is_queued(tiny_refocuser: Any) -> None:
     assert len(sink.results) == 5 and sink.closed
     pipeline.submit(frame(9), info(9))  # after close: counted, never raises
     assert pipeline.stats().seen == 6
+
+
+# ------------------------------------------------------------------------------------------- BackgroundSink
+class GatedSink(Recorder):
+    """A slow sink, deterministically: on_frame blocks until `gate` is set. Notes what happened, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.started = threading.Event()  # the first on_frame call is waiting at the gate
+        self.calls: list[str] = []
+
+    def on_frame(self, result: FrameResult) -> None:
+        self.started.set()
+        if not self.gate.wait(60):
+            raise TimeoutError("test gate never opened")
+        self.calls.append(f"frame {result.frame}")
+        super().on_frame(result)
+
+    def close(self) -> None:
+        self.calls.append("close")
+        super().close()
+
+
+def result(i: int) -> FrameResult:
+    return FrameResult(frame=i, raw=frame(i), info=info(i), status="paused", reason="paused")
+
+
+def wait_until(condition: Any, what: str) -> None:
+    """Wait for a state another thread reaches (a deadline against hangs, not a timing assertion)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.005)
+
+
+def test_background_sink_delivers_every_result_in_order_in_its_own_thread(tiny_refocuser: Any) -> None:
+    direct, behind = Recorder(), Recorder()
+    background = BackgroundSink(behind, max_pending=2)
+    with FramePipeline(tiny_refocuser, [direct, background], PipelineConfig(queue_size=16)) as pipeline:
+        for i in range(8):
+            pipeline.submit(frame(i), info(i))
+        pipeline.submit(None, info(8))  # a failed frame resolves at once, ahead of queued ones
+    assert len(behind.results) == 9 and behind.closed
+    assert [r.frame for r in behind.results] == [r.frame for r in direct.results]  # the dispatch order
+    assert all(a is b for a, b in zip(behind.results, direct.results, strict=True))  # the same results, no copies
+    assert behind.thread_names == {"Recorder-writer"} and direct.thread_names == {"refocus-sinks"}
+    assert (background.received, background.written, background.errors) == (9, 9, 0)
+    assert background.max_depth <= 2
+
+
+def test_background_sink_close_drains_the_queue_then_closes_the_wrapped_sink() -> None:
+    slow = GatedSink()
+    background = BackgroundSink(slow, max_pending=8)
+    for i in range(5):
+        background.on_frame(result(i))  # never waits: frame 0 is in the writer, 1-4 in the queue
+    assert slow.started.wait(30)
+    assert background.waits == 0 and slow.calls == []
+    closing = threading.Event()
+
+    def close() -> None:
+        closing.set()
+        background.close()
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    assert closing.wait(30)
+    slow.gate.set()
+    closer.join(60)
+    assert not closer.is_alive()
+    assert slow.calls == [*(f"frame {i}" for i in range(5)), "close"]  # every queued result first, then close
+    assert [r.frame for r in slow.results] == list(range(5)) and background.written == 5
+    background.close()  # idempotent
+    assert slow.calls.count("close") == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        background.on_frame(result(5))
+
+
+def test_background_sink_close_without_frames_closes_the_wrapped_sink() -> None:
+    quiet = Recorder()
+    BackgroundSink(quiet).close()
+    assert quiet.closed
+
+
+def test_an_error_in_a_background_sink_is_counted_and_later_frames_still_written(
+    tiny_refocuser: Any, engine_log: pytest.LogCaptureFixture
+) -> None:
+    class Flaky(Recorder):
+        def on_frame(self, result: FrameResult) -> None:
+            if result.frame % 2:
+                raise OSError(f"disk full at frame {result.frame}")
+            super().on_frame(result)
+
+        def close(self) -> None:
+            super().close()
+            raise OSError("still full")
+
+    flaky, after = Flaky(), Recorder()
+    background = BackgroundSink(flaky)
+    with FramePipeline(tiny_refocuser, [background, after], PipelineConfig(queue_size=16)) as pipeline:
+        for i in range(6):
+            pipeline.submit(frame(i), info(i))
+        assert pipeline.wait_idle(60)
+    assert [r.frame for r in flaky.results] == [0, 2, 4] and flaky.closed  # frames after a failure still came
+    assert len(after.results) == 6 and after.closed
+    assert (background.written, background.errors) == (6, 3)
+    assert pipeline.stats().sink_errors == 3  # the writer thread's errors count in the pipeline's stats
+    messages = [r.getMessage() for r in engine_log.records]
+    assert sum("sink_failed" in m and "Flaky" in m for m in messages) == 3
+    assert any("sink_close_failed" in m and "BackgroundSink" in m and "still full" in m for m in messages)
+
+
+def test_a_slow_background_sink_holds_the_dispatch_back_and_drops_nothing(tiny_refocuser: Any) -> None:
+    """Back-pressure: with the writer stuck and its queue full, the dispatch thread waits; every frame still
+    reaches every sink once the writer moves again."""
+    direct, slow = Recorder(), GatedSink()
+    background = BackgroundSink(slow, max_pending=1)
+    pipeline = FramePipeline(tiny_refocuser, [direct, background], PipelineConfig(queue_size=16)).start()
+    try:
+        pipeline.submit(frame(0), info(0))
+        assert slow.started.wait(60)  # frame 0 is in the writer, stuck
+        for i in range(1, 5):
+            pipeline.submit(frame(i), info(i))
+        # frame 1 fills the queue, frame 2 waits in the dispatch thread
+        wait_until(lambda: background.waits == 1, "the dispatch thread waits for the background sink")
+        assert [r.frame for r in direct.results] == [0, 1, 2]  # later frames wait behind the stuck one
+        assert pipeline.stats().delivered == 2 and slow.calls == []
+        slow.gate.set()
+        assert pipeline.wait_idle(60)
+    finally:
+        slow.gate.set()
+        stats = pipeline.close()
+    assert stats.delivered == stats.seen == 5 and stats.refocused == 5 and stats.sink_errors == 0
+    assert [r.frame for r in slow.results] == [r.frame for r in direct.results] == [0, 1, 2, 3, 4]
+    assert background.waits >= 1 and background.max_depth == 1

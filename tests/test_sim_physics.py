@@ -88,6 +88,23 @@ def test_above_and_below_focus_differ(scope: SimulatedMicroscope) -> None:
         assert difference > 0.01, distance
 
 
+def test_a_correction_collar_mismatch_makes_above_and_below_focus_differ_more() -> None:
+    """A plate bottom 100 um thicker than the collar setting adds spherical aberration: the PSFs at +d and -d,
+    nearly mirror images with a matched collar (2-3 % apart), then differ by a third or more."""
+    from acquire_refocus.sim.psf import compute_psf_bank
+
+    def asymmetry(coverslip_thickness_um: float) -> np.ndarray:
+        optics = OpticsConfig(coverslip_thickness_um=coverslip_thickness_um, collar_thickness_um=170.0)
+        bank = compute_psf_bank(optics, max_defocus_um=10.0, z_step_um=1.0, depth_um=6.5)
+        centre = len(bank.defocus_um) // 2
+        distances = (2, 5, 10)
+        return np.array([np.abs(bank.psf[centre + d] - bank.psf[centre - d]).sum() for d in distances])
+
+    matched, mismatched = asymmetry(170.0), asymmetry(270.0)
+    assert np.all(matched < 0.05), matched
+    assert np.all(mismatched > 0.3), mismatched
+
+
 def _adu_stats(
     camera: Camera, photons: float, n: int = 400_000, seed: int = 1
 ) -> tuple[np.ndarray, float, float]:

@@ -15,11 +15,12 @@ package is expressed in *stage* micrometres: the bank is indexed by stage defocu
 ``dz`` micrometres deeper in the sample is in focus ``dz * stage_um_per_sample_um`` stage micrometres later, where
 that factor is measured from the model (0.73 for the default optics; the paraxial value ni / ns is 0.75).
 
-Above/below asymmetry: the aqueous sample behind a dry objective adds depth-dependent spherical aberration, so the
-PSF at +d and -d differ; this is what lets a network learn the sign of defocus from one frame. With the default
-optics (20x/0.45 air, cells 6.5 um deep) the effect is weak: the PSFs at +d and -d differ by 1-3 % (L1, relative)
-for |d| = 0.5-40 um, and the ring structure differs near +-5 um (rim/centre intensity 1.77 at +5 um, 1.90 at
--5 um). A coverslip or correction-collar mismatch would strengthen it; the optics config has no field for that yet.
+Above/below asymmetry: spherical aberration makes the PSF at +d and -d differ; only that lets one frame tell which
+side of focus it is on. Two sources are modelled: the aqueous sample behind a dry objective (weak at NA 0.45: with
+the default, matched optics the PSFs at +-d differ by 2-3 % L1 for |d| = 2-30 um, L1 = sum |PSF(+d) - PSF(-d)| of
+unit-sum PSFs) and a coverslip or plate bottom whose thickness differs from the objective's correction-collar
+setting (`coverslip_thickness_um` vs `collar_thickness_um`, psfmodels' tg vs tg0): 100 um of mismatch (about 0.4
+waves of spherical aberration at NA 0.45) gives 34-52 %, 200 um gives 61-91 %.
 The bank is computed for a point at the specimen's mid-plane depth; the slow change of the aberration over the few
 micrometres of a cell monolayer is neglected.
 
@@ -121,7 +122,7 @@ def _psf_kwargs(optics: OpticsConfig, pixel_size_um: float) -> dict[str, float]:
         "ng": optics.coverslip_index,
         "ng0": optics.coverslip_index,
         "tg": optics.coverslip_thickness_um,
-        "tg0": optics.coverslip_thickness_um,
+        "tg0": optics.collar_thickness_um,
         "ti0": _WORKING_DISTANCE_UM,
     }
 
