@@ -183,6 +183,12 @@ class TrainingConfig(_Section):
     validation_fields: int = Field(16, ge=1)
     train_fields: int = Field(64, ge=1, description="distinct specimen fields of view for training")
     checkpoint_dir: Path = Path("runs/train")
+    initial_weights: Path | None = Field(
+        None, description="start from these weights (e.g. a shipped model); parameters of another shape start fresh"
+    )
+    train_only: Literal["all", "focus_head"] = Field(
+        "all", description="focus_head: keep the refocusing network as it is and train the autofocus head alone"
+    )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None uses all cores")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
@@ -244,6 +250,14 @@ class FocusConfig(_Section):
     window_frames: int = Field(5, ge=1, le=1000, description="recent estimates combined (median)")
     min_confidence: float = Field(0.5, ge=0.0, le=1.0)
     dead_band_um: float = Field(0.3, ge=0.0)
+    sign_source: Literal["network", "probe"] = Field(
+        "network",
+        description=(
+            "network: trust the signed estimate. probe: use only the unsigned |defocus| and learn the side of "
+            "focus from how it changes between stage positions (for optics whose blur looks alike above and "
+            "below focus); set dead_band_um at or above the |defocus| the model reports in focus"
+        ),
+    )
     max_step_um: float = Field(5.0, gt=0.0)
     gain: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the estimated error corrected per move")
     z_limits_um: tuple[float, float] = Field((0.0, 200.0), description="soft limits never crossed")

@@ -5,8 +5,18 @@ Each accepted estimate gives an absolute in-focus stage Z for its position: `foc
 after a move can be pooled. Per position, the controller keeps the last `window_frames` of them and, when that
 position's next time point starts, plans one move:
 
-    wanted offset = median(focus_z window) - centre Z planned for the position
+    wanted offset = focus Z from the window - centre Z planned for the position
     error = wanted - current offset;  no move inside the dead band;  step = clamp(gain * error, +-max_step)
+
+The focus Z from the window depends on `sign_source`:
+
+- "network": median(stage_z - defocus), trusting the network's sign.
+- "probe": only the unsigned estimates m = |defocus| are used, for optics whose blur looks alike on both sides of
+  focus. Each one says focus lies at stage_z - m or stage_z + m; estimates taken at different stage Z single out
+  one side: the focus Z that best explains them all (least Huber cost of | |stage_z - f| - m |). While every
+  estimate in the window comes from one Z the two sides explain them equally well; the controller then takes the
+  side of the network's (weak) sign, or the side that was right last time, and the move itself is the probe: a
+  wrong guess doubles the defocus for one time point, and the next estimate, from the new Z, settles the side.
 
 and the new centre (planned centre + offset) is clamped to the soft limits `z_limits_um`, with a log line when
 that happens. An estimate that is not finite, has too low a confidence, or belongs to a frame that was not
@@ -30,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import useq
 
 from acquire_refocus.config import FocusConfig
@@ -53,6 +64,43 @@ def relative_z_um(event: useq.MDAEvent) -> float:
     return float(positions[z_index]) if z_index < len(positions) else 0.0
 
 
+# Probe mode: the focus Z is searched on this grid, and the two sides count as equally likely when their Huber
+# costs (um^2 per estimate) differ by less than AMBIGUOUS_COST_UM2.
+_PROBE_GRID_UM = 0.05
+_PROBE_HUBER_UM = 1.0
+AMBIGUOUS_COST_UM2 = 0.1
+
+
+@dataclass(frozen=True)
+class Estimate:
+    stage_z_um: float
+    defocus_um: float  # signed
+    magnitude_um: float  # unsigned
+
+
+def _huber_cost(residual_um: np.ndarray) -> np.ndarray:
+    small = np.abs(residual_um) <= _PROBE_HUBER_UM
+    return np.where(small, 0.5 * residual_um**2, _PROBE_HUBER_UM * (np.abs(residual_um) - 0.5 * _PROBE_HUBER_UM))
+
+
+def probe_focus_z(estimates: list[Estimate], side_guess: float) -> tuple[float, bool]:
+    """The focus Z that best explains unsigned estimates taken at various stage Z, and whether the two sides of
+    the latest Z explained them equally well (then `side_guess`, +1 or -1, the assumed sign of the latest
+    defocus, picks the side)."""
+    z = np.array([e.stage_z_um for e in estimates])
+    m = np.array([e.magnitude_um for e in estimates])
+    grid = np.arange(z.min() - m.max() - 1.0, z.max() + m.max() + 1.0 + _PROBE_GRID_UM, _PROBE_GRID_UM)
+    cost = _huber_cost(np.abs(z[None, :] - grid[:, None]) - m[None, :]).mean(axis=1)
+    latest = z[-1]
+    above, below = grid >= latest, grid <= latest  # focus above the latest Z means its defocus is negative
+    best_above = int(np.flatnonzero(above)[np.argmin(cost[above])])
+    best_below = int(np.flatnonzero(below)[np.argmin(cost[below])])
+    if abs(cost[best_above] - cost[best_below]) < AMBIGUOUS_COST_UM2:
+        return float(grid[best_below] if side_guess > 0 else grid[best_above]), True
+    best = best_above if cost[best_above] < cost[best_below] else best_below
+    return float(grid[best]), False
+
+
 @dataclass(frozen=True)
 class FocusMove:
     position: int
@@ -74,7 +122,8 @@ class FocusController:
     def __init__(self, config: FocusConfig) -> None:
         self.config = config
         self._lock = threading.Lock()
-        self._window: dict[int, deque[float]] = {}
+        self._window: dict[int, deque[Estimate]] = {}
+        self._side: dict[int, float] = {}  # probe mode: sign of the last resolved defocus per position
         self._centre_um: dict[int, float] = {}
         self._offset_um: dict[int, float] = {}
         self._last_defocus_um: dict[int, float] = {}
@@ -102,6 +151,7 @@ class FocusController:
             and stage_z_um is not None
             and math.isfinite(stage_z_um)
             and math.isfinite(result.defocus_um)
+            and (self.config.sign_source == "network" or math.isfinite(result.defocus_magnitude_um))
             and math.isfinite(result.confidence)
             and result.confidence >= self.config.min_confidence
         )
@@ -114,7 +164,7 @@ class FocusController:
             self.accepted += 1
             self._last_defocus_um[position] = result.defocus_um
             window = self._window.setdefault(position, deque(maxlen=self.config.window_frames))
-            window.append(float(stage_z_um) - result.defocus_um)  # type: ignore[operator]
+            window.append(Estimate(float(stage_z_um), result.defocus_um, abs(result.defocus_magnitude_um)))  # type: ignore[arg-type]
 
     def wait_for_frames(self, count: int, timeout_s: float) -> bool:
         """Wait until `count` results have reached the controller (the closed loop waits for the estimates of
@@ -129,7 +179,8 @@ class FocusController:
             return True
 
     def close(self) -> None:
-        log.info(kv("focus_summary", mode=self.mode, accepted=self.accepted, rejected=self.rejected,
+        log.info(kv("focus_summary", mode=self.mode, sign_source=self.config.sign_source,
+                    accepted=self.accepted, rejected=self.rejected,
                     moves=sum(m.applied for m in self.moves), clamps=self.clamps,
                     offsets_um=";".join(f"p{p}={o:+.3f}" for p, o in sorted(self._offset_um.items())) or "-"))
 
@@ -152,7 +203,8 @@ class FocusController:
             window = self._window.get(position)
             if not window:
                 return current
-            error = statistics.median(window) - centre_um - current
+            focus_z_um = self._focus_z(position, list(window))
+            error = focus_z_um - centre_um - current
             if not math.isfinite(error) or abs(error) <= cfg.dead_band_um:
                 return current
             step = max(-cfg.max_step_um, min(cfg.max_step_um, cfg.gain * error))
@@ -181,6 +233,22 @@ class FocusController:
         )
         return new if self.applies else current
 
+    def _focus_z(self, position: int, window: list[Estimate]) -> float:
+        """Where the window says focus is (see the module docstring); caller holds the lock."""
+        if self.config.sign_source == "network":
+            return statistics.median(e.stage_z_um - e.defocus_um for e in window)
+        latest = window[-1]
+        if latest.magnitude_um <= self.config.dead_band_um:
+            return latest.stage_z_um  # in focus as far as the head can tell
+        guess = math.copysign(1.0, latest.defocus_um) if latest.defocus_um != 0 else 1.0
+        side = self._side.get(position, guess)
+        focus_z_um, ambiguous = probe_focus_z(window, side)
+        if not ambiguous:
+            self._side[position] = 1.0 if latest.stage_z_um > focus_z_um else -1.0
+        log.debug(kv("focus_probe", position=position, focus_z_um=f"{focus_z_um:.3f}", ambiguous=ambiguous,
+                     estimates=len(window)))
+        return focus_z_um
+
     def adjust_events(
         self,
         events: Iterable[useq.MDAEvent],
@@ -207,6 +275,7 @@ class FocusController:
         with self._lock:
             return {
                 "mode": self.mode,
+                "sign_source": self.config.sign_source,
                 "offsets_um": {str(p): round(o, 4) for p, o in sorted(self._offset_um.items())},
                 "last_defocus_um": {str(p): round(d, 4) for p, d in sorted(self._last_defocus_um.items())},
                 "estimates_accepted": self.accepted,

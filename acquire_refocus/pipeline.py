@@ -63,6 +63,7 @@ class FrameResult:
     image: np.ndarray | None = None  # refocused frame, float32, the raw frame's intensity units
     defocus_um: float = math.nan
     confidence: float = math.nan
+    defocus_magnitude_um: float = math.nan  # unsigned estimate, see Refocuser
     reason: str = ""  # why the frame was not refocused
     engine: str = ""
     engine_ms: float = 0.0
@@ -74,6 +75,9 @@ class FrameResult:
 
 
 class RefocusOutput(Protocol):
+    """What a corrector returns. It may also carry `defocus_magnitude_um` (the unsigned estimate, as Refocuser
+    does); without it, focus.sign_source: probe has nothing to work from and ignores the frame."""
+
     image: np.ndarray
     defocus_um: float
     confidence: float
@@ -411,6 +415,7 @@ class FramePipeline:
             out = self._corrector(item.raw, pixel_size_um=item.info.pixel_size_um)
             image = np.asarray(out.image, dtype=np.float32)
             defocus_um, confidence = float(out.defocus_um), float(out.confidence)
+            magnitude_um = float(getattr(out, "defocus_magnitude_um", math.nan))
             if image.shape != item.raw.shape:
                 raise ValueError(f"engine returned shape {image.shape} for a frame of shape {item.raw.shape}")
         except Exception as exc:  # the acquisition must go on: log, count, pass the frame on raw
@@ -430,6 +435,7 @@ class FramePipeline:
                 image=image,
                 defocus_um=defocus_um,
                 confidence=confidence,
+                defocus_magnitude_um=magnitude_um,
                 engine_ms=engine_ms,
             )
 

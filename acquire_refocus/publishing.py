@@ -53,6 +53,7 @@ def frame_header(result: FrameResult, topic: str, pixels: np.ndarray | None, run
         "pixel_size_um": _finite_or_none(info.pixel_size_um),
         "defocus_um": _finite_or_none(result.defocus_um),
         "confidence": _finite_or_none(result.confidence),
+        "defocus_magnitude_um": _finite_or_none(result.defocus_magnitude_um),
         "refocused": result.refocused,
         "status": result.status,
         "t_acquired": info.t_acquired,

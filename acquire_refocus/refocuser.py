@@ -10,7 +10,9 @@ differs -> the engine (padding to the stride and tiling large frames: engines.ti
 the exact original shape -> undo the normalisation, so `image` is in the frame's own intensity units.
 
 defocus_um follows the project convention: stage Z now minus stage Z in focus; moving the focus stage by
--defocus_um restores focus.
+-defocus_um restores focus. defocus_magnitude_um is the network's unsigned estimate |defocus|: with optics whose blur
+looks alike above and below focus the sign is a guess (and defocus_um shrinks towards 0 with it), while the
+magnitude still holds; the focus controller can work from it alone (focus.sign_source: probe).
 
 confidence = exp(-sigma_um / CONFIDENCE_SIGMA_SCALE_UM), where sigma_um is the network's predicted standard
 deviation of its defocus estimate (trained with a Gaussian likelihood on the actual errors): 1 for a certain
@@ -50,6 +52,7 @@ class RefocusResult:
     defocus_um: float  # stage Z now - stage Z in focus
     confidence: float  # in [0, 1], from the predicted uncertainty
     sigma_um: float  # predicted standard deviation of defocus_um (inf for a constant frame)
+    defocus_magnitude_um: float  # the unsigned estimate |defocus|; holds where the sign is ambiguous
 
 
 def confidence_from_sigma(sigma_um: float) -> float:
@@ -132,7 +135,7 @@ class Refocuser:
             raise InputError(f"pixel_size_um must be a positive number of micrometres, got {pixel_size_um!r}")
         intensity = frame_scale(frame, self.loaded.normalization)
         if intensity.is_degenerate:
-            return RefocusResult(frame.astype(np.float32, copy=True), 0.0, 0.0, math.inf)
+            return RefocusResult(frame.astype(np.float32, copy=True), 0.0, 0.0, math.inf, 0.0)
         normalised = normalize(frame, intensity)
         zoom = 1.0 if pixel_size_um is None else float(pixel_size_um) / self.pixel_size_um
         resampled = abs(zoom - 1.0) > _PIXEL_SIZE_TOLERANCE
@@ -140,14 +143,15 @@ class Refocuser:
             shape = (max(1, round(frame.shape[0] * zoom)), max(1, round(frame.shape[1] * zoom)))
             normalised = resize(normalised, shape, order=1, mode="reflect", anti_aliasing=zoom < 1.0,
                                 preserve_range=True).astype(np.float32)
-        image, defocus_um, log_sigma_um = infer_frame(self.engine, normalised)
+        image, focus = infer_frame(self.engine, normalised)
         if resampled:
             image = resize(image, frame.shape, order=1, mode="reflect", anti_aliasing=zoom > 1.0,
                            preserve_range=True).astype(np.float32)
-        sigma_um = math.exp(log_sigma_um)
+        sigma_um = math.exp(focus.log_sigma_um)
         return RefocusResult(
             image=denormalize(image, intensity),
-            defocus_um=float(defocus_um),
+            defocus_um=focus.defocus_um,
             confidence=confidence_from_sigma(sigma_um),
             sigma_um=float(sigma_um),
+            defocus_magnitude_um=focus.magnitude_um,
         )

@@ -51,6 +51,7 @@ FOCUS_LOG_COLUMNS = (
     "latency_ms",
     "status",
     "t_acquired",
+    "defocus_magnitude_um",
 )
 PACKAGES = (
     "acquire-refocus",
@@ -249,6 +250,7 @@ class FocusLog:
                 f"{result.latency_ms:.2f}",
                 result.status,
                 f"{info.t_acquired:.6f}",
+                _number(result.defocus_magnitude_um, 4),
             )
         )
         self._file.flush()
@@ -266,7 +268,7 @@ def read_focus_log(path: str | Path) -> list[dict[str, Any]]:
             parsed: dict[str, Any] = dict(row)
             parsed["frame"] = int(row["frame"])
             parsed["axes"] = json.loads(row["axes"])
-            for key in ("stage_z_um", "defocus_um", "confidence", "latency_ms", "t_acquired"):
+            for key in ("stage_z_um", "defocus_um", "confidence", "latency_ms", "t_acquired", "defocus_magnitude_um"):
                 parsed[key] = float(row[key]) if row.get(key) else math.nan
             parsed["refocused"] = row["refocused"] == "true"
             rows.append(parsed)

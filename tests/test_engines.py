@@ -27,7 +27,7 @@ from acquire_refocus.engines import (
 from acquire_refocus.engines.onnx_engine import onnx_path
 from acquire_refocus.engines.tiling import combine_focus, infer_frame, infer_frames
 from acquire_refocus.engines.torch_engine import TorchEngine
-from acquire_refocus.model.network import build_network
+from acquire_refocus.model.network import FOCUS_CONTRACT_VERSION, build_network
 
 FP32_RELATIVE_TOLERANCE = 1e-4
 
@@ -114,7 +114,8 @@ def test_engine_honours_the_interface(backend: str, request: pytest.FixtureReque
     assert (engine.min_size_px, engine.max_size_px, engine.max_batch) == (16, 64, 4)
     images, focus = engine.run(frames((3, 1, 32, 48)))
     assert images.shape == (3, 1, 32, 48) and images.dtype == np.float32
-    assert focus.shape == (3, 2) and focus.dtype == np.float32
+    assert focus.shape == (3, 3) and focus.dtype == np.float32
+    assert np.all(focus[:, 2] >= 0.0)  # the unsigned |defocus|
     for bad in (frames((1, 1, 36, 32)), frames((1, 1, 72, 64)), frames((5, 1, 32, 32)), frames((1, 32, 32))):
         with pytest.raises(ShapeOutOfRangeError, match=backend):
             engine.run(bad)
@@ -132,7 +133,7 @@ def test_onnxruntime_agrees_with_pytorch(torch_engine: Engine, ort_engine: Engin
 @pytest.mark.parametrize("shape", [(67, 101), (64, 64), (9, 130), (1, 1)])
 def test_padding_crops_back_exactly(torch_engine: Engine, shape: tuple[int, int]) -> None:
     frame = frames(shape, seed=4)
-    image, defocus_um, log_sigma_um = infer_frame(torch_engine, frame)
+    image, focus_estimate = infer_frame(torch_engine, frame)
     assert image.shape == shape and image.dtype == np.float32
     height = max(16, -(-shape[0] // 8) * 8)
     width = max(16, -(-shape[1] // 8) * 8)
@@ -140,20 +141,21 @@ def test_padding_crops_back_exactly(torch_engine: Engine, shape: tuple[int, int]
         padded = np.pad(frame, ((0, height - shape[0]), (0, width - shape[1])), mode="reflect")
         images, focus = torch_engine.run(padded[None, None])
         np.testing.assert_array_equal(image, images[0, 0, : shape[0], : shape[1]])
-        assert (defocus_um, log_sigma_um) == (float(focus[0, 0]), float(focus[0, 1]))
+        assert (focus_estimate.defocus_um, focus_estimate.log_sigma_um, focus_estimate.magnitude_um) == tuple(
+            float(v) for v in focus[0])
 
 
 def test_tiled_frame_matches_untiled(loaded: Loaded, cache_dir: Path, engine_log: pytest.LogCaptureFixture) -> None:
     frame = frames((150, 203), seed=5)
     whole = TorchEngine(loaded.network, engine_config(cache_dir, max_size_px=256, opt_size_px=256))
     tiled_engine = TorchEngine(loaded.network, engine_config(cache_dir, max_size_px=96, tile_overlap_px=32))
-    reference, reference_defocus_um, _ = infer_frame(whole, frame)
-    image, defocus_um, log_sigma_um = infer_frame(tiled_engine, frame)
+    reference, reference_focus = infer_frame(whole, frame)
+    image, focus = infer_frame(tiled_engine, frame)
     assert "event=tiling" in engine_log.text
     assert image.shape == frame.shape
     assert relative_error(image - frame, reference - frame) <= 2e-3
-    assert abs(defocus_um - reference_defocus_um) <= 0.05
-    assert np.isfinite(log_sigma_um)
+    assert abs(focus.defocus_um - reference_focus.defocus_um) <= 0.05
+    assert np.isfinite(focus.log_sigma_um) and focus.magnitude_um >= 0.0
 
 
 def test_tile_seams_are_invisible(loaded: Loaded, cache_dir: Path) -> None:
@@ -161,8 +163,8 @@ def test_tile_seams_are_invisible(loaded: Loaded, cache_dir: Path) -> None:
     flat = np.full((160, 160), 0.5, dtype=np.float32)
     whole = TorchEngine(loaded.network, engine_config(cache_dir, max_size_px=256, opt_size_px=256))
     tiled = TorchEngine(loaded.network, engine_config(cache_dir, max_size_px=64, tile_overlap_px=24))
-    reference, _, _ = infer_frame(whole, flat)
-    image, _, _ = infer_frame(tiled, flat)
+    reference, _ = infer_frame(whole, flat)
+    image, _ = infer_frame(tiled, flat)
     assert np.max(np.abs(image - reference)) <= 1e-3  # a visible seam would be ~1e-2 on this 0..1 scale
     for axis in (0, 1):
         tiled_step = np.max(np.abs(np.diff(image, axis=axis)))
@@ -173,27 +175,29 @@ def test_frame_outside_the_compiled_range_is_tiled(ort_engine: Engine) -> None:
     frame = frames((130, 75), seed=6)
     with pytest.raises(ShapeOutOfRangeError, match="outside the built range"):
         ort_engine.run(np.pad(frame, ((0, 6), (0, 5)), mode="reflect")[None, None])
-    image, defocus_um, log_sigma_um = infer_frame(ort_engine, frame)
+    image, focus = infer_frame(ort_engine, frame)
     assert image.shape == frame.shape and np.all(np.isfinite(image))
-    assert np.isfinite(defocus_um) and np.isfinite(log_sigma_um)
+    assert np.all(np.isfinite([focus.defocus_um, focus.log_sigma_um, focus.magnitude_um]))
 
 
 def test_batch_path_matches_one_by_one(torch_engine: Engine) -> None:
     stack = frames((6, 37, 50), seed=7)
-    images, defocus_um, log_sigma_um = infer_frames(torch_engine, stack)  # 6 frames: batches of 4 and 2
-    assert images.shape == stack.shape and defocus_um.shape == (6,) and log_sigma_um.shape == (6,)
+    images, focus = infer_frames(torch_engine, stack)  # 6 frames: batches of 4 and 2
+    assert images.shape == stack.shape and focus.shape == (6, 3)
     for k in range(len(stack)):
-        image, d, s = infer_frame(torch_engine, stack[k])
+        image, one = infer_frame(torch_engine, stack[k])
         np.testing.assert_allclose(images[k], image, rtol=0, atol=1e-5)
-        assert abs(defocus_um[k] - d) <= 1e-4 and abs(log_sigma_um[k] - s) <= 1e-4
+        np.testing.assert_allclose(focus[k], [one.defocus_um, one.log_sigma_um, one.magnitude_um], rtol=0, atol=1e-4)
 
 
 def test_inverse_variance_focus_combination() -> None:
-    defocus_um, log_sigma_um = combine_focus(np.array([1.0, 3.0]), np.log(np.array([0.1, 1.0])))
-    assert defocus_um == pytest.approx((1.0 / 0.01 + 3.0 / 1.0) / (1 / 0.01 + 1 / 1.0))
+    combined = combine_focus(np.array([[1.0, np.log(0.1), 1.5], [3.0, np.log(1.0), 3.5]]))
+    weights = (1 / 0.01, 1 / 1.0)
+    assert combined.defocus_um == pytest.approx((1.0 * weights[0] + 3.0 * weights[1]) / sum(weights))
+    assert combined.magnitude_um == pytest.approx((1.5 * weights[0] + 3.5 * weights[1]) / sum(weights))
     # Equal tiles: the uncertainty of one tile (tiles share the specimen, their errors are not independent).
-    same_um, same_log_sigma = combine_focus(np.array([2.0, 2.0, 2.0]), np.log(np.array([0.5, 0.5, 0.5])))
-    assert same_um == pytest.approx(2.0) and same_log_sigma == pytest.approx(np.log(0.5))
+    same = combine_focus(np.array([[2.0, np.log(0.5), 2.0]] * 3))
+    assert same.defocus_um == pytest.approx(2.0) and same.log_sigma_um == pytest.approx(np.log(0.5))
 
 
 class MemoryLimitedEngine:
@@ -214,11 +218,11 @@ class MemoryLimitedEngine:
 def test_out_of_memory_splits_batches_then_tiles(torch_engine: Engine, engine_log: pytest.LogCaptureFixture) -> None:
     limited = MemoryLimitedEngine(torch_engine, budget_px=32 * 32)
     frame = frames((64, 64), seed=8)
-    image, defocus_um, _ = infer_frame(limited, frame)
-    assert image.shape == frame.shape and np.isfinite(defocus_um)
+    image, focus = infer_frame(limited, frame)
+    assert image.shape == frame.shape and np.isfinite(focus.defocus_um)
     assert "retry_tile_px=32" in engine_log.text
     stack = frames((3, 32, 32), seed=9)
-    images, _, _ = infer_frames(limited, stack)
+    images, _ = infer_frames(limited, stack)
     np.testing.assert_allclose(images, infer_frames(torch_engine, stack)[0], rtol=0, atol=1e-5)
     assert "retry_batch=" in engine_log.text
 
@@ -227,7 +231,7 @@ def test_onnx_export_is_cached_and_reused(
     loaded: Loaded, cache_dir: Path, ort_engine: Engine, engine_log: pytest.LogCaptureFixture
 ) -> None:
     path = onnx_path(cache_dir, loaded.sha256)
-    assert path.is_file() and path.name == "1f2e3d4c5b6a.onnx"
+    assert path.is_file() and path.name == f"1f2e3d4c5b6a-f{FOCUS_CONTRACT_VERSION}.onnx"  # hash and output contract
     before = path.stat().st_mtime_ns
     again = create_engine(loaded, engine_config(cache_dir, "onnxruntime"))
     assert again.name == "onnxruntime"
@@ -310,7 +314,7 @@ class DataDependent(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = x.mean(dim=(1, 2, 3))
         scale = 2.0 if float(mean.max()) > 0.25 else 3.0
-        return x * scale, torch.stack([mean, torch.zeros_like(mean)], dim=1)
+        return x * scale, torch.stack([mean, torch.zeros_like(mean), mean.abs()], dim=1)
 
 
 def test_failed_onnx_export_falls_back_to_torch(tmp_path: Path, engine_log: pytest.LogCaptureFixture) -> None:
@@ -332,7 +336,7 @@ def test_shipped_model_runs_alike_on_onnxruntime_and_pytorch(tmp_path: Path) -> 
     ort_engine = create_engine(shipped, config.model_copy(update={"backend": "onnxruntime"}))
     reference = create_engine(shipped, config.model_copy(update={"backend": "torch"}))
     assert (ort_engine.name, reference.name) == ("onnxruntime", "torch")
-    assert ort_engine.path.name == f"{shipped.sha256[:12]}.onnx"  # type: ignore[attr-defined]
+    assert ort_engine.path.name == f"{shipped.sha256[:12]}-f{FOCUS_CONTRACT_VERSION}.onnx"  # type: ignore[attr-defined]
     batch = frames((2, 1, 64, 96), seed=12)
     images, focus = ort_engine.run(batch)
     expected_images, expected_focus = reference.run(batch)

@@ -20,6 +20,7 @@ from acquire_refocus.engines import create_engine
 from acquire_refocus.engines.tensorrt_engine import engine_path
 from acquire_refocus.engines.tiling import infer_frame
 from acquire_refocus.engines.torch_engine import TorchEngine
+from acquire_refocus.model.network import FOCUS_CONTRACT_VERSION
 
 NO_GPU = "needs an NVIDIA GPU: torch.cuda.is_available() is False on this machine"
 
@@ -27,7 +28,7 @@ NO_GPU = "needs an NVIDIA GPU: torch.cuda.is_available() is False on this machin
 def test_engine_name_changes_with_model_gpu_tensorrt_and_precision(tmp_path: Path) -> None:
     """Runs anywhere: any change of what an engine was built for gives another file name (so it rebuilds)."""
     base = engine_path(tmp_path, "a" * 64, "NVIDIA-H100-80GB-HBM3", "10.3.0", "fp16")
-    assert base.name == "aaaaaaaaaaaa_NVIDIA-H100-80GB-HBM3_trt10.3.0_fp16.ep"
+    assert base.name == f"aaaaaaaaaaaa-f{FOCUS_CONTRACT_VERSION}_NVIDIA-H100-80GB-HBM3_trt10.3.0_fp16.ep"
     variants = [
         engine_path(tmp_path, "b" * 64, "NVIDIA-H100-80GB-HBM3", "10.3.0", "fp16"),
         engine_path(tmp_path, "a" * 64, "NVIDIA-RTX-A4000", "10.3.0", "fp16"),
@@ -142,5 +143,5 @@ def test_auto_picks_tensorrt_and_tiles_frames_beyond_its_range(fp16_engine: Any,
     engine = create_engine(loaded, trt_config(cache_dir).model_copy(update={"backend": "auto"}))
     assert engine.name == "tensorrt"
     frame = frames((700, 601), seed=5)
-    image, defocus_um, log_sigma_um = infer_frame(engine, frame)
-    assert image.shape == frame.shape and np.all(np.isfinite(image)) and np.isfinite(defocus_um)
+    image, focus = infer_frame(engine, frame)
+    assert image.shape == frame.shape and np.all(np.isfinite(image)) and np.isfinite(focus.defocus_um)

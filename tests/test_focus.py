@@ -22,10 +22,11 @@ RAW = np.zeros((64, 64), np.uint16)
 
 
 def result(defocus_um: float, stage_z_um: float | None = 100.0, p: int = 0, t: int = 0, confidence: float = 0.9,
-           status: str = "refocused") -> FrameResult:
+           status: str = "refocused", magnitude_um: float | None = None) -> FrameResult:
     return FrameResult(
         frame=0, raw=RAW, info=FrameInfo({"t": t, "p": p}, stage_z_um, (0.0, 0.0), 0.0, 0.325),
         status=status, defocus_um=defocus_um, confidence=confidence,  # type: ignore[arg-type]
+        defocus_magnitude_um=abs(defocus_um) if magnitude_um is None else magnitude_um,
     )
 
 
@@ -159,3 +160,57 @@ def test_pycromanager_planner_applies_offsets_only_in_correct_mode() -> None:
     observe_plan = pycromanager_planner(observing)
     observing.on_frame(result(1.5, stage_z_um=99.0))
     assert observe_plan(0, 100.0, 1) == 0.0
+
+
+def test_probe_mode_guesses_a_side_then_settles_it_from_the_next_stage_position() -> None:
+    """Unsigned estimates only: 3 um at Z 100 means focus at 97 or 103. The network's weak sign (+) picks 97;
+    the frame taken there reads 6 um, which only focus at 103 explains."""
+    c = controller(sign_source="probe", window_frames=3, max_step_um=10.0)
+    c.on_frame(result(0.1, magnitude_um=3.0))
+    assert c.plan(0, 100.0, t_index=0) == pytest.approx(-3.0)
+    c.on_frame(result(0.1, stage_z_um=97.0, magnitude_um=6.0))
+    assert c.plan(0, 100.0, t_index=1) == pytest.approx(3.0, abs=0.06)
+
+
+def test_probe_mode_reuses_the_side_that_was_right() -> None:
+    """Once a side is settled, a new ambiguous reading (all estimates from one Z) is assumed on that side, since
+    drift keeps its direction; the network's sign (here -) is then ignored."""
+    c = controller(sign_source="probe", window_frames=2)
+    c.on_frame(result(-0.1, magnitude_um=2.0))
+    c.on_frame(result(-0.1, stage_z_um=98.0, magnitude_um=4.0))  # focus at 102: the stage was too shallow
+    assert c.plan(0, 100.0, t_index=0) == pytest.approx(2.0, abs=0.06)
+    c.on_frame(result(0.1, stage_z_um=102.0, magnitude_um=1.5))
+    c.on_frame(result(0.1, stage_z_um=102.0, magnitude_um=1.5))  # window: both from Z 102, ambiguous
+    assert c.plan(0, 100.0, t_index=1) == pytest.approx(2.0 + 1.5, abs=0.06)
+
+
+def test_probe_mode_stays_inside_the_dead_band() -> None:
+    c = controller(sign_source="probe", dead_band_um=1.0)
+    c.on_frame(result(0.0, magnitude_um=0.8))  # the head's reading in focus
+    assert c.plan(0, 100.0) == 0.0 and not c.moves
+
+
+def test_probe_mode_ignores_a_frame_without_an_unsigned_estimate() -> None:
+    c = controller(sign_source="probe")
+    c.on_frame(result(2.0, magnitude_um=math.nan))
+    assert c.rejected == 1 and c.plan(0, 100.0) == 0.0
+
+
+@pytest.mark.parametrize("rate_um", [0.3, -0.3])
+def test_probe_mode_tracks_drift_from_unsigned_estimates(rate_um: float) -> None:
+    """Drift either way, estimates that carry no sign at all (random sign, |error| + noise): the loop still holds
+    focus, at the cost of one wrong probe."""
+    rng = np.random.default_rng(1)
+    c = controller(sign_source="probe", window_frames=3, dead_band_um=0.5)
+    focus = lambda t: 100.0 + rate_um * t  # noqa: E731
+    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 40}, stage_positions=[(0, 0, 100)])
+    errors = []
+    for event in c.adjust_events(sequence):
+        t = event.index["t"]
+        error = event.z_pos - focus(t)
+        errors.append(error)
+        c.on_frame(result(rng.choice([-0.1, 0.1]), stage_z_um=event.z_pos, t=t,
+                          magnitude_um=abs(error + rng.normal(0, 0.2))))
+    rms = math.sqrt(np.mean(np.square(errors)))
+    uncorrected = math.sqrt(np.mean([(100.0 - focus(t)) ** 2 for t in range(40)]))
+    assert rms < 1.0 < uncorrected

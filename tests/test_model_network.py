@@ -40,7 +40,7 @@ def test_eval_forward_returns_image_and_focus_at_odd_multiples_of_the_stride(nam
         image, focus = outputs
         assert isinstance(image, torch.Tensor) and isinstance(focus, torch.Tensor)
         assert image.shape == (2, 1, height, width)
-        assert focus.shape == (2, 2)
+        assert focus.shape == (2, 3)  # defocus_um, log_sigma_um, magnitude_um
         assert torch.isfinite(image).all() and torch.isfinite(focus).all()
 
 
@@ -59,7 +59,7 @@ def test_multiscale_training_outputs_every_scale_and_eval_returns_the_finest() -
     assert [tuple(o.shape[-2:]) for o in outputs] == [(16, 24), (32, 48), (64, 96)]
     torch.testing.assert_close(outputs[-1], image)
     assert focus.shape == (1, 4)  # training adds magnitude and sign logit
-    torch.testing.assert_close(focus[:, :2], focus_eval)
+    torch.testing.assert_close(focus[:, :3], focus_eval)
 
 
 def test_multiscale_fusion_feeds_the_coarse_scale_into_the_fine_one() -> None:

@@ -30,11 +30,14 @@ def test_shipped_model_refocuses_unseen_specimens_and_is_honest_about_defocus(sh
     """PSNR gain > +1 dB for |d| <= 10 um. The shipped autofocus head does not resolve the sign of defocus (see
     tools/reports/default-model/README.md), so instead of an accuracy floor it must be honest: a frame reported with
     confidence >= 0.5 (the closed loop's default threshold) is within 3 um, and no estimate points further from
-    focus than no estimate at all (|error| <= |d| + 2 um)."""
+    focus than no estimate at all (|error| <= |d| + 2 um). Its unsigned estimate must grow with the blur: on
+    average at least 2 um more at |d| = 10 um than at 2 um (measured: 6.8 against 2.3 um)."""
     test_set = HeldOutSet(AppConfig(), fields=2, window_px=192, distances_um=(10.0, 6.0, 2.0), tilt_distances_um=())
     gains = []
+    magnitudes_um: dict[float, list[float]] = {}
     for sample in test_set.samples:
         out = shipped(sample.raw)
+        magnitudes_um.setdefault(abs(sample.defocus_um), []).append(out.defocus_magnitude_um)
         data_range = float(sample.truth.max() - sample.truth.min())
         gains.append(peak_signal_noise_ratio(sample.truth, out.image, data_range=data_range)
                      - peak_signal_noise_ratio(sample.truth, sample.raw.astype(np.float32), data_range=data_range))
@@ -44,3 +47,4 @@ def test_shipped_model_refocuses_unseen_specimens_and_is_honest_about_defocus(sh
             assert error_um < 3.0, (sample.defocus_um, out.defocus_um, out.confidence)
     assert len(gains) == 12
     assert float(np.mean(gains)) > 1.0, f"PSNR gains {np.round(gains, 2)}"
+    assert np.mean(magnitudes_um[10.0]) > np.mean(magnitudes_um[2.0]) + 2.0, magnitudes_um

@@ -52,6 +52,33 @@ def test_resume_refuses_other_model_settings(tmp_path: Path) -> None:
         train(other, out_dir=tmp_path / "b", steps=2, resume=first.checkpoint_path, progress=False)
 
 
+def test_focus_head_alone_trains_from_initial_weights_and_leaves_the_refocusing_network_as_it_was(
+    tmp_path: Path,
+) -> None:
+    torch.set_num_threads(1)
+    start = train(_config(), out_dir=tmp_path / "stage1", steps=1, progress=False)
+    head = train(_config(initial_weights=str(start.weights_path), train_only="focus_head"),
+                 out_dir=tmp_path / "head", steps=60, progress=False)
+    before, after = load_weights(start.weights_path).network.state_dict(), load_weights(head.weights_path).network
+    changed = {name for name, value in after.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed and all(name.startswith("focus_head.") for name in changed), sorted(changed)
+    assert head.history[-1].psnr_output_db == pytest.approx(head.history[0].psnr_output_db)
+    assert head.history[-1].defocus_mae_um < start.history[-1].defocus_mae_um
+    recorded = load_weights(head.weights_path).metadata["training"]
+    assert recorded["train_only"] == "focus_head"
+    assert recorded["initial_weights"]["training"]["steps"] == 1
+    assert recorded["initial_weights"]["fresh_parameters"] == []
+
+
+def test_initial_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
+    start = train(_config(), out_dir=tmp_path / "a", steps=1, progress=False)
+    other = parse_config({**_config().model_dump(mode="json"), "model": {"base_channels": 8, "depth": 3},
+                          "training": {**_config().training.model_dump(mode="json"),
+                                       "initial_weights": str(start.weights_path)}})
+    with pytest.raises(ConfigError, match="trained with model settings"):
+        train(other, out_dir=tmp_path / "b", steps=2, progress=False)
+
+
 def test_time_limit_stops_training_and_still_writes_weights(tmp_path: Path) -> None:
     result = train(_config(max_wall_time_min=0.001), out_dir=tmp_path / "t", steps=10_000, progress=False)
     assert result.steps < 10_000

@@ -56,6 +56,7 @@ class _PassThroughOutput:
     image: np.ndarray
     defocus_um: float
     confidence: float
+    defocus_magnitude_um: float
 
 
 class PassThrough:
@@ -64,7 +65,7 @@ class PassThrough:
     engine_name = "pass-through"
 
     def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> _PassThroughOutput:
-        return _PassThroughOutput(frame.astype(np.float32), 0.0, 1.0)
+        return _PassThroughOutput(frame.astype(np.float32), 0.0, 1.0, 0.0)
 
 
 def _record(engine: str, size: int, times_ms: list[float], **extra: Any) -> dict[str, Any]:

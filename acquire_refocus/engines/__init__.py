@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 class ModelSource(Protocol):
     """What an engine needs from a loaded model (acquire_refocus.model.checkpoint.LoadedModel has it)."""
 
-    network: torch.nn.Module  # eval mode, CPU, FP32, forward -> (image [N,1,H,W], focus [N,2]); has .stride
+    network: torch.nn.Module  # eval mode, CPU, FP32, forward -> (image [N,1,H,W], focus [N,3]); has .stride
     sha256: str  # of the weights file: names the cached ONNX / TensorRT files
 
 

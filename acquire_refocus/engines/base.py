@@ -43,9 +43,10 @@ class Engine(Protocol):
     tile_overlap_px: int  # overlap of neighbouring tiles when a frame is larger than max_size_px
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [N,1,H,W] normalised frames -> (images float32 [N,1,H,W], focus float32 [N,2]).
+        """float32 [N,1,H,W] normalised frames -> (images float32 [N,1,H,W], focus float32 [N,3]).
 
-        focus[:, 0] is the defocus in um, focus[:, 1] the log of its predicted standard deviation in um.
+        focus[:, 0] is the defocus in um, focus[:, 1] the log of its predicted standard deviation in um,
+        focus[:, 2] the unsigned |defocus| in um (see model.network).
         """
         ...
 

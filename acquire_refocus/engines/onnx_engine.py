@@ -5,7 +5,7 @@ torch 2.13 it is the default and the supported path; the TorchScript exporter (`
 but emits a DeprecationWarning on every call (and our tests run with warnings as errors). Batch, height and
 width are exported dynamic, so one file serves every frame size and batch.
 
-Cache: `<cache_dir>/<model sha256[:12]>.onnx` plus a sidecar `<...>.onnx.json` that records the file's own
+Cache: `<cache_dir>/<model sha256[:12]>-f<focus contract version>.onnx` plus a sidecar `<...>.onnx.json` that records the file's own
 sha256 and what it was exported from. The file is written to a temporary name and renamed into place, so a
 crash never leaves half a model under the real name. A file whose checksum does not match its sidecar, or
 that ONNX Runtime cannot load, is logged, deleted and exported again.
@@ -35,6 +35,7 @@ from acquire_refocus.engines.base import (
 from acquire_refocus.engines.torch_engine import network_stride
 from acquire_refocus.errors import EngineError
 from acquire_refocus.logs import kv
+from acquire_refocus.model.network import FOCUS_CONTRACT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ VERIFY_TOLERANCE = 1e-3  # max abs error relative to max(1, max|output|) on a ra
 
 
 def onnx_path(cache_dir: Path, model_sha256: str) -> Path:
-    return Path(cache_dir) / f"{model_sha256[:12]}.onnx"
+    return Path(cache_dir) / f"{model_sha256[:12]}-f{FOCUS_CONTRACT_VERSION}.onnx"
 
 
 def _sidecar(path: Path) -> Path:

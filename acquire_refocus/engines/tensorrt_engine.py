@@ -48,6 +48,7 @@ from acquire_refocus.engines.base import (
 from acquire_refocus.engines.torch_engine import network_stride
 from acquire_refocus.errors import EngineError
 from acquire_refocus.logs import kv
+from acquire_refocus.model.network import FOCUS_CONTRACT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def gpu_label(device_index: int = 0) -> str:
 
 
 def engine_path(cache_dir: Path, model_sha256: str, gpu: str, trt_version: str, precision: str) -> Path:
-    return Path(cache_dir) / f"{model_sha256[:12]}_{gpu}_trt{trt_version}_{precision}.ep"
+    return Path(cache_dir) / f"{model_sha256[:12]}-f{FOCUS_CONTRACT_VERSION}_{gpu}_trt{trt_version}_{precision}.ep"
 
 
 def _sidecar(path: Path) -> Path:
@@ -132,10 +133,10 @@ class TensorRTEngine:
         self._module = module
 
     def _note_stale_engines(self, cache_dir: Path, model_sha256: str) -> None:
-        others = sorted(p.name for p in cache_dir.glob(f"{model_sha256[:12]}_*.ep") if p != self.path)
+        others = sorted(p.name for p in cache_dir.glob(f"{model_sha256[:12]}*.ep") if p != self.path)
         if others:
             log.info(kv("tensorrt_engines_ignored", wanted=self.path.name, ignored=",".join(others),
-                        reason="built for another GPU, TensorRT version or precision"))
+                        reason="built for another GPU, TensorRT version, precision or focus contract"))
 
     def _load_cached(self) -> Any | None:
         if not self.path.is_file():
@@ -228,7 +229,7 @@ class TensorRTEngine:
         size = self.min_size_px
         with torch.inference_mode():
             image, focus = module(torch.zeros(1, 1, size, size, device=self._device, dtype=self._dtype))
-        if tuple(image.shape) != (1, 1, size, size) or tuple(focus.shape) != (1, 2):
+        if tuple(image.shape) != (1, 1, size, size) or tuple(focus.shape) != (1, 3):
             raise EngineError(f"engine returned shapes {tuple(image.shape)}, {tuple(focus.shape)}")
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

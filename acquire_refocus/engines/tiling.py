@@ -12,7 +12,8 @@
   weighting, w_i = 1 / sigma_i**2, d = sum(w_i d_i) / sum(w_i). The tiles look at the same specimen with the
   same optics, so their errors are correlated and the textbook 1/sqrt(sum w_i) would be over-confident;
   the reported variance is the harmonic mean of the tile variances (a typical tile's uncertainty) plus the
-  weighted spread of the tile estimates (which grows when the sample is tilted or tiles disagree).
+  weighted spread of the tile estimates (which grows when the sample is tilted or tiles disagree). The
+  unsigned |defocus| is combined with the same weights.
 - Out of memory: a batch is split; a single tile that still does not fit is retried with tiles half as large.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -71,15 +73,25 @@ def _window_1d(starts: list[int], index: int, tile: int) -> np.ndarray:
     return weights
 
 
-def combine_focus(defocus_um: np.ndarray, log_sigma_um: np.ndarray) -> tuple[float, float]:
-    """Inverse-variance mean of tile estimates and a conservative combined log sigma (see module docstring)."""
-    defocus_um = np.asarray(defocus_um, dtype=np.float64)
-    variance = np.exp(2.0 * np.asarray(log_sigma_um, dtype=np.float64))
-    weights = 1.0 / variance
-    mean = float(np.sum(weights * defocus_um) / np.sum(weights))
-    spread = float(np.sum(weights * (defocus_um - mean) ** 2) / np.sum(weights))
+@dataclass(frozen=True)
+class FrameFocus:
+    """The focus head's output for one frame."""
+
+    defocus_um: float
+    log_sigma_um: float
+    magnitude_um: float  # unsigned |defocus|
+
+
+def combine_focus(focus: np.ndarray) -> FrameFocus:
+    """Tile estimates [T,3] -> one: inverse-variance means and a conservative combined log sigma (see module
+    docstring)."""
+    focus = np.asarray(focus, dtype=np.float64)
+    weights = 1.0 / np.exp(2.0 * focus[:, 1])
+    mean = float(np.sum(weights * focus[:, 0]) / np.sum(weights))
+    spread = float(np.sum(weights * (focus[:, 0] - mean) ** 2) / np.sum(weights))
     typical = float(len(weights) / np.sum(weights))
-    return mean, 0.5 * math.log(typical + spread)
+    magnitude = float(np.sum(weights * focus[:, 2]) / np.sum(weights))
+    return FrameFocus(mean, 0.5 * math.log(typical + spread), magnitude)
 
 
 def run_batched(engine: Engine, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +115,7 @@ def run_batched(engine: Engine, batch: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.concatenate(images), np.concatenate(focus)
 
 
-def _infer_tiled(engine: Engine, padded: np.ndarray, tile_px: int, overlap_px: int) -> tuple[np.ndarray, float, float]:
+def _infer_tiled(engine: Engine, padded: np.ndarray, tile_px: int, overlap_px: int) -> tuple[np.ndarray, FrameFocus]:
     height, width = padded.shape
     tile_h, tile_w = min(tile_px, height), min(tile_px, width)
     starts_y = _tile_starts(height, tile_h, overlap_px, engine.stride)
@@ -120,12 +132,11 @@ def _infer_tiled(engine: Engine, padded: np.ndarray, tile_px: int, overlap_px: i
             blended[y : y + tile_h, x : x + tile_w] += window * images[k, 0]
             total[y : y + tile_h, x : x + tile_w] += window
             k += 1
-    defocus_um, log_sigma_um = combine_focus(focus[:, 0], focus[:, 1])
-    return (blended / total).astype(np.float32), defocus_um, log_sigma_um
+    return (blended / total).astype(np.float32), combine_focus(focus)
 
 
-def infer_frame(engine: Engine, frame: np.ndarray, overlap_px: int | None = None) -> tuple[np.ndarray, float, float]:
-    """One normalised 2-D frame -> (image float32 same shape, defocus_um, log_sigma_um).
+def infer_frame(engine: Engine, frame: np.ndarray, overlap_px: int | None = None) -> tuple[np.ndarray, FrameFocus]:
+    """One normalised 2-D frame -> (image float32 same shape, its focus estimate).
 
     `overlap_px` defaults to the engine's configured tile overlap (EngineConfig.tile_overlap_px).
     """
@@ -148,9 +159,9 @@ def infer_frame(engine: Engine, frame: np.ndarray, overlap_px: int | None = None
         try:
             if max(padded.shape) <= tile_px:
                 images, focus = engine.run(padded[None, None])
-                image, defocus_um, log_sigma_um = images[0, 0], float(focus[0, 0]), float(focus[0, 1])
+                image, frame_focus = images[0, 0], FrameFocus(*(float(v) for v in focus[0, :3]))
             else:
-                image, defocus_um, log_sigma_um = _infer_tiled(engine, padded, tile_px, max(overlap, 0))
+                image, frame_focus = _infer_tiled(engine, padded, tile_px, max(overlap, 0))
             break
         except EngineOutOfMemoryError:
             smaller = (tile_px // 2) // engine.stride * engine.stride
@@ -159,11 +170,11 @@ def infer_frame(engine: Engine, frame: np.ndarray, overlap_px: int | None = None
             log.warning(kv("engine_out_of_memory", engine=engine.name, frame=f"{height}x{width}",
                            tile_px=tile_px, retry_tile_px=smaller))
             tile_px = smaller
-    return np.ascontiguousarray(image[:height, :width], dtype=np.float32), defocus_um, log_sigma_um
+    return np.ascontiguousarray(image[:height, :width], dtype=np.float32), frame_focus
 
 
-def infer_frames(engine: Engine, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Same-shape normalised frames [N,H,W] -> (images [N,H,W], defocus_um [N], log_sigma_um [N]).
+def infer_frames(engine: Engine, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Same-shape normalised frames [N,H,W] -> (images [N,H,W], focus [N,3] as in Engine.run).
 
     The throughput path: frames that fit the engine go through `engine.run` in batches of engine.max_batch;
     larger frames are tiled one by one.
@@ -174,11 +185,8 @@ def infer_frames(engine: Engine, frames: np.ndarray) -> tuple[np.ndarray, np.nda
     padded_h, padded_w = _padded_length(height, engine), _padded_length(width, engine)
     if max(padded_h, padded_w) > engine.max_size_px:
         results = [infer_frame(engine, frame) for frame in frames]
-        return (
-            np.stack([r[0] for r in results]),
-            np.array([r[1] for r in results], dtype=np.float32),
-            np.array([r[2] for r in results], dtype=np.float32),
-        )
+        focus = [(f.defocus_um, f.log_sigma_um, f.magnitude_um) for _, f in results]
+        return np.stack([image for image, _ in results]), np.array(focus, dtype=np.float32)
     batch = np.stack([_pad(np.asarray(f, dtype=np.float32), padded_h, padded_w) for f in frames])[:, None]
     images, focus = run_batched(engine, batch)
-    return np.ascontiguousarray(images[:, 0, :height, :width]), focus[:, 0].copy(), focus[:, 1].copy()
+    return np.ascontiguousarray(images[:, 0, :height, :width]), np.ascontiguousarray(focus[:, :3])

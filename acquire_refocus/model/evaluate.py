@@ -400,6 +400,18 @@ def magnitude_table(rows: Sequence[Row], setting: str) -> str:
     return _markdown_table(header, lines)
 
 
+def _stage_note(training: dict) -> str:
+    """Where a run that started from other weights started (training.initial_weights), in words."""
+    start = training.get("initial_weights")
+    if not start:
+        return ""
+    only = " (focus head only)" if training.get("train_only") == "focus_head" else ""
+    before = start.get("training") or {}
+    return (f"{only}, starting from weights sha256 {start['sha256'][:16]}... trained {before.get('steps', '?')} "
+            f"steps (batch {before.get('batch_size', '?')}, {before.get('patch_size_px', '?')} px patches) in "
+            f"{float(before.get('wall_time_s', 0)) / 60:.1f} min")
+
+
 def calibration_line(rows: Sequence[Row], method: str) -> str:
     mine = [r for r in rows if r.method == method and r.setting == "flat"]
     within1 = np.mean([abs(r.estimate_um - r.defocus_um) <= r.sigma_um for r in mine])
@@ -516,7 +528,7 @@ def write_report(out_dir: Path, rows: Sequence[Row], networks: dict[str, dict], 
             f"sha256 {info['sha256'][:16]}..., trained {training.get('steps', '?')} steps "
             f"(batch {training.get('batch_size', '?')}, {training.get('patch_size_px', '?')} px patches) in "
             f"{float(training.get('wall_time_s', 0)) / 60:.1f} min on {training.get('device', '?')} "
-            f"({training.get('threads', '?')} threads)."
+            f"({training.get('threads', '?')} threads){_stage_note(training)}."
         )
     lines += [
         "",

@@ -26,7 +26,7 @@ from acquire_refocus.errors import ConfigError, WeightsError
 from acquire_refocus.logs import kv
 from acquire_refocus.model import data as training_data
 from acquire_refocus.model.checkpoint import checkpoint_payload, read_payload, write_payload
-from acquire_refocus.model.losses import RefocusLoss
+from acquire_refocus.model.losses import RefocusLoss, defocus_loss
 from acquire_refocus.model.network import build_network, parameter_count
 from acquire_refocus.model.normalization import NormalizationParams
 
@@ -88,7 +88,7 @@ def psnr_db(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def validate(
     network: torch.nn.Module, criterion: RefocusLoss, batch: training_data.PatchBatch, device: torch.device,
-    step: int, chunk: int = 16,
+    step: int, chunk: int = 16, train_mode: str = "all",
 ) -> ValidationResult:
     """Loss, PSNR of input and output against the target, and defocus MAE on a fixed batch (eval mode)."""
     network.eval()
@@ -103,7 +103,7 @@ def validate(
             psnr_in.append(psnr_db(x, y))
             psnr_out.append(psnr_db(outputs[-1], y))
             errors.append((focus[:, 0] - d).abs())
-    network.train()
+    _set_train_mode(network, train_mode)
     count = len(batch.inputs)
     return ValidationResult(
         step=step,
@@ -112,6 +112,34 @@ def validate(
         psnr_output_db=float(torch.cat(psnr_out).mean()),
         defocus_mae_um=float(torch.cat(errors).mean()),
     )
+
+
+def _set_train_mode(network: torch.nn.Module, train_only: str) -> None:
+    """Training mode for what is trained; a frozen network keeps its batch-norm statistics (eval mode)."""
+    if train_only == "focus_head":
+        network.eval()
+        network.focus_head.train()
+    else:
+        network.train()
+
+
+def _load_initial_weights(network: torch.nn.Module, path: Path, model_config: ModelConfig) -> dict[str, Any]:
+    """Start from another run's weights: same architecture settings required; parameters whose shape differs
+    (a focus head of another design) keep their fresh initialisation, and the log says which. Returns what the
+    new weights' metadata records about where they started."""
+    payload, sha256 = read_payload(path)
+    saved = ModelConfig.model_validate(payload["model_config"])
+    current = model_config.model_copy(update={"weights": None, "pretrained_encoder": None})
+    if saved.model_copy(update={"weights": None, "pretrained_encoder": None}) != current:
+        raise ConfigError(f"training.initial_weights {path}: trained with model settings "
+                          f"{saved.model_dump(mode='json')}, the config asks for {current.model_dump(mode='json')}")
+    own = network.state_dict()
+    usable = {k: v for k, v in payload["state_dict"].items() if k in own and own[k].shape == v.shape}
+    fresh = sorted(k for k in own if k not in usable)
+    network.load_state_dict(usable, strict=False)
+    log.info(kv("initial_weights", path=path, loaded=len(usable), fresh=",".join(fresh) or "-"))
+    return {"file": path.name, "sha256": sha256, "fresh_parameters": fresh,
+            "training": payload.get("metadata", {}).get("training")}
 
 
 def _seed_everything(seed: int) -> None:
@@ -151,8 +179,16 @@ def train(
     _seed_everything(training.seed)
 
     network = build_network(config.model).to(device)
+    initial_weights = None
+    if training.initial_weights is not None:
+        initial_weights = _load_initial_weights(network, Path(training.initial_weights), config.model)
+    head_only = training.train_only == "focus_head"
+    if head_only:
+        for name, parameter in network.named_parameters():
+            parameter.requires_grad_(name.startswith("focus_head."))
     criterion = RefocusLoss(config.loss).to(device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=training.learning_rate, weight_decay=1e-4)
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=1e-4)
     normalization = NormalizationParams()
     start_step = 0
     history: list[ValidationResult] = []
@@ -210,6 +246,8 @@ def train(
                 "parameters": parameter_count(network),
                 "data": data_description,
                 "loss": config.loss.model_dump(mode="json"),
+                "train_only": training.train_only,
+                "initial_weights": initial_weights,
                 "validation": None if last is None else {
                     "step": last.step, "psnr_gain_db": round(last.psnr_gain_db, 3),
                     "psnr_output_db": round(last.psnr_output_db, 3),
@@ -225,7 +263,7 @@ def train(
         write_payload(checkpoint_path, payload)
 
     def run_validation(step: int) -> None:
-        result = validate(network, criterion, validation_batch, device, step)
+        result = validate(network, criterion, validation_batch, device, step, train_mode=training.train_only)
         history.append(result)
         with history_path.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
@@ -239,7 +277,7 @@ def train(
                     elapsed_s=round(time.monotonic() - started)))
         save(step)
 
-    network.train()
+    _set_train_mode(network, training.train_only)
     running: dict[str, float] = {}
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not progress,
                desc="train", unit="step", dynamic_ncols=True)
@@ -259,13 +297,18 @@ def train(
         d = torch.from_numpy(batch.defocus_um).to(device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(progress_fraction, training.learning_rate)
-        outputs, focus = network.forward_train(x)
-        terms = criterion(outputs, focus, y, d)
+        if head_only:  # the image loss cannot change: skip the decoder and train on the focus loss alone
+            total = defocus_loss(network.forward_focus(x), d, config.loss.defocus_huber_delta_um)
+            parts: dict[str, float] = {}
+        else:
+            outputs, focus = network.forward_train(x)
+            terms = criterion(outputs, focus, y, d)
+            total, parts = terms.total, terms.parts
         optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 5.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 5.0)
         optimizer.step()
-        for name, value in {"loss": float(terms.total.detach()), **terms.parts}.items():
+        for name, value in {"loss": float(total.detach()), **parts}.items():
             running[name] = value if name not in running else 0.95 * running[name] + 0.05 * value
         done = step + 1
         if done % training.validation_every == 0 or done == total_steps:
