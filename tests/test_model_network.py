@@ -44,6 +44,19 @@ def test_eval_forward_returns_image_and_focus_at_odd_multiples_of_the_stride(nam
         assert torch.isfinite(image).all() and torch.isfinite(focus).all()
 
 
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_focus_head_alone_sees_what_the_full_forward_gives_it(name: str) -> None:
+    """forward_focus (head-only training skips the decoder) must feed the head the same features as forward."""
+    network = build_network(ARCHITECTURES[name]).eval()
+    x = torch.rand(2, 1, 2 * network.stride, 3 * network.stride)
+    with torch.no_grad():
+        _, focus = network(x)
+        alone = network.forward_focus(x)
+    assert alone.shape == (2, 4)  # defocus_um, log_sigma_um, magnitude_um, sign_logit
+    torch.testing.assert_close(alone[:, :3], focus)
+    torch.testing.assert_close(alone[:, 0], alone[:, 2] * torch.tanh(0.5 * alone[:, 3]))
+
+
 def test_parameter_count_of_the_default_unet_suits_real_time() -> None:
     count = sum(p.numel() for p in build_network(ModelConfig()).parameters())
     assert 500_000 <= count <= 2_000_000
