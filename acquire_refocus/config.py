@@ -223,6 +223,15 @@ class PipelineConfig(_Section):
     overflow: Literal["latest", "all"] = Field(
         "all", description="latest: always correct the newest frame; all: queue up to queue_size, then skip"
     )
+    max_backlog_frames: int = Field(
+        16, ge=1, le=10_000,
+        description=(
+            "results waiting for the sinks (publisher, focus log, refocused store) that keep their pixels. When "
+            "the sinks fall this far behind (a slow disk), the engine waits and frames skipped meanwhile reach "
+            "the sinks without pixels (no raw message, an empty refocused plane; counted as pixels_released), "
+            "so memory stays bounded. The raw data is saved by the acquisition backend either way"
+        ),
+    )
 
 
 class PublishingConfig(_Section):

@@ -297,7 +297,8 @@ class Daemon:
             self._write_record(summary, sequence, "failed" if summary.error else
                                ("cancelled" if summary.cancelled else "completed"))
             log.info(kv("run_done", run=run_id, wall_s=f"{summary.wall_s:.1f}", error=summary.error or "none",
-                        **{k: v for k, v in summary.counts().items() if k in ("seen", "refocused", "skipped", "failed")}))
+                        **{k: v for k, v in summary.counts().items()
+                           if k in ("seen", "refocused", "skipped", "failed", "pixels_released")}))
         return summary
 
     def acquisition_core(self) -> Any:

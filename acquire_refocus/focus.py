@@ -164,7 +164,8 @@ class FocusController:
             self.accepted += 1
             self._last_defocus_um[position] = result.defocus_um
             window = self._window.setdefault(position, deque(maxlen=self.config.window_frames))
-            window.append(Estimate(float(stage_z_um), result.defocus_um, abs(result.defocus_magnitude_um)))  # type: ignore[arg-type]
+            magnitude_um = abs(result.defocus_magnitude_um)
+            window.append(Estimate(float(stage_z_um), result.defocus_um, magnitude_um))  # type: ignore[arg-type]
 
     def wait_for_frames(self, count: int, timeout_s: float) -> bool:
         """Wait until `count` results have reached the controller (the closed loop waits for the estimates of

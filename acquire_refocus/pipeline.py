@@ -17,6 +17,11 @@ engine was behind: the queue was full, or a newer frame replaced it with overflo
 engine cannot take: wrong dtype or shape, non-finite values, an engine error) or `paused`. Frames that are not
 refocused still reach the sinks with their raw pixels, so nothing is dropped silently: they are counted, logged,
 published raw and get a focus-log row. Raw frames are saved by the acquisition backend's own writer, never here.
+
+Memory is bounded when the sinks fall behind (a disk slower than the camera): once `max_backlog_frames` results
+wait for the sinks, the worker stops taking frames (the correction queue fills and its overflow policy skips, as
+when the engine is slow), and frames skipped meanwhile reach the sinks without their pixels (`raw` is None,
+counted as `pixels_released`): still counted, logged and in the focus log, but not published raw.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class FrameResult:
     """One raw frame and what became of it. `raw` is the frame as acquired (never modified)."""
 
     frame: int  # running index over the pipeline's lifetime, in submission order
-    raw: np.ndarray
+    raw: np.ndarray | None  # None: released because the sinks were behind (PipelineConfig.max_backlog_frames)
     info: FrameInfo
     status: FrameStatus
     image: np.ndarray | None = None  # refocused frame, float32, the raw frame's intensity units
@@ -119,6 +124,8 @@ class PipelineStats:
     queue_depth: int
     in_flight: int
     delivered: int  # results handed to the sinks (a BackgroundSink may still be writing them until close)
+    backlog: int  # results waiting for the sinks
+    pixels_released: int  # skipped frames whose pixels were let go because the sinks were behind
     sink_errors: int  # exceptions in sinks, those in BackgroundSinks' writer threads included
     paused: bool
     engine: str
@@ -160,6 +167,7 @@ class _Counts:
     failed: int = 0
     paused: int = 0
     delivered: int = 0
+    pixels_released: int = 0
     sink_errors: int = 0
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -194,6 +202,7 @@ class FramePipeline:
         self._worker: threading.Thread | None = None
         self._dispatcher: threading.Thread | None = None
         self._last_skip_log = 0.0
+        self._last_release_log = 0.0
 
     # ----------------------------------------------------------------- lifecycle
     def add_sink(self, sink: FrameSink) -> None:
@@ -319,6 +328,8 @@ class FramePipeline:
                 queue_depth=len(self._queue),
                 in_flight=self._in_flight,
                 delivered=c.delivered,
+                backlog=len(self._results),
+                pixels_released=c.pixels_released,
                 sink_errors=c.sink_errors + sum(s.errors for s in self._sinks if isinstance(s, BackgroundSink)),
                 paused=self._paused,
                 engine=self._engine_name,
@@ -355,9 +366,14 @@ class FramePipeline:
             c.failure_reasons[reason] = c.failure_reasons.get(reason, 0) + 1
         else:
             c.paused += 1
+        raw: np.ndarray | None = item.raw
+        if status != "refocused" and len(self._results) >= self._config.max_backlog_frames:
+            raw = None  # the sinks are behind: keep the record, not the pixels (memory stays bounded)
+            c.pixels_released += 1
+            self._log_released_locked()
         result = FrameResult(
             frame=item.frame,
-            raw=item.raw,
+            raw=raw,
             info=item.info,
             status=status,
             reason=reason if status != "refocused" else "",
@@ -367,6 +383,15 @@ class FramePipeline:
         )
         self._results.append(result)
         self._lock.notify_all()
+
+    def _log_released_locked(self) -> None:
+        now = time.monotonic()
+        if now - self._last_release_log >= 5.0:  # at most one line per 5 s; the count is always exact
+            self._last_release_log = now
+            log.warning(kv("frame_pixels_released", released_total=self._counts.pixels_released,
+                           backlog=len(self._results), max_backlog_frames=self._config.max_backlog_frames,
+                           note="sinks behind (disk or subscriber); these frames reach them without pixels, "
+                                "raw data is saved by the acquisition as always"))
 
     def _log_skips(self) -> None:
         now = time.monotonic()
@@ -387,8 +412,11 @@ class FramePipeline:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._stopping:
+                # wait for a frame, and for room in the sinks' backlog: refocused results always keep their pixels
+                backlog_full = len(self._results) >= self._config.max_backlog_frames
+                while (not self._queue or backlog_full) and not self._stopping:
                     self._lock.wait()
+                    backlog_full = len(self._results) >= self._config.max_backlog_frames
                 if self._abandon:
                     while self._queue:
                         self._finish_locked(self._queue.popleft(), "skipped", "pipeline closed before correction")

@@ -319,3 +319,46 @@ def test_a_slow_background_sink_holds_the_dispatch_back_and_drops_nothing(tiny_r
     assert stats.delivered == stats.seen == 5 and stats.refocused == 5 and stats.sink_errors == 0
     assert [r.frame for r in slow.results] == [r.frame for r in direct.results] == [0, 1, 2, 3, 4]
     assert background.waits >= 1 and background.max_depth == 1
+
+
+def test_sinks_far_behind_bound_the_frames_held_in_memory(tiny_refocuser: Any, tmp_path: Any) -> None:
+    """A stuck sink (a disk slower than the camera): the engine stops once max_backlog_frames results wait, and
+    frames skipped meanwhile reach the sinks without pixels. Every frame still gets its result (in the order the
+    results were made, as always) and its focus-log row; no more than backlog + queue + in engine + in the sink
+    ever hold pixels."""
+    from acquire_refocus.publishing import frame_header
+    from acquire_refocus.storage import FocusLog, read_focus_log
+
+    stuck = GatedSink()
+    focus_log = FocusLog(tmp_path / "focus.csv")
+    config = PipelineConfig(queue_size=2, max_backlog_frames=3)
+    pipeline = FramePipeline(tiny_refocuser, [stuck, focus_log], config).start()
+    try:
+        pipeline.submit(frame(0), info(0))
+        assert stuck.started.wait(60)  # frame 0 is in the sink, which is stuck
+        for i in range(1, 30):
+            pipeline.submit(frame(i), info(i))
+        def settled() -> bool:  # the worker waits for room in the backlog with the queue full
+            s = pipeline.stats()
+            return s.in_flight == 0 and s.queue_depth + s.backlog + 1 == 30  # + frame 0, in the stuck sink
+
+        wait_until(settled, "the worker waits for the sinks")
+        held = pipeline.stats()
+        assert held.backlog >= config.max_backlog_frames and held.queue_depth == config.queue_size
+        stuck.gate.set()
+        assert pipeline.wait_idle(60)
+    finally:
+        stuck.gate.set()
+        stats = pipeline.close()
+    results = stuck.results
+    assert sorted(r.frame for r in results) == list(range(30)) and stats.delivered == 30
+    with_pixels = [r for r in results if r.raw is not None]
+    released = [r for r in results if r.raw is None]
+    assert len(with_pixels) <= config.max_backlog_frames + config.queue_size + 2, [r.frame for r in with_pixels]
+    assert len(released) == stats.pixels_released == held.pixels_released >= 30 - 7
+    assert all(r.status == "skipped" and r.image is None for r in released)
+    assert all(r.image is not None for r in results if r.refocused)
+    assert stats.refocused + stats.skipped == 30
+    assert sorted(row["frame"] for row in read_focus_log(tmp_path / "focus.csv")) == list(range(30))
+    header = frame_header(released[0], "focus", None)
+    assert header["shape"] is None and header["status"] == "skipped"

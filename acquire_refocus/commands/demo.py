@@ -234,13 +234,15 @@ def run(args: argparse.Namespace) -> int:
     latencies = sorted(r["latency_ms"] for r in rows if r["refocused"])
     p50 = latencies[len(latencies) // 2] if latencies else math.nan
     mode_word = "with correction" if config.focus.mode == "correct" else f"focus mode {config.focus.mode}"
+    released = (f" ({counts['pixels_released']} of them without pixels: the sinks were behind)"
+                if counts.get("pixels_released") else "")
     print(
         "\n".join([
             "",
             "demo summary",
             f"  engine                {daemon.engine_name}",
             f"  frames                {counts.get('seen', 0)} acquired, {counts.get('refocused', 0)} refocused, "
-            f"{counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed",
+            f"{counts.get('skipped', 0)} skipped{released}, {counts.get('failed', 0)} failed",
             f"  rates                 {acquired_fps:.1f} frames/s over the run; refocus latency p50 {p50:.0f} ms",
             f"  published             {summary.publisher.get('published', 0)} messages, "
             f"dropped {summary.publisher.get('dropped', 0)}; demo subscriber received "

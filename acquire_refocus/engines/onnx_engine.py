@@ -5,10 +5,10 @@ torch 2.13 it is the default and the supported path; the TorchScript exporter (`
 but emits a DeprecationWarning on every call (and our tests run with warnings as errors). Batch, height and
 width are exported dynamic, so one file serves every frame size and batch.
 
-Cache: `<cache_dir>/<model sha256[:12]>-f<focus contract version>.onnx` plus a sidecar `<...>.onnx.json` that records the file's own
-sha256 and what it was exported from. The file is written to a temporary name and renamed into place, so a
-crash never leaves half a model under the real name. A file whose checksum does not match its sidecar, or
-that ONNX Runtime cannot load, is logged, deleted and exported again.
+Cache: `<cache_dir>/<model sha256[:12]>-f<focus contract version>.onnx` plus a sidecar `<...>.onnx.json` that
+records the file's own sha256 and what it was exported from. The file is written to a temporary name and renamed
+into place, so a crash never leaves half a model under the real name. A file whose checksum does not match its
+sidecar, or that ONNX Runtime cannot load, is logged, deleted and exported again.
 """
 
 from __future__ import annotations
