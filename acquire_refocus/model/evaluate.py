@@ -236,34 +236,25 @@ def baseline_methods(test_set: HeldOutSet, wiener_balance: dict[int, float]) -> 
     }
 
 
-def _magnitude_and_sign(loaded, frame: np.ndarray) -> tuple[float, float]:
-    """The focus head's two factors for a whole frame (training outputs, not part of the inference contract):
-    the unsigned defocus |d| in um and P(d > 0)."""
-    import torch
-
-    from acquire_refocus.model.normalization import frame_scale, normalize
-
-    stride = loaded.network.stride
-    x = normalize(frame, frame_scale(frame, loaded.normalization))
-    height, width = (-(-n // stride) * stride for n in x.shape)
-    x = np.pad(x, ((0, height - x.shape[0]), (0, width - x.shape[1])), mode="reflect")
-    with torch.inference_mode():
-        _, focus = loaded.network.forward_train(torch.from_numpy(x)[None, None])
-    return float(focus[0, 2]), float(torch.sigmoid(focus[0, 3]))
-
-
 def network_method(weights: Path | None, num_threads: int | None = None) -> tuple[Method, dict]:
     from acquire_refocus.refocuser import Refocuser
 
     refocuser = Refocuser.load(weights, engine=EngineConfig(backend="torch", precision="fp32",
                                                             num_threads=num_threads))
 
+    last: dict[int, tuple[float, float]] = {}  # id(sample) -> the factors of its result, until factors() asks
+
     def run(sample: Sample) -> tuple[np.ndarray, float, float]:
         result = refocuser(sample.raw)
+        last[id(sample)] = (result.defocus_um, result.defocus_magnitude_um)
         return result.image, result.defocus_um, result.sigma_um
 
     def factors(sample: Sample) -> tuple[float, float]:
-        return _magnitude_and_sign(refocuser.loaded, sample.raw)
+        """The focus head's two factors of the frame `run` just did: |d| and P(d > 0). The head makes
+        defocus = |d| * tanh(logit / 2) = |d| * (2 P - 1), so P follows from the two outputs of the contract."""
+        defocus_um, magnitude_um = last.pop(id(sample))
+        p_positive = 0.5 * (1.0 + defocus_um / magnitude_um) if magnitude_um > 0 else 0.5
+        return magnitude_um, p_positive
 
     info = {"sha256": refocuser.model_sha256, "metadata": refocuser.loaded.metadata,
             "architecture": refocuser.loaded.model_config.architecture,
