@@ -25,7 +25,7 @@ from acquire_refocus.engines import (
     create_engine,
 )
 from acquire_refocus.engines.onnx_engine import onnx_path
-from acquire_refocus.engines.tiling import combine_focus, infer_frame, infer_frames
+from acquire_refocus.engines.tiling import combine_focus, infer_frame, run_batched
 from acquire_refocus.engines.torch_engine import TorchEngine
 from acquire_refocus.model.network import FOCUS_CONTRACT_VERSION, build_network
 
@@ -180,14 +180,14 @@ def test_frame_outside_the_compiled_range_is_tiled(ort_engine: Engine) -> None:
     assert np.all(np.isfinite([focus.defocus_um, focus.log_sigma_um, focus.magnitude_um]))
 
 
-def test_batch_path_matches_one_by_one(torch_engine: Engine) -> None:
-    stack = frames((6, 37, 50), seed=7)
-    images, focus = infer_frames(torch_engine, stack)  # 6 frames: batches of 4 and 2
-    assert images.shape == stack.shape and focus.shape == (6, 3)
-    for k in range(len(stack)):
-        image, one = infer_frame(torch_engine, stack[k])
-        np.testing.assert_allclose(images[k], image, rtol=0, atol=1e-5)
-        np.testing.assert_allclose(focus[k], [one.defocus_um, one.log_sigma_um, one.magnitude_um], rtol=0, atol=1e-4)
+def test_batches_match_one_by_one(torch_engine: Engine) -> None:
+    batch = frames((6, 1, 32, 64), seed=7)
+    images, focus = run_batched(torch_engine, batch)  # 6 frames: batches of 4 and 2
+    assert images.shape == batch.shape and focus.shape == (6, 3)
+    for k in range(len(batch)):
+        image, one = torch_engine.run(batch[k : k + 1])
+        np.testing.assert_allclose(images[k], image[0], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(focus[k], one[0], rtol=0, atol=1e-4)
 
 
 def test_inverse_variance_focus_combination() -> None:
@@ -221,9 +221,9 @@ def test_out_of_memory_splits_batches_then_tiles(torch_engine: Engine, engine_lo
     image, focus = infer_frame(limited, frame)
     assert image.shape == frame.shape and np.isfinite(focus.defocus_um)
     assert "retry_tile_px=32" in engine_log.text
-    stack = frames((3, 32, 32), seed=9)
-    images, _ = infer_frames(limited, stack)
-    np.testing.assert_allclose(images, infer_frames(torch_engine, stack)[0], rtol=0, atol=1e-5)
+    batch = frames((3, 1, 32, 32), seed=9)
+    images, _ = run_batched(limited, batch)
+    np.testing.assert_allclose(images, torch_engine.run(batch)[0], rtol=0, atol=1e-5)
     assert "retry_batch=" in engine_log.text
 
 

@@ -171,22 +171,3 @@ def infer_frame(engine: Engine, frame: np.ndarray, overlap_px: int | None = None
                            tile_px=tile_px, retry_tile_px=smaller))
             tile_px = smaller
     return np.ascontiguousarray(image[:height, :width], dtype=np.float32), frame_focus
-
-
-def infer_frames(engine: Engine, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Same-shape normalised frames [N,H,W] -> (images [N,H,W], focus [N,3] as in Engine.run).
-
-    The throughput path: frames that fit the engine go through `engine.run` in batches of engine.max_batch;
-    larger frames are tiled one by one.
-    """
-    if frames.ndim != 3:
-        raise InputError(f"expected frames [N,H,W], got shape {frames.shape}")
-    n, height, width = frames.shape
-    padded_h, padded_w = _padded_length(height, engine), _padded_length(width, engine)
-    if max(padded_h, padded_w) > engine.max_size_px:
-        results = [infer_frame(engine, frame) for frame in frames]
-        focus = [(f.defocus_um, f.log_sigma_um, f.magnitude_um) for _, f in results]
-        return np.stack([image for image, _ in results]), np.array(focus, dtype=np.float32)
-    batch = np.stack([_pad(np.asarray(f, dtype=np.float32), padded_h, padded_w) for f in frames])[:, None]
-    images, focus = run_batched(engine, batch)
-    return np.ascontiguousarray(images[:, 0, :height, :width]), np.ascontiguousarray(focus[:, :3])
