@@ -128,11 +128,7 @@ def _load_initial_weights(network: torch.nn.Module, path: Path, model_config: Mo
     (a focus head of another design) keep their fresh initialisation, and the log says which. Returns what the
     new weights' metadata records about where they started."""
     payload, sha256 = read_payload(path)
-    saved = ModelConfig.model_validate(payload["model_config"])
-    current = model_config.model_copy(update={"weights": None, "pretrained_encoder": None})
-    if saved.model_copy(update={"weights": None, "pretrained_encoder": None}) != current:
-        raise ConfigError(f"training.initial_weights {path}: trained with model settings "
-                          f"{saved.model_dump(mode='json')}, the config asks for {current.model_dump(mode='json')}")
+    _require_same_model(payload, model_config, f"training.initial_weights {path}")
     own = network.state_dict()
     usable = {k: v for k, v in payload["state_dict"].items() if k in own and own[k].shape == v.shape}
     fresh = sorted(k for k in own if k not in usable)
@@ -152,12 +148,17 @@ def _resume_state(path: Path, model_config: ModelConfig) -> dict[str, Any]:
     payload, _ = read_payload(path)
     if "optimizer" not in payload or "step" not in payload:
         raise WeightsError(f"{path}: a weights file without optimizer state; resume needs a training checkpoint.pt")
+    _require_same_model(payload, model_config, str(path))
+    return payload
+
+
+def _require_same_model(payload: dict[str, Any], model_config: ModelConfig, source: str) -> None:
+    """ConfigError unless the file's network settings are the config's (files store them without weight paths)."""
     saved = ModelConfig.model_validate(payload["model_config"])
     current = model_config.model_copy(update={"weights": None, "pretrained_encoder": None})
     if saved != current:
-        raise ConfigError(f"{path}: was trained with model settings {saved.model_dump(mode='json')}, "
+        raise ConfigError(f"{source}: was trained with model settings {saved.model_dump(mode='json')}, "
                           f"the config asks for {current.model_dump(mode='json')}")
-    return payload
 
 
 def train(
