@@ -267,6 +267,30 @@ class FocusConfig(_Section):
             "below focus); set dead_band_um at or above the |defocus| the model reports in focus"
         ),
     )
+    fine_source: Literal["none", "sharpness"] = Field(
+        "none",
+        description=(
+            "sharpness: near focus (the network's |defocus| at most sharpness_range_um), put focus where an "
+            "image-sharpness measure peaks, fitted to frames of the position taken at different Z; in correct "
+            "mode the stage alternates +-sharpness_dither_um around the focus it holds, so such frames exist"
+        ),
+    )
+    sharpness_dither_um: float | None = Field(
+        None, ge=0.0, le=5.0,
+        description="fine_source sharpness: Z dither between time points; null: a tenth of the optics' depth of field",
+    )
+    sharpness_width_um: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description=(
+            "defocus at which the sharpness falls to exp(-1/2) of its peak; null: 4/3 of the depth of field "
+            "(4 um for 20x / 0.45 NA, measured 3.8-4.6 on the simulated nuclei). Too small only slows the loop; "
+            "more than 1.4 times the true width makes it overshoot"
+        ),
+    )
+    sharpness_range_um: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="largest distance to focus the sharpness fit is trusted for; null: 4/3 of the depth of field",
+    )
     max_step_um: float = Field(5.0, gt=0.0)
     gain: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the estimated error corrected per move")
     z_limits_um: tuple[float, float] = Field((0.0, 200.0), description="soft limits never crossed")

@@ -245,7 +245,9 @@ class Daemon:
             output_dir.mkdir(parents=True, exist_ok=True)
         backend = self.config.acquisition.backend
         summary = RunSummary(run=run_id, output_dir=output_dir, backend=backend, started=utc_now())
-        controller = FocusController(self.config.focus) if self.config.focus.mode != "off" else None
+        controller = (
+            FocusController(self.config.focus, self.config.optics) if self.config.focus.mode != "off" else None
+        )
         # Dispatch order = latency order, cheapest first among the latency-critical sinks: the focus controller
         # (microseconds; the closed loop waits for its estimates between time points), the publisher (a
         # non-blocking send, ~0.3 ms at 2048 px but milliseconds at p99 on a loaded machine), the focus log (one

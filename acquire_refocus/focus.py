@@ -23,6 +23,18 @@ that happens. An estimate that is not finite, has too low a confidence, or belon
 refocused never reaches the window, so it can never cause a move. Offsets only change at a position's next time
 point, so a z-stack is never moved in its middle.
 
+With `fine_source: sharpness`, near focus an image measure that needs no network (`sharpness.py`) takes over
+from those estimates. Each frame's band-pass sharpness s, taken at stage Z z, is modelled as
+log s = b - (z - f)^2 / (2 w^2) around the sharpest Z f, with w = `sharpness_width_um` (4/3 of the depth of
+field unless set); a position's recent frames at two or more Z give f by linear least squares
+(log s + z^2 / 2w^2 = b + z f / w^2). A wrong w scales the step towards f by (w / true w)^2, so the loop still
+settles on f while w is below 1.4 times the true width. The fit is used while the latest network |defocus| is
+at most `sharpness_range_um` (or no network estimate passed the gates), and trusted only that far from the
+frames' Z. So that frames at different Z exist when nothing moves, in correct mode the stage alternates
++-`sharpness_dither_um` around the focus it holds, one side per time point (a tenth of the depth of field unless
+set: 0.3 um for the default optics). The sharpest plane is what the loop holds; for the simulated nuclei it lies
+0 to 0.7 um deeper than their mid-plane, the simulator's "in focus".
+
 mode "observe" plans the same moves and logs them ("would move") without applying them: the estimates and
 the focus log are there, the stage is left alone. The acquisition hooks apply the offsets (pymmcore-plus:
 `hooks.pymmcore_plus.FocusMDAEngine` rewrites each upcoming event's Z; pycromanager: a pre-hardware hook).
@@ -35,7 +47,7 @@ import math
 import statistics
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,9 +55,10 @@ from typing import Any
 import numpy as np
 import useq
 
-from acquire_refocus.config import FocusConfig
+from acquire_refocus.config import FocusConfig, OpticsConfig
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FramePipeline, FrameResult
+from acquire_refocus.sharpness import BandPassSharpness
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +82,13 @@ def relative_z_um(event: useq.MDAEvent) -> float:
 _PROBE_GRID_UM = 0.05
 _PROBE_HUBER_UM = 1.0
 AMBIGUOUS_COST_UM2 = 0.1
+# Sharpness fit: the frames' Z must span at least this much to say where the peak is. A new frame taken where only
+# the dither moved the stage, whose log sharpness is further than _SHARPNESS_JUMP from what the fit predicts,
+# shows that focus (or the field) changed suddenly and restarts the fit from it (a 2 um focus step near focus
+# changes it by ~0.15, the dither by 0.01-0.05). After a move of the loop it is not checked: far from focus the
+# Gaussian model underrates how much sharper the frame gets.
+_MIN_SHARPNESS_SPAN_UM = 0.1
+_SHARPNESS_JUMP = 0.1
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,42 @@ class Estimate:
     stage_z_um: float
     defocus_um: float  # signed
     magnitude_um: float  # unsigned
+
+
+@dataclass(frozen=True)
+class SharpnessSample:
+    stage_z_um: float
+    log_sharpness: float
+
+
+def _gaussian_fit(samples: list[SharpnessSample], width_um: float) -> tuple[float, float, float] | None:
+    """(mean Z, mean of u, slope) of u = log s + z^2 / 2w^2 against z; None without enough Z spread."""
+    z = np.array([s.stage_z_um for s in samples])
+    if len(samples) < 2 or np.ptp(z) < _MIN_SHARPNESS_SPAN_UM:
+        return None
+    u = np.array([s.log_sharpness for s in samples]) + z**2 / (2 * width_um**2)
+    dz = z - z.mean()
+    return float(z.mean()), float(u.mean()), float((dz * (u - u.mean())).sum() / (dz**2).sum())
+
+
+def sharpness_focus_z(samples: list[SharpnessSample], width_um: float, range_um: float) -> float | None:
+    """The sharpest stage Z under the Gaussian model (module docstring), clamped to `range_um` from the samples'
+    mean Z; None while the samples' Z span less than `_MIN_SHARPNESS_SPAN_UM`."""
+    fit = _gaussian_fit(samples, width_um)
+    if fit is None:
+        return None
+    z_mean, _, slope = fit
+    return float(min(z_mean + range_um, max(z_mean - range_um, slope * width_um**2)))
+
+
+def sharpness_jumped(samples: list[SharpnessSample], new: SharpnessSample, width_um: float) -> bool:
+    """Whether `new` is further from the fit of `samples` than _SHARPNESS_JUMP (in log sharpness)."""
+    fit = _gaussian_fit(samples, width_um)
+    if fit is None:
+        return False
+    z_mean, u_mean, slope = fit
+    predicted = u_mean + slope * (new.stage_z_um - z_mean) - new.stage_z_um**2 / (2 * width_um**2)
+    return abs(new.log_sharpness - predicted) > _SHARPNESS_JUMP
 
 
 def _huber_cost(residual_um: np.ndarray) -> np.ndarray:
@@ -110,6 +166,7 @@ class FocusMove:
     error_um: float
     applied: bool  # False in observe mode
     clamped: bool
+    source: str  # what located focus: "network", "probe" or "sharpness"
 
 
 class FocusController:
@@ -119,10 +176,19 @@ class FocusController:
     a lock keeps them consistent.
     """
 
-    def __init__(self, config: FocusConfig) -> None:
+    def __init__(self, config: FocusConfig, optics: OpticsConfig | None = None) -> None:
+        """`optics`: the optics frames come from (default: `OpticsConfig()`), for the sharpness measure's band."""
         self.config = config
+        optics = optics or OpticsConfig()
+        self._sharpness = BandPassSharpness.for_optics(optics) if config.fine_source == "sharpness" else None
+        dof_um = optics.depth_of_field_um  # scales the sharpness settings left unset
+        self.sharpness_dither_um = dof_um / 10 if config.sharpness_dither_um is None else config.sharpness_dither_um
+        self.sharpness_width_um = dof_um * 4 / 3 if config.sharpness_width_um is None else config.sharpness_width_um
+        self.sharpness_range_um = dof_um * 4 / 3 if config.sharpness_range_um is None else config.sharpness_range_um
         self._lock = threading.Lock()
         self._window: dict[int, deque[Estimate]] = {}
+        self._sharpness_window: dict[int, deque[SharpnessSample]] = {}
+        self._dither_side: dict[int, float] = {}
         self._side: dict[int, float] = {}  # probe mode: sign of the last resolved defocus per position
         self._centre_um: dict[int, float] = {}
         self._offset_um: dict[int, float] = {}
@@ -133,6 +199,7 @@ class FocusController:
         self.accepted = 0
         self.rejected = 0
         self.clamps = 0
+        self.sharpness_restarts = 0
 
     @property
     def mode(self) -> str:
@@ -146,6 +213,7 @@ class FocusController:
     def on_frame(self, result: FrameResult) -> None:
         position = int(result.info.axes.get("p", 0))
         stage_z_um = result.info.stage_z_um
+        sharpness = self._measure_sharpness(result)
         usable = (
             result.refocused
             and stage_z_um is not None
@@ -158,6 +226,20 @@ class FocusController:
         with self._lock:
             self.frames += 1
             self._frames_seen.notify_all()
+            if math.isfinite(sharpness) and sharpness > 0:
+                sample = SharpnessSample(float(stage_z_um), math.log(sharpness))  # type: ignore[arg-type]
+                samples = self._sharpness_window.setdefault(
+                    position, deque(maxlen=max(2, self.config.window_frames))
+                )
+                dither_only = bool(samples) and abs(sample.stage_z_um - samples[-1].stage_z_um) <= (
+                    2 * self.sharpness_dither_um + _MIN_SHARPNESS_SPAN_UM
+                )
+                if dither_only and sharpness_jumped(list(samples), sample, self.sharpness_width_um):
+                    self.sharpness_restarts += 1
+                    log.info(kv("focus_sharpness_restart", position=position, stage_z_um=f"{stage_z_um:.3f}",
+                                note="sharpness changed more than the Z change explains: focus or field jumped"))
+                    samples.clear()
+                samples.append(sample)
             if not usable:
                 self.rejected += 1
                 return
@@ -166,6 +248,16 @@ class FocusController:
             window = self._window.setdefault(position, deque(maxlen=self.config.window_frames))
             magnitude_um = abs(result.defocus_magnitude_um)
             window.append(Estimate(float(stage_z_um), result.defocus_um, magnitude_um))  # type: ignore[arg-type]
+
+    def _measure_sharpness(self, result: FrameResult) -> float:
+        """The frame's sharpness (fine_source sharpness), NaN when there is none: no pixels (released), a frame
+        the pipeline failed, no stage Z. Skipped frames count: the engine need not have seen them."""
+        z_um = result.info.stage_z_um
+        if self._sharpness is None or result.raw is None or result.status == "failed":
+            return math.nan
+        if z_um is None or not math.isfinite(z_um):
+            return math.nan
+        return self._sharpness(result.raw, result.info.pixel_size_um)
 
     def wait_for_frames(self, count: int, timeout_s: float) -> bool:
         """Wait until `count` results have reached the controller (the closed loop waits for the estimates of
@@ -181,6 +273,7 @@ class FocusController:
 
     def close(self) -> None:
         log.info(kv("focus_summary", mode=self.mode, sign_source=self.config.sign_source,
+                    fine_source=self.config.fine_source,
                     accepted=self.accepted, rejected=self.rejected,
                     moves=sum(m.applied for m in self.moves), clamps=self.clamps,
                     offsets_um=";".join(f"p{p}={o:+.3f}" for p, o in sorted(self._offset_um.items())) or "-"))
@@ -193,7 +286,7 @@ class FocusController:
 
     def has_estimates(self, position: int) -> bool:
         with self._lock:
-            return bool(self._window.get(position))
+            return bool(self._window.get(position)) or bool(self._sharpness_window.get(position))
 
     def plan(self, position: int, centre_um: float, t_index: int = 0) -> float:
         """Decide the offset for the next time point at `position` whose planned centre Z is `centre_um`."""
@@ -201,13 +294,14 @@ class FocusController:
         with self._lock:
             self._centre_um[position] = centre_um
             current = self._offset_um.get(position, 0.0)
-            window = self._window.get(position)
-            if not window:
-                return current
-            focus_z_um = self._focus_z(position, list(window))
+            dither = self._next_dither_locked(position)
+            located = self._focus_z(position)
+            if located is None:
+                return current + dither if self.applies else current
+            focus_z_um, source = located
             error = focus_z_um - centre_um - current
             if not math.isfinite(error) or abs(error) <= cfg.dead_band_um:
-                return current
+                return current + dither if self.applies else current
             step = max(-cfg.max_step_um, min(cfg.max_step_um, cfg.gain * error))
             lo, hi = cfg.z_limits_um
             target = centre_um + current + step
@@ -215,7 +309,7 @@ class FocusController:
             new = min(hi, max(lo, target)) - centre_um
             if clamped:
                 self.clamps += 1
-            move = FocusMove(position, t_index, current, new, error, self.applies, clamped)
+            move = FocusMove(position, t_index, current, new, error, self.applies, clamped, source)
             self.moves.append(move)
             if self.applies:
                 self._offset_um[position] = new
@@ -230,14 +324,37 @@ class FocusController:
                 offset_um=f"{new:+.3f}",
                 z_um=f"{centre_um + new:.3f}",
                 clamped_to_limits=clamped,
+                source=source,
             ),
         )
-        return new if self.applies else current
+        return new + dither if self.applies else current
 
-    def _focus_z(self, position: int, window: list[Estimate]) -> float:
-        """Where the window says focus is (see the module docstring); caller holds the lock."""
-        if self.config.sign_source == "network":
-            return statistics.median(e.stage_z_um - e.defocus_um for e in window)
+    def _next_dither_locked(self, position: int) -> float:
+        """fine_source sharpness, correct mode: the Z dither for this time point, alternating sides."""
+        if self._sharpness is None or not self.applies or self.sharpness_dither_um == 0:
+            return 0.0
+        side = -self._dither_side.get(position, -1.0)
+        self._dither_side[position] = side
+        return side * self.sharpness_dither_um
+
+    def _focus_z(self, position: int) -> tuple[float, str] | None:
+        """Where focus is and what said so (see the module docstring), None when nothing knows; caller holds the
+        lock."""
+        cfg = self.config
+        window = list(self._window.get(position, ()))
+        if self._sharpness is not None:
+            near = not window or window[-1].magnitude_um <= self.sharpness_range_um
+            samples = list(self._sharpness_window.get(position, ()))
+            fine_z_um = sharpness_focus_z(samples, self.sharpness_width_um, self.sharpness_range_um)
+            if near and fine_z_um is not None:
+                return fine_z_um, "sharpness"
+        if not window:
+            return None
+        if cfg.sign_source == "network":
+            return statistics.median(e.stage_z_um - e.defocus_um for e in window), "network"
+        return self._probe_focus_z(position, window), "probe"
+
+    def _probe_focus_z(self, position: int, window: list[Estimate]) -> float:
         latest = window[-1]
         if latest.magnitude_um <= self.config.dead_band_um:
             return latest.stage_z_um  # in focus as far as the head can tell
@@ -277,11 +394,14 @@ class FocusController:
             return {
                 "mode": self.mode,
                 "sign_source": self.config.sign_source,
+                "fine_source": self.config.fine_source,
                 "offsets_um": {str(p): round(o, 4) for p, o in sorted(self._offset_um.items())},
                 "last_defocus_um": {str(p): round(d, 4) for p, d in sorted(self._last_defocus_um.items())},
                 "estimates_accepted": self.accepted,
                 "estimates_rejected": self.rejected,
                 "moves": sum(m.applied for m in self.moves),
+                "moves_by_source": dict(Counter(m.source for m in self.moves if m.applied)),
+                "sharpness_restarts": self.sharpness_restarts,
                 "clamps": self.clamps,
             }
 

@@ -12,8 +12,9 @@ import pytest
 import useq
 from pymmcore_plus.experimental.unicore import UniMMCore
 
-from acquire_refocus.config import AppConfig, parse_config
+from acquire_refocus.config import AppConfig, OpticsConfig, parse_config
 from acquire_refocus.errors import UserError
+from acquire_refocus.sharpness import BandPassSharpness
 from acquire_refocus.sim.devices import ClockedMicroscope, SimClock, StageLimitError, create_simulated_core
 from acquire_refocus.sim.microscope import SimulatedMicroscope
 
@@ -57,10 +58,8 @@ def sim(shared: tuple[UniMMCore, ClockedMicroscope]) -> Iterator[tuple[UniMMCore
 
 
 def _sharpness(image: np.ndarray) -> float:
-    """Mean squared gradient, normalised by brightness: large for crisp nuclei, small for blur."""
-    img = image.astype(np.float64)
-    gy, gx = np.gradient(img)
-    return float(np.mean(gx**2 + gy**2) / max(img.mean(), 1.0) ** 2)
+    """The closed loop's own focus measure (band-pass power / mean^2): large for crisp nuclei, small for blur."""
+    return BandPassSharpness.for_optics(OpticsConfig())(image)
 
 
 def _record(core: UniMMCore) -> list[tuple[np.ndarray, useq.MDAEvent, dict]]:

@@ -249,10 +249,10 @@ def run(args: argparse.Namespace) -> int:
             f"raw {received['raw']}, refocused {received['refocused']}, focus {received['focus']}",
             f"  focus error RMS       {rms_with:.2f} um {mode_word}, {rms_without:.2f} um without correction "
             f"(depth of field {dof_um:.2f} um)",
-            f"  focus moves           {summary.focus.get('moves', 0)}, offsets_um {summary.focus.get('offsets_um', {})}; "
-            f"estimates used {summary.focus.get('estimates_accepted', 0)}, rejected "
-            f"{summary.focus.get('estimates_rejected', 0)} (confidence < {config.focus.min_confidence:g}, "
-            "non-finite, or not refocused)",
+            f"  focus moves           {summary.focus.get('moves', 0)} {summary.focus.get('moves_by_source', {})}, "
+            f"offsets_um {summary.focus.get('offsets_um', {})}; network estimates used "
+            f"{summary.focus.get('estimates_accepted', 0)}, rejected {summary.focus.get('estimates_rejected', 0)} "
+            f"(confidence < {config.focus.min_confidence:g}, non-finite, or not refocused)",
             f"  raw data              {output / RAW_STORE}",
             f"  refocused             {output / REFOCUSED_STORE}",
             f"  focus log             {output / FOCUS_LOG}",
