@@ -7,8 +7,10 @@ Three records per frame size (square uint16 frames), in the shape tools/benchmar
 * engine "zmq-publish": raw frames through `Publisher` to a `Subscriber` on loopback TCP (and ipc://), the
   subscriber in another process; extra "gb_per_s" (pixel bytes the subscriber received per second) and
   "transport". Target >= 1 GB/s.
-* engine "daemon-overhead": per frame, from `submit` until the latency-critical sinks (focus controller,
-  publisher with a subscriber, focus log) are done, minus the time inside the engine, which is a pass-through
+* engine "sharpness": the focus controller's image-sharpness measure alone (`focus.fine_source: sharpness`, on
+  in the shipped configs), one FFT of a central crop of at most 512 x 512.
+* engine "daemon-overhead": per frame, from `submit` until the latency-critical sinks (focus controller with
+  `fine_source: sharpness`, publisher with a subscriber, focus log) are done, minus the time inside the engine, which is a pass-through
   here. The real refocused OME-Zarr store is attached as in the daemon, behind its writer thread
   (`BackgroundSink`): off the latency path, still competing for the CPU. Target p99 <= 5 ms at 2048 x 2048.
   Frames go one at a time at the camera rate ("frame_interval_ms": 100 fps at 2048 px). Extra fields:
@@ -130,6 +132,22 @@ with Subscriber(address, topics=("raw",), timeout_s=10.0, high_water_mark=10_000
         received += 1
 print(json.dumps({"received": received, "t_last": t_last}), flush=True)
 """
+
+
+def bench_sharpness(size: int, repeats: int) -> dict[str, Any]:
+    """The sharpness measure on a uint16 frame, as the focus controller calls it in the dispatch thread."""
+    from acquire_refocus.config import OpticsConfig
+    from acquire_refocus.sharpness import BandPassSharpness
+
+    measure = BandPassSharpness.for_optics(OpticsConfig())
+    frame = np.random.default_rng(0).integers(0, 4000, (size, size), dtype=np.uint16)
+    times = []
+    for i in range(repeats + 3):
+        t0 = time.perf_counter()
+        measure(frame, 0.325)
+        if i >= 3:
+            times.append((time.perf_counter() - t0) * 1000.0)
+    return _record("sharpness", size, times, crop_px=min(size, measure.crop_px))
 
 
 def bench_publish(size: int, repeats: int, address: str = "tcp://127.0.0.1:*") -> dict[str, Any]:
@@ -262,8 +280,8 @@ def _overhead_run(size: int, frames: int, store: str) -> dict[str, Any]:
         drainer = threading.Thread(target=drain, daemon=True)
         drainer.start()
         focus, done = _Mark(), _Mark()
-        latency_critical: list[FrameSink] = [FocusController(FocusConfig(mode="observe")), focus,
-                                             PublishSink(publisher)]
+        controller = FocusController(FocusConfig(mode="observe", fine_source="sharpness"))
+        latency_critical: list[FrameSink] = [controller, focus, PublishSink(publisher)]
         focus_log = FocusLog(Path(tmp) / "focus.csv")
         timed = _Timed(RefocusedStore(Path(tmp) / "r.ome.zarr", sequence, (size, size), 0.325)) \
             if store != "none" else None
@@ -354,10 +372,11 @@ def bench_overhead(size: int, repeats: int, rounds: int = 5) -> dict[str, Any]:
 
 
 def daemon_records(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
-    """One hook, one zmq-publish and one daemon-overhead record per size."""
+    """One hook, one sharpness, zmq-publish (tcp, ipc) and one daemon-overhead record per size."""
     records = []
     for size in sizes:
         records.append(bench_hook(size, repeats))
+        records.append(bench_sharpness(size, repeats))
         records.append(bench_publish(size, repeats))
         if sys.platform != "win32":  # a viewer on the acquisition PC itself can use ipc://
             with tempfile.TemporaryDirectory() as tmp:
