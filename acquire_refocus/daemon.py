@@ -249,10 +249,10 @@ class Daemon:
             FocusController(self.config.focus, self.config.optics) if self.config.focus.mode != "off" else None
         )
         # Dispatch order = latency order, cheapest first among the latency-critical sinks: the focus controller
-        # (microseconds; the closed loop waits for its estimates between time points), the publisher (a
-        # non-blocking send, ~0.3 ms at 2048 px but milliseconds at p99 on a loaded machine), the focus log (one
-        # flushed CSV row), then the refocused store, which writes in its own thread: nothing before it, and no
-        # later frame, waits for the disk unless the store's queue is full.
+        # (microseconds, its sharpness measure runs in its own thread; the closed loop waits for its estimates
+        # between time points), the publisher (a non-blocking send, ~0.3 ms at 2048 px but milliseconds at p99 on
+        # a loaded machine), the focus log (one flushed CSV row), then the refocused store, which writes in its own
+        # thread: nothing before it, and no later frame, waits for the disk unless the store's queue is full.
         sinks: list[FrameSink] = [controller] if controller is not None else []
         if self.publisher is not None:
             self.publisher.run = run_id

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import statistics
 import threading
 import time
@@ -189,6 +190,10 @@ class FocusController:
         self._window: dict[int, deque[Estimate]] = {}
         self._sharpness_window: dict[int, deque[SharpnessSample]] = {}
         self._dither_side: dict[int, float] = {}
+        # the sharpness measure (~2 ms a frame) runs in a thread of its own, off the dispatch thread
+        self._to_measure: queue.Queue[tuple[int, float, np.ndarray, float | None] | None] = queue.Queue(maxsize=4)
+        self._measurer: threading.Thread | None = None
+        self._measurements_pending = 0
         self._side: dict[int, float] = {}  # probe mode: sign of the last resolved defocus per position
         self._centre_um: dict[int, float] = {}
         self._offset_um: dict[int, float] = {}
@@ -213,11 +218,13 @@ class FocusController:
     def on_frame(self, result: FrameResult) -> None:
         position = int(result.info.axes.get("p", 0))
         stage_z_um = result.info.stage_z_um
-        sharpness = self._measure_sharpness(result)
+        has_z = stage_z_um is not None and math.isfinite(stage_z_um)
+        # sharpness (fine_source sharpness): any frame with pixels and a stage Z, refocused or not (skipped frames
+        # count: the engine need not have seen them), measured in the controller's own thread
+        measure = self._sharpness is not None and result.raw is not None and result.status != "failed" and has_z
         usable = (
             result.refocused
-            and stage_z_um is not None
-            and math.isfinite(stage_z_um)
+            and has_z
             and math.isfinite(result.defocus_um)
             and (self.config.sign_source == "network" or math.isfinite(result.defocus_magnitude_um))
             and math.isfinite(result.confidence)
@@ -225,46 +232,58 @@ class FocusController:
         )
         with self._lock:
             self.frames += 1
+            self._measurements_pending += int(measure)
             self._frames_seen.notify_all()
-            if math.isfinite(sharpness) and sharpness > 0:
-                sample = SharpnessSample(float(stage_z_um), math.log(sharpness))  # type: ignore[arg-type]
-                samples = self._sharpness_window.setdefault(
-                    position, deque(maxlen=max(2, self.config.window_frames))
-                )
-                dither_only = bool(samples) and abs(sample.stage_z_um - samples[-1].stage_z_um) <= (
-                    2 * self.sharpness_dither_um + _MIN_SHARPNESS_SPAN_UM
-                )
-                if dither_only and sharpness_jumped(list(samples), sample, self.sharpness_width_um):
-                    self.sharpness_restarts += 1
-                    log.info(kv("focus_sharpness_restart", position=position, stage_z_um=f"{stage_z_um:.3f}",
-                                note="sharpness changed more than the Z change explains: focus or field jumped"))
-                    samples.clear()
-                samples.append(sample)
             if not usable:
                 self.rejected += 1
-                return
-            self.accepted += 1
-            self._last_defocus_um[position] = result.defocus_um
-            window = self._window.setdefault(position, deque(maxlen=self.config.window_frames))
-            magnitude_um = abs(result.defocus_magnitude_um)
-            window.append(Estimate(float(stage_z_um), result.defocus_um, magnitude_um))  # type: ignore[arg-type]
+            else:
+                self.accepted += 1
+                self._last_defocus_um[position] = result.defocus_um
+                window = self._window.setdefault(position, deque(maxlen=self.config.window_frames))
+                magnitude_um = abs(result.defocus_magnitude_um)
+                window.append(Estimate(float(stage_z_um), result.defocus_um, magnitude_um))  # type: ignore[arg-type]
+        if measure:
+            if self._measurer is None:
+                self._measurer = threading.Thread(target=self._measure_frames, name="focus-sharpness", daemon=True)
+                self._measurer.start()
+            frame = (position, float(stage_z_um), result.raw, result.info.pixel_size_um)  # type: ignore[arg-type]
+            self._to_measure.put(frame)  # waits only if 4 frames are already waiting to be measured
 
-    def _measure_sharpness(self, result: FrameResult) -> float:
-        """The frame's sharpness (fine_source sharpness), NaN when there is none: no pixels (released), a frame
-        the pipeline failed, no stage Z. Skipped frames count: the engine need not have seen them."""
-        z_um = result.info.stage_z_um
-        if self._sharpness is None or result.raw is None or result.status == "failed":
-            return math.nan
-        if z_um is None or not math.isfinite(z_um):
-            return math.nan
-        return self._sharpness(result.raw, result.info.pixel_size_um)
+    def _measure_frames(self) -> None:
+        """The sharpness thread: measure each queued frame, add it to its position's window."""
+        assert self._sharpness is not None
+        while (item := self._to_measure.get()) is not None:
+            position, stage_z_um, raw, pixel_size_um = item
+            try:
+                sharpness = self._sharpness(raw, pixel_size_um)
+            except Exception as exc:  # a frame it cannot measure must not stop the loop
+                log.error(kv("focus_sharpness_failed", position=position, error=repr(exc)))
+                sharpness = math.nan
+            del item, raw  # do not hold the frame while waiting for the next
+            with self._lock:
+                if math.isfinite(sharpness) and sharpness > 0:
+                    self._add_sharpness_locked(position, SharpnessSample(stage_z_um, math.log(sharpness)))
+                self._measurements_pending -= 1
+                self._frames_seen.notify_all()
+
+    def _add_sharpness_locked(self, position: int, sample: SharpnessSample) -> None:
+        samples = self._sharpness_window.setdefault(position, deque(maxlen=max(2, self.config.window_frames)))
+        dither_only = bool(samples) and abs(sample.stage_z_um - samples[-1].stage_z_um) <= (
+            2 * self.sharpness_dither_um + _MIN_SHARPNESS_SPAN_UM
+        )
+        if dither_only and sharpness_jumped(list(samples), sample, self.sharpness_width_um):
+            self.sharpness_restarts += 1
+            log.info(kv("focus_sharpness_restart", position=position, stage_z_um=f"{sample.stage_z_um:.3f}",
+                        note="sharpness changed more than the Z change explains: focus or field jumped"))
+            samples.clear()
+        samples.append(sample)
 
     def wait_for_frames(self, count: int, timeout_s: float) -> bool:
-        """Wait until `count` results have reached the controller (the closed loop waits for the estimates of
-        the frames already taken, not for the slower sinks). False on timeout."""
+        """Wait until `count` results have reached the controller and their sharpness is measured (the closed
+        loop waits for the estimates of the frames already taken, not for the slower sinks). False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
-            while self.frames < count:
+            while self.frames < count or self._measurements_pending:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -272,6 +291,10 @@ class FocusController:
             return True
 
     def close(self) -> None:
+        if self._measurer is not None:
+            self._to_measure.put(None)  # after every queued frame
+            self._measurer.join()
+            self._measurer = None
         log.info(kv("focus_summary", mode=self.mode, sign_source=self.config.sign_source,
                     fine_source=self.config.fine_source,
                     accepted=self.accepted, rejected=self.rejected,
@@ -292,6 +315,10 @@ class FocusController:
         """Decide the offset for the next time point at `position` whose planned centre Z is `centre_um`."""
         cfg = self.config
         with self._lock:
+            # the sharpness of frames already handed over (normally measured while the acquisition moved on)
+            if not self._frames_seen.wait_for(lambda: not self._measurements_pending, timeout=cfg.estimate_wait_s):
+                log.warning(kv("focus_sharpness_late", position=position, t=t_index,
+                               pending=self._measurements_pending))
             self._centre_um[position] = centre_um
             current = self._offset_um.get(position, 0.0)
             dither = self._next_dither_locked(position)

@@ -302,6 +302,7 @@ def test_a_focus_jump_restarts_the_sharpness_fit_but_a_move_of_the_loop_does_not
     c.on_frame(image_result(scope, 100.3, 100.0, 0))
     c.on_frame(image_result(scope, 99.7, 100.0, 1))
     c.on_frame(image_result(scope, 100.3, 96.0, 2))  # the focus stepped 4 um between time points
+    assert c.wait_for_frames(3, timeout_s=10)  # measured in the controller's own thread
     assert c.sharpness_restarts == 1
     c.plan(0, 100.0, 3)
     assert not c.moves  # one frame since the restart: nothing to fit yet
@@ -309,4 +310,7 @@ def test_a_focus_jump_restarts_the_sharpness_fit_but_a_move_of_the_loop_does_not
     moved.on_frame(image_result(scope, 104.3, 100.0, 0))
     moved.on_frame(image_result(scope, 103.7, 100.0, 1))
     moved.on_frame(image_result(scope, 100.3, 100.0, 2))  # the loop moved 3.4 um: much sharper, and no jump
+    assert moved.wait_for_frames(3, timeout_s=10)
     assert moved.sharpness_restarts == 0
+    c.close()
+    moved.close()

@@ -10,11 +10,12 @@ Three records per frame size (square uint16 frames), in the shape tools/benchmar
 * engine "sharpness": the focus controller's image-sharpness measure alone (`focus.fine_source: sharpness`, on
   in the shipped configs), one FFT of a central crop of at most 512 x 512.
 * engine "daemon-overhead": per frame, from `submit` until the latency-critical sinks (focus controller with
-  `fine_source: sharpness`, publisher with a subscriber, focus log) are done, minus the time inside the engine, which is a pass-through
-  here. The real refocused OME-Zarr store is attached as in the daemon, behind its writer thread
+  `fine_source: sharpness`, publisher with a subscriber, focus log) are done, minus the time inside the engine,
+  which is a pass-through here. The real refocused OME-Zarr store is attached as in the daemon, behind its writer thread
   (`BackgroundSink`): off the latency path, still competing for the CPU. Target p99 <= 5 ms at 2048 x 2048.
   Frames go one at a time at the camera rate ("frame_interval_ms": 100 fps at 2048 px). Extra fields:
-  - "focus_ready_*": submit until the focus controller has the estimate (the closed loop waits for this);
+  - "focus_ready_*": submit until the focus controller has the estimate; "sharpness_ready_*": until its own
+    thread has measured the frame's sharpness too (the closed loop waits for both between time points);
     "after_focus_*": from there until the latency-critical sinks are done (the dispatch thread's own work,
     publisher and focus log: what the sink order and the store's writer thread change; on a busy machine the
     totals are dominated by threads waiting for a core);
@@ -295,6 +296,7 @@ def _overhead_run(size: int, frames: int, store: str) -> dict[str, Any]:
             sinks = [*latency_critical, focus_log, done, background]
         pipeline = FramePipeline(PassThrough(), sinks, PipelineConfig(queue_size=8)).start()
         submitted: dict[int, float] = {}
+        measured_at: dict[int, float] = {}
         try:
             t_next = time.perf_counter()
             for i in range(n):
@@ -304,6 +306,8 @@ def _overhead_run(size: int, frames: int, store: str) -> dict[str, Any]:
                 submitted[i] = time.perf_counter()
                 pipeline.submit(raw, FrameInfo({"t": i}, 100.0, (0.0, 0.0), time.time(), 0.325))
                 done.event.wait(10)
+                if controller.wait_for_frames(i + 1, 10):
+                    measured_at[i] = time.perf_counter()
         finally:
             pipeline.close()
             stop.set()
@@ -315,6 +319,7 @@ def _overhead_run(size: int, frames: int, store: str) -> dict[str, Any]:
         "overhead": [(done.at[i] - submitted[i]) * 1000.0 - done.engine_ms[i] for i in kept],
         "focus": [(focus.at[i] - submitted[i]) * 1000.0 - focus.engine_ms[i] for i in kept],
         "after_focus": [(done.at[i] - focus.at[i]) * 1000.0 for i in kept],
+        "sharpness": [(measured_at[i] - submitted[i]) * 1000.0 - done.engine_ms[i] for i in kept if i in measured_at],
         "engine": [done.engine_ms[i] for i in kept],
         "store_call": timed.call_ms[_WARM_UP:] if timed is not None else [],
         "store_commit": [ms for call, ms in timed.commit_ms.items() if call >= _WARM_UP] if timed is not None else [],
@@ -351,6 +356,7 @@ def bench_overhead(size: int, repeats: int, rounds: int = 5) -> dict[str, Any]:
         engine_ms_p50=round(float(np.median(joined("background", "engine"))), 3),
         frame_interval_ms=new[0]["frame_interval_ms"],
         **_percentiles(joined("background", "focus"), "focus_ready"),
+        **_percentiles(joined("background", "sharpness"), "sharpness_ready"),
         **_percentiles(joined("background", "after_focus"), "after_focus"),
         **_percentiles(joined("background", "store_call"), "store_write"),
         **_percentiles(joined("background", "store_commit"), "store_commit"),
