@@ -204,6 +204,7 @@ class FocusController:
         self.accepted = 0
         self.rejected = 0
         self.clamps = 0
+        self.sharpness_measured = 0  # frames whose sharpness entered a window
         self.sharpness_restarts = 0
 
     @property
@@ -262,6 +263,7 @@ class FocusController:
             del item, raw  # do not hold the frame while waiting for the next
             with self._lock:
                 if math.isfinite(sharpness) and sharpness > 0:
+                    self.sharpness_measured += 1
                     self._add_sharpness_locked(position, SharpnessSample(stage_z_um, math.log(sharpness)))
                 self._measurements_pending -= 1
                 self._frames_seen.notify_all()
@@ -306,10 +308,6 @@ class FocusController:
         """The Z offset currently applied at a position (0 in observe mode)."""
         with self._lock:
             return self._offset_um.get(position, 0.0)
-
-    def has_estimates(self, position: int) -> bool:
-        with self._lock:
-            return bool(self._window.get(position)) or bool(self._sharpness_window.get(position))
 
     def plan(self, position: int, centre_um: float, t_index: int = 0) -> float:
         """Decide the offset for the next time point at `position` whose planned centre Z is `centre_um`."""
@@ -428,6 +426,7 @@ class FocusController:
                 "estimates_rejected": self.rejected,
                 "moves": sum(m.applied for m in self.moves),
                 "moves_by_source": dict(Counter(m.source for m in self.moves if m.applied)),
+                "sharpness_measured": self.sharpness_measured,
                 "sharpness_restarts": self.sharpness_restarts,
                 "clamps": self.clamps,
             }

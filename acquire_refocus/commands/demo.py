@@ -252,7 +252,9 @@ def run(args: argparse.Namespace) -> int:
             f"  focus moves           {summary.focus.get('moves', 0)} {summary.focus.get('moves_by_source', {})}, "
             f"offsets_um {summary.focus.get('offsets_um', {})}; network estimates used "
             f"{summary.focus.get('estimates_accepted', 0)}, rejected {summary.focus.get('estimates_rejected', 0)} "
-            f"(confidence < {config.focus.min_confidence:g}, non-finite, or not refocused)",
+            f"(confidence < {config.focus.min_confidence:g}, non-finite, or not refocused); sharpness of "
+            f"{summary.focus.get('sharpness_measured', 0)} frames ({summary.focus.get('sharpness_restarts', 0)} "
+            "restarts)",
             f"  raw data              {output / RAW_STORE}",
             f"  refocused             {output / REFOCUSED_STORE}",
             f"  focus log             {output / FOCUS_LOG}",
