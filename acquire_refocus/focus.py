@@ -173,8 +173,9 @@ class FocusMove:
 class FocusController:
     """FrameSink collecting estimates, and the planner the acquisition hook asks for Z offsets.
 
-    `on_frame` runs in the pipeline's dispatch thread, `adjust_events` / `offset_um` in the acquisition thread;
-    a lock keeps them consistent.
+    `on_frame` runs in the pipeline's dispatch thread, `adjust_events` / `offset_um` in the acquisition thread,
+    the sharpness measure (fine_source sharpness) in a thread of its own that `close` stops; a lock keeps them
+    consistent, and `plan` first waits (at most `estimate_wait_s`) for frames still being measured.
     """
 
     def __init__(self, config: FocusConfig, optics: OpticsConfig | None = None) -> None:
