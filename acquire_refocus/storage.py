@@ -12,6 +12,14 @@ and no sharding, with the OME-NGFF metadata on disk from creation: after a crash
 frames in flight stays readable (in the daemon, the refocused store writes in its own thread behind a queue of
 4 results, `pipeline.BackgroundSink`: those are in flight too). The focus log is flushed after every row.
 run.json is written at the start and replaced atomically at the end.
+
+ome-writers' tensorstore backend (the one pymmcore-plus installs) writes asynchronously and keeps every write's
+future until the store closes, with no public bound: with a disk slower than the camera, frames waiting to be
+written would pile up in memory. `RefocusedStore` therefore waits for the oldest write once
+`MAX_UNCOMMITTED_FRAMES` are in flight (and lets go of finished ones, raising a failed write's error there). The
+wait backs up into `BackgroundSink`'s queue and then the pipeline's `max_backlog_frames`, which bounds memory.
+It reaches into the backend's private `_futures` list; without one (another backend or version) writes are
+synchronous or unbounded as that backend makes them, and `pending_writes` is None.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FrameResult
 
 log = logging.getLogger(__name__)
+
+MAX_UNCOMMITTED_FRAMES = 8  # refocused frames written but not yet on disk (16 MB each at 2048 x 2048 float32)
 
 RAW_STORE = "raw.ome.zarr"
 REFOCUSED_STORE = "refocused.ome.zarr"
@@ -204,10 +214,31 @@ class RefocusedStore:
         if item.image is not None:
             self._stream.append(np.ascontiguousarray(item.image, dtype=np.float32))
             self.frames_written += 1
+            self._bound_pending_writes()
         else:
             self._stream.skip(frames=1)
             self.frames_empty += 1
         self._next_slot = slot + 1
+
+    def _write_futures(self) -> list[Any] | None:
+        futures = getattr(getattr(self._stream, "_backend", None), "_futures", None)
+        return futures if isinstance(futures, list) else None
+
+    @property
+    def pending_writes(self) -> int | None:
+        """Frames handed to the backend and not yet on disk (None: the backend does not say)."""
+        futures = self._write_futures()
+        return None if futures is None else sum(not f.done() for f in futures)
+
+    def _bound_pending_writes(self) -> None:
+        futures = self._write_futures()
+        if futures is None:
+            return
+        for future in [f for f in futures if f.done()]:
+            futures.remove(future)
+            future.result()  # a failed write raises here, in the writer thread, not only at close
+        while len(futures) > MAX_UNCOMMITTED_FRAMES:
+            futures.pop(0).result()  # the disk is behind: wait for the oldest write
 
     def close(self) -> None:
         for frame in sorted(self._pending):  # frames that never resolved cannot exist after a drain; be safe

@@ -70,6 +70,27 @@ def test_refocused_store_matches_the_raw_layout_in_any_resolution_order(tmp_path
     assert axes == ["t", "y", "x"]
 
 
+def test_refocused_store_bounds_the_writes_in_flight(tmp_path: Path) -> None:
+    """ome-writers' tensorstore backend writes asynchronously and would keep every write's future until close;
+    the store waits for the oldest once MAX_UNCOMMITTED_FRAMES are in flight and lets go of finished ones."""
+    from acquire_refocus.storage import MAX_UNCOMMITTED_FRAMES
+
+    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 60})
+    store = RefocusedStore(tmp_path / "refocused.ome.zarr", sequence, (256, 256))
+    rng = np.random.default_rng(0)
+    kept = []
+    for frame, event in enumerate(sequence):
+        image = rng.random((256, 256), dtype=np.float32)
+        store.on_frame(FrameResult(frame=frame, raw=image, info=FrameInfo(dict(event.index), 100.0, None, 0.0, None),
+                                   status="refocused", image=image))
+        kept.append(len(store._write_futures() or []))
+        assert store.pending_writes is not None and store.pending_writes <= MAX_UNCOMMITTED_FRAMES
+    store.close()
+    assert max(kept) <= MAX_UNCOMMITTED_FRAMES
+    written = open_stores(tmp_path)["refocused"]["0"]
+    assert written.shape == (60, 256, 256) and np.all(written[59] == image)
+
+
 def test_focus_log_one_flushed_row_per_frame(tmp_path: Path) -> None:
     log = FocusLog(tmp_path / "focus.csv")
     frames = results(SEQUENCE)

@@ -225,12 +225,17 @@ class _Timed:
 
     def on_frame(self, result: FrameResult) -> None:
         futures = getattr(getattr(getattr(self.store, "_stream", None), "_backend", None), "_futures", None)
-        before = len(futures) if isinstance(futures, list) else 0
+        before = {id(f) for f in futures} if isinstance(futures, list) else set()
         call, t0 = len(self.call_ms), time.perf_counter()
         self.store.on_frame(result)
         self.call_ms.append((time.perf_counter() - t0) * 1000.0)
-        if isinstance(futures, list) and len(futures) > before:
-            futures[-1].add_done_callback(lambda _f: self._committed(call, t0))
+        if not isinstance(futures, list):
+            return
+        new = [f for f in futures if id(f) not in before]
+        if new:
+            new[-1].add_done_callback(lambda _f: self._committed(call, t0))
+        elif result.image is not None:  # already on disk: the store let go of its finished write
+            self._committed(call, t0)
 
     def _committed(self, call: int, t0: float) -> None:
         self.commit_ms[call] = (time.perf_counter() - t0) * 1000.0  # in a tensorstore thread
