@@ -10,7 +10,8 @@ Layout of an output directory:
 Both OME-Zarr stores are written with `ome-writers` (the writer pymmcore-plus itself uses), one chunk per frame
 and no sharding, with the OME-NGFF metadata on disk from creation: after a crash or `kill -9`, everything but the
 frames in flight stays readable (in the daemon, the refocused store writes in its own thread behind a queue of
-4 results, `pipeline.BackgroundSink`: those are in flight too). The focus log is flushed after every row.
+4 results, `pipeline.BackgroundSink`, and has at most `MAX_UNCOMMITTED_FRAMES` being written: those are in flight
+too). The focus log is flushed after every row.
 run.json is written at the start and replaced atomically at the end.
 
 ome-writers' tensorstore backend (the one pymmcore-plus installs) writes asynchronously and keeps every write's
