@@ -272,6 +272,16 @@ def test_dither_alternates_in_correct_mode_only_and_respects_the_soft_limits() -
     assert [e.z_pos for e in limited.adjust_events(sequence)] == pytest.approx([100.3, 99.8, 100.3, 99.8], abs=1e-3)
 
 
+def test_pycromanager_planner_passes_the_dither_on_in_correct_mode_only() -> None:
+    """pycromanager applies the planner's value as the time point's Z offset: the dither must be in it."""
+    from acquire_refocus.focus import pycromanager_planner
+
+    plan = pycromanager_planner(controller(fine_source="sharpness", sharpness_dither_um=0.4))
+    assert [plan(0, 100.0, t) for t in range(3)] == pytest.approx([0.4, -0.4, 0.4])
+    observe = pycromanager_planner(FocusController(FocusConfig(mode="observe", fine_source="sharpness")))
+    assert [observe(0, 100.0, t) for t in range(2)] == [0.0, 0.0]
+
+
 def test_a_confident_network_estimate_far_from_focus_goes_before_sharpness(scope: object) -> None:
     """Sharpness is trusted within sharpness_range_um; a network estimate of 8 um says focus is beyond that."""
     c = controller(fine_source="sharpness", sharpness_range_um=4.0)
