@@ -256,7 +256,10 @@ class FocusConfig(_Section):
     """Closed-loop focus: from autofocus estimates to Z-stage moves."""
 
     mode: Literal["off", "observe", "correct"] = "observe"
-    window_frames: int = Field(5, ge=1, le=1000, description="recent estimates combined (median)")
+    window_frames: int = Field(
+        5, ge=1, le=1000,
+        description="recent estimates combined (median); also the frames in the sharpness fit (at least 2)",
+    )
     min_confidence: float = Field(0.5, ge=0.0, le=1.0)
     dead_band_um: float = Field(0.3, ge=0.0)
     sign_source: Literal["network", "probe"] = Field(
