@@ -26,13 +26,13 @@ point, so a z-stack is never moved in its middle.
 With `fine_source: sharpness`, near focus an image measure that needs no network (`sharpness.py`) takes over
 from those estimates. Each frame's band-pass sharpness s, taken at stage Z z, is modelled as
 log s = b - (z - f)^2 / (2 w^2) around the sharpest Z f, with w = `sharpness_width_um` (4/3 of the depth of
-field unless set); a position's recent frames at two or more Z give f by linear least squares
-(log s + z^2 / 2w^2 = b + z f / w^2). A wrong w scales the step towards f by (w / true w)^2, so the loop still
-settles on f while w is below 1.4 times the true width. The fit is used while the latest network |defocus| is
-at most `sharpness_range_um` (or no network estimate passed the gates), and trusted only that far from the
-frames' Z. So that frames at different Z exist when nothing moves, in correct mode the stage alternates
-+-`sharpness_dither_um` around the focus it holds, one side per time point (a tenth of the depth of field unless
-set: 0.3 um for the default optics). The sharpest plane is what the loop holds; for the simulated nuclei it lies
+field unless set); a position's last `window_frames` frames (or its latest z-stack's planes near the sharpest
+one) give f by linear least squares (log s + z^2 / 2w^2 = b + z f / w^2). A wrong w scales the step towards f
+by (w / true w)^2, so the loop still settles on f while w is below 1.4 times the true width. The fit is used
+while the latest network |defocus| is at most `sharpness_range_um` (or no network estimate passed the gates),
+and trusted only that far from the frames' Z. So that frames at different Z exist when nothing moves, in correct
+mode the stage alternates +-`sharpness_dither_um` around the focus it holds, one side per time point (a tenth of
+the depth of field unless set: 0.3 um for the default optics). The sharpest plane is what the loop holds; for the simulated nuclei it lies
 0 to 0.7 um deeper than their mid-plane, the simulator's "in focus".
 
 mode "observe" plans the same moves and logs them ("would move") without applying them: the estimates and
@@ -90,6 +90,7 @@ AMBIGUOUS_COST_UM2 = 0.1
 # Gaussian model underrates how much sharper the frame gets.
 _MIN_SHARPNESS_SPAN_UM = 0.1
 _SHARPNESS_JUMP = 0.1
+_MAX_STACK_PLANES = 256  # sharpness samples kept per position: room for the planes of one z-stack
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Estimate:
 class SharpnessSample:
     stage_z_um: float
     log_sharpness: float
+    t_index: int  # the time point it belongs to: the planes of one z-stack share it
 
 
 def _gaussian_fit(samples: list[SharpnessSample], width_um: float) -> tuple[float, float, float] | None:
@@ -192,7 +194,9 @@ class FocusController:
         self._sharpness_window: dict[int, deque[SharpnessSample]] = {}
         self._dither_side: dict[int, float] = {}
         # the sharpness measure (~2 ms a frame) runs in a thread of its own, off the dispatch thread
-        self._to_measure: queue.Queue[tuple[int, float, np.ndarray, float | None] | None] = queue.Queue(maxsize=4)
+        self._to_measure: queue.Queue[tuple[int, int, float, np.ndarray, float | None] | None] = queue.Queue(
+            maxsize=4
+        )
         self._measurer: threading.Thread | None = None
         self._measurements_pending = 0
         self._side: dict[int, float] = {}  # probe mode: sign of the last resolved defocus per position
@@ -248,14 +252,15 @@ class FocusController:
             if self._measurer is None:
                 self._measurer = threading.Thread(target=self._measure_frames, name="focus-sharpness", daemon=True)
                 self._measurer.start()
-            frame = (position, float(stage_z_um), result.raw, result.info.pixel_size_um)  # type: ignore[arg-type]
+            z_um = float(stage_z_um)  # type: ignore[arg-type]  # has_z: not None
+            frame = (position, int(result.info.axes.get("t", 0)), z_um, result.raw, result.info.pixel_size_um)
             self._to_measure.put(frame)  # waits only if 4 frames are already waiting to be measured
 
     def _measure_frames(self) -> None:
         """The sharpness thread: measure each queued frame, add it to its position's window."""
         assert self._sharpness is not None
         while (item := self._to_measure.get()) is not None:
-            position, stage_z_um, raw, pixel_size_um = item
+            position, t_index, stage_z_um, raw, pixel_size_um = item
             try:
                 sharpness = self._sharpness(raw, pixel_size_um)
             except Exception as exc:  # a frame it cannot measure must not stop the loop
@@ -265,16 +270,18 @@ class FocusController:
             with self._lock:
                 if math.isfinite(sharpness) and sharpness > 0:
                     self.sharpness_measured += 1
-                    self._add_sharpness_locked(position, SharpnessSample(stage_z_um, math.log(sharpness)))
+                    sample = SharpnessSample(stage_z_um, math.log(sharpness), t_index)
+                    self._add_sharpness_locked(position, sample)
                 self._measurements_pending -= 1
                 self._frames_seen.notify_all()
 
     def _add_sharpness_locked(self, position: int, sample: SharpnessSample) -> None:
-        samples = self._sharpness_window.setdefault(position, deque(maxlen=max(2, self.config.window_frames)))
+        samples = self._sharpness_window.setdefault(position, deque(maxlen=_MAX_STACK_PLANES))
         dither_only = bool(samples) and abs(sample.stage_z_um - samples[-1].stage_z_um) <= (
             2 * self.sharpness_dither_um + _MIN_SHARPNESS_SPAN_UM
         )
-        if dither_only and sharpness_jumped(list(samples), sample, self.sharpness_width_um):
+        recent = list(samples)[-max(2, self.config.window_frames):]
+        if dither_only and sharpness_jumped(recent, sample, self.sharpness_width_um):
             self.sharpness_restarts += 1
             log.info(kv("focus_sharpness_restart", position=position, stage_z_um=f"{sample.stage_z_um:.3f}",
                         note="sharpness changed more than the Z change explains: focus or field jumped"))
@@ -370,7 +377,7 @@ class FocusController:
         window = list(self._window.get(position, ()))
         if self._sharpness is not None:
             near = not window or window[-1].magnitude_um <= self.sharpness_range_um
-            samples = list(self._sharpness_window.get(position, ()))
+            samples = self._fit_samples(list(self._sharpness_window.get(position, ())))
             fine_z_um = sharpness_focus_z(samples, self.sharpness_width_um, self.sharpness_range_um)
             if near and fine_z_um is not None:
                 return fine_z_um, "sharpness"
@@ -379,6 +386,18 @@ class FocusController:
         if cfg.sign_source == "network":
             return statistics.median(e.stage_z_um - e.defocus_um for e in window), "network"
         return self._probe_focus_z(position, window), "probe"
+
+    def _fit_samples(self, samples: list[SharpnessSample]) -> list[SharpnessSample]:
+        """What the sharpness fit uses: the latest time point's z-stack when it has 3 or more planes (the planes
+        within sharpness_range_um of its sharpest one, where the model holds), else the last `window_frames`
+        frames (at least 2)."""
+        if not samples:
+            return []
+        stack = [s for s in samples if s.t_index == samples[-1].t_index]
+        if len({round(s.stage_z_um, 3) for s in stack}) >= 3:
+            sharpest = max(stack, key=lambda s: s.log_sharpness)
+            return [s for s in stack if abs(s.stage_z_um - sharpest.stage_z_um) <= self.sharpness_range_um]
+        return samples[-max(2, self.config.window_frames):]
 
     def _probe_focus_z(self, position: int, window: list[Estimate]) -> float:
         latest = window[-1]

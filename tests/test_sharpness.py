@@ -78,7 +78,7 @@ def test_the_band_scales_with_the_pixel_size() -> None:
 
 
 def gaussian_samples(focus_z_um: float, z_um: list[float], width_um: float = 4.0) -> list[SharpnessSample]:
-    return [SharpnessSample(z, 2.0 - (z - focus_z_um) ** 2 / (2 * width_um**2)) for z in z_um]
+    return [SharpnessSample(z, 2.0 - (z - focus_z_um) ** 2 / (2 * width_um**2), 0) for z in z_um]
 
 
 def test_fit_finds_the_sharpest_z_from_two_or_more_planes() -> None:
