@@ -258,7 +258,7 @@ class FocusConfig(_Section):
     mode: Literal["off", "observe", "correct"] = "observe"
     window_frames: int = Field(
         5, ge=1, le=1000,
-        description="recent estimates combined (median); also the frames in the sharpness fit (at least 2; z-stack: all)",
+        description="recent estimates combined (median); the frames of the sharpness fit too (at least 2)",
     )
     min_confidence: float = Field(0.5, ge=0.0, le=1.0)
     dead_band_um: float = Field(0.3, ge=0.0)
