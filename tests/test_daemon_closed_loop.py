@@ -53,6 +53,15 @@ def rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values))
 
 
+def focus_error_rms(truth: FocusTruth) -> tuple[float, float]:
+    """RMS focus error with the correction, and what it would have been without (same drift, same instants)."""
+    return rms([r["error_um"] for r in truth.rows]), rms([r["uncorrected_error_um"] for r in truth.rows])
+
+
+LINEAR_DRIFT = {"model": "linear", "rate_um_per_min": 6.0}  # 0.2 um per frame: 6 um over the run
+THERMAL_DRIFT = {"model": "thermal", "amplitude_um": 8.0, "time_constant_s": 40.0}
+
+
 class SpecifiedAccuracyEstimator:
     """The shipped Refocuser's image, with the defocus replaced by the simulator's truth for that frame plus
     Gaussian error: an autofocus head at its specified accuracy (MAE <= 0.5 um near focus). With
@@ -123,8 +132,8 @@ def run_closed_loop(
 @pytest.mark.parametrize(
     ("drift", "window_frames"),
     [
-        ({"model": "linear", "rate_um_per_min": 6.0}, 3),  # 0.2 um per frame: 6 um over the run
-        ({"model": "thermal", "amplitude_um": 8.0, "time_constant_s": 40.0}, 3),
+        (LINEAR_DRIFT, 3),
+        (THERMAL_DRIFT, 3),
         # sudden steps: a median over 3 frames holds a 3 um step for two frames, so react on each estimate
         ({"model": "steps", "step_um": 3.0, "step_interval_s": 24.0}, 1),
     ],
@@ -132,8 +141,7 @@ def run_closed_loop(
 )
 def test_closed_loop_holds_focus_under_drift(shipped_refocuser: Any, drift: dict, window_frames: int) -> None:
     truth, focus = run_closed_loop(shipped_refocuser, drift, (50.0, 150.0), window_frames=window_frames)
-    corrected = rms([r["error_um"] for r in truth.rows])
-    uncorrected = rms([r["uncorrected_error_um"] for r in truth.rows])
+    corrected, uncorrected = focus_error_rms(truth)
     assert corrected <= 1.0, f"RMS focus error {corrected:.2f} um with correction"
     assert uncorrected > 2.0 * corrected and uncorrected > 1.5
     assert focus["moves"] >= 1
@@ -141,14 +149,13 @@ def test_closed_loop_holds_focus_under_drift(shipped_refocuser: Any, drift: dict
 
 @pytest.mark.parametrize(
     "drift",
-    [{"model": "linear", "rate_um_per_min": 6.0}, {"model": "thermal", "amplitude_um": 8.0, "time_constant_s": 40.0}],
+    [LINEAR_DRIFT, THERMAL_DRIFT],
     ids=["linear", "thermal"],
 )
 def test_probe_mode_holds_focus_when_the_sign_is_a_coin_toss(shipped_refocuser: Any, drift: dict) -> None:
     """sign_source: probe with an estimator whose sign is random: the side of focus comes from stage moves."""
     truth, focus = run_closed_loop(shipped_refocuser, drift, (50.0, 150.0), unsigned=True, sign_source="probe")
-    corrected = rms([r["error_um"] for r in truth.rows])
-    uncorrected = rms([r["uncorrected_error_um"] for r in truth.rows])
+    corrected, uncorrected = focus_error_rms(truth)
     assert corrected <= 1.0, f"RMS focus error {corrected:.2f} um with correction"
     assert uncorrected > 2.0 * corrected
     assert focus["moves"] >= 1
@@ -157,7 +164,7 @@ def test_probe_mode_holds_focus_when_the_sign_is_a_coin_toss(shipped_refocuser: 
 def test_trusting_a_coin_toss_sign_does_not_hold_focus(shipped_refocuser: Any) -> None:
     """The control for the test above: the same estimates with sign_source: network (measured 2.9 um RMS, against
     0.71 um in probe mode and 3.4 um uncorrected)."""
-    truth, _ = run_closed_loop(shipped_refocuser, {"model": "linear", "rate_um_per_min": 6.0}, (50.0, 150.0),
+    truth, _ = run_closed_loop(shipped_refocuser, LINEAR_DRIFT, (50.0, 150.0),
                                unsigned=True)
     assert rms([r["error_um"] for r in truth.rows]) > 1.5
 
@@ -172,8 +179,7 @@ def test_probe_mode_with_the_shipped_head_bounds_a_large_drift(shipped_refocuser
         shipped_refocuser, {"model": "linear", "rate_um_per_min": 12.0}, (50.0, 150.0), specified_accuracy=False,
         simulator_overrides=frames, sign_source="probe", dead_band_um=2.5, min_confidence=0.0,
     )
-    corrected = rms([r["error_um"] for r in truth.rows])
-    uncorrected = rms([r["uncorrected_error_um"] for r in truth.rows])
+    corrected, uncorrected = focus_error_rms(truth)
     assert uncorrected > 5.0
     assert corrected < 0.6 * uncorrected, f"RMS focus error {corrected:.2f} um with, {uncorrected:.2f} without"
     assert focus["moves"] >= 2
@@ -181,7 +187,7 @@ def test_probe_mode_with_the_shipped_head_bounds_a_large_drift(shipped_refocuser
 
 @pytest.mark.parametrize(
     "drift",
-    [{"model": "linear", "rate_um_per_min": 6.0}, {"model": "thermal", "amplitude_um": 8.0, "time_constant_s": 40.0}],
+    [LINEAR_DRIFT, THERMAL_DRIFT],
     ids=["linear", "thermal"],
 )
 def test_shipped_network_with_sharpness_holds_focus_under_drift(shipped_refocuser: Any, drift: dict) -> None:
@@ -189,8 +195,7 @@ def test_shipped_network_with_sharpness_holds_focus_under_drift(shipped_refocuse
     Measured 0.46 / 0.66 um RMS (3.38 / 4.16 um uncorrected)."""
     truth, focus = run_closed_loop(shipped_refocuser, drift, (50.0, 150.0), specified_accuracy=False,
                                    fine_source="sharpness")
-    corrected = rms([r["error_um"] for r in truth.rows])
-    uncorrected = rms([r["uncorrected_error_um"] for r in truth.rows])
+    corrected, uncorrected = focus_error_rms(truth)
     assert corrected <= 1.0, f"RMS focus error {corrected:.2f} um with correction"
     assert uncorrected > 3.0 * corrected
     assert focus["moves"] >= 1
@@ -216,7 +221,7 @@ def test_shipped_network_with_sharpness_recovers_from_focus_steps(shipped_refocu
 )
 def test_closed_loop_holds_focus_with_the_shipped_autofocus_head(shipped_refocuser: Any) -> None:
     truth, focus = run_closed_loop(
-        shipped_refocuser, {"model": "linear", "rate_um_per_min": 6.0}, (50.0, 150.0), specified_accuracy=False
+        shipped_refocuser, LINEAR_DRIFT, (50.0, 150.0), specified_accuracy=False
     )
     assert rms([r["error_um"] for r in truth.rows]) <= 1.0
     assert focus["moves"] >= 1
@@ -224,7 +229,7 @@ def test_closed_loop_holds_focus_with_the_shipped_autofocus_head(shipped_refocus
 
 def test_closed_loop_never_leaves_the_soft_limits(shipped_refocuser: Any) -> None:
     """The focus drifts 6 um up, the soft limit is 3 um above the start: the stage stops at the limit."""
-    truth, focus = run_closed_loop(shipped_refocuser, {"model": "linear", "rate_um_per_min": 6.0}, (95.0, 103.0))
+    truth, focus = run_closed_loop(shipped_refocuser, LINEAR_DRIFT, (95.0, 103.0))
     z = [r["stage_z_um"] for r in truth.rows]
     assert all(95.0 <= v <= 103.0 for v in z)
     assert max(z) == pytest.approx(103.0)
