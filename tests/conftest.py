@@ -57,6 +57,24 @@ FAST_SIMULATOR: dict = {
 }
 
 
+# 256 x 256 frames of a field with enough nuclei that sharpness and the closed loop have something to see.
+SMALL_FIELD_SIMULATOR: dict = {
+    **FAST_SIMULATOR,
+    "camera": {"width_px": 256, "height_px": 256, "exposure_ms": 10},
+    "specimen": {"field_size_um": [260, 260], "photons_per_um3": 1500, "nuclei_per_mm2": 3000},
+}
+
+
+@pytest.fixture(scope="session")
+def small_field_scope() -> object:
+    """The simulated microscope (real PSF, camera noise) on SMALL_FIELD_SIMULATOR, in focus at 100 um."""
+    from acquire_refocus.config import parse_config
+    from acquire_refocus.sim.microscope import SimulatedMicroscope
+
+    config = parse_config({"simulator": SMALL_FIELD_SIMULATOR})
+    return SimulatedMicroscope(config.optics, config.simulator)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised small network saved as a weights file: fast, deterministic, not trained."""

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import useq
 
-from conftest import FAST_SIMULATOR
+from conftest import SMALL_FIELD_SIMULATOR
 from acquire_refocus.commands.demo import FocusTruth
 from acquire_refocus.config import SpecimenConfig, parse_config
 from acquire_refocus.daemon import Daemon
@@ -107,9 +107,7 @@ def run_closed_loop(
     simulator_overrides: dict | None = None,
     **focus_overrides: Any,
 ) -> tuple[FocusTruth, dict]:
-    simulator = {**FAST_SIMULATOR, "camera": {"width_px": 256, "height_px": 256, "exposure_ms": 10},
-                 "specimen": {"field_size_um": [260, 260], "photons_per_um3": 1500, "nuclei_per_mm2": 3000},
-                 "drift": drift, "z_limits_um": [40, 160], **(simulator_overrides or {})}
+    simulator = {**SMALL_FIELD_SIMULATOR, "drift": drift, "z_limits_um": [40, 160], **(simulator_overrides or {})}
     config = parse_config({
         "simulator": simulator,
         "publishing": {"enabled": False},

@@ -217,18 +217,10 @@ def test_probe_mode_tracks_drift_from_unsigned_estimates(rate_um: float) -> None
 
 
 # ----------------------------------------------------------------------------- fine_source: sharpness
-@pytest.fixture(scope="module")
-def scope() -> object:
-    """The simulated microscope with its real PSF and camera noise, 256 px frames: sharpness needs real images."""
-    from conftest import FAST_SIMULATOR
-    from acquire_refocus.config import parse_config
-    from acquire_refocus.sim.microscope import SimulatedMicroscope
-
-    config = parse_config({"simulator": {
-        **FAST_SIMULATOR, "camera": {"width_px": 256, "height_px": 256, "exposure_ms": 10},
-        "specimen": {"field_size_um": [260, 260], "photons_per_um3": 1500, "nuclei_per_mm2": 3000},
-    }})
-    return SimulatedMicroscope(config.optics, config.simulator)
+@pytest.fixture
+def scope(small_field_scope: object) -> object:
+    """Sharpness needs real images: the simulated microscope with its PSF and camera noise."""
+    return small_field_scope
 
 
 def image_result(scope: object, stage_z_um: float, focus_z_um: float, t: int, network_defocus_um: float = 0.0,

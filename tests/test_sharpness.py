@@ -7,21 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from conftest import FAST_SIMULATOR
-from acquire_refocus.config import OpticsConfig, parse_config
+from acquire_refocus.config import OpticsConfig
 from acquire_refocus.focus import SharpnessSample, sharpness_focus_z
 from acquire_refocus.sharpness import BandPassSharpness
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def scope() -> object:
-    from acquire_refocus.sim.microscope import SimulatedMicroscope
-
-    config = parse_config({"simulator": {**FAST_SIMULATOR, "camera": {"width_px": 256, "height_px": 256,
-                                                                        "exposure_ms": 10}}})
-    return SimulatedMicroscope(config.optics, config.simulator)
+@pytest.fixture
+def scope(small_field_scope: object) -> object:
+    return small_field_scope
 
 
 def test_sharpness_peaks_within_a_micrometre_of_focus_and_falls_off_both_ways(scope: object) -> None:
