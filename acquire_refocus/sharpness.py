@@ -11,7 +11,7 @@ Gaussians, 0.8 and 2.1 times the Rayleigh resolution 0.61 lambda / NA), divided 
 not depend on brightness or exposure. Defocus removes the band's power first; white camera noise is mostly above
 it. On the default optics and specimen it falls by 10% at 2 um and 40% at 4 um from its peak, and repeats to 0.8%
 between frames (photon noise). It is computed with one FFT of a central crop of at most `crop_px` square
-(1.6 ms for 512 x 512 on one core), so the whole 2048 x 2048 frame is never transformed.
+(1-2 ms for 512 x 512 on one core), so the whole 2048 x 2048 frame is never transformed.
 """
 
 from __future__ import annotations

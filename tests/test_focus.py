@@ -217,12 +217,7 @@ def test_probe_mode_tracks_drift_from_unsigned_estimates(rate_um: float) -> None
 
 
 # ----------------------------------------------------------------------------- fine_source: sharpness
-@pytest.fixture
-def scope(small_field_scope: object) -> object:
-    """Sharpness needs real images: the simulated microscope with its PSF and camera noise."""
-    return small_field_scope
-
-
+# Sharpness needs real images: `small_field_scope` is the simulated microscope with its PSF and camera noise.
 def image_result(scope: object, stage_z_um: float, focus_z_um: float, t: int, network_defocus_um: float = 0.0,
                  confidence: float = 0.0) -> FrameResult:
     frame = scope.render(100.0 + stage_z_um - focus_z_um)  # type: ignore[attr-defined]
@@ -234,7 +229,9 @@ def image_result(scope: object, stage_z_um: float, focus_z_um: float, t: int, ne
 
 
 @pytest.mark.parametrize("rate_um", [0.1, -0.1])
-def test_sharpness_holds_a_drifting_focus_with_no_usable_network_estimate(scope: object, rate_um: float) -> None:
+def test_sharpness_holds_a_drifting_focus_with_no_usable_network_estimate(
+    small_field_scope: object, rate_um: float
+) -> None:
     """Every network estimate fails the confidence gate (as the shipped head's do): the frames' sharpness alone,
     compared between time points taken at different Z, keeps the stage within the depth of field. Measured:
     0.59 / 0.93 um RMS for +0.1 / -0.1 um per time point (0.53 / 1.05 um at +-0.2: this field is sharpest 0.7 um
@@ -246,7 +243,7 @@ def test_sharpness_holds_a_drifting_focus_with_no_usable_network_estimate(scope:
     for event in c.adjust_events(sequence):
         t = event.index["t"]
         errors.append(event.z_pos - focus(t))
-        c.on_frame(image_result(scope, event.z_pos, focus(t), t))
+        c.on_frame(image_result(small_field_scope, event.z_pos, focus(t), t))
     rms = math.sqrt(np.mean(np.square(errors)))
     uncorrected = math.sqrt(np.mean([(100.0 - focus(t)) ** 2 for t in range(30)]))
     assert c.rejected == 30 and c.moves and all(m.source == "sharpness" for m in c.moves)
@@ -274,60 +271,60 @@ def test_pycromanager_planner_passes_the_dither_on_in_correct_mode_only() -> Non
     assert [observe(0, 100.0, t) for t in range(2)] == [0.0, 0.0]
 
 
-def test_a_confident_network_estimate_far_from_focus_goes_before_sharpness(scope: object) -> None:
+def test_a_confident_network_estimate_far_from_focus_goes_before_sharpness(small_field_scope: object) -> None:
     """Sharpness is trusted within sharpness_range_um; a network estimate of 8 um says focus is beyond that."""
     c = controller(fine_source="sharpness", sharpness_range_um=4.0)
-    c.on_frame(image_result(scope, 100.5, 92.0, 0, network_defocus_um=8.0, confidence=0.9))
-    c.on_frame(image_result(scope, 99.5, 92.0, 1, network_defocus_um=8.0, confidence=0.9))
+    c.on_frame(image_result(small_field_scope, 100.5, 92.0, 0, network_defocus_um=8.0, confidence=0.9))
+    c.on_frame(image_result(small_field_scope, 99.5, 92.0, 1, network_defocus_um=8.0, confidence=0.9))
     c.plan(0, 100.0, 2)
     assert c.moves[-1].source == "network"
     near = controller(fine_source="sharpness", sharpness_range_um=4.0)
-    near.on_frame(image_result(scope, 100.5, 100.0, 0, network_defocus_um=2.0, confidence=0.9))
-    near.on_frame(image_result(scope, 99.5, 100.0, 1, network_defocus_um=-2.0, confidence=0.9))
+    near.on_frame(image_result(small_field_scope, 100.5, 100.0, 0, network_defocus_um=2.0, confidence=0.9))
+    near.on_frame(image_result(small_field_scope, 99.5, 100.0, 1, network_defocus_um=-2.0, confidence=0.9))
     near.plan(0, 100.0, 2)
     assert not near.moves or near.moves[-1].source == "sharpness"
 
 
-def test_frames_without_pixels_or_that_failed_give_no_sharpness(scope: object) -> None:
+def test_frames_without_pixels_or_that_failed_give_no_sharpness(small_field_scope: object) -> None:
     c = controller(fine_source="sharpness")
-    released = image_result(scope, 100.5, 100.0, 0)
+    released = image_result(small_field_scope, 100.5, 100.0, 0)
     released.raw = None
-    failed = image_result(scope, 99.5, 100.0, 1)
+    failed = image_result(small_field_scope, 99.5, 100.0, 1)
     failed.status = "failed"
     c.on_frame(released)
     c.on_frame(failed)
-    c.on_frame(image_result(scope, 100.3, 100.0, 2))
+    c.on_frame(image_result(small_field_scope, 100.3, 100.0, 2))
     assert c.wait_for_frames(3, timeout_s=10)
     assert c.sharpness_measured == 1 and c.state()["sharpness_measured"] == 1
     c.close()
 
 
-def test_a_focus_jump_restarts_the_sharpness_fit_but_a_move_of_the_loop_does_not(scope: object) -> None:
+def test_a_focus_jump_restarts_the_sharpness_fit_but_a_move_of_the_loop_does_not(small_field_scope: object) -> None:
     c = controller(fine_source="sharpness")
-    c.on_frame(image_result(scope, 100.3, 100.0, 0))
-    c.on_frame(image_result(scope, 99.7, 100.0, 1))
-    c.on_frame(image_result(scope, 100.3, 96.0, 2))  # the focus stepped 4 um between time points
+    c.on_frame(image_result(small_field_scope, 100.3, 100.0, 0))
+    c.on_frame(image_result(small_field_scope, 99.7, 100.0, 1))
+    c.on_frame(image_result(small_field_scope, 100.3, 96.0, 2))  # the focus stepped 4 um between time points
     assert c.wait_for_frames(3, timeout_s=10)  # measured in the controller's own thread
     assert c.sharpness_restarts == 1
     c.plan(0, 100.0, 3)
     assert not c.moves  # one frame since the restart: nothing to fit yet
     moved = controller(fine_source="sharpness")
-    moved.on_frame(image_result(scope, 104.3, 100.0, 0))
-    moved.on_frame(image_result(scope, 103.7, 100.0, 1))
-    moved.on_frame(image_result(scope, 100.3, 100.0, 2))  # the loop moved 3.4 um: much sharper, and no jump
+    moved.on_frame(image_result(small_field_scope, 104.3, 100.0, 0))
+    moved.on_frame(image_result(small_field_scope, 103.7, 100.0, 1))
+    moved.on_frame(image_result(small_field_scope, 100.3, 100.0, 2))  # the loop moved 3.4 um: much sharper, and no jump
     assert moved.wait_for_frames(3, timeout_s=10)
     assert moved.sharpness_restarts == 0
     c.close()
     moved.close()
 
 
-def test_a_z_stack_gives_the_sharpness_fit_all_its_planes(scope: object) -> None:
+def test_a_z_stack_gives_the_sharpness_fit_all_its_planes(small_field_scope: object) -> None:
     """Seven planes 1 um apart around 100 um, focus at 96.5 um: the fit uses the stack's planes near its sharpest
     one (measured error 0.46 um; the sharpest plane of this field lies ~0.5 um deeper than its mid-plane), not only
     the last `window_frames` planes, 101-103 um, all 4.5-6.5 um above focus (1.50 um)."""
     c = controller(fine_source="sharpness", window_frames=3, max_step_um=10.0)
     for k, z in enumerate(np.arange(97.0, 103.01, 1.0)):
-        result = image_result(scope, float(z), 96.5, 0)
+        result = image_result(small_field_scope, float(z), 96.5, 0)
         result.info.axes["z"] = k
         c.on_frame(result)
     offset = c.plan(0, 100.0, t_index=1)

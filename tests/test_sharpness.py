@@ -14,15 +14,10 @@ from acquire_refocus.sharpness import BandPassSharpness
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def scope(small_field_scope: object) -> object:
-    return small_field_scope
-
-
-def test_sharpness_peaks_within_a_micrometre_of_focus_and_falls_off_both_ways(scope: object) -> None:
+def test_sharpness_peaks_within_a_micrometre_of_focus_and_falls_off_both_ways(small_field_scope: object) -> None:
     measure = BandPassSharpness.for_optics(OpticsConfig())
     defocus_um = np.arange(-6.0, 6.01, 0.5)
-    values = np.array([measure(scope.render(100.0 + d)) for d in defocus_um])  # type: ignore[attr-defined]
+    values = np.array([measure(small_field_scope.render(100.0 + d)) for d in defocus_um])  # type: ignore[attr-defined]
     peak_um = defocus_um[np.argmax(values)]
     assert abs(peak_um) <= 1.0
     at = dict(zip(defocus_um.tolist(), values.tolist()))
@@ -31,9 +26,9 @@ def test_sharpness_peaks_within_a_micrometre_of_focus_and_falls_off_both_ways(sc
     assert at[6.0] < at[3.0] and at[-6.0] < at[-3.0]
 
 
-def test_sharpness_does_not_depend_on_brightness_and_repeats_between_noisy_frames(scope: object) -> None:
+def test_sharpness_does_not_depend_on_brightness_and_repeats_between_noisy_frames(small_field_scope: object) -> None:
     measure = BandPassSharpness.for_optics(OpticsConfig())
-    frames = [scope.render(101.0) for _ in range(4)]  # type: ignore[attr-defined]
+    frames = [small_field_scope.render(101.0) for _ in range(4)]  # type: ignore[attr-defined]
     values = np.array([measure(f) for f in frames])
     assert values.std() / values.mean() < 0.03
     assert measure(frames[0].astype(np.float32) * 3.0) == pytest.approx(values[0], rel=1e-4)
