@@ -11,8 +11,9 @@ Three records per frame size (square uint16 frames), in the shape tools/benchmar
   in the shipped configs), one FFT of a central crop of at most 512 x 512.
 * engine "daemon-overhead": per frame, from `submit` until the latency-critical sinks (focus controller with
   `fine_source: sharpness`, publisher with a subscriber, focus log) are done, minus the time inside the engine,
-  which is a pass-through here. The real refocused OME-Zarr store is attached as in the daemon, behind its writer thread
-  (`BackgroundSink`): off the latency path, still competing for the CPU. Target p99 <= 5 ms at 2048 x 2048.
+  which is a pass-through here. The real refocused OME-Zarr store is attached as in the daemon, behind its
+  writer thread (`BackgroundSink`): off the latency path, still competing for the CPU. Target p99 <= 5 ms at
+  2048 x 2048.
   Frames go one at a time at the camera rate ("frame_interval_ms": 100 fps at 2048 px). Extra fields:
   - "focus_ready_*": submit until the focus controller has the estimate; "sharpness_ready_*": until its own
     thread has measured the frame's sharpness too (the closed loop waits for both between time points);
@@ -136,7 +137,7 @@ print(json.dumps({"received": received, "t_last": t_last}), flush=True)
 
 
 def bench_sharpness(size: int, repeats: int) -> dict[str, Any]:
-    """The sharpness measure on a uint16 frame, as the focus controller calls it in the dispatch thread."""
+    """The sharpness measure on a uint16 frame, as the focus controller's own thread calls it."""
     from acquire_refocus.config import OpticsConfig
     from acquire_refocus.sharpness import BandPassSharpness
 
@@ -215,8 +216,8 @@ class _Mark:
 
 class _Timed:
     """Wraps the refocused store: how long each on_frame call took, and when ome-writers' tensorstore backend,
-    which writes asynchronously in tensorstore's own threads, finished committing that frame (private
-    attributes, looked up defensively: without them only the call times are kept)."""
+    which writes asynchronously in tensorstore's own threads, finished committing that frame (through the store's
+    view of the backend's write futures: without one only the call times are kept)."""
 
     def __init__(self, store: Any) -> None:
         self.store = store
@@ -224,12 +225,12 @@ class _Timed:
         self.commit_ms: dict[int, float] = {}  # by call, from the start of the call
 
     def on_frame(self, result: FrameResult) -> None:
-        futures = getattr(getattr(getattr(self.store, "_stream", None), "_backend", None), "_futures", None)
-        before = {id(f) for f in futures} if isinstance(futures, list) else set()
+        futures = self.store._write_futures()
+        before = {id(f) for f in futures} if futures is not None else set()
         call, t0 = len(self.call_ms), time.perf_counter()
         self.store.on_frame(result)
         self.call_ms.append((time.perf_counter() - t0) * 1000.0)
-        if not isinstance(futures, list):
+        if futures is None:
             return
         new = [f for f in futures if id(f) not in before]
         if new:
