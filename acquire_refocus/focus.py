@@ -23,16 +23,18 @@ that happens. An estimate that is not finite, has too low a confidence, or belon
 refocused never reaches the window, so it can never cause a move. Offsets only change at a position's next time
 point, so a z-stack is never moved in its middle.
 
-With `fine_source: sharpness`, near focus an image measure that needs no network (`sharpness.py`) takes over
-from those estimates. Each frame's band-pass sharpness s, taken at stage Z z, is modelled as
-log s = b - (z - f)^2 / (2 w^2) around the sharpest Z f, with w = `sharpness_width_um` (4/3 of the depth of
-field unless set); a position's last `window_frames` frames (or its latest z-stack's planes near the sharpest
-one) give f by linear least squares (log s + z^2 / 2w^2 = b + z f / w^2). A wrong w scales the step towards f
-by (w / true w)^2, so the loop still settles on f while w is below 1.4 times the true width. The fit is used
-while the latest network |defocus| is at most `sharpness_range_um` (or no network estimate passed the gates),
-and trusted only that far from the frames' Z. So that frames at different Z exist when nothing moves, in correct
-mode the stage alternates +-`sharpness_dither_um` around the focus it holds, one side per time point (a tenth of
-the depth of field unless set: 0.3 um for the default optics). The sharpest plane is what the loop holds; for the simulated nuclei it lies
+With `fine_source: sharpness`, near focus an image measure that needs no network (`sharpness.py`) takes over from
+those estimates. Each frame's band-pass sharpness s, taken at stage Z z, is modelled around the sharpest Z f as
+
+    log s = b - (z - f)^2 / (2 w^2),   w = `sharpness_width_um` (4/3 of the depth of field unless set),
+
+and a position's last `window_frames` frames (or its latest z-stack's planes near the sharpest one) give f by
+linear least squares (log s + z^2 / 2w^2 = b + z f / w^2). A wrong w scales the step towards f by (w / true w)^2,
+so the loop still settles on f while w is below 1.4 times the true width. The fit is used while the latest network
+|defocus| is at most `sharpness_range_um` (or no network estimate passed the gates), and trusted only that far from
+the frames' Z. So that frames at different Z exist when nothing moves, in correct mode the stage alternates
++-`sharpness_dither_um` around the focus it holds, one side per time point (a tenth of the depth of field unless
+set: 0.3 um for the default optics). The sharpest plane is what the loop holds; for the simulated nuclei it lies
 0 to 0.7 um deeper than their mid-plane, the simulator's "in focus".
 
 mode "observe" plans the same moves and logs them ("would move") without applying them: the estimates and
@@ -261,19 +263,21 @@ class FocusController:
         assert self._sharpness is not None
         while (item := self._to_measure.get()) is not None:
             position, t_index, stage_z_um, raw, pixel_size_um = item
+            del item
             try:
                 sharpness = self._sharpness(raw, pixel_size_um)
+                if math.isfinite(sharpness) and sharpness > 0:
+                    sample = SharpnessSample(stage_z_um, math.log(sharpness), t_index)
+                    with self._lock:
+                        self.sharpness_measured += 1
+                        self._add_sharpness_locked(position, sample)
             except Exception as exc:  # a frame it cannot measure must not stop the loop
                 log.error(kv("focus_sharpness_failed", position=position, error=repr(exc)))
-                sharpness = math.nan
-            del item, raw  # do not hold the frame while waiting for the next
-            with self._lock:
-                if math.isfinite(sharpness) and sharpness > 0:
-                    self.sharpness_measured += 1
-                    sample = SharpnessSample(stage_z_um, math.log(sharpness), t_index)
-                    self._add_sharpness_locked(position, sample)
-                self._measurements_pending -= 1
-                self._frames_seen.notify_all()
+            finally:  # always, or the next plan would wait for a measurement that never comes
+                raw = None  # do not hold the frame while waiting for the next
+                with self._lock:
+                    self._measurements_pending -= 1
+                    self._frames_seen.notify_all()
 
     def _add_sharpness_locked(self, position: int, sample: SharpnessSample) -> None:
         samples = self._sharpness_window.setdefault(position, deque(maxlen=_MAX_STACK_PLANES))

@@ -332,3 +332,15 @@ def test_a_z_stack_gives_the_sharpness_fit_all_its_planes(small_field_scope: obj
     focus_error_um = 100.0 + offset - c.sharpness_dither_um - 96.5  # the plan includes this time point's dither
     assert abs(focus_error_um) < 0.8
     c.close()
+
+
+def test_a_frame_the_sharpness_measure_fails_on_is_logged_and_never_waited_for(
+    engine_log: pytest.LogCaptureFixture,
+) -> None:
+    c = controller(fine_source="sharpness")
+    unreadable = FrameResult(frame=0, raw=np.full((64, 64), "x", dtype=object),
+                             info=FrameInfo({"t": 0, "p": 0}, 100.0, (0.0, 0.0), 0.0, 0.325), status="refocused")
+    c.on_frame(unreadable)
+    assert c.wait_for_frames(1, timeout_s=10)  # the measurement is done with, not pending forever
+    assert c.sharpness_measured == 0 and "focus_sharpness_failed" in engine_log.text
+    c.close()
