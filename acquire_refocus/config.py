@@ -290,6 +290,10 @@ class FocusConfig(_Section):
             "more than 1.4 times the true width makes it overshoot"
         ),
     )
+    sharpness_lead_time_points: float = Field(
+        1.5, ge=0.0, le=10.0,
+        description="drift feed-forward: the sharpness fit's lag, in time points (0: none)",
+    )
     sharpness_range_um: float | None = Field(
         None, gt=0.0, le=100.0,
         description="largest distance to focus the sharpness fit is trusted for; null: 4/3 of the depth of field",

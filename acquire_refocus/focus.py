@@ -34,8 +34,10 @@ so the loop still settles on f while w is below 1.4 times the true width. The fi
 |defocus| is at most `sharpness_range_um` (or no network estimate passed the gates), and trusted only that far from
 the frames' Z. So that frames at different Z exist when nothing moves, in correct mode the stage alternates
 +-`sharpness_dither_um` around the focus it holds, one side per time point (a tenth of the depth of field unless
-set: 0.3 um for the default optics). The sharpest plane is what the loop holds; for the simulated nuclei it lies
-0 to 0.7 um deeper than their mid-plane, the simulator's "in focus".
+set: 0.3 um for the default optics). The fit lags the focus (its frames lie a time point or more back), so under
+steady drift the loop adds the drift over `sharpness_lead_time_points` (1.5 by default, tuned on the simulator),
+the rate taken from the fitted focus of the position's last 6 time points. The sharpest plane is what the loop
+holds; for the simulated nuclei it lies 0 to 0.7 um deeper than their mid-plane, the simulator's "in focus".
 
 mode "observe" plans the same moves and logs them ("would move") without applying them: the estimates and
 the focus log are there, the stage is left alone. The acquisition hooks apply the offsets (pymmcore-plus:
@@ -93,6 +95,8 @@ AMBIGUOUS_COST_UM2 = 0.1
 _MIN_SHARPNESS_SPAN_UM = 0.1
 _SHARPNESS_JUMP = 0.1
 _MAX_STACK_PLANES = 256  # sharpness samples kept per position: room for the planes of one z-stack
+_DRIFT_FIT_TIME_POINTS = 6  # drift rate: from the fitted focus of this many recent time points ...
+_DRIFT_FIT_MIN = 4  # ... once there are this many
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,7 @@ class FocusController:
         self._window: dict[int, deque[Estimate]] = {}
         self._sharpness_window: dict[int, deque[SharpnessSample]] = {}
         self._dither_side: dict[int, float] = {}
+        self._fine_history: dict[int, deque[tuple[int, float]]] = {}  # (t, fitted focus Z) per position
         # the sharpness measure (~2 ms a frame) runs in a thread of its own, off the dispatch thread
         self._to_measure: queue.Queue[tuple[int, int, float, np.ndarray, float | None] | None] = queue.Queue(
             maxsize=4
@@ -290,6 +295,7 @@ class FocusController:
             log.info(kv("focus_sharpness_restart", position=position, stage_z_um=f"{sample.stage_z_um:.3f}",
                         note="sharpness changed more than the Z change explains: focus or field jumped"))
             samples.clear()
+            self._fine_history.pop(position, None)  # the drift rate from before the jump no longer holds
         samples.append(sample)
 
     def wait_for_frames(self, count: int, timeout_s: float) -> bool:
@@ -332,7 +338,7 @@ class FocusController:
             self._centre_um[position] = centre_um
             current = self._offset_um.get(position, 0.0)
             dither = self._next_dither_locked(position)
-            located = self._focus_z(position)
+            located = self._focus_z(position, t_index)
             if located is None:
                 return current + dither if self.applies else current
             focus_z_um, source = located
@@ -374,9 +380,9 @@ class FocusController:
         self._dither_side[position] = side
         return side * self.sharpness_dither_um
 
-    def _focus_z(self, position: int) -> tuple[float, str] | None:
-        """Where focus is and what said so (see the module docstring), None when nothing knows; caller holds the
-        lock."""
+    def _focus_z(self, position: int, t_index: int) -> tuple[float, str] | None:
+        """Where focus is at time point `t_index` and what said so (see the module docstring), None when nothing
+        knows; caller holds the lock."""
         cfg = self.config
         window = list(self._window.get(position, ()))
         if self._sharpness is not None:
@@ -384,12 +390,25 @@ class FocusController:
             samples = self._fit_samples(list(self._sharpness_window.get(position, ())))
             fine_z_um = sharpness_focus_z(samples, self.sharpness_width_um, self.sharpness_range_um)
             if near and fine_z_um is not None:
-                return fine_z_um, "sharpness"
+                return fine_z_um + self._drift_lead_um(position, t_index, fine_z_um), "sharpness"
         if not window:
             return None
         if cfg.sign_source == "network":
             return statistics.median(e.stage_z_um - e.defocus_um for e in window), "network"
         return self._probe_focus_z(position, window), "probe"
+
+    def _drift_lead_um(self, position: int, t_index: int, fine_z_um: float) -> float:
+        """How far the focus drifts over the sharpness fit's lag: the rate of this position's last fitted focus
+        positions (a straight line through up to _DRIFT_FIT_TIME_POINTS of them, from _DRIFT_FIT_MIN on) times
+        `sharpness_lead_time_points`. 0 until then."""
+        history = self._fine_history.setdefault(position, deque(maxlen=_DRIFT_FIT_TIME_POINTS))
+        history.append((t_index, fine_z_um))
+        lead = self.config.sharpness_lead_time_points
+        times = np.array([t for t, _ in history], dtype=float)
+        if lead == 0 or len(history) < _DRIFT_FIT_MIN or np.ptp(times) == 0:
+            return 0.0
+        rate_um_per_time_point = float(np.polyfit(times, [z for _, z in history], 1)[0])
+        return rate_um_per_time_point * lead
 
     def _fit_samples(self, samples: list[SharpnessSample]) -> list[SharpnessSample]:
         """What the sharpness fit uses: the latest time point's z-stack when it has 3 or more planes (the planes
