@@ -200,6 +200,7 @@ class FocusController:
         self._sharpness_window: dict[int, deque[SharpnessSample]] = {}
         self._dither_side: dict[int, float] = {}
         self._fine_history: dict[int, deque[tuple[int, float]]] = {}  # (t, fitted focus Z) per position
+        self._sharpness_frames = max(2, config.window_frames)  # frames in a fit without a z-stack
         # the sharpness measure (~2 ms a frame) runs in a thread of its own, off the dispatch thread
         self._to_measure: queue.Queue[tuple[int, int, float, np.ndarray, float | None] | None] = queue.Queue(
             maxsize=4
@@ -289,7 +290,7 @@ class FocusController:
         dither_only = bool(samples) and abs(sample.stage_z_um - samples[-1].stage_z_um) <= (
             2 * self.sharpness_dither_um + _MIN_SHARPNESS_SPAN_UM
         )
-        recent = list(samples)[-max(2, self.config.window_frames):]
+        recent = list(samples)[-self._sharpness_frames:]
         if dither_only and sharpness_jumped(recent, sample, self.sharpness_width_um):
             self.sharpness_restarts += 1
             log.info(kv("focus_sharpness_restart", position=position, stage_z_um=f"{sample.stage_z_um:.3f}",
@@ -420,7 +421,7 @@ class FocusController:
         if len({round(s.stage_z_um, 3) for s in stack}) >= 3:
             sharpest = max(stack, key=lambda s: s.log_sharpness)
             return [s for s in stack if abs(s.stage_z_um - sharpest.stage_z_um) <= self.sharpness_range_um]
-        return samples[-max(2, self.config.window_frames):]
+        return samples[-self._sharpness_frames:]
 
     def _probe_focus_z(self, position: int, window: list[Estimate]) -> float:
         latest = window[-1]
