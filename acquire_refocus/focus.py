@@ -34,9 +34,11 @@ so the loop still settles on f while w is below 1.4 times the true width. The fi
 |defocus| is at most `sharpness_range_um` (or no network estimate passed the gates), and trusted only that far from
 the frames' Z. So that frames at different Z exist when nothing moves, in correct mode the stage alternates
 +-`sharpness_dither_um` around the focus it holds, one side per time point (a tenth of the depth of field unless
-set: 0.3 um for the default optics). The fit lags the focus (its frames lie a time point or more back), so under
-steady drift the loop adds the drift over `sharpness_lead_time_points` (1.5 by default, tuned on the simulator),
-the rate taken from the fitted focus of the position's last 6 time points. The sharpest plane is what the loop
+set: 0.3 um for the default optics); not while its time points are z-stacks of 3 or more planes, which already
+lie at different Z. The fit lags the focus (its frames lie a time point or more back), so under steady drift the
+loop adds the drift over `sharpness_lead_time_points` (1.5 by default, tuned on the simulator), the rate taken
+from the fitted focus of the position's last 6 time points; a fitted focus that jumps by more than half of
+`sharpness_range_um` starts that rate again (a step is not drift). The sharpest plane is what the loop
 holds; for the simulated nuclei it lies 0 to 0.7 um deeper than their mid-plane, the simulator's "in focus".
 
 mode "observe" plans the same moves and logs them ("would move") without applying them: the estimates and
@@ -97,6 +99,10 @@ _SHARPNESS_JUMP = 0.1
 _MAX_STACK_PLANES = 256  # sharpness samples kept per position: room for the planes of one z-stack
 _DRIFT_FIT_TIME_POINTS = 6  # drift rate: from the fitted focus of this many recent time points ...
 _DRIFT_FIT_MIN = 4  # ... once there are this many
+# A fitted focus further than this fraction of sharpness_range_um from the previous one is a jump, not drift (2 um
+# for the default optics; the fastest drift tested moves focus 1.2 um per 3-plane time point): the drift rate
+# starts again from it, or a step would be extrapolated as drift and overshot.
+_FOCUS_JUMP_FRACTION_OF_RANGE = 0.5
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,12 @@ def sharpness_jumped(samples: list[SharpnessSample], new: SharpnessSample, width
     z_mean, u_mean, slope = fit
     predicted = u_mean + slope * (new.stage_z_um - z_mean) - new.stage_z_um**2 / (2 * width_um**2)
     return abs(new.log_sharpness - predicted) > _SHARPNESS_JUMP
+
+
+def _latest_stack(samples: list[SharpnessSample]) -> list[SharpnessSample]:
+    """The latest time point's samples when they are a z-stack (3 or more distinct Z), else []."""
+    stack = [s for s in samples if s.t_index == samples[-1].t_index] if samples else []
+    return stack if len({round(s.stage_z_um, 3) for s in stack}) >= 3 else []
 
 
 def _huber_cost(residual_um: np.ndarray) -> np.ndarray:
@@ -374,8 +386,11 @@ class FocusController:
         return new + dither if self.applies else current
 
     def _next_dither_locked(self, position: int) -> float:
-        """fine_source sharpness, correct mode: the Z dither for this time point, alternating sides."""
+        """fine_source sharpness, correct mode: the Z dither for this time point, alternating sides; none while
+        the position's time points are z-stacks of 3 or more planes, whose planes already lie at different Z."""
         if self._sharpness is None or not self.applies or self.sharpness_dither_um == 0:
+            return 0.0
+        if _latest_stack(list(self._sharpness_window.get(position, ()))):
             return 0.0
         side = -self._dither_side.get(position, -1.0)
         self._dither_side[position] = side
@@ -401,8 +416,12 @@ class FocusController:
     def _drift_lead_um(self, position: int, t_index: int, fine_z_um: float) -> float:
         """How far the focus drifts over the sharpness fit's lag: the rate of this position's last fitted focus
         positions (a straight line through up to _DRIFT_FIT_TIME_POINTS of them, from _DRIFT_FIT_MIN on) times
-        `sharpness_lead_time_points`. 0 until then."""
+        `sharpness_lead_time_points`. 0 until then, and again after the fitted focus jumps."""
         history = self._fine_history.setdefault(position, deque(maxlen=_DRIFT_FIT_TIME_POINTS))
+        if history and abs(fine_z_um - history[-1][1]) > _FOCUS_JUMP_FRACTION_OF_RANGE * self.sharpness_range_um:
+            log.info(kv("focus_drift_rate_reset", position=position, t=t_index,
+                        jump_um=f"{fine_z_um - history[-1][1]:+.3f}", note="the fitted focus jumped: not drift"))
+            history.clear()
         history.append((t_index, fine_z_um))
         lead = self.config.sharpness_lead_time_points
         times = np.array([t for t, _ in history], dtype=float)
@@ -415,10 +434,7 @@ class FocusController:
         """What the sharpness fit uses: the latest time point's z-stack when it has 3 or more planes (the planes
         within sharpness_range_um of its sharpest one, where the model holds), else the last `window_frames`
         frames (at least 2)."""
-        if not samples:
-            return []
-        stack = [s for s in samples if s.t_index == samples[-1].t_index]
-        if len({round(s.stage_z_um, 3) for s in stack}) >= 3:
+        if stack := _latest_stack(samples):
             sharpest = max(stack, key=lambda s: s.log_sharpness)
             return [s for s in stack if abs(s.stage_z_um - sharpest.stage_z_um) <= self.sharpness_range_um]
         return samples[-self._sharpness_frames:]

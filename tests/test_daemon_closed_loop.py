@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from typing import Any
 
@@ -105,6 +106,8 @@ def run_closed_loop(
     unsigned: bool = False,
     window_frames: int = 3,
     simulator_overrides: dict | None = None,
+    z_plan: dict | None = None,
+    loops: int = LOOPS,
     **focus_overrides: Any,
 ) -> tuple[FocusTruth, dict]:
     simulator = {**SMALL_FIELD_SIMULATOR, "drift": drift, "z_limits_um": [40, 160], **(simulator_overrides or {})}
@@ -114,7 +117,8 @@ def run_closed_loop(
         "focus": {"mode": "correct", "window_frames": window_frames, "min_confidence": 0.5, "dead_band_um": 0.3,
                   "max_step_um": 5.0, "gain": 1.0, "z_limits_um": list(z_limits_um), **focus_overrides},
     })
-    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": LOOPS}, stage_positions=[(0, 0, 100)])
+    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": loops}, stage_positions=[(0, 0, 100)],
+                                z_plan=z_plan, axis_order="tpz")
     estimator = SpecifiedAccuracyEstimator(refocuser, unsigned=unsigned) if specified_accuracy else None
     with Daemon(config, corrector=estimator or refocuser, control=False) as daemon:
         core = daemon.acquisition_core()
@@ -123,7 +127,7 @@ def run_closed_loop(
             estimator.truth = truth
         core.mda.events.frameReady.connect(truth.frameReady)
         summary = daemon.run(sequence, None)
-    assert summary.counts()["seen"] == LOOPS and not summary.error
+    assert summary.counts()["seen"] == len(list(sequence)) and not summary.error
     return truth, summary.focus
 
 
@@ -227,6 +231,36 @@ def test_shipped_network_with_sharpness_recovers_from_focus_steps(shipped_refocu
     settled = [r["error_um"] for i, r in enumerate(truth.rows) if not any(i in (s, s + 1) for s in steps)]
     assert rms(settled) <= 1.0, f"RMS focus error {rms(settled):.2f} um away from the steps"
     assert max(abs(r["error_um"]) for r in truth.rows) < 5.0
+
+
+def stack_centre_errors(truth: FocusTruth) -> tuple[list[float], list[float]]:
+    """Per time point, the focus error of the z-stack's centre (mean over its planes), with and without correction."""
+    by_t: dict[int, list[dict]] = {}
+    for row in truth.rows:
+        by_t.setdefault(int(row["t_index"]), []).append(row)
+    stacks = [by_t[t] for t in sorted(by_t)]
+    return ([sum(r["error_um"] for r in s) / len(s) for s in stacks],
+            [sum(r["uncorrected_error_um"] for r in s) / len(s) for s in stacks])
+
+
+def test_sharpness_with_z_stacks_recovers_from_a_step_in_one_time_point(shipped_refocuser: Any) -> None:
+    """3-plane z-stacks (+-1.5 um): the latest stack's planes give the fit both sides of focus, so the loop needs
+    no dither and a step is corrected at the next time point. The time point during which a step happens is off
+    by the step whatever the loop does. Measured: 3.4 / 3.8 um on those, 0.4-0.9 um on the others (the sharpest
+    plane lies deeper than the simulator's mid-plane focus); before the drift rate was reset on a jump, the
+    feed-forward overshot each step by about 1 um."""
+    truth, focus = run_closed_loop(shipped_refocuser, {"model": "steps", "step_um": 3.0, "step_interval_s": 24.0},
+                                   (50.0, 150.0), specified_accuracy=False, fine_source="sharpness",
+                                   z_plan={"range": 3.0, "step": 1.5}, loops=10)
+    corrected, uncorrected = stack_centre_errors(truth)
+    steps = [t for t in range(1, len(uncorrected)) if abs(uncorrected[t] - uncorrected[t - 1]) > 1.0]
+    assert len(steps) == 2
+    after = [corrected[t] for t in range(1, len(corrected)) if t not in steps]
+    assert max(abs(e) for e in after) <= 1.0, f"stack-centre errors {[round(e, 2) for e in corrected]}"
+    centres = [statistics.fmean(r["stage_z_um"] for r in truth.rows if r["t_index"] == t) for t in range(10)]
+    changes = sum(abs(b - a) > 1e-6 for a, b in zip(centres, centres[1:]))
+    assert changes <= focus["moves"], "the stack centre moved without a move of the loop: a dither"
+    assert focus["moves_by_source"] == {"sharpness": focus["moves"]}
 
 
 @pytest.mark.xfail(
