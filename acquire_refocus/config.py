@@ -298,6 +298,13 @@ class FocusConfig(_Section):
         None, gt=0.0, le=100.0,
         description="largest distance to focus the sharpness fit is trusted for; null: 4/3 of the depth of field",
     )
+    target_offset_um: float = Field(
+        0.0, ge=-50.0, le=50.0,
+        description=(
+            "hold the stage this far from the focus found, + deeper into the sample (the sign of defocus_um); "
+            "with fine_source sharpness, from the sharpest plane, and at most half of sharpness_range_um"
+        ),
+    )
     max_step_um: float = Field(5.0, gt=0.0)
     gain: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the estimated error corrected per move")
     z_limits_um: tuple[float, float] = Field((0.0, 200.0), description="soft limits never crossed")
@@ -310,6 +317,12 @@ class FocusConfig(_Section):
     def _check_limits(self) -> FocusConfig:
         if self.z_limits_um[0] >= self.z_limits_um[1]:
             raise ValueError(f"z_limits_um must be (low, high) with low < high, got {self.z_limits_um}")
+        if self.sign_source == "probe" and 0 < abs(self.target_offset_um) <= self.dead_band_um:
+            # inside the dead band the head reads "in focus" at the target too, and the loop would step again
+            raise ValueError(
+                f"with sign_source probe, target_offset_um ({self.target_offset_um} um) must be 0 or larger than "
+                f"dead_band_um ({self.dead_band_um} um): the unsigned estimate cannot tell focus from the target"
+            )
         return self
 
 
@@ -340,6 +353,19 @@ class AppConfig(_Section):
     focus: FocusConfig = FocusConfig()
     acquisition: AcquisitionConfig = AcquisitionConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _check_focus_offset(self) -> AppConfig:
+        focus = self.focus
+        if focus.fine_source == "sharpness":
+            range_um = focus.sharpness_range_um or self.optics.depth_of_field_um * 4 / 3
+            if abs(focus.target_offset_um) > range_um / 2:
+                raise ValueError(
+                    f"focus.target_offset_um ({focus.target_offset_um} um) must lie within +-{range_um / 2:.2f} um "
+                    f"with fine_source sharpness: half of sharpness_range_um ({range_um:.2f} um), the distance from "
+                    "the frames over which the sharpness fit is trusted"
+                )
+        return self
 
 
 def _describe_error(error: Any) -> str:

@@ -5,7 +5,7 @@ Each accepted estimate gives an absolute in-focus stage Z for its position: `foc
 after a move can be pooled. Per position, the controller keeps the last `window_frames` of them and, when that
 position's next time point starts, plans one move:
 
-    wanted offset = focus Z from the window - centre Z planned for the position
+    wanted offset = focus Z from the window + target_offset_um - centre Z planned for the position
     error = wanted - current offset;  no move inside the dead band;  step = clamp(gain * error, +-max_step)
 
 The focus Z from the window depends on `sign_source`:
@@ -39,7 +39,9 @@ lie at different Z. The fit lags the focus (its frames lie a time point or more 
 loop adds the drift over `sharpness_lead_time_points` (1.5 by default, tuned on the simulator), the rate taken
 from the fitted focus of the position's last 6 time points; a fitted focus that jumps by more than half of
 `sharpness_range_um` starts that rate again (a step is not drift). The sharpest plane is what the loop
-holds; for the simulated nuclei it lies 0 to 0.7 um deeper than their mid-plane, the simulator's "in focus".
+holds; for the simulated nuclei it lies 0 to 0.9 um deeper than their mid-plane, the simulator's "in focus".
+`target_offset_um` holds the stage that far from it instead (at most half of `sharpness_range_um`, where the fit is
+trusted); how far the loop really ends up scales with (true width / w)^2, as the step does.
 
 mode "observe" plans the same moves and logs them ("would move") without applying them: the estimates and
 the focus log are there, the stage is left alone. The acquisition hooks apply the offsets (pymmcore-plus:
@@ -355,7 +357,7 @@ class FocusController:
             if located is None:
                 return current + dither if self.applies else current
             focus_z_um, source = located
-            error = focus_z_um - centre_um - current
+            error = focus_z_um + cfg.target_offset_um - centre_um - current
             if not math.isfinite(error) or abs(error) <= cfg.dead_band_um:
                 return current + dither if self.applies else current
             step = max(-cfg.max_step_um, min(cfg.max_step_um, cfg.gain * error))
@@ -480,6 +482,7 @@ class FocusController:
                 "mode": self.mode,
                 "sign_source": self.config.sign_source,
                 "fine_source": self.config.fine_source,
+                "target_offset_um": self.config.target_offset_um,
                 "offsets_um": {str(p): round(o, 4) for p, o in sorted(self._offset_um.items())},
                 "last_defocus_um": {str(p): round(d, 4) for p, d in sorted(self._last_defocus_um.items())},
                 "estimates_accepted": self.accepted,

@@ -21,6 +21,14 @@ BAD_CONFIGS = {
     "z_limits_reversed": ("simulator:\n  z_limits_um: [200, 0]\n", ["z_limits_um", "low < high"]),
     "invalid_yaml": ("optics: [1, 2\n", ["not valid YAML"]),
     "not_a_mapping": ("- 1\n- 2\n", ["expected a mapping", "list"]),
+    "focus_offset_beyond_the_sharpness_fit": (
+        "focus:\n  fine_source: sharpness\n  target_offset_um: 3.0\n",
+        ["focus.target_offset_um", "+-2.00 um", "sharpness_range_um"],
+    ),
+    "focus_offset_inside_the_probe_dead_band": (
+        "focus:\n  sign_source: probe\n  dead_band_um: 2.5\n  target_offset_um: -1.0\n",
+        ["target_offset_um", "dead_band_um (2.5 um)", "cannot tell focus from the target"],
+    ),
 }
 
 
