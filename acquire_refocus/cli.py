@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train the refocus network on simulated or stored z-stacks"),
     "evaluate": ("evaluate", "compare the network with the raw input and deconvolution baselines; write a report"),
     "correct": ("correct", "refocus TIFF files offline and estimate their defocus"),
+    "calibrate-focus": ("calibrate_focus", "fit how image sharpness falls with defocus on your z-stacks; print focus settings"),
     "build-engine": ("build_engine", "compile the network for this machine (TensorRT / ONNX) ahead of time"),
     "benchmark": ("benchmark", "measure latency and throughput of each engine and of the daemon path"),
     "serve": ("serve", "run the headless daemon on the acquisition stream"),
@@ -36,7 +37,7 @@ def _top_level_parser() -> argparse.ArgumentParser:
         description="Acquisition-side focus correction for fluorescence microscopes. "
         "Run 'acquire-refocus demo' to see it work on the simulated microscope.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {name:<13} {text}" for name, (_, text) in COMMANDS.items())
+        epilog="commands:\n" + "\n".join(f"  {name:<15} {text}" for name, (_, text) in COMMANDS.items())
         + "\n\n'acquire-refocus COMMAND --help' explains each one.",
     )
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="see the list below")

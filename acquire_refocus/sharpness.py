@@ -17,6 +17,7 @@ between frames (photon noise). It is computed with one FFT of a central crop of 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -83,3 +84,31 @@ class BandPassSharpness:
             return math.nan
         band = float((power * weights).sum())
         return band / total**2 if math.isfinite(band) else math.nan
+
+
+@dataclass(frozen=True)
+class SharpnessCurve:
+    """Where the sharpness of a z-stack peaks and how fast it falls: log s = c - (z - peak)^2 / (2 width^2)."""
+
+    peak_z_um: float
+    width_um: float
+    planes_used: int
+
+
+def fit_sharpness_curve(z_um: np.ndarray, log_sharpness: np.ndarray, range_um: float) -> SharpnessCurve | None:
+    """Least-squares parabola in log sharpness over the planes within `range_um` of the sharpest one (where the
+    Gaussian model holds), for calibrating the closed loop's `sharpness_width_um`. None when fewer than 3 such
+    planes are finite or the parabola opens upwards (no peak: an empty field, or a stack that misses focus)."""
+    z = np.asarray(z_um, dtype=float)
+    s = np.asarray(log_sharpness, dtype=float)
+    finite = np.isfinite(s) & np.isfinite(z)
+    if finite.sum() < 3:
+        return None
+    z, s = z[finite], s[finite]
+    near = np.abs(z - z[int(np.argmax(s))]) <= range_um
+    if near.sum() < 3:
+        return None
+    curvature, slope, _ = np.polyfit(z[near], s[near], 2)
+    if not curvature < 0:
+        return None
+    return SharpnessCurve(float(-slope / (2 * curvature)), float(math.sqrt(-1 / (2 * curvature))), int(near.sum()))

@@ -92,3 +92,17 @@ def test_a_wrong_width_still_converges_when_the_fit_is_repeated(assumed_width_um
         assert fitted is not None
         z = fitted
     assert z == pytest.approx(102.0, abs=0.05)
+
+
+def test_the_calibration_fit_recovers_peak_and_width_and_refuses_a_stack_without_a_peak() -> None:
+    from acquire_refocus.sharpness import fit_sharpness_curve
+
+    z = np.arange(-8.0, 8.01, 1.0)
+    log_s = 2.0 - (z - 0.6) ** 2 / (2 * 4.2**2)
+    log_s[0] = math.nan  # an unmeasurable plane is left out
+    curve = fit_sharpness_curve(z, log_s, range_um=4.0)
+    assert curve is not None
+    assert curve.peak_z_um == pytest.approx(0.6) and curve.width_um == pytest.approx(4.2)
+    assert curve.planes_used == 9  # z = -3 .. 5: within 4 um of the sharpest plane (1 um)
+    assert fit_sharpness_curve(z, -log_s, range_um=4.0) is None  # a minimum, not a peak
+    assert fit_sharpness_curve(z[:2], log_s[:2], range_um=4.0) is None
