@@ -254,9 +254,10 @@ class Daemon:
         # a loaded machine), the focus log (one flushed CSV row), then the refocused store, which writes in its own
         # thread: nothing before it, and no later frame, waits for the disk unless the store's queue is full.
         sinks: list[FrameSink] = [controller] if controller is not None else []
+        focus_offset = controller.applied_offset_um if controller is not None else None
         if self.publisher is not None:
             self.publisher.run = run_id
-            sinks.append(PublishSink(self.publisher))
+            sinks.append(PublishSink(self.publisher, focus_offset))
         core = self.acquisition_core() if backend != "pycromanager" else None
         if output_dir is not None:
             store = None
@@ -264,7 +265,7 @@ class Daemon:
                 pixel_size_um = self.config.acquisition.pixel_size_um or (core.getPixelSizeUm() if core else None)
                 frame_shape = (core.getImageHeight(), core.getImageWidth()) if core is not None else None
                 store = RefocusedStore(output_dir / REFOCUSED_STORE, sequence, frame_shape, pixel_size_um or None)
-            sinks.append(FocusLog(output_dir / FOCUS_LOG))
+            sinks.append(FocusLog(output_dir / FOCUS_LOG, focus_offset))
             if store is not None:
                 sinks.append(BackgroundSink(store, max_pending=REFOCUSED_WRITE_QUEUE))
         if self._extra_sinks is not None:

@@ -106,6 +106,7 @@ _DRIFT_FIT_MIN = 4  # ... once there are this many
 # for the default optics; the fastest drift tested moves focus 1.2 um per 3-plane time point): the drift rate
 # starts again from it, or a step would be extrapolated as drift and overshot.
 _FOCUS_JUMP_FRACTION_OF_RANGE = 0.5
+_APPLIED_OFFSET_TIME_POINTS = 16  # per position, the offsets handed out that the focus log may still ask about
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ class FocusController:
         self._side: dict[int, float] = {}  # probe mode: sign of the last resolved defocus per position
         self._centre_um: dict[int, float] = {}
         self._offset_um: dict[int, float] = {}
+        self._applied_um: dict[int, deque[tuple[int, float]]] = {}  # (t, offset given to its frames) per position
         self._last_defocus_um: dict[int, float] = {}
         self._frames_seen = threading.Condition(self._lock)
         self.frames = 0  # results seen, usable or not
@@ -345,6 +347,23 @@ class FocusController:
 
     def plan(self, position: int, centre_um: float, t_index: int = 0) -> float:
         """Decide the offset for the next time point at `position` whose planned centre Z is `centre_um`."""
+        offset_um = self._plan(position, centre_um, t_index)
+        with self._lock:
+            history = self._applied_um.setdefault(position, deque(maxlen=_APPLIED_OFFSET_TIME_POINTS))
+            history.append((t_index, offset_um))
+        return offset_um
+
+    def applied_offset_um(self, axes: dict[str, int]) -> float | None:
+        """FocusOffsetLookup: the offset `plan` gave the frames of this position and time point (0 in observe
+        mode); None when it planned none (no stage Z, the loop off, or more than 16 time points ago)."""
+        position, t_index = int(axes.get("p", 0)), int(axes.get("t", 0))
+        with self._lock:
+            for planned_t, offset_um in reversed(self._applied_um.get(position, ())):
+                if planned_t == t_index:
+                    return offset_um
+        return None
+
+    def _plan(self, position: int, centre_um: float, t_index: int) -> float:
         cfg = self.config
         with self._lock:
             # the sharpness of frames already handed over (normally measured while the acquisition moved on)

@@ -97,6 +97,13 @@ class FrameCorrector(Protocol):
     def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> RefocusOutput: ...
 
 
+class FocusOffsetLookup(Protocol):
+    """The Z offset the closed focus loop applied to the frames with these acquisition axes (its correction plus
+    any dither; 0 when it only observes), None when it planned nothing for them. Used by the sinks that report it."""
+
+    def __call__(self, axes: dict[str, int]) -> float | None: ...
+
+
 @runtime_checkable
 class FrameSink(Protocol):
     """Receives every result in the dispatch thread (like pymmcore-plus's SinkProtocol, one call per frame).

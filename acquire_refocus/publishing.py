@@ -22,7 +22,7 @@ import zmq
 from acquire_refocus.config import PublishingConfig
 from acquire_refocus.errors import UserError
 from acquire_refocus.logs import kv
-from acquire_refocus.pipeline import FrameResult
+from acquire_refocus.pipeline import FocusOffsetLookup, FrameResult
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,9 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def frame_header(result: FrameResult, topic: str, pixels: np.ndarray | None, run: str = "") -> dict[str, Any]:
+def frame_header(
+    result: FrameResult, topic: str, pixels: np.ndarray | None, run: str = "", focus_offset_um: float | None = None
+) -> dict[str, Any]:
     """The JSON header of one message. Non-finite numbers become null."""
     info = result.info
     shown = pixels if pixels is not None else result.raw  # focus messages describe the raw frame
@@ -54,6 +56,7 @@ def frame_header(result: FrameResult, topic: str, pixels: np.ndarray | None, run
         "defocus_um": _finite_or_none(result.defocus_um),
         "confidence": _finite_or_none(result.confidence),
         "defocus_magnitude_um": _finite_or_none(result.defocus_magnitude_um),
+        "focus_offset_um": _finite_or_none(focus_offset_um),
         "refocused": result.refocused,
         "status": result.status,
         "t_acquired": info.t_acquired,
@@ -111,17 +114,20 @@ class Publisher:
         log.info(kv("publisher_bound", address=self.address, high_water_mark=config.high_water_mark,
                     publish_raw=config.publish_raw))
 
-    def publish(self, result: FrameResult) -> None:
-        """Send raw (when configured), refocused (when there is one) and focus messages for one result."""
+    def publish(self, result: FrameResult, focus_offset_um: float | None = None) -> None:
+        """Send raw (when configured), refocused (when there is one) and focus messages for one result;
+        `focus_offset_um`: the focus loop's Z offset for its frame, when there is a loop."""
         raw = result.raw
         if self._config.publish_raw and isinstance(raw, np.ndarray) and raw.dtype.kind in "uif":
-            self._send(TOPIC_RAW, result, np.ascontiguousarray(raw))
+            self._send(TOPIC_RAW, result, np.ascontiguousarray(raw), focus_offset_um)
         if result.image is not None:
-            self._send(TOPIC_REFOCUSED, result, np.ascontiguousarray(result.image))
-        self._send(TOPIC_FOCUS, result, None)
+            self._send(TOPIC_REFOCUSED, result, np.ascontiguousarray(result.image), focus_offset_um)
+        self._send(TOPIC_FOCUS, result, None, focus_offset_um)
 
-    def _send(self, topic: bytes, result: FrameResult, pixels: np.ndarray | None) -> None:
-        header = json.dumps(frame_header(result, topic.decode(), pixels, self.run)).encode()
+    def _send(
+        self, topic: bytes, result: FrameResult, pixels: np.ndarray | None, focus_offset_um: float | None
+    ) -> None:
+        header = json.dumps(frame_header(result, topic.decode(), pixels, self.run, focus_offset_um)).encode()
         parts: list[Any] = [topic, header] if pixels is None else [topic, header, pixels]
         try:
             # copy=False: ZeroMQ keeps a reference to the array's buffer instead of copying the pixels.
@@ -151,11 +157,13 @@ class Publisher:
 class PublishSink:
     """FrameSink adapter: publishes every result; closing it leaves the Publisher open for the next run."""
 
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, focus_offset: FocusOffsetLookup | None = None) -> None:
         self.publisher = publisher
+        self._focus_offset = focus_offset
 
     def on_frame(self, result: FrameResult) -> None:
-        self.publisher.publish(result)
+        offset_um = self._focus_offset(result.info.axes) if self._focus_offset is not None else None
+        self.publisher.publish(result, offset_um)
 
     def close(self) -> None:
         """The socket outlives a run; the daemon closes the Publisher itself."""

@@ -42,7 +42,7 @@ import numpy as np
 import useq
 
 from acquire_refocus.logs import kv
-from acquire_refocus.pipeline import FrameResult
+from acquire_refocus.pipeline import FocusOffsetLookup, FrameResult
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ FOCUS_LOG_COLUMNS = (
     "status",
     "t_acquired",
     "defocus_magnitude_um",
+    "focus_offset_um",
 )
 PACKAGES = (
     "acquire-refocus",
@@ -259,8 +260,10 @@ def _number(value: float | None, digits: int) -> str:
 class FocusLog:
     """FrameSink writing focus.csv: one row per raw frame, flushed at once so a crash loses no row."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, focus_offset: FocusOffsetLookup | None = None) -> None:
+        """`focus_offset`: where the focus loop's offset for each frame comes from (empty column without one)."""
         self.path = Path(path)
+        self._focus_offset = focus_offset
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._file = self.path.open("a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
@@ -283,6 +286,7 @@ class FocusLog:
                 result.status,
                 f"{info.t_acquired:.6f}",
                 _number(result.defocus_magnitude_um, 4),
+                _number(self._focus_offset(info.axes) if self._focus_offset is not None else None, 4),
             )
         )
         self._file.flush()
@@ -300,7 +304,8 @@ def read_focus_log(path: str | Path) -> list[dict[str, Any]]:
             parsed: dict[str, Any] = dict(row)
             parsed["frame"] = int(row["frame"])
             parsed["axes"] = json.loads(row["axes"])
-            for key in ("stage_z_um", "defocus_um", "confidence", "latency_ms", "t_acquired", "defocus_magnitude_um"):
+            for key in ("stage_z_um", "defocus_um", "confidence", "latency_ms", "t_acquired", "defocus_magnitude_um",
+                        "focus_offset_um"):
                 parsed[key] = float(row[key]) if row.get(key) else math.nan
             parsed["refocused"] = row["refocused"] == "true"
             rows.append(parsed)

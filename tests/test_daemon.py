@@ -94,6 +94,8 @@ def test_end_to_end_counts_match_everywhere(tmp_path: Path, tiny_refocuser: Any,
     for header in collector.headers:
         if header["topic"] == "raw":
             assert header["stage_z_um"] == pytest.approx(100.0) and header["engine"] == "torch"
+        assert header["focus_offset_um"] == 0.0  # observe mode: the loop plans, never moves
+    assert all(r["focus_offset_um"] == 0.0 for r in rows)
     record = (tmp_path / "run.json").read_text()
     assert '"state": "completed"' in record and '"seen": 8' in record
 
@@ -204,6 +206,7 @@ def test_listen_prints_the_focus_trace(tmp_path: Path, tiny_refocuser: Any, tiny
     assert listener.returncode == 0, err
     trace = [line for line in out.splitlines() if line.startswith("focus frame=")]
     assert trace and "defocus_um=" in trace[0] and "stage_z_um=100.000" in trace[0]
+    assert "focus_offset_um=+0.000" in trace[0]
     rates = [line for line in out.splitlines() if line.startswith("rates ")]
     assert rates and "raw=" in rates[-1] and "focus=" in rates[-1] and "missed=" in rates[-1]
 
@@ -251,6 +254,12 @@ def test_pymmcore_plus_backend_on_micro_manager_demo_devices(
     for t in range(3):
         assert z[(t, 1)] - z[(t, 0)] == pytest.approx(2.0)  # the stack keeps its shape
     assert all(-50 <= v <= 50 for v in z.values())
+    # focus.csv says how far the loop had moved each frame from its planned Z: the same for a stack's planes
+    offset = {(r["axes"]["t"], r["axes"]["z"]): r["focus_offset_um"] for r in rows}
+    for t in range(3):
+        assert offset[(t, 0)] == offset[(t, 1)]
+        assert z[(t, 0)] - offset[(t, 0)] == pytest.approx(z[(0, 0)] - offset[(0, 0)], abs=1e-3)
+    assert offset[(0, 0)] == 0.0 and offset[(2, 0)] != 0.0
     assert summary.focus["moves"] >= 1  # the untrained network is never exactly in focus: the loop moved Z
 
 
@@ -271,6 +280,7 @@ def test_closed_loop_moves_between_time_points_of_a_single_position(
     # the untrained network reports a steady defocus, so the loop steps Z at every time point after the first
     assert z[0] == pytest.approx(100.0) and len(set(z)) == 6
     assert summary.focus["moves"] == 5
+    assert [r["focus_offset_um"] for r in rows] == pytest.approx([v - 100.0 for v in z], abs=1e-3)
 
 
 def test_bad_frames_pass_every_sink_raw(tmp_path: Path, tiny_refocuser: Any) -> None:

@@ -285,6 +285,19 @@ def test_dither_alternates_in_correct_mode_only_and_respects_the_soft_limits() -
     assert [e.z_pos for e in limited.adjust_events(sequence)] == pytest.approx([100.3, 99.8, 100.3, 99.8], abs=1e-3)
 
 
+def test_the_offset_each_time_point_was_given_can_be_looked_up_for_its_frames() -> None:
+    """What the focus log and the published headers report per frame: the offset planned for the frame's position
+    and time point, dither included; 0 when only observing; None for a time point that was never planned."""
+    c = controller(fine_source="sharpness", sharpness_dither_um=0.5)
+    given = [c.plan(0, 100.0, t) for t in range(3)]
+    assert [c.applied_offset_um({"p": 0, "t": t, "z": 1}) for t in range(3)] == given == [0.5, -0.5, 0.5]
+    assert c.applied_offset_um({"p": 1, "t": 0}) is None and c.applied_offset_um({"p": 0, "t": 7}) is None
+    observing = controller(mode="observe")
+    observing.on_frame(result(2.0))
+    observing.plan(0, 100.0, 1)
+    assert observing.applied_offset_um({"p": 0, "t": 1}) == 0.0 and observing.moves
+
+
 def test_pycromanager_planner_passes_the_dither_on_in_correct_mode_only() -> None:
     """pycromanager applies the planner's value as the time point's Z offset: the dither must be in it."""
     from acquire_refocus.focus import pycromanager_planner

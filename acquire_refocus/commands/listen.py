@@ -7,8 +7,8 @@ import sys
 import time
 
 _DESCRIPTION = """\
-Connect to a daemon's publishing socket and print one line per focus estimate (frame, axes, stage Z,
-estimated defocus, confidence, whether it was refocused, latency) and, every --every seconds, the rates:
+Connect to a daemon's publishing socket and print one line per focus estimate (frame, axes, stage Z, the focus
+loop's offset from the planned Z, estimated defocus, confidence, whether it was refocused, latency) and, every --every seconds, the rates:
 frames per second and MB/s per topic, and messages lost on the way (a subscriber that falls behind the
 daemon's high-water mark loses messages; the daemon never waits for it).
 """
@@ -34,6 +34,7 @@ def _trace_line(header: dict) -> str:
 
     axes = ",".join(f"{k}{v}" for k, v in header.get("axes", {}).items()) or "-"
     return (f"focus frame={header['frame']} axes={axes} stage_z_um={num('stage_z_um', '.3f')} "
+            f"focus_offset_um={num('focus_offset_um', '+.3f')} "
             f"defocus_um={num('defocus_um', '+.3f')} confidence={num('confidence', '.2f')} "
             f"refocused={str(header.get('refocused')).lower()} latency_ms={num('latency_ms', '.1f')}")
 
