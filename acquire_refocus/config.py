@@ -252,6 +252,10 @@ class StorageConfig(_Section):
     save_refocused: bool = True
 
 
+# a stage step finer than any focus drive: what rounding a limit for the docs (2.9988 um -> "2 um") may cost
+_OFFSET_TOLERANCE_UM = 0.005
+
+
 class FocusConfig(_Section):
     """Closed-loop focus: from autofocus estimates to Z-stage moves."""
 
@@ -301,8 +305,9 @@ class FocusConfig(_Section):
     target_offset_um: float = Field(
         0.0, ge=-50.0, le=50.0,
         description=(
-            "hold the stage this far from the focus found, + deeper into the sample (the sign of defocus_um); "
-            "with fine_source sharpness, from the sharpest plane, and at most half of sharpness_range_um"
+            "hold the stage this far from the focus found, + deeper into the sample (the sign of defocus_um): from "
+            "the sharpest plane where the sharpness fit leads (at most half of sharpness_range_um), from the "
+            "network's focus where it leads; an offset within dead_band_um of where the stage is may not be applied"
         ),
     )
     max_step_um: float = Field(5.0, gt=0.0)
@@ -317,13 +322,17 @@ class FocusConfig(_Section):
     def _check_limits(self) -> FocusConfig:
         if self.z_limits_um[0] >= self.z_limits_um[1]:
             raise ValueError(f"z_limits_um must be (low, high) with low < high, got {self.z_limits_um}")
-        if self.sign_source == "probe" and 0 < abs(self.target_offset_um) <= self.dead_band_um:
-            # inside the dead band the head reads "in focus" at the target too, and the loop would step again
-            raise ValueError(
-                f"with sign_source probe, target_offset_um ({self.target_offset_um} um) must be 0 or larger than "
-                f"dead_band_um ({self.dead_band_um} um): the unsigned estimate cannot tell focus from the target"
-            )
         return self
+
+    def sharpness_settings_um(self, optics: OpticsConfig) -> tuple[float, float, float]:
+        """(dither, width, range) of the sharpness fit in um: as set, or scaled with the optics' depth of field
+        where left null (a tenth, 4/3 and 4/3 of it)."""
+        dof_um = optics.depth_of_field_um
+        return (
+            dof_um / 10 if self.sharpness_dither_um is None else self.sharpness_dither_um,
+            dof_um * 4 / 3 if self.sharpness_width_um is None else self.sharpness_width_um,
+            dof_um * 4 / 3 if self.sharpness_range_um is None else self.sharpness_range_um,
+        )
 
 
 class AcquisitionConfig(_Section):
@@ -358,8 +367,8 @@ class AppConfig(_Section):
     def _check_focus_offset(self) -> AppConfig:
         focus = self.focus
         if focus.fine_source == "sharpness":
-            range_um = focus.sharpness_range_um or self.optics.depth_of_field_um * 4 / 3
-            if abs(focus.target_offset_um) > range_um / 2:
+            range_um = focus.sharpness_settings_um(self.optics)[2]
+            if abs(focus.target_offset_um) > range_um / 2 + _OFFSET_TOLERANCE_UM:
                 raise ValueError(
                     f"focus.target_offset_um ({focus.target_offset_um} um) must lie within +-{range_um / 2:.2f} um "
                     f"with fine_source sharpness: half of sharpness_range_um ({range_um:.2f} um), the distance from "

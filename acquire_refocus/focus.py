@@ -39,10 +39,12 @@ lie at different Z. The fit lags the focus (its frames lie a time point or more 
 loop adds the drift over `sharpness_lead_time_points` (1.5 by default, tuned on the simulator), the rate taken
 from the fitted focus of the position's last 6 time points; a fitted focus that jumps by more than half of
 `sharpness_range_um` starts that rate again (a step is not drift). The sharpest plane is what the loop
-holds; in the simulator it lies from 1.2 um shallower to 0.6 um deeper than the nuclei layer's mid-plane (the
-simulator's "in focus"), depending on the field (`acquire-refocus calibrate-focus`).
+holds; in the simulator it lies from 1.2 um shallower to 0.9 um deeper than the nuclei layer's mid-plane (the
+simulator's "in focus"), depending on the field (`acquire-refocus calibrate-focus` on 16 fields; 0.9 um deeper
+in the field of the closed-loop tests).
 `target_offset_um` holds the stage that far from it instead (at most half of `sharpness_range_um`, where the fit is
-trusted); how far the loop really ends up scales with (true width / w)^2, as the step does.
+trusted); how far the loop really ends up scales with (true width / w)^2. The first time point of a z-stack
+acquisition is still dithered (no stack has been seen yet).
 
 mode "observe" plans the same moves and logs them ("would move") without applying them: the estimates and
 the focus log are there, the stage is left alone. The acquisition hooks apply the offsets (pymmcore-plus:
@@ -207,10 +209,9 @@ class FocusController:
         self.config = config
         optics = optics or OpticsConfig()
         self._sharpness = BandPassSharpness.for_optics(optics) if config.fine_source == "sharpness" else None
-        dof_um = optics.depth_of_field_um  # scales the sharpness settings left unset
-        self.sharpness_dither_um = dof_um / 10 if config.sharpness_dither_um is None else config.sharpness_dither_um
-        self.sharpness_width_um = dof_um * 4 / 3 if config.sharpness_width_um is None else config.sharpness_width_um
-        self.sharpness_range_um = dof_um * 4 / 3 if config.sharpness_range_um is None else config.sharpness_range_um
+        self.sharpness_dither_um, self.sharpness_width_um, self.sharpness_range_um = config.sharpness_settings_um(
+            optics
+        )
         self._lock = threading.Lock()
         self._window: dict[int, deque[Estimate]] = {}
         self._sharpness_window: dict[int, deque[SharpnessSample]] = {}

@@ -25,10 +25,6 @@ BAD_CONFIGS = {
         "focus:\n  fine_source: sharpness\n  target_offset_um: 3.0\n",
         ["focus.target_offset_um", "+-2.00 um", "sharpness_range_um"],
     ),
-    "focus_offset_inside_the_probe_dead_band": (
-        "focus:\n  sign_source: probe\n  dead_band_um: 2.5\n  target_offset_um: -1.0\n",
-        ["target_offset_um", "dead_band_um (2.5 um)", "cannot tell focus from the target"],
-    ),
 }
 
 
@@ -83,6 +79,18 @@ def test_console_script_bad_config_exit_code_and_no_traceback(tmp_path: Path) ->
     assert result.returncode == 2
     assert "numerical_aperture" in result.stderr and str(path) in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "focus",
+    [
+        {"fine_source": "sharpness", "target_offset_um": 2.0},  # "+-2 um" as the docs say (the limit is 1.9992)
+        {"fine_source": "sharpness", "target_offset_um": -1.5, "sharpness_range_um": 3.0},
+        {"sign_source": "probe", "dead_band_um": 2.5, "target_offset_um": 3.0},  # no sharpness: no limit
+    ],
+)
+def test_focus_offsets_within_the_limits_are_accepted(focus: dict) -> None:
+    assert parse_config({"focus": focus}).focus.target_offset_um == focus["target_offset_um"]
 
 
 def test_several_problems_are_listed_together(tmp_path: Path) -> None:

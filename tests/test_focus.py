@@ -274,6 +274,16 @@ def test_sharpness_holds_a_target_offset_from_the_sharpest_plane(small_field_sco
     assert settled[-1.0] - settled[0.0] == pytest.approx(-1.0, abs=0.45)
 
 
+def test_the_drift_feed_forward_restarts_when_the_fitted_focus_jumps() -> None:
+    """Steady drift of 0.2 um per time point is led by 1.5 time points; a 3 um jump of the fitted focus is a step,
+    not drift: the rate starts again from it instead of leading the next time points by the jump."""
+    c = controller(fine_source="sharpness")  # lead 1.5 time points; a jump is over half of the 4 um range
+    leads = [c._drift_lead_um(0, t, 100.0 + 0.2 * t) for t in range(6)]
+    assert leads[:3] == [0.0, 0.0, 0.0] and leads[3:] == pytest.approx([0.3, 0.3, 0.3])
+    assert c._drift_lead_um(0, 6, 100.0 + 1.2 + 3.0) == 0.0  # the step: no lead from before it
+    assert [c._drift_lead_um(0, t, 104.2 + 0.2 * (t - 6)) for t in range(7, 10)] == pytest.approx([0.0, 0.0, 0.3])
+
+
 def test_dither_alternates_in_correct_mode_only_and_respects_the_soft_limits() -> None:
     c = controller(fine_source="sharpness", sharpness_dither_um=0.5)
     assert [c.plan(0, 100.0, t) for t in range(4)] == [0.5, -0.5, 0.5, -0.5]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +84,9 @@ def _read_tiff_stack(path: Path) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - tifffile raises many types for non-TIFF or damaged files
         raise InputError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     stack = np.squeeze(stack)
+    if stack.ndim == 3 and stack.shape[-1] in (3, 4):
+        raise InputError(f"{path}: shape {stack.shape} looks like a colour (RGB) image, not a z-stack; save the "
+                         "planes of one grey-scale channel as a multi-page TIFF")
     if stack.ndim != 3:
         raise InputError(
             f"{path}: expected a z-stack of shape (planes, height, width), got shape {stack.shape}; save one "
@@ -95,8 +99,6 @@ def _stacks(args: argparse.Namespace) -> tuple[list[tuple[str, np.ndarray]], np.
     """(name, planes) per field, plane Z (um; 0 = the labelled focus when `labelled`), pixel size, labelled."""
     from acquire_refocus.sim.dataset import read_zstack_folders
 
-    if args.z_step_um is not None and not args.z_step_um > 0:
-        raise UserError(f"--z-step-um must be positive, got {args.z_step_um}")
     if args.stack.is_file():
         if args.z_step_um is None:
             raise UserError(f"{args.stack}: give the stage step between planes with --z-step-um")
@@ -109,9 +111,12 @@ def _stacks(args: argparse.Namespace) -> tuple[list[tuple[str, np.ndarray]], np.
         return [(args.stack.name, planes)], z_um, None, args.in_focus_index is not None
     if not args.stack.exists():
         raise InputError(f"{args.stack}: no such file or folder")
-    if (args.stack / "dataset.json").is_file():  # simulated: planes and focus from its manifest
-        dataset = read_zstack_folders(args.stack)
+    if (args.stack / "dataset.json").is_file():
+        # simulated: planes and focus from its manifest, which the arguments given must agree with
+        dataset = read_zstack_folders(args.stack, args.in_focus_index, args.z_step_um)
     else:  # real: without --in-focus-index, plane 0 is the reference
+        if args.z_step_um is None:
+            raise UserError(f"{args.stack}: give the stage step between plane folders with --z-step-um")
         dataset = read_zstack_folders(args.stack, args.in_focus_index or 0, args.z_step_um, z_order=args.z_order,
                                       file_pattern=args.file_pattern)
     labelled = dataset.simulated or args.in_focus_index is not None
@@ -151,13 +156,15 @@ def run(args: argparse.Namespace) -> int:
     from acquire_refocus.sharpness import BandPassSharpness
 
     config = load_config(args.config)
-    if args.pixel_size_um is not None and not args.pixel_size_um > 0:
-        raise UserError(f"--pixel-size-um must be positive, got {args.pixel_size_um}")
-    if args.range_um is not None and not args.range_um > 0:
-        raise UserError(f"--range-um must be positive, got {args.range_um}")
+    for option in ("z_step_um", "pixel_size_um", "range_um"):
+        value = getattr(args, option)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{option.replace('_', '-')} must be a positive number, got {value}")
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
+        raise UserError(f"--json {args.json}: not a file in an existing folder")
     fields, z_um, dataset_pixel_um, labelled = _stacks(args)
     pixel_size_um = args.pixel_size_um or dataset_pixel_um or config.optics.pixel_size_um
-    range_um = args.range_um or config.optics.depth_of_field_um * 4 / 3
+    range_um = args.range_um or config.focus.sharpness_settings_um(config.optics)[2]
     results, failed = calibrate(fields, z_um, BandPassSharpness.for_optics(config.optics), pixel_size_um, range_um)
     for message in failed:
         print(f"skipped {message}")
@@ -179,10 +186,13 @@ def run(args: argparse.Namespace) -> int:
         shift_um = statistics.median(r.peak_z_um for r in results)
         summary["sharpest_minus_focus_um"] = round(shift_um, 3)
         limit_um = width_um / 2
-        note = "" if abs(shift_um) <= limit_um else f"  (beyond +-{limit_um:.1f} um, half the range: not allowed)"
-        print(f"  target_offset_um: {-shift_um:.1f}    # the sharpest plane lies {shift_um:+.2f} um from the "
-              f"labelled focus (+: deeper){note}")
+        note = "" if abs(shift_um) <= limit_um else f"; beyond +-{limit_um:.1f} um, half the range: not allowed"
+        print(f"  target_offset_um: {round(-shift_um, 1) + 0.0:.1f}    # with fine_source sharpness: the sharpest "
+              f"plane lies {shift_um:+.2f} um from the labelled focus (+: deeper){note}")
     if args.json is not None:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        try:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"--json {args.json}: cannot write ({exc.strerror or exc})") from None
         print(f"wrote {args.json}")
     return 0
