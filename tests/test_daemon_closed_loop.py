@@ -246,9 +246,9 @@ def stack_centre_errors(truth: FocusTruth) -> tuple[list[float], list[float]]:
 def test_sharpness_with_z_stacks_recovers_from_a_step_in_one_time_point(shipped_refocuser: Any) -> None:
     """3-plane z-stacks (+-1.5 um): the latest stack's planes give the fit both sides of focus, so the loop needs
     no dither and a step is corrected at the next time point. The time point during which a step happens is off
-    by the step whatever the loop does. Measured: 3.4 / 3.8 um on those, 0.4-0.9 um on the others (the sharpest
-    plane lies deeper than the simulator's mid-plane focus); before the drift rate was reset on a jump, the
-    feed-forward overshot each step by about 1 um."""
+    by the step whatever the loop does. Measured: 3.4 / 3.8 um on those, 0.4-0.9 um on the others (this field's
+    sharpest plane lies 0.9 um deeper than the simulator's mid-plane focus). The restart of the drift rate after a
+    jump, which keeps the loop from overshooting the sharpest plane, is tested in test_focus.py."""
     truth, focus = run_closed_loop(shipped_refocuser, {"model": "steps", "step_um": 3.0, "step_interval_s": 24.0},
                                    (50.0, 150.0), specified_accuracy=False, fine_source="sharpness",
                                    z_plan={"range": 3.0, "step": 1.5}, loops=10)
