@@ -76,6 +76,11 @@ def parse_sequence(value: Any, source: str = "acquisition.sequence") -> useq.MDA
     return sequence
 
 
+def _z_planes(sequence: useq.MDASequence) -> int:
+    """Planes per time point of the sequence's z-plan (1 without one)."""
+    return len(list(sequence.z_plan)) if sequence.z_plan is not None else 1
+
+
 def load_refocuser(config: AppConfig) -> FrameCorrector:
     """The configured model on the configured engine (Refocuser.load logs which engine it picked and why)."""
     from acquire_refocus import Refocuser
@@ -246,7 +251,9 @@ class Daemon:
         backend = self.config.acquisition.backend
         summary = RunSummary(run=run_id, output_dir=output_dir, backend=backend, started=utc_now())
         controller = (
-            FocusController(self.config.focus, self.config.optics) if self.config.focus.mode != "off" else None
+            FocusController(self.config.focus, self.config.optics, z_planes=_z_planes(sequence))
+            if self.config.focus.mode != "off"
+            else None
         )
         # Dispatch order = latency order, cheapest first among the latency-critical sinks: the focus controller
         # (microseconds, its sharpness measure runs in its own thread; the closed loop waits for its estimates

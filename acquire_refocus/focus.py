@@ -43,8 +43,7 @@ holds; in the simulator it lies from 1.2 um shallower to 0.9 um deeper than the 
 simulator's "in focus"), depending on the field (`acquire-refocus calibrate-focus` on 16 fields; 0.9 um deeper
 in the field of the closed-loop tests).
 `target_offset_um` holds the stage that far from it instead (at most half of `sharpness_range_um`, where the fit is
-trusted); how far the loop really ends up scales with (true width / w)^2. The first time point of a z-stack
-acquisition is still dithered (no stack has been seen yet).
+trusted); how far the loop really ends up scales with (true width / w)^2.
 
 mode "observe" plans the same moves and logs them ("would move") without applying them: the estimates and
 the focus log are there, the stage is left alone. The acquisition hooks apply the offsets (pymmcore-plus:
@@ -204,9 +203,11 @@ class FocusController:
     consistent, and `plan` first waits (at most `estimate_wait_s`) for frames still being measured.
     """
 
-    def __init__(self, config: FocusConfig, optics: OpticsConfig | None = None) -> None:
-        """`optics`: the optics frames come from (default: `OpticsConfig()`), for the sharpness measure's band."""
+    def __init__(self, config: FocusConfig, optics: OpticsConfig | None = None, z_planes: int = 1) -> None:
+        """`optics`: the optics frames come from (default: `OpticsConfig()`), for the sharpness measure's band.
+        `z_planes`: planes per time point of the acquisition (its z-plan); from 3 on, the stage is not dithered."""
         self.config = config
+        self._z_planes = z_planes
         optics = optics or OpticsConfig()
         self._sharpness = BandPassSharpness.for_optics(optics) if config.fine_source == "sharpness" else None
         self.sharpness_dither_um, self.sharpness_width_um, self.sharpness_range_um = config.sharpness_settings_um(
@@ -413,8 +414,8 @@ class FocusController:
         the position's time points are z-stacks of 3 or more planes, whose planes already lie at different Z."""
         if self._sharpness is None or not self.applies or self.sharpness_dither_um == 0:
             return 0.0
-        if _latest_stack(list(self._sharpness_window.get(position, ()))):
-            return 0.0
+        if self._z_planes >= 3 or _latest_stack(list(self._sharpness_window.get(position, ()))):
+            return 0.0  # the acquisition's z-stacks, or ones it was not told about
         side = -self._dither_side.get(position, -1.0)
         self._dither_side[position] = side
         return side * self.sharpness_dither_um

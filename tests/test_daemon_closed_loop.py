@@ -260,6 +260,7 @@ def test_sharpness_with_z_stacks_recovers_from_a_step_in_one_time_point(shipped_
     centres = [statistics.fmean(r["stage_z_um"] for r in truth.rows if r["t_index"] == t) for t in range(10)]
     changes = sum(abs(b - a) > 1e-6 for a, b in zip(centres, centres[1:]))
     assert changes <= focus["moves"], "the stack centre moved without a move of the loop: a dither"
+    assert corrected[0] == pytest.approx(uncorrected[0])  # the first stack too: the loop knows the z-plan
     assert focus["moves_by_source"] == {"sharpness": focus["moves"]}
 
 

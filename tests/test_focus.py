@@ -308,6 +308,11 @@ def test_the_offset_each_time_point_was_given_can_be_looked_up_for_its_frames() 
     assert observing.applied_offset_um({"p": 0, "t": 1}) == 0.0 and observing.moves
 
 
+def test_no_dither_when_the_acquisition_takes_z_stacks() -> None:
+    c = FocusController(FocusConfig(mode="correct", fine_source="sharpness", sharpness_dither_um=0.5), z_planes=3)
+    assert [c.plan(0, 100.0, t) for t in range(3)] == [0.0, 0.0, 0.0]
+
+
 def test_pycromanager_planner_passes_the_dither_on_in_correct_mode_only() -> None:
     """pycromanager applies the planner's value as the time point's Z offset: the dither must be in it."""
     from acquire_refocus.focus import pycromanager_planner
