@@ -39,9 +39,9 @@ lie at different Z. The fit lags the focus (its frames lie a time point or more 
 loop adds the drift over `sharpness_lead_time_points` (1.5 by default, tuned on the simulator), the rate taken
 from the fitted focus of the position's last 6 time points; a fitted focus that jumps by more than half of
 `sharpness_range_um` starts that rate again (a step is not drift). The sharpest plane is what the loop
-holds; in the simulator it lies from 1.2 um shallower to 0.9 um deeper than the nuclei layer's mid-plane (the
-simulator's "in focus"), depending on the field (`acquire-refocus calibrate-focus` on 16 fields; 0.9 um deeper
-in the field of the closed-loop tests).
+holds; in the simulator it lies from 1.2 um shallower to 0.6 um deeper than the nuclei layer's mid-plane (the
+simulator's "in focus"), depending on the field (`acquire-refocus calibrate-focus` on 16 fields), and 0.9 um
+deeper in the field of the closed-loop tests.
 `target_offset_um` holds the stage that far from it instead (at most half of `sharpness_range_um`, where the fit is
 trusted); how far the loop really ends up scales with (true width / w)^2.
 
