@@ -12,6 +12,7 @@ SIGINT/SIGTERM cancel the acquisition, drain the queue, close the stores and exi
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import signal
 import threading
@@ -52,6 +53,11 @@ log = logging.getLogger(__name__)
 REFOCUSED_WRITE_QUEUE = 4
 
 
+# More events than any acquisition of one run (10 million frames of 2048 x 2048 uint16 are 80 TB): a typo in the
+# time plan, refused before anything starts.
+MAX_SEQUENCE_EVENTS = 10_000_000
+
+
 def parse_sequence(value: Any, source: str = "acquisition.sequence") -> useq.MDASequence:
     """An MDASequence from a mapping, a YAML/JSON text, a file path or an MDASequence; ConfigError otherwise."""
     if isinstance(value, useq.MDASequence):
@@ -68,11 +74,21 @@ def parse_sequence(value: Any, source: str = "acquisition.sequence") -> useq.MDA
             raise ConfigError(f"{source}: not valid YAML/JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: expected a useq-schema MDASequence mapping, got {type(value).__name__}")
+    # useq ignores keys it does not know: a misspelt plan would silently run a different acquisition
+    unknown = sorted(set(map(str, value)) - set(useq.MDASequence.model_fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; an MDASequence has "
+                          f"{', '.join(sorted(useq.MDASequence.model_fields))}")
     try:
         sequence = useq.MDASequence.model_validate(value)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{source}: not a valid useq-schema MDASequence: {problems}") from None
+    events = math.prod(n for n in sequence.sizes.values() if n)
+    if events > MAX_SEQUENCE_EVENTS:
+        sizes = ", ".join(f"{getattr(k, 'value', k)}={n}" for k, n in sequence.sizes.items() if n)
+        raise ConfigError(f"{source}: {events:,} events ({sizes}) is more than one run takes "
+                          f"({MAX_SEQUENCE_EVENTS:,}); check the loops, or split the acquisition into runs")
     return sequence
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import datetime
 import importlib.metadata
+import itertools
 import json
 import logging
 import math
@@ -135,6 +136,49 @@ class _Placement:
     frame: int
 
 
+# Events of the sequence checked against the arithmetic of `_AcquisitionSlots` before it is trusted.
+_SLOTS_CHECKED_EVENTS = 1000
+
+
+class _AcquisitionSlots:
+    """Where the event with given useq indices lies in the acquisition order of a regular sequence (every
+    combination of its axes acquired once, nested in `axis_order`), by arithmetic: listing the events of a long
+    time-lapse first would take minutes (useq yields one in ~0.1 ms) and hold the acquisition back."""
+
+    def __init__(self, sequence: useq.MDASequence) -> None:
+        sizes = {str(getattr(axis, "value", axis)): int(n) for axis, n in sequence.sizes.items() if n}
+        self.axes = [axis for axis in sequence.axis_order if axis in sizes]
+        self.sizes = [sizes[axis] for axis in self.axes]
+        self.strides = [math.prod(self.sizes[i + 1 :]) for i in range(len(self.axes))]
+        self.count = math.prod(self.sizes)
+
+    @classmethod
+    def for_sequence(cls, sequence: useq.MDASequence) -> _AcquisitionSlots | None:
+        """None for a sequence whose events are not the full nest of its axes (channels acquired every n-th time
+        point or without their z-stack, positions with their own sub-sequence) or do not come in that order."""
+        irregular = any(c.acquire_every > 1 or not c.do_stack for c in sequence.channels) or any(
+            p.sequence is not None for p in sequence.stage_positions
+        )
+        if irregular:
+            return None
+        slots = cls(sequence)
+        for expected, event in enumerate(itertools.islice(sequence, _SLOTS_CHECKED_EVENTS)):
+            if slots.slot(_axes_key(event.index)) != expected:
+                return None
+        return slots
+
+    def slot(self, key: tuple[tuple[str, int], ...]) -> int | None:
+        index = dict(key)
+        if set(index) != set(self.axes):
+            return None
+        position = 0
+        for axis, size, stride in zip(self.axes, self.sizes, self.strides, strict=True):
+            if not 0 <= index[axis] < size:
+                return None
+            position += index[axis] * stride
+        return position
+
+
 def _frame_count(settings: Any) -> int | None:
     """Frames a bounded layout holds (None when a dimension is unbounded)."""
     count = 1
@@ -165,9 +209,7 @@ class RefocusedStore:
         self.path = Path(path)
         self._sequence = sequence
         self._pixel_size_um = pixel_size_um
-        self._order: dict[tuple[tuple[str, int], ...], int] | None = None
-        if sequence is not None:
-            self._order = {_axes_key(event.index): i for i, event in enumerate(sequence)}
+        self._order = _AcquisitionSlots.for_sequence(sequence) if sequence is not None else None
         self._stream: Any = None
         self._next_frame = 0  # next pipeline frame index to place
         self._next_slot = 0  # next position in the store's acquisition order
@@ -183,7 +225,7 @@ class RefocusedStore:
         settings = stream_settings(
             self.path, self._sequence, frame_shape[0], frame_shape[1], "float32", self._pixel_size_um
         )
-        if self._order is not None and len(self._order) != _frame_count(settings):
+        if self._order is not None and self._order.count != _frame_count(settings):
             self._order = None  # a fallback layout: place frames in acquisition order
         self._stream = create_stream(settings)
         log.info(kv("refocused_store_created", path=self.path, frame_px=f"{frame_shape[1]}x{frame_shape[0]}"))
@@ -205,7 +247,8 @@ class RefocusedStore:
             self._open((int(item.shape[0]), int(item.shape[1])))
         slot = self._next_slot
         if self._order is not None:
-            slot = self._order.get(_axes_key(item.axes), -1)
+            found = self._order.slot(_axes_key(item.axes))
+            slot = -1 if found is None else found
             if slot < self._next_slot:
                 log.warning(kv("refocused_frame_not_placed", frame=item.frame, axes=item.axes,
                                reason="index not in the sequence, or out of order"))

@@ -3,6 +3,7 @@ real ZeroMQ sockets on free loopback ports and real files. The engine is a small
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -215,6 +216,22 @@ def test_control_commands_without_a_daemon(capsys: pytest.CaptureFixture[str], t
     assert cli_main(["status", "--address", tcp_address(), "--timeout", "0.3"]) == 1
     err = capsys.readouterr().err
     assert "no acquire-refocus daemon answered" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("sequence", "message"),
+    [
+        ({"time_plan": {"interval": 0, "loops": 3}, "stage_positons": [[0, 0, 100]]}, "unknown key(s) stage_positons"),
+        ({"time_plan": {"interval": 0, "loops": 100_000_000}}, "100,000,000 events (t=100000000)"),
+    ],
+    ids=["misspelt-key", "too-many-events"],
+)
+def test_a_sequence_that_would_not_run_as_meant_is_refused(sequence: dict, message: str) -> None:
+    from acquire_refocus.daemon import parse_sequence
+    from acquire_refocus.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_sequence(sequence)
 
 
 def test_run_command_rejects_a_bad_sequence_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -144,3 +144,40 @@ def test_kill_9_leaves_readable_stores(tmp_path: Path) -> None:
     assert np.all(series["1"][1] == 0.0)  # frame 3 was skipped
     assert np.all(series["0"][2] == 0.0)  # never acquired
     assert [r["frame"] for r in read_focus_log(tmp_path / "focus.csv")] == [0, 1, 2, 3]
+
+
+def test_an_event_the_acquisition_never_took_leaves_its_plane_empty(tmp_path: Path) -> None:
+    """Placement by useq index: the frame of event 3 never came (the acquisition skipped it), so the frames after
+    it still land in their own planes and plane 3 stays at the fill value."""
+    store = RefocusedStore(tmp_path / "refocused.ome.zarr", SEQUENCE, SHAPE, pixel_size_um=0.325)
+    taken = [r for r in results(SEQUENCE) if r.frame != 3]
+    for frame, result in enumerate(taken):  # the pipeline numbers the frames it saw: 0 .. 4
+        store.on_frame(FrameResult(frame=frame, raw=result.raw, info=result.info, status="refocused",
+                                   image=result.raw.astype(np.float32) + 0.5))
+    store.close()
+    series = open_stores(tmp_path)["refocused"]
+    for event in range(6):
+        t, p = divmod(event, 2)
+        expected = 0.0 if event == 3 else event + 0.5
+        assert np.all(series[str(p)][t] == expected), event
+    assert store.frames_written == 5 and store.frames_empty == 1
+
+
+def test_acquisition_slots_follow_useq_order_without_listing_the_events() -> None:
+    from acquire_refocus.storage import _AcquisitionSlots, _axes_key
+
+    stack = useq.MDASequence(time_plan={"interval": 0, "loops": 3}, stage_positions=[(0, 0, 0), (1, 1, 1)],
+                             channels=["DAPI", "FITC"], z_plan={"range": 2, "step": 1}, axis_order="tpcz")
+    slots = _AcquisitionSlots.for_sequence(stack)
+    assert slots is not None and slots.count == 36
+    assert [slots.slot(_axes_key(e.index)) for e in stack] == list(range(36))
+    assert slots.slot((("c", 0), ("p", 0), ("t", 3), ("z", 0))) is None  # no such time point
+    assert slots.slot((("p", 0), ("t", 0))) is None  # not this sequence's axes
+    # a day at 10 frames a second on 2 positions: listing its events first would take minutes
+    day = useq.MDASequence(time_plan={"interval": 0.1, "loops": 864_000}, stage_positions=[(0, 0, 0), (1, 1, 1)])
+    long_slots = _AcquisitionSlots.for_sequence(day)
+    assert long_slots is not None and long_slots.slot((("p", 1), ("t", 863_999))) == 1_727_999
+    # channels that skip time points are not a full nest: placed in acquisition order instead
+    every_other = useq.MDASequence(time_plan={"interval": 0, "loops": 3},
+                                   channels=[{"config": "DAPI"}, {"config": "FITC", "acquire_every": 2}])
+    assert _AcquisitionSlots.for_sequence(every_other) is None
