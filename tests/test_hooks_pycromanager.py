@@ -166,7 +166,7 @@ def test_sequence_to_events_converts_useq() -> None:
         stage_positions=[{"x": 1, "y": 2}, {"x": 3, "y": 4, "z": 50}],
         axis_order="tpcz",
     )
-    events = sequence_to_events(sequence, z_reference_um=100.0)
+    events = list(sequence_to_events(sequence, z_reference_um=100.0))
     assert len(events) == 2 * 2 * 2 * 3
     first = events[0]
     assert first["axes"] == {"time": 0, "position": 0, "channel": 0, "z": 0}
@@ -176,13 +176,29 @@ def test_sequence_to_events_converts_useq() -> None:
     at_position_with_z = [e for e in events if e["axes"]["position"] == 1]
     assert sorted({e["z"] for e in at_position_with_z}) == [49.0, 50.0, 51.0]  # relative to the position's z
     assert events[-1]["min_start_time"] == 0.5
-    no_z = sequence_to_events(useq.MDASequence(time_plan={"interval": 0, "loops": 2}), z_reference_um=7.0)
+    no_z = list(sequence_to_events(useq.MDASequence(time_plan={"interval": 0, "loops": 2}), z_reference_um=7.0))
     assert [e["z"] for e in no_z] == [7.0, 7.0]
-    piezo = sequence_to_events(useq.MDASequence(z_plan={"top": 2, "bottom": 0, "step": 1}), focus_device="Piezo")
+    piezo = list(sequence_to_events(useq.MDASequence(z_plan={"top": 2, "bottom": 0, "step": 1}),
+                                    focus_device="Piezo"))
     assert [e["stage_positions"] for e in piezo] == [[["Piezo", 0.0]], [["Piezo", 1.0]], [["Piezo", 2.0]]]
     assert all("z" not in e for e in piezo)
     with pytest.raises(ValueError, match="needs z_reference_um"):  # never send a relative offset as absolute Z
-        sequence_to_events(useq.MDASequence(z_plan={"range": 2, "step": 1}))
+        list(sequence_to_events(useq.MDASequence(z_plan={"range": 2, "step": 1})))
+
+
+def test_events_are_converted_as_they_are_acquired_in_bounded_calls() -> None:
+    """A day at 10 frames a second on 2 positions: the first event comes at once (listing all 1.7 million first
+    would hold the acquisition back for minutes), and without the focus loop each acquire call holds at most
+    10,000 events; with it, one call per time point and position."""
+    from acquire_refocus.hooks.pycromanager import _MAX_BATCH_EVENTS, _batches
+
+    day = useq.MDASequence(time_plan={"interval": 0.1, "loops": 864_000}, stage_positions=[(0, 0, 1), (1, 1, 1)])
+    assert next(sequence_to_events(day))["axes"] == {"time": 0, "position": 0}
+    short = useq.MDASequence(time_plan={"interval": 0, "loops": 12_000}, stage_positions=[(0, 0, 1), (1, 1, 1)])
+    sizes = [len(b) for b in _batches(sequence_to_events(short), per_time_point=False)]
+    assert sizes == [_MAX_BATCH_EVENTS, _MAX_BATCH_EVENTS, 4_000]
+    per_time_point = list(_batches(sequence_to_events(short), per_time_point=True))
+    assert len(per_time_point) == 24_000 and all(len(b) == 1 for b in per_time_point)
 
 
 def test_sequence_with_autofocus_is_refused() -> None:
@@ -191,7 +207,7 @@ def test_sequence_with_autofocus_is_refused() -> None:
         autofocus_plan={"autofocus_device_name": "Autofocus", "autofocus_motor_offset": 0, "axes": ("t",)},
     )
     with pytest.raises(UserError, match="not supported with the pycromanager backend"):
-        sequence_to_events(sequence)
+        list(sequence_to_events(sequence))
 
 
 def test_desktop_app_not_running_is_a_clear_error(tmp_path: Path) -> None:
@@ -210,7 +226,7 @@ def test_pycromanager_config_converts_to_pycromanager_events() -> None:
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "pycromanager.yaml")
     acq = config.acquisition
     assert (acq.backend, acq.pycromanager_port) == ("pycromanager", 4827)
-    events = sequence_to_events(parse_sequence(acq.sequence), z_reference_um=50.0)
+    events = list(sequence_to_events(parse_sequence(acq.sequence), z_reference_um=50.0))
     assert len(events) == 120
     assert events[1] == {
         "axes": {"time": 1, "channel": 0}, "z": 50.0, "config_group": ["Channel", "DAPI"], "exposure": 20.0,

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import logging
 import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -248,8 +249,9 @@ def sequence_to_events(
     *,
     z_reference_um: float | None = None,
     focus_device: str | None = None,
-) -> list[dict[str, Any]]:
-    """Convert a useq MDASequence into pycromanager acquisition events.
+) -> Iterator[dict[str, Any]]:
+    """Convert a useq MDASequence into pycromanager acquisition events, one at a time (a long time-lapse has
+    hundreds of thousands: converting them all before the first frame would hold the acquisition back).
 
     Axes use pycromanager's names (time, position, z, channel) with integer indices. A relative Z plan at a
     position without its own Z is taken relative to `z_reference_um` (the stage Z when the run starts), as in
@@ -259,7 +261,6 @@ def sequence_to_events(
     """
     z_plan = sequence.z_plan
     relative_z = z_plan is not None and z_plan.is_relative
-    events: list[dict[str, Any]] = []
     for mda_event in sequence:
         if not isinstance(mda_event.action, useq.AcquireImage):
             raise UserError(
@@ -293,8 +294,7 @@ def sequence_to_events(
             event["min_start_time"] = float(mda_event.min_start_time)
         if mda_event.properties:
             event["properties"] = [[prop.device_name, prop.property_name, prop.value] for prop in mda_event.properties]
-        events.append(event)
-    return events
+        yield event
 
 
 @dataclass(frozen=True)
@@ -308,17 +308,19 @@ class PycromanagerRun:
     aborted: bool = False  # stopped early by `stop_event`
 
 
-def _batches(events: list[dict[str, Any]], *, per_time_point: bool) -> Iterator[list[dict[str, Any]]]:
+_MAX_BATCH_EVENTS = 10_000  # events per `acquire` call without closed-loop focus
+
+
+def _batches(events: Iterable[dict[str, Any]], *, per_time_point: bool) -> Iterator[list[dict[str, Any]]]:
     """Split events into `acquire` calls. pycromanager merges consecutive events of one call into a hardware
     sequence (e.g. a burst of time points at the same Z) and runs the pre-hardware hook once per sequence; with
-    closed-loop focus each time point (and position) gets its own call, so the offset is updated between them."""
-    if not per_time_point:
-        yield events
-        return
+    closed-loop focus each time point (and position) gets its own call, so the offset is updated between them.
+    Without, calls hold at most _MAX_BATCH_EVENTS events, so a long time-lapse is never converted all at once."""
     batch: list[dict[str, Any]] = []
     for event in events:
         key = (event["axes"].get("time"), event["axes"].get("position"))
-        if batch and key != (batch[-1]["axes"].get("time"), batch[-1]["axes"].get("position")):
+        new_time_point = bool(batch) and key != (batch[-1]["axes"].get("time"), batch[-1]["axes"].get("position"))
+        if (per_time_point and new_time_point) or len(batch) >= _MAX_BATCH_EVENTS:
             yield batch
             batch = []
         batch.append(event)
@@ -382,9 +384,14 @@ def run_sequence(
                 "acquisition.focus_device in the config"
             )
         z_reference_um = float(core.get_position(device))
+    if sequence.autofocus_plan is not None:  # checked per event too; here before anything starts
+        raise UserError("acquisition.sequence: an autofocus_plan is not supported with the pycromanager backend "
+                        "(only image acquisition); remove it")
     events = sequence_to_events(sequence, z_reference_um=z_reference_um, focus_device=focus_device)
-    if not events:
+    first = next(events, None)
+    if first is None:
         raise UserError("acquisition.sequence has no events: give it a time_plan, z_plan, channels or positions")
+    submitted = 0
     channel_names = [ch.config for ch in sequence.channels]
     hook = PycromanagerFrameHook(
         pipeline, pixel_size_um=pixel_size_um, channel_names=channel_names, focus_device=focus_device
@@ -396,7 +403,7 @@ def run_sequence(
     if directory is not None:
         Path(directory).mkdir(parents=True, exist_ok=True)
     log.info(kv("pycromanager_run_start", backend="python" if python_backend else f"desktop:{port}",
-                events=len(events), directory=directory or "RAM"))
+                events=math.prod(n for n in sequence.sizes.values() if n), directory=directory or "RAM"))
     events_done = threading.Event()
 
     def on_notification(notification: Any) -> None:
@@ -413,8 +420,9 @@ def run_sequence(
     )
     aborted = False
     try:
-        for batch in _batches(events, per_time_point=pre_hardware is not None):
+        for batch in _batches(itertools.chain([first], events), per_time_point=pre_hardware is not None):
             acquisition.acquire(batch)
+            submitted += len(batch)
     finally:
         acquisition.mark_finished()
         while stop_event is not None and not events_done.wait(0.1):
@@ -429,7 +437,7 @@ def run_sequence(
         dataset.close()  # pycromanager leaves the finished dataset's file handles open (ResourceWarning at exit)
     log.info(kv("pycromanager_run_done", frames=hook.frames_submitted, failed=hook.frames_failed,
                 aborted=aborted, dataset=dataset_path or "RAM"))
-    return PycromanagerRun(dataset_path, len(events), hook.frames_submitted, hook.frames_failed, aborted)
+    return PycromanagerRun(dataset_path, submitted, hook.frames_submitted, hook.frames_failed, aborted)
 
 
 @contextlib.contextmanager
