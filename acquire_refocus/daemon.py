@@ -31,6 +31,7 @@ from acquire_refocus.control import ControlServer
 from acquire_refocus.errors import ConfigError, UserError
 from acquire_refocus.focus import FocusController, estimates_waiter, pycromanager_planner
 from acquire_refocus.logs import kv
+from acquire_refocus.outputs import output_folder
 from acquire_refocus.pipeline import BackgroundSink, FrameCorrector, FramePipeline, FrameSink, PipelineStats
 from acquire_refocus.publishing import Publisher, PublishSink
 from acquire_refocus.storage import (
@@ -263,7 +264,7 @@ class Daemon:
             if (output_dir / RAW_STORE).exists() or (output_dir / REFOCUSED_STORE).exists():
                 raise UserError(f"{output_dir} already holds a run ({RAW_STORE} / {REFOCUSED_STORE}); raw data is "
                                 "never overwritten: choose another --output directory")
-            output_dir.mkdir(parents=True, exist_ok=True)
+            output_folder(output_dir, "--output")
         backend = self.config.acquisition.backend
         summary = RunSummary(run=run_id, output_dir=output_dir, backend=backend, started=utc_now())
         controller = (
@@ -428,15 +429,19 @@ class Daemon:
                 run_id, sequence, out_dir = self._runs.get(timeout=0.2)
             except queue.Empty:
                 continue
-            summary = self._run_in_thread(run_id, sequence, out_dir)
+            summary = self._run_in_thread(run_id, sequence, out_dir, raise_user_errors=once)
             if summary is None or summary.error:
                 exit_code = 1
             if once:
                 break
         return exit_code
 
-    def _run_in_thread(self, run_id: str, sequence: useq.MDASequence, out_dir: Path | None) -> RunSummary | None:
-        """Acquire in a worker thread so this (main) thread stays free for signals."""
+    def _run_in_thread(
+        self, run_id: str, sequence: useq.MDASequence, out_dir: Path | None, raise_user_errors: bool = False
+    ) -> RunSummary | None:
+        """Acquire in a worker thread so this (main) thread stays free for signals. A run that fails is logged and
+        the daemon waits for the next; with `raise_user_errors` (--once) a user mistake is raised instead, for the
+        command to report as its error."""
         outcome: dict[str, Any] = {}
 
         def target() -> None:
@@ -451,6 +456,8 @@ class Daemon:
             thread.join(0.2)
         error = outcome.get("error")
         if isinstance(error, UserError):
+            if raise_user_errors:
+                raise error
             log.error(kv("run_failed", run=run_id, error=str(error)))
             return None
         if error is not None:

@@ -103,7 +103,7 @@ def test_arguments_that_contradict_a_simulated_dataset_are_refused(
         (np.ones((64, 64, 3), np.uint8), ["--z-step-um", "1"], "looks like a colour (RGB) image"),
         (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "inf"], "--z-step-um must be a positive number"),
         (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "1", "--json", "no/such/folder/out.json"],
-         "not a file in an existing folder"),
+         "the folder no/such/folder does not exist"),
     ],
     ids=["2-D", "no-step", "too-few-planes", "flat", "negative-step", "focus-index-out-of-range", "rgb",
          "infinite-step", "json-in-a-missing-folder"],

@@ -148,3 +148,28 @@ def test_once_without_a_sequence_is_a_clear_error(tmp_path: Path, tiny_weights: 
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "acquisition.sequence" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("what", ["a-file", "a-previous-run"])
+def test_once_into_an_unusable_output_is_a_clear_error_and_changes_nothing(
+    tmp_path: Path, tiny_weights: Path, what: str
+) -> None:
+    config = write_config(tmp_path / "c.yaml", tiny_weights, loops=2)
+    if what == "a-file":
+        output = tmp_path / "notes.txt"
+        output.write_text("mine")
+        expected = "is a file, not a folder"
+    else:
+        output = tmp_path / "run1"
+        (output / "raw.ome.zarr").mkdir(parents=True)
+        (output / "raw.ome.zarr" / "data").write_text("raw frames")
+        expected = "already holds a run"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "acquire_refocus.cli", "serve", "--config", str(config), "--once",
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -15,6 +15,7 @@ from types import ModuleType
 from acquire_refocus.commands.build_engine import add_model_arguments, load_model
 from acquire_refocus.config import PROJECT_ROOT, load_config
 from acquire_refocus.errors import UserError
+from acquire_refocus.outputs import json_output_file
 
 TOOL = PROJECT_ROOT / "tools" / "benchmark.py"
 
@@ -92,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--parts: unknown part(s) {', '.join(unknown)}; choose from engine, simulator, daemon")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
+    if args.json is not None:  # before minutes of measuring, not after
+        json_output_file(args.json)
     tool = load_tool()
     config = load_config(args.config)
     engine_config = config.engine

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from acquire_refocus.errors import InputError, UserError
+from acquire_refocus.outputs import json_output_file
 
 if TYPE_CHECKING:
     from acquire_refocus.sharpness import BandPassSharpness
@@ -160,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, option)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"--{option.replace('_', '-')} must be a positive number, got {value}")
-    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
-        raise UserError(f"--json {args.json}: not a file in an existing folder")
+    if args.json is not None:
+        json_output_file(args.json)
     fields, z_um, dataset_pixel_um, labelled = _stacks(args)
     pixel_size_um = args.pixel_size_um or dataset_pixel_um or config.optics.pixel_size_um
     range_um = args.range_um or config.focus.sharpness_settings_um(config.optics)[2]

@@ -40,6 +40,7 @@ from acquire_refocus.model.data import (
     MicroscopeCache,
     simulated_fields,
 )
+from acquire_refocus.outputs import output_folder
 
 log = logging.getLogger(__name__)
 
@@ -607,7 +608,7 @@ def run_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | None]]
                    tilt_distances_um: Sequence[float] = TILT_DISTANCES_UM, baselines: bool = True) -> Path:
     """Build the test set, run every method, write metrics.csv, the PNGs and report.md; returns the report."""
     started = time.monotonic()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir, "--out")
     test_set = HeldOutSet(config, fields, window_px, distances_um, tilt_distances_um, seed=config.training.seed)
     log.info(kv("test_set_ready", frames=len(test_set.samples), fields=fields, window_px=window_px,
                 seconds=round(time.monotonic() - started)))

@@ -29,6 +29,7 @@ from acquire_refocus.model.checkpoint import checkpoint_payload, read_payload, w
 from acquire_refocus.model.losses import RefocusLoss, defocus_loss
 from acquire_refocus.model.network import build_network, parameter_count
 from acquire_refocus.model.normalization import NormalizationParams
+from acquire_refocus.outputs import output_folder
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,7 @@ def train(
     """Train per `config` (model, loss, training, optics, simulator sections) and write the run folder."""
     training = config.training
     total_steps = int(steps if steps is not None else training.steps)
-    out_dir = Path(out_dir if out_dir is not None else training.checkpoint_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir if out_dir is not None else training.checkpoint_dir, "--out")
     (out_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     if training.num_threads is not None:
         torch.set_num_threads(training.num_threads)

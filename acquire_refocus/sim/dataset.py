@@ -31,6 +31,7 @@ from acquire_refocus import __version__
 from acquire_refocus.config import OpticsConfig, SimulatorConfig
 from acquire_refocus.errors import InputError
 from acquire_refocus.logs import kv
+from acquire_refocus.outputs import output_folder
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +481,7 @@ def write_simulated_dataset(
     planes_um = _check_defocus(defocus_um, simulator)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: already exists and is not an empty folder; choose a new output folder")
+    output_folder(out, "output folder")
 
     started = time.perf_counter()
     scope = SimulatedMicroscope(optics, simulator)
