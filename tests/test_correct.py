@@ -42,7 +42,7 @@ def test_correct_writes_tiffs_and_csv_and_reports_bad_files(tmp_path: Path, tiny
     assert not (out / "notes.tif").exists()
     with (out / "defocus.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["file"] for r in rows] == ["a.tif", "b.tiff"]
+    assert [r["file"] for r in rows] == [str(good_a), str(good_b)]
     for row in rows:
         float(row["defocus_um"])
         assert 0.0 <= float(row["confidence"]) <= 1.0
@@ -64,3 +64,84 @@ def test_correct_with_foreign_weights_is_a_clear_error(tmp_path: Path, capsys: p
     tifffile.imwrite(frame, np.ones((64, 64), np.uint16))
     assert main(["correct", str(frame), "--out", str(tmp_path / "o"), "--weights", str(weights)]) == 2
     assert "not a readable acquire-refocus weights file" in capsys.readouterr().err
+
+
+def _frame(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, np.random.default_rng(seed).integers(0, 4000, (64, 64), dtype=np.uint16))
+    return path
+
+
+def _correct(*args: str | Path, weights: Path) -> int:
+    return main(["correct", *map(str, args), "--weights", str(weights), "--engine", "torch"])
+
+
+def test_correct_into_the_inputs_folder_refuses_and_keeps_the_input(tmp_path: Path, tiny_weights: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    frame = _frame(tmp_path / "frame.tif")
+    before = frame.read_bytes()
+
+    assert _correct(frame, "--out", tmp_path, weights=tiny_weights) == 2
+
+    error = capsys.readouterr().err
+    assert "error:" in error and "choose another --out" in error and "Traceback" not in error
+    assert frame.read_bytes() == before
+    assert not (tmp_path / "defocus.csv").exists()
+
+
+def test_correct_twice_into_one_out_refuses_and_keeps_the_first_results(tmp_path: Path, tiny_weights: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    first, second = _frame(tmp_path / "in" / "a.tif"), _frame(tmp_path / "in" / "b.tif", seed=1)
+    out = tmp_path / "out"
+    assert _correct(first, "--out", out, weights=tiny_weights) == 0
+    kept = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+
+    assert _correct(second, "--out", out, weights=tiny_weights) == 2  # only defocus.csv is in the way
+
+    error = capsys.readouterr().err
+    assert str(out / "defocus.csv") in error and "choose another --out" in error
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == kept
+    assert _correct(first, "--out", tmp_path / "out2", weights=tiny_weights) == 0
+    (tmp_path / "out2" / "defocus.csv").unlink()
+    assert _correct(first, "--out", tmp_path / "out2", weights=tiny_weights) == 2  # a.tif is in the way
+    assert str(tmp_path / "out2" / "a.tif") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["existing file", "under a file"])
+def test_correct_out_that_cannot_be_a_folder_is_a_clear_error(tmp_path: Path, tiny_weights: Path, where: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    frame = _frame(tmp_path / "frame.tif")
+    blocker = tmp_path / "results"
+    blocker.write_text("the user's notes")
+    out = blocker if where == "existing file" else blocker / "sub"
+
+    assert _correct(frame, "--out", out, weights=tiny_weights) == 2
+
+    error = capsys.readouterr().err
+    assert f"--out {out}" in error and "Traceback" not in error
+    assert blocker.read_text() == "the user's notes"
+
+
+def test_correct_same_name_from_two_folders_is_listed_by_input_path(tmp_path: Path, tiny_weights: Path) -> None:
+    one, two = _frame(tmp_path / "a" / "x.tif"), _frame(tmp_path / "b" / "x.tif", seed=1)
+    out = tmp_path / "out"
+
+    assert _correct(one, two, "--out", out, weights=tiny_weights) == 0
+
+    assert sorted(path.name for path in out.iterdir()) == ["defocus.csv", "x.tif", "x_2.tif"]
+    with (out / "defocus.csv").open() as handle:
+        assert [row["file"] for row in csv.DictReader(handle)] == [str(one), str(two)]
+
+
+def test_correct_reports_a_bad_file_once_without_an_error_log_line(tmp_path: Path, tiny_weights: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    good = _frame(tmp_path / "good.tif")
+    bad = tmp_path / "bad.tif"
+    bad.write_text("this is not a TIFF")
+
+    assert _correct(good, bad, "--out", tmp_path / "out", weights=tiny_weights) == 2
+
+    error = capsys.readouterr().err
+    assert error.count("not a readable TIFF image") == 1
+    assert "level=ERROR" not in error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 from pathlib import Path
 
@@ -14,17 +15,21 @@ from acquire_refocus.logs import kv
 
 log = logging.getLogger(__name__)
 
+CSV_NAME = "defocus.csv"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Refocus single-plane TIFF images with the refocus network and estimate how far out of focus each one was. "
         "Writes one float32 TIFF per input (same name, in the frame's intensity units) and DIR/defocus.csv with "
-        "columns file,defocus_um,confidence. defocus_um = stage Z at acquisition minus stage Z in focus: moving "
-        "the focus stage by -defocus_um would have put the image in focus. A file that cannot be read is "
-        "reported and skipped; the others are still processed."
+        "columns file,defocus_um,confidence (file: the input path as given). defocus_um = stage Z at acquisition "
+        "minus stage Z in focus: moving the focus stage by -defocus_um would have put the image in focus. A file "
+        "that cannot be read is reported and skipped; the others are still processed. Files already in DIR are "
+        "never replaced: if a result's name is taken, choose another DIR."
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="IN.tif", help="2-D TIFF images (uint8/uint16/float)")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="output folder (created if needed; files already there are never replaced)")
     parser.add_argument("--pixel-size-um", type=float, default=None, metavar="X",
                         help="pixel size at the sample; frames are resampled to the model's (default: the model's)")
     parser.add_argument("--weights", type=Path, default=None, metavar="W",
@@ -50,6 +55,53 @@ def _read_image(path: Path) -> np.ndarray:
     return image
 
 
+def _targets(inputs: list[Path], out: Path) -> list[Path]:
+    """Each input's output TIFF, checked before any work so nothing the user has is ever replaced.
+
+    The same file name from two folders gets `_2`, `_3`, ... (compared case-insensitively, so two names cannot
+    land on one file on macOS or Windows). Refuses a target that is an input or that exists, and an existing
+    DIR/defocus.csv: an earlier run's results stay as they are.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file, not a folder; choose another --out")
+    targets: list[Path] = []
+    taken: set[str] = set()
+    for path in inputs:
+        stem = path.stem
+        suffix = 2
+        while stem.casefold() in taken:
+            stem = f"{path.stem}_{suffix}"
+            suffix += 1
+        taken.add(stem.casefold())
+        targets.append(out / f"{stem}.tif")
+    sources = {path.resolve(): path for path in inputs}
+    for target in targets:
+        if target.resolve() in sources:
+            raise UserError(f"--out {out}: the result {target} would overwrite the input "
+                            f"{sources[target.resolve()]}; choose another --out")
+    existing = [str(p) for p in [*targets, out / CSV_NAME] if p.exists()]
+    if existing:
+        raise UserError(f"--out {out} already holds {', '.join(existing)}; results are never written over "
+                        "existing files: choose another --out")
+    return targets
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create `path` holding `data`. Exclusive creation keeps a file that appeared since `_targets` checked, and a
+    failed write (disk full) leaves no partial file that could pass for a result."""
+    try:
+        with path.open("xb") as handle:
+            try:
+                handle.write(data)
+            except BaseException:
+                handle.close()
+                path.unlink(missing_ok=True)
+                raise
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}; results written before it stay in "
+                        f"{path.parent}; choose another --out") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import tifffile
 
@@ -57,39 +109,36 @@ def run(args: argparse.Namespace) -> int:
 
     if args.pixel_size_um is not None and not args.pixel_size_um > 0:
         raise UserError(f"--pixel-size-um must be positive, got {args.pixel_size_um}")
+    targets = _targets(args.inputs, args.out)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {args.out}: {exc.strerror or exc}; choose another --out") from None
     refocuser = Refocuser.load(args.weights, engine=args.engine)
-    args.out.mkdir(parents=True, exist_ok=True)
-    failed: list[tuple[Path, str]] = []
-    rows: list[tuple[str, float, float]] = []
-    written: set[str] = set()
-    for path in args.inputs:
+    failed: list[str] = []
+    rows: list[list[str]] = []
+    for path, target in zip(args.inputs, targets, strict=True):
         try:
             frame = _read_image(path)
             result = refocuser(frame, pixel_size_um=args.pixel_size_um)
         except InputError as exc:
-            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            log.error(kv("correct_failed", file=path, reason=message))
-            failed.append((path, message))
+            failed.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+            log.warning(kv("correct_skipped", file=path))  # the reason is in the final error, once
             continue
-        stem = path.stem
-        suffix = 2
-        while stem in written:  # same file name from two folders: keep both
-            stem = f"{path.stem}_{suffix}"
-            suffix += 1
-        written.add(stem)
-        target = args.out / f"{stem}.tif"
-        tifffile.imwrite(target, result.image, photometric="minisblack",
+        tiff = io.BytesIO()
+        tifffile.imwrite(tiff, result.image, photometric="minisblack",
                          metadata={"defocus_um": result.defocus_um, "confidence": result.confidence,
                                    "model_sha256": refocuser.model_sha256})
-        rows.append((path.name, result.defocus_um, result.confidence))
+        _write_new(target, tiff.getvalue())
+        rows.append([str(path), f"{result.defocus_um:.3f}", f"{result.confidence:.3f}"])
         log.info(kv("corrected", file=path, out=target, defocus_um=f"{result.defocus_um:.2f}",
                     confidence=f"{result.confidence:.2f}"))
-    with (args.out / "defocus.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "defocus_um", "confidence"])
-        for name, defocus_um, confidence in rows:
-            writer.writerow([name, f"{defocus_um:.3f}", f"{confidence:.3f}"])
-    print(f"refocused {len(rows)} of {len(args.inputs)} file(s) into {args.out} (defocus.csv lists the estimates)")
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["file", "defocus_um", "confidence"])
+    writer.writerows(rows)
+    _write_new(args.out / CSV_NAME, table.getvalue().encode("utf-8"))
+    print(f"refocused {len(rows)} of {len(args.inputs)} file(s) into {args.out} ({CSV_NAME} lists the estimates)")
     if failed:
-        raise UserError(f"{len(failed)} file(s) could not be processed:\n  " + "\n  ".join(m for _, m in failed))
+        raise UserError(f"{len(failed)} file(s) could not be processed:\n  " + "\n  ".join(failed))
     return 0

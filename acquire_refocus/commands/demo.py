@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ examples:
   acquire-refocus demo --config configs/simulator.yaml --drift steps
 """
 
+DEMO_MARKER = ".acquire-refocus-demo"
+PLOT_NAME = "focus_trace.png"
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "simulator.yaml"
 # The same settings as configs/simulator.yaml, for installs without the repository's configs/ folder.
 _DEMO_DEFAULTS: dict[str, Any] = {
@@ -55,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
                         help="config (default: configs/simulator.yaml; its backend must be 'simulator')")
     parser.add_argument("--output", metavar="DIR", type=Path, default=Path("demo-output"),
-                        help="where to save (default ./demo-output; a previous demo there is replaced)")
+                        help="where to save (default ./demo-output; a previous demo there is replaced, "
+                        "any other non-empty folder is refused)")
     parser.add_argument("--loops", "--frames", dest="loops", type=int, metavar="N",
                         help="time points per position (default: the config's time_plan)")
     parser.add_argument("--drift", choices=["none", "linear", "thermal", "random_walk", "steps"],
@@ -83,6 +87,32 @@ def _demo_config(args: argparse.Namespace) -> AppConfig:
         if args.loops < 1:
             raise UserError("--loops must be at least 1")
     return config
+
+
+def prepare_output(output: Path) -> None:
+    """Make `output` an empty folder marked as a demo's. A previous demo's files are removed only when its marker
+    is there and nothing else is: a `serve` run's data or the user's own files in that folder are never deleted."""
+    from acquire_refocus.storage import FOCUS_LOG, RAW_STORE, REFOCUSED_STORE, RUN_RECORD
+
+    # Everything a demo writes; run.json.tmp is left when a crash interrupts write_run_record.
+    demo_names = {DEMO_MARKER, RAW_STORE, REFOCUSED_STORE, FOCUS_LOG, RUN_RECORD, f"{RUN_RECORD}.tmp", PLOT_NAME}
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is an existing file, not a folder; choose another --output")
+    try:
+        present = list(output.iterdir()) if output.is_dir() else []
+        names = {entry.name for entry in present}
+        if present and (DEMO_MARKER not in names or not names <= demo_names):
+            raise UserError(f"{output} exists and is not a previous demo's output; choose another --output")
+        for entry in present:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.name != DEMO_MARKER:  # kept until the end: an interrupted clean-up can be redone
+                entry.unlink()
+        output.mkdir(parents=True, exist_ok=True)
+        (output / DEMO_MARKER).write_text("written by 'acquire-refocus demo': a later demo into this folder "
+                                          "replaces the demo's files here\n", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot prepare --output {output}: {exc.strerror or exc}; choose another --output") from None
 
 
 def _free_address(address: str) -> str:
@@ -164,8 +194,6 @@ def _plot(path: Path, truth: FocusTruth, estimates: list[dict], title: str) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
-
     import useq
 
     from acquire_refocus.client import Subscriber
@@ -178,10 +206,7 @@ def run(args: argparse.Namespace) -> int:
     if args.loops is not None:
         sequence = sequence.model_copy(update={"time_plan": useq.TIntervalLoops(interval=0, loops=args.loops)})
     output = args.output.resolve()
-    if output.exists():
-        if not (output / RUN_RECORD).exists() and any(output.iterdir()):
-            raise UserError(f"{output} exists and is not a previous demo's output; choose another --output")
-        shutil.rmtree(output)
+    prepare_output(output)
     config.publishing.pub_address = _free_address(config.publishing.pub_address)
     config.publishing.control_address = _free_address(config.publishing.control_address)
     nominal = {i: float(p.z) for i, p in enumerate(sequence.stage_positions) if p.z is not None}
@@ -226,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     uncorrected = [r["uncorrected_error_um"] for r in truth.rows]
     rms_with, rms_without = _rms(corrected), _rms(uncorrected)
     dof_um = config.optics.depth_of_field_um
-    plot_path = output / "focus_trace.png"
+    plot_path = output / PLOT_NAME
     _plot(plot_path, truth, rows,
           f"{config.simulator.drift.model} drift, focus {config.focus.mode}: RMS error {rms_with:.2f} um "
           f"(without correction {rms_without:.2f} um; depth of field {dof_um:.2f} um)")
