@@ -6,6 +6,7 @@ config on the scope PC is caught at start-up instead of being silently ignored. 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,7 +109,7 @@ class DriftConfig(_Section):
     step_interval_s: float = Field(60.0, gt=0.0)
     tilt_x_um_per_mm: float = Field(0.0, description="defocus gradient across the field along x")
     tilt_y_um_per_mm: float = Field(0.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class SimulatorConfig(_Section):
@@ -122,7 +123,7 @@ class SimulatorConfig(_Section):
     max_defocus_um: float = Field(40.0, gt=0.0, le=200.0, description="half-range of the precomputed PSF bank")
     psf_z_step_um: float = Field(0.25, gt=0.0, le=5.0)
     psf_cache_dir: Path | None = Field(None, description="where the PSF bank is cached; default ~/.cache")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     time_per_frame_s: float | None = Field(
         None, description="simulated clock advance per frame; None follows the wall clock"
     )
@@ -191,7 +192,14 @@ class TrainingConfig(_Section):
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None uses all cores")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_defocus_range(self) -> TrainingConfig:
+        low, high = self.defocus_range_um
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"defocus_range_um must be (low, high) with finite low < high, got {self.defocus_range_um}")
+        return self
 
 
 class EngineConfig(_Section):

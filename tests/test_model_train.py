@@ -98,3 +98,10 @@ def test_splits_are_by_field_of_view() -> None:
 def test_train_command_rejects_a_bad_step_count(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--steps", "0"]) == 2
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_a_defocus_range_beyond_the_psf_bank_is_a_clear_error_before_training(tmp_path: Path) -> None:
+    from acquire_refocus.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"reaches beyond the simulator's PSF bank \(simulator.max_defocus_um: 40\)"):
+        train(_config(defocus_range_um=[-100.0, 100.0]), out_dir=tmp_path / "run", steps=1, progress=False)

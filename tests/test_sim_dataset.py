@@ -295,6 +295,12 @@ def test_simulate_command_bad_defocus(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not (tmp_path / "x").exists()
 
 
+def test_simulate_command_negative_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["simulate", "--out", str(tmp_path / "x"), "--defocus-um=0", "--seed", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--seed must be 0 or more" in err and "Traceback" not in err
+
+
 
 @pytest.mark.parametrize("keep", [8, 100, "half"])
 @pytest.mark.parametrize("compression", ["lzw", "zlib", None])

@@ -78,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from acquire_refocus.sim.dataset import write_simulated_dataset
 
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
     config = load_config(args.config)
     defocus_um = parse_defocus(args.defocus_um)
     written = write_simulated_dataset(

@@ -282,6 +282,12 @@ def fixed_batch(windows: Sequence[Window], patch_px: int, normalization: Normali
 def simulated_sources(config: AppConfig, window_px: int) -> tuple[SimulatedWindows, list[Window]]:
     """Training window source and fixed validation windows (evenly spaced defocus) from disjoint specimens."""
     training = config.training
+    limit_um = config.simulator.max_defocus_um
+    if max(map(abs, training.defocus_range_um)) > limit_um:
+        raise ConfigError(
+            f"training.defocus_range_um {list(training.defocus_range_um)} reaches beyond the simulator's PSF bank "
+            f"(simulator.max_defocus_um: {limit_um:g}); narrow the range or raise max_defocus_um"
+        )
     field_size = config.simulator.specimen.field_size_um
     train = SimulatedWindows(
         config.optics,
