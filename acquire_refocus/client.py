@@ -8,15 +8,45 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import zmq
 
+from acquire_refocus.errors import UserError
 from acquire_refocus.publishing import TOPICS
 
 Message = tuple[dict[str, Any], np.ndarray | None]
+
+MAX_WAIT_S = (2**31 - 1) / 1000  # ZeroMQ takes waits as a C int of milliseconds (about 24.8 days)
+
+
+def check_wait_s(option: str, value: float) -> None:
+    """A wait the user typed must be one ZeroMQ can take: finite, positive, at most MAX_WAIT_S; UserError
+    otherwise (nan and inf would fail deep inside ZeroMQ, zero or less would spin or never wait)."""
+    if not (math.isfinite(value) and 0 < value <= MAX_WAIT_S):
+        raise UserError(f"{option} must be a positive number of seconds, at most {MAX_WAIT_S:g}, got {value}")
+
+
+def connect(socket: zmq.Socket, address: str) -> None:
+    """Connect `socket` to `address`, closing it and raising UserError when the address is malformed: that is a
+    typo to fix, not a daemon that is down. ZeroMQ accepts a TCP port out of range and then never connects, so
+    the port is checked here."""
+    scheme, _, rest = address.partition("://")
+    port = rest.rpartition(":")[2]
+    problem = ""
+    if scheme == "tcp" and not (port.isdigit() and 0 < int(port) < 65536):
+        problem = f"port {port!r} is not a number from 1 to 65535"
+    else:
+        try:
+            socket.connect(address)
+        except zmq.ZMQError as exc:
+            problem = exc.strerror
+    if problem:
+        socket.close(linger=0)
+        raise UserError(f"invalid address {address!r} ({problem}); expected one like tcp://127.0.0.1:5556")
 
 
 class Subscriber:
@@ -46,7 +76,7 @@ class Subscriber:
         self._socket.setsockopt(zmq.RCVHWM, high_water_mark)
         for topic in topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self._socket.connect(address)
+        connect(self._socket, address)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
         self._last_frame: dict[str, tuple[str, int]] = {}

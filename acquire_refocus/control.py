@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq
 
+from acquire_refocus.client import connect
 from acquire_refocus.errors import UserError
 from acquire_refocus.logs import kv
 from acquire_refocus.publishing import bind_socket
@@ -93,14 +94,15 @@ class ControlServer:
 
 
 def request(address: str, command: str, timeout_s: float = 5.0, **fields: Any) -> dict[str, Any]:
-    """Send one command to a daemon and return its reply; DaemonUnavailable when none answers in time."""
+    """Send one command to a daemon and return its reply; DaemonUnavailable when none answers in time, UserError
+    when the address is malformed."""
     context = zmq.Context.instance()
     socket = context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, max(1, int(timeout_s * 1000)))
     socket.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
+    connect(socket, address)
     try:
-        socket.connect(address)
         socket.send(json.dumps({"command": command, **fields}).encode())
         reply = json.loads(socket.recv().decode("utf-8"))
     except zmq.Again:

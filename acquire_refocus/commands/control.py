@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from acquire_refocus.config import load_config
+from acquire_refocus.errors import UserError
 
 _HELP = {
     "status": "Print a running daemon's state: queue depth, frames seen / refocused / skipped / failed, messages "
@@ -55,13 +56,20 @@ def _print_status(reply: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from acquire_refocus.client import check_wait_s
     from acquire_refocus.control import DaemonUnavailable, request
     from acquire_refocus.daemon import parse_sequence
 
+    check_wait_s("--timeout", args.timeout)
     address = args.address or load_config(args.config).publishing.control_address
     fields: dict[str, Any] = {}
     if args.command == "run":
-        sequence = parse_sequence(args.file, str(args.file))  # a bad file fails here, with its name
+        try:  # a bad file fails here, with its name
+            sequence = parse_sequence(args.file, str(args.file))
+        except UnicodeDecodeError:
+            raise UserError(f"{args.file}: not a YAML/JSON text file") from None
+        except OSError as exc:
+            raise UserError(f"{args.file}: cannot read it: {exc.strerror or exc}") from None
         fields["sequence"] = sequence.model_dump(mode="json", exclude_unset=True)
         if args.output:
             fields["output"] = str(Path(args.output).resolve())

@@ -6,11 +6,13 @@ import argparse
 import sys
 import time
 
+from acquire_refocus.errors import UserError
+
 _DESCRIPTION = """\
 Connect to a daemon's publishing socket and print one line per focus estimate (frame, axes, stage Z, the focus
-loop's offset from the planned Z, estimated defocus, confidence, whether it was refocused, latency) and, every --every seconds, the rates:
-frames per second and MB/s per topic, and messages lost on the way (a subscriber that falls behind the
-daemon's high-water mark loses messages; the daemon never waits for it).
+loop's offset from the planned Z, estimated defocus, confidence, whether it was refocused, latency) and, every
+--every seconds, the rates: frames per second and MB/s per topic, and messages lost on the way (a subscriber that
+falls behind the daemon's high-water mark loses messages; the daemon never waits for it).
 """
 
 
@@ -40,18 +42,22 @@ def _trace_line(header: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from acquire_refocus.client import Subscriber
+    from acquire_refocus.client import Subscriber, check_wait_s
     from acquire_refocus.config import load_config
 
+    check_wait_s("--every", args.every)
+    if args.timeout is not None:
+        check_wait_s("--timeout", args.timeout)
+    if args.count is not None and args.count < 1:
+        raise UserError(f"--count must be a positive number of messages, got {args.count}")
     address = args.address or load_config(args.config).publishing.pub_address
     topics = tuple(args.topic or ("raw", "refocused", "focus"))
-    print(f"listening on {address} for {', '.join(topics)}", flush=True)
     counts = {t: 0 for t in topics}
     nbytes = {t: 0 for t in topics}
     total = 0
-    t_window = time.perf_counter()
     with Subscriber(address, topics=topics, timeout_s=min(args.every, args.timeout or args.every)) as sub:
-        last_message = time.perf_counter()
+        print(f"listening on {address} for {', '.join(topics)}", flush=True)
+        t_window = last_message = time.perf_counter()
         while args.count is None or total < args.count:
             message = sub.receive()
             now = time.perf_counter()
