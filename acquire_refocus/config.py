@@ -251,6 +251,12 @@ class PublishingConfig(_Section):
     high_water_mark: int = Field(64, ge=1, description="messages kept per subscriber before dropping")
     publish_raw: bool = True
 
+    @model_validator(mode="after")
+    def _check_addresses(self) -> PublishingConfig:
+        if self.enabled and self.pub_address == self.control_address:
+            raise ValueError(f"pub_address and control_address are both {self.pub_address}; give each its own port")
+        return self
+
 
 class StorageConfig(_Section):
     """Where corrected frames and the focus log are saved, beside the raw data."""

@@ -93,6 +93,16 @@ def parse_sequence(value: Any, source: str = "acquisition.sequence") -> useq.MDA
     return sequence
 
 
+def _run_output(output_dir: str | Path) -> Path:
+    """The folder a run writes into, created; UserError when it already holds a run (raw data is never
+    overwritten) or cannot be used."""
+    folder = Path(output_dir)
+    if (folder / RAW_STORE).exists() or (folder / REFOCUSED_STORE).exists():
+        raise UserError(f"{folder} already holds a run ({RAW_STORE} / {REFOCUSED_STORE}); raw data is never "
+                        "overwritten: choose another --output directory")
+    return output_folder(folder, "--output")
+
+
 def _z_planes(sequence: useq.MDASequence) -> int:
     """Planes per time point of the sequence's z-plan (1 without one)."""
     return len(list(sequence.z_plan)) if sequence.z_plan is not None else 1
@@ -222,6 +232,8 @@ class Daemon:
             raise UserError("the daemon is stopping; it takes no new runs")
         sequence = parse_sequence(request.get("sequence"), "run request")
         output = request.get("output")
+        if output:  # refused now, in the reply, rather than later in the daemon's log
+            _run_output(output)
         run_id, out_dir = self._next_run(Path(output) if output else None)
         self._runs.put((run_id, sequence, out_dir))
         return {"run": run_id, "output_dir": str(out_dir) if out_dir else None, "queued_before": self._runs.qsize() - 1}
@@ -260,11 +272,7 @@ class Daemon:
         if run_id is None:
             run_id, _ = self._next_run(None)
         if output_dir is not None:
-            output_dir = Path(output_dir)
-            if (output_dir / RAW_STORE).exists() or (output_dir / REFOCUSED_STORE).exists():
-                raise UserError(f"{output_dir} already holds a run ({RAW_STORE} / {REFOCUSED_STORE}); raw data is "
-                                "never overwritten: choose another --output directory")
-            output_folder(output_dir, "--output")
+            output_dir = _run_output(output_dir)
         backend = self.config.acquisition.backend
         summary = RunSummary(run=run_id, output_dir=output_dir, backend=backend, started=utc_now())
         controller = (

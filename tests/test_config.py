@@ -21,6 +21,10 @@ BAD_CONFIGS = {
     "z_limits_reversed": ("simulator:\n  z_limits_um: [200, 0]\n", ["z_limits_um", "low < high"]),
     "invalid_yaml": ("optics: [1, 2\n", ["not valid YAML"]),
     "not_a_mapping": ("- 1\n- 2\n", ["expected a mapping", "list"]),
+    "one_address_for_two_sockets": (
+        "publishing:\n  pub_address: tcp://127.0.0.1:6000\n  control_address: tcp://127.0.0.1:6000\n",
+        ["pub_address and control_address are both tcp://127.0.0.1:6000"],
+    ),
     "negative_seed": ("simulator:\n  seed: -5\n", ["simulator.seed", "greater than or equal to 0"]),
     "defocus_range_reversed": ("training:\n  defocus_range_um: [35, -35]\n", ["defocus_range_um", "low < high"]),
     "focus_offset_beyond_the_sharpness_fit": (

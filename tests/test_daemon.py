@@ -147,6 +147,8 @@ def test_control_pause_resume_run_stop(tmp_path: Path, tiny_refocuser: Any, tiny
             assert first["ok"] and first["run"] == "run-001"
             assert request(address, "run", sequence={"time_plan": "nonsense"})["ok"] is False
             _wait_for_run(daemon, "run-001")
+            into_a_run = request(address, "run", sequence=SEQUENCE, output=str(tmp_path / "run-001"))
+            assert into_a_run["ok"] is False and "already holds a run" in into_a_run["error"]
             paused = request(address, "status")
             assert paused["paused"] is True and paused["counts"]["paused_frames"] == 8
             assert paused["counts"]["refocused"] == 0
@@ -278,6 +280,26 @@ def test_pymmcore_plus_backend_on_micro_manager_demo_devices(
         assert z[(t, 0)] - offset[(t, 0)] == pytest.approx(z[(0, 0)] - offset[(0, 0)], abs=1e-3)
     assert offset[(0, 0)] == 0.0 and offset[(2, 0)] != 0.0
     assert summary.focus["moves"] >= 1  # the untrained network is never exactly in focus: the loop moved Z
+
+
+def test_a_channel_the_hardware_lacks_is_refused_before_the_first_frame(
+    tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path
+) -> None:
+    from mm_test_adapters import device_adapter_path
+
+    from acquire_refocus.errors import UserError
+
+    adapters = Path(device_adapter_path())
+    sequence = {"time_plan": {"interval": 0, "loops": 2}, "channels": [{"group": "Channel", "config": "DAPPI"}]}
+    config = daemon_config(
+        tiny_weights,
+        acquisition={"backend": "pymmcore-plus", "mm_config_file": str(adapters / "MMConfig_demo.cfg"),
+                     "mm_app_path": str(adapters), "sequence": sequence},
+    )
+    with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
+        with pytest.raises(UserError, match=r"channel 'DAPPI' is not a preset of group 'Channel' \(presets: .*DAPI"):
+            daemon.run(useq.MDASequence(**sequence), tmp_path / "run")
+    assert not (tmp_path / "run" / "raw.ome.zarr").exists()
 
 
 def test_closed_loop_moves_between_time_points_of_a_single_position(

@@ -23,6 +23,7 @@ from pymmcore_plus import CMMCorePlus
 from pymmcore_plus.core import SequencedEvent
 from pymmcore_plus.mda import MDAEngine
 
+from acquire_refocus.errors import UserError
 from acquire_refocus.focus import EventPlanner, FocusController, estimates_waiter, relative_z_um
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FrameInfo, FramePipeline
@@ -162,8 +163,10 @@ def run_sequence(
 
     Raw frames go to `raw_path` (OME-Zarr via pymmcore-plus's own ome-writers sink, one chunk per frame) when
     given. With a controller in observe/correct mode, a `FocusMDAEngine` drives the run and the previous engine
-    is put back afterwards. Raises what the MDA raised (after disconnecting everything).
+    is put back afterwards. Raises what the MDA raised (after disconnecting everything); a channel the core has no
+    preset for is a UserError before anything starts.
     """
+    check_channels(core, sequence)
     output: Any = None
     if raw_path is not None:
         output = raw_store_settings(
@@ -186,6 +189,20 @@ def run_sequence(
         if old_engine is not None:
             core.mda.set_engine(old_engine)
     log.info(kv("mda_run_done", frames=pipeline.stats().seen))
+
+
+def check_channels(core: CMMCorePlus, sequence: useq.MDASequence) -> None:
+    """UserError for a channel whose group or preset the loaded hardware configuration lacks (a typo in the
+    sequence), naming the presets there are: pymmcore-plus would fail on its first frame with a traceback."""
+    for channel in sequence.channels:
+        if not core.isGroupDefined(channel.group):
+            groups = ", ".join(core.getAvailableConfigGroups()) or "none"
+            raise UserError(f"acquisition.sequence: channel group {channel.group!r} is not in the hardware "
+                            f"configuration (groups: {groups})")
+        presets = core.getAvailableConfigs(channel.group)
+        if channel.config not in presets:
+            raise UserError(f"acquisition.sequence: channel {channel.config!r} is not a preset of group "
+                            f"{channel.group!r} (presets: {', '.join(presets) or 'none'})")
 
 
 def _count_events(sequence: useq.MDASequence) -> int:
