@@ -93,6 +93,7 @@ class SharpnessCurve:
     peak_z_um: float
     width_um: float
     planes_used: int
+    residual_rms: float  # of log sharpness about the fit: how far the planes scatter from the model
 
 
 def fit_sharpness_curve(z_um: np.ndarray, log_sharpness: np.ndarray, range_um: float) -> SharpnessCurve | None:
@@ -108,7 +109,10 @@ def fit_sharpness_curve(z_um: np.ndarray, log_sharpness: np.ndarray, range_um: f
     near = np.abs(z - z[int(np.argmax(s))]) <= range_um
     if near.sum() < 3:
         return None
-    curvature, slope, _ = np.polyfit(z[near], s[near], 2)
+    coefficients = np.polyfit(z[near], s[near], 2)
+    curvature, slope, _ = coefficients
     if not curvature < 0:
         return None
-    return SharpnessCurve(float(-slope / (2 * curvature)), float(math.sqrt(-1 / (2 * curvature))), int(near.sum()))
+    residual_rms = float(np.sqrt(np.mean((np.polyval(coefficients, z[near]) - s[near]) ** 2)))
+    return SharpnessCurve(float(-slope / (2 * curvature)), float(math.sqrt(-1 / (2 * curvature))), int(near.sum()),
+                          residual_rms)

@@ -164,6 +164,13 @@ def test_config_naming_an_unknown_device(tmp_path: Path) -> None:
         load_hardware_core(config, ADAPTERS)
 
 
+def test_config_without_a_camera(tmp_path: Path) -> None:
+    config = tmp_path / "no-camera.cfg"
+    config.write_text("# only a comment: loads, but holds no devices\n")
+    with pytest.raises(UserError, match="has no camera"):
+        load_hardware_core(config, ADAPTERS)
+
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 

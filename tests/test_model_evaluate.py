@@ -30,3 +30,14 @@ def test_evaluation_writes_report_csv_and_plots(tmp_path: Path, tiny_weights: Pa
     assert len([r for r in rows if r["setting"] == "tilt"]) == 2 * 3  # input, RL, network at +-2 um
     assert all(r["estimate_um"] for r in rows if r["method"] == "tiny net")
     assert (tmp_path / "defocus_scatter.png").stat().st_size > 0 and (tmp_path / "examples.png").stat().st_size > 0
+
+
+def test_two_models_under_one_label_are_refused(tmp_path: Path, capsys: object, restore_logging: object) -> None:
+    from acquire_refocus.cli import main
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not read: the labels are checked first")
+    code = main(["evaluate", "--out", str(tmp_path / "report"), "--weights", f"a={weights}", "--weights", f"a={weights}"])
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert code == 2 and "the label(s) a name more than one model" in err
+    assert not (tmp_path / "report").exists()

@@ -104,5 +104,6 @@ def test_the_calibration_fit_recovers_peak_and_width_and_refuses_a_stack_without
     assert curve is not None
     assert curve.peak_z_um == pytest.approx(0.6) and curve.width_um == pytest.approx(4.2)
     assert curve.planes_used == 9  # z = -3 .. 5: within 4 um of the sharpest plane (1 um)
+    assert curve.residual_rms == pytest.approx(0.0, abs=1e-9)
     assert fit_sharpness_curve(z, -log_s, range_um=4.0) is None  # a minimum, not a peak
     assert fit_sharpness_curve(z[:2], log_s[:2], range_um=4.0) is None

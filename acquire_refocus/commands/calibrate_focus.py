@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from acquire_refocus.sharpness import BandPassSharpness
 
 _MIN_PLANES = 5
+# A field shows focus when the fitted fall of log sharpness over --range-um from the peak is at least 0.05 and
+# _MIN_DROP_TO_SCATTER times the planes' scatter about the fit: 20-70 times on 16 simulated fields (a fall of
+# 0.2-0.7), at most 3.6 on stacks of camera noise alone, which can fit a peak by chance.
+_MIN_LOG_SHARPNESS_DROP = 0.05
+_MIN_DROP_TO_SCATTER = 10.0
 
 _DESCRIPTION = """\
 Measure the band-pass sharpness of every plane of one or more z-stacks through focus and fit, per field of view,
@@ -114,6 +119,9 @@ def _stacks(args: argparse.Namespace) -> tuple[list[tuple[str, np.ndarray]], np.
         raise InputError(f"{args.stack}: no such file or folder")
     if (args.stack / "dataset.json").is_file():
         # simulated: planes and focus from its manifest, which the arguments given must agree with
+        if args.file_pattern is not None:
+            raise UserError(f"{args.stack}: --file-pattern picks a channel in real plane folders; a simulated "
+                            "dataset has one")
         dataset = read_zstack_folders(args.stack, args.in_focus_index, args.z_step_um)
     else:  # real: without --in-focus-index, plane 0 is the reference
         if args.z_step_um is None:
@@ -142,7 +150,14 @@ def calibrate(
         np.log(values, out=log_s, where=values > 0)  # no band power (a blank plane): not measurable
         curve = fit_sharpness_curve(z_um, log_s, range_um)
         if curve is None:
-            failed.append(f"{name}: no sharpness peak (an empty field, or the stack does not pass through focus)")
+            failed.append(f"{name}: no sharpness peak within {range_um:g} um of the sharpest plane (an empty field, "
+                          "a stack that does not pass through focus, or fewer than 3 planes in --range-um)")
+            continue
+        drop = (range_um / curve.width_um) ** 2 / 2
+        if drop < max(_MIN_LOG_SHARPNESS_DROP, _MIN_DROP_TO_SCATTER * curve.residual_rms):
+            failed.append(f"{name}: the sharpness falls by {drop:.3f} (log) within {range_um:g} um of its peak, "
+                          f"not clearly more than the planes scatter ({curve.residual_rms:.3f}): no structure in "
+                          "focus (camera noise or an empty field)")
             continue
         if not z_um.min() <= curve.peak_z_um <= z_um.max():
             failed.append(f"{name}: the sharpness peaks outside the stack ({curve.peak_z_um:+.2f} um)")

@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--size-px must be at least 64, got {args.size_px}")
     config = load_config(args.config)
     weights = args.weights or [("U-Net (shipped default)", None)]
+    labels = [label for label, _ in weights]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise UserError(f"--weights: the label(s) {', '.join(repeated)} name more than one model; give each its own")
     for label, path in weights:
         if path is not None and not path.is_file():
             raise UserError(f"--weights {label}: {path} not found")
