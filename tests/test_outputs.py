@@ -45,8 +45,9 @@ def test_json_output_must_be_a_json_file_in_an_existing_folder(tmp_path: Path) -
         ["simulate", "--out", "{file}/sub", "--fields", "1", "--defocus-um=0"],
         ["evaluate", "--out", "{file}", "--fields", "1"],
         ["benchmark", "--parts", "simulator", "--json", "{file}"],
+        ["build-engine", "--backend", "onnxruntime", "--config", "{config}"],
     ],
-    ids=["simulate-under-a-file", "evaluate-into-a-file", "benchmark-json-onto-an-image"],
+    ids=["simulate-under-a-file", "evaluate-into-a-file", "benchmark-json-onto-an-image", "engine-cache-is-a-file"],
 )
 def test_commands_refuse_an_unusable_output_before_working(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
@@ -54,7 +55,9 @@ def test_commands_refuse_an_unusable_output_before_working(
     image = tmp_path / "image.tif"
     tifffile.imwrite(image, np.ones((8, 8), np.uint16))
     before = image.read_bytes()
-    assert main([a.replace("{file}", str(image)) for a in args]) == 2
+    config = tmp_path / "cache-is-a-file.yaml"
+    config.write_text(f"engine:\n  cache_dir: {image}\n", encoding="utf-8")
+    assert main([a.replace("{file}", str(image)).replace("{config}", str(config)) for a in args]) == 2
     err = capsys.readouterr().err
     assert str(image) in err and "Traceback" not in err
     assert image.read_bytes() == before

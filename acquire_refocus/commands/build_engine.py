@@ -15,6 +15,7 @@ from acquire_refocus.config import AppConfig, load_config
 from acquire_refocus.engines import ModelSource, backend_availability, create_engine
 from acquire_refocus.errors import UserError
 from acquire_refocus.logs import kv
+from acquire_refocus.outputs import output_folder
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def load_model(args: argparse.Namespace, config: AppConfig) -> tuple[ModelSource
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    output_folder(config.engine.cache_dir, "engine.cache_dir")  # a bad path is the user's to fix, not a failed build
     model, label = load_model(args, config)
     availability = backend_availability()
     wanted = ["tensorrt", "onnxruntime"] if args.backend == "all" else [args.backend]
