@@ -13,13 +13,14 @@ def output_folder(path: str | Path, option: str) -> Path:
     """Create `path` and its parents for writing; UserError naming `option` (e.g. "--out") when it cannot be."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"{option} {folder}: is a file, not a folder")
+        raise UserError(f"{option} {folder}: is a file, not a folder; choose another {option}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"{option} {folder}: cannot create the folder ({exc.strerror or exc})") from None
+        raise UserError(f"{option} {folder}: cannot create the folder ({exc.strerror or exc}); choose another "
+                        f"{option}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{option} {folder}: the folder is not writable")
+        raise UserError(f"{option} {folder}: the folder is not writable; choose another {option}")
     return folder
 
 

@@ -28,6 +28,12 @@ def simulated_stacks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def first_field_fit(args: list[str], json_path: Path) -> dict:
+    """Run calibrate-focus with `args` and return its fit of the first field, read back from --json."""
+    assert main(["calibrate-focus", *args, "--json", str(json_path)]) == 0
+    return json.loads(json_path.read_text(encoding="utf-8"))["fields"][0]
+
+
 def test_a_simulated_dataset_gives_the_width_and_where_the_sharpest_plane_lies(
     simulated_stacks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -52,11 +58,8 @@ def test_a_multi_page_tiff_gives_the_same_fit_as_its_plane_folders(
     field = read_zstack_folders(simulated_stacks)[0]
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, field.planes)
-    out = tmp_path / "tiff.json"
-    assert main(["calibrate-focus", str(stack), "--z-step-um", "1", "--in-focus-index", "8", "--json", str(out)]) == 0
-    from_tiff = json.loads(out.read_text(encoding="utf-8"))["fields"][0]
-    assert main(["calibrate-focus", str(simulated_stacks), "--json", str(out)]) == 0
-    from_folders = json.loads(out.read_text(encoding="utf-8"))["fields"][0]
+    from_tiff = first_field_fit([str(stack), "--z-step-um", "1", "--in-focus-index", "8"], tmp_path / "tiff.json")
+    from_folders = first_field_fit([str(simulated_stacks)], tmp_path / "folders.json")
     assert from_tiff["width_um"] == pytest.approx(from_folders["width_um"], rel=1e-6)
     assert from_tiff["peak_z_um"] == pytest.approx(from_folders["peak_z_um"], abs=1e-6)
     capsys.readouterr()
@@ -72,13 +75,10 @@ def test_a_stack_taken_from_the_top_down_is_read_with_z_order_decreasing(
     field = read_zstack_folders(simulated_stacks)[0]
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, field.planes[::-1][2:])  # planes +6 .. -8 um: the in-focus one is now index 6
-    out = tmp_path / "reversed.json"
-    args = ["calibrate-focus", str(stack), "--z-step-um", "1", "--in-focus-index", "6", "--z-order", "decreasing",
-            "--json", str(out)]
-    assert main(args) == 0
-    reversed_fit = json.loads(out.read_text(encoding="utf-8"))["fields"][0]
-    assert main(["calibrate-focus", str(simulated_stacks), "--json", str(out)]) == 0
-    folder_fit = json.loads(out.read_text(encoding="utf-8"))["fields"][0]
+    reversed_fit = first_field_fit(
+        [str(stack), "--z-step-um", "1", "--in-focus-index", "6", "--z-order", "decreasing"], tmp_path / "r.json"
+    )
+    folder_fit = first_field_fit([str(simulated_stacks)], tmp_path / "folders.json")
     assert reversed_fit["peak_z_um"] == pytest.approx(folder_fit["peak_z_um"], abs=1e-6)
     assert reversed_fit["width_um"] == pytest.approx(folder_fit["width_um"], rel=1e-6)
     capsys.readouterr()

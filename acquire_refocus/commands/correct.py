@@ -12,6 +12,7 @@ import numpy as np
 
 from acquire_refocus.errors import InputError, UserError
 from acquire_refocus.logs import kv
+from acquire_refocus.outputs import output_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ def _targets(inputs: list[Path], out: Path) -> list[Path]:
     land on one file on macOS or Windows). Refuses a target that is an input or that exists, and an existing
     DIR/defocus.csv: an earlier run's results stay as they are.
     """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is an existing file, not a folder; choose another --out")
     targets: list[Path] = []
     taken: set[str] = set()
     for path in inputs:
@@ -109,11 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.pixel_size_um is not None and not args.pixel_size_um > 0:
         raise UserError(f"--pixel-size-um must be positive, got {args.pixel_size_um}")
+    output_folder(args.out, "--out")
     targets = _targets(args.inputs, args.out)
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --out {args.out}: {exc.strerror or exc}; choose another --out") from None
     refocuser = Refocuser.load(args.weights, engine=args.engine)
     failed: list[str] = []
     rows: list[list[str]] = []

@@ -12,6 +12,7 @@ from typing import Any
 
 from acquire_refocus.config import PROJECT_ROOT, AppConfig, load_config, parse_config
 from acquire_refocus.errors import UserError
+from acquire_refocus.outputs import output_folder
 
 _DESCRIPTION = """\
 Run the daemon on the simulated microscope, no hardware needed: a multi-position time-lapse of
@@ -96,10 +97,9 @@ def prepare_output(output: Path) -> None:
 
     # Everything a demo writes; run.json.tmp is left when a crash interrupts write_run_record.
     demo_names = {DEMO_MARKER, RAW_STORE, REFOCUSED_STORE, FOCUS_LOG, RUN_RECORD, f"{RUN_RECORD}.tmp", PLOT_NAME}
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is an existing file, not a folder; choose another --output")
+    output_folder(output, "--output")  # created when new; a file or an unusable path is refused here
     try:
-        present = list(output.iterdir()) if output.is_dir() else []
+        present = list(output.iterdir())
         names = {entry.name for entry in present}
         if present and (DEMO_MARKER not in names or not names <= demo_names):
             raise UserError(f"{output} exists and is not a previous demo's output; choose another --output")
@@ -108,7 +108,6 @@ def prepare_output(output: Path) -> None:
                 shutil.rmtree(entry)
             elif entry.name != DEMO_MARKER:  # kept until the end: an interrupted clean-up can be redone
                 entry.unlink()
-        output.mkdir(parents=True, exist_ok=True)
         (output / DEMO_MARKER).write_text("written by 'acquire-refocus demo': a later demo into this folder "
                                           "replaces the demo's files here\n", encoding="utf-8")
     except OSError as exc:
