@@ -12,7 +12,6 @@ SIGINT/SIGTERM cancel the acquisition, drain the queue, close the stores and exi
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import signal
 import threading
@@ -41,6 +40,7 @@ from acquire_refocus.storage import (
     RUN_RECORD,
     FocusLog,
     RefocusedStore,
+    nested_event_count,
     package_versions,
     utc_now,
     write_run_record,
@@ -85,7 +85,7 @@ def parse_sequence(value: Any, source: str = "acquisition.sequence") -> useq.MDA
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{source}: not a valid useq-schema MDASequence: {problems}") from None
-    events = math.prod(n for n in sequence.sizes.values() if n)
+    events = nested_event_count(sequence)
     if events > MAX_SEQUENCE_EVENTS:
         sizes = ", ".join(f"{getattr(k, 'value', k)}={n}" for k, n in sequence.sizes.items() if n)
         raise ConfigError(f"{source}: {events:,} events ({sizes}) is more than one run takes "

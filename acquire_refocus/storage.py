@@ -136,6 +136,12 @@ class _Placement:
     frame: int
 
 
+def nested_event_count(sequence: useq.MDASequence) -> int:
+    """Events in the full nest of the sequence's axes (fewer where channels skip time points or stacks), without
+    listing them: useq yields one in ~0.1 ms, and a long time-lapse has hundreds of thousands."""
+    return math.prod(n for n in sequence.sizes.values() if n)
+
+
 # Events of the sequence checked against the arithmetic of `_AcquisitionSlots` before it is trusted.
 _SLOTS_CHECKED_EVENTS = 1000
 
@@ -150,7 +156,7 @@ class _AcquisitionSlots:
         self.axes = [axis for axis in sequence.axis_order if axis in sizes]
         self.sizes = [sizes[axis] for axis in self.axes]
         self.strides = [math.prod(self.sizes[i + 1 :]) for i in range(len(self.axes))]
-        self.count = math.prod(self.sizes)
+        self.count = nested_event_count(sequence)
 
     @classmethod
     def for_sequence(cls, sequence: useq.MDASequence) -> _AcquisitionSlots | None:

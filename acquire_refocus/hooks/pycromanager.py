@@ -50,6 +50,7 @@ import useq
 from acquire_refocus.errors import UserError
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FrameInfo
+from acquire_refocus.storage import nested_event_count
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +404,7 @@ def run_sequence(
     if directory is not None:
         Path(directory).mkdir(parents=True, exist_ok=True)
     log.info(kv("pycromanager_run_start", backend="python" if python_backend else f"desktop:{port}",
-                events=math.prod(n for n in sequence.sizes.values() if n), directory=directory or "RAM"))
+                events=nested_event_count(sequence), directory=directory or "RAM"))
     events_done = threading.Event()
 
     def on_notification(notification: Any) -> None:

@@ -27,7 +27,7 @@ from acquire_refocus.errors import UserError
 from acquire_refocus.focus import EventPlanner, FocusController, estimates_waiter, relative_z_um
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FrameInfo, FramePipeline
-from acquire_refocus.storage import raw_store_settings
+from acquire_refocus.storage import nested_event_count, raw_store_settings
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def run_sequence(
     if controller is not None and controller.mode != "off":
         old_engine = core.mda.set_engine(FocusMDAEngine(core, controller, pipeline))
     log.info(kv("mda_run_start", backend="pymmcore-plus", core=type(core).__name__, raw=raw_path or "not saved",
-                focus=controller.mode if controller is not None else "off", events=_count_events(sequence)))
+                focus=controller.mode if controller is not None else "off", events=nested_event_count(sequence)))
     try:
         with PymmcorePlusHook(core, pipeline, pixel_size_um):
             core.mda.run(sequence, output=output)
@@ -203,9 +203,3 @@ def check_channels(core: CMMCorePlus, sequence: useq.MDASequence) -> None:
         if channel.config not in presets:
             raise UserError(f"acquisition.sequence: channel {channel.config!r} is not a preset of group "
                             f"{channel.group!r} (presets: {', '.join(presets) or 'none'})")
-
-
-def _count_events(sequence: useq.MDASequence) -> int:
-    """Events of the full nest of the sequence's axes (fewer where channels skip time points or stacks), without
-    listing them: a long time-lapse has hundreds of thousands."""
-    return math.prod(n for n in sequence.sizes.values() if n)
