@@ -44,6 +44,9 @@ MIN_FRAME_PX = 64
 CONFIDENCE_SIGMA_SCALE_UM = 2.0
 # Pixel sizes within this relative difference of the model's are used as they are (no resampling).
 _PIXEL_SIZE_TOLERANCE = 0.01
+# Frames are resampled to the model's pixel size; beyond this ratio the structures the model knows would be a few
+# pixels, or larger than its field of view: the result would be meaningless (1e-9 um gave a constant image).
+_MAX_PIXEL_SIZE_RATIO = 16.0
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,17 @@ class Refocuser:
         frame = check_frame(frame)
         if pixel_size_um is not None and not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
             raise InputError(f"pixel_size_um must be a positive number of micrometres, got {pixel_size_um!r}")
+        zoom = 1.0 if pixel_size_um is None else float(pixel_size_um) / self.pixel_size_um
+        if not 1 / _MAX_PIXEL_SIZE_RATIO <= zoom <= _MAX_PIXEL_SIZE_RATIO:
+            raise InputError(
+                f"pixel_size_um {pixel_size_um:g} is more than {_MAX_PIXEL_SIZE_RATIO:g} times from the model's "
+                f"{self.pixel_size_um:g} um: a typo, or optics this model was not trained for (train one on z-stacks "
+                "taken with them)"
+            )
         intensity = frame_scale(frame, self.loaded.normalization)
         if intensity.is_degenerate:
             return RefocusResult(frame.astype(np.float32, copy=True), 0.0, 0.0, math.inf, 0.0)
         normalised = normalize(frame, intensity)
-        zoom = 1.0 if pixel_size_um is None else float(pixel_size_um) / self.pixel_size_um
         resampled = abs(zoom - 1.0) > _PIXEL_SIZE_TOLERANCE
         if resampled:
             shape = (max(1, round(frame.shape[0] * zoom)), max(1, round(frame.shape[1] * zoom)))

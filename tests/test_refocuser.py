@@ -98,7 +98,7 @@ def test_bad_frames_are_input_errors(tiny_refocuser: Refocuser, frame: object, m
         tiny_refocuser(frame)
 
 
-@pytest.mark.parametrize("pixel_size_um", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("pixel_size_um", [0.0, -1.0, float("nan"), float("inf"), 1e-9, 100.0])
 def test_bad_pixel_size_is_an_input_error(tiny_refocuser: Refocuser, pixel_size_um: float) -> None:
     with pytest.raises(InputError, match="pixel_size_um"):
         tiny_refocuser(np.ones((64, 64), np.float32), pixel_size_um=pixel_size_um)
