@@ -75,22 +75,40 @@ def parse_sequence(value: Any, source: str = "acquisition.sequence") -> useq.MDA
             raise ConfigError(f"{source}: not valid YAML/JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: expected a useq-schema MDASequence mapping, got {type(value).__name__}")
-    # useq ignores keys it does not know: a misspelt plan would silently run a different acquisition
-    unknown = sorted(set(map(str, value)) - set(useq.MDASequence.model_fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; an MDASequence has "
-                          f"{', '.join(sorted(useq.MDASequence.model_fields))}")
     try:
         sequence = useq.MDASequence.model_validate(value)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{source}: not a valid useq-schema MDASequence: {problems}") from None
-    events = nested_event_count(sequence)
+    # useq ignores keys it does not know: a misspelt plan or channel setting would silently acquire otherwise
+    unknown = _unknown_keys(value, sequence.model_dump(mode="json", exclude_unset=True))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} (misspelt?); see the useq-schema "
+                          "MDASequence for the keys of each plan")
+    try:
+        events = nested_event_count(sequence)
+    except (MemoryError, ValueError, ZeroDivisionError, OverflowError) as exc:  # useq lists every z / grid position
+        raise ConfigError(f"{source}: the sequence's size cannot be worked out ({type(exc).__name__}: {exc}); "
+                          "check the z_plan range and step, the grid_plan and the time_plan") from None
     if events > MAX_SEQUENCE_EVENTS:
         sizes = ", ".join(f"{getattr(k, 'value', k)}={n}" for k, n in sequence.sizes.items() if n)
         raise ConfigError(f"{source}: {events:,} events ({sizes}) is more than one run takes "
                           f"({MAX_SEQUENCE_EVENTS:,}); check the loops, or split the acquisition into runs")
     return sequence
+
+
+def _unknown_keys(given: Any, parsed: Any, path: str = "") -> list[str]:
+    """Keys of the mapping the user wrote that the parsed sequence's dump (its set fields) lacks: what useq
+    dropped. Compared where both sides are mappings, and item by item in lists of the same length."""
+    if isinstance(given, dict) and isinstance(parsed, dict):
+        missing = [f"{path}{key}" for key in given if str(key) not in parsed]
+        for key, item in given.items():
+            if str(key) in parsed:
+                missing += _unknown_keys(item, parsed[str(key)], f"{path}{key}.")
+        return missing
+    if isinstance(given, list) and isinstance(parsed, list) and len(given) == len(parsed):
+        return [key for i, (a, b) in enumerate(zip(given, parsed)) for key in _unknown_keys(a, b, f"{path}{i}.")]
+    return []
 
 
 def _run_output(output_dir: str | Path) -> Path:
@@ -291,6 +309,13 @@ class Daemon:
             self.publisher.run = run_id
             sinks.append(PublishSink(self.publisher, focus_offset))
         core = self.acquisition_core() if backend != "pycromanager" else None
+        if core is not None:  # mistakes the whole run would repeat frame by frame: refused before any store opens
+            from acquire_refocus.hooks.pymmcore_plus import check_channels
+
+            check_channels(core, sequence)
+            check_pixel_size = getattr(self.corrector, "check_pixel_size_um", None)
+            if check_pixel_size is not None:
+                check_pixel_size(self.config.acquisition.pixel_size_um or core.getPixelSizeUm() or None)
         if output_dir is not None:
             store = None
             if self.config.storage.save_refocused:

@@ -130,19 +130,26 @@ class Refocuser:
     def model_sha256(self) -> str:
         return self.loaded.sha256
 
-    def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> RefocusResult:
-        from acquire_refocus.engines.tiling import infer_frame
-
-        frame = check_frame(frame)
-        if pixel_size_um is not None and not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
+    def check_pixel_size_um(self, pixel_size_um: float | None) -> None:
+        """InputError for a pixel size frames cannot be resampled from: not a positive number, or more than
+        _MAX_PIXEL_SIZE_RATIO times from the model's (None: frames are taken at the model's own)."""
+        if pixel_size_um is None:
+            return
+        if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
             raise InputError(f"pixel_size_um must be a positive number of micrometres, got {pixel_size_um!r}")
-        zoom = 1.0 if pixel_size_um is None else float(pixel_size_um) / self.pixel_size_um
-        if not 1 / _MAX_PIXEL_SIZE_RATIO <= zoom <= _MAX_PIXEL_SIZE_RATIO:
+        if not 1 / _MAX_PIXEL_SIZE_RATIO <= pixel_size_um / self.pixel_size_um <= _MAX_PIXEL_SIZE_RATIO:
             raise InputError(
                 f"pixel_size_um {pixel_size_um:g} is more than {_MAX_PIXEL_SIZE_RATIO:g} times from the model's "
                 f"{self.pixel_size_um:g} um: a typo, or optics this model was not trained for (train one on z-stacks "
                 "taken with them)"
             )
+
+    def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> RefocusResult:
+        from acquire_refocus.engines.tiling import infer_frame
+
+        frame = check_frame(frame)
+        self.check_pixel_size_um(pixel_size_um)
+        zoom = 1.0 if pixel_size_um is None else float(pixel_size_um) / self.pixel_size_um
         intensity = frame_scale(frame, self.loaded.normalization)
         if intensity.is_degenerate:
             return RefocusResult(frame.astype(np.float32, copy=True), 0.0, 0.0, math.inf, 0.0)

@@ -93,7 +93,7 @@ class SharpnessCurve:
     peak_z_um: float
     width_um: float
     planes_used: int
-    residual_rms: float  # of log sharpness about the fit: how far the planes scatter from the model
+    residual_rms: float  # of log sharpness about the fit, per degree of freedom (0 with only 3 planes)
 
 
 def fit_sharpness_curve(z_um: np.ndarray, log_sharpness: np.ndarray, range_um: float) -> SharpnessCurve | None:
@@ -113,6 +113,7 @@ def fit_sharpness_curve(z_um: np.ndarray, log_sharpness: np.ndarray, range_um: f
     curvature, slope, _ = coefficients
     if not curvature < 0:
         return None
-    residual_rms = float(np.sqrt(np.mean((np.polyval(coefficients, z[near]) - s[near]) ** 2)))
+    squared = float(np.sum((np.polyval(coefficients, z[near]) - s[near]) ** 2))
+    residual_rms = math.sqrt(squared / max(int(near.sum()) - 3, 1))
     return SharpnessCurve(float(-slope / (2 * curvature)), float(math.sqrt(-1 / (2 * curvature))), int(near.sum()),
                           residual_rms)

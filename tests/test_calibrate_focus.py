@@ -84,6 +84,14 @@ def test_a_stack_taken_from_the_top_down_is_read_with_z_order_decreasing(
     capsys.readouterr()
 
 
+def test_a_fit_over_too_few_planes_is_refused(simulated_stacks: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Within 1.2 um of the sharpest plane a 1 um stack has 3 planes, which any parabola fits exactly."""
+    assert main(["calibrate-focus", str(simulated_stacks), "--range-um", "1.2"]) == 2
+    captured = capsys.readouterr()
+    assert "3 planes within 1.2 um of the sharpest; the fit needs 5" in captured.out
+    assert "no field could be calibrated" in captured.err
+
+
 def test_arguments_that_contradict_a_simulated_dataset_are_refused(
     simulated_stacks: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -225,8 +225,13 @@ def test_control_commands_without_a_daemon(capsys: pytest.CaptureFixture[str], t
     [
         ({"time_plan": {"interval": 0, "loops": 3}, "stage_positons": [[0, 0, 100]]}, "unknown key(s) stage_positons"),
         ({"time_plan": {"interval": 0, "loops": 100_000_000}}, "100,000,000 events (t=100000000)"),
+        ({"channels": [{"config": "DAPI", "exposre": 10}]}, "unknown key(s) channels.0.exposre"),
+        ({"z_plan": {"range": 2, "step": 1, "go_upp": False}}, "unknown key(s) z_plan.go_upp"),
+        ({"z_plan": {"range": 1e9, "step": 0.001}}, "the sequence's size cannot be worked out (MemoryError"),
+        ({"time_plan": {"interval": 0, "duration": 3600}}, "size cannot be worked out (ZeroDivisionError"),
     ],
-    ids=["misspelt-key", "too-many-events"],
+    ids=["misspelt-key", "too-many-events", "misspelt-channel-key", "misspelt-z-plan-key", "z-plan-of-a-trillion",
+         "duration-without-interval"],
 )
 def test_a_sequence_that_would_not_run_as_meant_is_refused(sequence: dict, message: str) -> None:
     from acquire_refocus.daemon import parse_sequence
@@ -299,7 +304,22 @@ def test_a_channel_the_hardware_lacks_is_refused_before_the_first_frame(
     with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
         with pytest.raises(UserError, match=r"channel 'DAPPI' is not a preset of group 'Channel' \(presets: .*DAPI"):
             daemon.run(useq.MDASequence(**sequence), tmp_path / "run")
-    assert not (tmp_path / "run" / "raw.ome.zarr").exists()
+        assert list((tmp_path / "run").iterdir()) == []  # no store opened: the corrected run may use the folder
+        fixed = {**sequence, "channels": [{"group": "Channel", "config": "DAPI"}]}
+        daemon.acquisition_core().setROI(0, 0, 128, 128)
+        assert daemon.run(useq.MDASequence(**fixed), tmp_path / "run").counts()["seen"] == 2
+
+
+def test_a_pixel_size_the_model_cannot_be_resampled_to_is_refused_before_the_run(
+    tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path
+) -> None:
+    from acquire_refocus.errors import InputError
+
+    config = daemon_config(tiny_weights, acquisition={"pixel_size_um": 32.5})  # 100x the model's: a typo
+    with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
+        with pytest.raises(InputError, match="more than 16 times from the model's"):
+            daemon.run(useq.MDASequence(**SEQUENCE), tmp_path / "run")
+    assert list((tmp_path / "run").iterdir()) == []
 
 
 def test_closed_loop_moves_between_time_points_of_a_single_position(

@@ -21,10 +21,11 @@ if TYPE_CHECKING:
 
 _MIN_PLANES = 5
 # A field shows focus when the fitted fall of log sharpness over --range-um from the peak is at least 0.05 and
-# _MIN_DROP_TO_SCATTER times the planes' scatter about the fit: 20-70 times on 16 simulated fields (a fall of
-# 0.2-0.7), at most 3.6 on stacks of camera noise alone, which can fit a peak by chance.
+# _MIN_DROP_TO_SCATTER times the planes' scatter about the fit (per degree of freedom, from _MIN_PLANES planes in
+# range): 18-63 times on 16 simulated fields (a fall of 0.2-0.7); stacks of camera noise alone, which can fit a
+# peak by chance, passed in 1 of 420 tries (5-17 planes, 64 px) and reached 13 otherwise.
 _MIN_LOG_SHARPNESS_DROP = 0.05
-_MIN_DROP_TO_SCATTER = 10.0
+_MIN_DROP_TO_SCATTER = 15.0
 
 _DESCRIPTION = """\
 Measure the band-pass sharpness of every plane of one or more z-stacks through focus and fit, per field of view,
@@ -152,6 +153,10 @@ def calibrate(
         if curve is None:
             failed.append(f"{name}: no sharpness peak within {range_um:g} um of the sharpest plane (an empty field, "
                           "a stack that does not pass through focus, or fewer than 3 planes in --range-um)")
+            continue
+        if curve.planes_used < _MIN_PLANES:  # 3 or 4 planes fit a parabola (almost) exactly, noise included
+            failed.append(f"{name}: {curve.planes_used} planes within {range_um:g} um of the sharpest; the fit needs "
+                          f"{_MIN_PLANES} to be told from noise: take planes closer together or raise --range-um")
             continue
         drop = (range_um / curve.width_um) ** 2 / 2
         if drop < max(_MIN_LOG_SHARPNESS_DROP, _MIN_DROP_TO_SCATTER * curve.residual_rms):

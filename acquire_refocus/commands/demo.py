@@ -102,7 +102,9 @@ def prepare_output(output: Path) -> None:
         present = list(output.iterdir())
         names = {entry.name for entry in present}
         if present and (DEMO_MARKER not in names or not names <= demo_names):
-            raise UserError(f"{output} exists and is not a previous demo's output; choose another --output")
+            raise UserError(f"{output} exists and is not a previous demo's output; choose another --output (a demo "
+                            f"marks its folder with {DEMO_MARKER}; delete one from an older version, which has no "
+                            "mark, yourself)")
         for entry in present:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)

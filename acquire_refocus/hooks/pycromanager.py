@@ -251,8 +251,9 @@ def sequence_to_events(
     z_reference_um: float | None = None,
     focus_device: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Convert a useq MDASequence into pycromanager acquisition events, one at a time (a long time-lapse has
-    hundreds of thousands: converting them all before the first frame would hold the acquisition back).
+    """Convert a useq MDASequence into pycromanager acquisition events, one at a time, as `run_sequence` submits
+    them (pycromanager queues all it is given at once, ~20 us per event, so a long time-lapse is not held back
+    by a conversion of every event before the first is submitted).
 
     Axes use pycromanager's names (time, position, z, channel) with integer indices. A relative Z plan at a
     position without its own Z is taken relative to `z_reference_um` (the stage Z when the run starts), as in
@@ -316,7 +317,7 @@ def _batches(events: Iterable[dict[str, Any]], *, per_time_point: bool) -> Itera
     """Split events into `acquire` calls. pycromanager merges consecutive events of one call into a hardware
     sequence (e.g. a burst of time points at the same Z) and runs the pre-hardware hook once per sequence; with
     closed-loop focus each time point (and position) gets its own call, so the offset is updated between them.
-    Without, calls hold at most _MAX_BATCH_EVENTS events, so a long time-lapse is never converted all at once."""
+    Without, calls hold at most _MAX_BATCH_EVENTS events, so a stop during submission takes effect between them."""
     batch: list[dict[str, Any]] = []
     for event in events:
         key = (event["axes"].get("time"), event["axes"].get("position"))
@@ -422,6 +423,8 @@ def run_sequence(
     aborted = False
     try:
         for batch in _batches(itertools.chain([first], events), per_time_point=pre_hardware is not None):
+            if stop_event is not None and stop_event.is_set():
+                break  # pycromanager queues what it is given at once: a stop during submission ends it here
             acquisition.acquire(batch)
             submitted += len(batch)
     finally:

@@ -172,7 +172,10 @@ def train(
     """Train per `config` (model, loss, training, optics, simulator sections) and write the run folder."""
     training = config.training
     total_steps = int(steps if steps is not None else training.steps)
-    out_dir = output_folder(out_dir if out_dir is not None else training.checkpoint_dir, "--out")
+    out_dir = (
+        output_folder(out_dir, "--out") if out_dir is not None
+        else output_folder(training.checkpoint_dir, "training.checkpoint_dir")
+    )
     (out_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     if training.num_threads is not None:
         torch.set_num_threads(training.num_threads)
