@@ -169,6 +169,7 @@ class Daemon:
         self._extra_sinks = extra_sinks
         self._lock = threading.Lock()
         self._runs: queue.Queue[tuple[str, useq.MDASequence, Path | None]] = queue.Queue()
+        self._queued_outputs: set[Path] = set()  # output folders of runs queued, not yet started
         self._stop = threading.Event()
         self._paused = False
         self._run_count = 0
@@ -249,10 +250,15 @@ class Daemon:
         if self._stop.is_set():
             raise UserError("the daemon is stopping; it takes no new runs")
         sequence = parse_sequence(request.get("sequence"), "run request")
-        output = request.get("output")
-        if output:  # refused now, in the reply, rather than later in the daemon's log
+        output = Path(request["output"]).resolve() if request.get("output") else None
+        if output is not None:  # refused now, in the reply, rather than later in the daemon's log
+            with self._lock:
+                if output in self._queued_outputs:
+                    raise UserError(f"{output}: a run queued before this one writes there; choose another --output")
             _run_output(output)
-        run_id, out_dir = self._next_run(Path(output) if output else None)
+            with self._lock:
+                self._queued_outputs.add(output)
+        run_id, out_dir = self._next_run(output)
         self._runs.put((run_id, sequence, out_dir))
         return {"run": run_id, "output_dir": str(out_dir) if out_dir else None, "queued_before": self._runs.qsize() - 1}
 
@@ -462,6 +468,9 @@ class Daemon:
                 run_id, sequence, out_dir = self._runs.get(timeout=0.2)
             except queue.Empty:
                 continue
+            if out_dir is not None:
+                with self._lock:
+                    self._queued_outputs.discard(out_dir.resolve())
             summary = self._run_in_thread(run_id, sequence, out_dir, raise_user_errors=once)
             if summary is None or summary.error:
                 exit_code = 1

@@ -287,6 +287,21 @@ def test_pymmcore_plus_backend_on_micro_manager_demo_devices(
     assert summary.focus["moves"] >= 1  # the untrained network is never exactly in focus: the loop moved Z
 
 
+def test_two_queued_runs_into_one_output_are_refused_in_the_reply(tmp_path: Path, tiny_refocuser: Any,
+                                                                  tiny_weights: Path) -> None:
+    """Nothing takes runs off the queue here (no serve loop): both wait, and the second would have failed later,
+    in the daemon's log only, because the first will have written there."""
+    config = daemon_config(tiny_weights)
+    with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
+        address = config.publishing.control_address
+        first = request(address, "run", sequence=SEQUENCE, output=str(tmp_path / "shared"))
+        second = request(address, "run", sequence=SEQUENCE, output=str(tmp_path / "shared"))
+        other = request(address, "run", sequence=SEQUENCE, output=str(tmp_path / "other"))
+        assert first["ok"] and other["ok"]
+        assert second["ok"] is False and "a run queued before this one writes there" in second["error"]
+        daemon.request_stop("test cleanup")
+
+
 def test_a_channel_the_hardware_lacks_is_refused_before_the_first_frame(
     tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path
 ) -> None:
