@@ -145,3 +145,17 @@ def test_correct_reports_a_bad_file_once_without_an_error_log_line(tmp_path: Pat
     error = capsys.readouterr().err
     assert error.count("not a readable TIFF image") == 1
     assert "level=ERROR" not in error
+
+
+@pytest.mark.parametrize("pixel_size_um", ["0", "nan", "1e-9"])
+def test_an_unusable_pixel_size_is_refused_once_before_any_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pixel_size_um: str
+) -> None:
+    image = tmp_path / "in.tif"
+    tifffile.imwrite(image, np.full((64, 64), 100, np.uint16))
+    out = tmp_path / "out"
+    assert main(["correct", str(image), "--out", str(out), f"--pixel-size-um={pixel_size_um}"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("acquire-refocus correct: error:")]
+    assert len(errors) == 1 and "pixel_size_um" in errors[0] and "Traceback" not in err
+    assert not out.exists()

@@ -106,11 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
     from acquire_refocus.refocuser import Refocuser
 
-    if args.pixel_size_um is not None and not args.pixel_size_um > 0:
-        raise UserError(f"--pixel-size-um must be positive, got {args.pixel_size_um}")
+    refocuser = Refocuser.load(args.weights, engine=args.engine)
+    refocuser.check_pixel_size_um(args.pixel_size_um)  # once, not as a failure of every file
     output_folder(args.out, "--out")
     targets = _targets(args.inputs, args.out)
-    refocuser = Refocuser.load(args.weights, engine=args.engine)
     failed: list[str] = []
     rows: list[list[str]] = []
     for path, target in zip(args.inputs, targets, strict=True):
