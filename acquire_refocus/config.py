@@ -155,6 +155,10 @@ class LossConfig(_Section):
 
     l1_weight: float = Field(1.0, ge=0.0)
     ms_ssim_weight: float = Field(0.5, ge=0.0)
+    l2_weight: float = Field(
+        0.0, ge=0.0, description="mean squared error: PSNR is an MSE measure, and where the in-focus image is "
+        "uncertain (far from focus) L1 learns its median, L2 its mean"
+    )
     multiscale_weight: float = Field(0.5, ge=0.0, description="loss on the coarser outputs of multiscale nets")
     perceptual_weight: float = Field(0.0, ge=0.0)
     gram_weight: float = Field(0.0, ge=0.0)
@@ -171,6 +175,14 @@ class TrainingConfig(_Section):
     in_focus_index: int | None = Field(None, ge=0, description="stored real data: z index of the focal plane")
     z_step_um: float | None = Field(None, gt=0.0, description="stored real data: stage step between planes")
     pixel_size_um: float | None = Field(None, gt=0.0, description="stored real data: pixel size at sample")
+    file_pattern: str | None = Field(
+        None, description="stored real data: glob on file names choosing one channel, e.g. '*_w1*' for BBBC006's "
+        "Hoechst images (without it every channel is a field of its own)"
+    )
+    z_order: Literal["increasing", "decreasing"] = Field(
+        "increasing", description="stored real data: 'increasing' when higher plane folder numbers were taken "
+        "deeper into the sample (higher stage Z)"
+    )
     defocus_range_um: tuple[float, float] = (-35.0, 35.0)
     patch_size_px: int = Field(128, ge=64, le=1024)
     batch_size: int = Field(8, ge=1, le=512)
@@ -187,8 +199,9 @@ class TrainingConfig(_Section):
     initial_weights: Path | None = Field(
         None, description="start from these weights (e.g. a shipped model); parameters of another shape start fresh"
     )
-    train_only: Literal["all", "focus_head"] = Field(
-        "all", description="focus_head: keep the refocusing network as it is and train the autofocus head alone"
+    train_only: Literal["all", "focus_head", "decoder"] = Field(
+        "all", description="focus_head: keep the refocusing network as it is and train the autofocus head alone; "
+        "decoder: keep the encoder and the autofocus head as they are and train the image decoder alone"
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None uses all cores")
     device: Literal["auto", "cpu", "cuda"] = "auto"

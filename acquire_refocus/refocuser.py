@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,8 @@ class Refocuser:
         _MAX_PIXEL_SIZE_RATIO times from the model's (None: frames are taken at the model's own)."""
         if pixel_size_um is None:
             return
+        if isinstance(pixel_size_um, bool) or not isinstance(pixel_size_um, numbers.Real):
+            raise InputError(f"pixel_size_um must be a number of micrometres, got {pixel_size_um!r}")
         if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
             raise InputError(f"pixel_size_um must be a positive number of micrometres, got {pixel_size_um!r}")
         if not 1 / _MAX_PIXEL_SIZE_RATIO <= pixel_size_um / self.pixel_size_um <= _MAX_PIXEL_SIZE_RATIO:

@@ -159,3 +159,27 @@ def test_an_unusable_pixel_size_is_refused_once_before_any_file(
     errors = [line for line in err.splitlines() if line.startswith("acquire-refocus correct: error:")]
     assert len(errors) == 1 and "pixel_size_um" in errors[0] and "Traceback" not in err
     assert not out.exists()
+
+
+def test_correct_with_only_bad_files_writes_nothing_and_a_rerun_can_use_the_same_out(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nan_frame = tmp_path / "nan.tif"
+    tifffile.imwrite(nan_frame, np.full((64, 64), np.nan, np.float32))
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, np.ones((32, 80), np.uint16))
+    truncated = tmp_path / "truncated.tif"
+    tifffile.imwrite(truncated, np.arange(128 * 128, dtype=np.uint16).reshape(128, 128))
+    truncated.write_bytes(truncated.read_bytes()[:4000])
+    out = tmp_path / "out"
+
+    assert _correct(nan_frame, small, truncated, "--out", out, weights=tiny_weights) == 2
+
+    error = capsys.readouterr().err
+    assert "none of the 3 file(s) could be processed, nothing was written" in error
+    for bad, reason in ((nan_frame, "NaN"), (small, "64"), (truncated, str(truncated))):
+        assert reason in error and str(bad) in error
+    assert not out.exists()
+    good = _frame(tmp_path / "good.tif")
+    assert _correct(good, "--out", out, weights=tiny_weights) == 0
+    assert (out / "good.tif").is_file()

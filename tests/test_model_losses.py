@@ -70,6 +70,14 @@ def test_multiscale_term_uses_the_coarse_outputs() -> None:
     assert good.parts["l1"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_l2_term_is_the_weighted_mean_squared_error() -> None:
+    target = torch.zeros(2, 1, 32, 32)
+    prediction = target + 0.1
+    terms = RefocusLoss(LossConfig(l1_weight=0.0, ms_ssim_weight=0.0, l2_weight=20.0, defocus_weight=0.0))(
+        [prediction], torch.zeros(2, 3), target, torch.zeros(2))
+    assert terms.parts == {"l2": pytest.approx(20.0 * 0.01)}
+
+
 def test_feature_loss_without_a_weights_file_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="feature_network_weights"):
         RefocusLoss(LossConfig(perceptual_weight=0.1))

@@ -98,8 +98,8 @@ def test_bad_frames_are_input_errors(tiny_refocuser: Refocuser, frame: object, m
         tiny_refocuser(frame)
 
 
-@pytest.mark.parametrize("pixel_size_um", [0.0, -1.0, float("nan"), float("inf"), 1e-9, 100.0])
-def test_bad_pixel_size_is_an_input_error(tiny_refocuser: Refocuser, pixel_size_um: float) -> None:
+@pytest.mark.parametrize("pixel_size_um", [0.0, -1.0, float("nan"), float("inf"), 1e-9, 100.0, "0.3", True, [0.3]])
+def test_bad_pixel_size_is_an_input_error(tiny_refocuser: Refocuser, pixel_size_um: object) -> None:
     with pytest.raises(InputError, match="pixel_size_um"):
         tiny_refocuser(np.ones((64, 64), np.float32), pixel_size_um=pixel_size_um)
 
@@ -114,8 +114,8 @@ def test_weights_that_are_not_ours_or_truncated(tmp_path: Path, tiny_weights: Pa
     with pytest.raises(WeightsError, match="truncated"):
         Refocuser.load(truncated, engine="torch")
     text = tmp_path / "notes.txt"
-    text.write_text("hello")
-    with pytest.raises(WeightsError):
+    text.write_text("174812789\nnot weights")
+    with pytest.raises(WeightsError, match=r"not a PyTorch file: \w+Error: "):  # the reason names its kind
         Refocuser.load(text, engine="torch")
 
 

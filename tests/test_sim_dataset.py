@@ -314,3 +314,37 @@ def test_truncated_tiff(tmp_path: Path, compression: str | None, keep: int | str
     victim.write_bytes(data[: len(data) // 2 if keep == "half" else keep])
     with pytest.raises(InputError, match=r"z1/f.tif: cannot read as a TIFF image"):
         read_zstack_folders(tmp_path, 0, 1.0)[0]
+
+
+def test_training_on_a_bbbc006_tree_splits_by_site_keeps_one_channel_and_records_its_pixel_size(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from acquire_refocus.errors import ConfigError
+    from acquire_refocus.model.checkpoint import load_weights
+    from acquire_refocus.model.data import split_field_names
+    from acquire_refocus.model.train import train
+
+    _bbbc006_tree(tmp_path / "bbbc", shape=(96, 96))
+    names = [f"{site}_{w}" for site in FIELDS for w in ("w1", "w2")]
+    for seed in range(20):  # a site's channels are always on the same side
+        training_names, validation_names = split_field_names(names, 0.34, seed)
+        assert {n[:-3] for n in training_names}.isdisjoint({n[:-3] for n in validation_names})
+        assert len(validation_names) == 2
+
+    def config(magnification: float) -> AppConfig:
+        return parse_config({
+            "optics": {"magnification": magnification},
+            "model": {"architecture": "unet", "base_channels": 4, "depth": 3},
+            "training": {"data": "stored", "dataset_dir": str(tmp_path / "bbbc"), "in_focus_index": IN_FOCUS,
+                         "z_step_um": 2.0, "pixel_size_um": 0.65, "file_pattern": "*_w1*", "z_order": "decreasing",
+                         "patch_size_px": 64, "batch_size": 2, "validation_fields": 1, "num_threads": 1},
+        })
+
+    with pytest.raises(ConfigError, match=r"its pixels are 0.65 um at the sample, but the optics section gives 0.325 um"):
+        train(config(20.0), out_dir=tmp_path / "refused", steps=1, progress=False)
+    with caplog.at_level("INFO", logger="acquire_refocus.model.data"):
+        result = train(config(10.0), out_dir=tmp_path / "run", steps=2, progress=False)
+    assert "train_fields=2 validation_fields=1" in caplog.text  # the three w1 sites only
+    weights = load_weights(result.weights_path)
+    assert weights.pixel_size_um == pytest.approx(0.65)
+    assert weights.metadata["training"]["data"] == {"source": "stored", "dataset_dir": str(tmp_path / "bbbc")}

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
     refocuser = Refocuser.load(args.weights, engine=args.engine)
     refocuser.check_pixel_size_um(args.pixel_size_um)  # once, not as a failure of every file
+    created_out = not args.out.exists()
     output_folder(args.out, "--out")
     targets = _targets(args.inputs, args.out)
     failed: list[str] = []
@@ -128,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append([str(path), f"{result.defocus_um:.3f}", f"{result.confidence:.3f}"])
         log.info(kv("corrected", file=path, out=target, defocus_um=f"{result.defocus_um:.2f}",
                     confidence=f"{result.confidence:.2f}"))
+    if not rows:  # nothing to report: leave the disk as it was, so a rerun with fixed files can use the same --out
+        if created_out:
+            args.out.rmdir()
+        raise UserError(f"none of the {len(failed)} file(s) could be processed, nothing was written:\n  "
+                        + "\n  ".join(failed))
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["file", "defocus_um", "confidence"])

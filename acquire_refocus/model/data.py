@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ NEAR_FOCUS_FRACTION = 0.25
 NEAR_FOCUS_UM = 5.0
 EMPTY_PATCH_CONTRAST = 0.2
 EMPTY_PATCH_RETRIES = 4
+_CHANNEL_SUFFIX = re.compile(r"_w\d$")
 
 
 @dataclass(frozen=True)
@@ -177,14 +179,21 @@ class StoredWindows:
         return Window(field.planes[keep], field.defocus_um[keep], field.ground_truth, field.name)
 
 
-def split_field_names(names: Sequence[str], validation_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic split of stored fields by name (a field's planes never straddle the split)."""
-    def rank(name: str) -> str:
-        return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
+def _site(name: str) -> str:
+    """The place a stored field shows: its name without a channel suffix (BBBC006 `a01_s1_w2` -> `a01_s1`)."""
+    return _CHANNEL_SUFFIX.sub("", name)
 
-    ordered = sorted(names, key=rank)
-    count = max(1, int(round(len(ordered) * validation_fraction))) if len(ordered) > 1 else 0
-    return sorted(ordered[count:]), sorted(ordered[:count])
+
+def split_field_names(names: Sequence[str], validation_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic split of stored fields by site: a field's planes, and its other channels, never straddle
+    the split (the same nuclei in Hoechst and in another stain would otherwise be on both sides)."""
+    def rank(site: str) -> str:
+        return hashlib.sha256(f"{seed}:{site}".encode()).hexdigest()
+
+    sites = sorted({_site(name) for name in names}, key=rank)
+    count = max(1, int(round(len(sites) * validation_fraction))) if len(sites) > 1 else 0
+    held_out = set(sites[:count])
+    return sorted(n for n in names if _site(n) not in held_out), sorted(n for n in names if _site(n) in held_out)
 
 
 def _augment(patch: np.ndarray, truth: np.ndarray, k: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -322,10 +331,20 @@ def stored_sources(config: AppConfig) -> tuple[StoredWindows, list[Window]]:
     if training.dataset_dir is None:
         raise ConfigError("training.data is 'stored' but training.dataset_dir is not set")
     dataset = read_zstack_folders(
-        training.dataset_dir, training.in_focus_index, training.z_step_um, training.pixel_size_um
+        training.dataset_dir, training.in_focus_index, training.z_step_um, training.pixel_size_um,
+        z_order=training.z_order, file_pattern=training.file_pattern,
     )
+    model_pixel_um = config.optics.pixel_size_um
+    if dataset.pixel_size_um is not None and not math.isclose(dataset.pixel_size_um, model_pixel_um, rel_tol=1e-3):
+        raise ConfigError(
+            f"{training.dataset_dir}: its pixels are {dataset.pixel_size_um:g} um at the sample, but the optics "
+            f"section gives {model_pixel_um:g} um (camera_pixel_size_um / magnification): set the optics section "
+            "(magnification, camera_pixel_size_um, numerical_aperture, emission_wavelength_nm) to the microscope "
+            "that took the dataset. The trained model records them, and frames of another pixel size are resampled "
+            "to its own"
+        )
     names = list(dataset.field_names)
-    if len(names) < 2:
+    if len({_site(name) for name in names}) < 2:
         raise ConfigError(f"{training.dataset_dir}: needs at least 2 fields of view to split training/validation")
     fraction = min(0.5, training.validation_fields / len(names))
     train_names, validation_names = split_field_names(names, fraction, training.seed)

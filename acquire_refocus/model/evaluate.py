@@ -237,7 +237,9 @@ def baseline_methods(test_set: HeldOutSet, wiener_balance: dict[int, float]) -> 
     }
 
 
-def network_method(weights: Path | None, num_threads: int | None = None) -> tuple[Method, dict]:
+def network_method(weights: Path | None, pixel_size_um: float, num_threads: int | None = None) -> tuple[Method, dict]:
+    """The network as `Refocuser` runs it, told the test frames' pixel size (a model trained at another one
+    resamples them, as it would on a scope)."""
     from acquire_refocus.refocuser import Refocuser
 
     refocuser = Refocuser.load(weights, engine=EngineConfig(backend="torch", precision="fp32",
@@ -246,7 +248,7 @@ def network_method(weights: Path | None, num_threads: int | None = None) -> tupl
     last: dict[int, tuple[float, float]] = {}  # id(sample) -> the factors of its result, until factors() asks
 
     def run(sample: Sample) -> tuple[np.ndarray, float, float]:
-        result = refocuser(sample.raw)
+        result = refocuser(sample.raw, pixel_size_um=pixel_size_um)
         last[id(sample)] = (result.defocus_um, result.defocus_magnitude_um)
         return result.image, result.defocus_um, result.sigma_um
 
@@ -295,10 +297,11 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
                          "magnitude_um", "p_positive", "seconds"])
         for r in rows:
             writer.writerow([r.method, r.setting, r.field, f"{r.defocus_um:.3f}", f"{r.psnr_db:.3f}", f"{r.ssim:.4f}",
-                             "" if math.isnan(r.estimate_um) else f"{r.estimate_um:.3f}",
+                             # 6 significant digits: the sign of an estimate near 0 must survive (sign accuracy)
+                             "" if math.isnan(r.estimate_um) else f"{r.estimate_um:.6g}",
                              "" if math.isnan(r.sigma_um) else f"{r.sigma_um:.3f}",
                              "" if math.isnan(r.magnitude_um) else f"{r.magnitude_um:.3f}",
-                             "" if math.isnan(r.p_positive) else f"{r.p_positive:.3f}", f"{r.seconds:.3f}"])
+                             "" if math.isnan(r.p_positive) else f"{r.p_positive:.6g}", f"{r.seconds:.3f}"])
 
 
 def _group(rows: Sequence[Row], key: Callable[[Row], object]) -> dict[object, list[Row]]:
@@ -397,7 +400,7 @@ def _stage_note(training: dict) -> str:
     start = training.get("initial_weights")
     if not start:
         return ""
-    only = " (focus head only)" if training.get("train_only") == "focus_head" else ""
+    only = {"focus_head": " (focus head only)", "decoder": " (image decoder only)"}.get(training.get("train_only"), "")
     before = start.get("training") or {}
     return (f"{only}, starting from weights sha256 {start['sha256'][:16]}... trained {before.get('steps', '?')} "
             f"steps (batch {before.get('batch_size', '?')}, {before.get('patch_size_px', '?')} px patches) in "
@@ -618,7 +621,7 @@ def run_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | None]]
         methods = {"input (unprocessed)": baseline_methods(test_set, {})["input (unprocessed)"]}
     networks: dict[str, dict] = {}
     for label, path in weights:
-        method, info = network_method(path, config.engine.num_threads)
+        method, info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads)
         methods[label] = method
         networks[label] = info
     rows = evaluate_methods(test_set, methods, {label: info["factors"] for label, info in networks.items()})

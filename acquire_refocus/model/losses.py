@@ -1,4 +1,4 @@
-"""Training losses: image fidelity (L1 + MS-SSIM), the multi-scale loss of the head-to-tail network, an optional
+"""Training losses: image fidelity (L1 + MS-SSIM, optionally L2), the multi-scale loss of the head-to-tail network, an optional
 VGG-16 feature (perceptual + gram) loss, and a robust loss on the defocus estimate with a Gaussian NLL that
 teaches the head its own uncertainty.
 
@@ -145,6 +145,8 @@ class RefocusLoss(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if self.config.l1_weight > 0:
             terms["l1"] = self.config.l1_weight * F.l1_loss(prediction, target)
+        if self.config.l2_weight > 0:
+            terms["l2"] = self.config.l2_weight * F.mse_loss(prediction, target)
         if self.config.ms_ssim_weight > 0:
             terms["ms_ssim"] = self.config.ms_ssim_weight * structural_loss(prediction, target)
         if self.features is not None:

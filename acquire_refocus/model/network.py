@@ -156,6 +156,10 @@ class RefocusUNet(nn.Module):
         """The focus head's training outputs without the decoder (training the head alone)."""
         return self.focus_head.forward_train(self.core.encode(x))
 
+    def image_decoder(self) -> nn.ModuleList:
+        """The modules that shape the image and nothing the focus head reads (training.train_only: decoder)."""
+        return nn.ModuleList([self.core.decoders, self.to_image])
+
 
 class MultiScaleUNet(nn.Module):
     """Head-to-tail multi-scale U-Net: coarse-to-fine, each coarser scale's decoder output feeds the finer
@@ -212,6 +216,10 @@ class MultiScaleUNet(nn.Module):
     def forward_focus(self, x: torch.Tensor) -> torch.Tensor:
         """The focus head's training outputs (the finest scale's encoder needs every coarser decoder)."""
         return self.focus_head.forward_train(self._scales(x)[1])
+
+    def image_decoder(self) -> nn.ModuleList:
+        """The finest scale's decoder: every coarser one feeds the encoder the focus head reads."""
+        return nn.ModuleList([self.cores[-1].decoders, self.to_images[-1]])
 
 
 class BasicBlock(nn.Module):
@@ -329,6 +337,10 @@ class ResNet34UNet(nn.Module):
     def forward_focus(self, x: torch.Tensor) -> torch.Tensor:
         """The focus head's training outputs without the decoder."""
         return self.focus_head.forward_train(self.encoder(x.expand(-1, 3, -1, -1))[4])
+
+    def image_decoder(self) -> nn.ModuleList:
+        """The modules that shape the image and nothing the focus head reads (training.train_only: decoder)."""
+        return nn.ModuleList([self.decoders, self.full_res, self.to_image])
 
 
 def build_network(model_config: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:

@@ -115,13 +115,19 @@ def validate(
     )
 
 
-def _set_train_mode(network: torch.nn.Module, train_only: str) -> None:
-    """Training mode for what is trained; a frozen network keeps its batch-norm statistics (eval mode)."""
+def _trained_part(network: torch.nn.Module, train_only: str) -> torch.nn.Module:
+    """The modules `training.train_only` names: the whole network, its focus head, or its image decoder."""
     if train_only == "focus_head":
-        network.eval()
-        network.focus_head.train()
-    else:
-        network.train()
+        return network.focus_head
+    if train_only == "decoder":
+        return network.image_decoder()
+    return network
+
+
+def _set_train_mode(network: torch.nn.Module, train_only: str) -> None:
+    """Training mode for what is trained; a frozen part keeps its batch-norm statistics (eval mode)."""
+    network.eval()
+    _trained_part(network, train_only).train()
 
 
 def _load_initial_weights(network: torch.nn.Module, path: Path, model_config: ModelConfig) -> dict[str, Any]:
@@ -187,9 +193,9 @@ def train(
     if training.initial_weights is not None:
         initial_weights = _load_initial_weights(network, Path(training.initial_weights), config.model)
     head_only = training.train_only == "focus_head"
-    if head_only:
-        for name, parameter in network.named_parameters():
-            parameter.requires_grad_(name.startswith("focus_head."))
+    if training.train_only != "all":
+        network.requires_grad_(False)
+        _trained_part(network, training.train_only).requires_grad_(True)
     criterion = RefocusLoss(config.loss).to(device)
     trainable = [p for p in network.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=1e-4)
