@@ -344,9 +344,10 @@ def stored_sources(config: AppConfig) -> tuple[StoredWindows, list[Window]]:
             "to its own"
         )
     names = list(dataset.field_names)
-    if len({_site(name) for name in names}) < 2:
+    sites = {_site(name) for name in names}
+    if len(sites) < 2:
         raise ConfigError(f"{training.dataset_dir}: needs at least 2 fields of view to split training/validation")
-    fraction = min(0.5, training.validation_fields / len(names))
+    fraction = min(0.5, training.validation_fields / len(sites))
     train_names, validation_names = split_field_names(names, fraction, training.seed)
     log.info(kv("dataset_split", dataset=training.dataset_dir, train_fields=len(train_names),
                 validation_fields=len(validation_names)))
