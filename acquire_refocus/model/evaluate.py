@@ -396,7 +396,8 @@ def magnitude_table(rows: Sequence[Row], setting: str) -> str:
 
 
 def _stage_note(training: dict) -> str:
-    """Where a run that started from other weights started (training.initial_weights), in words."""
+    """Where a run that started from other weights started (training.initial_weights), in words, back through
+    every earlier stage the files record."""
     start = training.get("initial_weights")
     if not start:
         return ""
@@ -404,7 +405,7 @@ def _stage_note(training: dict) -> str:
     before = start.get("training") or {}
     return (f"{only}, starting from weights sha256 {start['sha256'][:16]}... trained {before.get('steps', '?')} "
             f"steps (batch {before.get('batch_size', '?')}, {before.get('patch_size_px', '?')} px patches) in "
-            f"{float(before.get('wall_time_s', 0)) / 60:.1f} min")
+            f"{float(before.get('wall_time_s', 0)) / 60:.1f} min{_stage_note(before)}")
 
 
 def calibration_line(rows: Sequence[Row], method: str) -> str:
