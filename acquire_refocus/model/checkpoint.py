@@ -112,7 +112,8 @@ def read_payload(path: str | Path) -> tuple[dict[str, Any], str]:
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged or foreign files
-        first_line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}" if str(exc).strip() else type(exc).__name__
+        detail = str(exc).strip()
+        first_line = f"{type(exc).__name__}: {detail.splitlines()[0]}" if detail else type(exc).__name__
         raise WeightsError(
             f"{path}: not a readable acquire-refocus weights file (truncated, damaged or not a PyTorch file: "
             f"{first_line[:200]})"

@@ -1,6 +1,6 @@
-"""Training losses: image fidelity (L1 + MS-SSIM, optionally L2), the multi-scale loss of the head-to-tail network, an optional
-VGG-16 feature (perceptual + gram) loss, and a robust loss on the defocus estimate with a Gaussian NLL that
-teaches the head its own uncertainty.
+"""Training losses: image fidelity (L1 + MS-SSIM, optionally L2), the multi-scale loss of the head-to-tail
+network, an optional VGG-16 feature (perceptual + gram) loss, and a robust loss on the defocus estimate with a
+Gaussian NLL that teaches the head its own uncertainty.
 
 All image terms work on normalised intensities (see normalization.py), where the in-focus target of a typical
 frame spans about [0, 1]; SSIM uses data_range = 1.0 on that scale.
