@@ -32,6 +32,10 @@ from acquire_refocus.errors import ConfigError
 DEFOCUS_SCALE_UM = 10.0
 # Bumped whenever eval-mode forward's outputs change meaning or shape: exported engines are named by it.
 FOCUS_CONTRACT_VERSION = 2
+# Rows of the focus head's last layer that give the sign logit and the log sigma (train.calibrate_focus_head
+# rescales them).
+SIGN_LOGIT_ROW = 1
+LOG_SIGMA_ROW = 2
 # Share of the frame area added to the pooling weights, so a nearly empty frame does not divide by ~0.
 _POOL_FLOOR = 0.01
 
@@ -79,9 +83,9 @@ class FocusHead(nn.Module):
         pooled = (self.reduce(features) * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + floor)
         raw = self.fc(pooled)
         magnitude_um = F.softplus(raw[:, 0:1]) * DEFOCUS_SCALE_UM
-        sign_logit = raw[:, 1:2]
+        sign_logit = raw[:, SIGN_LOGIT_ROW : SIGN_LOGIT_ROW + 1]
         defocus_um = magnitude_um * torch.tanh(0.5 * sign_logit)  # = magnitude * (2 P(d > 0) - 1)
-        return torch.cat([defocus_um, raw[:, 2:3], magnitude_um, sign_logit], dim=1)
+        return torch.cat([defocus_um, raw[:, LOG_SIGMA_ROW : LOG_SIGMA_ROW + 1], magnitude_um, sign_logit], dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.forward_train(features)[:, :3]

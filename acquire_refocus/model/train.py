@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from acquire_refocus.config import AppConfig, ModelConfig, dump_config
@@ -27,7 +28,7 @@ from acquire_refocus.logs import kv
 from acquire_refocus.model import data as training_data
 from acquire_refocus.model.checkpoint import checkpoint_payload, read_payload, write_payload
 from acquire_refocus.model.losses import RefocusLoss, defocus_loss
-from acquire_refocus.model.network import build_network, parameter_count
+from acquire_refocus.model.network import LOG_SIGMA_ROW, SIGN_LOGIT_ROW, build_network, parameter_count
 from acquire_refocus.model.normalization import NormalizationParams
 from acquire_refocus.outputs import output_folder
 
@@ -38,6 +39,7 @@ FINAL_LR_FRACTION = 0.05
 POOL_WINDOWS = 12
 PLANES_PER_WINDOW = 8
 REFRESH_EVERY_STEPS = 12
+SIGN_CALIBRATION_MIN_UM = 1.0
 
 
 @dataclass
@@ -128,6 +130,45 @@ def _set_train_mode(network: torch.nn.Module, train_only: str) -> None:
     """Training mode for what is trained; a frozen part keeps its batch-norm statistics (eval mode)."""
     network.eval()
     _trained_part(network, train_only).train()
+
+
+def calibrate_focus_head(network: torch.nn.Module, batch: training_data.PatchBatch, device: torch.device,
+                         chunk: int = 16) -> tuple[float, float]:
+    """Calibrate the focus head on held-out frames (validation specimens), folding both results into its last
+    layer:
+
+    1. Temperature-scale the sign logit: the T that minimises the sign's log loss, so P(d > 0) is as sure as the
+       sign has proved on specimens the head never saw. A coin-toss sign gets a large T and the head reports
+       defocus near 0 (magnitude x (2P - 1)) instead of a confident wrong side.
+    2. Scale sigma so the Gaussian likelihood of the calibrated estimate's errors is highest (s^2 = mean of
+       (error / sigma)^2): sigma was learnt for the estimate before step 1, and the closed loop trusts a frame
+       by its confidence, exp(-sigma / 2 um).
+
+    Returns (T, s)."""
+    network.eval()
+    outputs, labels = [], []
+    with torch.no_grad():
+        for start in range(0, len(batch.inputs), chunk):
+            x = torch.from_numpy(batch.inputs[start : start + chunk]).to(device)
+            outputs.append(network.forward_focus(x).cpu())
+            labels.append(torch.from_numpy(batch.defocus_um[start : start + chunk]))
+    focus, defocus_um = torch.cat(outputs), torch.cat(labels)
+    logit, magnitude_um, log_sigma_um = focus[:, 3], focus[:, 2], focus[:, 1]
+    temperature = 1.0
+    away = defocus_um.abs() >= SIGN_CALIBRATION_MIN_UM  # the side of focus means little closer than this
+    if bool(away.any()):
+        target = (defocus_um[away] > 0).to(logit.dtype)
+        temperatures = torch.logspace(math.log10(0.25), 3.0, 200)
+        losses = torch.stack([F.binary_cross_entropy_with_logits(logit[away] / t, target) for t in temperatures])
+        temperature = float(temperatures[int(torch.argmin(losses))])
+    estimate_um = magnitude_um * torch.tanh(0.5 * logit / temperature)
+    sigma_scale = float(torch.sqrt(((estimate_um - defocus_um) / torch.exp(log_sigma_um)).pow(2).mean()))
+    last = network.focus_head.fc[-1]
+    with torch.no_grad():
+        last.weight[SIGN_LOGIT_ROW] /= temperature
+        last.bias[SIGN_LOGIT_ROW] /= temperature
+        last.bias[LOG_SIGMA_ROW] += math.log(sigma_scale)
+    return temperature, sigma_scale
 
 
 def _load_initial_weights(network: torch.nn.Module, path: Path, model_config: ModelConfig) -> dict[str, Any]:
@@ -328,7 +369,13 @@ def train(
     if not history or history[-1].step != done:
         run_validation(done)
 
-    final_payload = checkpoint_payload(network, config.model, config.optics, metadata(done), normalization)
+    final_metadata = metadata(done)
+    if training.train_only != "decoder":  # the focus head was trained: calibrate it on validation specimens
+        temperature, sigma_scale = calibrate_focus_head(network, validation_batch, device)
+        final_metadata["training"]["focus_calibration"] = {"sign_temperature": round(temperature, 4),
+                                                           "sigma_scale": round(sigma_scale, 4)}
+        log.info(kv("focus_head_calibrated", sign_temperature=f"{temperature:.3g}", sigma_scale=f"{sigma_scale:.3g}"))
+    final_payload = checkpoint_payload(network, config.model, config.optics, final_metadata, normalization)
     write_payload(weights_path, final_payload)
     wall = previous_wall_s + time.monotonic() - started
     log.info(kv("training_finished", steps=done, wall_time_s=round(wall, 1), weights=weights_path))
