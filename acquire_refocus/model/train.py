@@ -3,7 +3,9 @@ periodic validation on fields never trained on, checkpoints that double as weigh
 
 Outputs in the run folder: `checkpoint.pt` (latest, with optimizer state: resume from it), `weights.pt` (final
 weights, no optimizer: ship or load this), `history.csv` (one validation row per `validation_every` steps) and
-`config.yaml` (the configuration that ran).
+`config.yaml` (the configuration that ran). A run that trains the focus head calibrates it on the validation
+fields at the end (calibrate_focus_head); that calibration is in `weights.pt`, not in `checkpoint.pt`, so a resumed
+run calibrates afresh.
 """
 
 from __future__ import annotations
