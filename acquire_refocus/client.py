@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from acquire_refocus.addresses import address_problem
 from acquire_refocus.errors import UserError
 from acquire_refocus.publishing import TOPICS
 
@@ -34,12 +35,9 @@ def connect(socket: zmq.Socket, address: str) -> None:
     """Connect `socket` to `address`, closing it and raising UserError when the address is malformed: that is a
     typo to fix, not a daemon that is down. ZeroMQ accepts a TCP port out of range and then never connects, so
     the port is checked here."""
-    scheme, _, rest = address.partition("://")
-    port = rest.rpartition(":")[2]
-    problem = ""
-    if scheme == "tcp" and not (port.isdigit() and 0 < int(port) < 65536):
-        problem = f"port {port!r} is not a number from 1 to 65535"
-    else:
+    scheme = address.partition("://")[0]
+    problem = address_problem(address, bind=False) if scheme == "tcp" else ""
+    if not problem:
         try:
             socket.connect(address)
         except zmq.ZMQError as exc:

@@ -40,11 +40,13 @@ from acquire_refocus.storage import (
     RUN_RECORD,
     FocusLog,
     RefocusedStore,
+    axis_sizes,
     nested_event_count,
     package_versions,
     utc_now,
     write_run_record,
 )
+from acquire_refocus.yaml_safe import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 # and what a kill -9 can lose.
 REFOCUSED_WRITE_QUEUE = 4
 
+
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 
 # More events than any acquisition of one run (10 million frames of 2048 x 2048 uint16 are 80 TB): a typo in the
 # time plan, refused before anything starts.
@@ -69,10 +73,7 @@ def parse_sequence(value: Any, source: str = "acquisition.sequence") -> useq.MDA
         source = str(value)
         value = value.read_text(encoding="utf-8")
     if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)  # YAML is a superset of JSON
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML/JSON: {exc}") from None
+        value = load_yaml(value, source)  # YAML is a superset of JSON
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: expected a useq-schema MDASequence mapping, got {type(value).__name__}")
     try:
@@ -91,7 +92,7 @@ def parse_sequence(value: Any, source: str = "acquisition.sequence") -> useq.MDA
         raise ConfigError(f"{source}: the sequence's size cannot be worked out ({type(exc).__name__}: {exc}); "
                           "check the z_plan range and step, the grid_plan and the time_plan") from None
     if events > MAX_SEQUENCE_EVENTS:
-        sizes = ", ".join(f"{getattr(k, 'value', k)}={n}" for k, n in sequence.sizes.items() if n)
+        sizes = ", ".join(f"{axis}={n}" for axis, n in axis_sizes(sequence).items() if n)
         raise ConfigError(f"{source}: {events:,} events ({sizes}) is more than one run takes "
                           f"({MAX_SEQUENCE_EVENTS:,}); check the loops, or split the acquisition into runs")
     return sequence
@@ -166,6 +167,8 @@ class Daemon:
     ) -> None:
         self.config = config
         self.output_dir = Path(output_dir) if output_dir is not None else config.storage.output_dir
+        root = config.storage.data_root or self.output_dir
+        self.data_root = Path(root).resolve() if root is not None else None
         self._extra_sinks = extra_sinks
         self._lock = threading.Lock()
         self._runs: queue.Queue[tuple[str, useq.MDASequence, Path | None]] = queue.Queue()
@@ -247,10 +250,16 @@ class Daemon:
         return {"paused": False}
 
     def _on_run(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Everything a run would trip over is checked here, so it is refused in the reply rather than later, in
+        the daemon's log only: the sequence (its size by arithmetic, in milliseconds however long), the output
+        folder (inside the data root), the channels and the pixel size against the loaded hardware."""
         if self._stop.is_set():
             raise UserError("the daemon is stopping; it takes no new runs")
-        sequence = parse_sequence(request.get("sequence"), "run request")
-        output = Path(request["output"]).resolve() if request.get("output") else None
+        if not isinstance(request.get("sequence"), dict):
+            raise UserError('run request: "sequence" must be a useq-schema MDASequence object')
+        sequence = parse_sequence(request["sequence"], "run request")
+        output = self._requested_output(request.get("output"))
+        self._check_against_hardware(sequence)
         if output is not None:  # refused now, in the reply, rather than later in the daemon's log
             with self._lock:
                 if output in self._queued_outputs:
@@ -261,6 +270,35 @@ class Daemon:
         run_id, out_dir = self._next_run(output)
         self._runs.put((run_id, sequence, out_dir))
         return {"run": run_id, "output_dir": str(out_dir) if out_dir else None, "queued_before": self._runs.qsize() - 1}
+
+    def _requested_output(self, value: Any) -> Path | None:
+        """The folder a run request names, resolved (`..` and symlinks) and checked to lie inside the data root;
+        a relative path is taken relative to the root. None when the request names none."""
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value or "\0" in value or len(value) > MAX_PATH_CHARS:
+            raise UserError(f'run request: "output" must be a folder path (text of 1 to {MAX_PATH_CHARS} characters, '
+                            f"no NUL), got {type(value).__name__}")
+        if self.data_root is None:
+            raise UserError("this daemon saves nothing (started without --output or storage.output_dir), so a run "
+                            "cannot choose an output folder")
+        output = (self.data_root / value).resolve()
+        if not output.is_relative_to(self.data_root):
+            raise UserError(f"{value}: outside the daemon's data root {self.data_root}; runs are saved only inside "
+                            "it (storage.data_root, default the --output folder)")
+        return output
+
+    def _check_against_hardware(self, sequence: useq.MDASequence) -> None:
+        """Channels and pixel size against the loaded hardware, as a run checks them before any store opens."""
+        core = self._core
+        if core is None:
+            return
+        from acquire_refocus.hooks.pymmcore_plus import check_channels
+
+        check_channels(core, sequence)
+        check_pixel_size = getattr(self.corrector, "check_pixel_size_um", None)
+        if check_pixel_size is not None:
+            check_pixel_size(self.config.acquisition.pixel_size_um or core.getPixelSizeUm() or None)
 
     def _on_stop(self, request: dict[str, Any]) -> dict[str, Any]:
         self.request_stop("control")
@@ -461,6 +499,8 @@ class Daemon:
             run_id, _ = self._next_run(None)
             self._runs.put((run_id, sequence, self.output_dir))
         else:
+            if self.config.acquisition.backend != "pycromanager":
+                self.acquisition_core()  # loaded before the first request, which is checked against it
             log.info(kv("daemon_waiting", control=self.control.address if self.control else "off",
                         hint="send a sequence with 'acquire-refocus run FILE'"))
         while not self._stop.is_set():
