@@ -19,7 +19,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no setting here means anything as NaN or infinity (a dead band of .inf never moves the
+    # stage, and run.json would hold non-standard JSON)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class ChannelOpticsConfig(_Section):
+    """What differs between the channels (Micro-Manager channel presets) of one microscope: the emission band."""
+
+    emission_wavelength_nm: float = Field(..., ge=300.0, le=1100.0)
 
 
 class OpticsConfig(_Section):
@@ -42,6 +50,17 @@ class OpticsConfig(_Section):
     sample_index: float = Field(1.33, ge=1.0, le=2.0, description="refractive index of the mounting medium")
     emission_wavelength_nm: float = Field(461.0, ge=300.0, le=1100.0)
     camera_pixel_size_um: float = Field(6.5, gt=0.0, le=50.0)
+    channels: dict[str, ChannelOpticsConfig] = Field(
+        default_factory=dict,
+        description="per channel preset name, its emission wavelength (the others use emission_wavelength_nm)",
+    )
+
+    def for_channel(self, channel: str | None) -> OpticsConfig:
+        """These optics with the channel's emission wavelength (unchanged for a channel not listed)."""
+        entry = self.channels.get(channel) if channel is not None else None
+        if entry is None:
+            return self
+        return self.model_copy(update={"emission_wavelength_nm": entry.emission_wavelength_nm, "channels": {}})
 
     @model_validator(mode="after")
     def _aperture_below_immersion(self) -> OpticsConfig:
@@ -82,9 +101,16 @@ class CameraConfig(_Section):
         return 2**self.bit_depth - 1
 
 
-class SpecimenConfig(_Section):
-    """Procedural Hoechst-stained nuclei in a monolayer, larger than one camera frame."""
+SpecimenFamily = Literal["nuclei", "cytoplasm", "membranes", "filaments", "puncta", "mixture"]
 
+
+class SpecimenConfig(_Section):
+    """A procedural specimen larger than one camera frame: by default Hoechst-stained nuclei in a monolayer;
+    other families (sim/families.py) give training and evaluation specimens of other shapes and textures."""
+
+    family: SpecimenFamily = Field(
+        "nuclei", description="nuclei, cytoplasm, membranes, filaments, puncta, or mixture (nuclei plus another)"
+    )
     field_size_um: tuple[float, float] = (600.0, 600.0)
     layer_thickness_um: float = Field(6.0, ge=0.0, le=100.0, description="spread of nucleus centres in z")
     nuclei_per_mm2: float = Field(1500.0, ge=0.0, le=20_000.0)
@@ -112,17 +138,43 @@ class DriftConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
+class SimChannelConfig(_Section):
+    """One stain of the simulated specimen, exposed as a Micro-Manager channel preset of the same name. Its emission
+    wavelength is `optics.channels.<name>` (else `optics.emission_wavelength_nm`)."""
+
+    stain: Literal["nuclei", "cytoplasm"] = Field(
+        "nuclei", description="nuclei: the nuclear stain; cytoplasm: the same cells' cytoplasm with bright puncta"
+    )
+    brightness: float = Field(1.0, gt=0.0, le=100.0, description="photons relative to specimen.photons_per_um3")
+
+
 class SimulatorConfig(_Section):
     """The simulated microscope: specimen, camera, drift, stages."""
 
     camera: CameraConfig = CameraConfig()
     specimen: SpecimenConfig = SpecimenConfig()
     drift: DriftConfig = DriftConfig()
+    sample_drift: DriftConfig = Field(
+        DriftConfig(), description="drift of the sample relative to the coverslip, which a focus lock cannot see; "
+        "`drift` is the stand's (coverslip relative to objective), which a focus lock removes"
+    )
+    focus_lock: bool = Field(
+        False, description="add a hardware focus lock like Nikon's PFS: devices SimPFS (State On/Off, Status) "
+        "and SimPFSOffset (its offset, a stage device, um)"
+    )
+    channels: dict[str, SimChannelConfig] = Field(
+        default_factory=dict, description="stains as channel presets of config group `channel_group`; empty: one "
+        "channel (the nuclei), no channel group"
+    )
+    channel_group: str = "Channel"
     focus_z_um: float = Field(100.0, description="stage Z at which the specimen mid-plane is in focus at t=0")
     z_limits_um: tuple[float, float] = (0.0, 200.0)
     max_defocus_um: float = Field(40.0, gt=0.0, le=200.0, description="half-range of the precomputed PSF bank")
     psf_z_step_um: float = Field(0.25, gt=0.0, le=5.0)
     psf_cache_dir: Path | None = Field(None, description="where the PSF bank is cached; default ~/.cache")
+    psf_model: Literal["vectorial", "scalar"] = Field(
+        "vectorial", description="psfmodels' vectorial (Aguet) or scalar Gibson-Lanni model for the PSF bank"
+    )
     seed: int = Field(0, ge=0)
     time_per_frame_s: float | None = Field(
         None, description="simulated clock advance per frame; None follows the wall clock"
@@ -167,6 +219,63 @@ class LossConfig(_Section):
     defocus_huber_delta_um: float = Field(1.0, gt=0.0)
 
 
+def _ordered_pair(name: str, pair: tuple[float, float]) -> None:
+    low, high = pair
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(f"{name} must be (low, high) with finite low <= high, got {list(pair)}")
+
+
+class RandomizationConfig(_Section):
+    """Domain randomisation of simulated training data: the envelope of cameras, specimens and optics a model is
+    trained on, so that it refocuses what real scopes produce rather than one simulator setting. The trained
+    model records this envelope in its metadata. Each window of training data draws one camera, each specimen
+    seed one family, density, layer thickness and optics variant."""
+
+    peak_photons: tuple[float, float] = Field(
+        (20.0, 5000.0), description="peak signal of the in-focus frame, photons per pixel (log-uniform)"
+    )
+    background_fraction: tuple[float, float] = Field((0.0, 0.2), description="background, as a fraction of the peak")
+    read_noise_electrons: tuple[float, float] = (0.5, 3.0)
+    gain_adu_per_electron: tuple[float, float] = (0.5, 4.0)
+    offset_adu: tuple[float, float] = (0.0, 500.0)
+    hot_pixel_fraction: tuple[float, float] = Field((0.0, 2e-4), description="pixels with a large dark signal")
+    fixed_pattern_adu: tuple[float, float] = Field((0.0, 1.5), description="std of per-column offsets")
+    families: tuple[SpecimenFamily, ...] = Field(
+        ("nuclei", "cytoplasm", "filaments", "puncta", "mixture"),
+        description="specimen families drawn for training (the evaluation holds out those not listed)",
+    )
+    density_factor: tuple[float, float] = Field(
+        (0.3, 3.0), description="sparse to confluent: scales the family's density (log-uniform)"
+    )
+    layer_thickness_um: tuple[float, ...] = Field(
+        (2.0, 6.0, 14.0), description="thin to thick specimens; few values, since each needs its own PSF bank"
+    )
+    field_size_um: float = Field(200.0, ge=60.0, le=2000.0, description="side of each simulated specimen")
+    optics_variants: int = Field(
+        4, ge=0, le=32, description="optics drawn around the config's own (each has its own PSF bank)"
+    )
+    numerical_aperture_jitter: float = Field(0.04, ge=0.0, le=0.3)
+    emission_wavelength_jitter_nm: float = Field(30.0, ge=0.0, le=200.0)
+    collar_mismatch_um: tuple[float, float] = Field(
+        (0.0, 80.0), description="coverslip thickness minus the correction collar's setting (spherical aberration)"
+    )
+    pixel_size_jitter: float = Field(0.08, ge=0.0, le=0.5, description="relative spread of the pixel size")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> RandomizationConfig:
+        for name in ("peak_photons", "background_fraction", "read_noise_electrons", "gain_adu_per_electron",
+                     "offset_adu", "hot_pixel_fraction", "fixed_pattern_adu", "density_factor",
+                     "collar_mismatch_um"):
+            _ordered_pair(name, getattr(self, name))
+        if self.peak_photons[0] <= 0 or self.gain_adu_per_electron[0] <= 0 or self.density_factor[0] <= 0:
+            raise ValueError("peak_photons, gain_adu_per_electron and density_factor must be positive")
+        if not self.families:
+            raise ValueError("families must name at least one specimen family")
+        if not self.layer_thickness_um or any(not (0 <= t <= 100) for t in self.layer_thickness_um):
+            raise ValueError("layer_thickness_um must list values from 0 to 100 um")
+        return self
+
+
 class TrainingConfig(_Section):
     """How to train: data source, optimisation, validation and checkpoints."""
 
@@ -184,6 +293,10 @@ class TrainingConfig(_Section):
         "deeper into the sample (higher stage Z)"
     )
     defocus_range_um: tuple[float, float] = (-35.0, 35.0)
+    randomization: RandomizationConfig | None = Field(
+        None, description="simulated data: domain randomisation (camera, specimen family, optics); none renders the "
+        "simulator section's own specimen and camera"
+    )
     patch_size_px: int = Field(128, ge=64, le=1024)
     batch_size: int = Field(8, ge=1, le=512)
     steps: int = Field(3000, ge=1)
@@ -253,6 +366,14 @@ class PipelineConfig(_Section):
             "so memory stays bounded. The raw data is saved by the acquisition backend either way"
         ),
     )
+    channels: list[str] | None = Field(
+        None, description="channel presets the network refocuses; null: those whose emission wavelength "
+        "(optics.channels) lies within the model's envelope. Others are published and logged raw, status skipped"
+    )
+    refocus_any_wavelength: bool = Field(
+        False, description="refocus the channels in `channels` even where their wavelength is outside the model's "
+        "envelope"
+    )
 
 
 class PublishingConfig(_Section):
@@ -264,8 +385,24 @@ class PublishingConfig(_Section):
     high_water_mark: int = Field(64, ge=1, description="messages kept per subscriber before dropping")
     publish_raw: bool = True
 
+    keys_dir: Path | None = Field(
+        None, description="CURVE keys made with 'acquire-refocus keys DIR': both sockets accept only clients "
+        "holding a client key of DIR/clients. Required when an address binds beyond loopback"
+    )
+
     @model_validator(mode="after")
     def _check_addresses(self) -> PublishingConfig:
+        from acquire_refocus.addresses import address_problem, is_loopback
+
+        for name in ("pub_address", "control_address"):
+            address = getattr(self, name)
+            problem = address_problem(address)
+            if problem:
+                raise ValueError(f"{name} {address!r}: {problem}; expected one like tcp://127.0.0.1:5556")
+            if self.keys_dir is None and not is_loopback(address):
+                raise ValueError(f"{name} {address!r} binds beyond loopback, where anyone who reaches the port could "
+                                 "drive the daemon or read every frame: create keys with 'acquire-refocus keys DIR' "
+                                 "and set publishing.keys_dir (README, Security)")
         if self.enabled and self.pub_address == self.control_address:
             raise ValueError(f"pub_address and control_address are both {self.pub_address}; give each its own port")
         return self
@@ -275,18 +412,57 @@ class StorageConfig(_Section):
     """Where corrected frames and the focus log are saved, beside the raw data."""
 
     output_dir: Path | None = None
+    data_root: Path | None = Field(
+        None, description="run requests may save only inside this folder (checked after '..' and symlinks); "
+        "default: the --output folder (or output_dir)"
+    )
     save_raw: bool = True
     save_refocused: bool = True
+    min_free_mb: float = Field(
+        256.0, ge=0.0, description="free disk space kept: a run that would leave less is refused before it starts, "
+        "and one that gets there (another program filled the disk) stops cleanly as failed"
+    )
 
 
 # a stage step finer than any focus drive: what rounding a limit for the docs (2.9988 um -> "2 um") may cost
 _OFFSET_TOLERANCE_UM = 0.005
 
 
+class SoftwareAutofocusConfig(_Section):
+    """useq `autofocus_plan` run by acquire-refocus itself (pymmcore-plus backend): a short through-focus sweep."""
+
+    device_name: str = Field(
+        "acquire-refocus", description="the autofocus_device_name of an MDASequence's autofocus_plan that runs it"
+    )
+    range_um: float = Field(15.0, gt=0.0, le=200.0, description="search up to this far from the planned Z")
+    step_um: float = Field(1.0, gt=0.0, le=20.0, description="plane spacing of the fine sweep (and a plain sweep)")
+    fine_planes: int = Field(5, ge=3, le=41, description="planes of the fine sweep around the focus found")
+
+
 class FocusConfig(_Section):
     """Closed-loop focus: from autofocus estimates to Z-stage moves."""
 
     mode: Literal["off", "observe", "correct"] = "observe"
+    channel: str | list[str] | None = Field(
+        None, description="channel preset(s), in order of preference, whose frames drive the loop; null: the "
+        "sequence's first channel. Frames of other channels never enter the loop; its offset applies to them all"
+    )
+    actuator: Literal["z_stage", "autofocus_offset"] = Field(
+        "z_stage", description="z_stage: move the focus drive; autofocus_offset: change a hardware focus lock's "
+        "offset (the Z drive is never moved while the lock is engaged)"
+    )
+    lock_offset_device: str | None = Field(
+        None, description="autofocus_offset: the lock's offset stage device (e.g. PFSOffset); null: the core's "
+        "autofocus device (setAutoFocusOffset)"
+    )
+    lock_status: tuple[str, str, str] | None = Field(
+        None, description="autofocus_offset: (device, property, value while locked); null: the core's "
+        "isContinuousFocusLocked()"
+    )
+    max_step_action: Literal["split", "refuse"] = Field(
+        "split", description="a move larger than max_step_um: split over time points, or refused (logged)"
+    )
+    autofocus: SoftwareAutofocusConfig = SoftwareAutofocusConfig()
     window_frames: int = Field(
         5, ge=1, le=1000,
         description="recent estimates combined (median); the frames of the sharpness fit too (at least 2)",
@@ -448,10 +624,13 @@ def load_config(path: str | Path | None) -> AppConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    from acquire_refocus.yaml_safe import load_yaml
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = load_yaml(text, str(path))
     return parse_config(data, source=str(path), base_dir=path.parent.resolve())
 
 

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from acquire_refocus.config import AppConfig, dump_config
 from acquire_refocus.control import ControlServer
 from acquire_refocus.errors import ConfigError, UserError
+from acquire_refocus.channels import ModelChannelPolicy, driving_channel, model_wavelength_nm, sequence_channels
 from acquire_refocus.focus import FocusController, estimates_waiter, pycromanager_planner
 from acquire_refocus.logs import kv
 from acquire_refocus.outputs import output_folder
@@ -338,7 +339,8 @@ class Daemon:
         backend = self.config.acquisition.backend
         summary = RunSummary(run=run_id, output_dir=output_dir, backend=backend, started=utc_now())
         controller = (
-            FocusController(self.config.focus, self.config.optics, z_planes=_z_planes(sequence))
+            FocusController(self.config.focus, self.config.optics, z_planes=_z_planes(sequence),
+                            channel=driving_channel(self.config.focus, sequence_channels(sequence)))
             if self.config.focus.mode != "off"
             else None
         )
@@ -371,7 +373,9 @@ class Daemon:
                 sinks.append(BackgroundSink(store, max_pending=REFOCUSED_WRITE_QUEUE))
         if self._extra_sinks is not None:
             sinks.extend(self._extra_sinks())
-        pipeline = FramePipeline(self.corrector, sinks, self.config.pipeline)
+        channel_policy = ModelChannelPolicy(self.config.pipeline, self.config.optics,
+                                            model_wavelength_nm(self.corrector))
+        pipeline = FramePipeline(self.corrector, sinks, self.config.pipeline, channel_policy)
         if self._paused:
             pipeline.pause()
         with self._lock:

@@ -45,6 +45,11 @@ deeper in the field of the closed-loop tests.
 `target_offset_um` holds the stage that far from it instead (at most half of `sharpness_range_um`, where the fit is
 trusted); how far the loop really ends up scales with (true width / w)^2.
 
+Channels: only the frames of one channel (`channel`, chosen by `channels.driving_channel` from `focus.channel`)
+enter the estimates' window and the sharpness fit; the offset planned from them applies to every channel of
+that position and time point. A frame's focus Z is its stage Z minus its channel's Z offset in the sequence.
+A move larger than `max_step_um` is split over time points (`max_step_action: split`) or refused (`refuse`).
+
 mode "observe" plans the same moves and logs them ("would move") without applying them: the estimates and
 the focus log are there, the stage is left alone. The acquisition hooks apply the offsets (pymmcore-plus:
 `hooks.pymmcore_plus.FocusMDAEngine` rewrites each upcoming event's Z; pycromanager: a pre-hardware hook).
@@ -76,6 +81,21 @@ log = logging.getLogger(__name__)
 
 def _index(event: useq.MDAEvent) -> dict[str, int]:
     return {str(getattr(axis, "value", axis)): int(i) for axis, i in event.index.items()}
+
+
+def channel_z_offset_um(event: useq.MDAEvent) -> float:
+    """The Z offset of the event's channel in its sequence (useq adds it to the event's Z; 0 without one)."""
+    sequence = event.sequence
+    c_index = _index(event).get("c")
+    if sequence is None or c_index is None or c_index >= len(sequence.channels):
+        return 0.0
+    return float(sequence.channels[c_index].z_offset)
+
+
+def planned_centre_shift_um(event: useq.MDAEvent) -> float:
+    """How far the event's Z lies from its time point's planned centre: its z-stack plane plus its channel's
+    offset."""
+    return relative_z_um(event) + channel_z_offset_um(event)
 
 
 def relative_z_um(event: useq.MDAEvent) -> float:
@@ -203,12 +223,16 @@ class FocusController:
     consistent, and `plan` first waits (at most `estimate_wait_s`) for frames still being measured.
     """
 
-    def __init__(self, config: FocusConfig, optics: OpticsConfig | None = None, z_planes: int = 1) -> None:
+    def __init__(
+        self, config: FocusConfig, optics: OpticsConfig | None = None, z_planes: int = 1, channel: str | None = None
+    ) -> None:
         """`optics`: the optics frames come from (default: `OpticsConfig()`), for the sharpness measure's band.
-        `z_planes`: planes per time point of the acquisition (its z-plan); from 3 on, the stage is not dithered."""
+        `z_planes`: planes per time point of the acquisition (its z-plan); from 3 on, the stage is not dithered.
+        `channel`: the channel whose frames drive the loop (None: every frame, for acquisitions without channels)."""
         self.config = config
         self._z_planes = z_planes
-        optics = optics or OpticsConfig()
+        self.channel = channel
+        optics = (optics or OpticsConfig()).for_channel(channel)
         self._sharpness = BandPassSharpness.for_optics(optics) if config.fine_source == "sharpness" else None
         self.sharpness_dither_um, self.sharpness_width_um, self.sharpness_range_um = config.sharpness_settings_um(
             optics
@@ -238,6 +262,8 @@ class FocusController:
         self.clamps = 0
         self.sharpness_measured = 0  # frames whose sharpness entered a window
         self.sharpness_restarts = 0
+        self.other_channel_frames = 0  # frames of channels that do not drive the loop (never used)
+        self.refused = 0  # moves over max_step_um refused (max_step_action refuse)
 
     @property
     def mode(self) -> str:
@@ -249,8 +275,16 @@ class FocusController:
 
     # ----------------------------------------------------------------- estimates (dispatch thread)
     def on_frame(self, result: FrameResult) -> None:
+        if self.channel is not None and result.info.channel != self.channel:
+            with self._lock:
+                self.frames += 1
+                self.other_channel_frames += 1
+                self._frames_seen.notify_all()
+            return
         position = int(result.info.axes.get("p", 0))
         stage_z_um = result.info.stage_z_um
+        if stage_z_um is not None:
+            stage_z_um -= result.info.channel_z_offset_um  # the focus Z this frame's sharpness and estimate belong to
         has_z = stage_z_um is not None and math.isfinite(stage_z_um)
         # sharpness (fine_source sharpness): any frame with pixels and a stage Z, refocused or not (skipped frames
         # count: the engine need not have seen them), measured in the controller's own thread
@@ -382,6 +416,11 @@ class FocusController:
             error = focus_z_um + cfg.target_offset_um - centre_um - current
             if not math.isfinite(error) or abs(error) <= cfg.dead_band_um:
                 return current + dither if self.applies else current
+            if cfg.max_step_action == "refuse" and abs(cfg.gain * error) > cfg.max_step_um:
+                self.refused += 1
+                log.warning(kv("focus_move_refused", position=position, t=t_index, error_um=f"{error:+.3f}",
+                               max_step_um=cfg.max_step_um, source=source))
+                return current + dither if self.applies else current
             step = max(-cfg.max_step_um, min(cfg.max_step_um, cfg.gain * error))
             lo, hi = cfg.z_limits_um
             target = centre_um + current + step
@@ -492,7 +531,7 @@ class FocusController:
         planner = EventPlanner(self, wait_for_estimates)
         for event in events:
             nominal = event.z_pos if event.z_pos is not None else start_z_um
-            z_um = planner.z_for(_index(event), nominal, relative_z_um(event))
+            z_um = planner.z_for(_index(event), nominal, planned_centre_shift_um(event))
             if z_um is not None and (z_um != nominal or event.z_pos is not None) and z_um != event.z_pos:
                 event = event.model_copy(update={"z_pos": z_um})
             yield event
@@ -502,6 +541,8 @@ class FocusController:
         with self._lock:
             return {
                 "mode": self.mode,
+                "channel": self.channel,
+                "actuator": self.config.actuator,
                 "sign_source": self.config.sign_source,
                 "fine_source": self.config.fine_source,
                 "target_offset_um": self.config.target_offset_um,
@@ -514,7 +555,27 @@ class FocusController:
                 "sharpness_measured": self.sharpness_measured,
                 "sharpness_restarts": self.sharpness_restarts,
                 "clamps": self.clamps,
+                "refused": self.refused,
+                "other_channel_frames": self.other_channel_frames,
+                "positions": self._position_states_locked(),
             }
+
+    def _position_states_locked(self) -> dict[str, dict[str, Any]]:
+        """Per position, what the loop knows: its offset, the last move and what located focus."""
+        positions = set(self._offset_um) | set(self._sharpness_window) | set(self._window)
+        last_move = {m.position: m for m in self.moves}
+        states: dict[str, dict[str, Any]] = {}
+        for position in sorted(positions):
+            move = last_move.get(position)
+            states[str(position)] = {
+                "offset_um": round(self._offset_um.get(position, 0.0), 4),
+                "sharpness_frames": len(self._sharpness_window.get(position, ())),
+                "estimates": len(self._window.get(position, ())),
+                "last_move_t": move.t_index if move else None,
+                "last_error_um": round(move.error_um, 4) if move else None,
+                "last_source": move.source if move else None,
+            }
+        return states
 
 
 def estimates_waiter(controller: FocusController, pipeline: FramePipeline) -> Callable[[float], bool]:

@@ -55,6 +55,8 @@ class FrameInfo:
     stage_xy_um: tuple[float, float] | None
     t_acquired: float  # unix time
     pixel_size_um: float | None
+    channel: str | None = None  # the channel preset's name (None: the acquisition has no channels)
+    channel_z_offset_um: float = 0.0  # the channel's Z offset in the sequence: its focus lies at stage Z - this
 
 
 @dataclass
@@ -95,6 +97,13 @@ class FrameCorrector(Protocol):
     def engine_name(self) -> str: ...
 
     def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> RefocusOutput: ...
+
+
+class ChannelPolicy(Protocol):
+    """Why frames of this channel are not given to the network (published and logged raw, status skipped), or
+    None to refocus them."""
+
+    def __call__(self, channel: str | None) -> str | None: ...
 
 
 class FocusOffsetLookup(Protocol):
@@ -191,8 +200,10 @@ class FramePipeline:
         corrector: FrameCorrector,
         sinks: list[FrameSink] | tuple[FrameSink, ...] = (),
         config: PipelineConfig | None = None,
+        channel_policy: ChannelPolicy | None = None,
     ) -> None:
         self._corrector = corrector
+        self._channel_policy = channel_policy
         self._sinks: list[FrameSink] = list(sinks)
         self._config = config or PipelineConfig()
         self._engine_name = str(getattr(corrector, "engine_name", type(corrector).__name__))
@@ -285,6 +296,9 @@ class FramePipeline:
                 return
             if self._paused:
                 self._finish_locked(item, "paused", "paused")
+                return
+            if self._channel_policy is not None and (reason := self._channel_policy(info.channel)):
+                self._finish_locked(item, "skipped", reason)
                 return
             if self._config.overflow == "latest":
                 while self._queue:

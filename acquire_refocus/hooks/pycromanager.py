@@ -139,7 +139,17 @@ class PycromanagerFrameHook:
             stage_xy_um=(x_um, y_um) if x_um is not None and y_um is not None else None,
             t_acquired=self._time(metadata),
             pixel_size_um=pixel_size_um,
+            channel=self._channel((metadata.get("Axes") or {}).get("channel")),
         )
+
+    def _channel(self, value: Any) -> str | None:
+        """The channel preset's name from pycromanager's channel axis (a name, or an index into the sequence's)."""
+        if isinstance(value, str):
+            return value
+        names = list(self._labels["c"])
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(names):
+            return str(names[int(value)])
+        return None
 
     def _axes(self, axes: Mapping[str, Any]) -> dict[str, int]:
         out: dict[str, int] = {}

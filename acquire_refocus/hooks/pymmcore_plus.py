@@ -24,7 +24,13 @@ from pymmcore_plus.core import SequencedEvent
 from pymmcore_plus.mda import MDAEngine
 
 from acquire_refocus.errors import UserError
-from acquire_refocus.focus import EventPlanner, FocusController, estimates_waiter, relative_z_um
+from acquire_refocus.focus import (
+    EventPlanner,
+    FocusController,
+    channel_z_offset_um,
+    estimates_waiter,
+    planned_centre_shift_um,
+)
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FrameInfo, FramePipeline
 from acquire_refocus.storage import nested_event_count, raw_store_settings
@@ -70,6 +76,8 @@ class PymmcorePlusHook:
             stage_xy_um=(x_um, y_um) if x_um is not None and y_um is not None else None,
             t_acquired=time.time(),
             pixel_size_um=pixel_size_um,
+            channel=event.channel.config if event.channel is not None else None,
+            channel_z_offset_um=channel_z_offset_um(event),
         )
 
     def connect(self) -> None:
@@ -123,7 +131,7 @@ class FocusMDAEngine(MDAEngine):
     def _adjusted(self, event: useq.MDAEvent) -> useq.MDAEvent:
         first = event.events[0] if isinstance(event, SequencedEvent) and event.events else event
         nominal = first.z_pos if first.z_pos is not None else self._start_z_um
-        z_um = self._planner.z_for(_useq_index(first), nominal, relative_z_um(first))
+        z_um = self._planner.z_for(_useq_index(first), nominal, planned_centre_shift_um(first))
         if z_um is None or nominal is None or (z_um == nominal and event.z_pos is None):
             return event
         offset_um = z_um - nominal

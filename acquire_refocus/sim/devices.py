@@ -1,10 +1,16 @@
 """The simulated microscope as Micro-Manager devices, so every acquisition path runs without hardware.
 
-`create_simulated_core` returns a pymmcore-plus `UniMMCore` holding three Python device adapters: a camera
+`create_simulated_core` returns a pymmcore-plus `UniMMCore` holding Python device adapters: a camera
 ("SimCamera") that renders the simulated specimen at the current stage position and simulated time, a focus
-stage ("SimZ") that refuses moves outside `simulator.z_limits_um`, and an XY stage ("SimXY"). Anything that
-talks to a Micro-Manager core (`core.snapImage()`, `core.mda.run(MDASequence)`, the acquisition hooks) then
-acquires simulated frames exactly as it would real ones.
+stage ("SimZ") that refuses moves outside `simulator.z_limits_um`, and an XY stage ("SimXY"). With
+`simulator.channels`, a filter turret ("SimFilter") picks the stain the camera sees, through one preset per channel
+in the config group `simulator.channel_group`. With `simulator.focus_lock`, a hardware focus lock modelled on how
+Micro-Manager exposes Nikon's PFS: "SimPFS" (property State On/Off, read-only Status Locked/Off/Lost) and
+"SimPFSOffset" (its offset, a stage device). While locked it holds the coverslip: the Z drive follows the stand's
+drift (`simulator.drift`), so only the sample's own drift (`simulator.sample_drift`) defocuses; a Z move then does
+not happen (counted in `SimFocusStage.moves_while_locked`). Anything that talks to a Micro-Manager core
+(`core.snapImage()`, `core.mda.run(MDASequence)`, the acquisition hooks) then acquires simulated frames exactly
+as it would real ones.
 """
 
 from __future__ import annotations
@@ -12,22 +18,36 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from pymmcore_plus import FocusDirection
-from pymmcore_plus.experimental.unicore import SimpleCameraDevice, StageDevice, UniMMCore, XYStageDevice
+from pymmcore_plus.experimental.unicore import (
+    GenericDevice,
+    SimpleCameraDevice,
+    StageDevice,
+    StateDevice,
+    UniMMCore,
+    XYStageDevice,
+)
 
 from acquire_refocus.config import OpticsConfig, SimulatorConfig
 from acquire_refocus.errors import UserError
 from acquire_refocus.logs import kv
+from acquire_refocus.sim.drift import Drift
 from acquire_refocus.sim.microscope import SimulatedMicroscope
+from acquire_refocus.sim.multistain import stain_microscopes
 
 log = logging.getLogger(__name__)
 
 CAMERA_LABEL = "SimCamera"
 FOCUS_LABEL = "SimZ"
 XY_LABEL = "SimXY"
+FILTER_LABEL = "SimFilter"
+LOCK_LABEL = "SimPFS"
+LOCK_OFFSET_LABEL = "SimPFSOffset"
+LOCK_OFFSET_RANGE_UM = 50.0
 PIXEL_SIZE_CONFIG = "SimObjective"
 
 
@@ -70,6 +90,15 @@ class ClockedMicroscope(SimulatedMicroscope):
     def __init__(self, optics: OpticsConfig, simulator: SimulatorConfig) -> None:
         super().__init__(optics, simulator)
         self.clock = SimClock(simulator.time_per_frame_s)
+        self.sample_drift = Drift(simulator.sample_drift)
+
+    def stand_drift_um(self, t_s: float) -> float:
+        """The stand's drift (coverslip relative to objective): what a focus lock sees and removes."""
+        return float(self.drift.drift_um(t_s))
+
+    def focus_z_um(self, stage_xy_um: Sequence[float] = (0.0, 0.0), t_s: float = 0.0) -> float:
+        """In-focus stage Z: the stand's drift and tilt (SimulatedMicroscope) plus the sample's own drift."""
+        return super().focus_z_um(stage_xy_um, t_s) + float(self.sample_drift.drift_um(t_s))
 
     def clock_s(self) -> float:
         """Current simulated time in s (the time the next frame will be exposed at, with a fixed time per frame)."""
@@ -93,16 +122,24 @@ class SimFocusStage(StageDevice):
         self._limits_um = (float(z_limits_um[0]), float(z_limits_um[1]))
         self._physical_z_um = float(start_z_um)
         self._origin_um = 0.0  # reported Z = physical Z - origin, like a drive whose zero was re-set
+        self.lock: SimFocusLock | None = None
+        self.moves_while_locked = 0  # Z moves asked for while the lock held the drive (none happened)
 
     @property
     def physical_z_um(self) -> float:
-        """Position in the simulator's frame, whatever origin the user has set."""
+        """Position in the simulator's frame, whatever origin the user has set; the lock's while it is engaged."""
+        if self.lock is not None and self.lock.locked:
+            return self.lock.held_z_um()
         return self._physical_z_um
 
     def get_position_um(self) -> float:
-        return self._physical_z_um - self._origin_um
+        return self.physical_z_um - self._origin_um
 
     def set_position_um(self, val: float) -> None:
+        if self.lock is not None and self.lock.locked:
+            self.moves_while_locked += 1
+            log.warning(kv("sim_z_move_while_locked", requested_um=val, note="the focus lock holds the Z drive"))
+            return
         target_um = float(val) + self._origin_um
         lo, hi = self._limits_um
         if not np.isfinite(target_um) or not lo <= target_um <= hi:
@@ -123,6 +160,11 @@ class SimFocusStage(StageDevice):
 
     def stop(self) -> None:
         """Moves are instantaneous, so there is never anything to stop."""
+
+    def release_lock(self) -> None:
+        """The lock let go: the drive stays where the lock last held it."""
+        if self.lock is not None:
+            self._physical_z_um = self.lock.held_z_um()
 
     def set_adapter_origin_um(self, newZUm: float) -> None:
         """Make the current position read as `newZUm`; the simulated optics keep their own coordinates."""
@@ -171,6 +213,105 @@ class SimXYStage(XYStageDevice):
         self._origin_um = (self._origin_um[0], self._physical_um[1])
 
 
+class SimFilterWheel(StateDevice):
+    """Filter turret: one state per stain (its label is the channel preset's name); the camera renders that one."""
+
+    def __init__(self, channels: Sequence[str]) -> None:
+        super().__init__(dict(enumerate(channels)))
+        self._state = 0
+
+    def get_state(self) -> int:
+        return self._state
+
+    def set_state(self, position: int) -> None:
+        self._state = int(position)
+
+    @property
+    def channel(self) -> str:
+        return str(self._state_to_label[self._state])
+
+
+class SimLockOffset(StageDevice):
+    """The focus lock's offset (like Nikon's PFSOffset): where, relative to the coverslip, the lock holds focus.
+    1 unit = 1 um of stage Z here (real devices have their own scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._offset_um = 0.0
+
+    def get_position_um(self) -> float:
+        return self._offset_um
+
+    def set_position_um(self, val: float) -> None:
+        if not np.isfinite(val) or abs(val) > LOCK_OFFSET_RANGE_UM:
+            raise StageLimitError(f"{LOCK_OFFSET_LABEL}: offset {val} outside +-{LOCK_OFFSET_RANGE_UM:g}")
+        self._offset_um = float(val)
+        self.core.events.stagePositionChanged.emit(self.get_label(), self._offset_um)
+
+    def home(self) -> None:
+        self.set_position_um(0.0)
+
+    def stop(self) -> None:
+        """Offset changes are instantaneous."""
+
+    def set_adapter_origin_um(self, newZUm: float) -> None:
+        """The offset has no origin of its own to set."""
+
+    def set_origin(self) -> None:
+        """The offset has no origin of its own to set."""
+
+
+class SimFocusLock(GenericDevice):
+    """A hardware focus lock that holds the coverslip (Nikon PFS, ASI CRISP, Zeiss Definite Focus, Leica AFC).
+
+    Engaged (property State On), it holds the Z drive at reference + offset + the stand's drift since, so the stand's
+    drift never defocuses; the sample's drift relative to the coverslip still does. `lose()` drops the lock as a
+    real one does (immersion gone, a plate edge): Status reads Lost and the drive stays where it was.
+    """
+
+    def __init__(self, scope: ClockedMicroscope, focus: SimFocusStage, offset: SimLockOffset) -> None:
+        super().__init__()
+        self._scope = scope
+        self._focus = focus
+        self._offset = offset
+        self._status = "Off"
+        self._reference_um = 0.0  # Z held at offset 0 and zero stand drift
+        self.register_property("State", default_value="Off", allowed_values=("On", "Off"),
+                               getter=lambda dev: "On" if dev.locked else "Off",
+                               setter=lambda dev, value: dev.engage(value == "On"))
+        self.register_property("Status", default_value="Off", allowed_values=("Locked", "Off", "Lost"),
+                               getter=lambda dev: dev.status, is_read_only=True)
+
+    @property
+    def locked(self) -> bool:
+        return self._status == "Locked"
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    def held_z_um(self) -> float:
+        t_s = self._scope.clock_s()
+        return self._reference_um + self._offset.get_position_um() + self._scope.stand_drift_um(t_s)
+
+    def engage(self, on: bool) -> None:
+        if on and not self.locked:
+            z_um = self._focus.physical_z_um
+            self._reference_um = z_um - self._offset.get_position_um() - self._scope.stand_drift_um(self._scope.clock_s())
+            self._status = "Locked"
+        elif not on and self.locked:
+            self._focus.release_lock()
+            self._status = "Off"
+        log.info(kv("sim_focus_lock", status=self._status))
+
+    def lose(self) -> None:
+        """Simulate losing the lock: the drive stays where the lock last held it, Status reads Lost."""
+        if self.locked:
+            self._focus.release_lock()
+        self._status = "Lost"
+        log.warning(kv("sim_focus_lock", status=self._status))
+
+
 class SimCamera(SimpleCameraDevice):
     """Simulated sCMOS camera: each frame is the specimen rendered at the stages' positions and the scope's clock.
 
@@ -178,12 +319,17 @@ class SimCamera(SimpleCameraDevice):
     the wall clock a frame takes that long.
     """
 
-    def __init__(self, scope: ClockedMicroscope, focus: SimFocusStage, xy: SimXYStage, exposure_ms: float) -> None:
+    def __init__(
+        self, scope: ClockedMicroscope, focus: SimFocusStage, xy: SimXYStage, exposure_ms: float,
+        stains: Mapping[str, SimulatedMicroscope] | None = None, filters: SimFilterWheel | None = None,
+    ) -> None:
         super().__init__()
         self._scope = scope
         self._focus = focus
         self._xy = xy
         self._exposure_ms = float(exposure_ms)
+        self._stains = dict(stains or {})
+        self._filters = filters
 
     def get_exposure(self) -> float:
         return self._exposure_ms
@@ -204,8 +350,10 @@ class SimCamera(SimpleCameraDevice):
         z_um = self._focus.physical_z_um
         xy_um = self._xy.physical_xy_um
         t_s = self._scope.clock.frame_exposed(self._exposure_ms)
-        buffer[:] = self._scope.render(stage_z_um=z_um, stage_xy_um=xy_um, t_s=t_s, exposure_ms=self._exposure_ms)
-        return {"SimTime_s": f"{t_s:.6f}", "SimStageZ_um": f"{z_um:.4f}"}
+        channel = self._filters.channel if self._filters is not None else ""
+        renderer = self._stains.get(channel, self._scope)
+        buffer[:] = renderer.render(stage_z_um=z_um, stage_xy_um=xy_um, t_s=t_s, exposure_ms=self._exposure_ms)
+        return {"SimTime_s": f"{t_s:.6f}", "SimStageZ_um": f"{z_um:.4f}", "SimChannel": channel}
 
 
 def create_simulated_core(optics: OpticsConfig, simulator: SimulatorConfig) -> tuple[UniMMCore, ClockedMicroscope]:
@@ -217,12 +365,26 @@ def create_simulated_core(optics: OpticsConfig, simulator: SimulatorConfig) -> t
     scope = ClockedMicroscope(optics, simulator)
     focus = SimFocusStage(simulator.z_limits_um, simulator.focus_z_um)
     xy = SimXYStage()
-    camera = SimCamera(scope, focus, xy, simulator.camera.exposure_ms)
+    filters = SimFilterWheel(list(simulator.channels)) if simulator.channels else None
+    stains = stain_microscopes(optics, simulator, scope) if simulator.channels else {}
+    camera = SimCamera(scope, focus, xy, simulator.camera.exposure_ms, stains, filters)
+    devices: list[tuple[str, Any]] = [(CAMERA_LABEL, camera), (FOCUS_LABEL, focus), (XY_LABEL, xy)]
+    if filters is not None:
+        devices.append((FILTER_LABEL, filters))
+    if simulator.focus_lock:
+        offset = SimLockOffset()
+        focus.lock = SimFocusLock(scope, focus, offset)
+        devices += [(LOCK_OFFSET_LABEL, offset), (LOCK_LABEL, focus.lock)]
 
     core = UniMMCore()
-    for label, device in ((CAMERA_LABEL, camera), (FOCUS_LABEL, focus), (XY_LABEL, xy)):
+    for label, device in devices:
         core.loadPyDevice(label, device)
         core.initializeDevice(label)
+    for name in simulator.channels:
+        core.defineConfig(simulator.channel_group, name, FILTER_LABEL, "Label", name)
+    if simulator.channels:
+        core.setChannelGroup(simulator.channel_group)
+        core.setConfig(simulator.channel_group, next(iter(simulator.channels)))
     core.setCameraDevice(CAMERA_LABEL)
     core.setFocusDevice(FOCUS_LABEL)
     core.setXYStageDevice(XY_LABEL)
@@ -240,6 +402,8 @@ def create_simulated_core(optics: OpticsConfig, simulator: SimulatorConfig) -> t
             frame_px=f"{width_px}x{height_px}",
             pixel_size_um=f"{scope.pixel_size_um:.4f}",
             time_per_frame_s=simulator.time_per_frame_s,
+            channels=",".join(simulator.channels) or "-",
+            focus_lock=simulator.focus_lock,
         )
     )
     return core, scope

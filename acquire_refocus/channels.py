@@ -1,0 +1,79 @@
+"""Which channels drive the focus loop and which ones the network refocuses.
+
+Why: a time-lapse images a nuclear stain beside other labels. The focus loop must fit one channel's frames (a
+DAPI and a GFP frame at the same Z differ in sharpness, so pooling them biases the fit), and a network trained for
+one stain and wavelength must not be trusted on another: those frames are kept raw (saved, published, logged as
+skipped with the reason) unless the user asks for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import useq
+
+from acquire_refocus.config import FocusConfig, OpticsConfig, PipelineConfig
+from acquire_refocus.errors import ConfigError
+
+# A model is trusted for emission wavelengths within this fraction of the one it was trained for. The PSF's width
+# and its defocus blur scale with the wavelength; 10% (415-507 nm for the shipped 461 nm model: DAPI / Hoechst
+# but not GFP) is a conservative choice, not a measured limit of the network.
+WAVELENGTH_ENVELOPE_FRACTION = 0.10
+
+
+def sequence_channels(sequence: useq.MDASequence) -> list[str]:
+    """The channel preset names of a sequence, in its order."""
+    return [channel.config for channel in sequence.channels]
+
+
+def driving_channel(focus: FocusConfig, channels: Sequence[str]) -> str | None:
+    """The channel whose frames drive the focus loop: the first of `focus.channel` the sequence has, else the
+    sequence's first channel; None for a sequence without channels (every frame drives it). ConfigError when
+    `focus.channel` names none of the sequence's channels."""
+    if not channels:
+        return None
+    if focus.channel is None:
+        return channels[0]
+    wanted = [focus.channel] if isinstance(focus.channel, str) else list(focus.channel)
+    for name in wanted:
+        if name in channels:
+            return name
+    raise ConfigError(f"focus.channel: none of {', '.join(wanted)} is a channel of the sequence "
+                      f"(channels: {', '.join(channels)})")
+
+
+def model_wavelength_nm(corrector: object) -> float | None:
+    """The emission wavelength a corrector's model was trained for (a Refocuser's weights record it), else None."""
+    loaded = getattr(corrector, "loaded", None)
+    optics = getattr(loaded, "optics", None)
+    wavelength_nm = getattr(optics, "emission_wavelength_nm", None)
+    return float(wavelength_nm) if isinstance(wavelength_nm, (int, float)) else None
+
+
+class ModelChannelPolicy:
+    """pipeline.ChannelPolicy: a channel is refocused when `pipeline.channels` includes it (null: any) and its
+    emission wavelength lies within the model's envelope, or `refocus_any_wavelength` is set."""
+
+    def __init__(self, pipeline: PipelineConfig, optics: OpticsConfig, model_wavelength_nm: float | None) -> None:
+        self._wanted = None if pipeline.channels is None else set(pipeline.channels)
+        self._any_wavelength = pipeline.refocus_any_wavelength
+        self._optics = optics
+        self._model_nm = model_wavelength_nm
+
+    def envelope_nm(self) -> tuple[float, float] | None:
+        if self._model_nm is None:
+            return None
+        return (self._model_nm * (1 - WAVELENGTH_ENVELOPE_FRACTION), self._model_nm * (1 + WAVELENGTH_ENVELOPE_FRACTION))
+
+    def __call__(self, channel: str | None) -> str | None:
+        if channel is None:
+            return None
+        if self._wanted is not None and channel not in self._wanted:
+            return f"channel {channel} not in pipeline.channels"
+        envelope = self.envelope_nm()
+        wavelength_nm = self._optics.for_channel(channel).emission_wavelength_nm
+        if self._any_wavelength or envelope is None or envelope[0] <= wavelength_nm <= envelope[1]:
+            return None
+        return (f"channel {channel} emits at {wavelength_nm:g} nm, outside the model's {envelope[0]:.0f}-"
+                f"{envelope[1]:.0f} nm (trained for {self._model_nm:g} nm); pipeline.refocus_any_wavelength "
+                "refocuses it anyway")
