@@ -1,0 +1,93 @@
+"""The PSF bank computed in chunks, in worker processes, as float32: the same PSFs as one psfmodels call over all
+planes (the computation it replaces), with progress on the terminal and bounded chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from acquire_refocus.config import OpticsConfig
+from acquire_refocus.sim import psf as psf_module
+from acquire_refocus.sim.psf import (
+    compute_psf_bank,
+    load_or_compute_psf_bank,
+    planes_per_chunk,
+    psf_size_px,
+)
+
+# 100x / 1.45 oil, 130 nm pixels, into a sample of index 1.40: the optics whose bank did not scale
+OIL_100X = OpticsConfig(
+    numerical_aperture=1.45,
+    magnification=100.0,
+    immersion_index=1.515,
+    sample_index=1.40,
+    camera_pixel_size_um=13.0,
+)
+MAX_DEFOCUS_UM = 1.5
+Z_STEP_UM = 0.25
+DEPTH_UM = 3.0
+
+
+def _single_call_bank(optics: OpticsConfig) -> np.ndarray:
+    """The previous computation: every plane in one psfmodels call, normalised in float64, then float32."""
+    kwargs = psf_module._psf_kwargs(optics, optics.pixel_size_um)
+    nx = psf_size_px(optics, MAX_DEFOCUS_UM, optics.pixel_size_um)
+    count = round(MAX_DEFOCUS_UM / Z_STEP_UM)
+    defocus_um = np.arange(-count, count + 1) * Z_STEP_UM
+    z_best = psf_module._best_focus_z(DEPTH_UM, kwargs, "vectorial")
+    psf = psf_module._make_psf(z_best + defocus_um, nx, DEPTH_UM, kwargs, "vectorial")
+    psf /= psf.sum(axis=(1, 2), keepdims=True)
+    return psf.astype(np.float32)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_chunked_bank_equals_one_call_over_all_planes(
+    workers: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reference = _single_call_bank(OIL_100X)
+    bank = compute_psf_bank(
+        OIL_100X,
+        max_defocus_um=MAX_DEFOCUS_UM,
+        z_step_um=Z_STEP_UM,
+        depth_um=DEPTH_UM,
+        workers=workers,
+    )
+    planes, nx = len(reference), reference.shape[-1]
+    # several chunks, so both the chunk boundaries and (with 2 workers) out-of-order arrival are exercised
+    assert planes_per_chunk(nx, planes, workers) < planes
+    assert bank.psf.dtype == np.float32
+    assert bank.psf.shape == reference.shape
+    difference = np.abs(bank.psf - reference).max() / reference.max()
+    assert difference <= 1e-6, difference
+    np.testing.assert_allclose(bank.psf.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    # the progress bar names the planes done out of all of them
+    assert f"{planes}/{planes}" in capsys.readouterr().err
+
+
+def test_chunks_stay_within_the_memory_budget_and_spread_over_the_workers() -> None:
+    for nx, planes, workers in ((1115, 323, 2), (1031, 305, 1), (209, 363, 2), (89, 11, 2), (4001, 5, 2)):
+        chunk = planes_per_chunk(nx, planes, workers)
+        assert chunk >= 1
+        assert chunk == 1 or chunk * nx * nx * 8 <= psf_module._CHUNK_BYTES
+        assert chunk <= -(-planes // (4 * workers))
+
+
+def test_bank_from_cache_equals_the_computed_one(tmp_path) -> None:
+    computed, from_cache = load_or_compute_psf_bank(
+        OIL_100X,
+        max_defocus_um=MAX_DEFOCUS_UM,
+        z_step_um=Z_STEP_UM,
+        depth_um=DEPTH_UM,
+        cache_dir=tmp_path,
+    )
+    assert not from_cache
+    loaded, from_cache = load_or_compute_psf_bank(
+        OIL_100X,
+        max_defocus_um=MAX_DEFOCUS_UM,
+        z_step_um=Z_STEP_UM,
+        depth_um=DEPTH_UM,
+        cache_dir=tmp_path,
+    )
+    assert from_cache
+    assert loaded.psf.dtype == np.float32
+    np.testing.assert_array_equal(loaded.psf, computed.psf)
