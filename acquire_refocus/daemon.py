@@ -182,6 +182,7 @@ class Daemon:
         self._current: RunSummary | None = None
         self._last: RunSummary | None = None
         self._core: Any = None
+        self._core_lock = threading.Lock()
         self.scope: Any = None  # the simulated microscope, with the simulator backend
         self.corrector = corrector if corrector is not None else load_refocuser(config)
         self.publisher = Publisher(config.publishing) if config.publishing.enabled else None
@@ -291,9 +292,9 @@ class Daemon:
 
     def _check_against_hardware(self, sequence: useq.MDASequence) -> None:
         """Channels and pixel size against the loaded hardware, as a run checks them before any store opens."""
-        core = self._core
-        if core is None:
-            return
+        if self.config.acquisition.backend == "pycromanager":
+            return  # the desktop application checks its own channels; there is no core here
+        core = self.acquisition_core()
         from acquire_refocus.hooks.pymmcore_plus import check_channels
 
         check_channels(core, sequence)
@@ -410,9 +411,12 @@ class Daemon:
         return summary
 
     def acquisition_core(self) -> Any:
-        """The Micro-Manager core of the configured backend, created once per daemon."""
-        if self._core is not None:
-            return self._core
+        """The Micro-Manager core of the configured backend, created once per daemon (by whichever thread asks
+        first: serve, a run, or the control thread checking a request)."""
+        with self._core_lock:
+            return self._core if self._core is not None else self._create_core()
+
+    def _create_core(self) -> Any:
         acq = self.config.acquisition
         if acq.backend == "simulator":
             from acquire_refocus.sim.devices import create_simulated_core
