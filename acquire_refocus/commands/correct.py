@@ -1,4 +1,5 @@
-"""`acquire-refocus correct`: refocus TIFF files offline and estimate their defocus."""
+"""`acquire-refocus correct`: refocus a dataset or plate (on a Dask cluster) or TIFF files offline, and estimate
+their defocus. One dataset path goes to `acquire_refocus.reprocess`; a list of 2-D TIFF files is handled here."""
 
 from __future__ import annotations
 
@@ -19,24 +20,53 @@ log = logging.getLogger(__name__)
 CSV_NAME = "defocus.csv"
 
 
+# Options that only a dataset run uses: given with a list of 2-D TIFF files they are refused, not ignored.
+_DATASET_OPTIONS = ("no_images", "csv", "scheduler", "workers", "channel", "batch_frames", "qc", "threshold_um")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Refocus single-plane TIFF images with the refocus network and estimate how far out of focus each one was. "
+        "DATASET: refocus a whole dataset (an .ome.zarr folder, this daemon's raw.ome.zarr included, an NDTiff "
+        "folder, an OME-TIFF or multi-page TIFF, or a folder of single-plane TIFFs named like BBBC's "
+        "..._A01_s1_w1....tif) on a Dask cluster, and write DIR/focus.parquet (one row per frame: axes, well and "
+        "site, defocus_magnitude_um, defocus_um, confidence, sharpness, status, reason) and DIR/refocused.ome.zarr "
+        "(float32, same axes and chunks). The input is never modified. Rerun the same command to resume an "
+        "interrupted run. "
+        "IN.tif ...: refocus single-plane TIFF images with the refocus network and estimate how far out of focus each one was. "
         "Writes one float32 TIFF per input (same name, in the frame's intensity units) and DIR/defocus.csv with "
         "columns file,defocus_um,confidence (file: the input path as given). defocus_um = stage Z at acquisition "
         "minus stage Z in focus: moving the focus stage by -defocus_um would have put the image in focus. A file "
         "that cannot be read is reported and skipped; the others are still processed. Files already in DIR are "
         "never replaced: if a result's name is taken, choose another DIR."
     )
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="IN.tif", help="2-D TIFF images (uint8/uint16/float)")
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="DATASET | IN.tif",
+                        help="one dataset path, or 2-D TIFF images (uint8/uint16/float)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="output folder (created if needed; files already there are never replaced)")
     parser.add_argument("--pixel-size-um", type=float, default=None, metavar="X",
-                        help="pixel size at the sample; frames are resampled to the model's (default: the model's)")
+                        help="pixel size at the sample; frames are resampled to the model's (default: a dataset's "
+                             "metadata; for TIFF files, the model's)")
     parser.add_argument("--weights", type=Path, default=None, metavar="W",
                         help="weights file from 'acquire-refocus train' (default: the shipped model)")
     parser.add_argument("--engine", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"],
-                        help="inference backend (default: auto = the fastest one that works here)")
+                        help="inference backend (default: auto = the fastest one that works here, per worker)")
+    dataset = parser.add_argument_group("dataset runs")
+    dataset.add_argument("--channel", action="append", metavar="NAME",
+                         help="correct this channel (repeat for more; default: all); other channels get 'skipped' rows")
+    dataset.add_argument("--no-images", action="store_true",
+                         help="estimates only: write the focus table, not refocused.ome.zarr")
+    dataset.add_argument("--csv", action="store_true", help="also write DIR/focus.csv")
+    dataset.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                         help="run on this Dask cluster (default: Dask's scheduler-address setting, else an embedded "
+                              "cluster on this machine)")
+    dataset.add_argument("--workers", type=int, metavar="N",
+                         help="worker processes of the embedded cluster (default: one per 4 cores)")
+    dataset.add_argument("--batch-frames", type=int, default=None, metavar="N",
+                         help="frames per task (rounded up to whole output chunks; default 8)")
+    dataset.add_argument("--qc", action="store_true",
+                         help="also write the focus-quality report into DIR/qc (see 'acquire-refocus qc')")
+    dataset.add_argument("--threshold-um", type=float, default=None, metavar="X",
+                         help="with --qc: list frames whose |defocus| exceeds X um for re-imaging (default 5)")
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -101,7 +131,67 @@ def _write_new(path: Path, data: bytes) -> None:
                         f"{path.parent}; choose another --out") from None
 
 
+def _is_dataset(inputs: list[Path]) -> bool:
+    """One folder, or one TIFF holding more than one plane: a dataset. Anything else: a list of 2-D TIFF files."""
+    if len(inputs) != 1:
+        return False
+    path = inputs[0]
+    if path.is_dir():
+        return True
+    if path.is_file() and path.suffix.lower() in (".tif", ".tiff"):
+        from acquire_refocus.reprocess.tiff import describe
+
+        try:
+            return describe(path).frame_count > 1
+        except InputError:
+            return False  # the file-by-file path reports it as an unreadable image
+    return False
+
+
+def _run_dataset(args: argparse.Namespace) -> int:
+    import dask
+
+    from acquire_refocus.reprocess.runner import Options, reprocess
+
+    batch_frames = 8 if args.batch_frames is None else args.batch_frames
+    if args.workers is not None and args.workers < 1 or batch_frames < 1:
+        raise UserError("--workers and --batch-frames must be at least 1")
+    scheduler = args.scheduler or dask.config.get("scheduler-address", None)
+    summary = reprocess(Options(
+        dataset=args.inputs[0], out=args.out, weights=args.weights, engine=args.engine,
+        pixel_size_um=args.pixel_size_um, channels=tuple(args.channel or ()), images=not args.no_images,
+        csv=args.csv, scheduler=scheduler, workers=args.workers, batch_frames=batch_frames))
+    counts = summary.counts
+    if summary.already_complete:
+        print(f"{args.out} already holds the finished run of {args.inputs[0]}; nothing to do")
+    else:
+        resumed = f", {summary.frames_before} done by an earlier run" if summary.frames_before else ""
+        print(f"{summary.frames} frame(s) of {args.inputs[0]} ({summary.info.kind}): {counts['refocused']} refocused, "
+              f"{counts['failed']} failed, {counts['skipped']} skipped; computed {summary.frames_computed} now"
+              f"{resumed}. Table: {args.out / 'focus.parquet'}"
+              + ("" if args.no_images else f", images: {args.out / 'refocused.ome.zarr'}"))
+    if args.qc:
+        from acquire_refocus.reprocess.report import write_report
+
+        report = write_report(args.out, threshold_um=args.threshold_um)
+        print(f"focus-quality report: {report}")
+    if counts["failed"]:
+        raise UserError(f"{counts['failed']} frame(s) could not be refocused; their rows in focus.parquet say why "
+                        "(status 'failed', column 'reason')")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if _is_dataset(args.inputs):
+        return _run_dataset(args)
+    given = [name for name in _DATASET_OPTIONS if getattr(args, name) not in (None, False)]
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')} applies to a dataset (one folder or multi-plane TIFF), not "
+                        "to a list of 2-D TIFF files")
+    return _run_files(args)
+
+
+def _run_files(args: argparse.Namespace) -> int:
     import tifffile
 
     from acquire_refocus.refocuser import Refocuser
