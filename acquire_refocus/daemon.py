@@ -27,23 +27,33 @@ from pydantic import ValidationError
 
 from acquire_refocus.config import AppConfig, dump_config
 from acquire_refocus.control import ControlServer
+from acquire_refocus.diskspace import SpaceNeed, check_space, low_space_problem, space_need
 from acquire_refocus.errors import ConfigError, UserError
+from acquire_refocus.autofocus import software_autofocus
 from acquire_refocus.channels import ModelChannelPolicy, driving_channel, model_wavelength_nm, sequence_channels
 from acquire_refocus.focus import FocusController, estimates_waiter, pycromanager_planner
 from acquire_refocus.logs import kv
 from acquire_refocus.outputs import output_folder
 from acquire_refocus.pipeline import BackgroundSink, FrameCorrector, FramePipeline, FrameSink, PipelineStats
 from acquire_refocus.publishing import Publisher, PublishSink
+from acquire_refocus.run_watch import Check, RunWatch
 from acquire_refocus.storage import (
     FOCUS_LOG,
+    MAX_UNCOMMITTED_FRAMES,
+    RAW_FRAME_LOG,
     RAW_STORE,
     REFOCUSED_STORE,
     RUN_RECORD,
     FocusLog,
+    RawFrameLog,
     RefocusedStore,
     axis_sizes,
+    expected_frames,
     nested_event_count,
     package_versions,
+    process_identity,
+    read_run_state,
+    stored_frame_count,
     utc_now,
     write_run_record,
 )
@@ -117,10 +127,34 @@ def _run_output(output_dir: str | Path) -> Path:
     """The folder a run writes into, created; UserError when it already holds a run (raw data is never
     overwritten) or cannot be used."""
     folder = Path(output_dir)
-    if (folder / RAW_STORE).exists() or (folder / REFOCUSED_STORE).exists():
-        raise UserError(f"{folder} already holds a run ({RAW_STORE} / {REFOCUSED_STORE}); raw data is never "
+    previous = read_run_state(folder)
+    if previous is not None or (folder / RAW_STORE).exists() or (folder / REFOCUSED_STORE).exists():
+        state = f" that {_STATE_WORDS.get(previous['state'], previous['state'])}" if previous else ""
+        raise UserError(f"{folder} already holds a run{state} ({RAW_STORE} / {REFOCUSED_STORE}); raw data is never "
                         "overwritten: choose another --output directory")
     return output_folder(folder, "--output")
+
+
+_STATE_WORDS = {
+    "interrupted": "was interrupted (its process ended while it was running: killed, or the machine stopped)",
+    "running": "is still running",
+    "completed": "completed",
+    "failed": "failed",
+    "cancelled": "was cancelled",
+}
+
+
+def interrupted_runs(root: Path | None) -> list[str]:
+    """Folders directly in `root` (and root itself) whose run was interrupted: a record left at "running" by a
+    process that is gone."""
+    if root is None or not root.is_dir():
+        return []
+    found = []
+    for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        record = read_run_state(folder)
+        if record is not None and record.get("state") == "interrupted":
+            found.append(str(folder))
+    return found
 
 
 def _z_planes(sequence: useq.MDASequence) -> int:
@@ -150,6 +184,7 @@ class RunSummary:
     focus: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     cancelled: bool = False
+    raw_frames: dict[str, int] = field(default_factory=dict)  # acquired / on disk, where the daemon can count them
 
     def counts(self) -> dict[str, Any]:
         return self.stats.as_dict() if self.stats is not None else {}
@@ -183,7 +218,12 @@ class Daemon:
         self._last: RunSummary | None = None
         self._core: Any = None
         self._core_lock = threading.Lock()
+        self._run_stop: threading.Event | None = None  # set to stop the run in progress (pycromanager polls it)
         self.scope: Any = None  # the simulated microscope, with the simulator backend
+        self.interrupted_runs = interrupted_runs(self.data_root)
+        if self.interrupted_runs:
+            log.warning(kv("interrupted_runs_found", folders=",".join(self.interrupted_runs),
+                           note="their raw frames are on disk; raw_frames.jsonl holds each frame's metadata"))
         self.corrector = corrector if corrector is not None else load_refocuser(config)
         self.publisher = Publisher(config.publishing) if config.publishing.enabled else None
         self.control: ControlServer | None = None
@@ -235,6 +275,7 @@ class Daemon:
             "publishing": self._publisher_stats(),
             "focus": controller.state() if controller is not None else {"mode": self.config.focus.mode},
             "runs_queued": self._runs.qsize(),
+            "interrupted_runs": self.interrupted_runs,
         }
 
     def _on_pause(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -327,6 +368,10 @@ class Daemon:
         if not self._stop.is_set():
             log.info(kv("daemon_stopping", reason=why))
         self._stop.set()
+        with self._lock:
+            run_stop = self._run_stop
+        if run_stop is not None:
+            run_stop.set()
         core = self._core
         if core is not None:
             core.mda.cancel()
@@ -363,6 +408,7 @@ class Daemon:
             check_pixel_size = getattr(self.corrector, "check_pixel_size_um", None)
             if check_pixel_size is not None:
                 check_pixel_size(self.config.acquisition.pixel_size_um or core.getPixelSizeUm() or None)
+        space = self._check_space(sequence, core, output_dir)
         if output_dir is not None:
             store = None
             if self.config.storage.save_refocused:
@@ -384,31 +430,109 @@ class Daemon:
         log.info(kv("run_start", run=run_id, backend=backend, engine=self.engine_name,
                     output=output_dir or "not saved", focus=self.config.focus.mode))
         t0 = time.perf_counter()
+        run_stop = threading.Event()
+        raw_log = (RawFrameLog(output_dir / RAW_FRAME_LOG)
+                   if core is not None and output_dir is not None and self.config.storage.save_raw else None)
+        watch = RunWatch(self._run_checks(pipeline, raw_log, output_dir, space),
+                         lambda reason: self._abort_run(summary, run_stop, core, reason))
+        with self._lock:
+            self._run_stop = run_stop
         pipeline.start()
+        if raw_log is not None:
+            core.mda.events.frameReady.connect(raw_log.frameReady)
         try:
             self._write_record(summary, sequence, "running")
-            self._acquire(core, sequence, pipeline, controller, output_dir)
+            watch.start()
+            self._acquire(core, sequence, pipeline, controller, output_dir, run_stop)
         except UserError as exc:
-            summary.error = str(exc)
+            summary.error = summary.error or str(exc)
             raise
         except Exception as exc:
-            summary.error = f"{type(exc).__name__}: {exc}"
+            summary.error = summary.error or f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            watch.stop()
+            if raw_log is not None:
+                core.mda.events.frameReady.disconnect(raw_log.frameReady)
+                raw_log.close()
             summary.cancelled = self._stop.is_set()
             summary.stats = pipeline.close(drain=True)
+            watch.check_now()  # a store that failed while closing
+            if not summary.error:
+                summary.error = self._missing_frames(summary, sequence, output_dir, raw_log)
             summary.wall_s = time.perf_counter() - t0
             summary.ended = utc_now()
             summary.publisher = self._publisher_stats()
             summary.focus = controller.state() if controller is not None else {"mode": "off"}
             with self._lock:
                 self._pipeline, self._controller, self._current, self._last = None, None, None, summary
+                self._run_stop = None
             self._write_record(summary, sequence, "failed" if summary.error else
                                ("cancelled" if summary.cancelled else "completed"))
             log.info(kv("run_done", run=run_id, wall_s=f"{summary.wall_s:.1f}", error=summary.error or "none",
                         **{k: v for k, v in summary.counts().items()
                            if k in ("seen", "refocused", "skipped", "failed", "pixels_released")}))
         return summary
+
+    def _check_space(self, sequence: useq.MDASequence, core: Any, output_dir: Path | None) -> SpaceNeed | None:
+        """Refuse (UserError) a run whose frames cannot fit on the output disk; the SpaceNeed to watch during the
+        run. None when nothing is saved, or the frame size is not known before the first frame (pycromanager)."""
+        storage = self.config.storage
+        if output_dir is None or not (storage.save_raw or storage.save_refocused):
+            return None
+        if core is None:
+            log.warning(kv("disk_space_not_checked", output=output_dir,
+                           reason="the frame size is known only once the desktop application sends frames"))
+            return None
+        raw_bytes = int(core.getBytesPerPixel()) if storage.save_raw else None
+        margin_frames = (self.config.pipeline.queue_size + self.config.pipeline.max_backlog_frames
+                         + REFOCUSED_WRITE_QUEUE + MAX_UNCOMMITTED_FRAMES)
+        need = space_need(expected_frames(sequence), int(core.getImageHeight()), int(core.getImageWidth()),
+                          raw_bytes, storage.save_refocused, margin_frames, storage.min_free_mb)
+        check_space(output_dir, need)
+        return need
+
+    def _run_checks(self, pipeline: FramePipeline, raw_log: RawFrameLog | None, output_dir: Path | None,
+                    space: SpaceNeed | None) -> list[Check]:
+        """What stops a run while it goes on: low disk space, and a failed write of any store."""
+        checks: list[Check] = []
+        if output_dir is not None and space is not None:
+            checks.append(lambda: low_space_problem(output_dir, space))
+
+        def sink_failed() -> str:
+            errors = pipeline.stats().sink_errors
+            return f"{errors} write(s) of the focus log or refocused store failed (sink_failed in the log)" if errors else ""
+
+        checks.append(sink_failed)
+        if raw_log is not None:
+            checks.append(lambda: f"the raw frame log could not be written: {raw_log.error}" if raw_log.error else "")
+        return checks
+
+    def _abort_run(self, summary: RunSummary, run_stop: threading.Event, core: Any, reason: str) -> None:
+        """Stop this run (not the daemon) as failed: the backend finishes the frame in progress and closes the raw
+        store; the queue drains into the other stores."""
+        summary.error = summary.error or reason
+        run_stop.set()
+        if core is not None:
+            core.mda.cancel()
+
+    def _missing_frames(self, summary: RunSummary, sequence: useq.MDASequence, output_dir: Path | None,
+                        raw_log: RawFrameLog | None) -> str:
+        """Why a run that raised nothing is still not complete: fewer frames than the sequence asked for (unless
+        stopped on request), or raw frames that are not on disk; "" when it is complete."""
+        seen = summary.stats.seen if summary.stats is not None else 0
+        if not summary.cancelled:
+            expected = expected_frames(sequence)
+            if seen < expected:
+                return (f"the camera delivered {seen} of the {expected} frames the sequence asked for "
+                        "(see the acquisition's warnings in the log)")
+        if raw_log is not None and output_dir is not None:
+            on_disk = stored_frame_count(output_dir / RAW_STORE)
+            summary.raw_frames = {"acquired": raw_log.rows, "on_disk": on_disk}
+            if on_disk < raw_log.rows:
+                return (f"{raw_log.rows - on_disk} of {raw_log.rows} raw frames are not in {RAW_STORE} (the raw "
+                        "writer failed; its error is in the log)")
+        return ""
 
     def acquisition_core(self) -> Any:
         """The Micro-Manager core of the configured backend, created once per daemon (by whichever thread asks
@@ -435,7 +559,7 @@ class Daemon:
 
     def _acquire(
         self, core: Any, sequence: useq.MDASequence, pipeline: FramePipeline,
-        controller: FocusController | None, output_dir: Path | None,
+        controller: FocusController | None, output_dir: Path | None, run_stop: threading.Event,
     ) -> None:
         acq = self.config.acquisition
         save_raw = output_dir is not None and self.config.storage.save_raw
@@ -451,7 +575,7 @@ class Daemon:
                 sequence,
                 pipeline,
                 focus_planner=planner,
-                stop_event=self._stop,
+                stop_event=run_stop,
                 directory=output_dir if save_raw else None,
                 name="raw",
                 pixel_size_um=acq.pixel_size_um,
@@ -468,6 +592,7 @@ class Daemon:
             controller=controller,
             raw_path=output_dir / RAW_STORE if save_raw and output_dir is not None else None,
             pixel_size_um=acq.pixel_size_um,
+            autofocus=software_autofocus(self.config, self.corrector, controller, output_dir),
         )
 
     def _write_record(self, summary: RunSummary, sequence: useq.MDASequence, state: str) -> None:
@@ -484,12 +609,14 @@ class Daemon:
             "model_sha256": getattr(self.corrector, "model_sha256", None),
             "stores": {"raw": RAW_STORE, "refocused": REFOCUSED_STORE, "focus_log": FOCUS_LOG},
             "counts": summary.counts(),
+            "raw_frames": summary.raw_frames or None,
             "publishing": summary.publisher,
             "focus": summary.focus,
             "error": summary.error or None,
             "sequence": sequence.model_dump(mode="json", exclude_unset=True),
             "config": yaml.safe_load(dump_config(self.config)),
             "versions": package_versions(),
+            **process_identity(),
         }
         write_run_record(summary.output_dir / RUN_RECORD, record)
 

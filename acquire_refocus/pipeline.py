@@ -513,6 +513,8 @@ class FramePipeline:
             try:
                 sink.close()
             except Exception as exc:
+                with self._lock:  # counted like a failed write: the run cannot be called complete
+                    self._counts.sink_errors += 1
                 log.error(kv("sink_close_failed", sink=type(sink).__name__, error=repr(exc)))
 
 

@@ -6,6 +6,8 @@ Layout of an output directory:
     DIR/refocused.ome.zarr  refocused frames, float32, same axes and frame order as the raw data
     DIR/focus.csv           one row per raw frame: estimate, stage Z, whether it was refocused, latency
     DIR/run.json            config, model, engine, package versions, times, counts
+    DIR/raw_frames.jsonl    the raw store's per-frame metadata (stage position, times, camera), one line per
+                            frame as it is written: ome-writers only writes it into the store at close
 
 Both OME-Zarr stores are written with `ome-writers` (the writer pymmcore-plus itself uses), one chunk per frame
 and no sharding, with the OME-NGFF metadata on disk from creation: after a crash or `kill -9`, everything but the
@@ -34,6 +36,7 @@ import logging
 import math
 import os
 import platform
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,7 @@ RAW_STORE = "raw.ome.zarr"
 REFOCUSED_STORE = "refocused.ome.zarr"
 FOCUS_LOG = "focus.csv"
 RUN_RECORD = "run.json"
+RAW_FRAME_LOG = "raw_frames.jsonl"
 FOCUS_LOG_COLUMNS = (
     "frame",
     "axes",
@@ -170,6 +174,15 @@ def nested_event_count(sequence: useq.MDASequence) -> int:
     if any(p.sequence is not None for p in positions):
         sizes["p"] = sum(max(1, nested_event_count(p.sequence)) if p.sequence is not None else 1 for p in positions)
     return math.prod(n for n in sizes.values() if n)
+
+
+def expected_frames(sequence: useq.MDASequence) -> int:
+    """Frames the sequence acquires: the full nest by arithmetic for a regular sequence, else its events counted
+    (a channel every n-th time point, positions with their own sub-sequence)."""
+    if _AcquisitionSlots.for_sequence(sequence) is not None:
+        return nested_event_count(sequence)
+    # an autofocus_plan's events take no frame of the acquisition
+    return sum(1 for event in sequence if not isinstance(event.action, useq.HardwareAutofocus))
 
 
 # Events of the sequence checked against the arithmetic of `_AcquisitionSlots` before it is trusted.
@@ -391,6 +404,114 @@ def read_focus_log(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+class RawFrameLog:
+    """pymmcore-plus frameReady handler writing raw_frames.jsonl: the per-frame metadata pymmcore-plus hands the raw
+    store's writer (which keeps it in memory until the store closes, so a kill -9 loses all of it), one flushed line
+    per frame, in the acquisition thread right after the frame went to the writer. A write error (disk full) is
+    kept in `error` for the daemon to stop the run on, never raised into the acquisition."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = self.path.open("a", encoding="utf-8")
+        self.rows = 0
+        self.error = ""
+
+    def frameReady(self, image: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]) -> None:  # noqa: N802
+        if self.error:
+            return
+        row = {"frame": self.rows, "axes": {str(getattr(k, "value", k)): int(v) for k, v in event.index.items()},
+               "t_written": round(time.time(), 6), "meta": meta}
+        try:
+            self._file.write(json.dumps(row, separators=(",", ":"), default=str, allow_nan=False) + "\n")
+            self._file.flush()
+        except (OSError, ValueError) as exc:
+            self.error = f"{self.path.name}: {exc}"
+            return
+        self.rows += 1
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as exc:  # the last buffered line could not be written
+            self.error = self.error or f"{self.path.name}: {exc}"
+
+
+def read_raw_frame_log(path: str | Path) -> list[dict[str, Any]]:
+    """raw_frames.jsonl as dicts; a last line cut short by a crash is left out."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def stored_frame_count(store: str | Path) -> int:
+    """Frames on disk in an OME-Zarr store written one chunk per frame (every series): chunks that exist. A
+    frame whose pixels all equal the fill value (0) is not stored as a chunk, so it counts as missing."""
+    import zarr
+
+    root = Path(store)
+    if not root.exists():
+        return 0
+    count = 0
+    for series in open_stores(root.parent).get(_STORE_NAMES[root.name], {}).values():
+        if not isinstance(series, zarr.Array):
+            continue
+        count += int(series.nchunks_initialized)
+    return count
+
+
+def read_run_state(folder: str | Path) -> dict[str, Any] | None:
+    """The run record of `folder` (None without one) with its state as it stands now: a record still saying
+    "running" whose process is gone (killed, or the machine went down) reads "interrupted"."""
+    path = Path(folder) / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return {"state": "unreadable", "error": f"{path}: {exc}"}
+    if not isinstance(record, dict):
+        return {"state": "unreadable", "error": f"{path}: not a run record"}
+    if record.get("state") == "running" and not _process_alive(record):
+        record["state"] = "interrupted"
+    return record
+
+
+def process_identity() -> dict[str, Any]:
+    """What run.json records to tell later whether its writer still runs: host, pid and the pid's start time."""
+    return {"host": platform.node(), "pid": os.getpid(), "pid_started": _start_ticks(os.getpid())}
+
+
+def _start_ticks(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (Linux /proc; None elsewhere): a pid reused by another
+    process has another start time."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_alive(record: Mapping[str, Any]) -> bool:
+    """Whether the process that wrote a record may still run; on another machine that cannot be known (True)."""
+    pid = record.get("pid")
+    if record.get("host") != platform.node():
+        return True
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    started = record.get("pid_started")
+    return started is None or _start_ticks(pid) in (None, started)
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -413,6 +534,9 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+_STORE_NAMES = {RAW_STORE: "raw", REFOCUSED_STORE: "refocused"}
+
+
 def open_stores(path: str | Path) -> dict[str, Any]:
     """Open an output directory's OME-Zarr stores read-only: {"raw": {series: zarr.Array}, "refocused": ...}.
 
@@ -421,7 +545,7 @@ def open_stores(path: str | Path) -> dict[str, Any]:
     import zarr
 
     out: dict[str, Any] = {}
-    for name, store in (("raw", RAW_STORE), ("refocused", REFOCUSED_STORE)):
+    for store, name in _STORE_NAMES.items():
         root = Path(path) / store
         if not root.exists():
             continue
