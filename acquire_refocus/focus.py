@@ -389,6 +389,15 @@ class FocusController:
             history.append((t_index, offset_um))
         return offset_um
 
+    def restart_offset(self, position: int, t_index: int) -> None:
+        """The planned Z of a position moved to where a software autofocus found focus: its offset is 0 again."""
+        with self._lock:
+            self._offset_um[position] = 0.0
+            history = self._applied_um.setdefault(position, deque(maxlen=_APPLIED_OFFSET_TIME_POINTS))
+            history.append((t_index, 0.0))
+            self._fine_history.pop(position, None)  # fitted focus history was relative to the old plan
+        log.info(kv("focus_offset_restart", position=position, t=t_index, note="software autofocus found focus"))
+
     def applied_offset_um(self, axes: dict[str, int]) -> float | None:
         """FocusOffsetLookup: the offset `plan` gave the frames of this position and time point (0 in observe
         mode); None when it planned none (no stage Z, the loop off, or more than 16 time points ago)."""
@@ -595,6 +604,13 @@ class EventPlanner:
         self._wait = wait_for_estimates
         self._planned_t: dict[int, int] = {}
         self._held: dict[int, float] = {}
+
+    def restart(self, position: int, t_index: int) -> None:
+        """A software autofocus just put the position in focus: its offset is 0 again for the rest of this time
+        point and from now on (the autofocus's finding is the new planned Z)."""
+        self._held[position] = 0.0
+        self._planned_t[position] = t_index
+        self._controller.restart_offset(position, t_index)
 
     def z_for(self, index: dict[str, int], nominal_z_um: float | None, relative_z_um: float = 0.0) -> float | None:
         """The Z to send for an event with useq `index` planned at `nominal_z_um` (None: leave Z alone)."""

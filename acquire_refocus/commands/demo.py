@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from acquire_refocus.channels import ModelChannelPolicy, model_wavelength_nm
 from acquire_refocus.config import PROJECT_ROOT, AppConfig, load_config, parse_config
 from acquire_refocus.errors import UserError
+from acquire_refocus.focus import channel_z_offset_um
 from acquire_refocus.outputs import output_folder
 
 _DESCRIPTION = """\
@@ -29,6 +31,7 @@ examples:
   acquire-refocus demo                              # ./demo-output
   acquire-refocus demo --output /tmp/demo --loops 10
   acquire-refocus demo --config configs/simulator.yaml --drift steps
+  acquire-refocus demo --config configs/simulator-multichannel.yaml --output /tmp/two-channels
 """
 
 DEMO_MARKER = ".acquire-refocus-demo"
@@ -134,7 +137,8 @@ def _free_address(address: str) -> str:
 
 
 class FocusTruth:
-    """frameReady listener recording, per frame, the simulator's true in-focus Z at that frame's instant."""
+    """frameReady listener recording, per frame, the simulator's true in-focus Z at that frame's instant, and the
+    frame's channel (its focus Z is its stage Z minus the channel's Z offset in the sequence)."""
 
     def __init__(self, scope: Any, time_per_frame_s: float | None, nominal_z_um: dict[int, float]) -> None:
         self._scope = scope
@@ -150,18 +154,24 @@ class FocusTruth:
         stage_z = float(pos.get("z", event.z_pos))
         t_s = self._scope.clock_s() - self._dt  # the clock advanced once when this frame was exposed
         focus_z = self._scope.focus_z_um(xy, t_s)
+        channel_offset_um = channel_z_offset_um(event)
         self.rows.append({
             "p": position, "t_index": index.get("t", 0), "t_s": t_s, "stage_z_um": stage_z,
-            "focus_z_um": focus_z, "error_um": stage_z - focus_z,
-            "uncorrected_error_um": self._nominal.get(position, stage_z) - focus_z,
+            "channel": event.channel.config if event.channel is not None else None,
+            "focus_z_um": focus_z, "error_um": stage_z - channel_offset_um - focus_z,
+            "uncorrected_error_um": self._nominal.get(position, stage_z - channel_offset_um) - focus_z,
         })
+
+    def of_channel(self, channel: str | None) -> list[dict]:
+        """The rows of one channel (all rows for None)."""
+        return [r for r in self.rows if channel is None or r["channel"] == channel]
 
 
 def _rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values)) if values else math.nan
 
 
-def _plot(path: Path, truth: FocusTruth, estimates: list[dict], title: str) -> None:
+def _plot(path: Path, truth: FocusTruth, estimates: list[dict], title: str, channel: str | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,13 +180,13 @@ def _plot(path: Path, truth: FocusTruth, estimates: list[dict], title: str) -> N
     fig, (ax_err, ax_z) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     positions = sorted({row["p"] for row in truth.rows})
     for position in positions:
-        rows = [r for r in truth.rows if r["p"] == position]
+        rows = [r for r in truth.of_channel(channel) if r["p"] == position]
         t = [r["t_s"] for r in rows]
         ax_err.plot(t, [r["uncorrected_error_um"] for r in rows], "--", label=f"p{position} without correction")
         ax_err.plot(t, [r["error_um"] for r in rows], "-o", ms=3, label=f"p{position} with correction")
         by_frame = {e["frame"]: e for e in estimates}
         est = [(r["t_s"], by_frame[k]["defocus_um"]) for k, r in enumerate(truth.rows)
-               if r["p"] == position and k in by_frame and by_frame[k]["refocused"]
+               if r["p"] == position and (channel is None or r["channel"] == channel) and k in by_frame and by_frame[k]["refocused"]
                and math.isfinite(by_frame[k]["defocus_um"])]
         if est:
             ax_err.plot(*zip(*est, strict=True), "x", ms=4, label=f"p{position} network estimate")
@@ -248,17 +258,22 @@ def run(args: argparse.Namespace) -> int:
 
     rows = read_focus_log(output / FOCUS_LOG)
     counts = summary.counts()
-    corrected = [r["error_um"] for r in truth.rows]
-    uncorrected = [r["uncorrected_error_um"] for r in truth.rows]
+    channel = summary.focus.get("channel")  # the channel that drives the loop: its frames measure the error
+    corrected = [r["error_um"] for r in truth.of_channel(channel)]
+    uncorrected = [r["uncorrected_error_um"] for r in truth.of_channel(channel)]
     rms_with, rms_without = _rms(corrected), _rms(uncorrected)
     dof_um = config.optics.depth_of_field_um
     plot_path = output / PLOT_NAME
     _plot(plot_path, truth, rows,
           f"{config.simulator.drift.model} drift, focus {config.focus.mode}: RMS error {rms_with:.2f} um "
-          f"(without correction {rms_without:.2f} um; depth of field {dof_um:.2f} um)")
+          f"(without correction {rms_without:.2f} um; depth of field {dof_um:.2f} um)"
+          + (f", channel {channel}" if channel else ""), channel)
     acquired_fps = counts.get("seen", 0) / summary.wall_s if summary.wall_s else math.nan
     latencies = sorted(r["latency_ms"] for r in rows if r["refocused"])
     p50 = latencies[len(latencies) // 2] if latencies else math.nan
+    policy = ModelChannelPolicy(config.pipeline, config.optics, model_wavelength_nm(daemon.corrector))
+    outside = sum(1 for r in truth.rows if policy(r["channel"]))
+    not_refocused = f" ({outside} of them of channels kept raw: pipeline.channels)" if outside else ""
     mode_word = "with correction" if config.focus.mode == "correct" else f"focus mode {config.focus.mode}"
     released = (f" ({counts['pixels_released']} of them without pixels: the sinks were behind)"
                 if counts.get("pixels_released") else "")
@@ -268,13 +283,13 @@ def run(args: argparse.Namespace) -> int:
             "demo summary",
             f"  engine                {daemon.engine_name}",
             f"  frames                {counts.get('seen', 0)} acquired, {counts.get('refocused', 0)} refocused, "
-            f"{counts.get('skipped', 0)} skipped{released}, {counts.get('failed', 0)} failed",
+            f"{counts.get('skipped', 0)} skipped{released}{not_refocused}, {counts.get('failed', 0)} failed",
             f"  rates                 {acquired_fps:.1f} frames/s over the run; refocus latency p50 {p50:.0f} ms",
             f"  published             {summary.publisher.get('published', 0)} messages, "
             f"dropped {summary.publisher.get('dropped', 0)}; demo subscriber received "
             f"raw {received['raw']}, refocused {received['refocused']}, focus {received['focus']}",
             f"  focus error RMS       {rms_with:.2f} um {mode_word}, {rms_without:.2f} um without correction "
-            f"(depth of field {dof_um:.2f} um)",
+            f"(depth of field {dof_um:.2f} um{f'; frames of channel {channel}, which drives the loop' if channel else ''})",
             f"  focus moves           {summary.focus.get('moves', 0)} {summary.focus.get('moves_by_source', {})}, "
             f"offsets_um {summary.focus.get('offsets_um', {})}; network estimates used "
             f"{summary.focus.get('estimates_accepted', 0)}, rejected {summary.focus.get('estimates_rejected', 0)} "

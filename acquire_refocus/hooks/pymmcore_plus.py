@@ -23,6 +23,7 @@ from pymmcore_plus import CMMCorePlus
 from pymmcore_plus.core import SequencedEvent
 from pymmcore_plus.mda import MDAEngine
 
+from acquire_refocus.autofocus import FocusDrive, SoftwareAutofocus
 from acquire_refocus.errors import UserError
 from acquire_refocus.focus import (
     EventPlanner,
@@ -95,7 +96,7 @@ class PymmcorePlusHook:
 
 
 class FocusMDAEngine(MDAEngine):
-    """pymmcore-plus's MDAEngine with the closed focus loop.
+    """pymmcore-plus's MDAEngine with the closed focus loop and the software autofocus.
 
     The Z offset is applied in `setup_event`, the moment the runner is about to execute an event (every earlier
     frame is taken by then), not when the event is pulled from the iterator: pymmcore-plus looks ahead there to
@@ -104,22 +105,65 @@ class FocusMDAEngine(MDAEngine):
     (shifted as a whole). In correct mode the first event of a time point waits (at most
     `focus.estimate_wait_s`) for the estimates of the frames already taken (not for the disk or the network);
     observe mode never waits.
+
+    An autofocus event of the sequence's `autofocus_plan` whose `autofocus_device_name` is the software
+    autofocus's (`focus.autofocus.device_name`, default "acquire-refocus") runs `SoftwareAutofocus` instead of the
+    core's hardware autofocus, on the channel that drives the loop; the focus it finds shifts the planned Z of that
+    position's following events (a z-stack is centred on it), and the loop's offset there starts again from 0.
+    Other autofocus events go to the hardware autofocus as pymmcore-plus does it.
     """
 
     def __init__(
-        self, core: CMMCorePlus, controller: FocusController, pipeline: FramePipeline | None = None, **kwargs: Any
+        self, core: CMMCorePlus, controller: FocusController | None, pipeline: FramePipeline | None = None,
+        autofocus: SoftwareAutofocus | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(core, **kwargs)
         self._controller = controller
-        self._wait = estimates_waiter(controller, pipeline) if pipeline is not None else None
-        self._planner = EventPlanner(controller, self._wait)
+        self._wait = estimates_waiter(controller, pipeline) if pipeline is not None and controller else None
+        self._planner = EventPlanner(controller, self._wait) if controller is not None else None
+        self._autofocus = autofocus
+        self._autofocus_shift_um: dict[int, float] = {}  # per position: focus found minus the planned Z
         self._start_z_um: float | None = None
 
     def setup_sequence(self, sequence: useq.MDASequence) -> Any:
         core = self.mmcore
         self._start_z_um = core.getZPosition() if core.getFocusDevice() else None
-        self._planner = EventPlanner(self._controller, self._wait)
+        self._planner = EventPlanner(self._controller, self._wait) if self._controller is not None else None
+        self._autofocus_shift_um = {}
         return super().setup_sequence(sequence)
+
+    def exec_event(self, event: useq.MDAEvent) -> Iterable[Any]:
+        if self._is_software_autofocus(event):
+            self._run_autofocus(event)
+            return ()
+        return super().exec_event(event)
+
+    def _is_software_autofocus(self, event: useq.MDAEvent) -> bool:
+        action = event.action
+        return (self._autofocus is not None and isinstance(action, useq.HardwareAutofocus)
+                and action.autofocus_device_name == self._autofocus.config.device_name)
+
+    def _run_autofocus(self, event: useq.MDAEvent) -> None:
+        """The software autofocus at this event's position, from where setup_event put the stage."""
+        assert self._autofocus is not None
+        core = self.mmcore
+        index = _useq_index(event)
+        position, t_index = index.get("p", 0), index.get("t", 0)
+        channel = self._controller.channel if self._controller is not None else None
+        if channel is not None and event.sequence is not None:
+            group = next((c.group for c in event.sequence.channels if c.config == channel), None)
+            if group is not None:
+                core.setConfig(group, channel)
+        start_um = core.getZPosition()
+        result = self._autofocus.run(FocusDrive(core), start_um, label=f"p{position}_t{t_index}")
+        if not result.succeeded:
+            return
+        nominal = event.z_pos if event.z_pos is not None else self._start_z_um
+        if nominal is None:
+            return
+        self._autofocus_shift_um[position] = result.focus_z_um - nominal
+        if self._planner is not None:
+            self._planner.restart(position, t_index)
 
     def event_iterator(self, events: Iterable[useq.MDAEvent]) -> Iterator[useq.MDAEvent]:
         for time_point in _split_time_points(events):
@@ -129,15 +173,24 @@ class FocusMDAEngine(MDAEngine):
         super().setup_event(self._adjusted(event))
 
     def _adjusted(self, event: useq.MDAEvent) -> useq.MDAEvent:
+        """The event with its Z shifted by the software autofocus's finding and the loop's offset."""
         first = event.events[0] if isinstance(event, SequencedEvent) and event.events else event
-        nominal = first.z_pos if first.z_pos is not None else self._start_z_um
-        z_um = self._planner.z_for(_useq_index(first), nominal, planned_centre_shift_um(first))
-        if z_um is None or nominal is None or (z_um == nominal and event.z_pos is None):
+        planned = first.z_pos if first.z_pos is not None else self._start_z_um
+        if planned is None:
             return event
-        offset_um = z_um - nominal
-        update: dict[str, Any] = {"z_pos": (event.z_pos if event.z_pos is not None else nominal) + offset_um}
+        index = _useq_index(first)
+        nominal = planned + self._autofocus_shift_um.get(index.get("p", 0), 0.0)
+        if self._planner is None:
+            z_um: float | None = nominal
+        else:  # an autofocus event's Z is its position's centre, not a plane of the stack
+            shift = 0.0 if isinstance(first.action, useq.HardwareAutofocus) else planned_centre_shift_um(first)
+            z_um = self._planner.z_for(index, nominal, shift)
+        if z_um is None or (z_um == planned and event.z_pos is None):
+            return event
+        offset_um = z_um - planned
+        update: dict[str, Any] = {"z_pos": (event.z_pos if event.z_pos is not None else planned) + offset_um}
         if isinstance(event, SequencedEvent) and event.z_sequence:
-            lo, hi = self._controller.config.z_limits_um
+            lo, hi = self._controller.config.z_limits_um if self._controller is not None else (-math.inf, math.inf)
             update["z_sequence"] = tuple(min(hi, max(lo, z + offset_um)) for z in event.z_sequence)
         return event.model_copy(update=update)
 
@@ -166,6 +219,7 @@ def run_sequence(
     controller: FocusController | None = None,
     raw_path: str | Path | None = None,
     pixel_size_um: float | None = None,
+    autofocus: SoftwareAutofocus | None = None,
 ) -> None:
     """Acquire `sequence` with `core.mda` in this thread, every frame to `pipeline`; blocks until done.
 
@@ -175,6 +229,11 @@ def run_sequence(
     preset for is a UserError before anything starts.
     """
     check_channels(core, sequence)
+    if sequence.autofocus_plan is not None:
+        # useq's AxesBasedAF remembers the last event it saw: an earlier pass over the sequence (counting its
+        # frames) would make it skip the first position's autofocus. A fresh copy starts clean.
+        plan = sequence.autofocus_plan
+        sequence = sequence.model_copy(update={"autofocus_plan": type(plan).model_validate(plan.model_dump())})
     output: Any = None
     if raw_path is not None:
         output = raw_store_settings(
@@ -186,8 +245,10 @@ def run_sequence(
             pixel_size_um or core.getPixelSizeUm() or None,
         )
     old_engine = None
-    if controller is not None and controller.mode != "off":
-        old_engine = core.mda.set_engine(FocusMDAEngine(core, controller, pipeline))
+    loop = controller if controller is not None and controller.mode != "off" else None
+    software_af = autofocus if autofocus is not None and uses_software_autofocus(sequence, autofocus) else None
+    if loop is not None or software_af is not None:
+        old_engine = core.mda.set_engine(FocusMDAEngine(core, loop, pipeline, software_af))
     log.info(kv("mda_run_start", backend="pymmcore-plus", core=type(core).__name__, raw=raw_path or "not saved",
                 focus=controller.mode if controller is not None else "off", events=nested_event_count(sequence)))
     try:
@@ -197,6 +258,12 @@ def run_sequence(
         if old_engine is not None:
             core.mda.set_engine(old_engine)
     log.info(kv("mda_run_done", frames=pipeline.stats().seen))
+
+
+def uses_software_autofocus(sequence: useq.MDASequence, autofocus: SoftwareAutofocus) -> bool:
+    """Whether the sequence's autofocus plan (or a position's sub-sequence's) names the software autofocus."""
+    plans = [sequence.autofocus_plan] + [p.sequence.autofocus_plan for p in sequence.stage_positions if p.sequence]
+    return any(plan is not None and plan.autofocus_device_name == autofocus.config.device_name for plan in plans)
 
 
 def check_channels(core: CMMCorePlus, sequence: useq.MDASequence) -> None:
