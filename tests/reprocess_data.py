@@ -4,6 +4,8 @@ BBBC-style single-plane files). Frames are 64 x 64 uint16 blurred noise: structu
 
 from __future__ import annotations
 
+import gc
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +70,16 @@ def write_ome_zarr_v04(path: Path, data: np.ndarray) -> None:
 def write_ndtiff(path: Path, data: np.ndarray) -> Path:
     import ndstorage
 
-    dataset = ndstorage.NDTiffDataset(str(path), summary_metadata={"PixelSize_um": PIXEL_SIZE_UM}, writable=True)
-    for t, p, c, z in np.ndindex(*data.shape[:4]):
-        dataset.put_image({"time": t, "position": p, "channel": CHANNELS[c], "z": z}, data[t, p, c, z],
-                          {"PixelSizeUm": PIXEL_SIZE_UM})
-    dataset.finish()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # ndstorage's finish() drops a reader without closing it
+        dataset = ndstorage.NDTiffDataset(str(path), summary_metadata={"PixelSize_um": PIXEL_SIZE_UM}, writable=True)
+        for t, p, c, z in np.ndindex(*data.shape[:4]):
+            dataset.put_image({"time": t, "position": p, "channel": CHANNELS[c], "z": z}, data[t, p, c, z],
+                              {"PixelSizeUm": PIXEL_SIZE_UM})
+        dataset.finish()
+        dataset.close()
+        del dataset
+        gc.collect()
     return path
 
 

@@ -87,6 +87,8 @@ class FrameReader(Protocol):
 
     def read(self, position: int, index: tuple[int, ...]) -> np.ndarray: ...
 
+    def close(self) -> None: ...
+
 
 def select_channels(info: DatasetInfo, names: list[str] | None) -> tuple[int, ...] | None:
     """Channel indices to correct (None: all). InputError naming the channels there are for an unknown name."""
@@ -123,15 +125,22 @@ def open_dataset(path: Path) -> DatasetInfo:
 _READERS: dict[tuple[str, str], FrameReader] = {}
 
 
-def reader_for(info: DatasetInfo) -> FrameReader:
-    """This process's reader for `info` (opened once: a worker reads many batches of one dataset)."""
+def open_reader(info: DatasetInfo) -> FrameReader:
     from acquire_refocus.reprocess import folder, ndtiff, ome_zarr, tiff
 
+    module = {"ome-zarr": ome_zarr, "ndtiff": ndtiff, "tiff": tiff, "folder": folder}[info.kind]
+    return module.Reader(info)  # type: ignore[no-any-return]
+
+
+def reader_for(info: DatasetInfo) -> FrameReader:
+    """This worker process's reader for `info`, opened once (a worker reads many batches of one dataset) and kept
+    open for the life of the process."""
     key = (info.kind, str(info.path))
     if key not in _READERS:
-        module = {"ome-zarr": ome_zarr, "ndtiff": ndtiff, "tiff": tiff, "folder": folder}[info.kind]
-        _READERS.clear()  # one dataset at a time per process
-        _READERS[key] = module.Reader(info)
+        for reader in _READERS.values():  # one dataset at a time per process
+            reader.close()
+        _READERS.clear()
+        _READERS[key] = open_reader(info)
     return _READERS[key]
 
 

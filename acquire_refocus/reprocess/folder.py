@@ -96,3 +96,6 @@ class Reader:
             raise InputError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
         finally:
             tif.close()
+
+    def close(self) -> None:
+        return None  # each file is opened and closed by read()

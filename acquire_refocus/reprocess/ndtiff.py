@@ -86,3 +86,6 @@ class Reader:
         if not self._dataset.has_image(**coordinates):
             raise InputError(f"no image at {coordinates} in the NDTiff dataset")
         return np.asarray(self._dataset.read_image(**coordinates))
+
+    def close(self) -> None:
+        self._dataset.close()

@@ -142,3 +142,6 @@ class Reader:
             self._arrays[position] = zarr.open_array(
                 str(self.info.path), mode="r", path=f"{group}/{self.info.extra['array_path']}".strip("/"))
         return np.asarray(self._arrays[position][index])
+
+    def close(self) -> None:
+        self._arrays.clear()

@@ -127,7 +127,7 @@ def _worst_montage(out: Path, worst: list[dict[str, Any]], path: Path) -> bool:
     import matplotlib.pyplot as plt
     import zarr
 
-    from acquire_refocus.reprocess.dataset import open_dataset, reader_for
+    from acquire_refocus.reprocess.dataset import open_dataset, open_reader
     from acquire_refocus.reprocess.output import ARRAY
 
     record = json.loads((out / "reprocess.json").read_text())
@@ -138,16 +138,18 @@ def _worst_montage(out: Path, worst: list[dict[str, Any]], path: Path) -> bool:
     store = out / "refocused.ome.zarr"
     columns = 2 if store.is_dir() else 1
     figure, axes = plt.subplots(len(worst), columns, figsize=(3 * columns, 3 * len(worst)), squeeze=False)
+    reader = open_reader(info)
     for k, row in enumerate(worst):
         position = int(row.get("p") or 0)
         index = tuple(int(row[a]) for a in info.plane_axes)
-        axes[k][0].imshow(_display(reader_for(info).read(position, index)), cmap="gray")
+        axes[k][0].imshow(_display(reader.read(position, index)), cmap="gray")
         axes[k][0].set_title(f"{_label(row)}\n|d| = {row['defocus_magnitude_um']:.1f} um", fontsize=8)
         if columns == 2:
             group = info.positions[position].group
             refocused = zarr.open_array(str(store), mode="r", path=f"{group}/{ARRAY}".strip("/"))[index]
             axes[k][1].imshow(_display(np.asarray(refocused)), cmap="gray")
             axes[k][1].set_title("refocused", fontsize=8)
+    reader.close()
     for axis in axes.flat:
         axis.axis("off")
     figure.tight_layout()

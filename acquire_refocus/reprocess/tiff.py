@@ -113,3 +113,6 @@ class Reader:
         if page is None:
             raise InputError(f"plane {page_number} of image {position} is missing from the file")
         return np.asarray(page.asarray())
+
+    def close(self) -> None:
+        self._tif.close()
