@@ -264,6 +264,7 @@ class FocusController:
         self.sharpness_restarts = 0
         self.other_channel_frames = 0  # frames of channels that do not drive the loop (never used)
         self.refused = 0  # moves over max_step_um refused (max_step_action refuse)
+        self.lock_lost = 0  # times the hardware focus lock was found not engaged (actuator autofocus_offset)
 
     @property
     def mode(self) -> str:
@@ -388,6 +389,13 @@ class FocusController:
             history = self._applied_um.setdefault(position, deque(maxlen=_APPLIED_OFFSET_TIME_POINTS))
             history.append((t_index, offset_um))
         return offset_um
+
+    def note_lock_lost(self, position: int, t_index: int) -> None:
+        """The hardware focus lock reports it is not engaged: no corrections until it is again."""
+        with self._lock:
+            self.lock_lost += 1
+        log.warning(kv("focus_lock_lost", position=position, t=t_index,
+                       note="the focus lock is not engaged: corrections stop until it is"))
 
     def restart_offset(self, position: int, t_index: int) -> None:
         """The planned Z of a position moved to where a software autofocus found focus: its offset is 0 again."""
@@ -565,6 +573,7 @@ class FocusController:
                 "sharpness_restarts": self.sharpness_restarts,
                 "clamps": self.clamps,
                 "refused": self.refused,
+                "lock_lost": self.lock_lost,
                 "other_channel_frames": self.other_channel_frames,
                 "positions": self._position_states_locked(),
             }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from pymmcore_plus.mda import MDAEngine
 
 from acquire_refocus.autofocus import FocusDrive, SoftwareAutofocus
 from acquire_refocus.errors import UserError
+from acquire_refocus.focus_lock import FocusLock, focus_lock_for
 from acquire_refocus.focus import (
     EventPlanner,
     FocusController,
@@ -50,10 +51,16 @@ def _finite(value: Any) -> float | None:
 class PymmcorePlusHook:
     """Hands every frame of `core.mda` runs to the pipeline. Connect with `with hook:` or connect()/disconnect()."""
 
-    def __init__(self, core: CMMCorePlus, pipeline: FramePipeline, pixel_size_um: float | None = None) -> None:
+    def __init__(
+        self, core: CMMCorePlus, pipeline: FramePipeline, pixel_size_um: float | None = None,
+        focus_z_reader: Callable[[], float] | None = None,
+    ) -> None:
+        """`focus_z_reader`: where the frame's focus coordinate comes from instead of the stage Z (a focus lock's
+        offset, when the loop moves that)."""
         self._core = core
         self._pipeline = pipeline
         self._pixel_size_um = pixel_size_um
+        self._focus_z_reader = focus_z_reader
         self.frames = 0
 
     def frameReady(self, image: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]) -> None:  # noqa: N802
@@ -66,7 +73,7 @@ class PymmcorePlusHook:
 
     def frame_info(self, event: useq.MDAEvent, meta: Mapping[str, Any]) -> FrameInfo:
         position = meta.get("position") or {}
-        z_um = _finite(position.get("z"))
+        z_um = _finite(self._focus_z_reader()) if self._focus_z_reader is not None else _finite(position.get("z"))
         if z_um is None:
             z_um = _finite(event.z_pos)
         x_um, y_um = _finite(position.get("x", event.x_pos)), _finite(position.get("y", event.y_pos))
@@ -115,9 +122,12 @@ class FocusMDAEngine(MDAEngine):
 
     def __init__(
         self, core: CMMCorePlus, controller: FocusController | None, pipeline: FramePipeline | None = None,
-        autofocus: SoftwareAutofocus | None = None, **kwargs: Any,
+        autofocus: SoftwareAutofocus | None = None, lock: FocusLock | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(core, **kwargs)
+        self._lock = lock
+        self._lock_base_um = 0.0
+        self._lock_lost_since: tuple[int, int] | None = None  # (position, t) where the lock was found lost
         self._controller = controller
         self._wait = estimates_waiter(controller, pipeline) if pipeline is not None and controller else None
         self._planner = EventPlanner(controller, self._wait) if controller is not None else None
@@ -130,6 +140,10 @@ class FocusMDAEngine(MDAEngine):
         self._start_z_um = core.getZPosition() if core.getFocusDevice() else None
         self._planner = EventPlanner(self._controller, self._wait) if self._controller is not None else None
         self._autofocus_shift_um = {}
+        if self._lock is not None:
+            self._lock_base_um = self._lock.offset_um()  # the loop's offsets are relative to the user's
+            self._lock_lost_since = None
+            self.restore_initial_state = False  # restoring the start state would move the Z drive
         return super().setup_sequence(sequence)
 
     def exec_event(self, event: useq.MDAEvent) -> Iterable[Any]:
@@ -174,6 +188,8 @@ class FocusMDAEngine(MDAEngine):
 
     def _adjusted(self, event: useq.MDAEvent) -> useq.MDAEvent:
         """The event with its Z shifted by the software autofocus's finding and the loop's offset."""
+        if self._lock is not None:
+            return self._through_lock(event)
         first = event.events[0] if isinstance(event, SequencedEvent) and event.events else event
         planned = first.z_pos if first.z_pos is not None else self._start_z_um
         if planned is None:
@@ -193,6 +209,27 @@ class FocusMDAEngine(MDAEngine):
             lo, hi = self._controller.config.z_limits_um if self._controller is not None else (-math.inf, math.inf)
             update["z_sequence"] = tuple(min(hi, max(lo, z + offset_um)) for z in event.z_sequence)
         return event.model_copy(update=update)
+
+
+    def _through_lock(self, event: useq.MDAEvent) -> useq.MDAEvent:
+        """actuator autofocus_offset: the loop's offset goes to the lock; the event's Z is dropped (the Z drive is
+        never moved in this mode). While the lock reports it is not engaged, nothing is corrected."""
+        assert self._lock is not None and self._planner is not None and self._controller is not None
+        first = event.events[0] if isinstance(event, SequencedEvent) and event.events else event
+        index = _useq_index(first)
+        position, t_index = index.get("p", 0), index.get("t", 0)
+        if not self._lock.locked():
+            if self._lock_lost_since is None:
+                self._lock_lost_since = (position, t_index)
+                self._controller.note_lock_lost(position, t_index)
+        else:
+            if self._lock_lost_since is not None:
+                log.info(kv("focus_lock_back", position=position, t=t_index, lost_at=self._lock_lost_since))
+                self._lock_lost_since = None
+            offset_um = self._planner.z_for(index, self._lock_base_um, 0.0)
+            if offset_um is not None and offset_um != self._lock.offset_um():
+                self._lock.set_offset_um(offset_um)
+        return event.model_copy(update={"z_pos": None}) if event.z_pos is not None else event
 
 
 def _useq_index(event: useq.MDAEvent) -> dict[str, int]:
@@ -247,12 +284,17 @@ def run_sequence(
     old_engine = None
     loop = controller if controller is not None and controller.mode != "off" else None
     software_af = autofocus if autofocus is not None and uses_software_autofocus(sequence, autofocus) else None
+    lock = focus_lock_for(core, loop.config) if loop is not None and loop.config.actuator == "autofocus_offset" \
+        else None
+    if lock is not None and software_af is not None:
+        raise UserError("focus.actuator autofocus_offset and a software autofocus_plan together: the software "
+                        "autofocus moves the Z drive, which a focus lock holds; use one or the other")
     if loop is not None or software_af is not None:
-        old_engine = core.mda.set_engine(FocusMDAEngine(core, loop, pipeline, software_af))
+        old_engine = core.mda.set_engine(FocusMDAEngine(core, loop, pipeline, software_af, lock))
     log.info(kv("mda_run_start", backend="pymmcore-plus", core=type(core).__name__, raw=raw_path or "not saved",
                 focus=controller.mode if controller is not None else "off", events=nested_event_count(sequence)))
     try:
-        with PymmcorePlusHook(core, pipeline, pixel_size_um):
+        with PymmcorePlusHook(core, pipeline, pixel_size_um, lock.offset_um if lock is not None else None):
             core.mda.run(sequence, output=output)
     finally:
         if old_engine is not None:

@@ -91,6 +91,7 @@ class ClockedMicroscope(SimulatedMicroscope):
         super().__init__(optics, simulator)
         self.clock = SimClock(simulator.time_per_frame_s)
         self.sample_drift = Drift(simulator.sample_drift)
+        self.focus_stage: SimFocusStage | None = None  # set by create_simulated_core
 
     def stand_drift_um(self, t_s: float) -> float:
         """The stand's drift (coverslip relative to objective): what a focus lock sees and removes."""
@@ -376,6 +377,7 @@ def create_simulated_core(optics: OpticsConfig, simulator: SimulatorConfig) -> t
         focus.lock = SimFocusLock(scope, focus, offset)
         devices += [(LOCK_OFFSET_LABEL, offset), (LOCK_LABEL, focus.lock)]
 
+    scope.focus_stage = focus
     core = UniMMCore()
     for label, device in devices:
         core.loadPyDevice(label, device)
