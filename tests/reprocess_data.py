@@ -18,17 +18,17 @@ PIXEL_SIZE_UM = 0.65
 CHANNELS = ("DAPI", "GFP")
 
 
-def frame(seed: int) -> np.ndarray:
+def frame(seed: int, px: int = FRAME_PX) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    blobs = gaussian_filter(rng.random((FRAME_PX, FRAME_PX)), 2.0 + seed % 3)
-    return (blobs / blobs.max() * 3000 + rng.poisson(100, (FRAME_PX, FRAME_PX))).astype(np.uint16)
+    blobs = gaussian_filter(rng.random((px, px)), 2.0 + seed % 3)
+    return (blobs / blobs.max() * 3000 + rng.poisson(100, (px, px))).astype(np.uint16)
 
 
-def frames_tpcz(t: int, p: int, c: int, z: int) -> np.ndarray:
+def frames_tpcz(t: int, p: int, c: int, z: int, px: int = FRAME_PX) -> np.ndarray:
     """Array (t, p, c, z, y, x) of distinct frames."""
-    out = np.empty((t, p, c, z, FRAME_PX, FRAME_PX), np.uint16)
+    out = np.empty((t, p, c, z, px, px), np.uint16)
     for seed, index in enumerate(np.ndindex(t, p, c, z)):
-        out[index] = frame(seed)
+        out[index] = frame(seed, px)
     return out
 
 
@@ -43,7 +43,8 @@ def write_ome_writers(path: Path, data: np.ndarray) -> None:
     sequence = useq.MDASequence(time_plan={"interval": 1, "loops": t},
                                 stage_positions=[(i * 10.0, 0.0, 0.0) for i in range(p)],
                                 channels=list(CHANNELS[:c]), z_plan={"range": z - 1, "step": 1}, axis_order="tpcz")
-    stream = create_stream(raw_store_settings(path, sequence, FRAME_PX, FRAME_PX, "uint16", PIXEL_SIZE_UM))
+    px = data.shape[-1]
+    stream = create_stream(raw_store_settings(path, sequence, px, px, "uint16", PIXEL_SIZE_UM))
     for event in sequence:
         index = event.index
         stream.append(data[index.get("t", 0), index.get("p", 0), index.get("c", 0), index.get("z", 0)])
