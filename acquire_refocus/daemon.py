@@ -458,8 +458,8 @@ class Daemon:
             summary.cancelled = self._stop.is_set()
             summary.stats = pipeline.close(drain=True)
             watch.check_now()  # a store that failed while closing
-            if not summary.error:
-                summary.error = self._missing_frames(summary, sequence, output_dir, raw_log)
+            raw_missing, incomplete = self._missing_frames(summary, sequence, output_dir, raw_log)
+            summary.error = "; ".join(filter(None, [summary.error or incomplete, raw_missing]))
             summary.wall_s = time.perf_counter() - t0
             summary.ended = utc_now()
             summary.publisher = self._publisher_stats()
@@ -517,22 +517,22 @@ class Daemon:
             core.mda.cancel()
 
     def _missing_frames(self, summary: RunSummary, sequence: useq.MDASequence, output_dir: Path | None,
-                        raw_log: RawFrameLog | None) -> str:
-        """Why a run that raised nothing is still not complete: fewer frames than the sequence asked for (unless
-        stopped on request), or raw frames that are not on disk; "" when it is complete."""
+                        raw_log: RawFrameLog | None) -> tuple[str, str]:
+        """Why a run is not complete although it may have raised nothing: (raw frames acquired that are not on
+        disk, fewer frames than the sequence asked for unless stopped on request); "" for each that is fine."""
+        raw_missing = incomplete = ""
+        if raw_log is not None and output_dir is not None:  # counted whatever else went wrong, for run.json
+            summary.raw_frames = {"acquired": raw_log.rows, "on_disk": stored_frame_count(output_dir / RAW_STORE)}
+            acquired, on_disk = raw_log.rows, summary.raw_frames["on_disk"]
+            if on_disk < acquired:
+                raw_missing = (f"{acquired - on_disk} of {acquired} raw frames are not in {RAW_STORE} (the raw "
+                               "writer failed; its error is in the log)")
         seen = summary.stats.seen if summary.stats is not None else 0
-        if not summary.cancelled:
-            expected = expected_frames(sequence)
-            if seen < expected:
-                return (f"the camera delivered {seen} of the {expected} frames the sequence asked for "
-                        "(see the acquisition's warnings in the log)")
-        if raw_log is not None and output_dir is not None:
-            on_disk = stored_frame_count(output_dir / RAW_STORE)
-            summary.raw_frames = {"acquired": raw_log.rows, "on_disk": on_disk}
-            if on_disk < raw_log.rows:
-                return (f"{raw_log.rows - on_disk} of {raw_log.rows} raw frames are not in {RAW_STORE} (the raw "
-                        "writer failed; its error is in the log)")
-        return ""
+        expected = expected_frames(sequence)
+        if not summary.cancelled and seen < expected:
+            incomplete = (f"the camera delivered {seen} of the {expected} frames the sequence asked for "
+                          "(see the acquisition's warnings in the log)")
+        return raw_missing, incomplete
 
     def acquisition_core(self) -> Any:
         """The Micro-Manager core of the configured backend, created once per daemon (by whichever thread asks
@@ -618,7 +618,12 @@ class Daemon:
             "versions": package_versions(),
             **process_identity(),
         }
-        write_run_record(summary.output_dir / RUN_RECORD, record)
+        try:
+            write_run_record(summary.output_dir / RUN_RECORD, record)
+        except OSError as exc:  # a full disk: the previous record stays (a "running" one reads "interrupted")
+            log.error(kv("run_record_not_written", path=summary.output_dir / RUN_RECORD, state=state,
+                         error=exc.strerror or str(exc), run_error=summary.error or "none"))
+            summary.error = summary.error or f"{RUN_RECORD} could not be written: {exc.strerror or exc}"
 
     # ----------------------------------------------------------------- serving
     def serve(self, once: bool = False, handle_signals: bool = True) -> int:

@@ -84,8 +84,7 @@ def low_space_problem(folder: str | Path, need: SpaceNeed) -> str:
         return f"cannot read the free space of {folder}: {exc}"
     if free < need.low_water_bytes:
         return (f"disk almost full: {_mb(free)} free in {folder}, below the {_mb(need.low_water_bytes)} that "
-                "frames in flight and storage.min_free_mb need; the acquisition was stopped so that no raw frame "
-                "is lost")
+                "frames in flight and storage.min_free_mb need; the acquisition was stopped")
     return ""
 
 

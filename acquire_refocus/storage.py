@@ -526,8 +526,12 @@ def write_run_record(path: str | Path, record: Mapping[str, Any]) -> None:
     """Write run.json atomically (a crash leaves the previous complete version)."""
     path = Path(path)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def utc_now() -> str:

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for an answer")
     if command == "status":
         parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
+        parser.add_argument("--run", metavar="DIR", type=Path,
+                            help="instead of asking a daemon, read the run saved in DIR (its run.json): completed, "
+                            "failed, cancelled, running, or interrupted (killed while running)")
 
 
 def _print_status(reply: dict[str, Any]) -> None:
@@ -55,11 +58,37 @@ def _print_status(reply: dict[str, Any]) -> None:
     print("\n".join(lines))
 
 
+def _print_saved_run(folder: Path, as_json: bool) -> int:
+    """The state of the run saved in `folder`; exit 0 only for a completed run."""
+    from acquire_refocus.storage import read_run_state
+
+    record = read_run_state(folder)
+    if record is None:
+        raise UserError(f"{folder}: no run.json here; give the folder a run was saved in")
+    if as_json:
+        print(json.dumps(record, indent=2))
+    else:
+        counts = record.get("counts") or {}
+        raw = record.get("raw_frames") or {}
+        print(f"state        {record.get('state')}  (run {record.get('run', '-')}, started {record.get('started')}, "
+              f"ended {record.get('ended') or '-'})")
+        print(f"frames       seen {counts.get('seen', '-')}  refocused {counts.get('refocused', '-')}  raw on disk "
+              f"{raw.get('on_disk', '-')} of {raw.get('acquired', '-')}")
+        if record.get("error"):
+            print(f"error        {record['error']}")
+        if record.get("state") == "interrupted":
+            print("note         the process ended while the run was going on; the raw frames written are in "
+                  "raw.ome.zarr, their metadata in raw_frames.jsonl and focus.csv")
+    return 0 if record.get("state") == "completed" else 1
+
+
 def run(args: argparse.Namespace) -> int:
     from acquire_refocus.client import check_wait_s
     from acquire_refocus.control import DaemonUnavailable, request
     from acquire_refocus.daemon import parse_sequence
 
+    if getattr(args, "run", None) is not None:
+        return _print_saved_run(args.run, args.json)
     check_wait_s("--timeout", args.timeout)
     address = args.address or load_config(args.config).publishing.control_address
     fields: dict[str, Any] = {}
