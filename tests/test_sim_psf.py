@@ -13,6 +13,7 @@ from acquire_refocus.sim.psf import (
     load_or_compute_psf_bank,
     planes_per_chunk,
     psf_size_px,
+    unfold_quadrant,
 )
 
 # 100x / 1.45 oil, 130 nm pixels, into a sample of index 1.40: the optics whose bank did not scale
@@ -55,11 +56,14 @@ def test_chunked_bank_equals_one_call_over_all_planes(
     planes, nx = len(reference), reference.shape[-1]
     # several chunks, so both the chunk boundaries and (with 2 workers) out-of-order arrival are exercised
     assert planes_per_chunk(nx, planes, workers) < planes
-    assert bank.psf.dtype == np.float32
-    assert bank.psf.shape == reference.shape
-    difference = np.abs(bank.psf - reference).max() / reference.max()
+    # the bank keeps a quarter of each plane; mirrored back, the planes are the previous ones
+    assert bank.psf_quadrant.dtype == np.float32
+    assert bank.psf_quadrant.shape == (planes, nx // 2 + 1, nx // 2 + 1)
+    assert bank.size_px == nx
+    whole = np.stack([bank.plane(i) for i in range(planes)])
+    difference = np.abs(whole - reference).max() / reference.max()
     assert difference <= 1e-6, difference
-    np.testing.assert_allclose(bank.psf.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(whole.sum(axis=(1, 2)), 1.0, rtol=1e-5)
     # the progress bar names the planes done out of all of them
     assert f"{planes}/{planes}" in capsys.readouterr().err
 
@@ -89,5 +93,15 @@ def test_bank_from_cache_equals_the_computed_one(tmp_path) -> None:
         cache_dir=tmp_path,
     )
     assert from_cache
-    assert loaded.psf.dtype == np.float32
-    np.testing.assert_array_equal(loaded.psf, computed.psf)
+    assert loaded.psf_quadrant.dtype == np.float32
+    np.testing.assert_array_equal(loaded.psf_quadrant, computed.psf_quadrant)
+
+
+def test_unfolding_mirrors_the_quadrant_about_the_centre() -> None:
+    quadrant = np.arange(9, dtype=np.float32).reshape(3, 3)
+    plane = unfold_quadrant(quadrant)
+    assert plane.shape == (5, 5)
+    np.testing.assert_array_equal(plane[2:, 2:], quadrant)
+    np.testing.assert_array_equal(plane, plane[::-1, :])
+    np.testing.assert_array_equal(plane, plane[:, ::-1])
+    assert plane[0, 0] == quadrant[2, 2] and plane[2, 0] == quadrant[0, 2]

@@ -180,7 +180,7 @@ class HeldOutSet:
         return samples
 
     def true_psf(self, defocus_um: float) -> np.ndarray:
-        return _crop_psf(self.bank.psf[int(self.bank.index(defocus_um))].astype(np.float64))
+        return _crop_psf(self.bank.plane(int(self.bank.index(defocus_um))).astype(np.float64))
 
 
 def tune_wiener_balance(config: AppConfig, distances_um: Sequence[float], window_px: int) -> dict[int, float]:
@@ -193,7 +193,7 @@ def tune_wiener_balance(config: AppConfig, distances_um: Sequence[float], window
     rng = np.random.default_rng(np.random.SeedSequence([0, 0x3E1]))
     planes, truth = scope.render_stack(signed, (field.x_um, field.y_um), rng=rng, shape_px=(window_px, window_px))
     bank = scope.psf_bank
-    in_focus = _crop_psf(bank.psf[int(bank.index(0.0))].astype(np.float64))
+    in_focus = _crop_psf(bank.plane(int(bank.index(0.0))).astype(np.float64))
     offset = config.simulator.camera.offset_adu
     data_range = float(truth.max() - truth.min())
     chosen: dict[int, float] = {}
@@ -205,7 +205,7 @@ def tune_wiener_balance(config: AppConfig, distances_um: Sequence[float], window
                 if round(abs(d)) != distance:
                     continue
                 sample = Sample("tuning", "flat", d, plane, truth)
-                psf = _crop_psf(bank.psf[int(bank.index(d))].astype(np.float64))
+                psf = _crop_psf(bank.plane(int(bank.index(d))).astype(np.float64))
                 image = _deconvolve(sample, psf, in_focus, offset, "wiener", balance)
                 values.append(peak_signal_noise_ratio(truth, image, data_range=data_range))
             scores[balance] = float(np.mean(values))

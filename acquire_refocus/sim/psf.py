@@ -64,7 +64,7 @@ from acquire_refocus.logs import kv
 log = logging.getLogger(__name__)
 
 PsfModel = Literal["vectorial", "scalar"]
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: quadrants of the planes
 # the design working distance only enters psfmodels' constant optical path; any positive value gives the same PSF
 _WORKING_DISTANCE_UM = 150.0
 # float64 planes per psfmodels call; it holds five such buffers while it computes them
@@ -83,12 +83,14 @@ def default_cache_dir() -> Path:
 class PsfBank:
     """Widefield PSFs at evenly spaced stage defocus values, each normalised to unit sum (flux is conserved).
 
-    psf[i] is the image of a point source for stage defocus ``defocus_um[i]`` (stage Z minus the stage Z at which
-    the point is in focus), centred at pixel (n // 2, n // 2).
+    `plane(i)` is the image of a point source for stage defocus ``defocus_um[i]`` (stage Z minus the stage Z at
+    which the point is in focus), n x n pixels centred at pixel (n // 2, n // 2). The point lies on the optical
+    axis, so every plane is mirror-symmetric in x and in y, and the bank keeps only the quadrant x, y >= 0 of each
+    (a quarter of the memory: 0.4 instead of 1.6 GB for a 100x / 1.45 NA bank).
     """
 
     defocus_um: np.ndarray  # float64 [Z], ascending, evenly spaced
-    psf: np.ndarray  # float32 [Z, n, n]
+    psf_quadrant: np.ndarray  # float32 [Z, r + 1, r + 1]: plane rows and columns n // 2 ... n - 1
     pixel_size_um: float
     depth_um: float  # depth of the point source below the coverslip, in the sample
     stage_um_per_sample_um: float  # focal-shift factor: stage motion that refocuses 1 um deeper in the sample
@@ -105,7 +107,16 @@ class PsfBank:
 
     @property
     def radius_px(self) -> int:
-        return self.psf.shape[-1] // 2
+        return self.psf_quadrant.shape[-1] - 1
+
+    @property
+    def size_px(self) -> int:
+        """Width n of a whole plane."""
+        return 2 * self.radius_px + 1
+
+    def plane(self, index: int) -> np.ndarray:
+        """The whole PSF plane `index`: float32 [n, n], mirrored from its quadrant."""
+        return unfold_quadrant(self.psf_quadrant[index])
 
     def index(self, defocus_um: float | np.ndarray) -> np.ndarray:
         """Nearest bank plane for each stage defocus, clamped to the bank's range."""
@@ -113,6 +124,12 @@ class PsfBank:
             np.asarray(defocus_um, dtype=np.float64) - self.defocus_um[0]
         ) / self.z_step_um
         return np.clip(np.rint(position), 0, len(self.defocus_um) - 1).astype(np.int64)
+
+
+def unfold_quadrant(quadrant: np.ndarray) -> np.ndarray:
+    """[r + 1, r + 1] quadrant (centre at [0, 0]) -> the mirror-symmetric [2r + 1, 2r + 1] plane."""
+    rows = np.concatenate([quadrant[:, :0:-1], quadrant], axis=1)
+    return np.concatenate([rows[:0:-1], rows], axis=0)
 
 
 def psf_size_px(
@@ -175,10 +192,11 @@ def _best_focus_z(depth_um: float, kwargs: dict[str, float], model: PsfModel) ->
 def _normalised_planes(
     z_um: np.ndarray, nx: int, depth_um: float, kwargs: dict[str, float], model: PsfModel
 ) -> np.ndarray:
-    """PSF planes at psfmodels z values, each normalised to unit sum in float64, returned as float32."""
+    """Quadrants (see `PsfBank`) of PSF planes at psfmodels z values, each plane normalised to unit sum in float64
+    over the whole plane, returned as float32."""
     psf = _make_psf(z_um, nx, depth_um, kwargs, model)
     psf /= psf.sum(axis=(1, 2), keepdims=True)
-    return psf.astype(np.float32)
+    return psf[:, nx // 2 :, nx // 2 :].astype(np.float32)
 
 
 def available_cores() -> int:
@@ -204,7 +222,8 @@ def _compute_planes(
     model: PsfModel,
     workers: int | None,
 ) -> np.ndarray:
-    """float32 [Z, nx, nx] unit-sum planes, computed chunk by chunk (in worker processes when that pays)."""
+    """float32 [Z, nx // 2 + 1, nx // 2 + 1] quadrants of unit-sum planes, computed chunk by chunk (in worker
+    processes when that pays)."""
     planes = len(z_um)
     if workers is None:
         workers = available_cores() if planes * nx >= _PARALLEL_MIN_PLANE_PX else 1
@@ -217,12 +236,12 @@ def _compute_planes(
             model=model,
             planes=planes,
             size_px=nx,
-            bank_mb=f"{planes * nx * nx * 4 / 2**20:.0f}",
+            bank_mb=f"{planes * (nx // 2 + 1) ** 2 * 4 / 2**20:.0f}",
             planes_per_chunk=chunk,
             workers=workers,
         )
     )
-    psf = np.empty((planes, nx, nx), dtype=np.float32)
+    psf = np.empty((planes, nx // 2 + 1, nx // 2 + 1), dtype=np.float32)
     with tqdm(total=planes, desc=f"PSF bank, {nx}x{nx} px", unit="plane", mininterval=1.0) as bar:
         if workers == 1:
             for start in starts:
@@ -287,11 +306,11 @@ def compute_psf_bank(
     # stage position of best focus is z - zp (1 - ni/ns) (see module docstring); its slope over depth
     paraxial_offset = 1.0 - optics.immersion_index / optics.sample_index
     stage_per_sample = (z_deeper - z_best) / depth_step_um - paraxial_offset
-    psf = _compute_planes(z_best + defocus_um, nx, depth_um, kwargs, model, workers)
+    quadrants = _compute_planes(z_best + defocus_um, nx, depth_um, kwargs, model, workers)
     key = _cache_key(optics, _bank_params(max_defocus_um, z_step_um, depth_um, model))
     return PsfBank(
         defocus_um=defocus_um,
-        psf=psf,
+        psf_quadrant=quadrants,
         pixel_size_um=pixel_size_um,
         depth_um=float(depth_um),
         stage_um_per_sample_um=float(stage_per_sample),
@@ -335,7 +354,7 @@ def load_or_compute_psf_bank(
             with np.load(path, allow_pickle=False) as data:
                 bank = PsfBank(
                     defocus_um=data["defocus_um"],
-                    psf=data["psf"],
+                    psf_quadrant=data["psf_quadrant"],
                     pixel_size_um=float(data["pixel_size_um"]),
                     depth_um=float(data["depth_um"]),
                     stage_um_per_sample_um=float(data["stage_um_per_sample_um"]),
@@ -360,7 +379,7 @@ def load_or_compute_psf_bank(
             "psf_bank_computed",
             model=model,
             planes=len(bank.defocus_um),
-            size_px=bank.psf.shape[-1],
+            size_px=bank.size_px,
             seconds=f"{time.perf_counter() - start:.1f}",
             stage_um_per_sample_um=f"{bank.stage_um_per_sample_um:.3f}",
         )
@@ -373,7 +392,7 @@ def load_or_compute_psf_bank(
             np.savez(
                 handle,
                 defocus_um=bank.defocus_um,
-                psf=bank.psf,
+                psf_quadrant=bank.psf_quadrant,
                 pixel_size_um=bank.pixel_size_um,
                 depth_um=bank.depth_um,
                 stage_um_per_sample_um=bank.stage_um_per_sample_um,
@@ -392,7 +411,8 @@ class OtfCache:
 
     The PSFs are even in x and y (radially symmetric, centred), so their transfer function is real and even:
     H(u, v) = sum_xy psf(x, y) cos(2 pi u x / P) cos(2 pi v y / Q). We evaluate it as two small matrix products on
-    the folded PSF, which is several times cheaper than an FFT of the PSF zero-padded to the frame, and only over the
+    the folded PSF (the bank's quadrant with its off-axis rows and columns doubled, made per plane when first
+    needed), which is several times cheaper than an FFT of the PSF zero-padded to the frame, and only over the
     low-frequency block where the plane's transfer function is non-negligible (`cutoff_index`): strongly defocused
     planes carry no high frequencies, so their multiply-add touches a small corner of the spectrum.
     """
@@ -406,25 +426,19 @@ class OtfCache:
     ) -> None:
         self.bank = bank
         self.max_bytes = max_bytes
-        half = bank.radius_px
-        folded = bank.psf[:, half:, half:].astype(np.float64)
-        folded[:, 1:, :] *= 2.0
-        folded[:, :, 1:] *= 2.0
-        self._folded = folded  # [Z, half+1, half+1], row 0 / col 0 are the axes
         self._cutoff_cycles = self._cutoffs(rel_tolerance)
         self._cache: dict[tuple[int, int, int], np.ndarray] = {}
         self._bytes = 0
 
     def _cutoffs(self, rel_tolerance: float) -> np.ndarray:
         """Per plane, the spatial frequency (cycles/px) beyond which |H| < rel_tolerance * H(0) everywhere."""
-        n = self.bank.psf.shape[-1]
-        size = 2 * n
+        size = 2 * self.bank.size_px
         fy = np.fft.fftfreq(size)[:, None]
         fx = np.fft.rfftfreq(size)[None, :]
         radius = np.sqrt(fx**2 + fy**2)
-        cutoffs = np.empty(len(self.bank.psf))
-        for i, psf in enumerate(self.bank.psf):
-            spectrum = np.abs(np.fft.rfft2(psf, s=(size, size)))
+        cutoffs = np.empty(len(self.bank.defocus_um))
+        for i in range(len(cutoffs)):
+            spectrum = np.abs(np.fft.rfft2(self.bank.plane(i), s=(size, size)))
             significant = spectrum > rel_tolerance * spectrum[0, 0]
             cutoffs[i] = radius[significant].max() + 1.0 / size
         return np.minimum(cutoffs, 1.0)
@@ -447,10 +461,13 @@ class OtfCache:
         cached = self._cache.pop(key, None)
         if cached is None:
             rows, cols = self.block_size(index, fft_shape)
-            taps = np.arange(self._folded.shape[-1])
+            folded = self.bank.psf_quadrant[index].astype(np.float64)  # row 0 / column 0 are the axes
+            folded[1:, :] *= 2.0
+            folded[:, 1:] *= 2.0
+            taps = np.arange(folded.shape[-1])
             cos_y = np.cos(2.0 * np.pi * np.outer(np.arange(rows), taps) / fft_shape[0])
             cos_x = np.cos(2.0 * np.pi * np.outer(np.arange(cols), taps) / fft_shape[1])
-            cached = (cos_y @ self._folded[index] @ cos_x.T).astype(np.float32)
+            cached = (cos_y @ folded @ cos_x.T).astype(np.float32)
             self._bytes += cached.nbytes
             while self._bytes > self.max_bytes and self._cache:
                 oldest = next(iter(self._cache))
