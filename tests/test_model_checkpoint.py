@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,14 @@ import torch
 
 from acquire_refocus.config import ModelConfig, OpticsConfig
 from acquire_refocus.errors import WeightsError
-from acquire_refocus.model.checkpoint import load_weights, save_weights
+from acquire_refocus.model.checkpoint import (
+    DEFAULT_WEIGHTS,
+    TENSORS_SHA256,
+    load_weights,
+    read_payload,
+    save_weights,
+    tensors_sha256,
+)
 from acquire_refocus.model.network import build_network
 
 
@@ -83,3 +91,50 @@ def test_mismatched_parameters(saved: tuple[Path, torch.nn.Module], tmp_path: Pa
     torch.save(payload, broken)
     with pytest.raises(WeightsError, match="do not match"):
         load_weights(broken)
+
+
+def _flip_tensor_bytes(path: Path, tensor: torch.Tensor, n_bytes: int, out: Path) -> None:
+    """Invert `n_bytes` of `tensor`'s stored bytes in the file (torch stores tensor data uncompressed)."""
+    data = bytearray(path.read_bytes())
+    raw = tensor.detach().contiguous().numpy().tobytes()
+    assert len(raw) >= n_bytes
+    start = data.find(raw[:256])
+    assert start >= 0
+    data[start : start + n_bytes] = bytes(b ^ 0xFF for b in data[start : start + n_bytes])
+    out.write_bytes(bytes(data))
+
+
+def test_flipped_tensor_bytes_are_one_clear_error_naming_the_file(tmp_path: Path) -> None:
+    """The issue's case: 4 KiB flipped inside the tensors loaded silently and changed the output."""
+    torch.manual_seed(0)
+    config = ModelConfig(base_channels=16, depth=2)
+    network = build_network(config)
+    path = tmp_path / "model.pt"
+    save_weights(path, network, config, OpticsConfig(), {})
+    largest = max(network.state_dict().values(), key=lambda t: t.numel())
+    damaged = tmp_path / "damaged.pt"
+    _flip_tensor_bytes(path, largest, 4096, damaged)
+    assert torch.load(damaged, weights_only=True)["state_dict"]  # torch itself reads it without complaint
+    with pytest.raises(WeightsError, match=rf"^{re.escape(str(damaged))}: damaged: its parameters do not match the "
+                       r"checksum written with them"):
+        load_weights(damaged)
+    assert load_weights(path).sha256  # the intact file still loads
+
+
+def test_a_file_without_a_checksum_loads_with_a_warning(
+    saved: tuple[Path, torch.nn.Module], tmp_path: Path, engine_log: pytest.LogCaptureFixture
+) -> None:
+    path, network = saved
+    payload = torch.load(path, weights_only=True)
+    del payload[TENSORS_SHA256]
+    legacy = tmp_path / "legacy.pt"
+    torch.save(payload, legacy)
+    loaded = load_weights(legacy)
+    assert any("event=weights_unverified" in r.getMessage() and str(legacy) in r.getMessage()
+               for r in engine_log.records)
+    torch.testing.assert_close(loaded.network.state_dict(), network.state_dict())
+
+
+def test_the_shipped_weights_carry_a_checksum_that_verifies() -> None:
+    payload, _ = read_payload(DEFAULT_WEIGHTS)
+    assert payload[TENSORS_SHA256] == tensors_sha256(payload["state_dict"])

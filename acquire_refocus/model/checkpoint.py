@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,14 @@ from torch import nn
 
 from acquire_refocus.config import ModelConfig, OpticsConfig
 from acquire_refocus.errors import ConfigError, WeightsError
+from acquire_refocus.logs import kv
 from acquire_refocus.model.network import build_network
 from acquire_refocus.model.normalization import NormalizationParams
 
+log = logging.getLogger(__name__)
+
 FORMAT_MARKER = "acquire-refocus-weights"
+TENSORS_SHA256 = "tensors_sha256"  # the payload key holding `tensors_sha256(state_dict)`
 FORMAT_VERSION = 1
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 
@@ -81,12 +86,28 @@ def checkpoint_payload(
     }
 
 
+def tensors_sha256(state_dict: dict[str, Any]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: what a damaged file changes (torch
+    loads a file whose tensor bytes were overwritten without complaint, and the network then computes something
+    else)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise WeightsError(f"state_dict entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_payload(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write atomically (temporary file + rename), so an interrupted save never leaves a truncated file."""
+    """Write atomically (temporary file + rename), so an interrupted save never leaves a truncated file, with the
+    checksum of its tensors (`TENSORS_SHA256`) that `read_payload` verifies."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, temporary)
+    torch.save({**payload, TENSORS_SHA256: tensors_sha256(payload["state_dict"])}, temporary)
     temporary.replace(path)
 
 
@@ -131,7 +152,28 @@ def read_payload(path: str | Path) -> tuple[dict[str, Any], str]:
     for key in ("model_config", "optics", "pixel_size_um", "normalization", "state_dict"):
         if key not in payload:
             raise WeightsError(f"{path}: weights file is missing its '{key}' entry (damaged)")
+    if not isinstance(payload["state_dict"], dict):
+        raise WeightsError(f"{path}: weights file has no parameter table (damaged)")
+    _verify_tensors(path, payload)
     return payload, sha256
+
+
+def _verify_tensors(path: Path, payload: dict[str, Any]) -> None:
+    """WeightsError when the tensors differ from the checksum written with them. A file written before checksums
+    existed loads, with a warning in the log: weights trained then stay usable, but unverified."""
+    recorded = payload.get(TENSORS_SHA256)
+    try:
+        actual = tensors_sha256(payload["state_dict"])
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc} (damaged)") from None
+    if recorded is None:
+        log.warning(kv("weights_unverified", path=path, tensors_sha256=actual[:16],
+                       reason="written before weights files carried a checksum; re-save it to verify it from now on"))
+        return
+    if recorded != actual:
+        raise WeightsError(f"{path}: damaged: its parameters do not match the checksum written with them "
+                           f"({TENSORS_SHA256} {str(recorded)[:16]}..., the tensors give {actual[:16]}...); restore "
+                           "the file from a copy, or retrain")
 
 
 def load_weights(path: str | Path | None = None) -> LoadedModel:
