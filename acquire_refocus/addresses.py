@@ -16,7 +16,9 @@ def address_problem(address: str, bind: bool = True) -> str:
     if not separator or scheme not in SCHEMES or not rest:
         return f"not a ZeroMQ address ({', '.join(s + '://' for s in SCHEMES)})"
     if scheme == "tcp":
-        host, _, port = rest.rpartition(":")
+        host, separator, port = rest.rpartition(":")
+        if not separator:
+            return "no port (tcp://HOST:PORT)"
         if not host:
             return "no host before the port"
         if not (port.isdigit() and 0 < int(port) < 65536) and not (bind and port == "*"):
