@@ -74,7 +74,7 @@ import useq
 from acquire_refocus.config import FocusConfig, OpticsConfig
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FramePipeline, FrameResult
-from acquire_refocus.sharpness import BandPassSharpness
+from acquire_refocus.sharpness import MIN_STRUCTURE_RATIO, BandPassSharpness
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,7 @@ class FocusController:
         self.clamps = 0
         self.sharpness_measured = 0  # frames whose sharpness entered a window
         self.sharpness_restarts = 0
+        self.sharpness_blank = 0  # frames left out of the sharpness fit: too little structure (sharpness.py)
         self.other_channel_frames = 0  # frames of channels that do not drive the loop (never used)
         self.refused = 0  # moves over max_step_um refused (max_step_action refuse)
         self.lock_lost = 0  # times the hardware focus lock was found not engaged (actuator autofocus_offset)
@@ -325,8 +326,11 @@ class FocusController:
             position, t_index, stage_z_um, raw, pixel_size_um = item
             del item
             try:
-                sharpness = self._sharpness(raw, pixel_size_um)
-                if math.isfinite(sharpness) and sharpness > 0:
+                sharpness, structure = self._sharpness.measure(raw, pixel_size_um)
+                if not structure >= MIN_STRUCTURE_RATIO:  # a blank field: its sharpness is noise's, not focus's
+                    with self._lock:
+                        self.sharpness_blank += 1
+                elif math.isfinite(sharpness) and sharpness > 0:
                     sample = SharpnessSample(stage_z_um, math.log(sharpness), t_index)
                     with self._lock:
                         self.sharpness_measured += 1
@@ -571,6 +575,7 @@ class FocusController:
                 "moves_by_source": dict(Counter(m.source for m in self.moves if m.applied)),
                 "sharpness_measured": self.sharpness_measured,
                 "sharpness_restarts": self.sharpness_restarts,
+                "sharpness_blank": self.sharpness_blank,
                 "clamps": self.clamps,
                 "refused": self.refused,
                 "lock_lost": self.lock_lost,

@@ -12,6 +12,12 @@ not depend on brightness or exposure. Defocus removes the band's power first; wh
 it. On the default optics and specimen it falls by 10% at 2 um and 40% at 4 um from its peak, and repeats to 0.8%
 between frames (photon noise). It is computed with one FFT of a central crop of at most `crop_px` square
 (1-2 ms for 512 x 512 on one core), so the whole 2048 x 2048 frame is never transformed.
+
+The same FFT says whether the frame has structure at all (`measure`): the band's power per frequency against the
+power near the Nyquist frequency (0.4-0.5 cycles per pixel), where white camera and photon noise dominate. A blank
+field reads 1.00 +- 0.01 on the simulator; the default field reads 5.2 in focus, 1.8 at 8 um and 1.2 at 15 um from
+it. Below `MIN_STRUCTURE_RATIO` the closed loop leaves a frame out of its sharpness fit: noise alone would place
+focus anywhere.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from acquire_refocus.config import OpticsConfig
 _FINE_SIGMA_RESOLUTIONS = 0.8
 _COARSE_SIGMA_RESOLUTIONS = 2.1
 DEFAULT_CROP_PX = 512
+MIN_STRUCTURE_RATIO = 1.1  # band power per frequency over the noise's: 10% above white noise alone
+_NOISE_BAND_CYCLES_PER_PX = (0.4, 0.5)
 
 
 @lru_cache(maxsize=8)
@@ -42,6 +50,15 @@ def _band_weights(shape: tuple[int, int], fine_sigma_px: float, coarse_sigma_px:
     weights = (transfer**2).astype(np.float32)
     weights.setflags(write=False)
     return weights
+
+
+@lru_cache(maxsize=8)
+def _noise_band(shape: tuple[int, int]) -> np.ndarray:
+    """Mask of the rfft2 grid of `shape` between _NOISE_BAND_CYCLES_PER_PX (where only noise is left)."""
+    k = np.hypot(scipy.fft.fftfreq(shape[0])[:, None], scipy.fft.rfftfreq(shape[1])[None, :])
+    mask = (k > _NOISE_BAND_CYCLES_PER_PX[0]) & (k < _NOISE_BAND_CYCLES_PER_PX[1])
+    mask.setflags(write=False)
+    return mask
 
 
 class BandPassSharpness:
@@ -64,8 +81,13 @@ class BandPassSharpness:
         return cls(resolution_um, optics.pixel_size_um, crop_px)
 
     def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> float:
+        return self.measure(frame, pixel_size_um)[0]
+
+    def measure(self, frame: np.ndarray, pixel_size_um: float | None = None) -> tuple[float, float]:
+        """(sharpness, structure ratio): the ratio of the band's power per frequency to that near Nyquist (about 1
+        for a field of noise alone); both NaN for a frame it cannot measure."""
         if frame.ndim != 2 or min(frame.shape) < 16:
-            return math.nan
+            return math.nan, math.nan
         height, width = frame.shape
         crop_h, crop_w = min(height, self.crop_px), min(width, self.crop_px)
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
@@ -81,9 +103,13 @@ class BandPassSharpness:
         power = spectrum.real**2 + spectrum.imag**2
         total = float(np.abs(spectrum[0, 0]))
         if not math.isfinite(total) or total <= 0:
-            return math.nan
+            return math.nan, math.nan
         band = float((power * weights).sum())
-        return band / total**2 if math.isfinite(band) else math.nan
+        if not math.isfinite(band):
+            return math.nan, math.nan
+        noise = float(power[_noise_band(crop.shape)].mean())
+        structure = (band / float(weights.sum())) / noise if noise > 0 else math.inf
+        return band / total**2, structure
 
 
 @dataclass(frozen=True)
