@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-engine": ("build_engine", "compile the network for this machine (TensorRT / ONNX) ahead of time"),
     "benchmark": ("benchmark", "measure latency and throughput of each engine and of the daemon path"),
     "serve": ("serve", "run the headless daemon on the acquisition stream"),
+    "keys": ("keys", "create CURVE keys so that only holders of a client key can drive or watch the daemon"),
     "listen": ("listen", "subscribe to a running daemon and print live rates and the focus trace"),
     "status": ("control", "ask a running daemon for its queue, counts, engine and focus offset"),
     "pause": ("control", "pause correction in a running daemon (raw frames are still saved)"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import zmq
 from acquire_refocus.addresses import address_problem
 from acquire_refocus.errors import UserError
 from acquire_refocus.publishing import TOPICS
+from acquire_refocus.security import apply_options, client_options
 
 Message = tuple[dict[str, Any], np.ndarray | None]
 
@@ -62,16 +64,21 @@ class Subscriber:
         timeout_s: float | None = 5.0,
         high_water_mark: int = 1000,
         context: zmq.Context | None = None,
+        keys_dir: str | Path | None = None,
     ) -> None:
+        """`keys_dir`: the CURVE keys of a daemon that requires them (security.py); without them such a daemon
+        sends nothing."""
         topics = tuple(topics)
         unknown = [t for t in topics if t not in TOPICS]
         if unknown:
             raise ValueError(f"unknown topic(s) {unknown}; choose from {list(TOPICS)}")
         self.address = address
         self.timeout_s = timeout_s
+        security = client_options(keys_dir) if keys_dir is not None else None
         self._socket = (context or zmq.Context.instance()).socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.RCVHWM, high_water_mark)
+        apply_options(self._socket, security)
         for topic in topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
         connect(self._socket, address)

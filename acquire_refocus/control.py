@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from acquire_refocus.client import connect
 from acquire_refocus.errors import UserError
 from acquire_refocus.logs import kv
 from acquire_refocus.publishing import bind_socket
+from acquire_refocus.security import apply_options, client_options
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +76,23 @@ class DaemonUnavailable(UserError):
 class ControlServer:
     """REP socket answering JSON requests with the given handlers, in a background thread."""
 
-    def __init__(self, address: str, handlers: dict[str, Handler], context: zmq.Context | None = None) -> None:
+    def __init__(
+        self, address: str, handlers: dict[str, Handler], context: zmq.Context | None = None,
+        security: dict[int, int | bytes] | None = None,
+    ) -> None:
+        """`security`: socket options of a CURVE server (`security.SecureContext`), None for none."""
         self._handlers = handlers
+        self._security = "curve" if security else "off"
         self._socket = bind_socket(context or zmq.Context.instance(), zmq.REP, address, "control",
-                                   {zmq.MAXMSGSIZE: MAX_MESSAGE_BYTES})
+                                   {zmq.MAXMSGSIZE: MAX_MESSAGE_BYTES, **(security or {})})
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="refocus-control", daemon=True)
 
     def start(self) -> ControlServer:
         self._thread.start()
-        log.info(kv("control_listening", address=self.address, commands=",".join(self._handlers)))
+        log.info(kv("control_listening", address=self.address, commands=",".join(self._handlers),
+                    security=self._security))
         return self
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -138,14 +146,18 @@ class ControlServer:
         return {"ok": True, **reply}
 
 
-def request(address: str, command: str, timeout_s: float = 5.0, **fields: Any) -> dict[str, Any]:
+def request(
+    address: str, command: str, timeout_s: float = 5.0, keys_dir: str | Path | None = None, **fields: Any
+) -> dict[str, Any]:
     """Send one command to a daemon and return its reply; DaemonUnavailable when none answers in time, UserError
-    when the address is malformed."""
+    when the address is malformed. `keys_dir`: the CURVE keys of a daemon that requires them (security.py)."""
+    options = client_options(keys_dir) if keys_dir is not None else None
     context = zmq.Context.instance()
     socket = context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, max(1, int(timeout_s * 1000)))
     socket.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
+    apply_options(socket, options)
     connect(socket, address)
     try:
         socket.send(json.dumps({"command": command, **fields}).encode())
@@ -153,7 +165,8 @@ def request(address: str, command: str, timeout_s: float = 5.0, **fields: Any) -
     except zmq.Again:
         raise DaemonUnavailable(
             f"no acquire-refocus daemon answered on {address} within {timeout_s:g} s "
-            "(start one with 'acquire-refocus serve', or pass --address)"
+            "(start one with 'acquire-refocus serve', or pass --address; a daemon with publishing.keys_dir "
+            "answers only clients with its keys: pass --keys DIR)"
         ) from None
     except zmq.ZMQError as exc:
         raise DaemonUnavailable(f"cannot reach a daemon on {address}: {exc}") from None

@@ -37,6 +37,7 @@ from acquire_refocus.outputs import output_folder
 from acquire_refocus.pipeline import BackgroundSink, FrameCorrector, FramePipeline, FrameSink, PipelineStats
 from acquire_refocus.publishing import Publisher, PublishSink
 from acquire_refocus.run_watch import Check, RunWatch
+from acquire_refocus.security import SecureContext
 from acquire_refocus.storage import (
     FOCUS_LOG,
     MAX_UNCOMMITTED_FRAMES,
@@ -225,9 +226,15 @@ class Daemon:
             log.warning(kv("interrupted_runs_found", folders=",".join(self.interrupted_runs),
                            note="their raw frames are on disk; raw_frames.jsonl holds each frame's metadata"))
         self.corrector = corrector if corrector is not None else load_refocuser(config)
-        self.publisher = Publisher(config.publishing) if config.publishing.enabled else None
+        keys_dir = config.publishing.keys_dir
+        self._secure = SecureContext.open(keys_dir) if keys_dir is not None else None
+        context = self._secure.context if self._secure is not None else None
+        security = self._secure.options if self._secure is not None else None
+        self.publisher: Publisher | None = None
         self.control: ControlServer | None = None
         try:
+            if config.publishing.enabled:
+                self.publisher = Publisher(config.publishing, context, security)
             if control:
                 self.control = ControlServer(
                     config.publishing.control_address,
@@ -238,10 +245,11 @@ class Daemon:
                         "run": self._on_run,
                         "stop": self._on_stop,
                     },
+                    context,
+                    security,
                 ).start()
         except BaseException:
-            if self.publisher is not None:
-                self.publisher.close()
+            self._close_sockets()
             raise
         log.info(
             kv(
@@ -251,6 +259,7 @@ class Daemon:
                 output=self.output_dir or "not saved (no --output / storage.output_dir)",
                 publish=self.publisher.address if self.publisher else "off",
                 control=self.control.address if self.control else "off",
+                security="curve" if self._secure is not None else "off (loopback only)",
                 focus=config.focus.mode,
             )
         )
@@ -276,6 +285,8 @@ class Daemon:
             "focus": controller.state() if controller is not None else {"mode": self.config.focus.mode},
             "runs_queued": self._runs.qsize(),
             "interrupted_runs": self.interrupted_runs,
+            "security": "curve" if self.config.publishing.keys_dir is not None else "off",
+            "data_root": str(self.data_root) if self.data_root is not None else None,
         }
 
     def _on_pause(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -695,11 +706,17 @@ class Daemon:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
 
-    def close(self) -> None:
+    def _close_sockets(self) -> None:
         if self.control is not None:
             self.control.close()
         if self.publisher is not None:
             self.publisher.close()
+        if self._secure is not None:
+            self._secure.close()
+            self._secure = None
+
+    def close(self) -> None:
+        self._close_sockets()
         if self._core is not None:
             try:
                 self._core.unloadAllDevices()  # releases the hardware (or the simulated devices)

@@ -65,11 +65,13 @@ def frame_header(
     }
     if result.reason:
         header["reason"] = result.reason
+    if result.flags:
+        header["flags"] = list(result.flags)
     return header
 
 
 def bind_socket(
-    context: zmq.Context, kind: int, address: str, what: str, options: dict[int, int] | None = None
+    context: zmq.Context, kind: int, address: str, what: str, options: dict[int, int | bytes] | None = None
 ) -> zmq.Socket:
     """Bind a socket (options set first: ZeroMQ applies them to connections made after), turning an unusable
     address into a clear UserError."""
@@ -99,11 +101,16 @@ class Publisher:
     one thread at a time; the daemon hands it from run to run (a thread join is the memory barrier ZeroMQ asks
     for when a socket changes threads)."""
 
-    def __init__(self, config: PublishingConfig, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self, config: PublishingConfig, context: zmq.Context | None = None,
+        security: dict[int, int | bytes] | None = None,
+    ) -> None:
+        """`security`: socket options of a CURVE server (`security.SecureContext`), None for none."""
         self._config = config
         self._context = context or zmq.Context.instance()
         self._socket = bind_socket(
-            self._context, zmq.PUB, config.pub_address, "publishing", {zmq.SNDHWM: config.high_water_mark}
+            self._context, zmq.PUB, config.pub_address, "publishing",
+            {zmq.SNDHWM: config.high_water_mark, **(security or {})},
         )
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._lock = threading.Lock()  # counters only; sends happen in one thread
@@ -112,7 +119,7 @@ class Publisher:
         self._bytes = 0
         self.run = ""
         log.info(kv("publisher_bound", address=self.address, high_water_mark=config.high_water_mark,
-                    publish_raw=config.publish_raw))
+                    publish_raw=config.publish_raw, security="curve" if security else "off"))
 
     def publish(self, result: FrameResult, focus_offset_um: float | None = None) -> None:
         """Send raw (when configured), refocused (when there is one) and focus messages for one result;

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="control address (default: publishing.control_address of --config)")
     parser.add_argument("--config", metavar="FILE", help="config whose control address to use")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for an answer")
+    parser.add_argument("--keys", metavar="DIR", type=Path,
+                        help="CURVE keys of a daemon that requires them: DIR/server.key and DIR/client.key_secret "
+                        "(default: publishing.keys_dir of --config)")
     if command == "status":
         parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
         parser.add_argument("--run", metavar="DIR", type=Path,
@@ -90,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "run", None) is not None:
         return _print_saved_run(args.run, args.json)
     check_wait_s("--timeout", args.timeout)
-    address = args.address or load_config(args.config).publishing.control_address
+    config = load_config(args.config) if args.config or not args.address else None
+    address = args.address or config.publishing.control_address  # type: ignore[union-attr]
+    keys_dir = args.keys or (config.publishing.keys_dir if config is not None else None)
     fields: dict[str, Any] = {}
     if args.command == "run":
         try:  # a bad file fails here, with its name
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         if args.output:
             fields["output"] = str(Path(args.output).resolve())
     try:
-        reply = request(address, args.command, timeout_s=args.timeout, **fields)
+        reply = request(address, args.command, timeout_s=args.timeout, keys_dir=keys_dir, **fields)
     except DaemonUnavailable as exc:
         print(f"acquire-refocus {args.command}: {exc}", file=sys.stderr)
         return 1

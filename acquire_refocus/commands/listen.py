@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from acquire_refocus.errors import UserError
 
@@ -27,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
                         help="exit when nothing arrives for S seconds (default: wait forever)")
     parser.add_argument("--every", type=float, default=1.0, metavar="S", help="seconds between rate lines")
+    parser.add_argument("--keys", metavar="DIR", type=Path,
+                        help="CURVE keys of a daemon that requires them: DIR/server.key and DIR/client.key_secret "
+                        "(default: publishing.keys_dir of --config)")
 
 
 def _trace_line(header: dict) -> str:
@@ -50,12 +54,15 @@ def run(args: argparse.Namespace) -> int:
         check_wait_s("--timeout", args.timeout)
     if args.count is not None and args.count < 1:
         raise UserError(f"--count must be a positive number of messages, got {args.count}")
-    address = args.address or load_config(args.config).publishing.pub_address
+    config = load_config(args.config) if args.config or not args.address else None
+    address = args.address or config.publishing.pub_address  # type: ignore[union-attr]
+    keys_dir = args.keys or (config.publishing.keys_dir if config is not None else None)
     topics = tuple(args.topic or ("raw", "refocused", "focus"))
     counts = {t: 0 for t in topics}
     nbytes = {t: 0 for t in topics}
     total = 0
-    with Subscriber(address, topics=topics, timeout_s=min(args.every, args.timeout or args.every)) as sub:
+    with Subscriber(address, topics=topics, timeout_s=min(args.every, args.timeout or args.every),
+                    keys_dir=keys_dir) as sub:
         print(f"listening on {address} for {', '.join(topics)}", flush=True)
         t_window = last_message = time.perf_counter()
         while args.count is None or total < args.count:
