@@ -65,13 +65,11 @@ def frame_header(
     }
     if result.reason:
         header["reason"] = result.reason
-    if result.flags:
-        header["flags"] = list(result.flags)
     return header
 
 
 def bind_socket(
-    context: zmq.Context, kind: int, address: str, what: str, options: dict[int, int | bytes] | None = None
+    context: zmq.Context, kind: int, address: str, what: str, options: dict[int, int] | None = None
 ) -> zmq.Socket:
     """Bind a socket (options set first: ZeroMQ applies them to connections made after), turning an unusable
     address into a clear UserError."""
