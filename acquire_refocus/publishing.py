@@ -69,7 +69,7 @@ def frame_header(
 
 
 def bind_socket(
-    context: zmq.Context, kind: int, address: str, what: str, options: dict[int, int] | None = None
+    context: zmq.Context, kind: int, address: str, what: str, options: dict[int, int | bytes] | None = None
 ) -> zmq.Socket:
     """Bind a socket (options set first: ZeroMQ applies them to connections made after), turning an unusable
     address into a clear UserError."""
