@@ -226,6 +226,13 @@ class Daemon:
             log.warning(kv("interrupted_runs_found", folders=",".join(self.interrupted_runs),
                            note="their raw frames are on disk; raw_frames.jsonl holds each frame's metadata"))
         self.corrector = corrector if corrector is not None else load_refocuser(config)
+        requested = config.engine.backend
+        self.engine_fallback = (
+            f"engine.backend {requested} was asked for but cannot run here (engine_passed_over in the log says "
+            f"why); running on {self.engine_name}" if requested not in ("auto", self.engine_name) else None
+        )
+        if self.engine_fallback is not None:
+            log.warning(kv("engine_fallback", requested=requested, engine=self.engine_name))
         keys_dir = config.publishing.keys_dir
         self._secure = SecureContext.open(keys_dir) if keys_dir is not None else None
         context = self._secure.context if self._secure is not None else None
@@ -276,6 +283,7 @@ class Daemon:
         return {
             "state": "running" if current is not None else ("stopping" if self._stop.is_set() else "idle"),
             "engine": self.engine_name,
+            "engine_fallback": self.engine_fallback,
             "backend": self.config.acquisition.backend,
             "paused": self._paused,
             "run": shown.run if shown else None,
@@ -617,6 +625,7 @@ class Daemon:
             "wall_s": round(summary.wall_s, 3),
             "backend": summary.backend,
             "engine": self.engine_name,
+            "engine_fallback": self.engine_fallback,
             "model_sha256": getattr(self.corrector, "model_sha256", None),
             "stores": {"raw": RAW_STORE, "refocused": REFOCUSED_STORE, "focus_log": FOCUS_LOG},
             "counts": summary.counts(),

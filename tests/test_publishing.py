@@ -108,7 +108,8 @@ def test_no_subscriber_never_blocks(tcp_address: Callable[[], str]) -> None:
 
 def test_slow_subscriber_loses_messages_and_sees_the_gap(tcp_address: Callable[[], str]) -> None:
     """A subscriber that does not read falls behind the high-water mark: the publisher goes on, the subscriber
-    later sees how many frames it missed."""
+    later sees how many frames it missed. ZeroMQ drops them at the PUB socket without telling the sender, so the
+    publisher's `dropped` stays 0: only the subscriber can see the loss (issue 17)."""
     publisher, sub = connected_pair(tcp_address(), hwm=2, topics=("raw",), high_water_mark=2)
     frames = 400
     try:
@@ -117,6 +118,7 @@ def test_slow_subscriber_loses_messages_and_sees_the_gap(tcp_address: Callable[[
         received = []
         while (message := sub.receive(1.0)) is not None:
             received.append(message[0]["frame"])
+        dropped_at_sender = publisher.stats().dropped
     finally:
         sub.close()
         publisher.close()
@@ -124,6 +126,7 @@ def test_slow_subscriber_loses_messages_and_sees_the_gap(tcp_address: Callable[[
     assert received == sorted(received)
     assert sub.missed > 0
     assert sub.missed + len(received) <= frames
+    assert dropped_at_sender == 0
 
 
 def test_subscriber_iteration_ends_after_timeout(tcp_address: Callable[[], str]) -> None:

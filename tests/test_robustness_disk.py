@@ -20,6 +20,7 @@ import useq
 import yaml
 
 from acquire_refocus.config import DriftConfig
+from acquire_refocus.control import request
 from acquire_refocus.daemon import Daemon
 from acquire_refocus.storage import read_focus_log, read_raw_frame_log, read_run_state, stored_frame_count
 
@@ -30,14 +31,15 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """mount(size) -> a folder on a fresh tmpfs of that size; every mount is removed afterwards."""
+def small_disk(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """mount(size, read_only) -> a folder on a fresh tmpfs of that size; every mount is removed afterwards."""
     mounted: list[Path] = []
 
-    def mount(size: str) -> Path:
+    def mount(size: str, read_only: bool = False) -> Path:
         folder = tmp_path / f"disk{len(mounted)}"
         folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                               capture_output=True, text=True)
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
@@ -107,7 +109,7 @@ def assert_no_raw_frame_lost(run: Path) -> int:
 
 @pytest.mark.parametrize(("size", "loops"), [("4m", 40), ("600k", 10)], ids=["4MiB-40-frames", "600KiB-10-frames"])
 def test_a_run_that_cannot_fit_is_refused_before_the_first_frame(
-    small_disk: Callable[[str], Path], tmp_path: Path, tiny_weights: Path, size: str, loops: int
+    small_disk: Callable[..., Path], tmp_path: Path, tiny_weights: Path, size: str, loops: int
 ) -> None:
     disk = small_disk(size)
     config = write_config(tmp_path, tiny_weights, {"time_plan": {"interval": 0, "loops": loops}})
@@ -119,7 +121,7 @@ def test_a_run_that_cannot_fit_is_refused_before_the_first_frame(
 
 
 def test_a_disk_filled_by_another_program_stops_the_run_as_failed_with_no_raw_frame_lost(
-    small_disk: Callable[[str], Path], tmp_path: Path, tiny_weights: Path
+    small_disk: Callable[..., Path], tmp_path: Path, tiny_weights: Path
 ) -> None:
     disk = small_disk("16m")
     config = write_config(tmp_path, tiny_weights, {"time_plan": {"interval": 0.25, "loops": 40}})
@@ -135,7 +137,7 @@ def test_a_disk_filled_by_another_program_stops_the_run_as_failed_with_no_raw_fr
 
 
 def test_a_disk_filled_to_the_last_byte_fails_the_run_and_says_so(
-    small_disk: Callable[[str], Path], tmp_path: Path, tiny_weights: Path
+    small_disk: Callable[..., Path], tmp_path: Path, tiny_weights: Path
 ) -> None:
     """No space at all, at once (not even for run.json): the run stops and ends failed, and says so in the log;
     run.json keeps its last state, which reads "interrupted" once the process is gone, never "completed"."""
@@ -215,3 +217,21 @@ def test_a_run_killed_with_sigkill_reads_interrupted_and_keeps_its_frame_metadat
     first = rows[0]["meta"]
     assert first["position"]["x"] == pytest.approx(5) and first["position"]["y"] == pytest.approx(7)
     assert first["position"]["z"] == pytest.approx(100) and "runner_time_ms" in first
+
+
+def test_an_onnx_cache_on_a_read_only_disk_says_the_engine_fell_back(
+    small_disk: Callable[..., Path], tmp_path: Path, tiny_weights: Path, engine_log: pytest.LogCaptureFixture
+) -> None:
+    """engine.backend: onnxruntime asked for, its export cannot be cached: the daemon runs on PyTorch and says so
+    in the log and in the status reply, not only in a line about the engine chain."""
+    pytest.importorskip("onnxruntime")
+    cache = small_disk("1m", True)
+    config = daemon_config(tiny_weights, engine={"backend": "onnxruntime", "cache_dir": str(cache)})
+    with Daemon(config, output_dir=tmp_path) as daemon:
+        status = request(config.publishing.control_address, "status")
+    assert status["engine"] == "torch"
+    assert status["engine_fallback"] == ("engine.backend onnxruntime was asked for but cannot run here "
+                                         "(engine_passed_over in the log says why); running on torch")
+    messages = [r.getMessage() for r in engine_log.records]
+    assert any("event=engine_fallback requested=onnxruntime engine=torch" in m for m in messages)
+    assert any("event=engine_passed_over" in m and "engine=onnxruntime" in m for m in messages)

@@ -58,6 +58,10 @@ def _print_status(reply: dict[str, Any]) -> None:
         f"focus        mode {focus.get('mode')}  offsets_um {focus.get('offsets_um', {})}  "
         f"last_defocus_um {focus.get('last_defocus_um', {})}  moves {focus.get('moves', 0)}",
     ]
+    if reply.get("engine_fallback"):
+        lines.insert(2, f"             {reply['engine_fallback']}")
+    if reply.get("interrupted_runs"):
+        lines.append(f"interrupted  {', '.join(reply['interrupted_runs'])} (killed while running; see README)")
     print("\n".join(lines))
 
 

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     counts = {t: 0 for t in topics}
     nbytes = {t: 0 for t in topics}
     total = 0
+    missed = 0
     with Subscriber(address, topics=topics, timeout_s=min(args.every, args.timeout or args.every),
                     keys_dir=keys_dir) as sub:
         print(f"listening on {address} for {', '.join(topics)}", flush=True)
@@ -71,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
             if message is not None:
                 header, pixels = message
                 topic = header.get("topic", "")
+                if sub.missed > missed:  # the daemon cannot see this loss: its PUB socket drops silently
+                    print(f"gap {topic} frames before frame={header.get('frame')} of run {header.get('run')!r}: "
+                          f"{sub.missed - missed} message(s) missed (this viewer fell behind the daemon's "
+                          "publishing.high_water_mark)", flush=True)
+                    missed = sub.missed
                 total += 1
                 last_message = now
                 counts[topic] = counts.get(topic, 0) + 1
