@@ -9,6 +9,7 @@ import pytest
 from acquire_refocus.config import OpticsConfig
 from acquire_refocus.sim import psf as psf_module
 from acquire_refocus.sim.psf import (
+    OtfCache,
     compute_psf_bank,
     load_or_compute_psf_bank,
     planes_per_chunk,
@@ -105,3 +106,25 @@ def test_unfolding_mirrors_the_quadrant_about_the_centre() -> None:
     np.testing.assert_array_equal(plane, plane[::-1, :])
     np.testing.assert_array_equal(plane, plane[:, ::-1])
     assert plane[0, 0] == quadrant[2, 2] and plane[2, 0] == quadrant[0, 2]
+
+
+def test_transfer_functions_from_the_quadrants_equal_the_ffts_of_the_whole_planes() -> None:
+    bank = compute_psf_bank(
+        OIL_100X, max_defocus_um=1.0, z_step_um=0.5, depth_um=DEPTH_UM, workers=1
+    )
+    otf = OtfCache(bank)
+    fft_shape = (2 * bank.size_px + 6, 2 * bank.size_px + 10)
+    for index in range(len(bank.defocus_um)):
+        padded = np.zeros(fft_shape)
+        padded[: bank.size_px, : bank.size_px] = bank.plane(index)
+        # centre of the plane to pixel (0, 0): the transfer function of a centred, even PSF is real
+        centred = np.roll(padded, (-bank.radius_px, -bank.radius_px), axis=(0, 1))
+        expected = np.fft.rfft2(centred).real
+        quarter = otf.quarter(index, fft_shape)
+        rows, cols = quarter.shape
+        np.testing.assert_allclose(quarter, expected[:rows, :cols], atol=1e-6)
+        # the rows of negative frequency mirror the positive ones; what lies beyond the block is negligible
+        negative = expected[fft_shape[0] - rows + 1 :, :cols]
+        np.testing.assert_allclose(negative, expected[rows - 1 : 0 : -1, :cols], atol=1e-6)
+        outside = (expected[rows : fft_shape[0] - rows + 1, :], expected[:, cols:])
+        assert max(np.abs(part).max(initial=0.0) for part in outside) < 1e-3

@@ -3,8 +3,9 @@
 The default case is the one that did not scale (issue 18): 100x / 1.45 NA oil, 130 nm pixels, 461 nm emission,
 sample index 1.40, a bank of 323 planes of 1115 px (+-16.5 um: +-8 um of defocus plus the specimen's depth). The
 bank is computed in a child process run under `/usr/bin/time -v` (its maximum RSS, that of the largest single
-process) while this script samples the resident memory of the child and all its worker processes together every
-0.2 s (the figure that decides whether a 16 GB PC copes). Run it beside nothing else for clean timings:
+process, and the CPU time of all processes) while this script samples the resident memory of the child and all its
+worker processes together every 0.2 s (the figure that decides whether a 16 GB PC copes). Run it beside nothing
+else for clean timings; on a loaded machine the CPU seconds divided by the cores is what an idle one would take:
 
     python tools/bench_psf.py                       # the issue's 100x bank, all cores
     python tools/bench_psf.py --workers 1           # one core
@@ -118,6 +119,8 @@ def main() -> None:
         sys.exit(f"the bank computation failed:\n{stderr[-4000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
     largest_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
+    cpu_s = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", stderr).group(1)) for kind in ("User", "System"))
+    result["cpu_seconds_all_processes"] = round(cpu_s, 1)
     result["max_rss_largest_process_mb"] = round(largest_kb / 1024)
     result["peak_rss_all_processes_mb"] = round(peak / 2**20)
     result["cores"] = os.cpu_count()

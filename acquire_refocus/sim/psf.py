@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import scipy.fft
 from tqdm import tqdm
 
 from acquire_refocus.config import OpticsConfig
@@ -259,10 +260,12 @@ def _compute_planes(
                 for start in starts
             }
             for future in as_completed(futures):
+                # popped, so that each chunk's memory is freed once copied instead of when the pool closes
+                start = futures.pop(future)
                 block = future.result()
-                start = futures[future]
                 psf[start : start + len(block)] = block
                 bar.update(len(block))
+                del future, block
     return psf
 
 
@@ -437,8 +440,9 @@ class OtfCache:
         fx = np.fft.rfftfreq(size)[None, :]
         radius = np.sqrt(fx**2 + fy**2)
         cutoffs = np.empty(len(self.bank.defocus_um))
+        workers = available_cores()
         for i in range(len(cutoffs)):
-            spectrum = np.abs(np.fft.rfft2(self.bank.plane(i), s=(size, size)))
+            spectrum = np.abs(scipy.fft.rfft2(self.bank.plane(i), s=(size, size), workers=workers))
             significant = spectrum > rel_tolerance * spectrum[0, 0]
             cutoffs[i] = radius[significant].max() + 1.0 / size
         return np.minimum(cutoffs, 1.0)
