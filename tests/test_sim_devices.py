@@ -242,3 +242,77 @@ def test_camera_renders_the_drift_at_the_simulated_time(config: AppConfig) -> No
         core.unloadAllDevices()
     assert at_start > 1.5 * drifted
     assert refocused > 1.5 * drifted
+
+
+# ---------------------------------------------------------------- stains as channel presets, the focus lock
+
+
+@pytest.fixture(scope="module")
+def two_stains() -> Iterator[tuple[UniMMCore, ClockedMicroscope]]:
+    config = parse_config({
+        "optics": {"channels": {"Cytoplasm": {"emission_wavelength_nm": 510}}},
+        "simulator": {
+            "camera": {"width_px": 128, "height_px": 128, "exposure_ms": 10},
+            "specimen": {"field_size_um": [160, 160], "photons_per_um3": 1500, "nuclei_per_mm2": 4000},
+            "focus_z_um": FOCUS_Z_UM, "z_limits_um": [50, 150], "time_per_frame_s": TIME_PER_FRAME_S,
+            "channels": {"Nuclei": {"stain": "nuclei"}, "Cytoplasm": {"stain": "cytoplasm", "brightness": 1.5}},
+            "drift": {"model": "linear", "rate_um_per_min": 6.0},  # the stand: 0.2 um per frame
+            "sample_drift": {"model": "linear", "rate_um_per_min": 3.0},  # the sample: 0.1 um per frame
+            "focus_lock": True,
+        },
+    })
+    core, scope = create_simulated_core(config.optics, config.simulator)
+    yield core, scope
+    core.unloadAllDevices()
+
+
+def test_each_channel_preset_shows_its_own_stain(two_stains: tuple[UniMMCore, ClockedMicroscope]) -> None:
+    core, _ = two_stains
+    assert core.getChannelGroup() == "Channel"
+    assert set(core.getAvailableConfigs("Channel")) == {"Nuclei", "Cytoplasm"}
+    frames = {}
+    for name in ("Nuclei", "Cytoplasm", "Nuclei"):
+        core.setConfig("Channel", name)
+        core.snapImage()
+        frames.setdefault(name, []).append(core.getImage().astype(float))
+    nuclei, cytoplasm = frames["Nuclei"][0], frames["Cytoplasm"][0]
+    # the same cells, other structures: weakly related images, both well above the camera offset
+    assert np.corrcoef(nuclei.ravel(), cytoplasm.ravel())[0, 1] < 0.6
+    assert np.corrcoef(nuclei.ravel(), frames["Nuclei"][1].ravel())[0, 1] > 0.9
+    assert cytoplasm.mean() > 110 and nuclei.mean() > 110
+
+
+def test_the_lock_removes_the_stand_drift_but_not_the_sample_drift(
+    two_stains: tuple[UniMMCore, ClockedMicroscope],
+) -> None:
+    core, scope = two_stains
+    stage = scope.focus_stage
+    assert stage is not None and stage.lock is not None
+    core.setConfig("Channel", "Nuclei")
+    core.setPosition(FOCUS_Z_UM)
+    core.setProperty("SimPFS", "State", "On")
+    try:
+        assert core.getProperty("SimPFS", "Status") == "Locked"
+        t0 = scope.clock_s()
+        z0, focus0 = core.getPosition(), scope.focus_z_um((0, 0), t0)
+        for _ in range(10):
+            core.snapImage()
+        t1 = scope.clock_s()
+        # the drive followed the stand's drift (0.2 um per frame), the focus moved by both drifts
+        assert core.getPosition() - z0 == pytest.approx(scope.stand_drift_um(t1) - scope.stand_drift_um(t0))
+        defocus_change = (core.getPosition() - scope.focus_z_um((0, 0), t1)) - (z0 - focus0)
+        assert defocus_change == pytest.approx(-(t1 - t0) * 3.0 / 60.0)  # the sample's drift alone
+        moves = stage.moves_while_locked
+        core.setPosition(FOCUS_Z_UM + 5.0)  # refused by the lock's hold, counted
+        assert stage.moves_while_locked == moves + 1
+        before = core.getPosition()
+        core.setPosition("SimPFSOffset", 2.0)  # the offset moves focus instead
+        assert core.getPosition() - before == pytest.approx(2.0)
+        stage.lock.lose()
+        assert core.getProperty("SimPFS", "Status") == "Lost"
+        held = core.getPosition()
+        core.snapImage()
+        assert core.getPosition() == pytest.approx(held)  # no longer following the stand
+    finally:
+        core.setProperty("SimPFS", "State", "Off")
+        core.setPosition("SimPFSOffset", 0.0)

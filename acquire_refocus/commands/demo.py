@@ -290,6 +290,9 @@ def run(args: argparse.Namespace) -> int:
             f"raw {received['raw']}, refocused {received['refocused']}, focus {received['focus']}",
             f"  focus error RMS       {rms_with:.2f} um {mode_word}, {rms_without:.2f} um without correction "
             f"(depth of field {dof_um:.2f} um{f'; frames of channel {channel}, which drives the loop' if channel else ''})",
+            "  per position          " + ", ".join(
+                f"p{p} {_rms([r['error_um'] for r in truth.of_channel(channel) if r['p'] == p]):.2f} um"
+                for p in sorted({r["p"] for r in truth.rows})),
             f"  focus moves           {summary.focus.get('moves', 0)} {summary.focus.get('moves_by_source', {})}, "
             f"offsets_um {summary.focus.get('offsets_um', {})}; network estimates used "
             f"{summary.focus.get('estimates_accepted', 0)}, rejected {summary.focus.get('estimates_rejected', 0)} "

@@ -300,8 +300,9 @@ class SimFocusLock(GenericDevice):
             z_um = self._focus.physical_z_um
             self._reference_um = z_um - self._offset.get_position_um() - self._scope.stand_drift_um(self._scope.clock_s())
             self._status = "Locked"
-        elif not on and self.locked:
-            self._focus.release_lock()
+        elif not on:
+            if self.locked:
+                self._focus.release_lock()
             self._status = "Off"
         log.info(kv("sim_focus_lock", status=self._status))
 
