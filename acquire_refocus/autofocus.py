@@ -195,36 +195,52 @@ class SoftwareAutofocus:
         return result
 
 
-def plot_focus_curve(path: Path, result: AutofocusResult) -> None:
-    """Log sharpness against Z, the fitted parabola and the focus found: what the autofocus saw."""
+def _draw_curve(ax: object, z: np.ndarray, s: np.ndarray, curve: SharpnessCurve | None, label: str) -> None:
+    """Frames' log sharpness against Z, and the fitted log-parabola with its peak."""
+    finite = np.isfinite(s)
+    points = ax.plot(z[finite], s[finite], "o", ms=4, label=label)  # type: ignore[attr-defined]
+    if curve is None:
+        return
+    near = finite & (np.abs(z - curve.peak_z_um) <= 2 * curve.width_um)
+    shape = lambda zz: -((zz - curve.peak_z_um) ** 2) / (2 * curve.width_um**2)  # noqa: E731
+    level = float(np.mean(s[near] - shape(z[near]))) if near.any() else float(s[finite].max())
+    grid = np.linspace(max(z.min(), curve.peak_z_um - 2 * curve.width_um),
+                       min(z.max(), curve.peak_z_um + 2 * curve.width_um), 200)
+    colour = points[0].get_color()
+    ax.plot(grid, level + shape(grid), "-", lw=1, color=colour,  # type: ignore[attr-defined]
+            label=f"fit: peak {curve.peak_z_um:.2f} um, width {curve.width_um:.2f} um")
+    ax.axvline(curve.peak_z_um, color=colour, lw=0.6)  # type: ignore[attr-defined]
+
+
+def plot_sharpness_curves(
+    path: Path, curves: list[tuple[str, np.ndarray, np.ndarray, SharpnessCurve | None]], title: str,
+    start_z_um: float | None = None,
+) -> None:
+    """One focus-curve plot: per field (name, Z, log sharpness, fit or None), the points and the fit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    z, s = np.array(result.z_um), np.array(result.log_sharpness)
-    finite = np.isfinite(s)
-    ax.plot(z[finite], s[finite], "o", label="frames (in the order taken: numbers)")
-    for k, (zi, si) in enumerate(zip(z[finite], s[finite], strict=True)):
-        ax.annotate(str(k + 1), (zi, si), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    if result.curve is not None:
-        c = result.curve
-        near = finite & (np.abs(z - c.peak_z_um) <= 2 * c.width_um)
-        shape = lambda zz: -((zz - c.peak_z_um) ** 2) / (2 * c.width_um**2)  # noqa: E731
-        level = float(np.mean(s[near] - shape(z[near]))) if near.any() else float(s[finite].max())
-        grid = np.linspace(max(z.min(), c.peak_z_um - 2 * c.width_um), min(z.max(), c.peak_z_um + 2 * c.width_um), 200)
-        ax.plot(grid, level + shape(grid), "-", lw=1, label=f"fit: peak {c.peak_z_um:.2f} um, width {c.width_um:.2f} um")
-        ax.axvline(c.peak_z_um, color="k", lw=0.6)
-    ax.axvline(result.start_z_um, color="grey", ls="--", lw=0.6, label="start")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, z, s, curve in curves:
+        _draw_curve(ax, np.asarray(z, dtype=float), np.asarray(s, dtype=float), curve, name)
+    if start_z_um is not None:
+        ax.axvline(start_z_um, color="grey", ls="--", lw=0.6, label="start")
     ax.set_xlabel("stage Z (um)")
     ax.set_ylabel("log band-pass sharpness")
-    ax.set_title(f"software autofocus: {result.frames} frames, {result.reason}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_focus_curve(path: Path, result: AutofocusResult) -> None:
+    """What one software autofocus run saw: its frames' sharpness against Z, the fit and the focus found."""
+    plot_sharpness_curves(path, [(f"{result.frames} frames", np.array(result.z_um), np.array(result.log_sharpness),
+                                  result.curve)], f"software autofocus: {result.reason}", result.start_z_um)
 
 
 def software_autofocus(

@@ -117,3 +117,18 @@ def test_autofocus_on_an_empty_field_leaves_the_stage_where_it_was() -> None:
     result = af.run(FocusDrive(core), 103.0)
     assert not result.succeeded and "no sharpness peak" in result.reason
     assert core.getZPosition() == pytest.approx(103.0)
+
+
+def test_calibrate_focus_plots_the_focus_curve(small_field_scope: Any, tmp_path: Path,
+                                               restore_logging: None) -> None:
+    import tifffile
+
+    from acquire_refocus.cli import main
+
+    defocus_um = np.arange(-4.0, 4.01, 0.5)
+    frames, _ = small_field_scope.render_stack(defocus_um, rng=np.random.default_rng(0))
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, frames)
+    plot = tmp_path / "curve.png"
+    assert main(["calibrate-focus", str(stack), "--z-step-um", "0.5", "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000

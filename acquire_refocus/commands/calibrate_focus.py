@@ -81,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fit the planes within this distance of the sharpest one (default: 4/3 of the depth "
                              "of field, as the closed loop)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help="also plot each field's sharpness against Z with its fit (the focus curve)")
 
 
 def _read_tiff_stack(path: Path) -> np.ndarray:
@@ -172,6 +174,25 @@ def calibrate(
     return results, failed
 
 
+def _plot(path: Path, fields: list[tuple[str, np.ndarray]], z_um: np.ndarray, sharpness: BandPassSharpness,
+          pixel_size_um: float | None, range_um: float) -> None:
+    """The focus curve of every field (fitted where a peak was found) in one PNG."""
+    from acquire_refocus.autofocus import plot_sharpness_curves
+    from acquire_refocus.sharpness import fit_sharpness_curve
+
+    curves = []
+    for name, planes in fields:
+        values = np.array([sharpness(plane, pixel_size_um) for plane in planes])
+        log_s = np.full(values.shape, np.nan)
+        np.log(values, out=log_s, where=values > 0)
+        curves.append((name, z_um, log_s, fit_sharpness_curve(z_um, log_s, range_um)))
+    try:
+        plot_sharpness_curves(path, curves, f"calibrate-focus: {len(fields)} field(s)")
+    except OSError as exc:
+        raise UserError(f"--plot {path}: cannot write ({exc.strerror or exc})") from None
+    print(f"wrote {path}")
+
+
 def run(args: argparse.Namespace) -> int:
     from acquire_refocus.config import load_config
     from acquire_refocus.sharpness import BandPassSharpness
@@ -186,7 +207,10 @@ def run(args: argparse.Namespace) -> int:
     fields, z_um, dataset_pixel_um, labelled = _stacks(args)
     pixel_size_um = args.pixel_size_um or dataset_pixel_um or config.optics.pixel_size_um
     range_um = args.range_um or config.focus.sharpness_settings_um(config.optics)[2]
-    results, failed = calibrate(fields, z_um, BandPassSharpness.for_optics(config.optics), pixel_size_um, range_um)
+    sharpness = BandPassSharpness.for_optics(config.optics)
+    results, failed = calibrate(fields, z_um, sharpness, pixel_size_um, range_um)
+    if args.plot is not None:
+        _plot(args.plot, fields, z_um, sharpness, pixel_size_um, range_um)
     for message in failed:
         print(f"skipped {message}")
     if not results:
