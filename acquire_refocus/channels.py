@@ -22,7 +22,10 @@ WAVELENGTH_ENVELOPE_FRACTION = 0.10
 
 
 def sequence_channels(sequence: useq.MDASequence) -> list[str]:
-    """The channel preset names of a sequence, in its order."""
+    """The channel preset names of a sequence, in its order; none when its axis_order leaves out the channel
+    axis (useq then acquires no channel at all)."""
+    if "c" not in sequence.axis_order:
+        return []
     return [channel.config for channel in sequence.channels]
 
 
