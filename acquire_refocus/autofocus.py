@@ -136,7 +136,7 @@ class SoftwareAutofocus:
         for z in (best + k * cfg.step_um for k in range(-half, half + 1)):
             if lo <= z <= hi:
                 measure(z)
-        curve = self._fit(taken, best)
+        curve = self._fit(taken)
         for _ in range(_MAX_EXTENSIONS):  # a peak beyond the fine planes: one more plane towards it
             fine = [z for z in taken if abs(z - best) <= half * cfg.step_um + 1e-6]
             if curve is not None and min(fine) <= curve.peak_z_um <= max(fine):
@@ -147,7 +147,7 @@ class SoftwareAutofocus:
                 break
             measure(nxt)
             best = max(taken, key=taken.__getitem__)
-            curve = self._fit(taken, best)
+            curve = self._fit(taken)
         result.curve = curve
         values = [v for v in taken.values() if math.isfinite(v)]
         fall = max(values) - min(values) if values else 0.0
@@ -173,7 +173,7 @@ class SoftwareAutofocus:
             plot_focus_curve(self._plot_dir / f"autofocus_{label or len(self.runs)}.png", result)
         return result
 
-    def _fit(self, taken: dict[float, float], best_z_um: float) -> SharpnessCurve | None:
+    def _fit(self, taken: dict[float, float]) -> SharpnessCurve | None:
         """The log-parabola through the frames within the model's range of the sharpest one."""
         z = np.array(list(taken))
         s = np.array(list(taken.values()))

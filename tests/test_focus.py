@@ -396,3 +396,30 @@ def test_a_frame_the_sharpness_measure_fails_on_is_logged_and_never_waited_for(
     assert c.wait_for_frames(1, timeout_s=10)  # the measurement is done with, not pending forever
     assert c.sharpness_measured == 0 and "focus_sharpness_failed" in engine_log.text
     c.close()
+
+
+def test_a_move_over_max_step_is_refused_when_configured() -> None:
+    c = controller(max_step_action="refuse", max_step_um=2.0)
+    c.on_frame(result(3.0))
+    assert c.plan(0, 100.0) == 0.0 and c.refused == 1 and not c.moves
+    c.on_frame(result(1.5))
+    c.on_frame(result(1.5))  # the median is now 1.5 um: within max_step, moved
+    assert c.plan(0, 100.0, t_index=1) == pytest.approx(-1.5)
+
+
+def channel_result(defocus_um: float, channel: str, stage_z_um: float = 100.0, z_offset_um: float = 0.0) -> FrameResult:
+    return FrameResult(
+        frame=0, raw=RAW, info=FrameInfo({"t": 0, "p": 0, "c": 0}, stage_z_um, (0.0, 0.0), 0.0, 0.325,
+                                         channel=channel, channel_z_offset_um=z_offset_um),
+        status="refocused", defocus_um=defocus_um, confidence=0.9, defocus_magnitude_um=abs(defocus_um),
+    )
+
+
+def test_only_the_driving_channel_enters_the_loop_and_its_z_offset_is_respected() -> None:
+    c = FocusController(FocusConfig(mode="correct", window_frames=3, z_limits_um=(50.0, 150.0)), channel="DAPI")
+    c.on_frame(channel_result(-8.0, "GFP"))  # another channel: never used
+    # a DAPI frame taken 1.5 um deeper (its channel's offset) that reads 2 um too deep: focus at 99.5
+    c.on_frame(channel_result(2.0, "DAPI", stage_z_um=103.0, z_offset_um=1.5))
+    assert c.plan(0, 100.0) == pytest.approx(-0.5)
+    assert c.other_channel_frames == 1 and c.accepted == 1
+    assert c.state()["positions"]["0"]["estimates"] == 1
