@@ -314,7 +314,8 @@ class Daemon:
     def _on_run(self, request: dict[str, Any]) -> dict[str, Any]:
         """Everything a run would trip over is checked here, so it is refused in the reply rather than later, in
         the daemon's log only: the sequence (its size by arithmetic, in milliseconds however long), the output
-        folder (inside the data root), the channels and the pixel size against the loaded hardware."""
+        folder (inside the data root), the channels and the pixel size against the loaded hardware, the free
+        space of the data root."""
         if self._stop.is_set():
             raise UserError("the daemon is stopping; it takes no new runs")
         if not isinstance(request.get("sequence"), dict):
@@ -322,6 +323,8 @@ class Daemon:
         sequence = parse_sequence(request["sequence"], "run request")
         output = self._requested_output(request.get("output"))
         self._check_against_hardware(sequence)
+        if self.data_root is not None and self.data_root.is_dir() and self._core is not None:
+            self._check_space(sequence, self._core, self.data_root)  # checked again when the run starts
         if output is not None:  # refused now, in the reply, rather than later in the daemon's log
             with self._lock:
                 if output in self._queued_outputs:
@@ -520,7 +523,9 @@ class Daemon:
 
         def sink_failed() -> str:
             errors = pipeline.stats().sink_errors
-            return f"{errors} write(s) of the focus log or refocused store failed (sink_failed in the log)" if errors else ""
+            if not errors:
+                return ""
+            return f"{errors} write(s) of the focus log or refocused store failed (sink_failed in the log)"
 
         checks.append(sink_failed)
         if raw_log is not None:

@@ -33,7 +33,7 @@ SERVER = "server"
 DEFAULT_CLIENT = "client"
 CLIENTS_DIR = "clients"
 
-SocketOptions = dict[int, "int | bytes"]
+SocketOptions = dict[int, int | bytes]
 
 
 def generate_keys(folder: str | Path, client: str = DEFAULT_CLIENT) -> list[Path]:

@@ -67,7 +67,8 @@ def _check_depth(text: str, source: str) -> None:
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
-                raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep (line {event.start_mark.line + 1})")
+                line = event.start_mark.line + 1
+                raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep (line {line})")
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
 

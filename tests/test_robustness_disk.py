@@ -235,3 +235,19 @@ def test_an_onnx_cache_on_a_read_only_disk_says_the_engine_fell_back(
     messages = [r.getMessage() for r in engine_log.records]
     assert any("event=engine_fallback requested=onnxruntime engine=torch" in m for m in messages)
     assert any("event=engine_passed_over" in m and "engine=onnxruntime" in m for m in messages)
+
+
+def test_a_run_request_that_cannot_fit_is_refused_in_the_reply(
+    small_disk: Callable[..., Path], tiny_refocuser: Any, tiny_weights: Path
+) -> None:
+    disk = small_disk("16m")
+    config = daemon_config(tiny_weights, storage={"min_free_mb": 0.5})
+    with Daemon(config, output_dir=disk, corrector=tiny_refocuser) as daemon:
+        address = config.publishing.control_address
+        daemon.acquisition_core()
+        too_long = request(address, "run", sequence={"time_plan": {"interval": 0, "loops": 200}}, output="long")
+        short = request(address, "run", sequence={"time_plan": {"interval": 0, "loops": 2}}, output="short")
+        daemon.request_stop("test cleanup")
+    assert too_long["ok"] is False and f"{disk}: " in too_long["error"] and "free, the run needs" in too_long["error"]
+    assert short["ok"] is True
+    assert not (disk / "long").exists()
