@@ -92,8 +92,10 @@ def test_external_scheduler_started_with_dask_cli(dask_cli_cluster: str, tmp_pat
     dataset = tmp_path / "raw.ome.zarr"
     data.write_ome_writers(dataset, source)
 
-    assert main(_command(dataset, tmp_path / "out", tiny_weights, "--scheduler", dask_cli_cluster)) == 0
+    assert main(_command(dataset, tmp_path / "out", tiny_weights, "--scheduler", dask_cli_cluster,
+                         "--no-images")) == 0
 
+    assert not (tmp_path / "out" / "refocused.ome.zarr").exists()
     rows = _rows_by_frame(tmp_path / "out")
     assert len(rows) == 6
     for (t, p, c, z), row in rows.items():

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaozarrs
 import zarr
 
 import reprocess_data as data
@@ -46,6 +47,7 @@ def correct(dataset: Path, out: Path, weights: Path, *extra: str) -> int:
 def check_against_refocuser(out: Path, frames: Callable[[dict[str, Any]], np.ndarray],
                             groups: Callable[[dict[str, Any]], tuple[str, tuple[int, ...]]], refocuser: Any,
                             expected_rows: int) -> None:
+    yaozarrs.validate_zarr_store(out / "refocused.ome.zarr")  # valid OME-NGFF, as napari expects
     rows = pq.read_table(out / "focus.parquet").to_pylist()
     assert len(rows) == expected_rows
     for row in rows:
@@ -79,6 +81,12 @@ def test_daemon_raw_store_on_the_embedded_cluster(tmp_path: Path, tiny_weights: 
     assert image["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][-1] == data.PIXEL_SIZE_UM
     assert [c["label"] for c in image["omero"]["channels"]] == list(data.CHANNELS)
     assert (tmp_path / "out" / "focus.csv").read_text().startswith('"t","p","c","z","position","channel"')
+
+    assert main(["qc", str(tmp_path / "out"), "--threshold-um", "0.1"]) == 0  # the report of a time-lapse
+    qc = tmp_path / "out" / "qc"
+    assert "trace.png" in (qc / "report.md").read_text() and (qc / "trace.png").stat().st_size > 0
+    assert len((qc / "reimage.csv").read_text().splitlines()) == 1 + 16  # every frame is above 0.1 um
+    assert not (qc / "plate.png").exists()  # positions of a time-lapse are not a plate
 
 
 @pytest.mark.parametrize("fmt", ["ome-zarr-v0.4", "ndtiff", "ome-tiff"])
@@ -117,14 +125,17 @@ def test_bbbc_plate_with_a_truncated_file_and_one_channel(tmp_path: Path, tiny_w
     broken.write_bytes(broken.read_bytes()[:3000])
     before = tree_digest(folder)
 
-    code = correct(folder, tmp_path / "out", tiny_weights, "--scheduler", cluster_address, "--channel", "w1",
-                   "--no-images", "--qc")
+    code = correct(folder, tmp_path / "out", tiny_weights, "--scheduler", cluster_address, "--channel", "w1", "--qc")
 
     assert code == 2
     captured = capsys.readouterr()
     assert "1 frame(s) could not be refocused" in captured.err and "Traceback" not in captured.err
     rows = pq.read_table(tmp_path / "out" / "focus.parquet").to_pylist()
-    assert len(rows) == 12 and not (tmp_path / "out" / "refocused.ome.zarr").exists()
+    assert len(rows) == 12
+    store = tmp_path / "out" / "refocused.ome.zarr"
+    yaozarrs.validate_zarr_store(store)
+    plate = zarr.open_group(str(store), mode="r").attrs["ome"]["plate"]
+    assert [w["path"] for w in plate["wells"]] == ["A/01", "A/02", "B/01"]
     by_key = {(r["well"], r["site"], r["channel"]): r for r in rows}
     assert by_key[("A02", 2, "w1")]["status"] == "failed" and "cannot be read" in by_key[("A02", 2, "w1")]["reason"]
     assert {r["status"] for r in rows if r["channel"] == "w2"} == {"skipped"}
@@ -134,6 +145,9 @@ def test_bbbc_plate_with_a_truncated_file_and_one_channel(tmp_path: Path, tiny_w
             expected = tiny_refocuser(data.frame(list(files).index((well, site, channel))),
                                       pixel_size_um=data.PIXEL_SIZE_UM)
             assert row["status"] == "refocused" and row["defocus_um"] == pytest.approx(expected.defocus_um, abs=1e-4)
+            field = zarr.open_array(str(store), mode="r", path=f"{well[0]}/{well[1:]}/{site - 1}/0")
+            np.testing.assert_allclose(field[0], expected.image, rtol=1e-4, atol=1e-2)
+            assert not field[1].any()  # w2 was not chosen: its plane stays empty
     assert tree_digest(folder) == before
     report = (tmp_path / "out" / "qc" / "report.md").read_text()
     assert "plate.png" in report and "worst.png" in report

@@ -9,6 +9,7 @@ processed and nothing is loaded whole.
 from __future__ import annotations
 
 import itertools
+import threading
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -83,7 +84,8 @@ class DatasetInfo:
 
 
 class FrameReader(Protocol):
-    """Reads one plane. Raises InputError (or any OSError / ValueError from the library) for a frame it cannot."""
+    """Reads one plane; safe to call from several threads. Raises InputError (or whatever the library raises) for
+    a frame it cannot read."""
 
     def read(self, position: int, index: tuple[int, ...]) -> np.ndarray: ...
 
@@ -123,6 +125,7 @@ def open_dataset(path: Path) -> DatasetInfo:
 
 
 _READERS: dict[tuple[str, str], FrameReader] = {}
+_READERS_LOCK = threading.Lock()
 
 
 def open_reader(info: DatasetInfo) -> FrameReader:
@@ -136,12 +139,13 @@ def reader_for(info: DatasetInfo) -> FrameReader:
     """This worker process's reader for `info`, opened once (a worker reads many batches of one dataset) and kept
     open for the life of the process."""
     key = (info.kind, str(info.path))
-    if key not in _READERS:
-        for reader in _READERS.values():  # one dataset at a time per process
-            reader.close()
-        _READERS.clear()
-        _READERS[key] = open_reader(info)
-    return _READERS[key]
+    with _READERS_LOCK:  # a worker with several threads runs several tasks at once
+        if key not in _READERS:
+            for reader in _READERS.values():  # one dataset at a time per process
+                reader.close()
+            _READERS.clear()
+            _READERS[key] = open_reader(info)
+        return _READERS[key]
 
 
 def as_plane(image: Any, where: str) -> np.ndarray:

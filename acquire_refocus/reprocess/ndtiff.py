@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,8 @@ def describe(path: Path) -> DatasetInfo:
         dataset.close()
     return DatasetInfo(
         kind="ndtiff", path=path, axes=(*axes, "y", "x"), shape=(*plane_shape, *frame_shape), dtype=dtype,
-        chunks=(*(1 for _ in axes), *frame_shape), positions=tuple(Position(group=str(p), name=str(p)) for p in positions),
+        chunks=(*(1 for _ in axes), *frame_shape),
+        positions=tuple(Position(group=str(p), name=str(p)) for p in positions),
         has_position_axis="position" in values, pixel_size_um=pixel_size_um,
         channel_names=tuple(str(c) for c in values["channel"]) if "channel" in values else None,
         scale=(*(1.0 for _ in axes), pixel_size_um or 1.0, pixel_size_um or 1.0),
@@ -77,15 +79,18 @@ class Reader:
         self.info = info
         self._dataset = _open(info.path)
         self._names = {v: k for k, v in _AXES.items()}
+        self._lock = threading.Lock()  # ndstorage's file handles are not meant for concurrent reads
 
     def read(self, position: int, index: tuple[int, ...]) -> np.ndarray:
         values = self.info.extra["values"]
-        coordinates = {self._names[a]: values[self._names[a]][i] for a, i in zip(self.info.plane_axes, index, strict=True)}
+        coordinates = {self._names[a]: values[self._names[a]][i]
+                       for a, i in zip(self.info.plane_axes, index, strict=True)}
         if "position" in values:
             coordinates["position"] = values["position"][position]
-        if not self._dataset.has_image(**coordinates):
-            raise InputError(f"no image at {coordinates} in the NDTiff dataset")
-        return np.asarray(self._dataset.read_image(**coordinates))
+        with self._lock:
+            if not self._dataset.has_image(**coordinates):
+                raise InputError(f"no image at {coordinates} in the NDTiff dataset")
+            return np.asarray(self._dataset.read_image(**coordinates))
 
     def close(self) -> None:
         self._dataset.close()

@@ -64,7 +64,8 @@ def _plate_figure(rows: list[dict[str, Any]], path: Path) -> bool:
             k = sites.index(site)
             grid[letters.index(well[0]) * side + k // side, numbers.index(int(well[1:])) * side + k % side] = \
                 float(np.median(finite))
-    figure, axes = plt.subplots(figsize=(max(4.0, 0.6 * len(numbers) * side + 2), max(3.0, 0.6 * len(letters) * side + 1)))
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.6 * len(numbers) * side + 2),
+                                         max(3.0, 0.6 * len(letters) * side + 1)))
     image = axes.imshow(np.ma.masked_invalid(grid), cmap="magma", interpolation="nearest")
     axes.set_xticks([i * side + (side - 1) / 2 for i in range(len(numbers))], [str(n) for n in numbers])
     axes.set_yticks([i * side + (side - 1) / 2 for i in range(len(letters))], letters)
@@ -184,7 +185,8 @@ def write_report(out: Path, threshold_um: float | None = None) -> Path:
                              f"{row['defocus_um']:.2f}", f"{row['confidence']:.2f}"])
     lines = [f"# Focus quality: {out}", "",
              f"{len(rows)} frames: {len(measured)} with an estimate, "
-             f"{sum(r['status'] == 'failed' for r in rows)} failed, {sum(r['status'] == 'skipped' for r in rows)} skipped.",
+             f"{sum(r['status'] == 'failed' for r in rows)} failed, "
+             f"{sum(r['status'] == 'skipped' for r in rows)} skipped.",
              ""]
     if magnitudes:
         lines += [f"|defocus| median {np.median(magnitudes):.2f} um, 90th percentile "

@@ -101,13 +101,13 @@ def _start_or_resume(opts: Options, info: DatasetInfo, identity: dict[str, Any])
             raise UserError(f"--out {opts.out} already holds {', '.join(taken)} of another run; results are never "
                             "written over existing files: choose another --out")
     try:
-        if opts.images and not (opts.out / STORE).exists():
-            create_store(info, opts.out / STORE)
-        (opts.out / table.PARTS).mkdir(exist_ok=True)
-        if not record.is_file():
+        if not record.is_file():  # first, so that whatever follows belongs to this run and a rerun resumes it
             temp = opts.out / f".{RECORD}.tmp"
             temp.write_text(json.dumps(identity, indent=2) + "\n")
             os.replace(temp, record)
+        if opts.images and not (opts.out / STORE).exists():
+            create_store(info, opts.out / STORE)
+        (opts.out / table.PARTS).mkdir(exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {opts.out}: cannot write there ({exc.strerror or exc}); choose another --out") \
             from None
@@ -150,7 +150,7 @@ def _compute(opts: Options, info: DatasetInfo, channels: tuple[int, ...] | None,
     from tqdm import tqdm
 
     from acquire_refocus.reprocess.cluster import dask_client, worker_threads
-    from acquire_refocus.reprocess.work import Job, RefocuserPlugin, run_batches
+    from acquire_refocus.reprocess.work import PLUGIN_NAME, Job, RefocuserPlugin, run_batches
 
     job = Job(info=info, out=opts.out, store=opts.out / STORE if opts.images else None, channels=channels,
               pixel_size_um=pixel_size_um)
@@ -159,7 +159,7 @@ def _compute(opts: Options, info: DatasetInfo, channels: tuple[int, ...] | None,
             else None
         if summary.dashboard:
             print(f"Dask dashboard: {summary.dashboard}", file=sys.stderr)
-        client.register_plugin(RefocuserPlugin(opts.weights, opts.engine, None), name="acquire-refocus-refocuser")
+        client.register_plugin(RefocuserPlugin(opts.weights, opts.engine, None), name=PLUGIN_NAME)
         progress = tqdm(total=sum(b.size for b in remaining), unit="frame", desc="refocus", file=sys.stderr,
                         disable=None)
 

@@ -7,6 +7,7 @@ the OME `PhysicalSizeX` or, for ImageJ files, the X resolution in microns.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,7 @@ class Reader:
     def __init__(self, info: DatasetInfo) -> None:
         self.info = info
         self._tif = _open(info.path)
+        self._lock = threading.Lock()  # one file handle: its seeks and reads must not interleave
 
     def read(self, position: int, index: tuple[int, ...]) -> np.ndarray:
         series_index = [0] * len(self.info.extra["series_plane_shape"])
@@ -109,10 +111,11 @@ class Reader:
             series_index[axis] = i
         page_number = int(np.ravel_multi_index(series_index, self.info.extra["series_plane_shape"])) \
             if series_index else 0
-        page = self._tif.series[position].pages[page_number]
-        if page is None:
-            raise InputError(f"plane {page_number} of image {position} is missing from the file")
-        return np.asarray(page.asarray())
+        with self._lock:
+            page = self._tif.series[position].pages[page_number]
+            if page is None:
+                raise InputError(f"plane {page_number} of image {position} is missing from the file")
+            return np.asarray(page.asarray())
 
     def close(self) -> None:
         self._tif.close()
