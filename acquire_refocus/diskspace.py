@@ -55,7 +55,7 @@ def space_need(
     if save_refocused:
         per_frame += pixels * REFOCUSED_BYTES_PER_PX + BLOCK_BYTES
         stores += 1
-    per_frame += 512  # the focus log's row and the raw frame log's line
+    per_frame += 2048  # the focus log's row (~0.2 KB) and the raw frame log's line (~0.7 KB on the simulator)
     return SpaceNeed(frames, per_frame, (stores + 1) * STORE_METADATA_BYTES, margin_frames * per_frame,
                      int(min_free_mb * 1024 * 1024))
 
