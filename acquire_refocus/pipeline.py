@@ -72,6 +72,7 @@ class FrameResult:
     confidence: float = math.nan
     defocus_magnitude_um: float = math.nan  # unsigned estimate, see Refocuser
     reason: str = ""  # why the frame was not refocused
+    flags: tuple[str, ...] = ()  # the frame lies outside the model's envelope (Refocuser, model/envelope.py)
     engine: str = ""
     engine_ms: float = 0.0
     latency_ms: float = 0.0  # from submit to the result being ready for the sinks
@@ -465,6 +466,7 @@ class FramePipeline:
             image = np.asarray(out.image, dtype=np.float32)
             defocus_um, confidence = float(out.defocus_um), float(out.confidence)
             magnitude_um = float(getattr(out, "defocus_magnitude_um", math.nan))
+            flags = tuple(getattr(out, "flags", ()))
             if image.shape != item.raw.shape:
                 raise ValueError(f"engine returned shape {image.shape} for a frame of shape {item.raw.shape}")
         except Exception as exc:  # the acquisition must go on: log, count, pass the frame on raw
@@ -485,6 +487,7 @@ class FramePipeline:
                 defocus_um=defocus_um,
                 confidence=confidence,
                 defocus_magnitude_um=magnitude_um,
+                flags=flags,
                 engine_ms=engine_ms,
             )
 

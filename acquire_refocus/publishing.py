@@ -65,6 +65,8 @@ def frame_header(
     }
     if result.reason:
         header["reason"] = result.reason
+    if result.flags:
+        header["flags"] = list(result.flags)
     return header
 
 

@@ -18,7 +18,9 @@ confidence = exp(-sigma_um / CONFIDENCE_SIGMA_SCALE_UM), where sigma_um is the n
 deviation of its defocus estimate (trained with a Gaussian likelihood on the actual errors): 1 for a certain
 estimate, 0.61 at sigma = 1 um, 0.37 at sigma = 2 um, below 0.1 when sigma exceeds ~4.6 um (e.g. a field without
 cells). A constant (or all-zero) frame has nothing to refocus or focus on: it is returned unchanged (as float32)
-with defocus_um = 0.0 and confidence = 0.0, so closed-loop focus ignores it.
+with defocus_um = 0.0 and confidence = 0.0, so closed-loop focus ignores it. A frame outside the model's envelope
+(saturated, nearly empty, a brightness or pixel size the model never saw: model/envelope.py) is refocused but
+carries `flags` and confidence 0.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from acquire_refocus.config import EngineConfig
 from acquire_refocus.errors import ConfigError, InputError
 from acquire_refocus.logs import kv
 from acquire_refocus.model.checkpoint import LoadedModel, load_weights
+from acquire_refocus.model.envelope import DISTRUSTED, envelope_flags
 from acquire_refocus.model.normalization import denormalize, frame_scale, normalize
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class RefocusResult:
     confidence: float  # in [0, 1], from the predicted uncertainty
     sigma_um: float  # predicted standard deviation of defocus_um (inf for a constant frame)
     defocus_magnitude_um: float  # the unsigned estimate |defocus|; holds where the sign is ambiguous
+    flags: tuple[str, ...] = ()  # why the frame lies outside the model's envelope (model/envelope.py)
 
 
 def confidence_from_sigma(sigma_um: float) -> float:
@@ -128,6 +132,12 @@ class Refocuser:
         return self.loaded.pixel_size_um
 
     @property
+    def snr_range(self) -> tuple[float, float] | None:
+        """The signal-to-noise range of the model's validation frames, if its training recorded it."""
+        recorded = (self.loaded.metadata.get("training") or {}).get("envelope_snr_range")
+        return (float(recorded[0]), float(recorded[1])) if recorded else None
+
+    @property
     def model_sha256(self) -> str:
         return self.loaded.sha256
 
@@ -155,7 +165,8 @@ class Refocuser:
         zoom = 1.0 if pixel_size_um is None else float(pixel_size_um) / self.pixel_size_um
         intensity = frame_scale(frame, self.loaded.normalization)
         if intensity.is_degenerate:
-            return RefocusResult(frame.astype(np.float32, copy=True), 0.0, 0.0, math.inf, 0.0)
+            return RefocusResult(frame.astype(np.float32, copy=True), 0.0, 0.0, math.inf, 0.0, ("nearly_empty",))
+        flags = envelope_flags(frame, zoom, self.snr_range)
         normalised = normalize(frame, intensity)
         resampled = abs(zoom - 1.0) > _PIXEL_SIZE_TOLERANCE
         if resampled:
@@ -167,10 +178,12 @@ class Refocuser:
             image = resize(image, frame.shape, order=1, mode="reflect", anti_aliasing=zoom > 1.0,
                            preserve_range=True).astype(np.float32)
         sigma_um = math.exp(focus.log_sigma_um)
+        distrusted = any(flag in DISTRUSTED for flag in flags)
         return RefocusResult(
             image=denormalize(image, intensity),
             defocus_um=focus.defocus_um,
-            confidence=confidence_from_sigma(sigma_um),
+            confidence=0.0 if distrusted else confidence_from_sigma(sigma_um),
             sigma_um=float(sigma_um),
             defocus_magnitude_um=focus.magnitude_um,
+            flags=flags,
         )

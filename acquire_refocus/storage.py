@@ -69,6 +69,7 @@ FOCUS_LOG_COLUMNS = (
     "t_acquired",
     "defocus_magnitude_um",
     "focus_offset_um",
+    "flags",
 )
 PACKAGES = (
     "acquire-refocus",
@@ -379,6 +380,7 @@ class FocusLog:
                 f"{info.t_acquired:.6f}",
                 _number(result.defocus_magnitude_um, 4),
                 _number(self._focus_offset(info.axes) if self._focus_offset is not None else None, 4),
+                ";".join(result.flags),
             )
         )
         self._file.flush()

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from acquire_refocus.config import AppConfig, OpticsConfig, SimulatorConfig
+from acquire_refocus.config import AppConfig, OpticsConfig, RandomizationConfig, SimulatorConfig
 from acquire_refocus.errors import ConfigError
 from acquire_refocus.logs import kv
 from acquire_refocus.model.normalization import NormalizationParams, frame_scale, normalize
@@ -33,9 +33,14 @@ TRAIN_SEED_BASE = 1000
 VALIDATION_SEED_BASE = 2000
 TEST_SEED_BASE = 3000
 FIELDS_PER_SPECIMEN = 16
+# Domain-randomised specimens are small (RandomizationConfig.field_size_um) and many: a 2 x 2 grid of windows each.
+RANDOMIZED_FIELDS_PER_SPECIMEN = 4
 # Share of training planes drawn near focus (|d| <= this), where the defocus MAE target is tightest.
 NEAR_FOCUS_FRACTION = 0.25
 NEAR_FOCUS_UM = 5.0
+# Domain-randomised training: share of planes drawn within +-IN_FOCUS_UM, where a good output equals the input.
+IN_FOCUS_FRACTION = 0.1
+IN_FOCUS_UM = 1.0
 EMPTY_PATCH_CONTRAST = 0.2
 EMPTY_PATCH_RETRIES = 4
 _CHANNEL_SUFFIX = re.compile(r"_w\d$")
@@ -155,6 +160,73 @@ class SimulatedWindows:
         field = self.fields[self._next % len(self.fields)]
         self._next += 1
         return self.render(field, sample_defocus(rng, self.planes_per_window, self.defocus_range_um), rng)
+
+
+class RandomizedWindows:
+    """Windows from domain-randomised specimens and cameras (sim/randomization.py): each specimen seed draws a
+    family, density, thickness and optics variant; each window draws a camera. `fields_per_specimen` stage
+    positions on a grid over each specimen; windows cycle through specimens in order so each is built once a pass."""
+
+    def __init__(self, optics: OpticsConfig, simulator: SimulatorConfig, envelope: RandomizationConfig,
+                 seeds: Sequence[int], defocus_range_um: tuple[float, float], window_px: int,
+                 fields_per_specimen: int = 4, planes_per_window: int = 8, variants_seed: int = 0) -> None:
+        from acquire_refocus.sim import randomization
+
+        if not seeds:
+            raise ConfigError("training needs at least one specimen")
+        self.envelope = envelope
+        self.simulator = simulator
+        self.optics_variants = randomization.optics_variants(envelope, optics, variants_seed)
+        self.seeds = list(seeds)
+        self.draws = {seed: randomization.draw_specimen(envelope, seed) for seed in self.seeds}
+        self.defocus_range_um = defocus_range_um
+        self.window_px = window_px
+        self.planes_per_window = planes_per_window
+        per_axis = max(1, int(math.ceil(math.sqrt(fields_per_specimen))))
+        side_um = envelope.field_size_um
+        self.fields = [Field(seed, (col + 0.5) / per_axis * side_um, (row + 0.5) / per_axis * side_um)
+                       for seed in self.seeds for row in range(per_axis) for col in range(per_axis)]
+        self._scopes: OrderedDict[int, object] = OrderedDict()
+        self._next = 0
+
+    def scope(self, seed: int):  # -> SimulatedMicroscope (imported lazily: the simulator is heavy)
+        from acquire_refocus.sim import randomization
+        from acquire_refocus.sim.microscope import SimulatedMicroscope
+
+        scope = self._scopes.pop(seed, None)
+        if scope is None:
+            draw = self.draws[seed]
+            simulator = randomization.specimen_simulator(self.envelope, self.simulator, draw, seed)
+            scope = SimulatedMicroscope(self.optics_variants[draw.optics_index], simulator)
+            log.debug(kv("specimen_built", seed=seed, family=draw.family, optics=draw.optics_index))
+        self._scopes[seed] = scope
+        while len(self._scopes) > 2:
+            self._scopes.popitem(last=False)
+        return scope
+
+    def render(self, field: Field, defocus_um: Sequence[float], rng: np.random.Generator) -> Window:
+        from acquire_refocus.sim import randomization
+
+        scope = self.scope(field.seed)
+        photons, truth_photons = scope.photon_stack(list(defocus_um), (field.x_um, field.y_um),
+                                                    shape_px=(self.window_px, self.window_px))
+        camera = randomization.draw_camera(self.envelope, rng)
+        planes, truth = randomization.expose_window(photons, truth_photons, camera, self.simulator.camera, rng)
+        draw = self.draws[field.seed]
+        name = (f"seed{field.seed}_{draw.family}_x{field.x_um:g}_y{field.y_um:g}"
+                f"_peak{camera.peak_photons:.0f}")
+        return Window(planes, np.asarray(defocus_um, dtype=np.float64), truth, name)
+
+    def next_window(self, rng: np.random.Generator) -> Window:
+        field = self.fields[self._next % len(self.fields)]
+        self._next += 1
+        defocus = sample_defocus(rng, self.planes_per_window, self.defocus_range_um)
+        # in-focus frames must come out unharmed: a share within +-IN_FOCUS_UM, where the answer is the input
+        in_focus = rng.random(len(defocus)) < IN_FOCUS_FRACTION
+        low, high = max(self.defocus_range_um[0], -IN_FOCUS_UM), min(self.defocus_range_um[1], IN_FOCUS_UM)
+        if low < high:
+            defocus[in_focus] = rng.uniform(low, high, int(in_focus.sum()))
+        return self.render(field, defocus, rng)
 
 
 class StoredWindows:
@@ -291,12 +363,7 @@ def fixed_batch(windows: Sequence[Window], patch_px: int, normalization: Normali
 def simulated_sources(config: AppConfig, window_px: int) -> tuple[SimulatedWindows, list[Window]]:
     """Training window source and fixed validation windows (evenly spaced defocus) from disjoint specimens."""
     training = config.training
-    limit_um = config.simulator.max_defocus_um
-    if max(map(abs, training.defocus_range_um)) > limit_um:
-        raise ConfigError(
-            f"training.defocus_range_um {list(training.defocus_range_um)} reaches beyond the simulator's PSF bank "
-            f"(simulator.max_defocus_um: {limit_um:g}); narrow the range or raise max_defocus_um"
-        )
+    _check_defocus_range(config)
     field_size = config.simulator.specimen.field_size_um
     train = SimulatedWindows(
         config.optics,
@@ -321,6 +388,43 @@ def simulated_sources(config: AppConfig, window_px: int) -> tuple[SimulatedWindo
         shift = (index / max(1, len(validation_source.fields)) - 0.5) * (planes[1] - planes[0])
         validation.append(validation_source.render(field, np.clip(planes + shift, low, high), rng))
     return train, validation
+
+
+def randomized_sources(config: AppConfig, window_px: int) -> tuple[RandomizedWindows, list[Window]]:
+    """Training source and fixed validation windows (evenly spaced defocus, one drawn camera each) from disjoint
+    specimen seeds of the domain-randomised envelope `training.randomization`."""
+    training = config.training
+    envelope = training.randomization
+    if envelope is None:
+        raise ConfigError("training.randomization is not set")
+    _check_defocus_range(config)
+    per_specimen = RANDOMIZED_FIELDS_PER_SPECIMEN
+    train_seeds = [TRAIN_SEED_BASE + i for i in range(math.ceil(training.train_fields / per_specimen))]
+    validation_seeds = [VALIDATION_SEED_BASE + i for i in range(math.ceil(training.validation_fields / per_specimen))]
+    arguments = dict(optics=config.optics, simulator=config.simulator, envelope=envelope,
+                     defocus_range_um=training.defocus_range_um, window_px=window_px,
+                     fields_per_specimen=per_specimen, variants_seed=training.seed)
+    train = RandomizedWindows(seeds=train_seeds, **arguments)
+    validation_source = RandomizedWindows(seeds=validation_seeds, **arguments)
+    rng = np.random.default_rng(np.random.SeedSequence([training.seed, 0x5A2]))
+    low, high = training.defocus_range_um
+    planes = np.linspace(low, high, 8)
+    fields = validation_source.fields[: training.validation_fields]
+    validation = []
+    for index, field in enumerate(fields):
+        shift = (index / max(1, len(fields)) - 0.5) * (planes[1] - planes[0])
+        validation.append(validation_source.render(field, np.clip(planes + shift, low, high), rng))
+    return train, validation
+
+
+def _check_defocus_range(config: AppConfig) -> None:
+    training = config.training
+    limit_um = config.simulator.max_defocus_um
+    if max(map(abs, training.defocus_range_um)) > limit_um:
+        raise ConfigError(
+            f"training.defocus_range_um {list(training.defocus_range_um)} reaches beyond the simulator's PSF bank "
+            f"(simulator.max_defocus_um: {limit_um:g}); narrow the range or raise max_defocus_um"
+        )
 
 
 def stored_sources(config: AppConfig) -> tuple[StoredWindows, list[Window]]:

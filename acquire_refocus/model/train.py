@@ -29,6 +29,7 @@ from acquire_refocus.errors import ConfigError, WeightsError
 from acquire_refocus.logs import kv
 from acquire_refocus.model import data as training_data
 from acquire_refocus.model.checkpoint import checkpoint_payload, read_payload, write_payload
+from acquire_refocus.model.envelope import measured_snr_range
 from acquire_refocus.model.losses import RefocusLoss, defocus_loss
 from acquire_refocus.model.network import LOG_SIGMA_ROW, SIGN_LOGIT_ROW, build_network, parameter_count
 from acquire_refocus.model.normalization import NormalizationParams
@@ -256,7 +257,18 @@ def train(
         log.info(kv("training_resumed", checkpoint=resume, step=start_step))
 
     patch_px = training.patch_size_px
-    if training.data == "simulated":
+    if training.data == "simulated" and training.randomization is not None:
+        source, validation_windows = training_data.randomized_sources(config, window_px=2 * patch_px)
+        source.planes_per_window = PLANES_PER_WINDOW
+        data_description = {
+            "source": "simulated, domain-randomised",
+            "train_specimen_seeds": [source.seeds[0], source.seeds[-1]],
+            "train_fields": len(source.fields),
+            "families": sorted({draw.family for draw in source.draws.values()}),
+            "envelope": training.randomization.model_dump(mode="json"),
+            "optics_variants": [o.model_dump(mode="json") for o in source.optics_variants],
+        }
+    elif training.data == "simulated":
         source, validation_windows = training_data.simulated_sources(config, window_px=2 * patch_px)
         source.planes_per_window = PLANES_PER_WINDOW
         data_description = {
@@ -271,6 +283,8 @@ def train(
         source, validation_windows = training_data.stored_sources(config)
         data_description = {"source": "stored", "dataset_dir": str(training.dataset_dir)}
     validation_batch = training_data.fixed_batch(validation_windows, patch_px, normalization)
+    # what brightness the model sees in training, so frames far outside it are flagged (model/envelope.py)
+    snr_range = measured_snr_range([plane for window in validation_windows for plane in window.planes])
     # A data stream that continues differently after a resume, but reproducibly for a given (seed, step).
     rng = np.random.default_rng(np.random.SeedSequence([training.seed, start_step]))
     pool = training_data.PatchPool(source, POOL_WINDOWS, patch_px, normalization, rng)
@@ -300,6 +314,7 @@ def train(
                 "data": data_description,
                 "loss": config.loss.model_dump(mode="json"),
                 "train_only": training.train_only,
+                "envelope_snr_range": [round(snr_range[0], 2), round(snr_range[1], 2)],
                 "initial_weights": initial_weights,
                 "validation": None if last is None else {
                     "step": last.step, "psnr_gain_db": round(last.psnr_gain_db, 3),

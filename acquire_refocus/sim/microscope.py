@@ -32,6 +32,7 @@ from acquire_refocus.sim.camera import Camera
 from acquire_refocus.sim.drift import Drift
 from acquire_refocus.sim.psf import OtfCache, load_or_compute_psf_bank
 from acquire_refocus.sim.specimen import Specimen
+from acquire_refocus.sim.volume import SpecimenVolume
 
 _TILT_NODE_SPACING_UM = 1.0
 _MAX_TILT_NODES = 9
@@ -46,12 +47,17 @@ class SimulatedMicroscope:
         self,
         optics: OpticsConfig | None = None,
         simulator: SimulatorConfig | None = None,
+        specimen: SpecimenVolume | None = None,
     ) -> None:
+        """`specimen` replaces the procedural one (e.g. a real volume, sim/volume.py); it must be sampled at the
+        optics' pixel size."""
         self.optics = optics if optics is not None else OpticsConfig()
         self.simulator = simulator if simulator is not None else SimulatorConfig()
         sim = self.simulator
         self.pixel_size_um = float(self.optics.pixel_size_um)
-        self.specimen = Specimen(sim.specimen, self.pixel_size_um, seed=sim.seed)
+        self.specimen: SpecimenVolume = (
+            specimen if specimen is not None else Specimen(sim.specimen, self.pixel_size_um, seed=sim.seed)
+        )
         # the bank reaches beyond max_defocus_um by the specimen's half-thickness, so that every specimen plane of a
         # frame at +-max_defocus_um has its own PSF (paraxial focal shift ni/ns bounds the stage distance)
         reach_um = (
@@ -69,6 +75,7 @@ class SimulatedMicroscope:
             z_step_um=sim.psf_z_step_um,
             depth_um=self.specimen.depth_um,
             cache_dir=sim.psf_cache_dir,
+            model=sim.psf_model,
         )
         self.camera = Camera(sim.camera)
         self.drift = Drift(sim.drift)
@@ -160,6 +167,20 @@ class SimulatedMicroscope:
                 )
             truth = self.camera.expected_adu(self._photons(spectra, shape, 0.0))
         return frames, truth
+
+    def photon_stack(
+        self,
+        defocus_um: Sequence[float],
+        stage_xy_um: Sequence[float] = (0.0, 0.0),
+        shape_px: tuple[int, int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Noiseless expected photons per pixel (background included) at the given stage defocus values, and at
+        zero defocus: (float32 [Z, H, W], float32 [H, W]). For training data whose camera is drawn afterwards."""
+        shape = self._shape(shape_px)
+        with self._lock:
+            spectra = self._window_spectra(stage_xy_um, shape, cache=False)
+            stack = np.stack([self._photons(spectra, shape, float(d)) for d in defocus_um])
+            return stack, self._photons(spectra, shape, 0.0)
 
     def expected_photons(
         self,

@@ -1,4 +1,5 @@
-"""Procedural Hoechst-stained nuclei: a seeded, periodic 3-D field larger than one camera frame.
+"""Procedural Hoechst-stained nuclei (or another family, sim/families.py): a seeded, periodic 3-D field larger than
+one camera frame.
 
 The specimen is a monolayer of nuclei resting on the coverslip: textured ellipsoids of varied size, shape,
 orientation and brightness; some in clusters, a few small and bright (mitotic or just divided, some as pairs);
@@ -16,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from acquire_refocus.config import SpecimenConfig
+from acquire_refocus.sim.families import FamilyGrid, rasterise_family
 
 _EDGE_SOFTNESS_UM = 0.4  # width of the nuclear envelope's intensity fall-off
 
@@ -54,7 +56,14 @@ class Specimen:
         self.plane_z_um = np.arange(-half_planes, half_planes + 1) * config.z_step_um
         # the lowest nuclei touch the coverslip: the mid-plane lies this deep in the sample
         self.depth_um = float(half_extent_um)
-        self.planes = self._rasterise(rng)
+        if config.family == "nuclei":
+            self.planes = self._rasterise(rng)
+        else:
+            grid = FamilyGrid(config, self.pixel_size_um, self.field_shape_px, self.plane_z_um)
+            nuclei = self._rasterise(rng) if config.family == "mixture" else None
+            if nuclei is None:
+                self.nuclei = []
+            self.planes = rasterise_family(config.family, grid, rng, nuclei)
 
     @property
     def mean_photons_per_px(self) -> float:

@@ -1,0 +1,176 @@
+"""Domain-randomised training data, held-out evaluation data, and frames outside a model's envelope."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from acquire_refocus.config import CameraConfig, OpticsConfig, RandomizationConfig, SpecimenConfig, parse_config
+from acquire_refocus.errors import ConfigError
+from acquire_refocus.model import data as training_data
+from acquire_refocus.model.envelope import envelope_flags, noise_std, signal_to_noise
+from acquire_refocus.sim import randomization
+from acquire_refocus.sim.families import FAMILIES
+from acquire_refocus.sim.specimen import Specimen
+
+SMALL_ENVELOPE = {"field_size_um": 80.0, "optics_variants": 1, "layer_thickness_um": [2.0]}
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "mixture"])
+def test_each_family_is_a_seeded_periodic_volume_with_structure(family: str) -> None:
+    config = SpecimenConfig(family=family, field_size_um=(80.0, 80.0))
+    first = Specimen(config, 0.325, seed=7)
+    again = Specimen(config, 0.325, seed=7)
+    other = Specimen(config, 0.325, seed=8)
+    np.testing.assert_array_equal(first.planes, again.planes)
+    assert not np.array_equal(first.planes, other.planes)
+    assert first.planes.dtype == np.float32 and first.planes.min() >= 0
+    projection = first.planes.sum(axis=0)
+    assert projection.std() > 0.1 * projection.mean() > 0  # structure, not a uniform sheet
+    # periodic: a window across the field's edge wraps to the other side
+    height, width = first.field_shape_px
+    np.testing.assert_array_equal(first.window(height - 2, 0, 4, 4)[:, 2:], first.window(0, 0, 2, 4))
+
+
+def test_nuclei_specimen_is_unchanged_by_the_families() -> None:
+    """The default family renders exactly what it did before families existed (figures of tests and README)."""
+    specimen = Specimen(SpecimenConfig(field_size_um=(80.0, 80.0)), 0.325, seed=3)
+    assert specimen.nuclei and specimen.planes.shape[0] == len(specimen.plane_z_um)
+
+
+def test_camera_draw_sets_the_in_focus_peak_and_keeps_defects_out_of_the_truth() -> None:
+    rng = np.random.default_rng(0)
+    truth_photons = np.zeros((64, 64), np.float32)
+    truth_photons[20:40, 20:40] = 10.0
+    photons = np.stack([truth_photons, np.full((64, 64), 1.0, np.float32)])
+    draw = randomization.CameraDraw(peak_photons=1000.0, background_fraction=0.1, read_noise_electrons=1.0,
+                                    gain_adu_per_electron=2.0, offset_adu=100.0, hot_pixel_fraction=0.01,
+                                    fixed_pattern_adu=0.0)
+    base = CameraConfig(quantum_efficiency=0.8)
+    frames, truth = randomization.expose_window(photons, truth_photons, draw, base, rng)
+    assert frames.dtype == np.uint16 and frames.shape == photons.shape
+    # truth: offset + gain * QE * (scaled signal + background), no hot pixels
+    assert truth.max() == pytest.approx(100 + 2.0 * 0.8 * (1000 + 100), rel=1e-4)
+    assert truth.min() == pytest.approx(100 + 2.0 * 0.8 * 100, rel=1e-4)
+    hot = frames[0] > truth.max() + 400
+    assert 5 <= hot.sum() <= 100  # ~1 % of 4096 pixels carry a hot pixel's dark signal, in the frames only
+    assert abs(float(np.median(frames[0][~hot] - truth[~hot]))) < 3
+
+
+def test_draws_stay_inside_the_envelope_and_specimens_are_deterministic() -> None:
+    envelope = RandomizationConfig()
+    rng = np.random.default_rng(1)
+    draws = [randomization.draw_camera(envelope, rng) for _ in range(200)]
+    peaks = [d.peak_photons for d in draws]
+    assert 20 <= min(peaks) and max(peaks) <= 5000 and np.median(peaks) < 1000  # log-uniform: median ~316
+    assert all(0.5 <= d.read_noise_electrons <= 3.0 for d in draws)
+    assert randomization.draw_specimen(envelope, 5) == randomization.draw_specimen(envelope, 5)
+    families = {randomization.draw_specimen(envelope, seed).family for seed in range(60)}
+    assert families == set(envelope.families) and "membranes" not in families
+    variants = randomization.optics_variants(envelope, OpticsConfig(), seed=0)
+    assert variants[0] == OpticsConfig() and len(variants) == envelope.optics_variants + 1
+    assert all(abs(v.numerical_aperture - 0.45) <= 0.04 + 1e-9 for v in variants)
+    assert variants == randomization.optics_variants(envelope, OpticsConfig(), seed=0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"peak_photons": [5000, 20]}, "peak_photons"),
+    ({"peak_photons": [0, 20]}, "positive"),
+    ({"families": []}, "families"),
+    ({"families": ["nuclei", "plankton"]}, "families"),
+    ({"layer_thickness_um": [-1]}, "layer_thickness_um"),
+])
+def test_a_bad_envelope_is_a_config_error(bad: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"training": {"randomization": bad}})
+
+
+def test_randomised_windows_differ_in_family_camera_and_come_with_their_truth() -> None:
+    config = parse_config({"training": {"randomization": SMALL_ENVELOPE, "train_fields": 12, "validation_fields": 2,
+                                        "defocus_range_um": [-10, 10]}})
+    train, validation = training_data.randomized_sources(config, window_px=64)
+    assert len(validation) == 2 and all(w.planes.shape == (8, 64, 64) for w in validation)
+    assert {s // 1000 for s in train.seeds} == {1}  # training seeds 1000+, validation 2000+: disjoint
+    assert all(w.name.startswith("seed2") for w in validation)
+    rng = np.random.default_rng(0)
+    windows = [train.next_window(rng) for _ in range(6)]
+    assert all(w.planes.dtype == np.uint16 and w.truth.shape == (64, 64) for w in windows)
+    assert all(np.all(np.abs(w.defocus_um) <= 10) for w in windows)
+    offsets = {round(float(np.percentile(w.truth, 1))) for w in windows}
+    assert len(offsets) > 1  # every window draws its own camera
+
+
+def test_noise_and_snr_measure_what_the_camera_did() -> None:
+    rng = np.random.default_rng(2)
+    noise = rng.normal(100.0, 4.0, (256, 256)).astype(np.float32)
+    assert noise_std(noise) == pytest.approx(4.0, rel=0.05)
+    assert signal_to_noise(noise) < 4.5
+    structured = noise.copy()
+    structured[100:140, 100:140] += 200.0
+    assert signal_to_noise(structured) > 40
+
+
+def test_envelope_flags() -> None:
+    rng = np.random.default_rng(3)
+    frame = rng.normal(100.0, 3.0, (128, 128)).clip(0).astype(np.uint16)
+    frame[40:80, 40:80] += 300
+    assert envelope_flags(frame, 1.0, None) == ()
+    assert envelope_flags(frame, 3.0, None) == ("pixel_size_outside_envelope",)
+    assert envelope_flags(frame, 1.0, (2.0, 10.0)) == ("brightness_outside_envelope",)
+    assert envelope_flags(frame, 1.0, (20.0, 200.0)) == ()
+    saturated = frame.copy()
+    saturated[:10] = 65535
+    assert "saturated" in envelope_flags(saturated, 1.0, None)
+    empty = rng.normal(100.0, 3.0, (128, 128)).astype(np.uint16)
+    assert envelope_flags(empty, 1.0, None) == ("nearly_empty",)
+
+
+def test_refocuser_reports_flags_and_no_confidence_outside_its_envelope(tiny_refocuser: object) -> None:
+    rng = np.random.default_rng(4)
+    frame = rng.normal(100.0, 3.0, (128, 128)).clip(0).astype(np.uint16)
+    frame[40:80, 40:80] += 300
+    inside = tiny_refocuser(frame)
+    assert inside.flags == ()
+    saturated = frame.copy()
+    saturated[:20] = 65535
+    outside = tiny_refocuser(saturated)
+    assert outside.flags == ("saturated",) and outside.confidence == 0.0
+    assert outside.image.shape == frame.shape and np.isfinite(outside.image).all()  # still refocused
+    assert tiny_refocuser(np.full((64, 64), 7, np.uint16)).flags == ("nearly_empty",)
+
+
+def test_extruded_real_image_keeps_its_projection() -> None:
+    from acquire_refocus.model.ood import REAL_IMAGE, REAL_LABELS
+    from acquire_refocus.sim.volume import ExtrudedImage
+
+    import tifffile
+
+    image, labels = tifffile.imread(REAL_IMAGE), tifffile.imread(REAL_LABELS)
+    volume = ExtrudedImage(image, labels, 0.325, seed=1)
+    background = float(np.median(image[labels == 0]))
+    np.testing.assert_allclose(volume.planes.sum(axis=0), np.clip(image - background, 0, None), atol=1e-2)
+    # nuclei spread over several planes, the background stays in the mid-plane
+    depth_planes = (volume.planes > 0).sum(axis=0)[labels > 0]
+    assert depth_planes.max() >= 4 and depth_planes.mean() > 1.5
+    assert volume.depth_um > 2
+
+
+def test_ood_evaluation_reports_every_set_with_its_targets(tmp_path: Path, tiny_weights: Path) -> None:
+    from acquire_refocus.model.ood import OOD_SOURCES, run_ood_evaluation
+
+    config = parse_config({"engine": {"num_threads": 1}})
+    report = run_ood_evaluation(config, [("tiny", tiny_weights)], tmp_path / "ood", fields=1, window_px=64,
+                                physics=False)
+    text = report.read_text()
+    for name in ("simulator nuclei", "real nuclei (DSB 2018)", "scalar PSF", "membranes (held-out family)",
+                 "nuclei, peak 20 photons", "nuclei, peak 5000 photons"):
+        assert f"## {name}" in text
+    assert all(name in text for name in OOD_SOURCES)
+    assert "no harm (gain >= -0.3 dB everywhere)" in text and "reads <= 1 um in focus" in text
+    rows = (tmp_path / "ood" / "metrics.csv").read_text().splitlines()
+    assert len(rows) - 1 == 9 * 15  # 9 sets (5 of them brightness levels) x 15 signed distances x 1 field
+    assert (tmp_path / "ood" / "reliability.png").stat().st_size > 1000
+    assert math.isfinite(float(rows[1].split(",")[6]))
