@@ -353,6 +353,20 @@ def write_report(out_dir: Path, rows: Sequence[OodRow], networks: dict[str, dict
         lines += [_table(header, gain_lines), "", _table(["SSIM"] + [f"{d:g}" for d in distances], ssim_lines), ""]
         if magnitude_lines:
             lines += [_table(["mean |d| estimate (bias), um"] + [f"{d:g}" for d in distances], magnitude_lines), ""]
+    lines += ["## Above and below focus", "",
+              "Mean PSNR gain (dB) over 3 <= |d| <= 30 um on each side of focus. A model trained on one side only "
+              "(the ReFocus check) shows here how much of its gain survives on the other.", ""]
+    side_lines = []
+    for method in methods:
+        cells = [method]
+        for set_name in sets:
+            below = _mean([r.gain_db for r in rows if r.method == method and r.set_name == set_name
+                           and r.defocus_um <= -3])
+            above = _mean([r.gain_db for r in rows if r.method == method and r.set_name == set_name
+                           and r.defocus_um >= 3])
+            cells.append(f"{below:+.2f} / {above:+.2f}")
+        side_lines.append(cells)
+    lines += [_table(["below / above focus"] + sets, side_lines), ""]
     lines += ["## Targets (all sets)", ""]
     for method in methods:
         lines.append(f"**{method}**")
