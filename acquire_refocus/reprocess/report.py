@@ -66,15 +66,20 @@ def _plate_figure(rows: list[dict[str, Any]], path: Path) -> bool:
                 float(np.median(finite))
     figure, axes = plt.subplots(figsize=(max(4.0, 0.6 * len(numbers) * side + 2),
                                          max(3.0, 0.6 * len(letters) * side + 1)))
-    image = axes.imshow(np.ma.masked_invalid(grid), cmap="magma", interpolation="nearest")
+    colours = plt.get_cmap("magma").copy()
+    colours.set_bad("lightgray")  # a site without an estimate
+    image = axes.imshow(np.ma.masked_invalid(grid), cmap=colours, interpolation="nearest")
     axes.set_xticks([i * side + (side - 1) / 2 for i in range(len(numbers))], [str(n) for n in numbers])
     axes.set_yticks([i * side + (side - 1) / 2 for i in range(len(letters))], letters)
     for i in range(1, len(numbers)):
-        axes.axvline(i * side - 0.5, color="white", linewidth=2)
+        axes.axvline(i * side - 0.5, color="black", linewidth=2)
     for i in range(1, len(letters)):
-        axes.axhline(i * side - 0.5, color="white", linewidth=2)
-    axes.set_title(f"median |defocus| per site ({side}x{side} sites per well; blank: no estimate)")
-    figure.colorbar(image, ax=axes, label="|defocus| (um)")
+        axes.axhline(i * side - 0.5, color="black", linewidth=2)
+    axes.set_title("median |defocus| per site")
+    axes.set_xlabel(f"column (each well: its sites in a {side}x{side} grid; gray: no estimate)", fontsize=8)
+    colour_bar = figure.colorbar(image, ax=axes, label="|defocus| (um)")
+    colour_bar.formatter.set_useOffset(False)  # plain micrometres, never "1e-6 + 7.57"
+    colour_bar.update_ticks()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
