@@ -471,3 +471,12 @@ if __name__ == "__main__":  # pragma: no cover - the child process of the DemoCa
     sys.stderr.flush()
     # Leave at once: pycromanager's non-daemon threads must not be able to keep the child alive.
     os._exit(status)
+
+
+def test_frame_info_names_the_channel_for_the_focus_loop() -> None:
+    """pycromanager's channel axis holds the preset name (or an index into the sequence's channels): the loop
+    keeps only the driving channel's frames, so the name must reach it."""
+    hook = PycromanagerFrameHook(QueueRecorder(), channel_names=["DAPI", "GFP"])
+    assert hook.frame_info({"Axes": {"time": 0, "channel": "GFP"}}).channel == "GFP"
+    assert hook.frame_info({"Axes": {"time": 0, "channel": 0}}).channel == "DAPI"
+    assert hook.frame_info({"Axes": {"time": 0}}).channel is None
