@@ -74,3 +74,38 @@ def test_preset_builds_a_small_psf_bank_focused_at_zero(path: Path) -> None:
     assert abs(bank.defocus_um[int(np.argmax(peaks))]) <= depth_of_field_um / 2
     # three depths of field out of focus the light has spread: the peak falls on both sides
     assert peaks[0] < 0.5 * peaks.max() and peaks[-1] < 0.5 * peaks.max(), peaks / peaks.max()
+
+
+def test_highest_na_preset_drives_the_simulated_microscope(tmp_path: Path) -> None:
+    """The 100x oil preset through the whole simulator (bank, transfer functions, rendering), on a thin layer of
+    small nuclei and a short bank so that it stays quick: frames blur as they leave focus (edge contrast falls
+    with |defocus|, to under half 2 um away) and keep their flux."""
+    from acquire_refocus.sim.microscope import SimulatedMicroscope
+
+    config = load_config(PRESET_DIR / "100x-1.45-oil.yaml")
+    simulator = config.simulator.model_copy(
+        update={
+            "camera": config.simulator.camera.model_copy(update={"width_px": 128, "height_px": 128}),
+            "specimen": config.simulator.specimen.model_copy(
+                update={
+                    "field_size_um": (40.0, 40.0),
+                    "layer_thickness_um": 0.0,
+                    "nucleus_diameter_um": (1.0, 2.0),
+                    "nucleus_thickness_um": (0.5, 0.5),
+                    "nuclei_per_mm2": 20_000.0,
+                    "photons_per_um3": 2000.0,
+                    "z_step_um": 0.25,
+                }
+            ),
+            "max_defocus_um": 2.0,
+            "psf_z_step_um": 0.25,
+            "psf_cache_dir": tmp_path,
+        }
+    )
+    scope = SimulatedMicroscope(config.optics, simulator)
+    frames = [scope.expected_photons(d) for d in (0.0, 0.5, 1.0, 2.0)]
+    edges = [float(np.abs(np.diff(frame, axis=1)).mean()) for frame in frames]
+    assert edges == sorted(edges, reverse=True), edges
+    assert edges[-1] < 0.5 * edges[0], edges
+    means = [float(frame.mean()) for frame in frames]
+    assert max(means) - min(means) < 0.02 * means[0], means
