@@ -423,3 +423,14 @@ def test_only_the_driving_channel_enters_the_loop_and_its_z_offset_is_respected(
     assert c.plan(0, 100.0) == pytest.approx(-0.5)
     assert c.other_channel_frames == 1 and c.accepted == 1
     assert c.state()["positions"]["0"]["estimates"] == 1
+
+
+def test_listen_shows_the_loop_state_per_position() -> None:
+    from acquire_refocus.commands.listen import loop_line, note_loop_state
+
+    loop: dict = {}
+    for t, p, offset, z in ((0, 0, 0.0, 100.0), (0, 1, 0.0, 100.0), (1, 0, 0.3, 100.3), (2, 0, -1.7, 98.3)):
+        note_loop_state(loop, {"axes": {"t": t, "p": p}, "focus_offset_um": offset, "stage_z_um": z})
+    note_loop_state(loop, {"axes": {"t": 3, "p": 1}, "focus_offset_um": None})  # loop off: nothing to show
+    assert loop_line(loop) == ("loop p0: t=2 offset_um=-1.700 stage_z_um=98.300 largest_move_um=2.000 | "
+                               "p1: t=0 offset_um=+0.000 stage_z_um=100.000 largest_move_um=0.000")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,9 @@ _DESCRIPTION = """\
 Connect to a daemon's publishing socket and print one line per focus estimate (frame, axes, stage Z, the focus
 loop's offset from the planned Z, estimated defocus, confidence, whether it was refocused, latency) and, every
 --every seconds, the rates: frames per second and MB/s per topic, and messages lost on the way (a subscriber that
-falls behind the daemon's high-water mark loses messages; the daemon never waits for it).
+falls behind the daemon's high-water mark loses messages; the daemon never waits for it). With the rates, a
+'loop' line gives the focus loop's state per position: the offset it applied to the position's latest frame, that
+frame's stage Z and time point, and the largest change of the offset seen (its moves).
 """
 
 
@@ -45,6 +48,25 @@ def _trace_line(header: dict) -> str:
             f"refocused={str(header.get('refocused')).lower()} latency_ms={num('latency_ms', '.1f')}")
 
 
+def note_loop_state(loop: dict[int, dict[str, float]], header: dict) -> None:
+    """Update the per-position loop state from one focus message."""
+    offset_um, position = header.get("focus_offset_um"), int((header.get("axes") or {}).get("p", 0))
+    if offset_um is None:
+        return
+    state = loop.setdefault(position, {"offset_um": offset_um, "largest_move_um": 0.0})
+    state["largest_move_um"] = max(state["largest_move_um"], abs(offset_um - state["offset_um"]))
+    state["offset_um"] = offset_um
+    state["stage_z_um"] = header.get("stage_z_um") if header.get("stage_z_um") is not None else math.nan
+    state["t"] = (header.get("axes") or {}).get("t", 0)
+
+
+def loop_line(loop: dict[int, dict[str, float]]) -> str:
+    """One line: the loop's state per position (note_loop_state)."""
+    return "loop " + " | ".join(
+        f"p{p}: t={s['t']} offset_um={s['offset_um']:+.3f} stage_z_um={s['stage_z_um']:.3f} "
+        f"largest_move_um={s['largest_move_um']:.3f}" for p, s in sorted(loop.items()))
+
+
 def run(args: argparse.Namespace) -> int:
     from acquire_refocus.client import Subscriber, check_wait_s
     from acquire_refocus.config import load_config
@@ -62,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     nbytes = {t: 0 for t in topics}
     total = 0
     missed = 0
+    loop: dict[int, dict[str, float]] = {}
     with Subscriber(address, topics=topics, timeout_s=min(args.every, args.timeout or args.every),
                     keys_dir=keys_dir) as sub:
         print(f"listening on {address} for {', '.join(topics)}", flush=True)
@@ -83,10 +106,13 @@ def run(args: argparse.Namespace) -> int:
                 nbytes[topic] = nbytes.get(topic, 0) + (pixels.nbytes if pixels is not None else 0)
                 if topic == "focus":
                     print(_trace_line(header), flush=True)
+                    note_loop_state(loop, header)
             if now - t_window >= args.every or (args.count is not None and total >= args.count):
                 span = max(now - t_window, 1e-9)
                 rates = "  ".join(f"{t}={counts[t] / span:.1f}/s,{nbytes[t] / span / 1e6:.1f}MB/s" for t in topics)
                 print(f"rates {rates}  received={sub.received} missed={sub.missed}", flush=True)
+                if loop:
+                    print(loop_line(loop), flush=True)
                 counts = {t: 0 for t in topics}
                 nbytes = {t: 0 for t in topics}
                 t_window = now
