@@ -459,6 +459,10 @@ class FocusConfig(_Section):
         None, description="autofocus_offset: (device, property, value while locked); null: the core's "
         "isContinuousFocusLocked()"
     )
+    lock_um_per_unit: float = Field(
+        1.0, gt=0.0, le=1000.0, description="autofocus_offset: micrometres of focus per unit of the lock's offset "
+        "(measure it: change the offset by 10 units and see how far focus moves)"
+    )
     max_step_action: Literal["split", "refuse"] = Field(
         "split", description="a move larger than max_step_um: split over time points, or refused (logged)"
     )

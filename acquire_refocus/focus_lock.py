@@ -29,19 +29,21 @@ class FocusLock(Protocol):
 
 
 class CoreAutofocusLock:
-    """The core's autofocus device: `setAutoFocusOffset` / `getAutoFocusOffset`, `isContinuousFocusLocked`."""
+    """The core's autofocus device: `setAutoFocusOffset` / `getAutoFocusOffset`, `isContinuousFocusLocked`;
+    `um_per_unit` micrometres of focus per unit of its offset."""
 
-    def __init__(self, core: Any) -> None:
+    def __init__(self, core: Any, um_per_unit: float = 1.0) -> None:
         self._core = core
+        self._um_per_unit = um_per_unit
 
     def locked(self) -> bool:
         return bool(self._core.isContinuousFocusLocked())
 
     def offset_um(self) -> float:
-        return float(self._core.getAutoFocusOffset())
+        return float(self._core.getAutoFocusOffset()) * self._um_per_unit
 
     def set_offset_um(self, offset_um: float) -> None:
-        self._core.setAutoFocusOffset(offset_um)
+        self._core.setAutoFocusOffset(offset_um / self._um_per_unit)
         self._core.waitForSystem()
 
 
@@ -49,10 +51,13 @@ class OffsetDeviceLock:
     """An offset stage device (like PFSOffset), the lock state read from a device property (or, without one, the
     core's `isContinuousFocusLocked`)."""
 
-    def __init__(self, core: Any, offset_device: str, status: tuple[str, str, str] | None) -> None:
+    def __init__(
+        self, core: Any, offset_device: str, status: tuple[str, str, str] | None, um_per_unit: float = 1.0
+    ) -> None:
         self._core = core
         self._device = offset_device
         self._status = status
+        self._um_per_unit = um_per_unit
 
     def locked(self) -> bool:
         if self._status is None:
@@ -61,10 +66,10 @@ class OffsetDeviceLock:
         return str(self._core.getProperty(device, prop)) == value
 
     def offset_um(self) -> float:
-        return float(self._core.getPosition(self._device))
+        return float(self._core.getPosition(self._device)) * self._um_per_unit
 
     def set_offset_um(self, offset_um: float) -> None:
-        self._core.setPosition(self._device, offset_um)
+        self._core.setPosition(self._device, offset_um / self._um_per_unit)
         self._core.waitForDevice(self._device)
 
 
@@ -78,8 +83,8 @@ def focus_lock_for(core: Any, focus: FocusConfig) -> FocusLock:
         if focus.lock_offset_device not in loaded:
             raise UserError(f"focus.lock_offset_device {focus.lock_offset_device!r} is not loaded "
                             f"(devices: {', '.join(sorted(loaded))})")
-        return OffsetDeviceLock(core, focus.lock_offset_device, focus.lock_status)
+        return OffsetDeviceLock(core, focus.lock_offset_device, focus.lock_status, focus.lock_um_per_unit)
     if not core.getAutoFocusDevice():
         raise UserError("focus.actuator autofocus_offset: the hardware configuration has no autofocus device "
                         "(Core-AutoFocus); set focus.lock_offset_device (e.g. PFSOffset) and focus.lock_status")
-    return CoreAutofocusLock(core)
+    return CoreAutofocusLock(core, focus.lock_um_per_unit)

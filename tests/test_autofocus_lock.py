@@ -131,6 +131,9 @@ def test_a_lock_the_configuration_lacks_is_a_clear_error() -> None:
     config = parse_config({"simulator": {**SMALL_FIELD_SIMULATOR, "focus_lock": True}})
     core, _ = create_simulated_core(config.optics, config.simulator)
     assert isinstance(focus_lock_for(core, FocusConfig(**LOCK_FOCUS)), OffsetDeviceLock)
+    half_um_units = focus_lock_for(core, FocusConfig(**LOCK_FOCUS, lock_um_per_unit=0.5))
+    half_um_units.set_offset_um(2.0)  # 2 um of focus: 4 units of this offset
+    assert core.getPosition("SimPFSOffset") == pytest.approx(4.0) and half_um_units.offset_um() == pytest.approx(2.0)
     with pytest.raises(UserError, match="lock_offset_device 'PFSOffset' is not loaded"):
         focus_lock_for(core, FocusConfig(actuator="autofocus_offset", lock_offset_device="PFSOffset"))
     with pytest.raises(UserError, match="no autofocus device"):
