@@ -30,13 +30,14 @@ from the cache in well under a second. 'scalar' (Gibson-Lanni) took about the sa
 
 Scaling: psfmodels holds five float64 copies of every plane it is asked for (four working buffers and the array it
 returns), so one call for a high-NA bank (hundreds of planes of ~1000 px) needs over 10 GB. The bank is therefore
-computed in chunks of a few planes (`_CHUNK_BYTES`), in worker processes on every available core (psfmodels holds
-the GIL), each chunk normalised and stored as float32 into the bank as it arrives, with a progress bar (planes
-done, time left). psfmodels computes each plane independently and each pixel independently of the window size, so
-the result is bit-identical to one call over all planes. Every plane keeps the window of the largest defocus: the
-light of an in-focus point spreads far beyond its geometric blur (for 100x / 1.45 oil into a sample of index 1.40,
-38 % of it lies more than 12 px from the centre and 5 % beyond 200 px, from the index-mismatch aberration; 2 % beyond
-12 px for 20x / 0.45), so a window cut to the geometric blur of each plane would change the PSFs by that much.
+computed in chunks of a few planes (`_CHUNK_BYTES`), for a large bank in worker processes on every available core
+(psfmodels holds the GIL), with a progress bar (planes done, time left). Each chunk is normalised in float64 and
+only the quadrant x, y >= 0 of each plane is kept, as float32 (see `PsfBank`). psfmodels computes each plane, and
+each pixel, independently of the others and of the window size, so the planes are bit-identical to one call over
+all planes. Every plane keeps the window of the largest defocus: the light of an in-focus point spreads far beyond
+its geometric blur (for 100x / 1.45 oil into a sample of index 1.40, 38 % of it lies more than 12 px from the
+centre and 5 % beyond 200 px, from the index-mismatch aberration; 2 % beyond 12 px for 20x / 0.45), so a window cut
+to the geometric blur of each plane would change the PSFs by that much.
 """
 
 from __future__ import annotations
