@@ -66,8 +66,7 @@ def _plate_figure(rows: list[dict[str, Any]], path: Path) -> bool:
                 float(np.median(finite))
     figure, axes = plt.subplots(figsize=(max(4.0, 0.6 * len(numbers) * side + 2),
                                          max(3.0, 0.6 * len(letters) * side + 1)))
-    colours = plt.get_cmap("magma").copy()
-    colours.set_bad("lightgray")  # a site without an estimate
+    colours = plt.get_cmap("magma").with_extremes(bad="lightgray")  # gray: a site without an estimate
     image = axes.imshow(np.ma.masked_invalid(grid), cmap=colours, interpolation="nearest")
     axes.set_xticks([i * side + (side - 1) / 2 for i in range(len(numbers))], [str(n) for n in numbers])
     axes.set_yticks([i * side + (side - 1) / 2 for i in range(len(letters))], letters)
