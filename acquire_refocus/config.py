@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from acquire_refocus.cache_dirs import default_engine_cache_dir
 from acquire_refocus.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +172,10 @@ class SimulatorConfig(_Section):
     z_limits_um: tuple[float, float] = (0.0, 200.0)
     max_defocus_um: float = Field(40.0, gt=0.0, le=200.0, description="half-range of the precomputed PSF bank")
     psf_z_step_um: float = Field(0.25, gt=0.0, le=5.0)
-    psf_cache_dir: Path | None = Field(None, description="where the PSF bank is cached; default ~/.cache")
+    psf_cache_dir: Path | None = Field(
+        None, description="where the PSF bank is cached; default: the user's cache directory (on Linux "
+        "~/.cache/acquire-refocus)",
+    )
     psf_model: Literal["vectorial", "scalar"] = Field(
         "vectorial", description="psfmodels' vectorial (Aguet) or scalar Gibson-Lanni model for the PSF bank"
     )
@@ -333,7 +337,11 @@ class EngineConfig(_Section):
 
     backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = "auto"
     precision: Literal["fp16", "fp32"] = "fp16"
-    cache_dir: Path = PROJECT_ROOT / "trt_engines"
+    cache_dir: Path = Field(
+        default_factory=lambda: default_engine_cache_dir(PROJECT_ROOT),
+        description="ONNX exports and TensorRT engines; default: trt_engines/ in a source checkout, else the "
+        "user's cache directory (acquire_refocus.cache_dirs)",
+    )
     min_size_px: int = Field(64, ge=16)
     opt_size_px: int = Field(2048, ge=16)
     max_size_px: int = Field(2048, ge=16)

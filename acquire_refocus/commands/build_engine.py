@@ -27,7 +27,8 @@ Build the inference engines for this machine now, instead of on the daemon's fir
   <cache_dir>/<model-sha256[:12]>_<gpu>_trt<version>_<precision>.ep. Takes minutes.
 PyTorch needs nothing built. Files already built for the same model, GPU, TensorRT version and precision are
 checked and reused; damaged or mismatched ones are rebuilt. The cache directory is engine.cache_dir
-(default: trt_engines/ in the checkout).
+(default: trt_engines/ in a source checkout, else the user's cache directory, e.g.
+~/.cache/acquire-refocus/engines).
 """
 
 _EPILOG = """\
