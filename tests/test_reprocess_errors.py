@@ -14,6 +14,7 @@ import tifffile
 
 import reprocess_data as data
 from acquire_refocus.cli import main
+from conftest import free_tcp_address
 from test_reprocess_formats import tree_digest
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
@@ -107,3 +108,14 @@ def test_an_unknown_format_and_dataset_options_with_files_are_refused(tmp_path: 
     assert "--no-images applies to a dataset" in _one_error(capsys)
     assert not (tmp_path / "out").exists()
     assert np.array_equal(tifffile.imread(frames[0]), data.frame(0))
+
+
+def test_a_scheduler_that_is_not_there_is_a_clear_error(ome_tiff: Path, tmp_path: Path, tiny_weights: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    address = free_tcp_address()  # nothing listens there
+
+    assert _correct(ome_tiff, tmp_path / "out", tiny_weights, "--scheduler", address) == 2
+
+    message = _one_error(capsys)
+    assert f"--scheduler {address}: cannot reach a Dask scheduler" in message and "dask scheduler" in message
+    assert not (tmp_path / "out" / "focus.parquet").exists()
