@@ -153,3 +153,23 @@ def test_bbbc_plate_with_a_truncated_file_and_one_channel(tmp_path: Path, tiny_w
     assert "plate.png" in report and "worst.png" in report
     for name in ("plate.png", "histogram.png", "worst.png", "reimage.csv"):
         assert (tmp_path / "out" / "qc" / name).stat().st_size > 0
+
+
+def test_an_ome_zarr_plate_is_read_as_a_plate(tmp_path: Path, tiny_weights: Path, tiny_refocuser: Any,
+                                              cluster_address: str) -> None:
+    """An HCS plate in OME-Zarr (here the refocused store of a BBBC folder, written by this command)."""
+    folder = tmp_path / "plate"
+    data.write_bbbc_folder(folder, ["A01", "B03"], sites=2, channels=1)
+    assert correct(folder, tmp_path / "first", tiny_weights, "--scheduler", cluster_address) == 0
+    plate = tmp_path / "first" / "refocused.ome.zarr"
+
+    assert correct(plate, tmp_path / "second", tiny_weights, "--scheduler", cluster_address) == 0
+
+    rows = pq.read_table(tmp_path / "second" / "focus.parquet").to_pylist()
+    assert [(r["well"], r["site"]) for r in rows] == [("A01", 0), ("A01", 1), ("B03", 0), ("B03", 1)]
+    yaozarrs.validate_zarr_store(tmp_path / "second" / "refocused.ome.zarr")
+    for row in rows:
+        group = f"{row['well'][0]}/{row['well'][1:]}/{row['site']}"
+        source = zarr.open_array(str(plate), mode="r", path=f"{group}/0")[0]
+        expected = tiny_refocuser(np.asarray(source), pixel_size_um=data.PIXEL_SIZE_UM)
+        assert row["defocus_um"] == pytest.approx(expected.defocus_um, abs=1e-4)

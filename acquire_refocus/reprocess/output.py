@@ -46,7 +46,8 @@ def create_store(info: DatasetInfo, path: Path) -> None:
 
     root = zarr.open_group(str(path), mode="w-", zarr_format=3)
     if info.plate is not None:
-        root.attrs.put({"ome": {"version": VERSION, "plate": dict(info.plate)}})
+        plate = {k: v for k, v in info.plate.items() if k != "version"}  # v0.4 kept it here; v0.5 at "ome"
+        root.attrs.put({"ome": {"version": VERSION, "plate": plate}})
         for well in info.plate["wells"]:
             images = [p.group.rsplit("/", 1)[1] for p in info.positions if p.group.rsplit("/", 1)[0] == well["path"]]
             group = root.require_group(well["path"])
