@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from acquire_refocus.errors import UserError
+from acquire_refocus.outputs import output_folder
+
+if TYPE_CHECKING:
+    from acquire_refocus.config import LogFileConfig
 
 _FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+LOG_FILE_NAME = "acquire-refocus.log"
 
 
 class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -30,6 +41,43 @@ def setup_logging(level: str = "INFO") -> None:
         handler.setFormatter(logging.Formatter(_FORMAT))
         root.addHandler(handler)
         root.propagate = False
+
+
+@contextmanager
+def log_file(settings: LogFileConfig, default_folder: Path | None) -> Iterator[Path | None]:
+    """Also write our log lines, in the stderr format, to a size-rotated file while the block runs.
+
+    The file is `settings.folder` (or `default_folder`, the daemon's output folder) / acquire-refocus.log and is
+    appended to across restarts; yields its path, or None when it is off or there is no folder to put it in.
+    """
+    folder = settings.folder if settings.folder is not None else default_folder
+    if not settings.enabled or folder is None:
+        yield None
+        return
+    option = "log_file.folder" if settings.folder is not None else "--output"
+    path = output_folder(folder, option) / LOG_FILE_NAME
+    try:
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=max(1, round(settings.max_file_mb * 2**20)), backupCount=settings.keep_files,
+            encoding="utf-8",
+        )
+    except OSError as exc:
+        raise UserError(f"{option} {folder}: cannot write the log file {path} ({exc.strerror or exc}); choose "
+                        f"another {option}") from None
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    ours = logging.getLogger("acquire_refocus")
+    ours.addHandler(handler)
+    try:
+        ours.info(kv("log_file", path=path, max_file_mb=settings.max_file_mb, keep_files=settings.keep_files))
+        yield path
+    except Exception as exc:
+        # the CLI prints an error to stderr alone once this block has ended; the file keeps it too
+        handler.handle(ours.makeRecord(ours.name, logging.ERROR, __file__, 0,
+                                       kv("stopped", error=f"{type(exc).__name__}: {exc}"), None, None))
+        raise
+    finally:
+        ours.removeHandler(handler)
+        handler.close()
 
 
 def kv(event: str, **fields: Any) -> str:

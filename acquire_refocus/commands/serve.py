@@ -18,6 +18,7 @@ Every frame goes to a bounded queue; a worker refocuses it and estimates its def
 published and saved beside the raw data (refocused.ome.zarr, focus.csv, run.json; raw.ome.zarr is written by
 the acquisition backend). With focus.mode: correct the estimates move the Z stage between time points.
 SIGINT / SIGTERM (or 'acquire-refocus stop') cancel the acquisition, drain the queue, close the stores, exit 0.
+The log goes to stderr and to DIR/acquire-refocus.log (rotated by size; the config's log_file section).
 
 Backends (acquisition.backend): simulator (no hardware), pymmcore-plus (acquisition.mm_config_file),
 pycromanager (the Micro-Manager desktop application with its server on acquisition.pycromanager_port).
@@ -50,6 +51,7 @@ def _exit_quietly(signum: int, frame: object) -> None:
 def run(args: argparse.Namespace) -> int:
     from acquire_refocus.daemon import Daemon, parse_sequence
     from acquire_refocus.errors import ConfigError
+    from acquire_refocus.logs import log_file
 
     config = load_config(args.config)
     if args.once:  # check before the (slow) model load
@@ -58,5 +60,6 @@ def run(args: argparse.Namespace) -> int:
         parse_sequence(config.acquisition.sequence)
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
-    with Daemon(config, output_dir=args.output) as daemon:
+    with log_file(config.log_file, args.output or config.storage.output_dir), \
+            Daemon(config, output_dir=args.output) as daemon:
         return daemon.serve(once=args.once)
