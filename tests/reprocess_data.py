@@ -32,7 +32,7 @@ def frames_tpcz(t: int, p: int, c: int, z: int, px: int = FRAME_PX) -> np.ndarra
     return out
 
 
-def write_ome_writers(path: Path, data: np.ndarray) -> None:
+def write_ome_writers(path: Path, data: np.ndarray, pixel_size_um: float = PIXEL_SIZE_UM) -> None:
     """As the daemon's raw.ome.zarr: ome-writers with the settings storage.py builds from a useq sequence."""
     import useq
     from ome_writers import create_stream
@@ -44,7 +44,7 @@ def write_ome_writers(path: Path, data: np.ndarray) -> None:
                                 stage_positions=[(i * 10.0, 0.0, 0.0) for i in range(p)],
                                 channels=list(CHANNELS[:c]), z_plan={"range": z - 1, "step": 1}, axis_order="tpcz")
     px = data.shape[-1]
-    stream = create_stream(raw_store_settings(path, sequence, px, px, "uint16", PIXEL_SIZE_UM))
+    stream = create_stream(raw_store_settings(path, sequence, px, px, "uint16", pixel_size_um))
     for event in sequence:
         index = event.index
         stream.append(data[index.get("t", 0), index.get("p", 0), index.get("c", 0), index.get("z", 0)])
