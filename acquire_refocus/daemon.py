@@ -23,7 +23,6 @@ from typing import Any
 
 import useq
 import yaml
-from pydantic import ValidationError
 
 from acquire_refocus.config import AppConfig, dump_config
 from acquire_refocus.control import ControlServer
@@ -38,6 +37,7 @@ from acquire_refocus.pipeline import BackgroundSink, FrameCorrector, FramePipeli
 from acquire_refocus.publishing import Publisher, PublishSink
 from acquire_refocus.run_watch import Check, RunWatch
 from acquire_refocus.security import SecureContext
+from acquire_refocus.sequence import parse_sequence
 from acquire_refocus.storage import (
     FOCUS_LOG,
     MAX_UNCOMMITTED_FRAMES,
@@ -48,9 +48,7 @@ from acquire_refocus.storage import (
     FocusLog,
     RawFrameLog,
     RefocusedStore,
-    axis_sizes,
     expected_frames,
-    nested_event_count,
     package_versions,
     process_identity,
     read_run_state,
@@ -58,7 +56,6 @@ from acquire_refocus.storage import (
     utc_now,
     write_run_record,
 )
-from acquire_refocus.yaml_safe import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -69,59 +66,6 @@ REFOCUSED_WRITE_QUEUE = 4
 
 
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
-
-# More events than any acquisition of one run (10 million frames of 2048 x 2048 uint16 are 80 TB): a typo in the
-# time plan, refused before anything starts.
-MAX_SEQUENCE_EVENTS = 10_000_000
-
-
-def parse_sequence(value: Any, source: str = "acquisition.sequence") -> useq.MDASequence:
-    """An MDASequence from a mapping, a YAML/JSON text, a file path or an MDASequence; ConfigError otherwise."""
-    if isinstance(value, useq.MDASequence):
-        return value
-    if isinstance(value, Path):
-        if not value.is_file():
-            raise ConfigError(f"{source}: sequence file not found: {value}")
-        source = str(value)
-        value = value.read_text(encoding="utf-8")
-    if isinstance(value, str):
-        value = load_yaml(value, source)  # YAML is a superset of JSON
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: expected a useq-schema MDASequence mapping, got {type(value).__name__}")
-    try:
-        sequence = useq.MDASequence.model_validate(value)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{source}: not a valid useq-schema MDASequence: {problems}") from None
-    # useq ignores keys it does not know: a misspelt plan or channel setting would silently acquire otherwise
-    unknown = _unknown_keys(value, sequence.model_dump(mode="json", exclude_unset=True))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} (misspelt?); see the useq-schema "
-                          "MDASequence for the keys of each plan")
-    try:
-        events = nested_event_count(sequence)
-    except (MemoryError, ValueError, ZeroDivisionError, OverflowError) as exc:  # useq lists every z / grid position
-        raise ConfigError(f"{source}: the sequence's size cannot be worked out ({type(exc).__name__}: {exc}); "
-                          "check the z_plan range and step, the grid_plan and the time_plan") from None
-    if events > MAX_SEQUENCE_EVENTS:
-        sizes = ", ".join(f"{axis}={n}" for axis, n in axis_sizes(sequence).items() if n)
-        raise ConfigError(f"{source}: {events:,} events ({sizes}) is more than one run takes "
-                          f"({MAX_SEQUENCE_EVENTS:,}); check the loops, or split the acquisition into runs")
-    return sequence
-
-
-def _unknown_keys(given: Any, parsed: Any, path: str = "") -> list[str]:
-    """Keys of the mapping the user wrote that the parsed sequence's dump (its set fields) lacks: what useq
-    dropped. Compared where both sides are mappings, and item by item in lists of the same length."""
-    if isinstance(given, dict) and isinstance(parsed, dict):
-        missing = [f"{path}{key}" for key in given if str(key) not in parsed]
-        for key, item in given.items():
-            if str(key) in parsed:
-                missing += _unknown_keys(item, parsed[str(key)], f"{path}{key}.")
-        return missing
-    if isinstance(given, list) and isinstance(parsed, list) and len(given) == len(parsed):
-        return [key for i, (a, b) in enumerate(zip(given, parsed)) for key in _unknown_keys(a, b, f"{path}{i}.")]
-    return []
 
 
 def _run_output(output_dir: str | Path) -> Path:

@@ -74,19 +74,16 @@ import useq
 from acquire_refocus.config import FocusConfig, OpticsConfig
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FramePipeline, FrameResult
+from acquire_refocus.sequence import event_axes
 from acquire_refocus.sharpness import MIN_STRUCTURE_RATIO, BandPassSharpness
 
 log = logging.getLogger(__name__)
 
 
-def _index(event: useq.MDAEvent) -> dict[str, int]:
-    return {str(getattr(axis, "value", axis)): int(i) for axis, i in event.index.items()}
-
-
 def channel_z_offset_um(event: useq.MDAEvent) -> float:
     """The Z offset of the event's channel in its sequence (useq adds it to the event's Z; 0 without one)."""
     sequence = event.sequence
-    c_index = _index(event).get("c")
+    c_index = event_axes(event).get("c")
     if sequence is None or c_index is None or c_index >= len(sequence.channels):
         return 0.0
     return float(sequence.channels[c_index].z_offset)
@@ -101,7 +98,7 @@ def planned_centre_shift_um(event: useq.MDAEvent) -> float:
 def relative_z_um(event: useq.MDAEvent) -> float:
     """How far a plane of a relative z-stack lies from the stack's centre (0 without one)."""
     sequence = event.sequence
-    z_index = _index(event).get("z")
+    z_index = event_axes(event).get("z")
     if sequence is None or z_index is None or sequence.z_plan is None or not sequence.z_plan.is_relative:
         return 0.0
     positions = list(sequence.z_plan)
@@ -552,7 +549,7 @@ class FocusController:
         planner = EventPlanner(self, wait_for_estimates)
         for event in events:
             nominal = event.z_pos if event.z_pos is not None else start_z_um
-            z_um = planner.z_for(_index(event), nominal, planned_centre_shift_um(event))
+            z_um = planner.z_for(event_axes(event), nominal, planned_centre_shift_um(event))
             if z_um is not None and (z_um != nominal or event.z_pos is not None) and z_um != event.z_pos:
                 event = event.model_copy(update={"z_pos": z_um})
             yield event

@@ -47,6 +47,7 @@ import useq
 
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FocusOffsetLookup, FrameResult
+from acquire_refocus.sequence import axes_dict, axis_sizes, event_axes, nested_event_count
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ PACKAGES = (
 
 
 def _axes_key(axes: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
-    return tuple(sorted((str(getattr(k, "value", k)), int(v)) for k, v in axes.items()))
+    return tuple(sorted(axes_dict(axes).items()))
 
 
 def stream_settings(
@@ -139,42 +140,6 @@ class _Placement:
     image: np.ndarray | None  # the refocused frame, or None: leave the plane empty
     shape: tuple[int, ...] | None  # the raw frame's (height, width); None when it has no usable shape
     frame: int
-
-
-def _plan_size(plan: Any) -> int:
-    """Items of one useq plan, by arithmetic: `MDASequence.sizes` lists every item, and a time plan of 1e8 loops
-    then takes 35 s and 4 GB. A grid given by edges or area without a field of view counts as useq iterates it
-    (a 1 um field)."""
-    if plan is None:
-        return 0
-    if hasattr(plan, "num_timepoints"):
-        return int(plan.num_timepoints())
-    if hasattr(plan, "num_positions"):
-        try:
-            return int(plan.num_positions())
-        except ValueError:  # GridFromEdges / GridWidthHeight without fov_width / fov_height
-            return int(plan.model_copy(update={"fov_width": plan.fov_width or 1.0,
-                                               "fov_height": plan.fov_height or 1.0}).num_positions())
-    return len(plan)
-
-
-def axis_sizes(sequence: useq.MDASequence) -> dict[str, int]:
-    """Size of each of the sequence's axes ("t", "p", "g", "c", "z"; 0 when unused) in `axis_order`, computed
-    without listing any axis; ValueError, ZeroDivisionError or OverflowError for a plan whose size is undefined."""
-    plans = {"t": sequence.time_plan, "p": sequence.stage_positions, "g": sequence.grid_plan,
-             "c": sequence.channels, "z": sequence.z_plan}
-    return {str(axis): _plan_size(plans[str(axis)]) for axis in sequence.axis_order}
-
-
-def nested_event_count(sequence: useq.MDASequence) -> int:
-    """Events in the full nest of the sequence's axes (fewer where channels skip time points or stacks), without
-    listing them: useq yields one in ~0.1 ms, and a long time-lapse has hundreds of thousands. A position with its
-    own sub-sequence counts as that sub-sequence's events (an upper bound where the two share axes)."""
-    sizes = axis_sizes(sequence)
-    positions = sequence.stage_positions
-    if any(p.sequence is not None for p in positions):
-        sizes["p"] = sum(max(1, nested_event_count(p.sequence)) if p.sequence is not None else 1 for p in positions)
-    return math.prod(n for n in sizes.values() if n)
 
 
 def expected_frames(sequence: useq.MDASequence) -> int:
@@ -421,7 +386,7 @@ class RawFrameLog:
     def frameReady(self, image: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]) -> None:  # noqa: N802
         if self.error:
             return
-        row = {"frame": self.rows, "axes": {str(getattr(k, "value", k)): int(v) for k, v in event.index.items()},
+        row = {"frame": self.rows, "axes": event_axes(event),
                "t_written": round(time.time(), 6), "meta": meta}
         try:
             self._file.write(json.dumps(row, separators=(",", ":"), default=str, allow_nan=False) + "\n")

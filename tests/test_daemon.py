@@ -234,7 +234,7 @@ def test_control_commands_without_a_daemon(capsys: pytest.CaptureFixture[str], t
          "duration-without-interval"],
 )
 def test_a_sequence_that_would_not_run_as_meant_is_refused(sequence: dict, message: str) -> None:
-    from acquire_refocus.daemon import parse_sequence
+    from acquire_refocus.sequence import parse_sequence
     from acquire_refocus.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(message)):

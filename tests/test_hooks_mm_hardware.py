@@ -176,7 +176,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 def test_pymmcore_plus_config_runs_on_the_democamera(tmp_path: Path) -> None:
     from acquire_refocus.config import load_config
-    from acquire_refocus.daemon import parse_sequence
+    from acquire_refocus.sequence import parse_sequence
 
     config = load_config(CONFIGS / "pymmcore-plus.yaml")
     acq = config.acquisition
@@ -202,19 +202,20 @@ def test_pymmcore_plus_config_runs_on_the_democamera(tmp_path: Path) -> None:
 
 def test_real_scope_template_loads_and_explains_every_section() -> None:
     from acquire_refocus.config import AppConfig, load_config
-    from acquire_refocus.daemon import parse_sequence
+    from acquire_refocus.sequence import parse_sequence
 
     path = CONFIGS / "real-scope-template.yaml"
     config = load_config(path)
     sequence = parse_sequence(config.acquisition.sequence)
     assert len(list(sequence)) == 240 * 2 * 1
     text = path.read_text()
-    for section in ("optics", "model", "engine", "pipeline", "publishing", "storage", "focus", "acquisition"):
+    for section in ("optics", "model", "engine", "pipeline", "publishing", "storage", "focus", "acquisition",
+                    "log_file"):
         assert f"\n{section}:" in text, section
     for section in ("simulator", "training", "loss"):
         assert section in text  # says why they are left out
     assert set(AppConfig.model_fields) - {"log_level"} == {
         "optics", "model", "engine", "pipeline", "publishing", "storage", "focus", "acquisition",
-        "simulator", "training", "loss",
+        "simulator", "training", "loss", "log_file",
     }
     assert config.focus.mode == "observe"  # a template never moves a real stage before the user chose to

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from acquire_refocus.config import load_config
-from acquire_refocus.daemon import parse_sequence
 from acquire_refocus.errors import ConfigError
+from acquire_refocus.sequence import parse_sequence
 from acquire_refocus.yaml_safe import MAX_DEPTH, MAX_NODES
 
 pytestmark = pytest.mark.timeout(120)

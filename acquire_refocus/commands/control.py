@@ -92,13 +92,13 @@ def _print_saved_run(folder: Path, as_json: bool) -> int:
 def run(args: argparse.Namespace) -> int:
     from acquire_refocus.client import check_wait_s
     from acquire_refocus.control import DaemonUnavailable, request
-    from acquire_refocus.daemon import parse_sequence
+    from acquire_refocus.sequence import parse_sequence
 
     if getattr(args, "run", None) is not None:
         return _print_saved_run(args.run, args.json)
     check_wait_s("--timeout", args.timeout)
     config = load_config(args.config) if args.config or not args.address else None
-    address = args.address or config.publishing.control_address  # type: ignore[union-attr]
+    address = args.address if config is None else args.address or config.publishing.control_address
     keys_dir = args.keys or (config.publishing.keys_dir if config is not None else None)
     fields: dict[str, Any] = {}
     if args.command == "run":

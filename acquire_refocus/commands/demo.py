@@ -15,6 +15,7 @@ from acquire_refocus.config import PROJECT_ROOT, AppConfig, load_config, parse_c
 from acquire_refocus.errors import UserError
 from acquire_refocus.focus import channel_z_offset_um
 from acquire_refocus.outputs import output_folder
+from acquire_refocus.sequence import event_axes
 
 _DESCRIPTION = """\
 Run the daemon on the simulated microscope, no hardware needed: a multi-position time-lapse of
@@ -147,7 +148,7 @@ class FocusTruth:
         self.rows: list[dict[str, float]] = []
 
     def frameReady(self, image: Any, event: Any, meta: dict) -> None:  # noqa: N802
-        index = {str(getattr(k, "value", k)): int(v) for k, v in event.index.items()}
+        index = event_axes(event)
         position = index.get("p", 0)
         pos = meta.get("position") or {}
         xy = (float(pos.get("x", event.x_pos or 0.0)), float(pos.get("y", event.y_pos or 0.0)))
@@ -208,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     import useq
 
     from acquire_refocus.client import Subscriber
-    from acquire_refocus.daemon import Daemon, parse_sequence
+    from acquire_refocus.daemon import Daemon
+    from acquire_refocus.sequence import parse_sequence
     from acquire_refocus.storage import FOCUS_LOG, RAW_STORE, REFOCUSED_STORE, RUN_RECORD, read_focus_log
 
     t_start = time.perf_counter()

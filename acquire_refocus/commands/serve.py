@@ -49,9 +49,10 @@ def _exit_quietly(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from acquire_refocus.daemon import Daemon, parse_sequence
+    from acquire_refocus.daemon import Daemon
     from acquire_refocus.errors import ConfigError
     from acquire_refocus.logs import log_file
+    from acquire_refocus.sequence import parse_sequence
 
     config = load_config(args.config)
     if args.once:  # check before the (slow) model load

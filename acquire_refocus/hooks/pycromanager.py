@@ -50,7 +50,7 @@ import useq
 from acquire_refocus.errors import UserError
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FrameInfo
-from acquire_refocus.storage import nested_event_count
+from acquire_refocus.sequence import event_axes, nested_event_count
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def sequence_to_events(
                 f"acquisition.sequence: action {mda_event.action.type!r} is not supported with the pycromanager "
                 "backend (only image acquisition); remove the autofocus_plan or custom actions"
             )
-        index = {str(getattr(axis, "value", axis)): int(i) for axis, i in mda_event.index.items()}
+        index = event_axes(mda_event)
         event: dict[str, Any] = {"axes": {_PYCRO_AXIS.get(k, k): v for k, v in index.items()}}
         z_um = mda_event.z_pos
         if z_um is not None and relative_z:

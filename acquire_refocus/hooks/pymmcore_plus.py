@@ -35,7 +35,8 @@ from acquire_refocus.focus import (
 )
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FrameInfo, FramePipeline
-from acquire_refocus.storage import nested_event_count, raw_store_settings
+from acquire_refocus.sequence import event_axes, nested_event_count
+from acquire_refocus.storage import raw_store_settings
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class PymmcorePlusHook:
         x_um, y_um = _finite(position.get("x", event.x_pos)), _finite(position.get("y", event.y_pos))
         pixel_size_um = self._pixel_size_um or _finite(meta.get("pixel_size_um")) or None
         return FrameInfo(
-            axes={str(getattr(axis, "value", axis)): int(i) for axis, i in event.index.items()},
+            axes=event_axes(event),
             stage_z_um=z_um,
             stage_xy_um=(x_um, y_um) if x_um is not None and y_um is not None else None,
             t_acquired=time.time(),
@@ -161,7 +162,7 @@ class FocusMDAEngine(MDAEngine):
         """The software autofocus at this event's position, from where setup_event put the stage."""
         assert self._autofocus is not None
         core = self.mmcore
-        index = _useq_index(event)
+        index = event_axes(event)
         position, t_index = index.get("p", 0), index.get("t", 0)
         channel = self._controller.channel if self._controller is not None else None
         if channel is not None and event.sequence is not None:
@@ -194,7 +195,7 @@ class FocusMDAEngine(MDAEngine):
         planned = first.z_pos if first.z_pos is not None else self._start_z_um
         if planned is None:
             return event
-        index = _useq_index(first)
+        index = event_axes(first)
         nominal = planned + self._autofocus_shift_um.get(index.get("p", 0), 0.0)
         if self._planner is None:
             z_um: float | None = nominal
@@ -216,7 +217,7 @@ class FocusMDAEngine(MDAEngine):
         never moved in this mode). While the lock reports it is not engaged, nothing is corrected."""
         assert self._lock is not None and self._planner is not None and self._controller is not None
         first = event.events[0] if isinstance(event, SequencedEvent) and event.events else event
-        index = _useq_index(first)
+        index = event_axes(first)
         position, t_index = index.get("p", 0), index.get("t", 0)
         if not self._lock.locked():
             if self._lock_lost_since is None:
@@ -230,10 +231,6 @@ class FocusMDAEngine(MDAEngine):
             if offset_um is not None and offset_um != self._lock.offset_um():
                 self._lock.set_offset_um(offset_um)
         return event.model_copy(update={"z_pos": None}) if event.z_pos is not None else event
-
-
-def _useq_index(event: useq.MDAEvent) -> dict[str, int]:
-    return {str(getattr(axis, "value", axis)): int(i) for axis, i in event.index.items()}
 
 
 def _split_time_points(events: Iterable[useq.MDAEvent]) -> Iterator[list[useq.MDAEvent]]:
