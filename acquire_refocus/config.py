@@ -313,8 +313,10 @@ class TrainingConfig(_Section):
     validation_fields: int = Field(16, ge=1)
     train_fields: int = Field(64, ge=1, description="distinct specimen fields of view for training")
     checkpoint_dir: Path = Path("runs/train")
-    initial_weights: Path | None = Field(
-        None, description="start from these weights (e.g. a shipped model); parameters of another shape start fresh"
+    initial_weights: Path | Literal["shipped"] | None = Field(
+        "shipped", description="start from these weights; 'shipped': the model shipped in the package when the model "
+        "section is its architecture (else a fresh start, logged); null: a fresh start. Parameters of another shape "
+        "start fresh"
     )
     train_only: Literal["all", "focus_head", "decoder"] = Field(
         "all", description="focus_head: keep the refocusing network as it is and train the autofocus head alone; "
@@ -605,6 +607,26 @@ class AppConfig(_Section):
                     f"with fine_source sharpness: half of sharpness_range_um ({range_um:.2f} um), the distance from "
                     "the frames over which the sharpness fit is trusted"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _scale_defocus_to_depth_of_field(self) -> AppConfig:
+        """Defocus settings the file leaves out follow the optics. Their defaults suit the shipped model's 20x / 0.45
+        NA objective (depth of field 3 um); for other optics the ranges scale by the depth of field and the PSF bank's
+        plane spacing is at most a fifth of it, so a 100x oil objective (0.47 um) trains over +-5.5 um, not +-35 um,
+        and its PSF bank stays under a GB."""
+        depth_of_field_um = self.optics.depth_of_field_um
+        scale = depth_of_field_um / OpticsConfig().depth_of_field_um
+        if scale == 1.0:
+            return self
+        training, simulator = self.training, self.simulator
+        if "defocus_range_um" not in training.model_fields_set:
+            low, high = training.defocus_range_um
+            training.defocus_range_um = (round(low * scale, 1), round(high * scale, 1))
+        if "max_defocus_um" not in simulator.model_fields_set:
+            simulator.max_defocus_um = min(200.0, round(simulator.max_defocus_um * scale, 1))
+        if "psf_z_step_um" not in simulator.model_fields_set:
+            simulator.psf_z_step_um = min(simulator.psf_z_step_um, round(depth_of_field_um / 5, 2))
         return self
 
 

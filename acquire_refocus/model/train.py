@@ -28,7 +28,7 @@ from acquire_refocus.config import AppConfig, ModelConfig, dump_config
 from acquire_refocus.errors import ConfigError, WeightsError
 from acquire_refocus.logs import kv
 from acquire_refocus.model import data as training_data
-from acquire_refocus.model.checkpoint import checkpoint_payload, read_payload, write_payload
+from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS, checkpoint_payload, read_payload, write_payload
 from acquire_refocus.model.envelope import measured_snr_range
 from acquire_refocus.model.losses import RefocusLoss, defocus_loss
 from acquire_refocus.model.network import LOG_SIGMA_ROW, SIGN_LOGIT_ROW, build_network, parameter_count
@@ -189,6 +189,26 @@ def _load_initial_weights(network: torch.nn.Module, path: Path, model_config: Mo
             "training": payload.get("metadata", {}).get("training")}
 
 
+def _resolve_initial_weights(config: AppConfig) -> tuple[AppConfig, Path | None]:
+    """The config to train and the weights to start from. 'shipped' fine-tunes the packaged model, so that a
+    model for new optics does not start from scratch: the network takes the shipped architecture, which the model
+    section may restate but not contradict; a model section that differs starts fresh, and the log says so."""
+    setting = config.training.initial_weights
+    if setting != "shipped":
+        return config, None if setting is None else Path(setting)
+    shipped = ModelConfig.model_validate(read_payload(DEFAULT_WEIGHTS)[0]["model_config"])
+    given = {name: getattr(config.model, name) for name in config.model.model_fields_set
+             if name not in ("weights", "pretrained_encoder")}
+    if shipped.model_copy(update=given) != shipped:
+        log.info(kv("initial_weights_fresh", reason="the model section differs from the shipped model's architecture",
+                    given=",".join(f"{name}:{value}" for name, value in sorted(given.items())),
+                    shipped=shipped.model_dump_json(exclude={"weights", "pretrained_encoder"})))
+        return config, None
+    model = shipped.model_copy(update={"weights": config.model.weights,
+                                       "pretrained_encoder": config.model.pretrained_encoder})
+    return config.model_copy(update={"model": model}), DEFAULT_WEIGHTS
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -220,6 +240,7 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train per `config` (model, loss, training, optics, simulator sections) and write the run folder."""
+    config, start_from = _resolve_initial_weights(config)
     training = config.training
     total_steps = int(steps if steps is not None else training.steps)
     out_dir = (
@@ -234,8 +255,8 @@ def train(
 
     network = build_network(config.model).to(device)
     initial_weights = None
-    if training.initial_weights is not None:
-        initial_weights = _load_initial_weights(network, Path(training.initial_weights), config.model)
+    if start_from is not None:
+        initial_weights = _load_initial_weights(network, start_from, config.model)
     head_only = training.train_only == "focus_head"
     if training.train_only != "all":
         network.requires_grad_(False)
