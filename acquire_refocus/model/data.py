@@ -18,7 +18,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from acquire_refocus.config import AppConfig, OpticsConfig, RandomizationConfig,
 from acquire_refocus.errors import ConfigError
 from acquire_refocus.logs import kv
 from acquire_refocus.model.normalization import NormalizationParams, frame_scale, normalize
+
+if TYPE_CHECKING:
+    from acquire_refocus.sim.microscope import SimulatedMicroscope
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +189,10 @@ class RandomizedWindows:
         side_um = envelope.field_size_um
         self.fields = [Field(seed, (col + 0.5) / per_axis * side_um, (row + 0.5) / per_axis * side_um)
                        for seed in self.seeds for row in range(per_axis) for col in range(per_axis)]
-        self._scopes: OrderedDict[int, object] = OrderedDict()
+        self._scopes: OrderedDict[int, SimulatedMicroscope] = OrderedDict()
         self._next = 0
 
-    def scope(self, seed: int):  # -> SimulatedMicroscope (imported lazily: the simulator is heavy)
+    def scope(self, seed: int) -> SimulatedMicroscope:
         from acquire_refocus.sim import randomization
         from acquire_refocus.sim.microscope import SimulatedMicroscope
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -37,6 +38,9 @@ from acquire_refocus.model.data import TEST_SEED_BASE
 from acquire_refocus.model.evaluate import Sample, _crop_psf, _deconvolve, network_method, tune_wiener_balance
 from acquire_refocus.outputs import output_folder
 from acquire_refocus.sim.randomization import CameraDraw, expose_window
+
+if TYPE_CHECKING:
+    from acquire_refocus.sim.microscope import SimulatedMicroscope
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +111,7 @@ def _no_background(simulator: SimulatorConfig, **specimen: object) -> SimulatorC
         "drift": drift})
 
 
-def _busy_positions(scope: object, candidates: Sequence[tuple[float, float]], count: int,
+def _busy_positions(scope: SimulatedMicroscope, candidates: Sequence[tuple[float, float]], count: int,
                     window_px: int) -> list[tuple[float, float]]:
     """The `count` candidate stage positions whose in-focus window holds the most signal (no empty fields)."""
     signal = [float(np.ptp(scope.photon_stack([0.0], xy, (window_px, window_px))[1])) for xy in candidates]
@@ -120,7 +124,7 @@ def _grid(side_um: tuple[float, float], per_axis: int) -> list[tuple[float, floa
             for r in range(per_axis) for c in range(per_axis)]
 
 
-def _render(scope: object, set_name: str, positions: Sequence[tuple[float, float]], distances_um: Sequence[float],
+def _render(scope: SimulatedMicroscope, set_name: str, positions: Sequence[tuple[float, float]], distances_um: Sequence[float],
             window_px: int, cameras: Callable[[np.random.Generator], CameraDraw],
             rng: np.random.Generator) -> list[Sample]:
     samples = []
