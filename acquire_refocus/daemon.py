@@ -68,16 +68,20 @@ REFOCUSED_WRITE_QUEUE = 4
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 
 
-def _run_output(output_dir: str | Path) -> Path:
-    """The folder a run writes into, created; UserError when it already holds a run (raw data is never
-    overwritten) or cannot be used."""
+def refuse_previous_run(output_dir: str | Path) -> None:
+    """UserError when the folder already holds a run: raw data is never overwritten (nothing is created)."""
     folder = Path(output_dir)
     previous = read_run_state(folder)
     if previous is not None or (folder / RAW_STORE).exists() or (folder / REFOCUSED_STORE).exists():
         state = f" that {_STATE_WORDS.get(previous['state'], previous['state'])}" if previous else ""
         raise UserError(f"{folder} already holds a run{state} ({RAW_STORE} / {REFOCUSED_STORE}); raw data is never "
                         "overwritten: choose another --output directory")
-    return output_folder(folder, "--output")
+
+
+def _run_output(output_dir: str | Path) -> Path:
+    """The folder a run writes into, created; UserError when it already holds a run or cannot be used."""
+    refuse_previous_run(output_dir)
+    return output_folder(output_dir, "--output")
 
 
 _STATE_WORDS = {

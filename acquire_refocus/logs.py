@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from acquire_refocus.errors import UserError
 from acquire_refocus.outputs import output_folder
@@ -19,16 +19,21 @@ if TYPE_CHECKING:
 _FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 LOG_FILE_NAME = "acquire-refocus.log"
 
+if TYPE_CHECKING:
+    _StreamHandler = logging.StreamHandler[TextIO]  # generic in typeshed only, not at run time
+else:
+    _StreamHandler = logging.StreamHandler
 
-class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+
+class _CurrentStderrHandler(_StreamHandler):
     """Writes to whatever `sys.stderr` is now, so a redirected or closed stderr (tests, daemons) never breaks it."""
 
-    @property  # type: ignore[override]
-    def stream(self) -> object:
+    @property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, _value: object) -> None:
+    def stream(self, _value: TextIO) -> None:
         pass
 
 
@@ -41,6 +46,32 @@ def setup_logging(level: str = "INFO") -> None:
         handler.setFormatter(logging.Formatter(_FORMAT))
         root.addHandler(handler)
         root.propagate = False
+
+
+class _RotatingLogFile(logging.handlers.RotatingFileHandler):
+    """A rotating log file that a full disk or a vanished folder cannot turn into a traceback on every line: the
+    first failed write closes the file and says so once (stderr keeps the log); the daemon runs on."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        self.close()
+        logging.getLogger(__name__).error(kv("log_file_failed", path=self.baseFilename, error=error,
+                                             note="the log goes on on stderr only"))
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the buffered lines cannot be flushed (a full disk): they are on stderr already
+            pass
 
 
 @contextmanager
@@ -57,7 +88,7 @@ def log_file(settings: LogFileConfig, default_folder: Path | None) -> Iterator[P
     option = "log_file.folder" if settings.folder is not None else "--output"
     path = output_folder(folder, option) / LOG_FILE_NAME
     try:
-        handler = logging.handlers.RotatingFileHandler(
+        handler = _RotatingLogFile(
             path, maxBytes=max(1, round(settings.max_file_mb * 2**20)), backupCount=settings.keep_files,
             encoding="utf-8",
         )
@@ -73,7 +104,7 @@ def log_file(settings: LogFileConfig, default_folder: Path | None) -> Iterator[P
     except Exception as exc:
         # the CLI prints an error to stderr alone once this block has ended; the file keeps it too
         handler.handle(ours.makeRecord(ours.name, logging.ERROR, __file__, 0,
-                                       kv("stopped", error=f"{type(exc).__name__}: {exc}"), None, None))
+                                       kv("stopped", error=f"{type(exc).__name__}: {exc}"), (), None))
         raise
     finally:
         ours.removeHandler(handler)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,16 +76,29 @@ def test_serve_writes_a_rotating_log_file_beside_its_output(tmp_path: Path, tiny
 def test_log_file_in_a_configured_folder_keeps_every_start_and_the_error(tmp_path: Path, tiny_weights: Path) -> None:
     logs = tmp_path / "logs"
     config = _config(tmp_path / "c.yaml", tiny_weights, {"folder": str(logs)})
-    output = tmp_path / "run"
-    assert _serve(config, output).returncode == 0
-    again = _serve(config, output)  # refused: the folder holds a run
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert _serve(config, tmp_path / "run1").returncode == 0
+    host, port = yaml.safe_load(config.read_text(encoding="utf-8"))["publishing"]["pub_address"][6:].split(":")
+    with socket.socket() as taken:  # another program holds the publishing port: the daemon cannot start
+        taken.bind((host, int(port)))
+        taken.listen()
+        again = _serve(config, tmp_path / "run2")
+    assert again.returncode == 2 and "cannot open the" in again.stderr and "Traceback" not in again.stderr
 
-    assert not (output / LOG_FILE_NAME).exists()
+    assert not list(tmp_path.glob(f"run*/{LOG_FILE_NAME}"))
     lines = (logs / LOG_FILE_NAME).read_text(encoding="utf-8").splitlines()
     assert sum("event=log_file " in line for line in lines) == 2  # appended across restarts
     assert "event=run_done" in "\n".join(lines)
-    assert "level=ERROR" in lines[-1] and "event=stopped" in lines[-1] and "already holds a run" in lines[-1]
+    assert "level=ERROR" in lines[-1] and "event=stopped" in lines[-1] and "cannot open the" in lines[-1]
+
+
+def test_a_previous_run_folder_is_refused_before_the_log_file_is_written(tmp_path: Path, tiny_weights: Path) -> None:
+    config = _config(tmp_path / "c.yaml", tiny_weights, {})
+    output = tmp_path / "run"
+    assert _serve(config, output).returncode == 0
+    before = (output / LOG_FILE_NAME).read_bytes()
+    again = _serve(config, output)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert (output / LOG_FILE_NAME).read_bytes() == before  # a previous run's folder is left as it was
 
 
 def test_no_log_file_when_off_or_without_a_folder(tmp_path: Path) -> None:

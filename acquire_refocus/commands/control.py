@@ -23,7 +23,7 @@ _HELP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     command = parser.prog.split()[-1]
-    parser.description = _HELP.get(command, parser.description) + (
+    parser.description = _HELP.get(command, parser.description or "") + (
         " Exits 1, with a message, when no daemon answers within --timeout."
     )
     if command == "run":

@@ -49,7 +49,7 @@ def _exit_quietly(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from acquire_refocus.daemon import Daemon
+    from acquire_refocus.daemon import Daemon, refuse_previous_run
     from acquire_refocus.errors import ConfigError
     from acquire_refocus.logs import log_file
     from acquire_refocus.sequence import parse_sequence
@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         if config.acquisition.sequence is None:
             raise ConfigError("acquisition.sequence: required with --once (inline, or a YAML/JSON file path)")
         parse_sequence(config.acquisition.sequence)
+        if (args.output or config.storage.output_dir) is not None:  # before the log file goes into it
+            refuse_previous_run(args.output or config.storage.output_dir)
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
     with log_file(config.log_file, args.output or config.storage.output_dir), \
