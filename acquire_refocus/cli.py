@@ -19,7 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "compare the network with the raw input and deconvolution baselines; write a report"),
     "correct": ("correct", "refocus a dataset or plate (on a Dask cluster) or TIFF files offline; estimate defocus"),
     "qc": ("qc", "focus-quality report of a corrected dataset: plate heatmap, histogram, worst frames, re-image list"),
-    "calibrate-focus": ("calibrate_focus", "fit how image sharpness falls with defocus on your z-stacks; print focus settings"),
+    "calibrate-focus": (
+        "calibrate_focus", "fit how image sharpness falls with defocus on your z-stacks; print focus settings"
+    ),
     "build-engine": ("build_engine", "compile the network for this machine (TensorRT / ONNX) ahead of time"),
     "benchmark": ("benchmark", "measure latency and throughput of each engine and of the daemon path"),
     "serve": ("serve", "run the headless daemon on the acquisition stream"),

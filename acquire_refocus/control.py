@@ -69,7 +69,7 @@ def check_request(raw: bytes) -> dict[str, Any]:
     return request
 
 
-class DaemonUnavailable(UserError):
+class DaemonUnavailable(UserError):  # noqa: N818 - public name (client API), kept
     """No daemon answered on the control address in time."""
 
 
@@ -115,7 +115,7 @@ class ControlServer:
                     continue
                 try:
                     reply = self._handle(raw)
-                except BaseException as exc:  # noqa: BLE001 - whatever a request does, the thread answers on
+                except BaseException as exc:  # whatever a request does, the thread answers on (logged with its trace)
                     log.exception(kv("control_request_failed"))
                     reply = {"ok": False, "error": f"request failed: {type(exc).__name__}"}
                 try:

@@ -469,7 +469,7 @@ class FramePipeline:
             flags = tuple(getattr(out, "flags", ()))
             if image.shape != item.raw.shape:
                 raise ValueError(f"engine returned shape {image.shape} for a frame of shape {item.raw.shape}")
-        except Exception as exc:  # the acquisition must go on: log, count, pass the frame on raw
+        except Exception as exc:  # noqa: BLE001 - the acquisition must go on: log, count, pass the frame on raw
             reason = f"{type(exc).__name__}: {exc}"
             log.error(kv("frame_failed", frame=item.frame, axes=_axes_text(item.info.axes), reason=reason))
             with self._lock:
@@ -502,7 +502,7 @@ class FramePipeline:
             for sink in self._sinks:
                 try:
                     sink.on_frame(result)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - one failing sink must not starve the others; counted
                     with self._lock:
                         self._counts.sink_errors += 1
                     log.error(kv("sink_failed", sink=type(sink).__name__, frame=result.frame, error=repr(exc)))
@@ -515,7 +515,7 @@ class FramePipeline:
         for sink in self._sinks:
             try:
                 sink.close()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every sink gets closed; a failure is counted
                 with self._lock:  # counted like a failed write: the run cannot be called complete
                     self._counts.sink_errors += 1
                 log.error(kv("sink_close_failed", sink=type(sink).__name__, error=repr(exc)))
@@ -582,14 +582,14 @@ class BackgroundSink:
         while (result := self._queue.get()) is not None:
             try:
                 self.sink.on_frame(result)
-            except Exception as exc:  # the next frames must still be written
+            except Exception as exc:  # noqa: BLE001 - the next frames must still be written
                 self.errors += 1
                 log.error(kv("sink_failed", sink=self._name, frame=result.frame, error=repr(exc)))
             self.written += 1
             del result  # do not hold the last frame's pixels while waiting for the next
         try:
             self.sink.close()
-        except Exception as exc:  # raised again by close(), in the caller's thread
+        except Exception as exc:  # noqa: BLE001 - raised again by close(), in the caller's thread
             self._close_error = exc
 
     def close(self) -> None:

@@ -83,7 +83,8 @@ def bind_socket(
         socket.bind(address)
     except zmq.ZMQError as exc:
         socket.close(linger=0)
-        hint = " (is another daemon running? choose another port in publishing.*_address)" if exc.errno == zmq.EADDRINUSE else ""
+        in_use = exc.errno == zmq.EADDRINUSE
+        hint = " (is another daemon running? choose another port in publishing.*_address)" if in_use else ""
         raise UserError(f"cannot open the {what} socket on {address}: {exc}{hint}") from None
     return socket
 

@@ -114,5 +114,6 @@ def _unknown_keys(given: Any, parsed: Any, path: str = "") -> list[str]:
                 missing += _unknown_keys(item, parsed[str(key)], f"{path}{key}.")
         return missing
     if isinstance(given, list) and isinstance(parsed, list) and len(given) == len(parsed):
-        return [key for i, (a, b) in enumerate(zip(given, parsed)) for key in _unknown_keys(a, b, f"{path}{i}.")]
+        pairs = enumerate(zip(given, parsed, strict=True))
+        return [key for i, (a, b) in pairs for key in _unknown_keys(a, b, f"{path}{i}.")]
     return []

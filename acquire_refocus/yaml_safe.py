@@ -76,7 +76,7 @@ def _check_depth(text: str, source: str) -> None:
 _IN_PROGRESS = -1
 
 
-class _RecursiveAlias(Exception):
+class _RecursiveAliasError(Exception):
     """An alias inside the collection it names (&a [*a]): a structure without end."""
 
 
@@ -85,7 +85,7 @@ def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
     distinct node is counted once and its expanded size reused (depth is bounded by `_check_depth`)."""
     known = memo.get(id(node))
     if known == _IN_PROGRESS:
-        raise _RecursiveAlias
+        raise _RecursiveAliasError
     if known is not None:
         return known
     memo[id(node)] = _IN_PROGRESS
@@ -113,7 +113,7 @@ def load_yaml(text: str, source: str) -> Any:
                 return None
             try:
                 nodes = _expanded_nodes(node, {})
-            except _RecursiveAlias:
+            except _RecursiveAliasError:
                 raise ConfigError(f"{source}: an alias (*name) inside the value it names; such a value never "
                                   "ends") from None
             if nodes > MAX_NODES:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import FAST_SIMULATOR, free_tcp_address
+
 from acquire_refocus.config import LogFileConfig
 from acquire_refocus.errors import UserError
 from acquire_refocus.logs import LOG_FILE_NAME, log_file

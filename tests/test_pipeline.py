@@ -129,7 +129,7 @@ def test_engine_behind_skips_are_counted_never_silent(tiny_refocuser: Any, overf
     else:
         assert refocused == [0, 9]  # the newest frame replaced every older one waiting
     assert stats.skipped == 10 - len(refocused) and stats.refocused == len(refocused)
-    for i, r in results.items():
+    for r in results.values():
         if not r.refocused:
             assert r.status == "skipped" and "engine behind" in r.reason and r.image is None
             assert r.raw is not None

@@ -52,7 +52,7 @@ def test_a_list_nested_5000_deep_is_refused(tmp_path: Path) -> None:
 
 def test_an_alias_inside_itself_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "acquisition:\n  sequence: &s {metadata: {again: *s}}\n")
-    with pytest.raises(ConfigError, match="an alias .* inside the value it names"):
+    with pytest.raises(ConfigError, match=r"an alias .* inside the value it names"):
         load_config(path)
 
 

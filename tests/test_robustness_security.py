@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_daemon import SEQUENCE, daemon_config
 
 from acquire_refocus.cli import main as cli_main
 from acquire_refocus.client import Subscriber
@@ -18,8 +19,6 @@ from acquire_refocus.control import DaemonUnavailable, request
 from acquire_refocus.daemon import Daemon
 from acquire_refocus.errors import UserError
 from acquire_refocus.security import generate_keys
-
-from test_daemon import SEQUENCE, daemon_config
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -83,7 +83,7 @@ def test_refocused_store_bounds_the_writes_in_flight(tmp_path: Path) -> None:
         image = rng.random((256, 256), dtype=np.float32)
         store.on_frame(FrameResult(frame=frame, raw=image, info=FrameInfo(dict(event.index), 100.0, None, 0.0, None),
                                    status="refocused", image=image))
-        kept.append(len(store._write_futures() or []))
+        kept.append(len(store._write_futures() or []))  # noqa: SLF001 - the bound lives on the backend's private list
         assert store.pending_writes is not None and store.pending_writes <= MAX_UNCOMMITTED_FRAMES
     store.close()
     assert max(kept) <= MAX_UNCOMMITTED_FRAMES

@@ -86,7 +86,7 @@ def main() -> None:
                 for _ in range(args.repeats):
                     ms, reply = timed(address, payload)
                     times.append(ms)
-                print(f"{name:<26} {str(reply['ok']):<5} {statistics.median(times):8.2f} {max(times):8.2f}  "
+                print(f"{name:<26} {reply['ok']!s:<5} {statistics.median(times):8.2f} {max(times):8.2f}  "
                       f"{str(reply.get('error', reply.get('state')))[:70]}")
         finally:
             daemon.request_stop("benchmark done")

@@ -49,8 +49,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from acquire_refocus.config import FocusConfig, PipelineConfig, PublishingConfig  # noqa: E402
-from acquire_refocus.pipeline import BackgroundSink, FrameInfo, FramePipeline, FrameResult, FrameSink  # noqa: E402
+from acquire_refocus.config import FocusConfig, PipelineConfig, PublishingConfig
+from acquire_refocus.pipeline import BackgroundSink, FrameInfo, FramePipeline, FrameResult, FrameSink
 
 CAMERA_RATE_FPS = {2048: 100.0, 1024: 200.0, 512: 400.0}  # as in tools/benchmark.py: the rate frames arrive at
 
@@ -225,7 +225,7 @@ class _Timed:
         self.commit_ms: dict[int, float] = {}  # by call, from the start of the call
 
     def on_frame(self, result: FrameResult) -> None:
-        futures = self.store._write_futures()
+        futures = self.store._write_futures()  # noqa: SLF001 - measures the store's own write bound
         before = {id(f) for f in futures} if futures is not None else set()
         call, t0 = len(self.call_ms), time.perf_counter()
         self.store.on_frame(result)

@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 PLATE_IMAGES = 100_000
@@ -129,7 +127,8 @@ def main() -> int:
     for row in results:
         best = max(row[f"dask_{w}w_fps"] for w in args.workers)
         hours = [PLATE_IMAGES / (best * n) / 3600 for n in (1, 8, 32, 128)]
-        print(f"  {row['size_px']}²: " + ", ".join(f"N={n}: {h:.2f} h" for n, h in zip((1, 8, 32, 128), hours)))
+        estimates = zip((1, 8, 32, 128), hours, strict=True)
+        print(f"  {row['size_px']}²: " + ", ".join(f"N={n}: {h:.2f} h" for n, h in estimates))
     if args.json:
         args.json.write_text(json.dumps({"cores": cores, "results": results}, indent=2) + "\n")
     return 0

@@ -87,7 +87,8 @@ def main() -> int:
     )
     for r in records:
         print(
-            f"{r['size']:>6} {r['case']:>8} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['fps']:>8.1f} {r['startup_s']:>10.2f}"
+            f"{r['size']:>6} {r['case']:>8} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['fps']:>8.1f} "
+            f"{r['startup_s']:>10.2f}"
         )
     return 0
 

@@ -9,8 +9,8 @@ Run through `acquire-refocus benchmark` (which loads this file by path). Output:
 The machine description (CPU model, cores, GPU, library versions) goes into every record under "machine",
 so that each record stands alone when records from several machines are merged; the top level stays a list.
 
-Memory: `peak_rss_mb` is the whole process's peak resident memory during the untimed first (warm-up) call (all engines built
-so far included); `rss_increase_mb` is how far that call pushed it above the resident memory just before (what
+Memory: `peak_rss_mb` is the whole process's peak resident memory during the untimed first (warm-up) call (all engines
+built so far included); `rss_increase_mb` is how far that call pushed it above the resident memory just before (what
 this engine, size and batch need beyond what is already held).
 
 Fairness on a shared machine: all engines are built and warmed up first, then timed round-robin, one call
@@ -315,10 +315,10 @@ def format_table(records: list[dict[str, Any]], machine: dict[str, Any], notes: 
                                                               "tensorrt", "numpy") if machine.get(k)),
         "camera rates: " + ", ".join(f"{s} px at {r:g} fps" for s, r in CAMERA_RATE_FPS.items()),
         "",
-        "  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths)),
+        "  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True)),
         "  ".join("-" * w for w in widths),
     ]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 

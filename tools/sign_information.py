@@ -14,6 +14,7 @@ Run: python tools/sign_information.py [--config my.yaml] [--train-fields 128] [-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ def radial_log_spectrum(frames: np.ndarray) -> np.ndarray:
     power = np.abs(np.fft.fft2(frames * window)) ** 2
     radius = np.hypot(np.fft.fftfreq(height)[:, None], np.fft.fftfreq(width)[None, :])
     edges = np.unique(np.round(np.geomspace(1.5, height / 2, 40) * 2) / 2) / height
-    bands = [(radius >= low) & (radius < high) for low, high in zip(edges[:-1], edges[1:])]
+    bands = [(radius >= low) & (radius < high) for low, high in itertools.pairwise(edges)]
     features = np.stack([np.log(power[:, band].mean(axis=1) + 1e-9) for band in bands if band.sum() >= 4], axis=1)
     return features - features[:, :1]
 
@@ -106,7 +107,7 @@ def blind_spectrum_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np
     with torch.no_grad():
         train_right = ((classifier(inputs)[:, 0] > 0).numpy() == (train[1] > 0)).mean()
         test_right = ((classifier(held_out)[:, 0] > 0).numpy() == (test[1] > 0)).mean()
-    return {"train": float(train_right), "test": float(test_right), "test_frames": int(len(test[1]))}
+    return {"train": float(train_right), "test": float(test_right), "test_frames": len(test[1])}
 
 
 def main() -> None:

@@ -105,7 +105,7 @@ def create_engine(loaded: ModelSource, engine_config: EngineConfig | None = None
                 engine = _BUILDERS[backend](loaded, config)
             except (EngineError, MemoryError) as exc:
                 reason = f"failed to build: {exc}"
-            except Exception as exc:  # noqa: BLE001 - any failure of an optional backend means: try the next
+            except Exception as exc:  # any failure of an optional backend means: try the next (torch re-raises)
                 reason = f"failed to build: {type(exc).__name__}: {exc}"
                 if backend == "torch":
                     raise EngineError(f"the PyTorch engine, the last fallback, failed: {reason}") from exc

@@ -200,7 +200,7 @@ class OnnxRuntimeEngine:
             try:
                 session = ort.InferenceSession(str(self.path), options, providers=providers)
                 problem = self._verify_against(session, network)
-            except Exception as exc:  # ORT raises its own pybind exception types for unreadable models
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind exception types for unreadable models
                 session, problem = None, f"onnxruntime cannot load it: {type(exc).__name__}: {exc}"
             if problem is None:
                 return session
@@ -222,7 +222,7 @@ class OnnxRuntimeEngine:
         with torch.inference_mode():
             expected = [t.float().numpy() for t in network.eval()(torch.from_numpy(sample))]
         actual = session.run(list(OUTPUT_NAMES), {INPUT_NAME: sample})
-        for label, got, want in zip(OUTPUT_NAMES, actual, expected):
+        for label, got, want in zip(OUTPUT_NAMES, actual, expected, strict=True):
             scale = max(1.0, float(np.max(np.abs(want))))
             error = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
             if not error <= VERIFY_TOLERANCE * scale:

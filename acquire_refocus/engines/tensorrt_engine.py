@@ -71,7 +71,7 @@ def unavailable_reason() -> str | None:
             import torch_tensorrt  # noqa: F401
     except ImportError as exc:
         return f"torch-tensorrt is not installed (pip install 'acquire-refocus[trt]'): {exc}"
-    except Exception as exc:  # a broken install (ABI mismatch with torch) must not take the daemon down
+    except Exception as exc:  # noqa: BLE001 - a broken install (ABI mismatch with torch) must not take the daemon down
         return f"torch-tensorrt failed to import: {type(exc).__name__}: {exc}"
     return None
 
@@ -152,7 +152,7 @@ class TensorRTEngine:
             with _quiet_third_party():
                 module = torch_tensorrt.load(str(self.path)).module()
             self._smoke_test(module)
-        except Exception as exc:  # deserialisation errors come from TensorRT's C++ runtime with many types
+        except Exception as exc:  # noqa: BLE001 - deserialisation errors come from TensorRT's C++ runtime, many types
             self._discard(f"cannot be loaded: {type(exc).__name__}: {exc}")
             return None
         log.info(kv("tensorrt_engine_loaded", path=self.path, precision=self.precision, gpu=self.gpu))
