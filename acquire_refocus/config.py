@@ -384,6 +384,10 @@ class PipelineConfig(_Section):
         False, description="refocus the channels in `channels` even where their wavelength is outside the model's "
         "envelope"
     )
+    allow_harmful_model: bool = Field(
+        False, description="use the refocused frames of a model whose recorded evaluation ('acquire-refocus "
+        "evaluate --record') says it harms at some distance; otherwise every frame is kept raw (status skipped)"
+    )
 
 
 class PublishingConfig(_Section):

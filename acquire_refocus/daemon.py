@@ -32,8 +32,16 @@ from acquire_refocus.autofocus import software_autofocus
 from acquire_refocus.channels import ModelChannelPolicy, driving_channel, model_wavelength_nm, sequence_channels
 from acquire_refocus.focus import FocusController, estimates_waiter, pycromanager_planner
 from acquire_refocus.logs import kv
+from acquire_refocus.model.verdict import WithheldModelPolicy, check_corrector
 from acquire_refocus.outputs import output_folder
-from acquire_refocus.pipeline import BackgroundSink, FrameCorrector, FramePipeline, FrameSink, PipelineStats
+from acquire_refocus.pipeline import (
+    BackgroundSink,
+    ChannelPolicy,
+    FrameCorrector,
+    FramePipeline,
+    FrameSink,
+    PipelineStats,
+)
 from acquire_refocus.publishing import Publisher, PublishSink
 from acquire_refocus.run_watch import Check, RunWatch
 from acquire_refocus.security import SecureContext
@@ -174,6 +182,8 @@ class Daemon:
             log.warning(kv("interrupted_runs_found", folders=",".join(self.interrupted_runs),
                            note="their raw frames are on disk; raw_frames.jsonl holds each frame's metadata"))
         self.corrector = corrector if corrector is not None else load_refocuser(config)
+        self.model_check = check_corrector(self.corrector, config.pipeline.allow_harmful_model,
+                                           "set pipeline.allow_harmful_model: true to use them anyway")
         requested = config.engine.backend
         self.engine_fallback = (
             f"engine.backend {requested} was asked for but cannot run here (engine_passed_over in the log says "
@@ -243,6 +253,7 @@ class Daemon:
             "interrupted_runs": self.interrupted_runs,
             "security": "curve" if self.config.publishing.keys_dir is not None else "off",
             "data_root": str(self.data_root) if self.data_root is not None else None,
+            "model_verdict": self.model_check.status() if self.model_check is not None else None,
         }
 
     def _on_pause(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -390,15 +401,19 @@ class Daemon:
                 sinks.append(BackgroundSink(store, max_pending=REFOCUSED_WRITE_QUEUE))
         if self._extra_sinks is not None:
             sinks.extend(self._extra_sinks())
-        channel_policy = ModelChannelPolicy(self.config.pipeline, self.config.optics,
-                                            model_wavelength_nm(self.corrector))
+        channel_policy: ChannelPolicy = ModelChannelPolicy(self.config.pipeline, self.config.optics,
+                                                           model_wavelength_nm(self.corrector))
+        refusal = self.model_check.refusal if self.model_check is not None else None
+        if refusal is not None:
+            channel_policy = WithheldModelPolicy(refusal)
         pipeline = FramePipeline(self.corrector, sinks, self.config.pipeline, channel_policy)
         if self._paused:
             pipeline.pause()
         with self._lock:
             self._pipeline, self._controller, self._current = pipeline, controller, summary
         log.info(kv("run_start", run=run_id, backend=backend, engine=self.engine_name,
-                    output=output_dir or "not saved", focus=self.config.focus.mode))
+                    output=output_dir or "not saved", focus=self.config.focus.mode,
+                    refocused_frames=f"withheld: {refusal}" if refusal else "used"))
         t0 = time.perf_counter()
         run_stop = threading.Event()
         raw_log = (RawFrameLog(output_dir / RAW_FRAME_LOG)

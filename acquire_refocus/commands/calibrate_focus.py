@@ -104,7 +104,7 @@ def _read_tiff_stack(path: Path) -> np.ndarray:
     return stack
 
 
-def _stacks(args: argparse.Namespace) -> tuple[list[tuple[str, np.ndarray]], np.ndarray, float | None, bool]:
+def read_stacks(args: argparse.Namespace) -> tuple[list[tuple[str, np.ndarray]], np.ndarray, float | None, bool]:
     """(name, planes) per field, plane Z (um; 0 = the labelled focus when `labelled`), pixel size, labelled."""
     from acquire_refocus.sim.dataset import read_zstack_folders
 
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{option.replace('_', '-')} must be a positive number, got {value}")
     if args.json is not None:
         json_output_file(args.json)
-    fields, z_um, dataset_pixel_um, labelled = _stacks(args)
+    fields, z_um, dataset_pixel_um, labelled = read_stacks(args)
     pixel_size_um = args.pixel_size_um or dataset_pixel_um or config.optics.pixel_size_um
     range_um = args.range_um or config.focus.sharpness_settings_um(config.optics)[2]
     sharpness = BandPassSharpness.for_optics(config.optics)

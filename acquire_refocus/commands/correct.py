@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights file from 'acquire-refocus train' (default: the shipped model)")
     parser.add_argument("--engine", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"],
                         help="inference backend (default: auto = the fastest one that works here, per worker)")
+    parser.add_argument("--allow-harmful-model", action="store_true",
+                        help="write refocused images even when the model's recorded evaluation ('evaluate "
+                        "--record') says it harms at some distance (otherwise refused; --no-images is allowed)")
     dataset = parser.add_argument_group("dataset runs")
     dataset.add_argument("--channel", action="append", metavar="NAME",
                          help="correct this channel (repeat for more; default: all); other channels get 'skipped' rows")
@@ -157,6 +160,8 @@ def _run_dataset(args: argparse.Namespace) -> int:
     batch_frames = 8 if args.batch_frames is None else args.batch_frames
     if args.workers is not None and args.workers < 1 or batch_frames < 1:
         raise UserError("--workers and --batch-frames must be at least 1")
+    if not args.no_images:
+        _refuse_harmful_model(args.weights, None, args.allow_harmful_model)
     scheduler = args.scheduler or dask.config.get("scheduler-address", None)
     summary = reprocess(Options(
         dataset=args.inputs[0], out=args.out, weights=args.weights, engine=args.engine,
@@ -182,6 +187,20 @@ def _run_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_harmful_model(weights: Path | None, sha256: str | None, allowed: bool) -> None:
+    """UserError before any work when the model's recorded evaluation says it harms somewhere (model/verdict.py)."""
+    from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS
+    from acquire_refocus.model.verdict import check_model, file_sha256
+
+    path = weights or DEFAULT_WEIGHTS
+    if not path.is_file():
+        return  # loading the weights reports it
+    check = check_model(path, sha256 or file_sha256(path), allowed,
+                        "--allow-harmful-model writes them anyway, --no-images (datasets) writes the estimates only")
+    if check.refusal is not None:
+        raise UserError(check.refusal)
+
+
 def run(args: argparse.Namespace) -> int:
     if _is_dataset(args.inputs):
         return _run_dataset(args)
@@ -198,6 +217,7 @@ def _run_files(args: argparse.Namespace) -> int:
     from acquire_refocus.refocuser import Refocuser
 
     refocuser = Refocuser.load(args.weights, engine=args.engine)
+    _refuse_harmful_model(refocuser.loaded.path, refocuser.model_sha256, args.allow_harmful_model)
     refocuser.check_pixel_size_um(args.pixel_size_um)  # once, not as a failure of every file
     created_out = not args.out.exists()
     output_folder(args.out, "--out")
