@@ -31,7 +31,7 @@ def test_each_family_is_a_seeded_periodic_volume_with_structure(family: str) -> 
     projection = first.planes.sum(axis=0)
     assert projection.std() > 0.1 * projection.mean() > 0  # structure, not a uniform sheet
     # periodic: a window across the field's edge wraps to the other side
-    height, width = first.field_shape_px
+    height = first.field_shape_px[0]
     np.testing.assert_array_equal(first.window(height - 2, 0, 4, 4)[:, 2:], first.window(0, 0, 2, 4))
 
 
@@ -143,10 +143,10 @@ def test_refocuser_reports_flags_and_no_confidence_outside_its_envelope(tiny_ref
 
 
 def test_extruded_real_image_keeps_its_projection() -> None:
+    import tifffile
+
     from acquire_refocus.model.ood import REAL_IMAGE, REAL_LABELS
     from acquire_refocus.sim.volume import ExtrudedImage
-
-    import tifffile
 
     image, labels = tifffile.imread(REAL_IMAGE), tifffile.imread(REAL_LABELS)
     volume = ExtrudedImage(image, labels, 0.325, seed=1)

@@ -47,7 +47,7 @@ def noise_std(frame: np.ndarray) -> float:
 def signal_to_noise(frame: np.ndarray) -> float:
     """(99.9th percentile - median) / noise_std: how far the brightest structures stand above the noise."""
     values = np.asarray(frame, dtype=np.float32)
-    step = max(1, int(math.ceil(math.sqrt(values.size / _SUBSAMPLE_PX))))
+    step = max(1, math.ceil(math.sqrt(values.size / _SUBSAMPLE_PX)))
     sample = values[::step, ::step]
     high, middle = np.percentile(sample, [99.9, 50.0])
     noise = noise_std(values)

@@ -26,8 +26,9 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -99,6 +100,11 @@ def _camera(peak_photons: float, background_fraction: float) -> CameraDraw:
                       offset_adu=REALISTIC_CAMERA.offset_adu, hot_pixel_fraction=0.0, fixed_pattern_adu=0.0)
 
 
+def _fixed_camera(peak_photons: float, rng: np.random.Generator) -> CameraDraw:
+    """One brightness level: background 2 % of the peak."""
+    return _camera(peak_photons, 0.02)
+
+
 def realistic_camera(rng: np.random.Generator) -> CameraDraw:
     """The independent check's brightness: 200 to 2,000 photons peak (log-uniform), background 1 to 4 % of it."""
     return _camera(float(np.exp(rng.uniform(np.log(200.0), np.log(2000.0)))), float(rng.uniform(0.01, 0.04)))
@@ -124,7 +130,8 @@ def _grid(side_um: tuple[float, float], per_axis: int) -> list[tuple[float, floa
             for r in range(per_axis) for c in range(per_axis)]
 
 
-def _render(scope: SimulatedMicroscope, set_name: str, positions: Sequence[tuple[float, float]], distances_um: Sequence[float],
+def _render(scope: SimulatedMicroscope, set_name: str, positions: Sequence[tuple[float, float]],
+            distances_um: Sequence[float],
             window_px: int, cameras: Callable[[np.random.Generator], CameraDraw],
             rng: np.random.Generator) -> list[Sample]:
     samples = []
@@ -160,12 +167,13 @@ def build_sets(config: AppConfig, fields: int, window_px: int, distances_um: Seq
         update={"seed": TEST_SEED_BASE}))
     for peak in photon_levels:
         name = f"nuclei, peak {peak:g} photons"
-        sets[name] = _render(dark, name, positions, distances_um, window_px, lambda r, p=peak: _camera(p, 0.02), rng)
+        sets[name] = _render(dark, name, positions, distances_um, window_px, partial(_fixed_camera, peak), rng)
 
     image, labels = tifffile.imread(REAL_IMAGE), tifffile.imread(REAL_LABELS)
     volume = ExtrudedImage(image, labels, config.optics.pixel_size_um, seed=seed)
     real = SimulatedMicroscope(config.optics, _no_background(config.simulator), specimen=volume)
-    side_um = tuple(n * config.optics.pixel_size_um for n in volume.field_shape_px[::-1])
+    pixel_um = config.optics.pixel_size_um
+    side_um = (volume.field_shape_px[1] * pixel_um, volume.field_shape_px[0] * pixel_um)
     real_positions = _busy_positions(real, _grid(side_um, 2), min(fields, 4), window_px)
     sets["real nuclei (DSB 2018)"] = _render(real, "real nuclei (DSB 2018)", real_positions, distances_um,
                                              window_px, realistic_camera, rng)
@@ -238,7 +246,10 @@ def per_distance(rows: Sequence[OodRow], method: str, set_name: str) -> dict[flo
     return table
 
 
-def judge(rows: Sequence[OodRow], method: str) -> dict[str, object]:
+Verdict = tuple[bool, tuple[float, str]]  # (met, (worst value, where))
+
+
+def judge(rows: Sequence[OodRow], method: str) -> dict[str, Verdict]:
     """The issue's targets for one method across all sets: each is (met, worst value, where)."""
     sets = list(dict.fromkeys(r.set_name for r in rows))
     worst_any, worst_near, worst_far = (math.inf, ""), (math.inf, ""), (math.inf, "")
@@ -259,7 +270,7 @@ def judge(rows: Sequence[OodRow], method: str) -> dict[str, object]:
                 magnitude_far.append((cell["magnitude_error_um"] / d, where))
             if d == 0:
                 in_focus.append((cell["magnitude_um"], where))
-    result: dict[str, object] = {
+    result: dict[str, Verdict] = {
         "no harm (gain >= -0.3 dB everywhere)": (worst_any[0] >= TARGET_NO_HARM_DB, worst_any),
         "gain >= +3 dB at 3-10 um": (worst_near[0] >= TARGET_NEAR_DB, worst_near),
         "gain >= +1.5 dB at >= 14 um": (worst_far[0] >= TARGET_FAR_DB, worst_far),
@@ -325,7 +336,7 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
 
 
-def write_report(out_dir: Path, rows: Sequence[OodRow], networks: dict[str, dict], seconds: float) -> Path:
+def write_report(out_dir: Path, rows: Sequence[OodRow], networks: dict[str, dict[str, Any]], seconds: float) -> Path:
     methods = list(dict.fromkeys(r.method for r in rows))
     sets = list(dict.fromkeys(r.set_name for r in rows))
     lines = ["# Out-of-distribution evaluation", "",
@@ -348,12 +359,12 @@ def write_report(out_dir: Path, rows: Sequence[OodRow], networks: dict[str, dict
         gain_lines, ssim_lines, magnitude_lines = [], [], []
         for method in methods:
             table = per_distance(rows, method, set_name)
-            gain_lines.append([method] + [f"{table[d]['gain_db']:+.2f}" for d in distances])
-            ssim_lines.append([method] + [f"{table[d]['ssim']:.3f}" for d in distances])
+            gain_lines.append([method, *(f"{table[d]['gain_db']:+.2f}" for d in distances)])
+            ssim_lines.append([method, *(f"{table[d]['ssim']:.3f}" for d in distances)])
             if not math.isnan(table[distances[0]]["magnitude_um"]):
-                magnitude_lines.append([method] + [f"{table[d]['magnitude_um']:.1f} ({table[d]['magnitude_bias_um']:+.1f})"
-                                                   for d in distances])
-        header = ["PSNR gain (dB) \\ |d| (um)"] + [f"{d:g}" for d in distances]
+                magnitude_lines.append([method, *(
+                    f"{table[d]['magnitude_um']:.1f} ({table[d]['magnitude_bias_um']:+.1f})" for d in distances)])
+        header = ["PSNR gain (dB) \\ |d| (um)", *(f"{d:g}" for d in distances)]
         lines += [_table(header, gain_lines), "", _table(["SSIM"] + [f"{d:g}" for d in distances], ssim_lines), ""]
         if magnitude_lines:
             lines += [_table(["mean |d| estimate (bias), um"] + [f"{d:g}" for d in distances], magnitude_lines), ""]
@@ -370,7 +381,7 @@ def write_report(out_dir: Path, rows: Sequence[OodRow], networks: dict[str, dict
                            and r.defocus_um >= 3])
             cells.append(f"{below:+.2f} / {above:+.2f}")
         side_lines.append(cells)
-    lines += [_table(["below / above focus"] + sets, side_lines), ""]
+    lines += [_table(["below / above focus", *sets], side_lines), ""]
     lines += ["## Targets (all sets)", ""]
     for method in methods:
         lines.append(f"**{method}**")
@@ -394,7 +405,7 @@ def run_ood_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | No
     log.info(kv("ood_sets_ready", sets=len(sets), frames=sum(map(len, sets.values())),
                 seconds=round(time.monotonic() - started)))
     methods: dict[str, Method] = {}
-    networks: dict[str, dict] = {}
+    networks: dict[str, dict[str, Any]] = {}
     for label, path in weights:
         network, info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads)
         methods[label] = _with_magnitude(network, info["factors"])

@@ -58,8 +58,9 @@ class FamilyGrid:
         shape = self.shape_px if planes is None else (planes, *self.shape_px)
         sigma_px = sigma_um / self.pixel_size_um
         sigma = sigma_px if planes is None else (0.8, sigma_px, sigma_px)
-        noise = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
-        return noise / (noise.std() + 1e-9)
+        noise: np.ndarray = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
+        scaled: np.ndarray = noise / (noise.std() + 1e-9)
+        return scaled
 
     def splat(self, volume: np.ndarray, z_um: np.ndarray, y_um: np.ndarray, x_um: np.ndarray,
               weight: np.ndarray) -> None:
@@ -155,9 +156,9 @@ def filaments(grid: FamilyGrid, rng: np.random.Generator) -> np.ndarray:
     volume = grid.empty()
     grid.splat(volume, np.concatenate(points_z), np.concatenate(points_y), np.concatenate(points_x),
                np.concatenate(weights))
-    volume = ndimage.gaussian_filter(volume, (0.4, 0.15 / grid.pixel_size_um + 0.3, 0.15 / grid.pixel_size_um + 0.3),
-                                     mode="wrap")
-    return (grid.photons_per_voxel * 4.0 * volume / (volume.mean() + 1e-9) * 0.05).astype(np.float32)
+    width_px = 0.15 / grid.pixel_size_um + 0.3
+    blurred: np.ndarray = ndimage.gaussian_filter(volume, (0.4, width_px, width_px), mode="wrap")
+    return np.asarray(grid.photons_per_voxel * 0.2 * blurred / (blurred.mean() + 1e-9), dtype=np.float32)
 
 
 def puncta(grid: FamilyGrid, rng: np.random.Generator) -> np.ndarray:
@@ -177,9 +178,10 @@ def puncta(grid: FamilyGrid, rng: np.random.Generator) -> np.ndarray:
     for chosen, sigma_um in ((small, 0.12), (~small, 0.4)):
         layer = grid.empty()
         grid.splat(layer, z[chosen], y[chosen], x[chosen], weight[chosen])
-        volume += ndimage.gaussian_filter(layer, (0.5, sigma_um / grid.pixel_size_um + 0.3,
-                                                  sigma_um / grid.pixel_size_um + 0.3), mode="wrap")
-    return (grid.photons_per_voxel * 0.2 * volume / (volume.mean() + 1e-9)).astype(np.float32)
+        width_px = sigma_um / grid.pixel_size_um + 0.3
+        blurred: np.ndarray = ndimage.gaussian_filter(layer, (0.5, width_px, width_px), mode="wrap")
+        volume += blurred
+    return np.asarray(grid.photons_per_voxel * 0.2 * volume / (volume.mean() + 1e-9), dtype=np.float32)
 
 
 FAMILIES = {"cytoplasm": cytoplasm, "membranes": membranes, "filaments": filaments, "puncta": puncta}

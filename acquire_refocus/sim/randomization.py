@@ -75,8 +75,9 @@ def expose_window(photons: np.ndarray, truth_photons: np.ndarray, draw: CameraDr
     camera = Camera(draw.camera_config(base))
     height, width = truth_photons.shape
     hot = rng.random((height, width)) < draw.hot_pixel_fraction
-    hot_photons = np.where(hot, rng.uniform(0.2, 3.0, (height, width)) * draw.peak_photons, 0.0).astype(np.float32)
-    columns = (rng.standard_normal(width) * draw.fixed_pattern_adu).astype(np.float32)
+    hot_photons = np.asarray(np.where(hot, rng.uniform(0.2, 3.0, (height, width)) * draw.peak_photons, 0.0),
+                             dtype=np.float32)
+    columns = np.asarray(rng.standard_normal(int(width)) * draw.fixed_pattern_adu, dtype=np.float32)
     frames = np.empty(photons.shape, dtype=np.uint16)
     for index, plane in enumerate(photons):
         counts = camera.expose(plane * scale + background + hot_photons, rng).astype(np.float32) + columns

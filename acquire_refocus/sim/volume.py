@@ -70,4 +70,5 @@ class ExtrudedImage:
     def window(self, top_px: int, left_px: int, height_px: int, width_px: int) -> np.ndarray:
         rows = np.arange(top_px, top_px + height_px) % self.field_shape_px[0]
         cols = np.arange(left_px, left_px + width_px) % self.field_shape_px[1]
-        return self.planes[:, rows[:, None], cols[None, :]]
+        window: np.ndarray = self.planes[:, rows[:, None], cols[None, :]]
+        return window
