@@ -40,7 +40,8 @@ def stack(small_field_scope: object, tmp_path_factory: pytest.TempPathFactory) -
     """A 9-plane z-stack (1 um apart, in focus at plane 4) of one 128 px field, as a multi-page TIFF, and the
     simulator's noiseless in-focus image of it."""
     planes, truth = small_field_scope.render_stack(  # type: ignore[attr-defined]
-        list(Z_UM), (130.0, 130.0), rng=np.random.default_rng(3), shape_px=(128, 128))
+        list(Z_UM), (130.0, 130.0), rng=np.random.default_rng(3), shape_px=(128, 128)
+    )
     path = tmp_path_factory.mktemp("stack") / "nuclei.tif"
     tifffile.imwrite(path, planes)
     return path, truth
@@ -56,8 +57,12 @@ def test_thresholds_of_the_verdict() -> None:
 def test_neighbouring_distances_with_one_verdict_form_a_range() -> None:
     gains = {0.0: math.nan, 0.5: -1.2, 1.0: -0.4, 2.0: 0.2, 3.0: 1.5, 5.0: 3.0, 8.0: 0.9}
     ranges = range_verdicts(gains)
-    assert ranges == [RangeVerdict(0.5, 1.0, "harms", -1.2, -0.4), RangeVerdict(2.0, 2.0, "neutral", 0.2, 0.2),
-                      RangeVerdict(3.0, 5.0, "helps", 1.5, 3.0), RangeVerdict(8.0, 8.0, "neutral", 0.9, 0.9)]
+    assert ranges == [
+        RangeVerdict(0.5, 1.0, "harms", -1.2, -0.4),
+        RangeVerdict(2.0, 2.0, "neutral", 0.2, 0.2),
+        RangeVerdict(3.0, 5.0, "helps", 1.5, 3.0),
+        RangeVerdict(8.0, 8.0, "neutral", 0.9, 0.9),
+    ]
     assert ranges[0].line() == "0.5-1 um: harms (-1.20 to -0.40 dB)"
     assert overall(ranges) == "harms" and overall(ranges[1:]) == "helps" and overall(ranges[1:2]) == "neutral"
 
@@ -97,8 +102,7 @@ def test_a_damaged_record_is_one_clear_message(tiny_weights: Path, tmp_path: Pat
         check_model(weights, file_sha256(weights), False, "")
 
 
-def test_the_shipped_model_is_recorded_in_the_user_data_folder(monkeypatch: pytest.MonkeyPatch,
-                                                                tmp_path: Path) -> None:
+def test_the_shipped_model_is_recorded_in_the_user_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
@@ -107,7 +111,7 @@ def test_the_shipped_model_is_recorded_in_the_user_data_folder(monkeypatch: pyte
 
 
 def test_the_stack_score_is_zero_for_a_model_that_changes_nothing_and_positive_for_the_truth(
-    stack: tuple[Path, np.ndarray]
+    stack: tuple[Path, np.ndarray],
 ) -> None:
     """Identity: exactly 0 dB at every distance (neutral). Returning the noiseless in-focus image: a gain at every
     distance, which the noisy reference makes smaller than against the noiseless truth (the README's caveat)."""
@@ -122,9 +126,13 @@ def test_the_stack_score_is_zero_for_a_model_that_changes_nothing_and_positive_f
     assert identity[3].magnitude_error_um == 3.0  # reads 0 um at 3 um
 
     perfect = per_distance(evaluate_stack(fields, Z_UM, lambda frame: (truth, 0.0)))
-    against_truth = per_distance(evaluate_stack([("truth", np.concatenate([planes[:IN_FOCUS_INDEX], truth[None],
-                                                                           planes[IN_FOCUS_INDEX + 1:]]))],
-                                                Z_UM, lambda frame: (truth, 0.0)))
+    against_truth = per_distance(
+        evaluate_stack(
+            [("truth", np.concatenate([planes[:IN_FOCUS_INDEX], truth[None], planes[IN_FOCUS_INDEX + 1 :]]))],
+            Z_UM,
+            lambda frame: (truth, 0.0),
+        )
+    )
     for noisy, exact in zip(perfect[1:], against_truth[1:], strict=True):
         assert 0 < noisy.gain_db < exact.gain_db
     assert perfect[-1].gain_db >= 1.0  # 4 um out (1.3 depths of field): the truth helps against the noisy plane
@@ -137,9 +145,24 @@ def test_evaluate_stack_prints_a_table_and_verdict_writes_the_report_and_records
     weights = tmp_path / "tiny.pt"
     shutil.copy(tiny_weights, weights)
     out = tmp_path / "report"
-    code = main(["evaluate", "--stack", str(path), "--z-step-um", str(Z_STEP_UM), "--in-focus-index",
-                 str(IN_FOCUS_INDEX), "--pixel-size-um", "0.325", "--weights", f"tiny={weights}", "--out", str(out),
-                 "--record"])
+    code = main(
+        [
+            "evaluate",
+            "--stack",
+            str(path),
+            "--z-step-um",
+            str(Z_STEP_UM),
+            "--in-focus-index",
+            str(IN_FOCUS_INDEX),
+            "--pixel-size-um",
+            "0.325",
+            "--weights",
+            f"tiny={weights}",
+            "--out",
+            str(out),
+            "--record",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     table = printed.split("tiny on z-stack", 1)[1]
@@ -167,14 +190,17 @@ def test_evaluate_stack_prints_a_table_and_verdict_writes_the_report_and_records
     assert f"verdict recorded: {tmp_path / 'tiny.pt.evaluation.json'}" in printed
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--suite", "ood"], "give one"),
-    ([], "say which plane is in focus with --in-focus-index"),
-    (["--in-focus-index", "9"], "the stack has planes 0 .. 8"),
-])
-def test_stack_arguments_that_cannot_work_are_refused(stack: tuple[Path, np.ndarray], tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str], extra: list[str],
-                                                      message: str) -> None:
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--suite", "ood"], "give one"),
+        ([], "say which plane is in focus with --in-focus-index"),
+        (["--in-focus-index", "9"], "the stack has planes 0 .. 8"),
+    ],
+)
+def test_stack_arguments_that_cannot_work_are_refused(
+    stack: tuple[Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
     path, _ = stack
     code = main(["evaluate", "--stack", str(path), "--z-step-um", "1", "--out", str(tmp_path / "r"), *extra])
     assert code == 2 and message in capsys.readouterr().err
@@ -192,8 +218,29 @@ def test_the_simulated_suites_end_with_the_same_verdict_lines_and_record_them(
     config = tmp_path / "scope.yaml"
     config.write_text(yaml.safe_dump({"simulator": FAST_SIMULATOR, "engine": {"num_threads": 1}}), encoding="utf-8")
     out = tmp_path / "report"
-    assert main(["evaluate", "--suite", suite, "--config", str(config), "--weights", f"tiny={weights}", "--out",
-                 str(out), "--fields", "1", "--size-px", "64", "--no-baselines", "--no-tilt", "--record"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--suite",
+                suite,
+                "--config",
+                str(config),
+                "--weights",
+                f"tiny={weights}",
+                "--out",
+                str(out),
+                "--fields",
+                "1",
+                "--size-px",
+                "64",
+                "--no-baselines",
+                "--no-tilt",
+                "--record",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = (out / "report.md").read_text()
     assert "## Verdict" in report and "harms (< -0.3 dB)" in report
@@ -202,7 +249,8 @@ def test_the_simulated_suites_end_with_the_same_verdict_lines_and_record_them(
         assert list(evaluations) == ["heldout"]
     else:
         assert {"ood: simulator nuclei", "ood: real nuclei (DSB 2018)", "ood: nuclei, peak 20 photons"} <= set(
-            evaluations)
+            evaluations
+        )
     for evaluation in evaluations.values():
         title = f"tiny, {evaluation['source']}: "
         assert title in printed and title in report

@@ -67,11 +67,12 @@ def test_a_model_recorded_to_harm_keeps_every_frame_raw_and_says_why(
     assert "pipeline.allow_harmful_model: true" in reason
     verdict = status["model_verdict"]
     assert verdict["verdict"] == "harms" and verdict["refocused_frames_withheld"] == reason
-    assert 'refocused_frames="withheld: the model\'s recorded' in engine_log.text  # run_start
+    assert "refocused_frames=\"withheld: the model's recorded" in engine_log.text  # run_start
 
 
-def test_opting_in_uses_the_harmful_model(harmful_weights: Path, tmp_path: Path,
-                                          engine_log: pytest.LogCaptureFixture) -> None:
+def test_opting_in_uses_the_harmful_model(
+    harmful_weights: Path, tmp_path: Path, engine_log: pytest.LogCaptureFixture
+) -> None:
     summary, collector, status = run_daemon(harmful_weights, tmp_path / "run", allow_harmful_model=True)
     assert "refocused_frames=used" in engine_log.text
     assert summary.counts()["refocused"] == FRAMES
@@ -88,7 +89,7 @@ def test_a_model_without_a_record_or_with_a_stale_one_is_used_and_the_log_says_s
     summary, _, status = run_daemon(harmful_weights, tmp_path / "run")
     assert summary.counts()["refocused"] == FRAMES
     assert status["model_verdict"]["verdict"] == "not evaluated"
-    assert "event=model_evaluation_stale" in engine_log.text and "verdict=\"not evaluated\"" in engine_log.text
+    assert "event=model_evaluation_stale" in engine_log.text and 'verdict="not evaluated"' in engine_log.text
 
 
 def test_correct_refuses_to_write_images_from_a_harmful_model_unless_allowed(
@@ -101,6 +102,20 @@ def test_correct_refuses_to_write_images_from_a_harmful_model_unless_allowed(
     assert code == 2 and "--allow-harmful-model writes them anyway" in capsys.readouterr().err
     assert not refused.exists()
     allowed = tmp_path / "allowed"
-    assert main(["correct", str(frame), "--weights", str(harmful_weights), "--out", str(allowed), "--engine", "torch",
-                 "--allow-harmful-model"]) == 0
+    assert (
+        main(
+            [
+                "correct",
+                str(frame),
+                "--weights",
+                str(harmful_weights),
+                "--out",
+                str(allowed),
+                "--engine",
+                "torch",
+                "--allow-harmful-model",
+            ]
+        )
+        == 0
+    )
     assert (allowed / "frame.tif").is_file()

@@ -77,10 +77,15 @@ def evaluate_stack(fields: Sequence[tuple[str, np.ndarray]], z_um: np.ndarray, m
         for z, plane in zip(z_um, planes, strict=True):
             image, magnitude_um = model(plane)
             at_focus = abs(z) < _SAME_Z_UM
-            rows.append(StackRow(name, float(z),
-                                 math.nan if at_focus else _psnr_db(reference, plane, data_range),
-                                 math.nan if at_focus else _psnr_db(reference, image, data_range),
-                                 float(magnitude_um)))
+            rows.append(
+                StackRow(
+                    name,
+                    float(z),
+                    math.nan if at_focus else _psnr_db(reference, plane, data_range),
+                    math.nan if at_focus else _psnr_db(reference, image, data_range),
+                    float(magnitude_um),
+                )
+            )
         log.info(kv("stack_field_evaluated", field=name, planes=len(planes), seconds=round(time.monotonic() - started)))
     return rows
 
@@ -95,10 +100,17 @@ def per_distance(rows: Sequence[StackRow]) -> list[DistanceSummary]:
     for distance_um in sorted({round(abs(r.z_um), 6) for r in rows}):
         mine = [r for r in rows if round(abs(r.z_um), 6) == distance_um]
         scored = [r for r in mine if not math.isnan(r.psnr_raw_db)]
-        summaries.append(DistanceSummary(
-            distance_um, len(mine), _mean([r.psnr_raw_db for r in scored]), _mean([r.psnr_model_db for r in scored]),
-            _mean([r.gain_db for r in scored]), _mean([r.magnitude_um for r in mine]),
-            _mean([abs(r.magnitude_um - distance_um) for r in mine])))
+        summaries.append(
+            DistanceSummary(
+                distance_um,
+                len(mine),
+                _mean([r.psnr_raw_db for r in scored]),
+                _mean([r.psnr_model_db for r in scored]),
+                _mean([r.gain_db for r in scored]),
+                _mean([r.magnitude_um for r in mine]),
+                _mean([abs(r.magnitude_um - distance_um) for r in mine]),
+            )
+        )
     return summaries
 
 
@@ -108,15 +120,21 @@ def stack_ranges(summaries: Sequence[DistanceSummary]) -> list[RangeVerdict]:
 
 def table_lines(summaries: Sequence[DistanceSummary]) -> list[str]:
     """The per-distance table, fixed-width for the terminal."""
-    lines = [f"{'|d| (um)':>9} {'frames':>6} {'PSNR raw':>9} {'PSNR model':>11} {'gain (dB)':>10} "
-             f"{'|d| read (um)':>14} {'|d| error (um)':>15}  verdict"]
+    lines = [
+        f"{'|d| (um)':>9} {'frames':>6} {'PSNR raw':>9} {'PSNR model':>11} {'gain (dB)':>10} "
+        f"{'|d| read (um)':>14} {'|d| error (um)':>15}  verdict"
+    ]
     for s in summaries:
         scored = not math.isnan(s.gain_db)
         lines.append(
             f"{s.distance_um:>9.2f} {s.frames:>6d} "
-            + (f"{s.psnr_raw_db:>9.2f} {s.psnr_model_db:>11.2f} {s.gain_db:>+10.2f} " if scored
-               else f"{'-':>9} {'-':>11} {'(reference)':>10} ")
-            + f"{s.magnitude_um:>14.2f} {s.magnitude_error_um:>15.2f}  {verdict(s.gain_db) if scored else '-'}")
+            + (
+                f"{s.psnr_raw_db:>9.2f} {s.psnr_model_db:>11.2f} {s.gain_db:>+10.2f} "
+                if scored
+                else f"{'-':>9} {'-':>11} {'(reference)':>10} "
+            )
+            + f"{s.magnitude_um:>14.2f} {s.magnitude_error_um:>15.2f}  {verdict(s.gain_db) if scored else '-'}"
+        )
     return lines
 
 
@@ -126,8 +144,17 @@ def write_csv(rows: Sequence[tuple[str, StackRow]], path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(["model", "field", "z_um", "psnr_raw_db", "psnr_model_db", "psnr_gain_db", "magnitude_um"])
         for label, r in rows:
-            writer.writerow([label, r.field, f"{r.z_um:g}", f"{r.psnr_raw_db:.3f}", f"{r.psnr_model_db:.3f}",
-                             f"{r.gain_db:.3f}", f"{r.magnitude_um:.3f}"])
+            writer.writerow(
+                [
+                    label,
+                    r.field,
+                    f"{r.z_um:g}",
+                    f"{r.psnr_raw_db:.3f}",
+                    f"{r.psnr_model_db:.3f}",
+                    f"{r.gain_db:.3f}",
+                    f"{r.magnitude_um:.3f}",
+                ]
+            )
 
 
 def plot(rows: Sequence[StackRow], title: str, path: Path) -> None:
@@ -149,10 +176,19 @@ def plot(rows: Sequence[StackRow], title: str, path: Path) -> None:
     gain_ax.axhspan(HELPS_MIN_GAIN_DB, high, color="tab:green", alpha=0.12, label="helps")
     gain_ax.scatter(z, [r.gain_db for r in scored], s=12, color="k", alpha=0.6, label="plane")
     planes_z = sorted(set(z))
-    gain_ax.plot(planes_z, [_mean([r.gain_db for r in scored if r.z_um == p]) for p in planes_z], "-",
-                 color="tab:blue", label="mean over fields")
-    gain_ax.set(ylim=(low, high), xlabel="plane Z - in-focus plane Z (um)", ylabel="PSNR gain over raw (dB)",
-                title="gain against the in-focus plane (noisy: compressed towards 0)")
+    gain_ax.plot(
+        planes_z,
+        [_mean([r.gain_db for r in scored if r.z_um == p]) for p in planes_z],
+        "-",
+        color="tab:blue",
+        label="mean over fields",
+    )
+    gain_ax.set(
+        ylim=(low, high),
+        xlabel="plane Z - in-focus plane Z (um)",
+        ylabel="PSNR gain over raw (dB)",
+        title="gain against the in-focus plane (noisy: compressed towards 0)",
+    )
     gain_ax.legend(fontsize=7)
     top = max(abs(r.z_um) for r in rows) + 0.5
     read_ax.plot([0, top], [0, top], "k--", lw=1)
@@ -165,15 +201,33 @@ def plot(rows: Sequence[StackRow], title: str, path: Path) -> None:
 
 
 def report_header(source: str) -> list[str]:
-    return ["# Evaluation on your z-stack", "", source, "",
-            "Gain: PSNR of the refocused plane minus that of the raw plane, both against the plane called in focus, "
-            "mean over both signs of defocus and all fields. The in-focus plane is a noisy frame, not a noiseless "
-            "truth: its noise lowers both PSNRs alike, so these gains are pulled towards 0 dB (a model's real gain "
-            "is larger, and its real harm too); their sign holds. Verdict per |d|: helps (>= +1 dB), neutral "
-            "(-0.3 to +1 dB), harms (< -0.3 dB). `|d| read`: the model's unsigned distance estimate "
-            "(defocus_magnitude_um), also for the in-focus plane.", ""]
+    return [
+        "# Evaluation on your z-stack",
+        "",
+        source,
+        "",
+        "Gain: PSNR of the refocused plane minus that of the raw plane, both against the plane called in focus, "
+        "mean over both signs of defocus and all fields. The in-focus plane is a noisy frame, not a noiseless "
+        "truth: its noise lowers both PSNRs alike, so these gains are pulled towards 0 dB (a model's real gain "
+        "is larger, and its real harm too); their sign holds. Verdict per |d|: helps (>= +1 dB), neutral "
+        "(-0.3 to +1 dB), harms (< -0.3 dB). `|d| read`: the model's unsigned distance estimate "
+        "(defocus_magnitude_um), also for the in-focus plane.",
+        "",
+    ]
 
 
 def report_section(label: str, table: Sequence[str], ranges: Sequence[RangeVerdict], plot_name: str) -> list[str]:
-    return [f"## {label}", "", "```", *table, "```", "", "```", *verdict_lines(label, ranges), "```", "",
-            f"![gain and distance]({plot_name})", ""]
+    return [
+        f"## {label}",
+        "",
+        "```",
+        *table,
+        "```",
+        "",
+        "```",
+        *verdict_lines(label, ranges),
+        "```",
+        "",
+        f"![gain and distance]({plot_name})",
+        "",
+    ]

@@ -59,8 +59,11 @@ class RangeVerdict:
 
     def line(self) -> str:
         where = f"{self.from_um:g} um" if self.from_um == self.to_um else f"{self.from_um:g}-{self.to_um:g} um"
-        gains = (f"{self.min_gain_db:+.2f} dB" if self.min_gain_db == self.max_gain_db
-                 else f"{self.min_gain_db:+.2f} to {self.max_gain_db:+.2f} dB")
+        gains = (
+            f"{self.min_gain_db:+.2f} dB"
+            if self.min_gain_db == self.max_gain_db
+            else f"{self.min_gain_db:+.2f} to {self.max_gain_db:+.2f} dB"
+        )
         return f"{where}: {self.verdict} ({gains})"
 
 
@@ -74,8 +77,9 @@ def range_verdicts(gain_db_by_distance_um: Mapping[float, float]) -> list[RangeV
         judged = verdict(gain_db)
         last = ranges[-1] if ranges else None
         if last is not None and last.verdict == judged:
-            ranges[-1] = RangeVerdict(last.from_um, distance_um, judged, min(last.min_gain_db, gain_db),
-                                      max(last.max_gain_db, gain_db))
+            ranges[-1] = RangeVerdict(
+                last.from_um, distance_um, judged, min(last.min_gain_db, gain_db), max(last.max_gain_db, gain_db)
+            )
         else:
             ranges.append(RangeVerdict(distance_um, distance_um, judged, gain_db, gain_db))
     return ranges
@@ -91,8 +95,11 @@ def verdict_lines(title: str, ranges: Sequence[RangeVerdict]) -> list[str]:
     """`title: VERDICT` and one indented line per range, for the terminal and the reports."""
     if not ranges:
         return [f"{title}: no distance with a PSNR gain to judge"]
-    head = {"harms": "HARMS at some distance: do not rely on its refocused frames there",
-            "helps": "helps", "neutral": "neutral (no distance gains 1 dB)"}[overall(ranges)]
+    head = {
+        "harms": "HARMS at some distance: do not rely on its refocused frames there",
+        "helps": "helps",
+        "neutral": "neutral (no distance gains 1 dB)",
+    }[overall(ranges)]
     return [f"{title}: {head}"] + [f"  {r.line()}" for r in ranges]
 
 
@@ -133,10 +140,19 @@ def record_evaluation(weights: Path, sha256: str, name: str, source: str, ranges
     existing = _read(path)
     if existing is not None and existing.get("weights_sha256") == sha256:
         evaluations = dict(existing.get("evaluations") or {})
-    evaluations[name] = {"source": source, "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                         "verdict": overall(ranges), "ranges": [asdict(r) for r in ranges]}
-    text = json.dumps({"format": RECORD_FORMAT, "weights": str(weights), "weights_sha256": sha256,
-                       "evaluations": evaluations}, indent=2) + "\n"
+    evaluations[name] = {
+        "source": source,
+        "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "verdict": overall(ranges),
+        "ranges": [asdict(r) for r in ranges],
+    }
+    text = (
+        json.dumps(
+            {"format": RECORD_FORMAT, "weights": str(weights), "weights_sha256": sha256, "evaluations": evaluations},
+            indent=2,
+        )
+        + "\n"
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
@@ -153,11 +169,15 @@ def _read(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not a readable evaluation record ({exc}); delete it and run "
-                        "'acquire-refocus evaluate --record' again") from None
+        raise UserError(
+            f"{path}: not a readable evaluation record ({exc}); delete it and run "
+            "'acquire-refocus evaluate --record' again"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
-        raise UserError(f"{path}: not an acquire-refocus evaluation record; delete it and run "
-                        "'acquire-refocus evaluate --record' again")
+        raise UserError(
+            f"{path}: not an acquire-refocus evaluation record; delete it and run "
+            "'acquire-refocus evaluate --record' again"
+        )
     return data
 
 
@@ -169,16 +189,26 @@ def recorded_evaluations(weights: Path, sha256: str) -> dict[str, Evaluation] | 
     if data is None:
         return None
     if data.get("weights_sha256") != sha256:
-        log.warning(kv("model_evaluation_stale", record=path, recorded_sha256=str(data.get("weights_sha256"))[:12],
-                       weights_sha256=sha256[:12], note="the weights changed since; this verdict is ignored"))
+        log.warning(
+            kv(
+                "model_evaluation_stale",
+                record=path,
+                recorded_sha256=str(data.get("weights_sha256"))[:12],
+                weights_sha256=sha256[:12],
+                note="the weights changed since; this verdict is ignored",
+            )
+        )
         return None
     try:
-        return {name: Evaluation(item["source"], item["recorded"],
-                                 tuple(RangeVerdict(**r) for r in item["ranges"]))
-                for name, item in (data.get("evaluations") or {}).items()}
+        return {
+            name: Evaluation(item["source"], item["recorded"], tuple(RangeVerdict(**r) for r in item["ranges"]))
+            for name, item in (data.get("evaluations") or {}).items()
+        }
     except (KeyError, TypeError) as exc:
-        raise UserError(f"{path}: damaged evaluation record ({type(exc).__name__}: {exc}); delete it and run "
-                        "'acquire-refocus evaluate --record' again") from None
+        raise UserError(
+            f"{path}: damaged evaluation record ({type(exc).__name__}: {exc}); delete it and run "
+            "'acquire-refocus evaluate --record' again"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -199,8 +229,15 @@ def check_model(weights: Path, sha256: str, allow_harmful: bool, opt_in: str) ->
     path = record_path(weights)
     evaluations = recorded_evaluations(weights, sha256)
     if not evaluations:
-        log.info(kv("model_verdict", verdict="not evaluated", weights=weights, record=path,
-                    note="refocused frames are used; 'acquire-refocus evaluate --record' judges the model"))
+        log.info(
+            kv(
+                "model_verdict",
+                verdict="not evaluated",
+                weights=weights,
+                record=path,
+                note="refocused frames are used; 'acquire-refocus evaluate --record' judges the model",
+            )
+        )
         return ModelCheck("not evaluated", path, None)
     harmful = [f"{name}: {r.line()}" for name, e in evaluations.items() for r in e.ranges if r.verdict == "harms"]
     if not harmful:
@@ -209,13 +246,30 @@ def check_model(weights: Path, sha256: str, allow_harmful: bool, opt_in: str) ->
         return ModelCheck(judged, path, None)
     where = "; ".join(harmful)
     if allow_harmful:
-        log.warning(kv("model_verdict", verdict="harms", weights=weights, record=path, where=where,
-                       note="refocused frames are used anyway (opted in)"))
+        log.warning(
+            kv(
+                "model_verdict",
+                verdict="harms",
+                weights=weights,
+                record=path,
+                where=where,
+                note="refocused frames are used anyway (opted in)",
+            )
+        )
         return ModelCheck("harms", path, None)
-    refusal = (f"the model's recorded evaluation ({path}) says it harms ({where}): its refocused frames are "
-               f"withheld; {opt_in}")
-    log.warning(kv("model_verdict", verdict="harms", weights=weights, record=path, where=where,
-                   note="refocused frames withheld: frames are kept raw (status skipped)"))
+    refusal = (
+        f"the model's recorded evaluation ({path}) says it harms ({where}): its refocused frames are withheld; {opt_in}"
+    )
+    log.warning(
+        kv(
+            "model_verdict",
+            verdict="harms",
+            weights=weights,
+            record=path,
+            where=where,
+            note="refocused frames withheld: frames are kept raw (status skipped)",
+        )
+    )
     return ModelCheck("harms", path, refusal)
 
 
