@@ -350,6 +350,10 @@ class EngineConfig(_Section):
     max_batch: int = Field(4, ge=1, le=64)
     tile_overlap_px: int = Field(64, ge=0)
     num_threads: int | None = Field(None, ge=1, description="CPU threads for onnxruntime / torch")
+    physics_fusion: bool = Field(
+        True, description="bound the network's image by what defocus can explain and lean on the raw frame where "
+        "it already holds the answer (model/fusion.py); false returns the network's image as it is"
+    )
 
     @model_validator(mode="after")
     def _check_sizes(self) -> EngineConfig:

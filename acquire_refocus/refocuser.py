@@ -6,8 +6,9 @@
     out.image, out.defocus_um, out.confidence
 
 Per frame: validate -> percentile-normalise (normalization.py) -> resample to the model's pixel size if the frame's
-differs -> the engine (padding to the stride and tiling large frames: engines.tiling.infer_frame) -> resample back to
-the exact original shape -> undo the normalisation, so `image` is in the frame's own intensity units.
+differs -> the engine (padding to the stride and tiling large frames: engines.tiling.infer_frame) -> fuse with the
+input under the optics' bounds (model/fusion.py; engine.physics_fusion) -> resample back to the exact original
+shape -> undo the normalisation, so `image` is in the frame's own intensity units.
 
 defocus_um follows the project convention: stage Z now minus stage Z in focus; moving the focus stage by
 -defocus_um restores focus. defocus_magnitude_um is the network's unsigned estimate |defocus|: with optics whose blur
@@ -40,6 +41,7 @@ from acquire_refocus.errors import ConfigError, InputError
 from acquire_refocus.logs import kv
 from acquire_refocus.model.checkpoint import LoadedModel, load_weights
 from acquire_refocus.model.envelope import DISTRUSTED, envelope_flags
+from acquire_refocus.model.fusion import DEFAULT_MARGIN_UM, OpticalFusion
 from acquire_refocus.model.normalization import denormalize, frame_scale, normalize
 
 log = logging.getLogger(__name__)
@@ -107,9 +109,11 @@ class Refocuser:
     """Refocus frames and estimate their defocus with a loaded model on one engine. Thread-compatible: one
     Refocuser per thread, or calls serialised by the caller (the daemon runs it on one worker thread)."""
 
-    def __init__(self, loaded: LoadedModel, engine) -> None:  # engine: acquire_refocus.engines.Engine
+    def __init__(self, loaded: LoadedModel, engine, fusion: OpticalFusion | None = None) -> None:
+        # engine: acquire_refocus.engines.Engine
         self.loaded = loaded
         self.engine = engine
+        self.fusion = fusion
 
     @classmethod
     def load(cls, path: str | Path | None = None, engine: EngineConfig | str | None = None) -> Refocuser:
@@ -117,10 +121,15 @@ class Refocuser:
         from acquire_refocus.engines import create_engine
 
         loaded = load_weights(path)
-        built = create_engine(loaded, _engine_config(engine))
+        engine_config = _engine_config(engine)
+        built = create_engine(loaded, engine_config)
+        fusion = None
+        if engine_config.physics_fusion:
+            calibration = (loaded.metadata.get("training") or {}).get("focus_calibration") or {}
+            fusion = OpticalFusion(loaded.optics, float(calibration.get("magnitude_margin_um", DEFAULT_MARGIN_UM)))
         log.info(kv("refocuser_loaded", weights=loaded.path, sha256=loaded.sha256[:12], engine=built.name,
                     precision=built.precision, device=built.device, model_pixel_size_um=loaded.pixel_size_um))
-        return cls(loaded, built)
+        return cls(loaded, built, fusion)
 
     @property
     def engine_name(self) -> str:
@@ -174,6 +183,8 @@ class Refocuser:
             normalised = resize(normalised, shape, order=1, mode="reflect", anti_aliasing=zoom < 1.0,
                                 preserve_range=True).astype(np.float32)
         image, focus = infer_frame(self.engine, normalised)
+        if self.fusion is not None:
+            image = self.fusion(normalised, image, focus.magnitude_um)
         if resampled:
             image = resize(image, frame.shape, order=1, mode="reflect", anti_aliasing=zoom > 1.0,
                            preserve_range=True).astype(np.float32)

@@ -174,3 +174,57 @@ def test_ood_evaluation_reports_every_set_with_its_targets(tmp_path: Path, tiny_
     assert len(rows) - 1 == 9 * 15  # 9 sets (5 of them brightness levels) x 15 signed distances x 1 field
     assert (tmp_path / "ood" / "reliability.png").stat().st_size > 1000
     assert math.isfinite(float(rows[1].split(",")[6]))
+
+
+@pytest.fixture(scope="module")
+def fusion() -> object:
+    from acquire_refocus.model.fusion import OpticalFusion
+
+    return OpticalFusion(OpticsConfig(), margin_um=2.0)
+
+
+def _bright_frames(defocus_um: float = 25.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A noiseless in-focus image of the simulator's nuclei, a bright, low-noise frame of it in focus, and one at
+    `defocus_um` (float32, peak 2,000, noise std 3)."""
+    from acquire_refocus.sim.microscope import SimulatedMicroscope
+
+    config = parse_config({"simulator": {"specimen": {"field_size_um": [120, 120], "nuclei_per_mm2": 6000}}})
+    scope = SimulatedMicroscope(config.optics, config.simulator)
+    stack, truth = scope.photon_stack([defocus_um], (60.0, 60.0), (128, 128))
+    scale = 2000.0 / truth.max()
+    rng = np.random.default_rng(5)
+    noisy = [(image * scale + rng.normal(0.0, 3.0, truth.shape)).astype(np.float32) for image in (truth, stack[0])]
+    return (truth * scale).astype(np.float32), noisy[0], noisy[1]
+
+
+def test_fusion_leaves_an_identity_output_alone(fusion: object) -> None:
+    _, raw, _ = _bright_frames()
+    np.testing.assert_allclose(fusion(raw, raw.copy(), 0.5), raw, atol=1e-2 * raw.std())
+
+
+def test_fusion_undoes_a_contrast_stretch_of_a_sharp_bright_frame(fusion: object) -> None:
+    """The failure it exists for: the network stretched an in-focus, bright frame's contrast by 10 %."""
+    truth, raw, _ = _bright_frames()
+    stretched = 1.1 * raw - 0.1 * raw.mean()
+    fused = fusion(raw, stretched, 2.6)
+    error = lambda image: float(np.sqrt(np.mean((image - truth) ** 2)))  # noqa: E731
+    assert error(stretched) > 5 * error(raw)
+    assert error(fused) < 1.5 * error(raw)
+
+
+def test_fusion_keeps_a_sharpening_that_defocus_explains(fusion: object) -> None:
+    """Far from focus the raw frame is a heavy blur of the truth: a network that restores it keeps its gain."""
+    truth, _, blurred = _bright_frames(25.0)
+    fused = fusion(blurred, truth.copy(), 25.0)  # a perfect network
+    error = lambda image: float(np.sqrt(np.mean((image - truth) ** 2)))  # noqa: E731
+    # measured 0.22: the Wiener weight pulls the lowest frequencies, which defocus barely changes, to the raw frame
+    assert error(fused) < 0.3 * error(blurred)
+
+
+def test_margin_is_the_90th_percentile_of_the_excess_near_focus() -> None:
+    from acquire_refocus.model.fusion import magnitude_margin_um
+
+    true = np.array([0.0] * 10 + [30.0] * 10)
+    estimates = np.concatenate([np.arange(10.0), np.full(10, 50.0)])  # far frames excluded: MARGIN_RANGE_UM
+    assert magnitude_margin_um(estimates, true) == pytest.approx(np.percentile(np.arange(10.0), 90))
+    assert magnitude_margin_um([0.0, 0.0], [3.0, 4.0]) == 0.0

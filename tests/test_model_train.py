@@ -183,7 +183,7 @@ def _sign_batch(right_fraction: float) -> PatchBatch:
 
 def test_focus_calibration_makes_a_coin_toss_say_so_and_an_overconfident_sign_honest() -> None:
     coin = _FocusProbe(weight=10.0)
-    temperature, sigma_scale = calibrate_focus_head(coin, _sign_batch(0.5), torch.device("cpu"))
+    temperature, sigma_scale, _ = calibrate_focus_head(coin, _sign_batch(0.5), torch.device("cpu"))
     p_positive, sigma_um = coin.calibrated(1.0)
     assert temperature > 100.0 and p_positive == pytest.approx(0.5, abs=0.02)  # defocus ~ 0
     assert sigma_um == pytest.approx(10.0, rel=0.05) and sigma_scale == pytest.approx(10.0, rel=0.05)  # error |d|

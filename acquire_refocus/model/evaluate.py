@@ -237,13 +237,14 @@ def baseline_methods(test_set: HeldOutSet, wiener_balance: dict[int, float]) -> 
     }
 
 
-def network_method(weights: Path | None, pixel_size_um: float, num_threads: int | None = None) -> tuple[Method, dict]:
+def network_method(weights: Path | None, pixel_size_um: float, num_threads: int | None = None,
+                   physics_fusion: bool = True) -> tuple[Method, dict]:
     """The network as `Refocuser` runs it, told the test frames' pixel size (a model trained at another one
-    resamples them, as it would on a scope)."""
+    resamples them, as it would on a scope); `physics_fusion` as engine.physics_fusion (model/fusion.py)."""
     from acquire_refocus.refocuser import Refocuser
 
     refocuser = Refocuser.load(weights, engine=EngineConfig(backend="torch", precision="fp32",
-                                                            num_threads=num_threads))
+                                                            num_threads=num_threads, physics_fusion=physics_fusion))
 
     last: dict[int, tuple[float, float]] = {}  # id(sample) -> the factors of its result, until factors() asks
 

@@ -397,8 +397,9 @@ def write_report(out_dir: Path, rows: Sequence[OodRow], networks: dict[str, dict
 
 def run_ood_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | None]], out_dir: Path, fields: int = 4,
                        window_px: int = 256, physics: bool = True) -> Path:
-    """Build every set, run each network (and the physics-informed method on the first network's |d|), write
-    metrics.csv, reliability.png and report.md; returns the report."""
+    """Build every set, run each network (the first with and without engine.physics_fusion, the others alone, and
+    the physics-informed Wiener method on the first network's |d|), write metrics.csv, reliability.png and
+    report.md; returns the report."""
     started = time.monotonic()
     output_folder(out_dir, "--out")
     sets = build_sets(config, fields, window_px, seed=config.training.seed)
@@ -406,10 +407,17 @@ def run_ood_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | No
                 seconds=round(time.monotonic() - started)))
     methods: dict[str, Method] = {}
     networks: dict[str, dict[str, Any]] = {}
-    for label, path in weights:
-        network, info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads)
+    for index, (label, path) in enumerate(weights):
+        # the first (candidate) model as the daemon runs it; the others as their network alone, for comparison
+        network, info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads,
+                                       physics_fusion=config.engine.physics_fusion and index == 0)
         methods[label] = _with_magnitude(network, info["factors"])
         networks[label] = info
+        if index == 0 and config.engine.physics_fusion:  # what the fusion adds, on the first (candidate) model
+            alone, alone_info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads,
+                                               physics_fusion=False)
+            methods[f"{label}, network alone"] = _with_magnitude(alone, alone_info["factors"])
+            networks[f"{label}, network alone"] = alone_info
     if physics and weights:
         first = methods[weights[0][0]]
         methods[f"Wiener at |d| of {weights[0][0]} (physics-informed)"] = physics_method(

@@ -30,6 +30,7 @@ from acquire_refocus.logs import kv
 from acquire_refocus.model import data as training_data
 from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS, checkpoint_payload, read_payload, write_payload
 from acquire_refocus.model.envelope import measured_snr_range
+from acquire_refocus.model.fusion import magnitude_margin_um
 from acquire_refocus.model.losses import RefocusLoss, defocus_loss
 from acquire_refocus.model.network import LOG_SIGMA_ROW, SIGN_LOGIT_ROW, build_network, parameter_count
 from acquire_refocus.model.normalization import NormalizationParams
@@ -136,7 +137,7 @@ def _set_train_mode(network: torch.nn.Module, train_only: str) -> None:
 
 
 def calibrate_focus_head(network: torch.nn.Module, batch: training_data.PatchBatch, device: torch.device,
-                         chunk: int = 16) -> tuple[float, float]:
+                         chunk: int = 16) -> tuple[float, float, float]:
     """Calibrate the focus head on held-out frames (validation specimens), folding both results into its last
     layer:
 
@@ -147,7 +148,10 @@ def calibrate_focus_head(network: torch.nn.Module, batch: training_data.PatchBat
        (error / sigma)^2): sigma was learnt for the estimate before step 1, and the closed loop trusts a frame
        by its confidence, exp(-sigma / 2 um).
 
-    Returns (T, s)."""
+    3. Measure the margin of the unsigned estimate (model/fusion.py: the 90th percentile of its excess over the
+       true |d|), which the physics-informed fusion subtracts before bounding the image.
+
+    Returns (T, s, margin_um)."""
     network.eval()
     outputs, labels = [], []
     with torch.no_grad():
@@ -171,7 +175,7 @@ def calibrate_focus_head(network: torch.nn.Module, batch: training_data.PatchBat
         last.weight[SIGN_LOGIT_ROW] /= temperature
         last.bias[SIGN_LOGIT_ROW] /= temperature
         last.bias[LOG_SIGMA_ROW] += math.log(sigma_scale)
-    return temperature, sigma_scale
+    return temperature, sigma_scale, magnitude_margin_um(magnitude_um.tolist(), defocus_um.tolist())
 
 
 def _load_initial_weights(network: torch.nn.Module, path: Path, model_config: ModelConfig) -> dict[str, Any]:
@@ -409,9 +413,10 @@ def train(
 
     final_metadata = metadata(done)
     if training.train_only != "decoder":  # the focus head was trained: calibrate it on validation specimens
-        temperature, sigma_scale = calibrate_focus_head(network, validation_batch, device)
+        temperature, sigma_scale, margin_um = calibrate_focus_head(network, validation_batch, device)
         final_metadata["training"]["focus_calibration"] = {"sign_temperature": round(temperature, 4),
-                                                           "sigma_scale": round(sigma_scale, 4)}
+                                                           "sigma_scale": round(sigma_scale, 4),
+                                                           "magnitude_margin_um": round(margin_um, 3)}
         log.info(kv("focus_head_calibrated", sign_temperature=f"{temperature:.3g}", sigma_scale=f"{sigma_scale:.3g}"))
     final_payload = checkpoint_payload(network, config.model, config.optics, final_metadata, normalization)
     write_payload(weights_path, final_payload)
