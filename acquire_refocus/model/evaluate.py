@@ -622,10 +622,17 @@ def run_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | None]]
     else:
         methods = {"input (unprocessed)": baseline_methods(test_set, {})["input (unprocessed)"]}
     networks: dict[str, dict] = {}
-    for label, path in weights:
-        method, info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads)
+    for index, (label, path) in enumerate(weights):
+        # the first (candidate) model as the daemon runs it, and alone; the others as their network alone
+        method, info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads,
+                                      physics_fusion=config.engine.physics_fusion and index == 0)
         methods[label] = method
         networks[label] = info
+        if index == 0 and config.engine.physics_fusion:
+            method, info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads,
+                                          physics_fusion=False)
+            methods[f"{label}, network alone"] = method
+            networks[f"{label}, network alone"] = info
     rows = evaluate_methods(test_set, methods, {label: info["factors"] for label, info in networks.items()})
     write_csv(rows, out_dir / "metrics.csv")
     plot_scatter(rows, out_dir / "defocus_scatter.png")

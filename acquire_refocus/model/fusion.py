@@ -8,9 +8,12 @@ of the frame (the PSFs at +d and -d nearly agree, so only the unsigned distance 
 1. Defocus only attenuates: the in-focus image's amplitude is at most the raw frame's times
    ratio(f) = |OTF_0(f)| / |OTF_|d|(f)|. With the network's own |d| lowered by a margin (its estimate's spread, so
    the bound errs on the generous side), an output amplitude above |raw| x ratio is cut to it.
-2. Where the raw frame's signal stands well above its noise and defocus leaves that frequency nearly intact
-   (ratio ~ 1), the raw frame already holds the answer: the output moves towards it with the Wiener weight
-   SNR(f) / (1 + SNR(f)) / ratio(f)^2. Far from focus (ratio >> 1) the network's image is left as it is.
+2. Where defocus leaves a frequency nearly intact (ratio ~ 1), the raw frame is the truth plus known noise, and
+   the network's image the truth plus its own error. Their optimal blend weighs each by the other's error power:
+   the network's is estimated per radial frequency band as the power by which it departs from the raw frame beyond
+   the noise (E), so the output moves towards the raw frame with weight E / (E + noise) / ratio(f)^2. A network
+   that only denoises (departs by the noise alone) is kept; one that stretches contrast or invents texture near
+   focus is pulled back. Far from focus (ratio >> 1) the network's image is left as it is.
 
 The OTFs come from the model's optics (its weights record them) through the simulator's PSF bank (psf.py, cached
 on disk). The noise is measured on the frame itself (envelope.noise_std). Everything runs on the frame after the
@@ -38,6 +41,7 @@ DEFAULT_MARGIN_UM = 3.0
 MARGIN_RANGE_UM = 10.0
 MAX_RATIO = 50.0  # beyond this, defocus has erased the frequency: no bound from the raw frame
 _OTF_CACHE_ENTRIES = 48
+_BANDS = 24  # radial frequency bands over which the network's error power is estimated
 _WORKERS = -1
 
 
@@ -83,6 +87,11 @@ class OpticalFusion:
             self._otf.popitem(last=False)
         return cached
 
+    def _bands(self, shape: tuple[int, int]) -> np.ndarray:
+        """Index of each rfft2 frequency's radial band (_BANDS bands from 0 to the corner frequency)."""
+        radius = np.hypot(np.fft.fftfreq(shape[0])[:, None], np.fft.rfftfreq(shape[1])[None, :])
+        return np.minimum((radius / math.sqrt(0.5) * _BANDS).astype(np.int64), _BANDS - 1)
+
     def __call__(self, raw: np.ndarray, output: np.ndarray, magnitude_um: float) -> np.ndarray:
         """The fused image (float32, raw's shape) from the network input `raw` and its output."""
         if not math.isfinite(magnitude_um):
@@ -95,9 +104,14 @@ class OpticalFusion:
         estimate = scipy.fft.rfft2(np.asarray(output, dtype=np.float32) - mean, workers=_WORKERS)
         amplitude = np.abs(estimate)
         estimate *= np.minimum(1.0, np.abs(observed) * ratio / np.maximum(amplitude, 1e-12))
-        noise_power = raw.size * noise_std(raw) ** 2
-        snr = np.maximum(np.abs(observed) ** 2 - noise_power, 0.0) / max(noise_power, 1e-12)
-        weight = snr / (1.0 + snr) / ratio**2
+        noise_power = max(raw.size * noise_std(raw) ** 2, 1e-12)
+        # the network's own error power per frequency band: what it departs from the raw frame beyond the noise
+        band = self._bands(shape)
+        departure = np.abs(estimate - observed) ** 2
+        counts = np.maximum(np.bincount(band.ravel(), minlength=_BANDS), 1)
+        band_departure = np.bincount(band.ravel(), departure.ravel(), minlength=_BANDS) / counts
+        error_power = np.maximum(band_departure[band] - noise_power, 0.0)
+        weight = error_power / (error_power + noise_power) / ratio**2
         weight[0, 0] = 0.0  # the mean is the network's (flux is conserved either way)
         estimate += weight * (observed - estimate)
         fused = scipy.fft.irfft2(estimate, s=shape, workers=_WORKERS) + mean
