@@ -204,6 +204,11 @@ class ModelConfig(_Section):
     fusion: Literal["sum", "concat"] = "sum"
     pretrained_encoder: Path | None = Field(None, description="ResNet-34 ImageNet weights, local file only")
     weights: Path | None = None
+    weights_per_channel: dict[str, Path] = Field(
+        default_factory=dict, description="channel preset name -> weights file: that channel's frames are refocused "
+        "by this model (loaded at start on the same engine), its wavelength checked against this model's optics; "
+        "channels not listed use `weights`"
+    )
 
 
 class LossConfig(_Section):
@@ -657,6 +662,9 @@ def _resolve_paths(section: BaseModel, base_dir: Path) -> None:
             _resolve_paths(value, base_dir)
         elif isinstance(value, Path) and not value.is_absolute():
             setattr(section, name, (base_dir / value).resolve())
+        elif isinstance(value, dict) and all(isinstance(path, Path) for path in value.values()):
+            setattr(section, name, {key: path if path.is_absolute() else (base_dir / path).resolve()
+                                    for key, path in value.items()})
 
 
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> AppConfig:

@@ -29,10 +29,10 @@ from acquire_refocus.control import ControlServer
 from acquire_refocus.diskspace import SpaceNeed, check_space, low_space_problem, space_need
 from acquire_refocus.errors import ConfigError, UserError
 from acquire_refocus.autofocus import software_autofocus
-from acquire_refocus.channels import ModelChannelPolicy, driving_channel, model_wavelength_nm, sequence_channels
+from acquire_refocus.channels import WithheldModels, driving_channel, refocus_policy, sequence_channels
 from acquire_refocus.focus import FocusController, estimates_waiter, pycromanager_planner
 from acquire_refocus.logs import kv
-from acquire_refocus.model.verdict import WithheldModelPolicy, check_corrector
+from acquire_refocus.model.verdict import check_corrector
 from acquire_refocus.outputs import output_folder
 from acquire_refocus.pipeline import (
     BackgroundSink,
@@ -126,6 +126,21 @@ def load_refocuser(config: AppConfig) -> FrameCorrector:
     return Refocuser.load(config.model.weights, engine=config.engine)
 
 
+def load_channel_refocusers(config: AppConfig) -> dict[str, FrameCorrector]:
+    """The models of model.weights_per_channel on the configured engine, loaded once before any frame; a weights
+    file that is missing or damaged is a ConfigError naming the channel."""
+    from acquire_refocus import Refocuser
+    from acquire_refocus.errors import WeightsError
+
+    loaded: dict[str, FrameCorrector] = {}
+    for channel, path in config.model.weights_per_channel.items():
+        try:
+            loaded[channel] = Refocuser.load(path, engine=config.engine)
+        except WeightsError as exc:
+            raise ConfigError(f"model.weights_per_channel.{channel}: {exc}") from None
+    return loaded
+
+
 @dataclass
 class RunSummary:
     """What one run produced."""
@@ -181,9 +196,12 @@ class Daemon:
         if self.interrupted_runs:
             log.warning(kv("interrupted_runs_found", folders=",".join(self.interrupted_runs),
                            note="their raw frames are on disk; raw_frames.jsonl holds each frame's metadata"))
+        self.channel_correctors = load_channel_refocusers(config)  # first: a bad file is refused at once
         self.corrector = corrector if corrector is not None else load_refocuser(config)
-        self.model_check = check_corrector(self.corrector, config.pipeline.allow_harmful_model,
-                                           "set pipeline.allow_harmful_model: true to use them anyway")
+        opt_in = "set pipeline.allow_harmful_model: true to use them anyway"
+        self.model_check = check_corrector(self.corrector, config.pipeline.allow_harmful_model, opt_in)
+        self.channel_model_checks = {channel: check_corrector(model, config.pipeline.allow_harmful_model, opt_in)
+                                     for channel, model in self.channel_correctors.items()}
         requested = config.engine.backend
         self.engine_fallback = (
             f"engine.backend {requested} was asked for but cannot run here (engine_passed_over in the log says "
@@ -232,6 +250,10 @@ class Daemon:
     @property
     def engine_name(self) -> str:
         return str(getattr(self.corrector, "engine_name", type(self.corrector).__name__))
+
+    def _corrector_of(self, channel: str | None) -> FrameCorrector:
+        """The model that refocuses this channel's frames: its own (model.weights_per_channel), else the default."""
+        return self.channel_correctors.get(channel, self.corrector) if channel is not None else self.corrector
 
     # ----------------------------------------------------------------- control handlers (control thread)
     def _on_status(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -320,9 +342,14 @@ class Daemon:
         from acquire_refocus.hooks.pymmcore_plus import check_channels
 
         check_channels(core, sequence)
-        check_pixel_size = getattr(self.corrector, "check_pixel_size_um", None)
-        if check_pixel_size is not None:
-            check_pixel_size(self.config.acquisition.pixel_size_um or core.getPixelSizeUm() or None)
+        self._check_pixel_size(self.config.acquisition.pixel_size_um or core.getPixelSizeUm() or None)
+
+    def _check_pixel_size(self, pixel_size_um: float | None) -> None:
+        """Every model's check of the frames' pixel size (InputError for one they cannot be resampled from)."""
+        for corrector in (self.corrector, *self.channel_correctors.values()):
+            check = getattr(corrector, "check_pixel_size_um", None)
+            if check is not None:
+                check(pixel_size_um)
 
     def _on_stop(self, request: dict[str, Any]) -> dict[str, Any]:
         self.request_stop("control")
@@ -386,9 +413,7 @@ class Daemon:
             from acquire_refocus.hooks.pymmcore_plus import check_channels
 
             check_channels(core, sequence)
-            check_pixel_size = getattr(self.corrector, "check_pixel_size_um", None)
-            if check_pixel_size is not None:
-                check_pixel_size(self.config.acquisition.pixel_size_um or core.getPixelSizeUm() or None)
+            self._check_pixel_size(self.config.acquisition.pixel_size_um or core.getPixelSizeUm() or None)
         space = self._check_space(sequence, core, output_dir)
         if output_dir is not None:
             store = None
@@ -401,12 +426,12 @@ class Daemon:
                 sinks.append(BackgroundSink(store, max_pending=REFOCUSED_WRITE_QUEUE))
         if self._extra_sinks is not None:
             sinks.extend(self._extra_sinks())
-        channel_policy: ChannelPolicy = ModelChannelPolicy(self.config.pipeline, self.config.optics,
-                                                           model_wavelength_nm(self.corrector))
         refusal = self.model_check.refusal if self.model_check is not None else None
-        if refusal is not None:
-            channel_policy = WithheldModelPolicy(refusal)
-        pipeline = FramePipeline(self.corrector, sinks, self.config.pipeline, channel_policy)
+        channel_policy: ChannelPolicy = WithheldModels(
+            refocus_policy(self.config.pipeline, self.config.optics, self.corrector, self.channel_correctors),
+            refusal, {channel: check.refusal if check is not None else None
+                      for channel, check in self.channel_model_checks.items()})
+        pipeline = FramePipeline(self.corrector, sinks, self.config.pipeline, channel_policy, self.channel_correctors)
         if self._paused:
             pipeline.pause()
         with self._lock:
@@ -579,7 +604,8 @@ class Daemon:
             controller=controller,
             raw_path=output_dir / RAW_STORE if save_raw and output_dir is not None else None,
             pixel_size_um=acq.pixel_size_um,
-            autofocus=software_autofocus(self.config, self.corrector, controller, output_dir),
+            autofocus=software_autofocus(self.config, self._corrector_of(controller.channel if controller else None),
+                                         controller, output_dir),
         )
 
     def _write_record(self, summary: RunSummary, sequence: useq.MDASequence, state: str) -> None:
@@ -595,6 +621,8 @@ class Daemon:
             "engine": self.engine_name,
             "engine_fallback": self.engine_fallback,
             "model_sha256": getattr(self.corrector, "model_sha256", None),
+            "channel_models": {channel: getattr(model, "model_sha256", None)
+                               for channel, model in self.channel_correctors.items()} or None,
             "stores": {"raw": RAW_STORE, "refocused": REFOCUSED_STORE, "focus_log": FOCUS_LOG},
             "counts": summary.counts(),
             "raw_frames": summary.raw_frames or None,

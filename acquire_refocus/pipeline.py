@@ -32,6 +32,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -76,6 +77,7 @@ class FrameResult:
     engine: str = ""
     engine_ms: float = 0.0
     latency_ms: float = 0.0  # from submit to the result being ready for the sinks
+    model_sha256: str = ""  # the weights that refocused the frame (per channel: model.weights_per_channel)
 
     @property
     def refocused(self) -> bool:
@@ -202,8 +204,12 @@ class FramePipeline:
         sinks: list[FrameSink] | tuple[FrameSink, ...] = (),
         config: PipelineConfig | None = None,
         channel_policy: ChannelPolicy | None = None,
+        channel_correctors: Mapping[str, FrameCorrector] | None = None,
     ) -> None:
+        """`channel_correctors`: the corrector of each channel that has its own model (model.weights_per_channel);
+        frames of other channels go to `corrector`. All run on the worker thread."""
         self._corrector = corrector
+        self._channel_correctors = dict(channel_correctors or {})
         self._channel_policy = channel_policy
         self._sinks: list[FrameSink] = list(sinks)
         self._config = config or PipelineConfig()
@@ -460,9 +466,11 @@ class FramePipeline:
                 self._in_flight = 0
                 self._finish_locked(item, "failed", problem)
             return
+        channel = item.info.channel
+        corrector = self._channel_correctors.get(channel, self._corrector) if channel is not None else self._corrector
         t0 = time.perf_counter()
         try:
-            out = self._corrector(item.raw, pixel_size_um=item.info.pixel_size_um)
+            out = corrector(item.raw, pixel_size_um=item.info.pixel_size_um)
             image = np.asarray(out.image, dtype=np.float32)
             defocus_um, confidence = float(out.defocus_um), float(out.confidence)
             magnitude_um = float(getattr(out, "defocus_magnitude_um", math.nan))
@@ -489,6 +497,7 @@ class FramePipeline:
                 defocus_magnitude_um=magnitude_um,
                 flags=flags,
                 engine_ms=engine_ms,
+                model_sha256=str(getattr(corrector, "model_sha256", "")),
             )
 
     def _dispatch(self) -> None:

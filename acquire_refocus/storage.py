@@ -71,6 +71,7 @@ FOCUS_LOG_COLUMNS = (
     "defocus_magnitude_um",
     "focus_offset_um",
     "flags",
+    "model_sha256",  # first 12 hex digits of the weights that refocused the frame (run.json has them in full)
 )
 PACKAGES = (
     "acquire-refocus",
@@ -346,6 +347,7 @@ class FocusLog:
                 _number(result.defocus_magnitude_um, 4),
                 _number(self._focus_offset(info.axes) if self._focus_offset is not None else None, 4),
                 ";".join(result.flags),
+                result.model_sha256[:12],
             )
         )
         self._file.flush()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from acquire_refocus.channels import ModelChannelPolicy, model_wavelength_nm
+from acquire_refocus.channels import refocus_policy
 from acquire_refocus.config import PROJECT_ROOT, AppConfig, load_config, parse_config
 from acquire_refocus.errors import UserError
 from acquire_refocus.focus import channel_z_offset_um
@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     acquired_fps = counts.get("seen", 0) / summary.wall_s if summary.wall_s else math.nan
     latencies = sorted(r["latency_ms"] for r in rows if r["refocused"])
     p50 = latencies[len(latencies) // 2] if latencies else math.nan
-    policy = ModelChannelPolicy(config.pipeline, config.optics, model_wavelength_nm(daemon.corrector))
+    policy = refocus_policy(config.pipeline, config.optics, daemon.corrector, daemon.channel_correctors)
     outside = sum(1 for r in truth.rows if policy(r["channel"]))
     not_refocused = f" ({outside} of them of channels kept raw: pipeline.channels)" if outside else ""
     mode_word = "with correction" if config.focus.mode == "correct" else f"focus mode {config.focus.mode}"

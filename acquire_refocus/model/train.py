@@ -202,11 +202,11 @@ def _resolve_initial_weights(config: AppConfig) -> tuple[AppConfig, Path | None]
         return config, None if setting is None else Path(setting)
     shipped = ModelConfig.model_validate(read_payload(DEFAULT_WEIGHTS)[0]["model_config"])
     given = {name: getattr(config.model, name) for name in config.model.model_fields_set
-             if name not in ("weights", "pretrained_encoder")}
+             if name not in ("weights", "weights_per_channel", "pretrained_encoder")}
     if shipped.model_copy(update=given) != shipped:
         log.info(kv("initial_weights_fresh", reason="the model section differs from the shipped model's architecture",
                     given=",".join(f"{name}:{value}" for name, value in sorted(given.items())),
-                    shipped=shipped.model_dump_json(exclude={"weights", "pretrained_encoder"})))
+                    shipped=shipped.model_dump_json(exclude={"weights", "weights_per_channel", "pretrained_encoder"})))
         return config, None
     model = shipped.model_copy(update={"weights": config.model.weights,
                                        "pretrained_encoder": config.model.pretrained_encoder})

@@ -273,17 +273,6 @@ def check_model(weights: Path, sha256: str, allow_harmful: bool, opt_in: str) ->
     return ModelCheck("harms", path, refusal)
 
 
-class WithheldModelPolicy:
-    """pipeline.ChannelPolicy for a model whose recorded evaluation says it harms: no frame goes to it, every
-    frame is saved and published raw with status skipped and the reason."""
-
-    def __init__(self, reason: str) -> None:
-        self._reason = reason
-
-    def __call__(self, channel: str | None) -> str | None:
-        return self._reason
-
-
 def check_corrector(corrector: object, allow_harmful: bool, opt_in: str) -> ModelCheck | None:
     """check_model for a corrector that carries its weights (a Refocuser); None for one that does not."""
     loaded = getattr(corrector, "loaded", None)
