@@ -4,6 +4,7 @@ own output; the wavelength envelope is that model's; a missing or damaged file i
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,23 @@ def test_the_wavelength_check_uses_the_channel_model_optics(
     assert len(nuclei) == 3 and all(r.status == "refocused" for r in nuclei)
     rows = read_focus_log(tmp_path / "run" / FOCUS_LOG)
     assert sorted(r["status"] for r in rows) == ["refocused"] * 3 + ["skipped"] * 3
+
+
+def test_a_channel_model_recorded_to_harm_keeps_only_its_channel_raw(
+    tiny_refocuser: Any, cytoplasm_weights: Path, tmp_path: Path
+) -> None:
+    """The verdict of `evaluate --record` is judged per model: the Cytoplasm model's harms, the default one has
+    none; Nuclei is refocused, Cytoplasm kept raw with the verdict's reason."""
+    from acquire_refocus.model.verdict import RangeVerdict, file_sha256, record_evaluation
+
+    weights = tmp_path / "harmful.pt"
+    shutil.copy(cytoplasm_weights, weights)
+    record_evaluation(weights, file_sha256(weights), "stack: cytoplasm.tif", "my stack",
+                      [RangeVerdict(0.5, 1.0, "harms", -2.1, -0.6)])
+    _, results = _run(_config({"Cytoplasm": weights}), tiny_refocuser, tmp_path)
+    statuses = {(r.info.channel, r.status) for r in results}
+    assert statuses == {("Nuclei", "refocused"), ("Cytoplasm", "skipped")}
+    assert all("allow_harmful_model" in r.reason for r in results if r.info.channel == "Cytoplasm")
 
 
 @pytest.mark.parametrize("problem", ["missing", "damaged"])
