@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import useq
 import yaml
-
 from conftest import SMALL_FIELD_SIMULATOR
+
 from acquire_refocus.config import load_config, parse_config
 from acquire_refocus.daemon import Daemon
 from acquire_refocus.errors import ConfigError
@@ -41,20 +41,23 @@ def cytoplasm_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(1)
     model_config = ModelConfig(base_channels=4, depth=2)
     path = tmp_path_factory.mktemp("weights") / "cytoplasm.pt"
-    save_weights(path, build_network(model_config), model_config, OpticsConfig(emission_wavelength_nm=510),
-                 {"purpose": "tests"})
+    save_weights(
+        path, build_network(model_config), model_config, OpticsConfig(emission_wavelength_nm=510), {"purpose": "tests"}
+    )
     return path
 
 
 def _config(weights_per_channel: dict[str, Any], **focus: Any) -> Any:
-    return parse_config({
-        "optics": OPTICS,
-        "simulator": {**SMALL_FIELD_SIMULATOR, "channels": STAINS, "time_per_frame_s": 1.0},
-        "model": {"weights_per_channel": weights_per_channel},
-        "engine": {"backend": "torch"},
-        "publishing": {"enabled": False},
-        "focus": {"mode": "observe", "channel": "Nuclei", **focus},
-    })
+    return parse_config(
+        {
+            "optics": OPTICS,
+            "simulator": {**SMALL_FIELD_SIMULATOR, "channels": STAINS, "time_per_frame_s": 1.0},
+            "model": {"weights_per_channel": weights_per_channel},
+            "engine": {"backend": "torch"},
+            "publishing": {"enabled": False},
+            "focus": {"mode": "observe", "channel": "Nuclei", **focus},
+        }
+    )
 
 
 class Results:
@@ -72,10 +75,10 @@ class Results:
 
 def _run(config: Any, corrector: Any, output: Path) -> tuple[Any, list[Any]]:
     sink = Results()
-    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 3}, stage_positions=[(0, 0, 100)],
-                                channels=CHANNELS, axis_order="tpc")
-    with Daemon(config, output_dir=output, corrector=corrector, control=False,
-                extra_sinks=lambda: [sink]) as daemon:
+    sequence = useq.MDASequence(
+        time_plan={"interval": 0, "loops": 3}, stage_positions=[(0, 0, 100)], channels=CHANNELS, axis_order="tpc"
+    )
+    with Daemon(config, output_dir=output, corrector=corrector, control=False, extra_sinks=lambda: [sink]) as daemon:
         summary = daemon.run(sequence, output / "run")
     assert not summary.error
     return summary, sink.results
@@ -88,8 +91,10 @@ def test_relative_weights_per_channel_are_relative_to_the_config_file(tmp_path: 
     path = tmp_path / "conf" / "scope.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     config = load_config(path)
-    assert config.model.weights_per_channel == {"Cytoplasm": tmp_path / "conf" / "models" / "cytoplasm.pt",
-                                                "GFP": Path("/abs/gfp.pt")}
+    assert config.model.weights_per_channel == {
+        "Cytoplasm": tmp_path / "conf" / "models" / "cytoplasm.pt",
+        "GFP": Path("/abs/gfp.pt"),
+    }
     assert load_config(ROOT / "configs" / "simulator-multichannel.yaml").model.weights_per_channel == {}
 
 
@@ -132,8 +137,10 @@ def test_the_wavelength_check_uses_the_channel_model_optics(
     cytoplasm = [r for r in results if r.info.channel == "Cytoplasm"]
     nuclei = [r for r in results if r.info.channel == "Nuclei"]
     assert len(cytoplasm) == 3 and all(r.status == "skipped" and r.raw is not None for r in cytoplasm)
-    assert all("Cytoplasm emits at 510 nm, outside its model.weights_per_channel model's 415-507 nm" in r.reason
-               for r in cytoplasm)
+    assert all(
+        "Cytoplasm emits at 510 nm, outside its model.weights_per_channel model's 415-507 nm" in r.reason
+        for r in cytoplasm
+    )
     assert len(nuclei) == 3 and all(r.status == "refocused" for r in nuclei)
     rows = read_focus_log(tmp_path / "run" / FOCUS_LOG)
     assert sorted(r["status"] for r in rows) == ["refocused"] * 3 + ["skipped"] * 3
@@ -148,8 +155,9 @@ def test_a_channel_model_recorded_to_harm_keeps_only_its_channel_raw(
 
     weights = tmp_path / "harmful.pt"
     shutil.copy(cytoplasm_weights, weights)
-    record_evaluation(weights, file_sha256(weights), "stack: cytoplasm.tif", "my stack",
-                      [RangeVerdict(0.5, 1.0, "harms", -2.1, -0.6)])
+    record_evaluation(
+        weights, file_sha256(weights), "stack: cytoplasm.tif", "my stack", [RangeVerdict(0.5, 1.0, "harms", -2.1, -0.6)]
+    )
     _, results = _run(_config({"Cytoplasm": weights}), tiny_refocuser, tmp_path)
     statuses = {(r.info.channel, r.status) for r in results}
     assert statuses == {("Nuclei", "refocused"), ("Cytoplasm", "skipped")}
@@ -175,8 +183,23 @@ def test_the_command_line_says_so_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "scope.yaml"
     config.write_text(yaml.safe_dump(data), encoding="utf-8")
     output = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "acquire_refocus.cli", "serve", "--config", str(config), "--once",
-                           "--output", str(output)], capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "acquire_refocus.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--once",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr
     assert f"model.weights_per_channel.Cytoplasm: {tmp_path / 'cytoplasm.pt'}: not a readable" in done.stderr
     assert "Traceback" not in done.stderr
