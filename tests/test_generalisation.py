@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -171,7 +172,11 @@ def test_ood_evaluation_reports_every_set_with_its_targets(tmp_path: Path, tiny_
     assert all(name in text for name in OOD_SOURCES)
     assert "no harm (gain >= -0.3 dB everywhere)" in text and "reads <= 1 um in focus" in text
     rows = (tmp_path / "ood" / "metrics.csv").read_text().splitlines()
-    assert len(rows) - 1 == 9 * 15  # 9 sets (5 of them brightness levels) x 15 signed distances x 1 field
+    # the model with and without engine.physics_fusion x 9 sets (5 of them brightness levels) x 15 signed distances
+    assert len(rows) - 1 == 2 * 9 * 15
+    with (tmp_path / "ood" / "metrics.csv").open() as handle:
+        methods = {row["method"] for row in csv.DictReader(handle)}
+    assert methods == {"tiny", "tiny, network alone"}
     assert (tmp_path / "ood" / "reliability.png").stat().st_size > 1000
     assert math.isfinite(float(rows[1].split(",")[6]))
 

@@ -27,7 +27,9 @@ def test_evaluation_writes_report_csv_and_plots(tmp_path: Path, tiny_weights: Pa
         rows = list(csv.DictReader(handle))
     flat = [r for r in rows if r["setting"] == "flat"]
     assert {float(r["defocus_um"]) for r in flat} == {-10.0, -2.0, 2.0, 10.0}
-    assert len([r for r in rows if r["setting"] == "tilt"]) == 2 * 3  # input, RL, network at +-2 um
+    # input, RL, the network as the daemon runs it (with engine.physics_fusion) and alone, at +-2 um
+    assert len([r for r in rows if r["setting"] == "tilt"]) == 2 * 4
+    assert {r["method"] for r in rows} >= {"tiny net", "tiny net, network alone"}
     assert all(r["estimate_um"] for r in rows if r["method"] == "tiny net")
     assert (tmp_path / "defocus_scatter.png").stat().st_size > 0 and (tmp_path / "examples.png").stat().st_size > 0
 
