@@ -16,7 +16,7 @@ import logging
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -107,23 +107,28 @@ def sample_defocus(rng: np.random.Generator, count: int, defocus_range_um: tuple
 
 
 class MicroscopeCache:
-    """Simulated microscopes by specimen seed; a specimen takes seconds and ~200 MB, so only a few are kept."""
+    """Simulated microscopes by specimen seed; a specimen takes seconds and ~200 MB, so only a few are kept.
+    `build` makes the microscope of a seed (default: the config's optics and simulator with that seed, no drift)."""
 
-    def __init__(self, optics: OpticsConfig, simulator: SimulatorConfig, keep: int = 2) -> None:
+    def __init__(self, optics: OpticsConfig, simulator: SimulatorConfig, keep: int = 2,
+                 build: Callable[[int], SimulatedMicroscope] | None = None) -> None:
         self.optics = optics
         self.simulator = simulator
         self.keep = keep
-        self._scopes: OrderedDict[int, object] = OrderedDict()
+        self.build = build if build is not None else self._build
+        self._scopes: OrderedDict[int, SimulatedMicroscope] = OrderedDict()
 
-    def get(self, seed: int):  # -> SimulatedMicroscope (imported lazily: the simulator is heavy)
+    def _build(self, seed: int) -> SimulatedMicroscope:
         from acquire_refocus.sim.microscope import SimulatedMicroscope
 
+        simulator = self.simulator.model_copy(update={"seed": seed})
+        drift = simulator.drift.model_copy(update={"model": "none", "tilt_x_um_per_mm": 0.0, "tilt_y_um_per_mm": 0.0})
+        return SimulatedMicroscope(self.optics, simulator.model_copy(update={"drift": drift}))
+
+    def get(self, seed: int) -> SimulatedMicroscope:
         scope = self._scopes.pop(seed, None)
         if scope is None:
-            simulator = self.simulator.model_copy(update={"seed": seed})
-            drift = simulator.drift.model_copy(update={"model": "none", "tilt_x_um_per_mm": 0.0, "tilt_y_um_per_mm": 0.0})
-            simulator = simulator.model_copy(update={"drift": drift})
-            scope = SimulatedMicroscope(self.optics, simulator)
+            scope = self.build(seed)
             log.debug(kv("specimen_built", seed=seed))
         self._scopes[seed] = scope
         while len(self._scopes) > self.keep:
@@ -189,28 +194,22 @@ class RandomizedWindows:
         side_um = envelope.field_size_um
         self.fields = [Field(seed, (col + 0.5) / per_axis * side_um, (row + 0.5) / per_axis * side_um)
                        for seed in self.seeds for row in range(per_axis) for col in range(per_axis)]
-        self._scopes: OrderedDict[int, SimulatedMicroscope] = OrderedDict()
+        self.scopes = MicroscopeCache(optics, simulator, build=self._build)
         self._next = 0
 
-    def scope(self, seed: int) -> SimulatedMicroscope:
+    def _build(self, seed: int) -> SimulatedMicroscope:
+        """The microscope of a drawn specimen: its optics variant, family, density and thickness."""
         from acquire_refocus.sim import randomization
         from acquire_refocus.sim.microscope import SimulatedMicroscope
 
-        scope = self._scopes.pop(seed, None)
-        if scope is None:
-            draw = self.draws[seed]
-            simulator = randomization.specimen_simulator(self.envelope, self.simulator, draw, seed)
-            scope = SimulatedMicroscope(self.optics_variants[draw.optics_index], simulator)
-            log.debug(kv("specimen_built", seed=seed, family=draw.family, optics=draw.optics_index))
-        self._scopes[seed] = scope
-        while len(self._scopes) > 2:
-            self._scopes.popitem(last=False)
-        return scope
+        draw = self.draws[seed]
+        simulator = randomization.specimen_simulator(self.envelope, self.simulator, draw, seed)
+        return SimulatedMicroscope(self.optics_variants[draw.optics_index], simulator)
 
     def render(self, field: Field, defocus_um: Sequence[float], rng: np.random.Generator) -> Window:
         from acquire_refocus.sim import randomization
 
-        scope = self.scope(field.seed)
+        scope = self.scopes.get(field.seed)
         photons, truth_photons = scope.photon_stack(list(defocus_um), (field.x_um, field.y_um),
                                                     shape_px=(self.window_px, self.window_px))
         camera = randomization.draw_camera(self.envelope, rng)
@@ -383,14 +382,24 @@ def simulated_sources(config: AppConfig, window_px: int) -> tuple[SimulatedWindo
         window_px,
     )
     rng = np.random.default_rng(np.random.SeedSequence([training.seed, 0x5A1]))
-    low, high = training.defocus_range_um
+    return train, _validation_windows(validation_source, validation_source.fields, training.defocus_range_um, rng)
+
+
+class _RendersFields(Protocol):
+    def render(self, field: Field, defocus_um: Sequence[float], rng: np.random.Generator) -> Window: ...
+
+
+def _validation_windows(source: _RendersFields, fields: Sequence[Field], defocus_range_um: tuple[float, float],
+                        rng: np.random.Generator) -> list[Window]:
+    """One window a field at 8 evenly spaced defocus values, offset per field so that together the fields cover
+    the range densely."""
+    low, high = defocus_range_um
     planes = np.linspace(low, high, 8)
-    validation = []
-    for index, field in enumerate(validation_source.fields):
-        # a different offset per field, so together the fields cover the range densely
-        shift = (index / max(1, len(validation_source.fields)) - 0.5) * (planes[1] - planes[0])
-        validation.append(validation_source.render(field, np.clip(planes + shift, low, high), rng))
-    return train, validation
+    windows = []
+    for index, field in enumerate(fields):
+        shift = (index / max(1, len(fields)) - 0.5) * (planes[1] - planes[0])
+        windows.append(source.render(field, np.clip(planes + shift, low, high), rng))
+    return windows
 
 
 def randomized_sources(config: AppConfig, window_px: int) -> tuple[RandomizedWindows, list[Window]]:
@@ -410,14 +419,8 @@ def randomized_sources(config: AppConfig, window_px: int) -> tuple[RandomizedWin
     train = RandomizedWindows(seeds=train_seeds, **arguments)
     validation_source = RandomizedWindows(seeds=validation_seeds, **arguments)
     rng = np.random.default_rng(np.random.SeedSequence([training.seed, 0x5A2]))
-    low, high = training.defocus_range_um
-    planes = np.linspace(low, high, 8)
     fields = validation_source.fields[: training.validation_fields]
-    validation = []
-    for index, field in enumerate(fields):
-        shift = (index / max(1, len(fields)) - 0.5) * (planes[1] - planes[0])
-        validation.append(validation_source.render(field, np.clip(planes + shift, low, high), rng))
-    return train, validation
+    return train, _validation_windows(validation_source, fields, training.defocus_range_um, rng)
 
 
 def _check_defocus_range(config: AppConfig) -> None:
