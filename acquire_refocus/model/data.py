@@ -157,7 +157,7 @@ class SimulatedWindows:
         self.planes_per_window = planes_per_window
         self._next = 0
 
-    def render(self, field: Field, defocus_um: Sequence[float], rng: np.random.Generator) -> Window:
+    def render(self, field: Field, defocus_um: Sequence[float] | np.ndarray, rng: np.random.Generator) -> Window:
         scope = self.scopes.get(field.seed)
         planes, truth = scope.render_stack(
             list(defocus_um), (field.x_um, field.y_um), rng=rng, shape_px=(self.window_px, self.window_px)
@@ -190,7 +190,7 @@ class RandomizedWindows:
         self.defocus_range_um = defocus_range_um
         self.window_px = window_px
         self.planes_per_window = planes_per_window
-        per_axis = max(1, int(math.ceil(math.sqrt(fields_per_specimen))))
+        per_axis = max(1, math.ceil(math.sqrt(fields_per_specimen)))
         side_um = envelope.field_size_um
         self.fields = [Field(seed, (col + 0.5) / per_axis * side_um, (row + 0.5) / per_axis * side_um)
                        for seed in self.seeds for row in range(per_axis) for col in range(per_axis)]
@@ -206,7 +206,7 @@ class RandomizedWindows:
         simulator = randomization.specimen_simulator(self.envelope, self.simulator, draw, seed)
         return SimulatedMicroscope(self.optics_variants[draw.optics_index], simulator)
 
-    def render(self, field: Field, defocus_um: Sequence[float], rng: np.random.Generator) -> Window:
+    def render(self, field: Field, defocus_um: Sequence[float] | np.ndarray, rng: np.random.Generator) -> Window:
         from acquire_refocus.sim import randomization
 
         scope = self.scopes.get(field.seed)
@@ -386,7 +386,7 @@ def simulated_sources(config: AppConfig, window_px: int) -> tuple[SimulatedWindo
 
 
 class _RendersFields(Protocol):
-    def render(self, field: Field, defocus_um: Sequence[float], rng: np.random.Generator) -> Window: ...
+    def render(self, field: Field, defocus_um: Sequence[float] | np.ndarray, rng: np.random.Generator) -> Window: ...
 
 
 def _validation_windows(source: _RendersFields, fields: Sequence[Field], defocus_range_um: tuple[float, float],
@@ -413,11 +413,11 @@ def randomized_sources(config: AppConfig, window_px: int) -> tuple[RandomizedWin
     per_specimen = RANDOMIZED_FIELDS_PER_SPECIMEN
     train_seeds = [TRAIN_SEED_BASE + i for i in range(math.ceil(training.train_fields / per_specimen))]
     validation_seeds = [VALIDATION_SEED_BASE + i for i in range(math.ceil(training.validation_fields / per_specimen))]
-    arguments = dict(optics=config.optics, simulator=config.simulator, envelope=envelope,
-                     defocus_range_um=training.defocus_range_um, window_px=window_px,
-                     fields_per_specimen=per_specimen, variants_seed=training.seed)
-    train = RandomizedWindows(seeds=train_seeds, **arguments)
-    validation_source = RandomizedWindows(seeds=validation_seeds, **arguments)
+    def windows(seeds: list[int]) -> RandomizedWindows:
+        return RandomizedWindows(config.optics, config.simulator, envelope, seeds, training.defocus_range_um,
+                                 window_px, fields_per_specimen=per_specimen, variants_seed=training.seed)
+
+    train, validation_source = windows(train_seeds), windows(validation_seeds)
     rng = np.random.default_rng(np.random.SeedSequence([training.seed, 0x5A2]))
     fields = validation_source.fields[: training.validation_fields]
     return train, _validation_windows(validation_source, fields, training.defocus_range_um, rng)
