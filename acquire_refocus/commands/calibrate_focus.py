@@ -61,22 +61,27 @@ class FieldCalibration:
     planes_used: int
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = _DESCRIPTION
-    parser.epilog = _EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("stack", type=Path, metavar="STACK", help="z-stack TIFF file, or folder of plane folders")
-    parser.add_argument("--config", metavar="FILE", help="YAML config whose optics: took the stacks (default: built-in)")
+def add_stack_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, in_focus_use: str) -> None:
+    """How a z-stack is read (read_stacks): shared by calibrate-focus and evaluate --stack."""
     parser.add_argument("--z-step-um", type=float, default=None, metavar="S",
                         help="stage step between planes (needed except for simulated datasets)")
     parser.add_argument("--in-focus-index", type=int, default=None, metavar="I",
-                        help="the plane you call in focus (0-based), to suggest target_offset_um")
+                        help=f"the plane you call in focus (0-based), {in_focus_use}")
     parser.add_argument("--pixel-size-um", type=float, default=None, metavar="X",
                         help="pixel size at the sample (default: the dataset's, else the config's optics)")
     parser.add_argument("--z-order", choices=["increasing", "decreasing"], default="increasing",
                         help="increasing (default): later planes were taken deeper into the sample")
     parser.add_argument("--file-pattern", default=None, metavar="GLOB",
                         help="plane folders: pick one channel by file name, e.g. '*_w1*'")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = _DESCRIPTION
+    parser.epilog = _EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("stack", type=Path, metavar="STACK", help="z-stack TIFF file, or folder of plane folders")
+    parser.add_argument("--config", metavar="FILE", help="YAML config whose optics: took the stacks (default: built-in)")
+    add_stack_arguments(parser, "to suggest target_offset_um")
     parser.add_argument("--range-um", type=float, default=None, metavar="R",
                         help="fit the planes within this distance of the sharpest one (default: 4/3 of the depth "
                              "of field, as the closed loop)")

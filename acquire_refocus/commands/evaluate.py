@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from acquire_refocus.commands.calibrate_focus import add_stack_arguments
 from acquire_refocus.errors import UserError
 from acquire_refocus.model.verdict import (
     HARMS_BELOW_GAIN_DB,
@@ -67,15 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stack.add_argument("--stack", type=Path, default=None, metavar="STACK",
                        help="a multi-page TIFF (planes, height, width; one channel, planes in stage-Z order) or a "
                        "folder of plane folders, read as calibrate-focus reads it")
-    stack.add_argument("--z-step-um", type=float, default=None, metavar="S", help="stage step between planes")
-    stack.add_argument("--in-focus-index", type=int, default=None, metavar="I",
-                       help="the plane you call in focus (0-based): the reference")
-    stack.add_argument("--pixel-size-um", type=float, default=None, metavar="P",
-                       help="pixel size at the sample (default: the dataset's, else the config's optics)")
-    stack.add_argument("--z-order", choices=["increasing", "decreasing"], default="increasing",
-                       help="increasing (default): later planes were taken deeper into the sample")
-    stack.add_argument("--file-pattern", default=None, metavar="GLOB",
-                       help="plane folders: pick one channel by file name, e.g. '*_w1*'")
+    add_stack_arguments(stack, "the reference")
     parser.add_argument("--record", action="store_true",
                         help="record the verdict per distance beside each weights file (WEIGHTS.evaluation.json, "
                         "with its sha256; the shipped model's in the user's data folder). serve and correct "

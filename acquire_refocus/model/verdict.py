@@ -245,30 +245,13 @@ def check_model(weights: Path, sha256: str, allow_harmful: bool, opt_in: str) ->
         log.info(kv("model_verdict", verdict=judged, weights=weights, record=path, evaluations=len(evaluations)))
         return ModelCheck(judged, path, None)
     where = "; ".join(harmful)
+    note = ("refocused frames are used anyway (opted in)" if allow_harmful
+            else "refocused frames withheld: frames are kept raw (status skipped)")
+    log.warning(kv("model_verdict", verdict="harms", weights=weights, record=path, where=where, note=note))
     if allow_harmful:
-        log.warning(
-            kv(
-                "model_verdict",
-                verdict="harms",
-                weights=weights,
-                record=path,
-                where=where,
-                note="refocused frames are used anyway (opted in)",
-            )
-        )
         return ModelCheck("harms", path, None)
     refusal = (
         f"the model's recorded evaluation ({path}) says it harms ({where}): its refocused frames are withheld; {opt_in}"
-    )
-    log.warning(
-        kv(
-            "model_verdict",
-            verdict="harms",
-            weights=weights,
-            record=path,
-            where=where,
-            note="refocused frames withheld: frames are kept raw (status skipped)",
-        )
     )
     return ModelCheck("harms", path, refusal)
 
