@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -65,6 +66,7 @@ class OpticalFusion:
         self.bank, _ = load_or_compute_psf_bank(optics, max_defocus_um=simulator.max_defocus_um,
                                                 z_step_um=1.0, depth_um=0.0, cache_dir=simulator.psf_cache_dir)
         self._otf: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
         log.info(kv("optical_fusion_ready", margin_um=f"{self.margin_um:.2f}", planes=len(self.bank.defocus_um)))
 
     def _mtf(self, defocus_um: float, shape: tuple[int, int]) -> np.ndarray:
@@ -72,7 +74,8 @@ class OpticalFusion:
         cropped to the frame if larger)."""
         index = int(self.bank.index(defocus_um))
         key = (index, *shape)
-        cached = self._otf.pop(key, None)
+        with self._lock:  # the software autofocus may run the Refocuser beside the pipeline's worker
+            cached = self._otf.pop(key, None)
         if cached is None:
             psf = self.bank.plane(index).astype(np.float64)
             half = psf.shape[0] // 2
@@ -82,9 +85,10 @@ class OpticalFusion:
             grid[: kernel.shape[0], : kernel.shape[1]] = kernel / kernel.sum()
             grid = np.roll(grid, (-reach_y, -reach_x), axis=(0, 1))
             cached = np.abs(scipy.fft.rfft2(grid, workers=_WORKERS)).astype(np.float32)
-        self._otf[key] = cached
-        while len(self._otf) > _OTF_CACHE_ENTRIES:
-            self._otf.popitem(last=False)
+        with self._lock:
+            self._otf[key] = cached
+            while len(self._otf) > _OTF_CACHE_ENTRIES:
+                self._otf.popitem(last=False)
         return cached
 
     def _bands(self, shape: tuple[int, int]) -> np.ndarray:
