@@ -94,7 +94,8 @@ class OpticalFusion:
     def _bands(self, shape: tuple[int, int]) -> np.ndarray:
         """Index of each rfft2 frequency's radial band (_BANDS bands from 0 to the corner frequency)."""
         radius = np.hypot(np.fft.fftfreq(shape[0])[:, None], np.fft.rfftfreq(shape[1])[None, :])
-        return np.minimum((radius / math.sqrt(0.5) * _BANDS).astype(np.int64), _BANDS - 1)
+        bands: np.ndarray = np.minimum((radius / math.sqrt(0.5) * _BANDS).astype(np.int64), _BANDS - 1)
+        return bands
 
     def __call__(self, raw: np.ndarray, output: np.ndarray, magnitude_um: float) -> np.ndarray:
         """The fused image (float32, raw's shape) from the network input `raw` and its output."""
