@@ -173,9 +173,9 @@ class Refocuser:
         self.check_pixel_size_um(pixel_size_um)
         zoom = 1.0 if pixel_size_um is None else float(pixel_size_um) / self.pixel_size_um
         intensity = frame_scale(frame, self.loaded.normalization)
-        if intensity.is_degenerate:
-            return RefocusResult(frame.astype(np.float32, copy=True), 0.0, 0.0, math.inf, 0.0, ("nearly_empty",))
         flags = envelope_flags(frame, zoom, self.snr_range)
+        if intensity.is_degenerate:  # a constant frame: nothing to refocus (envelope_flags says nearly_empty)
+            return RefocusResult(frame.astype(np.float32, copy=True), 0.0, 0.0, math.inf, 0.0, flags)
         normalised = normalize(frame, intensity)
         resampled = abs(zoom - 1.0) > _PIXEL_SIZE_TOLERANCE
         if resampled:

@@ -141,6 +141,7 @@ def test_refocuser_reports_flags_and_no_confidence_outside_its_envelope(tiny_ref
     assert outside.flags == ("saturated",) and outside.confidence == 0.0
     assert outside.image.shape == frame.shape and np.isfinite(outside.image).all()  # still refocused
     assert tiny_refocuser(np.full((64, 64), 7, np.uint16)).flags == ("nearly_empty",)
+    assert tiny_refocuser(np.full((64, 64), 65535, np.uint16)).flags == ("saturated", "nearly_empty")
 
 
 def test_extruded_real_image_keeps_its_projection() -> None:
