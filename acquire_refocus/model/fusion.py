@@ -27,6 +27,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import scipy.fft
@@ -53,6 +54,16 @@ def magnitude_margin_um(estimates_um: Sequence[float], true_um: Sequence[float])
     excess = np.asarray(estimates_um, dtype=np.float64) - true_abs
     near = excess[true_abs <= MARGIN_RANGE_UM]
     return float(max(0.0, np.percentile(near if near.size else excess, 90.0)))
+
+
+@lru_cache(maxsize=4)
+def _radial_bands(shape: tuple[int, int]) -> np.ndarray:
+    """Index of each rfft2 frequency's radial band (_BANDS bands from 0 to the corner frequency); computed once a
+    frame shape, since a run's frames share one."""
+    radius = np.hypot(np.fft.fftfreq(shape[0])[:, None], np.fft.rfftfreq(shape[1])[None, :])
+    bands: np.ndarray = np.minimum((radius / math.sqrt(0.5) * _BANDS).astype(np.int64), _BANDS - 1)
+    bands.flags.writeable = False
+    return bands
 
 
 class OpticalFusion:
@@ -91,12 +102,6 @@ class OpticalFusion:
                 self._otf.popitem(last=False)
         return cached
 
-    def _bands(self, shape: tuple[int, int]) -> np.ndarray:
-        """Index of each rfft2 frequency's radial band (_BANDS bands from 0 to the corner frequency)."""
-        radius = np.hypot(np.fft.fftfreq(shape[0])[:, None], np.fft.rfftfreq(shape[1])[None, :])
-        bands: np.ndarray = np.minimum((radius / math.sqrt(0.5) * _BANDS).astype(np.int64), _BANDS - 1)
-        return bands
-
     def __call__(self, raw: np.ndarray, output: np.ndarray, magnitude_um: float) -> np.ndarray:
         """The fused image (float32, raw's shape) from the network input `raw` and its output."""
         if not math.isfinite(magnitude_um):
@@ -111,7 +116,7 @@ class OpticalFusion:
         estimate *= np.minimum(1.0, np.abs(observed) * ratio / np.maximum(amplitude, 1e-12))
         noise_power = max(raw.size * noise_std(raw) ** 2, 1e-12)
         # the network's own error power per frequency band: what it departs from the raw frame beyond the noise
-        band = self._bands(shape)
+        band = _radial_bands(shape)
         departure = np.abs(estimate - observed) ** 2
         counts = np.maximum(np.bincount(band.ravel(), minlength=_BANDS), 1)
         band_departure = np.bincount(band.ravel(), departure.ravel(), minlength=_BANDS) / counts

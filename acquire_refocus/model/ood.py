@@ -419,9 +419,18 @@ def run_ood_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | No
             methods[f"{label}, network alone"] = _with_magnitude(alone, alone_info["factors"])
             networks[f"{label}, network alone"] = alone_info
     if physics and weights:
-        first = methods[weights[0][0]]
+        # the physics-informed method reuses the first model's |d| of the same frame: evaluate_sets runs the
+        # methods of a frame in this dict's order, the first model before it
+        first, magnitudes = methods[weights[0][0]], {}
+
+        def first_recording(sample: Sample) -> tuple[np.ndarray, float, float]:
+            image, magnitude_um, confidence = first(sample)
+            magnitudes[id(sample)] = magnitude_um
+            return image, magnitude_um, confidence
+
+        methods[weights[0][0]] = first_recording
         methods[f"Wiener at |d| of {weights[0][0]} (physics-informed)"] = physics_method(
-            config, lambda sample: first(sample)[1], window_px)
+            config, lambda sample: magnitudes.pop(id(sample)), window_px)
     rows = evaluate_sets(sets, methods)
     write_csv(rows, out_dir / "metrics.csv")
     plot_reliability(rows, list(networks), out_dir / "reliability.png")
