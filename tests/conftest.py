@@ -57,6 +57,25 @@ FAST_SIMULATOR: dict = {
 }
 
 
+def write_serve_config(path: Path, weights: Path, sequence: dict, **sections: dict) -> Path:
+    """A config file for a real `serve --once` subprocess: FAST_SIMULATOR, `weights` on torch with one thread, free
+    loopback ports, focus observe, the simulator backend running `sequence`; `sections` replace or add top-level
+    sections (e.g. focus, storage, log_file)."""
+    import yaml
+
+    config = {
+        "simulator": FAST_SIMULATOR,
+        "model": {"weights": str(weights)},
+        "engine": {"backend": "torch", "num_threads": 1},
+        "publishing": {"pub_address": free_tcp_address(), "control_address": free_tcp_address()},
+        "focus": {"mode": "observe"},
+        "acquisition": {"backend": "simulator", "sequence": sequence},
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
 # 256 x 256 frames of a field with enough nuclei that sharpness and the closed loop have something to see.
 SMALL_FIELD_SIMULATOR: dict = {
     **FAST_SIMULATOR,

@@ -15,26 +15,16 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from conftest import write_serve_config
 
-from conftest import FAST_SIMULATOR, free_tcp_address
 from acquire_refocus.storage import open_stores, read_focus_log
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def write_config(path: Path, weights: Path, loops: int) -> Path:
-    config = {
-        "simulator": FAST_SIMULATOR,
-        "model": {"weights": str(weights)},
-        "engine": {"backend": "torch", "num_threads": 1},
-        "publishing": {"pub_address": free_tcp_address(), "control_address": free_tcp_address()},
-        "focus": {"mode": "observe"},
-        "acquisition": {"backend": "simulator",
-                        "sequence": {"time_plan": {"interval": 0, "loops": loops},
-                                     "stage_positions": [{"x": 0, "y": 0, "z": 100}]}},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_serve_config(path, weights, {"time_plan": {"interval": 0, "loops": loops},
+                                              "stage_positions": [{"x": 0, "y": 0, "z": 100}]})
 
 
 def start_serve(config: Path, output: Path) -> subprocess.Popen:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import FAST_SIMULATOR, free_tcp_address
+from conftest import write_serve_config
 
 from acquire_refocus.config import LogFileConfig
 from acquire_refocus.errors import UserError
@@ -24,19 +24,9 @@ LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} level=[A-Z]+ logger=ac
 
 
 def _config(path: Path, weights: Path, log_settings: dict[str, Any]) -> Path:
-    config = {
-        "simulator": FAST_SIMULATOR,
-        "model": {"weights": str(weights)},
-        "engine": {"backend": "torch", "num_threads": 1},
-        "publishing": {"pub_address": free_tcp_address(), "control_address": free_tcp_address()},
-        "focus": {"mode": "observe"},
-        "log_file": log_settings,
-        "acquisition": {"backend": "simulator",
-                        "sequence": {"time_plan": {"interval": 0, "loops": 4},
-                                     "stage_positions": [{"x": 0, "y": 0, "z": 100}]}},
-    }
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+    return write_serve_config(path, weights, {"time_plan": {"interval": 0, "loops": 4},
+                                              "stage_positions": [{"x": 0, "y": 0, "z": 100}]},
+                              log_file=log_settings)
 
 
 def _serve(config: Path, output: Path) -> subprocess.CompletedProcess[str]:

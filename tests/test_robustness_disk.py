@@ -18,14 +18,13 @@ from typing import Any
 import pytest
 import useq
 import yaml
+from conftest import write_serve_config
+from test_daemon import daemon_config
 
 from acquire_refocus.config import DriftConfig
 from acquire_refocus.control import request
 from acquire_refocus.daemon import Daemon
 from acquire_refocus.storage import read_focus_log, read_raw_frame_log, read_run_state, stored_frame_count
-
-from conftest import FAST_SIMULATOR, free_tcp_address
-from test_daemon import daemon_config
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -52,18 +51,8 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[..., Path]]:
 
 
 def write_config(folder: Path, weights: Path, sequence: dict[str, Any], **storage: Any) -> Path:
-    config = {
-        "simulator": FAST_SIMULATOR,
-        "model": {"weights": str(weights)},
-        "engine": {"backend": "torch", "num_threads": 1},
-        "publishing": {"pub_address": free_tcp_address(), "control_address": free_tcp_address()},
-        "focus": {"mode": "off"},
-        "storage": {"min_free_mb": 0.5, **storage},
-        "acquisition": {"backend": "simulator", "sequence": sequence},
-    }
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+    return write_serve_config(folder / "config.yaml", weights, sequence, focus={"mode": "off"},
+                              storage={"min_free_mb": 0.5, **storage})
 
 
 def serve_once(config: Path, output: Path) -> subprocess.Popen[str]:
