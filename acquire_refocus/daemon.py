@@ -26,6 +26,7 @@ import yaml
 
 from acquire_refocus.config import AppConfig, dump_config
 from acquire_refocus.control import ControlServer
+from acquire_refocus.core_lifetime import release_core
 from acquire_refocus.diskspace import SpaceNeed, check_space, low_space_problem, space_need
 from acquire_refocus.errors import ConfigError, UserError
 from acquire_refocus.autofocus import software_autofocus
@@ -724,7 +725,7 @@ class Daemon:
         self._close_sockets()
         if self._core is not None:
             try:
-                self._core.unloadAllDevices()  # releases the hardware (or the simulated devices)
+                release_core(self._core)  # releases the hardware (or the simulated devices) and the callback
             except Exception as exc:
                 log.warning(kv("unload_devices_failed", error=repr(exc)))
             self._core = None

@@ -56,7 +56,7 @@ def run_locked(refocuser: Any, mode: str, lose_at_t: int | None = None,
     })
     sequence = useq.MDASequence(time_plan={"interval": 0, "loops": LOOPS}, stage_positions=[(0.0, 0.0)])
     offsets: list[tuple[int, float]] = []
-    with Daemon(config, corrector=refocuser) as daemon:
+    with Daemon(config, corrector=refocuser, control=False) as daemon:
         core = daemon.acquisition_core()
         core.setProperty("SimPFS", "State", "On")
         truth = FocusTruth(daemon.scope, TIME_PER_FRAME_S, {})

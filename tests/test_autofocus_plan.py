@@ -57,7 +57,7 @@ def test_autofocus_plan_finds_focus_before_each_stack_with_fewer_frames_than_a_s
     shipped_refocuser: Any, tmp_path: Path
 ) -> None:
     config = _config()
-    with Daemon(config, output_dir=tmp_path, corrector=shipped_refocuser) as daemon:
+    with Daemon(config, output_dir=tmp_path, corrector=shipped_refocuser, control=False) as daemon:
         core = daemon.acquisition_core()
         truth = FocusTruth(daemon.scope, 0.0, {})
         core.mda.events.frameReady.connect(truth.frameReady)

@@ -16,7 +16,8 @@ import tifffile
 import useq
 
 from acquire_refocus.errors import UserError
-from acquire_refocus.hooks.mm_hardware import hardware_core, load_hardware_core, release_hardware_core
+from acquire_refocus.core_lifetime import release_core
+from acquire_refocus.hooks.mm_hardware import hardware_core, load_hardware_core
 from acquire_refocus.pipeline import FrameInfo, FramePipeline, FrameResult
 
 mm_test_adapters = pytest.importorskip("mm_test_adapters")
@@ -120,8 +121,8 @@ def test_focus_device_is_set_and_checked() -> None:
 def test_release_unloads_and_is_idempotent() -> None:
     core = load_hardware_core(DEMO_CONFIG, ADAPTERS)
     assert "Camera" in core.getLoadedDevices()
-    release_hardware_core(core)
-    release_hardware_core(core)
+    release_core(core)
+    release_core(core)
     assert list(core.getLoadedDevices()) == ["Core"]
 
 

@@ -131,7 +131,8 @@ def test_daemon_saves_and_logs_every_frame_of_both_channels_and_keeps_the_other_
         def close(self) -> None:
             pass
 
-    with Daemon(config, output_dir=tmp_path, corrector=shipped_refocuser, extra_sinks=lambda: [Reasons()]) as daemon:
+    with Daemon(config, output_dir=tmp_path, corrector=shipped_refocuser, control=False,
+                extra_sinks=lambda: [Reasons()]) as daemon:
         summary = daemon.run(sequence, tmp_path / "run")
     assert not summary.error
     rows = read_focus_log(tmp_path / "run" / FOCUS_LOG)
@@ -150,7 +151,7 @@ def test_a_focus_channel_the_sequence_lacks_is_a_config_error(shipped_refocuser:
 
     config = _config(channel="GFP")
     sequence = useq.MDASequence(stage_positions=[(0, 0, 100)], channels=CHANNELS)
-    with Daemon(config, corrector=shipped_refocuser) as daemon, pytest.raises(
+    with Daemon(config, corrector=shipped_refocuser, control=False) as daemon, pytest.raises(
         ConfigError, match="focus.channel: none of GFP is a channel of the sequence"
     ):
         daemon.run(sequence, None)

@@ -8,23 +8,18 @@ what to fix, instead of MMCore's bare RuntimeError.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
-import pymmcore
 from pymmcore_plus import CMMCorePlus, find_micromanager
 
+from acquire_refocus.core_lifetime import release_core, track_core
 from acquire_refocus.errors import UserError
 from acquire_refocus.logs import kv
 
 log = logging.getLogger(__name__)
-
-# Cores made by load_hardware_core and not yet released: released at exit (see release_hardware_core).
-_LIVE_CORES: weakref.WeakSet[CMMCorePlus] = weakref.WeakSet()
 
 _ADAPTER_HELP = (
     "set acquisition.mm_app_path to the Micro-Manager folder that holds the device adapters "
@@ -59,8 +54,8 @@ def load_hardware_core(
 
     `mm_app_path` None uses pymmcore-plus's own search (MICROMANAGER_PATH, `mmcore install`, the default install
     folder). `focus_device`, when given, becomes the core's focus device (the Z stage the daemon drives).
-    Call `release_hardware_core(core)` when done (or use `hardware_core`); cores still alive when Python exits
-    are released by an atexit handler (see `release_hardware_core` for why).
+    Call `release_core(core)` when done (or use `hardware_core`); cores still alive when Python exits are
+    released at exit (`acquire_refocus.core_lifetime` says why).
     """
     config = Path(mm_config_file).expanduser()
     if not config.is_file():
@@ -78,8 +73,7 @@ def load_hardware_core(
         if adapter_dir is None:
             raise UserError(f"no Micro-Manager installation found; {_ADAPTER_HELP}")
 
-    core = CMMCorePlus(mm_path=adapter_dir)
-    _LIVE_CORES.add(core)
+    core = track_core(CMMCorePlus(mm_path=adapter_dir))
     available = set(core.getDeviceAdapterNames())
     missing = sorted(_config_adapters(config) - available)
     if missing:
@@ -90,7 +84,7 @@ def load_hardware_core(
     try:
         core.loadSystemConfiguration(str(config.resolve()))
     except (RuntimeError, OSError) as exc:
-        release_hardware_core(core)
+        release_core(core)
         version = _device_interface_version(core)
         hint = (
             f" If an adapter failed to load, check that the adapters were built for device interface version "
@@ -101,13 +95,13 @@ def load_hardware_core(
         raise UserError(f"{config}: Micro-Manager could not load this hardware configuration: {exc}.{hint}") from None
 
     if not core.getCameraDevice():
-        release_hardware_core(core)
+        release_core(core)
         raise UserError(f"{config}: this hardware configuration has no camera (Core-Camera is not set); "
                         "acquire-refocus needs one to acquire")
     if focus_device is not None:
         stages = list(core.getLoadedDevicesOfType(5))  # 5 = DeviceType.StageDevice (single-axis stages)
         if focus_device not in stages:
-            release_hardware_core(core)
+            release_core(core)
             raise UserError(
                 f"acquisition.focus_device {focus_device!r} is not a Z stage in {config} "
                 f"(Z stages: {', '.join(stages) or 'none'})"
@@ -138,26 +132,4 @@ def hardware_core(
     try:
         yield core
     finally:
-        release_hardware_core(core)
-
-
-def release_hardware_core(core: CMMCorePlus) -> None:
-    """Unload the devices (stages and camera released) and detach the core's Python callback. Idempotent.
-
-    Why the callback: MMCore 12 (pymmcore 12.5) delivers device notifications to pymmcore-plus's Python callback
-    from its own C++ thread. If that thread enters Python while the interpreter is shutting down, the process dies
-    with "FATAL: exception not rethrown" (exit status 134) after a clean run; unloading the devices alone does not
-    prevent it (seen in about 1 run in 6 with the DemoCamera adapters), detaching the callback does.
-    """
-    try:
-        core.unloadAllDevices()
-    finally:
-        pymmcore.CMMCore.registerCallback(core, None)  # pymmcore-plus's override refuses None; the base detaches
-        _LIVE_CORES.discard(core)
-
-
-
-@atexit.register
-def _release_live_cores() -> None:
-    for core in list(_LIVE_CORES):
-        release_hardware_core(core)
+        release_core(core)

@@ -33,6 +33,7 @@ from pymmcore_plus.experimental.unicore import (
 )
 
 from acquire_refocus.config import OpticsConfig, SimulatorConfig
+from acquire_refocus.core_lifetime import track_core
 from acquire_refocus.errors import UserError
 from acquire_refocus.logs import kv
 from acquire_refocus.sim.drift import Drift
@@ -379,7 +380,7 @@ def create_simulated_core(optics: OpticsConfig, simulator: SimulatorConfig) -> t
         devices += [(LOCK_OFFSET_LABEL, offset), (LOCK_LABEL, focus.lock)]
 
     scope.focus_stage = focus
-    core = UniMMCore()
+    core = track_core(UniMMCore())
     for label, device in devices:
         core.loadPyDevice(label, device)
         core.initializeDevice(label)
