@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 __all__ = ["RefocusResult", "Refocuser", "__version__"]
 
 if TYPE_CHECKING:
-    from acquire_refocus.refocuser import RefocusResult, Refocuser
+    from acquire_refocus.refocuser import Refocuser, RefocusResult
 
 
 def __getattr__(name: str) -> Any:

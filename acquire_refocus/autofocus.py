@@ -79,8 +79,13 @@ class SoftwareAutofocus:
     """Find the sharpest Z near a start Z with as few frames as the seed allows (module docstring)."""
 
     def __init__(
-        self, config: SoftwareAutofocusConfig, sharpness: BandPassSharpness, range_fit_um: float, width_um: float,
-        magnitude: MagnitudeEstimator | None = None, pixel_size_um: float | None = None,
+        self,
+        config: SoftwareAutofocusConfig,
+        sharpness: BandPassSharpness,
+        range_fit_um: float,
+        width_um: float,
+        magnitude: MagnitudeEstimator | None = None,
+        pixel_size_um: float | None = None,
         plot_dir: Path | None = None,
     ) -> None:
         self.config = config
@@ -94,12 +99,23 @@ class SoftwareAutofocus:
 
     @classmethod
     def for_config(
-        cls, focus: FocusConfig, optics: OpticsConfig, magnitude: MagnitudeEstimator | None = None,
-        pixel_size_um: float | None = None, plot_dir: Path | None = None,
+        cls,
+        focus: FocusConfig,
+        optics: OpticsConfig,
+        magnitude: MagnitudeEstimator | None = None,
+        pixel_size_um: float | None = None,
+        plot_dir: Path | None = None,
     ) -> SoftwareAutofocus:
         _, width_um, range_um = focus.sharpness_settings_um(optics)
-        return cls(focus.autofocus, BandPassSharpness.for_optics(optics), range_um, width_um, magnitude,
-                   pixel_size_um, plot_dir)
+        return cls(
+            focus.autofocus,
+            BandPassSharpness.for_optics(optics),
+            range_um,
+            width_um,
+            magnitude,
+            pixel_size_um,
+            plot_dir,
+        )
 
     def run(self, drive: FocusDrive, start_z_um: float, label: str = "") -> AutofocusResult:
         """Sweep around `start_z_um`, leave the stage at the focus found (or at the start when none is found)."""
@@ -129,8 +145,10 @@ class SoftwareAutofocus:
         best = max([start_z_um, *sides], key=measure)
         if best != start_z_um:  # climb on in coarse steps while it gets sharper (a seed that reads short)
             direction = 1.0 if best > start_z_um else -1.0
-            while lo <= best + direction * coarse_um <= hi and measure(best + direction * coarse_um) > taken[
-                    round(best, 3)]:
+            while (
+                lo <= best + direction * coarse_um <= hi
+                and measure(best + direction * coarse_um) > taken[round(best, 3)]
+            ):
                 best = round(best + direction * coarse_um, 3)
         half = cfg.fine_planes // 2
         for z in (best + k * cfg.step_um for k in range(-half, half + 1)):
@@ -155,20 +173,30 @@ class SoftwareAutofocus:
             result.reason = "no sharpness peak within the search range (an empty field, or focus beyond range_um)"
             drive.move_to(start_z_um)
         elif fall < _MIN_LOG_FALL or curve.width_um > _MAX_WIDTH_RATIO * self._width_um:
-            result.reason = (f"no sharpness peak: too little structure (sharpness varies {fall:.3f} in log, fitted "
-                             f"width {curve.width_um:.1f} um): a blank field, or one changing while it was swept")
+            result.reason = (
+                f"no sharpness peak: too little structure (sharpness varies {fall:.3f} in log, fitted "
+                f"width {curve.width_um:.1f} um): a blank field, or one changing while it was swept"
+            )
             drive.move_to(start_z_um)
         else:
             result.focus_z_um, result.succeeded, result.reason = curve.peak_z_um, True, "fitted"
             drive.move_to(curve.peak_z_um)
         self.runs.append(result)
-        log.log(logging.INFO if result.succeeded else logging.WARNING, kv(
-            "software_autofocus", at=label or "-", start_z_um=f"{start_z_um:.3f}",
-            focus_z_um=f"{result.focus_z_um:.3f}", succeeded=result.succeeded, frames=result.frames,
-            seed_magnitude_um=f"{seed:.2f}" if seed is not None else "none",
-            width_um=f"{curve.width_um:.2f}" if curve else "none",
-            curve=";".join(f"{z:.2f}:{s:.4f}" for z, s in zip(result.z_um, result.log_sharpness, strict=True)),
-            reason=result.reason))
+        log.log(
+            logging.INFO if result.succeeded else logging.WARNING,
+            kv(
+                "software_autofocus",
+                at=label or "-",
+                start_z_um=f"{start_z_um:.3f}",
+                focus_z_um=f"{result.focus_z_um:.3f}",
+                succeeded=result.succeeded,
+                frames=result.frames,
+                seed_magnitude_um=f"{seed:.2f}" if seed is not None else "none",
+                width_um=f"{curve.width_um:.2f}" if curve else "none",
+                curve=";".join(f"{z:.2f}:{s:.4f}" for z, s in zip(result.z_um, result.log_sharpness, strict=True)),
+                reason=result.reason,
+            ),
+        )
         if self._plot_dir is not None:
             plot_focus_curve(self._plot_dir / f"autofocus_{label or len(self.runs)}.png", result)
         return result
@@ -204,16 +232,25 @@ def _draw_curve(ax: object, z: np.ndarray, s: np.ndarray, curve: SharpnessCurve 
     near = finite & (np.abs(z - curve.peak_z_um) <= 2 * curve.width_um)
     shape = lambda zz: -((zz - curve.peak_z_um) ** 2) / (2 * curve.width_um**2)  # noqa: E731
     level = float(np.mean(s[near] - shape(z[near]))) if near.any() else float(s[finite].max())
-    grid = np.linspace(max(z.min(), curve.peak_z_um - 2 * curve.width_um),
-                       min(z.max(), curve.peak_z_um + 2 * curve.width_um), 200)
+    grid = np.linspace(
+        max(z.min(), curve.peak_z_um - 2 * curve.width_um), min(z.max(), curve.peak_z_um + 2 * curve.width_um), 200
+    )
     colour = points[0].get_color()
-    ax.plot(grid, level + shape(grid), "-", lw=1, color=colour,  # type: ignore[attr-defined]
-            label=f"fit: peak {curve.peak_z_um:.2f} um, width {curve.width_um:.2f} um")
+    ax.plot(
+        grid,
+        level + shape(grid),
+        "-",
+        lw=1,
+        color=colour,  # type: ignore[attr-defined]
+        label=f"fit: peak {curve.peak_z_um:.2f} um, width {curve.width_um:.2f} um",
+    )
     ax.axvline(curve.peak_z_um, color=colour, lw=0.6)  # type: ignore[attr-defined]
 
 
 def plot_sharpness_curves(
-    path: Path, curves: list[tuple[str, np.ndarray, np.ndarray, SharpnessCurve | None]], title: str,
+    path: Path,
+    curves: list[tuple[str, np.ndarray, np.ndarray, SharpnessCurve | None]],
+    title: str,
     start_z_um: float | None = None,
 ) -> None:
     """One focus-curve plot: per field (name, Z, log sharpness, fit or None), the points and the fit."""
@@ -239,8 +276,12 @@ def plot_sharpness_curves(
 
 def plot_focus_curve(path: Path, result: AutofocusResult) -> None:
     """What one software autofocus run saw: its frames' sharpness against Z, the fit and the focus found."""
-    plot_sharpness_curves(path, [(f"{result.frames} frames", np.array(result.z_um), np.array(result.log_sharpness),
-                                  result.curve)], f"software autofocus: {result.reason}", result.start_z_um)
+    plot_sharpness_curves(
+        path,
+        [(f"{result.frames} frames", np.array(result.z_um), np.array(result.log_sharpness), result.curve)],
+        f"software autofocus: {result.reason}",
+        result.start_z_um,
+    )
 
 
 def software_autofocus(
@@ -258,6 +299,9 @@ def software_autofocus(
             return math.nan
 
     return SoftwareAutofocus.for_config(
-        config.focus, config.optics.for_channel(channel), magnitude, config.acquisition.pixel_size_um,
+        config.focus,
+        config.optics.for_channel(channel),
+        magnitude,
+        config.acquisition.pixel_size_um,
         output_dir / "autofocus" if output_dir is not None else None,
     )

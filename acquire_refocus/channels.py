@@ -42,8 +42,9 @@ def driving_channel(focus: FocusConfig, channels: Sequence[str]) -> str | None:
     for name in wanted:
         if name in channels:
             return name
-    raise ConfigError(f"focus.channel: none of {', '.join(wanted)} is a channel of the sequence "
-                      f"(channels: {', '.join(channels)})")
+    raise ConfigError(
+        f"focus.channel: none of {', '.join(wanted)} is a channel of the sequence (channels: {', '.join(channels)})"
+    )
 
 
 def model_wavelength_nm(corrector: object) -> float | None:
@@ -59,8 +60,13 @@ class ModelChannelPolicy:
     emission wavelength lies within the envelope of the model that refocuses it (its own in
     `model.weights_per_channel`, else the default one), or `refocus_any_wavelength` is set."""
 
-    def __init__(self, pipeline: PipelineConfig, optics: OpticsConfig, model_wavelength_nm: float | None,
-                 channel_wavelengths_nm: Mapping[str, float | None] | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        optics: OpticsConfig,
+        model_wavelength_nm: float | None,
+        channel_wavelengths_nm: Mapping[str, float | None] | None = None,
+    ) -> None:
         """`channel_wavelengths_nm`: the trained wavelength of each channel's own model (model.weights_per_channel)."""
         self._wanted = None if pipeline.channels is None else set(pipeline.channels)
         self._any_wavelength = pipeline.refocus_any_wavelength
@@ -88,16 +94,23 @@ class ModelChannelPolicy:
         if self._any_wavelength or envelope is None or envelope[0] <= wavelength_nm <= envelope[1]:
             return None
         whose = "its model.weights_per_channel model" if channel in self._channel_nm else "the model"
-        return (f"channel {channel} emits at {wavelength_nm:g} nm, outside {whose}'s {envelope[0]:.0f}-"
-                f"{envelope[1]:.0f} nm (trained for {self.model_nm(channel):g} nm); pipeline.refocus_any_wavelength "
-                "refocuses it anyway")
+        return (
+            f"channel {channel} emits at {wavelength_nm:g} nm, outside {whose}'s {envelope[0]:.0f}-"
+            f"{envelope[1]:.0f} nm (trained for {self.model_nm(channel):g} nm); pipeline.refocus_any_wavelength "
+            "refocuses it anyway"
+        )
 
 
-def refocus_policy(pipeline: PipelineConfig, optics: OpticsConfig, corrector: object,
-                   channel_correctors: Mapping[str, object]) -> ModelChannelPolicy:
+def refocus_policy(
+    pipeline: PipelineConfig, optics: OpticsConfig, corrector: object, channel_correctors: Mapping[str, object]
+) -> ModelChannelPolicy:
     """The channel policy for the default corrector and the channels' own ones (model.weights_per_channel)."""
-    return ModelChannelPolicy(pipeline, optics, model_wavelength_nm(corrector),
-                              {channel: model_wavelength_nm(model) for channel, model in channel_correctors.items()})
+    return ModelChannelPolicy(
+        pipeline,
+        optics,
+        model_wavelength_nm(corrector),
+        {channel: model_wavelength_nm(model) for channel, model in channel_correctors.items()},
+    )
 
 
 class WithheldModels:

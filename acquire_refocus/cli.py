@@ -20,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "correct": ("correct", "refocus a dataset or plate (on a Dask cluster) or TIFF files offline; estimate defocus"),
     "qc": ("qc", "focus-quality report of a corrected dataset: plate heatmap, histogram, worst frames, re-image list"),
     "calibrate-focus": (
-        "calibrate_focus", "fit how image sharpness falls with defocus on your z-stacks; print focus settings"
+        "calibrate_focus",
+        "fit how image sharpness falls with defocus on your z-stacks; print focus settings",
     ),
     "build-engine": ("build_engine", "compile the network for this machine (TensorRT / ONNX) ahead of time"),
     "benchmark": ("benchmark", "measure latency and throughput of each engine and of the daemon path"),
@@ -41,7 +42,8 @@ def _top_level_parser() -> argparse.ArgumentParser:
         description="Acquisition-side focus correction for fluorescence microscopes. "
         "Run 'acquire-refocus demo' to see it work on the simulated microscope.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {name:<15} {text}" for name, (_, text) in COMMANDS.items())
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<15} {text}" for name, (_, text) in COMMANDS.items())
         + "\n\n'acquire-refocus COMMAND --help' explains each one.",
     )
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="see the list below")

@@ -1,8 +1,8 @@
 """Subscribe to a running daemon: `(header, pixels)` for every message, with time-outs.
 
-    with Subscriber("tcp://127.0.0.1:5556", topics=("refocused",), timeout_s=5) as sub:
-        for header, image in sub:          # ends when nothing arrives for timeout_s
-            print(header["frame"], header["defocus_um"], image.shape)
+with Subscriber("tcp://127.0.0.1:5556", topics=("refocused",), timeout_s=5) as sub:
+    for header, image in sub:          # ends when nothing arrives for timeout_s
+        print(header["frame"], header["defocus_um"], image.shape)
 """
 
 from __future__ import annotations

@@ -44,10 +44,14 @@ class OpticsConfig(_Section):
     immersion_index: float = Field(1.0, ge=1.0, le=2.0, description="refractive index of the immersion medium")
     coverslip_index: float = Field(1.515, ge=1.0, le=2.0)
     coverslip_thickness_um: float = Field(
-        170.0, ge=0.0, le=2000.0, description="actual thickness of the coverslip or plate bottom")
+        170.0, ge=0.0, le=2000.0, description="actual thickness of the coverslip or plate bottom"
+    )
     collar_thickness_um: float = Field(
-        170.0, ge=0.0, le=2000.0,
-        description="coverslip thickness the objective is corrected for (its correction collar setting)")
+        170.0,
+        ge=0.0,
+        le=2000.0,
+        description="coverslip thickness the objective is corrected for (its correction collar setting)",
+    )
     sample_index: float = Field(1.33, ge=1.0, le=2.0, description="refractive index of the mounting medium")
     emission_wavelength_nm: float = Field(461.0, ge=300.0, le=1100.0)
     camera_pixel_size_um: float = Field(6.5, gt=0.0, le=50.0)
@@ -156,16 +160,19 @@ class SimulatorConfig(_Section):
     specimen: SpecimenConfig = SpecimenConfig()
     drift: DriftConfig = DriftConfig()
     sample_drift: DriftConfig = Field(
-        DriftConfig(), description="drift of the sample relative to the coverslip, which a focus lock cannot see; "
-        "`drift` is the stand's (coverslip relative to objective), which a focus lock removes"
+        DriftConfig(),
+        description="drift of the sample relative to the coverslip, which a focus lock cannot see; "
+        "`drift` is the stand's (coverslip relative to objective), which a focus lock removes",
     )
     focus_lock: bool = Field(
-        False, description="add a hardware focus lock like Nikon's PFS: devices SimPFS (State On/Off, Status) "
-        "and SimPFSOffset (its offset, a stage device, um)"
+        False,
+        description="add a hardware focus lock like Nikon's PFS: devices SimPFS (State On/Off, Status) "
+        "and SimPFSOffset (its offset, a stage device, um)",
     )
     channels: dict[str, SimChannelConfig] = Field(
-        default_factory=dict, description="stains as channel presets of config group `channel_group`; empty: one "
-        "channel (the nuclei), no channel group"
+        default_factory=dict,
+        description="stains as channel presets of config group `channel_group`; empty: one "
+        "channel (the nuclei), no channel group",
     )
     channel_group: str = "Channel"
     focus_z_um: float = Field(100.0, description="stage Z at which the specimen mid-plane is in focus at t=0")
@@ -173,7 +180,8 @@ class SimulatorConfig(_Section):
     max_defocus_um: float = Field(40.0, gt=0.0, le=200.0, description="half-range of the precomputed PSF bank")
     psf_z_step_um: float = Field(0.25, gt=0.0, le=5.0)
     psf_cache_dir: Path | None = Field(
-        None, description="where the PSF bank is cached; default: the user's cache directory (on Linux "
+        None,
+        description="where the PSF bank is cached; default: the user's cache directory (on Linux "
         "~/.cache/acquire-refocus)",
     )
     psf_model: Literal["vectorial", "scalar"] = Field(
@@ -205,9 +213,10 @@ class ModelConfig(_Section):
     pretrained_encoder: Path | None = Field(None, description="ResNet-34 ImageNet weights, local file only")
     weights: Path | None = None
     weights_per_channel: dict[str, Path] = Field(
-        default_factory=dict, description="channel preset name -> weights file: that channel's frames are refocused "
+        default_factory=dict,
+        description="channel preset name -> weights file: that channel's frames are refocused "
         "by this model (loaded at start on the same engine), its wavelength checked against this model's optics; "
-        "channels not listed use `weights`"
+        "channels not listed use `weights`",
     )
 
 
@@ -217,8 +226,10 @@ class LossConfig(_Section):
     l1_weight: float = Field(1.0, ge=0.0)
     ms_ssim_weight: float = Field(0.5, ge=0.0)
     l2_weight: float = Field(
-        0.0, ge=0.0, description="mean squared error: PSNR is an MSE measure, and where the in-focus image is "
-        "uncertain (far from focus) L1 learns its median, L2 its mean"
+        0.0,
+        ge=0.0,
+        description="mean squared error: PSNR is an MSE measure, and where the in-focus image is "
+        "uncertain (far from focus) L1 learns its median, L2 its mean",
     )
     multiscale_weight: float = Field(0.5, ge=0.0, description="loss on the coarser outputs of multiscale nets")
     perceptual_weight: float = Field(0.0, ge=0.0)
@@ -272,9 +283,17 @@ class RandomizationConfig(_Section):
 
     @model_validator(mode="after")
     def _check_ranges(self) -> RandomizationConfig:
-        for name in ("peak_photons", "background_fraction", "read_noise_electrons", "gain_adu_per_electron",
-                     "offset_adu", "hot_pixel_fraction", "fixed_pattern_adu", "density_factor",
-                     "collar_mismatch_um"):
+        for name in (
+            "peak_photons",
+            "background_fraction",
+            "read_noise_electrons",
+            "gain_adu_per_electron",
+            "offset_adu",
+            "hot_pixel_fraction",
+            "fixed_pattern_adu",
+            "density_factor",
+            "collar_mismatch_um",
+        ):
             _ordered_pair(name, getattr(self, name))
         if self.peak_photons[0] <= 0 or self.gain_adu_per_electron[0] <= 0 or self.density_factor[0] <= 0:
             raise ValueError("peak_photons, gain_adu_per_electron and density_factor must be positive")
@@ -294,24 +313,29 @@ class TrainingConfig(_Section):
     z_step_um: float | None = Field(None, gt=0.0, description="stored real data: stage step between planes")
     pixel_size_um: float | None = Field(None, gt=0.0, description="stored real data: pixel size at sample")
     file_pattern: str | None = Field(
-        None, description="stored real data: glob on file names choosing one channel, e.g. '*_w1*' for BBBC006's "
-        "Hoechst images (without it every channel is a field of its own)"
+        None,
+        description="stored real data: glob on file names choosing one channel, e.g. '*_w1*' for BBBC006's "
+        "Hoechst images (without it every channel is a field of its own)",
     )
     z_order: Literal["increasing", "decreasing"] = Field(
-        "increasing", description="stored real data: 'increasing' when higher plane folder numbers were taken "
-        "deeper into the sample (higher stage Z)"
+        "increasing",
+        description="stored real data: 'increasing' when higher plane folder numbers were taken "
+        "deeper into the sample (higher stage Z)",
     )
     defocus_range_um: tuple[float, float] = (-35.0, 35.0)
     randomization: RandomizationConfig | None = Field(
-        None, description="simulated data: domain randomisation (camera, specimen family, optics); none renders the "
-        "simulator section's own specimen and camera"
+        None,
+        description="simulated data: domain randomisation (camera, specimen family, optics); none renders the "
+        "simulator section's own specimen and camera",
     )
     patch_size_px: int = Field(128, ge=64, le=1024)
     batch_size: int = Field(8, ge=1, le=512)
     steps: int = Field(3000, ge=1)
     max_wall_time_min: float | None = Field(
-        None, gt=0.0, description="stop after this long; the learning-rate schedule follows time or steps, whichever "
-        "is further along, so a time-limited run still anneals fully"
+        None,
+        gt=0.0,
+        description="stop after this long; the learning-rate schedule follows time or steps, whichever "
+        "is further along, so a time-limited run still anneals fully",
     )
     learning_rate: float = Field(2e-3, gt=0.0, le=1.0)
     validation_every: int = Field(250, ge=1)
@@ -319,13 +343,15 @@ class TrainingConfig(_Section):
     train_fields: int = Field(64, ge=1, description="distinct specimen fields of view for training")
     checkpoint_dir: Path = Path("runs/train")
     initial_weights: Path | Literal["shipped"] | None = Field(
-        "shipped", description="start from these weights; 'shipped': the model shipped in the package when the model "
+        "shipped",
+        description="start from these weights; 'shipped': the model shipped in the package when the model "
         "section is its architecture (else a fresh start, logged); null: a fresh start. Parameters of another shape "
-        "start fresh"
+        "start fresh",
     )
     train_only: Literal["all", "focus_head", "decoder"] = Field(
-        "all", description="focus_head: keep the refocusing network as it is and train the autofocus head alone; "
-        "decoder: keep the encoder and the autofocus head as they are and train the image decoder alone"
+        "all",
+        description="focus_head: keep the refocusing network as it is and train the autofocus head alone; "
+        "decoder: keep the encoder and the autofocus head as they are and train the image decoder alone",
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None uses all cores")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -335,7 +361,9 @@ class TrainingConfig(_Section):
     def _check_defocus_range(self) -> TrainingConfig:
         low, high = self.defocus_range_um
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"defocus_range_um must be (low, high) with finite low < high, got {self.defocus_range_um}")
+            raise ValueError(
+                f"defocus_range_um must be (low, high) with finite low < high, got {self.defocus_range_um}"
+            )
         return self
 
 
@@ -356,8 +384,9 @@ class EngineConfig(_Section):
     tile_overlap_px: int = Field(64, ge=0)
     num_threads: int | None = Field(None, ge=1, description="CPU threads for onnxruntime / torch")
     physics_fusion: bool = Field(
-        True, description="bound the network's image by what defocus can explain and lean on the raw frame where "
-        "it already holds the answer (model/fusion.py); false returns the network's image as it is"
+        True,
+        description="bound the network's image by what defocus can explain and lean on the raw frame where "
+        "it already holds the answer (model/fusion.py); false returns the network's image as it is",
     )
 
     @model_validator(mode="after")
@@ -377,7 +406,9 @@ class PipelineConfig(_Section):
         "all", description="latest: always correct the newest frame; all: queue up to queue_size, then skip"
     )
     max_backlog_frames: int = Field(
-        16, ge=1, le=10_000,
+        16,
+        ge=1,
+        le=10_000,
         description=(
             "results waiting for the sinks (publisher, focus log, refocused store) that keep their pixels. When "
             "the sinks fall this far behind (a slow disk), the engine waits and frames skipped meanwhile reach "
@@ -386,16 +417,18 @@ class PipelineConfig(_Section):
         ),
     )
     channels: list[str] | None = Field(
-        None, description="channel presets the network refocuses; null: those whose emission wavelength "
-        "(optics.channels) lies within the model's envelope. Others are published and logged raw, status skipped"
+        None,
+        description="channel presets the network refocuses; null: those whose emission wavelength "
+        "(optics.channels) lies within the model's envelope. Others are published and logged raw, status skipped",
     )
     refocus_any_wavelength: bool = Field(
-        False, description="refocus the channels in `channels` even where their wavelength is outside the model's "
-        "envelope"
+        False,
+        description="refocus the channels in `channels` even where their wavelength is outside the model's envelope",
     )
     allow_harmful_model: bool = Field(
-        False, description="use the refocused frames of a model whose recorded evaluation ('acquire-refocus "
-        "evaluate --record') says it harms at some distance; otherwise every frame is kept raw (status skipped)"
+        False,
+        description="use the refocused frames of a model whose recorded evaluation ('acquire-refocus "
+        "evaluate --record') says it harms at some distance; otherwise every frame is kept raw (status skipped)",
     )
 
 
@@ -409,8 +442,9 @@ class PublishingConfig(_Section):
     publish_raw: bool = True
 
     keys_dir: Path | None = Field(
-        None, description="CURVE keys made with 'acquire-refocus keys DIR': both sockets accept only clients "
-        "holding a client key of DIR/clients. Required when an address binds beyond loopback"
+        None,
+        description="CURVE keys made with 'acquire-refocus keys DIR': both sockets accept only clients "
+        "holding a client key of DIR/clients. Required when an address binds beyond loopback",
     )
 
     @model_validator(mode="after")
@@ -423,9 +457,11 @@ class PublishingConfig(_Section):
             if problem:
                 raise ValueError(f"{name} {address!r}: {problem}; expected one like tcp://127.0.0.1:5556")
             if self.keys_dir is None and not is_loopback(address):
-                raise ValueError(f"{name} {address!r} binds beyond loopback, where anyone who reaches the port could "
-                                 "drive the daemon or read every frame: create keys with 'acquire-refocus keys DIR' "
-                                 "and set publishing.keys_dir (README, Security)")
+                raise ValueError(
+                    f"{name} {address!r} binds beyond loopback, where anyone who reaches the port could "
+                    "drive the daemon or read every frame: create keys with 'acquire-refocus keys DIR' "
+                    "and set publishing.keys_dir (README, Security)"
+                )
         if self.enabled and self.pub_address == self.control_address:
             raise ValueError(f"pub_address and control_address are both {self.pub_address}; give each its own port")
         return self
@@ -436,14 +472,17 @@ class StorageConfig(_Section):
 
     output_dir: Path | None = None
     data_root: Path | None = Field(
-        None, description="run requests may save only inside this folder (checked after '..' and symlinks); "
-        "default: the --output folder (or output_dir)"
+        None,
+        description="run requests may save only inside this folder (checked after '..' and symlinks); "
+        "default: the --output folder (or output_dir)",
     )
     save_raw: bool = True
     save_refocused: bool = True
     min_free_mb: float = Field(
-        256.0, ge=0.0, description="free disk space kept: a run that would leave less is refused before it starts, "
-        "and one that gets there (another program filled the disk) stops cleanly as failed"
+        256.0,
+        ge=0.0,
+        description="free disk space kept: a run that would leave less is refused before it starts, "
+        "and one that gets there (another program filled the disk) stops cleanly as failed",
     )
 
 
@@ -453,8 +492,9 @@ class LogFileConfig(_Section):
 
     enabled: bool = True
     folder: Path | None = Field(
-        None, description="where acquire-refocus.log is written; default: the --output folder (storage.output_dir), "
-        "and no file when neither is set"
+        None,
+        description="where acquire-refocus.log is written; default: the --output folder (storage.output_dir), "
+        "and no file when neither is set",
     )
     max_file_mb: float = Field(10.0, gt=0.0, le=10_000.0, description="size at which the file is rotated")
     keep_files: int = Field(
@@ -482,31 +522,40 @@ class FocusConfig(_Section):
 
     mode: Literal["off", "observe", "correct"] = "observe"
     channel: str | list[str] | None = Field(
-        None, description="channel preset(s), in order of preference, whose frames drive the loop; null: the "
-        "sequence's first channel. Frames of other channels never enter the loop; its offset applies to them all"
+        None,
+        description="channel preset(s), in order of preference, whose frames drive the loop; null: the "
+        "sequence's first channel. Frames of other channels never enter the loop; its offset applies to them all",
     )
     actuator: Literal["z_stage", "autofocus_offset"] = Field(
-        "z_stage", description="z_stage: move the focus drive; autofocus_offset: change a hardware focus lock's "
-        "offset (the Z drive is never moved while the lock is engaged)"
+        "z_stage",
+        description="z_stage: move the focus drive; autofocus_offset: change a hardware focus lock's "
+        "offset (the Z drive is never moved while the lock is engaged)",
     )
     lock_offset_device: str | None = Field(
-        None, description="autofocus_offset: the lock's offset stage device (e.g. PFSOffset); null: the core's "
-        "autofocus device (setAutoFocusOffset)"
+        None,
+        description="autofocus_offset: the lock's offset stage device (e.g. PFSOffset); null: the core's "
+        "autofocus device (setAutoFocusOffset)",
     )
     lock_status: tuple[str, str, str] | None = Field(
-        None, description="autofocus_offset: (device, property, value while locked); null: the core's "
-        "isContinuousFocusLocked()"
+        None,
+        description="autofocus_offset: (device, property, value while locked); null: the core's "
+        "isContinuousFocusLocked()",
     )
     lock_um_per_unit: float = Field(
-        1.0, gt=0.0, le=1000.0, description="autofocus_offset: micrometres of focus per unit of the lock's offset "
-        "(measure it: change the offset by 10 units and see how far focus moves)"
+        1.0,
+        gt=0.0,
+        le=1000.0,
+        description="autofocus_offset: micrometres of focus per unit of the lock's offset "
+        "(measure it: change the offset by 10 units and see how far focus moves)",
     )
     max_step_action: Literal["split", "refuse"] = Field(
         "split", description="a move larger than max_step_um: split over time points, or refused (logged)"
     )
     autofocus: SoftwareAutofocusConfig = SoftwareAutofocusConfig()
     window_frames: int = Field(
-        5, ge=1, le=1000,
+        5,
+        ge=1,
+        le=1000,
         description="recent estimates combined (median); the frames of the sharpness fit too (at least 2)",
     )
     min_confidence: float = Field(0.5, ge=0.0, le=1.0)
@@ -528,11 +577,15 @@ class FocusConfig(_Section):
         ),
     )
     sharpness_dither_um: float | None = Field(
-        None, ge=0.0, le=5.0,
+        None,
+        ge=0.0,
+        le=5.0,
         description="fine_source sharpness: Z dither between time points; null: a tenth of the optics' depth of field",
     )
     sharpness_width_um: float | None = Field(
-        None, gt=0.0, le=100.0,
+        None,
+        gt=0.0,
+        le=100.0,
         description=(
             "defocus at which the sharpness falls to exp(-1/2) of its peak; null: 4/3 of the depth of field "
             "(4 um for 20x / 0.45 NA, measured 3.8-4.6 on the simulated nuclei). Too small only slows the loop; "
@@ -540,15 +593,21 @@ class FocusConfig(_Section):
         ),
     )
     sharpness_lead_time_points: float = Field(
-        1.5, ge=0.0, le=10.0,
+        1.5,
+        ge=0.0,
+        le=10.0,
         description="drift feed-forward: the sharpness fit's lag, in time points (0: none)",
     )
     sharpness_range_um: float | None = Field(
-        None, gt=0.0, le=100.0,
+        None,
+        gt=0.0,
+        le=100.0,
         description="largest distance to focus the sharpness fit is trusted for; null: 4/3 of the depth of field",
     )
     target_offset_um: float = Field(
-        0.0, ge=-50.0, le=50.0,
+        0.0,
+        ge=-50.0,
+        le=50.0,
         description=(
             "hold the stage this far from the focus found, + deeper into the sample (the sign of defocus_um): from "
             "the sharpest plane where the sharpness fit leads (at most half of sharpness_range_um), from the "
@@ -559,7 +618,9 @@ class FocusConfig(_Section):
     gain: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the estimated error corrected per move")
     z_limits_um: tuple[float, float] = Field((0.0, 200.0), description="soft limits never crossed")
     estimate_wait_s: float = Field(
-        5.0, ge=0.0, le=600.0,
+        5.0,
+        ge=0.0,
+        le=600.0,
         description="correct mode: how long a time point may wait for the previous one's estimates (0: never)",
     )
 
@@ -663,8 +724,11 @@ def _resolve_paths(section: BaseModel, base_dir: Path) -> None:
         elif isinstance(value, Path) and not value.is_absolute():
             setattr(section, name, (base_dir / value).resolve())
         elif isinstance(value, dict) and all(isinstance(path, Path) for path in value.values()):
-            setattr(section, name, {key: path if path.is_absolute() else (base_dir / path).resolve()
-                                    for key, path in value.items()})
+            setattr(
+                section,
+                name,
+                {key: path if path.is_absolute() else (base_dir / path).resolve() for key, path in value.items()},
+            )
 
 
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> AppConfig:
@@ -672,7 +736,9 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (optics:, simulator:, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping of sections (optics:, simulator:, ...), got {type(data).__name__}"
+        )
     try:
         config = AppConfig.model_validate(data)
     except ValidationError as exc:

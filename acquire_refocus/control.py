@@ -77,22 +77,31 @@ class ControlServer:
     """REP socket answering JSON requests with the given handlers, in a background thread."""
 
     def __init__(
-        self, address: str, handlers: dict[str, Handler], context: zmq.Context | None = None,
+        self,
+        address: str,
+        handlers: dict[str, Handler],
+        context: zmq.Context | None = None,
         security: dict[int, int | bytes] | None = None,
     ) -> None:
         """`security`: socket options of a CURVE server (`security.SecureContext`), None for none."""
         self._handlers = handlers
         self._security = "curve" if security else "off"
-        self._socket = bind_socket(context or zmq.Context.instance(), zmq.REP, address, "control",
-                                   {zmq.MAXMSGSIZE: MAX_MESSAGE_BYTES, **(security or {})})
+        self._socket = bind_socket(
+            context or zmq.Context.instance(),
+            zmq.REP,
+            address,
+            "control",
+            {zmq.MAXMSGSIZE: MAX_MESSAGE_BYTES, **(security or {})},
+        )
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="refocus-control", daemon=True)
 
     def start(self) -> ControlServer:
         self._thread.start()
-        log.info(kv("control_listening", address=self.address, commands=",".join(self._handlers),
-                    security=self._security))
+        log.info(
+            kv("control_listening", address=self.address, commands=",".join(self._handlers), security=self._security)
+        )
         return self
 
     def close(self, timeout_s: float = 5.0) -> None:

@@ -24,13 +24,13 @@ from typing import Any
 import useq
 import yaml
 
+from acquire_refocus.autofocus import software_autofocus
+from acquire_refocus.channels import WithheldModels, driving_channel, refocus_policy, sequence_channels
 from acquire_refocus.config import AppConfig, dump_config
 from acquire_refocus.control import ControlServer
 from acquire_refocus.core_lifetime import release_core
 from acquire_refocus.diskspace import SpaceNeed, check_space, low_space_problem, space_need
 from acquire_refocus.errors import ConfigError, UserError
-from acquire_refocus.autofocus import software_autofocus
-from acquire_refocus.channels import WithheldModels, driving_channel, refocus_policy, sequence_channels
 from acquire_refocus.focus import FocusController, estimates_waiter, pycromanager_planner
 from acquire_refocus.logs import kv
 from acquire_refocus.model.verdict import check_corrector
@@ -83,8 +83,10 @@ def refuse_previous_run(output_dir: str | Path) -> None:
     previous = read_run_state(folder)
     if previous is not None or (folder / RAW_STORE).exists() or (folder / REFOCUSED_STORE).exists():
         state = f" that {_STATE_WORDS.get(previous['state'], previous['state'])}" if previous else ""
-        raise UserError(f"{folder} already holds a run{state} ({RAW_STORE} / {REFOCUSED_STORE}); raw data is never "
-                        "overwritten: choose another --output directory")
+        raise UserError(
+            f"{folder} already holds a run{state} ({RAW_STORE} / {REFOCUSED_STORE}); raw data is never "
+            "overwritten: choose another --output directory"
+        )
 
 
 def _run_output(output_dir: str | Path) -> Path:
@@ -195,18 +197,27 @@ class Daemon:
         self.scope: Any = None  # the simulated microscope, with the simulator backend
         self.interrupted_runs = interrupted_runs(self.data_root)
         if self.interrupted_runs:
-            log.warning(kv("interrupted_runs_found", folders=",".join(self.interrupted_runs),
-                           note="their raw frames are on disk; raw_frames.jsonl holds each frame's metadata"))
+            log.warning(
+                kv(
+                    "interrupted_runs_found",
+                    folders=",".join(self.interrupted_runs),
+                    note="their raw frames are on disk; raw_frames.jsonl holds each frame's metadata",
+                )
+            )
         self.channel_correctors = load_channel_refocusers(config)  # first: a bad file is refused at once
         self.corrector = corrector if corrector is not None else load_refocuser(config)
         opt_in = "set pipeline.allow_harmful_model: true to use them anyway"
         self.model_check = check_corrector(self.corrector, config.pipeline.allow_harmful_model, opt_in)
-        self.channel_model_checks = {channel: check_corrector(model, config.pipeline.allow_harmful_model, opt_in)
-                                     for channel, model in self.channel_correctors.items()}
+        self.channel_model_checks = {
+            channel: check_corrector(model, config.pipeline.allow_harmful_model, opt_in)
+            for channel, model in self.channel_correctors.items()
+        }
         requested = config.engine.backend
         self.engine_fallback = (
             f"engine.backend {requested} was asked for but cannot run here (engine_passed_over in the log says "
-            f"why); running on {self.engine_name}" if requested not in ("auto", self.engine_name) else None
+            f"why); running on {self.engine_name}"
+            if requested not in ("auto", self.engine_name)
+            else None
         )
         if self.engine_fallback is not None:
             log.warning(kv("engine_fallback", requested=requested, engine=self.engine_name))
@@ -324,15 +335,21 @@ class Daemon:
         if value is None:
             return None
         if not isinstance(value, str) or not value or "\0" in value or len(value) > MAX_PATH_CHARS:
-            raise UserError(f'run request: "output" must be a folder path (text of 1 to {MAX_PATH_CHARS} characters, '
-                            f"no NUL), got {type(value).__name__}")
+            raise UserError(
+                f'run request: "output" must be a folder path (text of 1 to {MAX_PATH_CHARS} characters, '
+                f"no NUL), got {type(value).__name__}"
+            )
         if self.data_root is None:
-            raise UserError("this daemon saves nothing (started without --output or storage.output_dir), so a run "
-                            "cannot choose an output folder")
+            raise UserError(
+                "this daemon saves nothing (started without --output or storage.output_dir), so a run "
+                "cannot choose an output folder"
+            )
         output = (self.data_root / value).resolve()
         if not output.is_relative_to(self.data_root):
-            raise UserError(f"{value}: outside the daemon's data root {self.data_root}; runs are saved only inside "
-                            "it (storage.data_root, default the --output folder)")
+            raise UserError(
+                f"{value}: outside the daemon's data root {self.data_root}; runs are saved only inside "
+                "it (storage.data_root, default the --output folder)"
+            )
         return output
 
     def _check_against_hardware(self, sequence: useq.MDASequence) -> None:
@@ -360,8 +377,13 @@ class Daemon:
         if self.publisher is None:
             return {"enabled": False}
         stats = self.publisher.stats()
-        return {"enabled": True, "address": stats.address, "published": stats.published, "dropped": stats.dropped,
-                "bytes": stats.bytes_published}
+        return {
+            "enabled": True,
+            "address": stats.address,
+            "published": stats.published,
+            "dropped": stats.dropped,
+            "bytes": stats.bytes_published,
+        }
 
     # ----------------------------------------------------------------- runs
     def _next_run(self, output: Path | None) -> tuple[str, Path | None]:
@@ -394,8 +416,12 @@ class Daemon:
         backend = self.config.acquisition.backend
         summary = RunSummary(run=run_id, output_dir=output_dir, backend=backend, started=utc_now())
         controller = (
-            FocusController(self.config.focus, self.config.optics, z_planes=_z_planes(sequence),
-                            channel=driving_channel(self.config.focus, sequence_channels(sequence)))
+            FocusController(
+                self.config.focus,
+                self.config.optics,
+                z_planes=_z_planes(sequence),
+                channel=driving_channel(self.config.focus, sequence_channels(sequence)),
+            )
             if self.config.focus.mode != "off"
             else None
         )
@@ -430,22 +456,39 @@ class Daemon:
         refusal = self.model_check.refusal if self.model_check is not None else None
         channel_policy: ChannelPolicy = WithheldModels(
             refocus_policy(self.config.pipeline, self.config.optics, self.corrector, self.channel_correctors),
-            refusal, {channel: check.refusal if check is not None else None
-                      for channel, check in self.channel_model_checks.items()})
+            refusal,
+            {
+                channel: check.refusal if check is not None else None
+                for channel, check in self.channel_model_checks.items()
+            },
+        )
         pipeline = FramePipeline(self.corrector, sinks, self.config.pipeline, channel_policy, self.channel_correctors)
         if self._paused:
             pipeline.pause()
         with self._lock:
             self._pipeline, self._controller, self._current = pipeline, controller, summary
-        log.info(kv("run_start", run=run_id, backend=backend, engine=self.engine_name,
-                    output=output_dir or "not saved", focus=self.config.focus.mode,
-                    refocused_frames=f"withheld: {refusal}" if refusal else "used"))
+        log.info(
+            kv(
+                "run_start",
+                run=run_id,
+                backend=backend,
+                engine=self.engine_name,
+                output=output_dir or "not saved",
+                focus=self.config.focus.mode,
+                refocused_frames=f"withheld: {refusal}" if refusal else "used",
+            )
+        )
         t0 = time.perf_counter()
         run_stop = threading.Event()
-        raw_log = (RawFrameLog(output_dir / RAW_FRAME_LOG)
-                   if core is not None and output_dir is not None and self.config.storage.save_raw else None)
-        watch = RunWatch(self._run_checks(pipeline, raw_log, output_dir, space),
-                         lambda reason: self._abort_run(summary, run_stop, core, reason))
+        raw_log = (
+            RawFrameLog(output_dir / RAW_FRAME_LOG)
+            if core is not None and output_dir is not None and self.config.storage.save_raw
+            else None
+        )
+        watch = RunWatch(
+            self._run_checks(pipeline, raw_log, output_dir, space),
+            lambda reason: self._abort_run(summary, run_stop, core, reason),
+        )
         with self._lock:
             self._run_stop = run_stop
         pipeline.start()
@@ -478,11 +521,22 @@ class Daemon:
             with self._lock:
                 self._pipeline, self._controller, self._current, self._last = None, None, None, summary
                 self._run_stop = None
-            self._write_record(summary, sequence, "failed" if summary.error else
-                               ("cancelled" if summary.cancelled else "completed"))
-            log.info(kv("run_done", run=run_id, wall_s=f"{summary.wall_s:.1f}", error=summary.error or "none",
-                        **{k: v for k, v in summary.counts().items()
-                           if k in ("seen", "refocused", "skipped", "failed", "pixels_released")}))
+            self._write_record(
+                summary, sequence, "failed" if summary.error else ("cancelled" if summary.cancelled else "completed")
+            )
+            log.info(
+                kv(
+                    "run_done",
+                    run=run_id,
+                    wall_s=f"{summary.wall_s:.1f}",
+                    error=summary.error or "none",
+                    **{
+                        k: v
+                        for k, v in summary.counts().items()
+                        if k in ("seen", "refocused", "skipped", "failed", "pixels_released")
+                    },
+                )
+            )
         return summary
 
     def _check_space(self, sequence: useq.MDASequence, core: Any, output_dir: Path | None) -> SpaceNeed | None:
@@ -492,19 +546,36 @@ class Daemon:
         if output_dir is None or not (storage.save_raw or storage.save_refocused):
             return None
         if core is None:
-            log.warning(kv("disk_space_not_checked", output=output_dir,
-                           reason="the frame size is known only once the desktop application sends frames"))
+            log.warning(
+                kv(
+                    "disk_space_not_checked",
+                    output=output_dir,
+                    reason="the frame size is known only once the desktop application sends frames",
+                )
+            )
             return None
         raw_bytes = int(core.getBytesPerPixel()) if storage.save_raw else None
-        margin_frames = (self.config.pipeline.queue_size + self.config.pipeline.max_backlog_frames
-                         + REFOCUSED_WRITE_QUEUE + MAX_UNCOMMITTED_FRAMES)
-        need = space_need(expected_frames(sequence), int(core.getImageHeight()), int(core.getImageWidth()),
-                          raw_bytes, storage.save_refocused, margin_frames, storage.min_free_mb)
+        margin_frames = (
+            self.config.pipeline.queue_size
+            + self.config.pipeline.max_backlog_frames
+            + REFOCUSED_WRITE_QUEUE
+            + MAX_UNCOMMITTED_FRAMES
+        )
+        need = space_need(
+            expected_frames(sequence),
+            int(core.getImageHeight()),
+            int(core.getImageWidth()),
+            raw_bytes,
+            storage.save_refocused,
+            margin_frames,
+            storage.min_free_mb,
+        )
         check_space(output_dir, need)
         return need
 
-    def _run_checks(self, pipeline: FramePipeline, raw_log: RawFrameLog | None, output_dir: Path | None,
-                    space: SpaceNeed | None) -> list[Check]:
+    def _run_checks(
+        self, pipeline: FramePipeline, raw_log: RawFrameLog | None, output_dir: Path | None, space: SpaceNeed | None
+    ) -> list[Check]:
         """What stops a run while it goes on: low disk space, and a failed write of any store."""
         checks: list[Check] = []
         if output_dir is not None and space is not None:
@@ -529,8 +600,9 @@ class Daemon:
         if core is not None:
             core.mda.cancel()
 
-    def _missing_frames(self, summary: RunSummary, sequence: useq.MDASequence, output_dir: Path | None,
-                        raw_log: RawFrameLog | None) -> tuple[str, str]:
+    def _missing_frames(
+        self, summary: RunSummary, sequence: useq.MDASequence, output_dir: Path | None, raw_log: RawFrameLog | None
+    ) -> tuple[str, str]:
         """Why a run is not complete although it may have raised nothing: (raw frames acquired that are not on
         disk, fewer frames than the sequence asked for unless stopped on request); "" for each that is fine."""
         raw_missing = incomplete = ""
@@ -538,13 +610,17 @@ class Daemon:
             summary.raw_frames = {"acquired": raw_log.rows, "on_disk": stored_frame_count(output_dir / RAW_STORE)}
             acquired, on_disk = raw_log.rows, summary.raw_frames["on_disk"]
             if on_disk < acquired:
-                raw_missing = (f"{acquired - on_disk} of {acquired} raw frames are not in {RAW_STORE} (the raw "
-                               "writer failed; its error is in the log)")
+                raw_missing = (
+                    f"{acquired - on_disk} of {acquired} raw frames are not in {RAW_STORE} (the raw "
+                    "writer failed; its error is in the log)"
+                )
         seen = summary.stats.seen if summary.stats is not None else 0
         expected = expected_frames(sequence)
         if not summary.cancelled and seen < expected:
-            incomplete = (f"the camera delivered {seen} of the {expected} frames the sequence asked for "
-                          "(see the acquisition's warnings in the log)")
+            incomplete = (
+                f"the camera delivered {seen} of the {expected} frames the sequence asked for "
+                "(see the acquisition's warnings in the log)"
+            )
         return raw_missing, incomplete
 
     def acquisition_core(self) -> Any:
@@ -563,16 +639,22 @@ class Daemon:
             from acquire_refocus.hooks.mm_hardware import load_hardware_core
 
             if acq.mm_config_file is None:
-                raise ConfigError("acquisition.mm_config_file: required for backend pymmcore-plus (the .cfg file "
-                                  "of your microscope)")
+                raise ConfigError(
+                    "acquisition.mm_config_file: required for backend pymmcore-plus (the .cfg file of your microscope)"
+                )
             self._core = load_hardware_core(acq.mm_config_file, acq.mm_app_path, focus_device=acq.focus_device)
         if acq.focus_device and acq.backend == "simulator":
             self._core.setFocusDevice(acq.focus_device)
         return self._core
 
     def _acquire(
-        self, core: Any, sequence: useq.MDASequence, pipeline: FramePipeline,
-        controller: FocusController | None, output_dir: Path | None, run_stop: threading.Event,
+        self,
+        core: Any,
+        sequence: useq.MDASequence,
+        pipeline: FramePipeline,
+        controller: FocusController | None,
+        output_dir: Path | None,
+        run_stop: threading.Event,
     ) -> None:
         acq = self.config.acquisition
         save_raw = output_dir is not None and self.config.storage.save_raw
@@ -605,8 +687,9 @@ class Daemon:
             controller=controller,
             raw_path=output_dir / RAW_STORE if save_raw and output_dir is not None else None,
             pixel_size_um=acq.pixel_size_um,
-            autofocus=software_autofocus(self.config, self._corrector_of(controller.channel if controller else None),
-                                         controller, output_dir),
+            autofocus=software_autofocus(
+                self.config, self._corrector_of(controller.channel if controller else None), controller, output_dir
+            ),
         )
 
     def _write_record(self, summary: RunSummary, sequence: useq.MDASequence, state: str) -> None:
@@ -622,8 +705,10 @@ class Daemon:
             "engine": self.engine_name,
             "engine_fallback": self.engine_fallback,
             "model_sha256": getattr(self.corrector, "model_sha256", None),
-            "channel_models": {channel: getattr(model, "model_sha256", None)
-                               for channel, model in self.channel_correctors.items()} or None,
+            "channel_models": {
+                channel: getattr(model, "model_sha256", None) for channel, model in self.channel_correctors.items()
+            }
+            or None,
             "stores": {"raw": RAW_STORE, "refocused": REFOCUSED_STORE, "focus_log": FOCUS_LOG},
             "counts": summary.counts(),
             "raw_frames": summary.raw_frames or None,
@@ -638,8 +723,15 @@ class Daemon:
         try:
             write_run_record(summary.output_dir / RUN_RECORD, record)
         except OSError as exc:  # a full disk: the previous record stays (a "running" one reads "interrupted")
-            log.error(kv("run_record_not_written", path=summary.output_dir / RUN_RECORD, state=state,
-                         error=exc.strerror or str(exc), run_error=summary.error or "none"))
+            log.error(
+                kv(
+                    "run_record_not_written",
+                    path=summary.output_dir / RUN_RECORD,
+                    state=state,
+                    error=exc.strerror or str(exc),
+                    run_error=summary.error or "none",
+                )
+            )
             summary.error = summary.error or f"{RUN_RECORD} could not be written: {exc.strerror or exc}"
 
     # ----------------------------------------------------------------- serving
@@ -658,8 +750,13 @@ class Daemon:
         else:
             if self.config.acquisition.backend != "pycromanager":
                 self.acquisition_core()  # loaded before the first request, which is checked against it
-            log.info(kv("daemon_waiting", control=self.control.address if self.control else "off",
-                        hint="send a sequence with 'acquire-refocus run FILE'"))
+            log.info(
+                kv(
+                    "daemon_waiting",
+                    control=self.control.address if self.control else "off",
+                    hint="send a sequence with 'acquire-refocus run FILE'",
+                )
+            )
         while not self._stop.is_set():
             try:
                 run_id, sequence, out_dir = self._runs.get(timeout=0.2)

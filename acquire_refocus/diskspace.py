@@ -42,8 +42,13 @@ class SpaceNeed:
 
 
 def space_need(
-    frames: int, height_px: int, width_px: int, raw_bytes_per_px: int | None, save_refocused: bool,
-    margin_frames: int, min_free_mb: float,
+    frames: int,
+    height_px: int,
+    width_px: int,
+    raw_bytes_per_px: int | None,
+    save_refocused: bool,
+    margin_frames: int,
+    min_free_mb: float,
 ) -> SpaceNeed:
     """The SpaceNeed of `frames` frames of height x width; `raw_bytes_per_px` None when the raw store is off."""
     pixels = height_px * width_px
@@ -56,8 +61,13 @@ def space_need(
         per_frame += pixels * REFOCUSED_BYTES_PER_PX + BLOCK_BYTES
         stores += 1
     per_frame += 2048  # the focus log's row (~0.2 KB) and the raw frame log's line (~0.7 KB on the simulator)
-    return SpaceNeed(frames, per_frame, (stores + 1) * STORE_METADATA_BYTES, margin_frames * per_frame,
-                     int(min_free_mb * 1024 * 1024))
+    return SpaceNeed(
+        frames,
+        per_frame,
+        (stores + 1) * STORE_METADATA_BYTES,
+        margin_frames * per_frame,
+        int(min_free_mb * 1024 * 1024),
+    )
 
 
 def free_bytes(folder: str | Path) -> int:
@@ -73,7 +83,8 @@ def check_space(folder: str | Path, need: SpaceNeed) -> None:
             f"{folder}: {_mb(free)} free, the run needs {_mb(need.total_bytes)} ({need.frames:,} frames x "
             f"{_mb(need.bytes_per_frame)} uncompressed, {_mb(need.margin_bytes)} for frames in flight and "
             f"storage.min_free_mb {_mb(need.reserve_bytes)} kept free); free space, shorten the sequence, or "
-            "choose another --output")
+            "choose another --output"
+        )
 
 
 def low_space_problem(folder: str | Path, need: SpaceNeed) -> str:
@@ -83,8 +94,10 @@ def low_space_problem(folder: str | Path, need: SpaceNeed) -> str:
     except OSError as exc:
         return f"cannot read the free space of {folder}: {exc}"
     if free < need.low_water_bytes:
-        return (f"disk almost full: {_mb(free)} free in {folder}, below the {_mb(need.low_water_bytes)} that "
-                "frames in flight and storage.min_free_mb need; the acquisition was stopped")
+        return (
+            f"disk almost full: {_mb(free)} free in {folder}, below the {_mb(need.low_water_bytes)} that "
+            "frames in flight and storage.min_free_mb need; the acquisition was stopped"
+        )
     return ""
 
 

@@ -241,9 +241,7 @@ class FocusController:
         self._fine_history: dict[int, deque[tuple[int, float]]] = {}  # (t, fitted focus Z) per position
         self._sharpness_frames = max(2, config.window_frames)  # frames in a fit without a z-stack
         # the sharpness measure (~2 ms a frame) runs in a thread of its own, off the dispatch thread
-        self._to_measure: queue.Queue[tuple[int, int, float, np.ndarray, float | None] | None] = queue.Queue(
-            maxsize=4
-        )
+        self._to_measure: queue.Queue[tuple[int, int, float, np.ndarray, float | None] | None] = queue.Queue(maxsize=4)
         self._measurer: threading.Thread | None = None
         self._measurements_pending = 0
         self._side: dict[int, float] = {}  # probe mode: sign of the last resolved defocus per position
@@ -345,11 +343,17 @@ class FocusController:
         dither_only = bool(samples) and abs(sample.stage_z_um - samples[-1].stage_z_um) <= (
             2 * self.sharpness_dither_um + _MIN_SHARPNESS_SPAN_UM
         )
-        recent = list(samples)[-self._sharpness_frames:]
+        recent = list(samples)[-self._sharpness_frames :]
         if dither_only and sharpness_jumped(recent, sample, self.sharpness_width_um):
             self.sharpness_restarts += 1
-            log.info(kv("focus_sharpness_restart", position=position, stage_z_um=f"{sample.stage_z_um:.3f}",
-                        note="sharpness changed more than the Z change explains: focus or field jumped"))
+            log.info(
+                kv(
+                    "focus_sharpness_restart",
+                    position=position,
+                    stage_z_um=f"{sample.stage_z_um:.3f}",
+                    note="sharpness changed more than the Z change explains: focus or field jumped",
+                )
+            )
             samples.clear()
             self._fine_history.pop(position, None)  # the drift rate from before the jump no longer holds
         samples.append(sample)
@@ -371,11 +375,19 @@ class FocusController:
             self._to_measure.put(None)  # after every queued frame
             self._measurer.join()
             self._measurer = None
-        log.info(kv("focus_summary", mode=self.mode, sign_source=self.config.sign_source,
-                    fine_source=self.config.fine_source,
-                    accepted=self.accepted, rejected=self.rejected,
-                    moves=sum(m.applied for m in self.moves), clamps=self.clamps,
-                    offsets_um=";".join(f"p{p}={o:+.3f}" for p, o in sorted(self._offset_um.items())) or "-"))
+        log.info(
+            kv(
+                "focus_summary",
+                mode=self.mode,
+                sign_source=self.config.sign_source,
+                fine_source=self.config.fine_source,
+                accepted=self.accepted,
+                rejected=self.rejected,
+                moves=sum(m.applied for m in self.moves),
+                clamps=self.clamps,
+                offsets_um=";".join(f"p{p}={o:+.3f}" for p, o in sorted(self._offset_um.items())) or "-",
+            )
+        )
 
     # ----------------------------------------------------------------- planning (acquisition thread)
     def offset_um(self, position: int = 0) -> float:
@@ -395,8 +407,14 @@ class FocusController:
         """The hardware focus lock reports it is not engaged: no corrections until it is again."""
         with self._lock:
             self.lock_lost += 1
-        log.warning(kv("focus_lock_lost", position=position, t=t_index,
-                       note="the focus lock is not engaged: corrections stop until it is"))
+        log.warning(
+            kv(
+                "focus_lock_lost",
+                position=position,
+                t=t_index,
+                note="the focus lock is not engaged: corrections stop until it is",
+            )
+        )
 
     def restart_offset(self, position: int, t_index: int) -> None:
         """The planned Z of a position moved to where a software autofocus found focus: its offset is 0 again."""
@@ -422,8 +440,9 @@ class FocusController:
         with self._lock:
             # the sharpness of frames already handed over (normally measured while the acquisition moved on)
             if not self._frames_seen.wait_for(lambda: not self._measurements_pending, timeout=cfg.estimate_wait_s):
-                log.warning(kv("focus_sharpness_late", position=position, t=t_index,
-                               pending=self._measurements_pending))
+                log.warning(
+                    kv("focus_sharpness_late", position=position, t=t_index, pending=self._measurements_pending)
+                )
             self._centre_um[position] = centre_um
             current = self._offset_um.get(position, 0.0)
             dither = self._next_dither_locked(position)
@@ -436,8 +455,16 @@ class FocusController:
                 return current + dither if self.applies else current
             if cfg.max_step_action == "refuse" and abs(cfg.gain * error) > cfg.max_step_um:
                 self.refused += 1
-                log.warning(kv("focus_move_refused", position=position, t=t_index, error_um=f"{error:+.3f}",
-                               max_step_um=cfg.max_step_um, source=source))
+                log.warning(
+                    kv(
+                        "focus_move_refused",
+                        position=position,
+                        t=t_index,
+                        error_um=f"{error:+.3f}",
+                        max_step_um=cfg.max_step_um,
+                        source=source,
+                    )
+                )
                 return current + dither if self.applies else current
             step = max(-cfg.max_step_um, min(cfg.max_step_um, cfg.gain * error))
             lo, hi = cfg.z_limits_um
@@ -500,8 +527,15 @@ class FocusController:
         `sharpness_lead_time_points`. 0 until then, and again after the fitted focus jumps."""
         history = self._fine_history.setdefault(position, deque(maxlen=_DRIFT_FIT_TIME_POINTS))
         if history and abs(fine_z_um - history[-1][1]) > _FOCUS_JUMP_FRACTION_OF_RANGE * self.sharpness_range_um:
-            log.info(kv("focus_drift_rate_reset", position=position, t=t_index,
-                        jump_um=f"{fine_z_um - history[-1][1]:+.3f}", note="the fitted focus jumped: not drift"))
+            log.info(
+                kv(
+                    "focus_drift_rate_reset",
+                    position=position,
+                    t=t_index,
+                    jump_um=f"{fine_z_um - history[-1][1]:+.3f}",
+                    note="the fitted focus jumped: not drift",
+                )
+            )
             history.clear()
         history.append((t_index, fine_z_um))
         lead = self.config.sharpness_lead_time_points
@@ -518,7 +552,7 @@ class FocusController:
         if stack := _latest_stack(samples):
             sharpest = max(stack, key=lambda s: s.log_sharpness)
             return [s for s in stack if abs(s.stage_z_um - sharpest.stage_z_um) <= self.sharpness_range_um]
-        return samples[-self._sharpness_frames:]
+        return samples[-self._sharpness_frames :]
 
     def _probe_focus_z(self, position: int, window: list[Estimate]) -> float:
         latest = window[-1]
@@ -529,8 +563,15 @@ class FocusController:
         focus_z_um, ambiguous = probe_focus_z(window, side)
         if not ambiguous:
             self._side[position] = 1.0 if latest.stage_z_um > focus_z_um else -1.0
-        log.debug(kv("focus_probe", position=position, focus_z_um=f"{focus_z_um:.3f}", ambiguous=ambiguous,
-                     estimates=len(window)))
+        log.debug(
+            kv(
+                "focus_probe",
+                position=position,
+                focus_z_um=f"{focus_z_um:.3f}",
+                ambiguous=ambiguous,
+                estimates=len(window),
+            )
+        )
         return focus_z_um
 
     def adjust_events(
@@ -608,9 +649,7 @@ class EventPlanner:
     for the rest of that time point, clamps every Z to the soft limits. Used by the pymmcore-plus engine
     (`FocusController.adjust_events`)."""
 
-    def __init__(
-        self, controller: FocusController, wait_for_estimates: Callable[[float], bool] | None = None
-    ) -> None:
+    def __init__(self, controller: FocusController, wait_for_estimates: Callable[[float], bool] | None = None) -> None:
         self._controller = controller
         self._wait = wait_for_estimates
         self._planned_t: dict[int, int] = {}
@@ -645,8 +684,15 @@ class EventPlanner:
         z_um = nominal_z_um + self._held.get(position, 0.0)
         lo, hi = cfg.z_limits_um
         if not lo <= z_um <= hi:
-            log.warning(kv("focus_z_clamped", position=position, t=t_index, requested_um=f"{z_um:.3f}",
-                           limits_um=f"{lo:g}..{hi:g}"))
+            log.warning(
+                kv(
+                    "focus_z_clamped",
+                    position=position,
+                    t=t_index,
+                    requested_um=f"{z_um:.3f}",
+                    limits_um=f"{lo:g}..{hi:g}",
+                )
+            )
             z_um = min(hi, max(lo, z_um))
         return z_um
 

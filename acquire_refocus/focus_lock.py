@@ -77,14 +77,19 @@ def focus_lock_for(core: Any, focus: FocusConfig) -> FocusLock:
     """The lock `focus` names on this core; UserError when the core lacks the devices it names."""
     loaded = set(core.getLoadedDevices())
     if focus.lock_status is not None and focus.lock_status[0] not in loaded:
-        raise UserError(f"focus.lock_status: device {focus.lock_status[0]!r} is not loaded "
-                        f"(devices: {', '.join(sorted(loaded))})")
+        raise UserError(
+            f"focus.lock_status: device {focus.lock_status[0]!r} is not loaded (devices: {', '.join(sorted(loaded))})"
+        )
     if focus.lock_offset_device is not None:
         if focus.lock_offset_device not in loaded:
-            raise UserError(f"focus.lock_offset_device {focus.lock_offset_device!r} is not loaded "
-                            f"(devices: {', '.join(sorted(loaded))})")
+            raise UserError(
+                f"focus.lock_offset_device {focus.lock_offset_device!r} is not loaded "
+                f"(devices: {', '.join(sorted(loaded))})"
+            )
         return OffsetDeviceLock(core, focus.lock_offset_device, focus.lock_status, focus.lock_um_per_unit)
     if not core.getAutoFocusDevice():
-        raise UserError("focus.actuator autofocus_offset: the hardware configuration has no autofocus device "
-                        "(Core-AutoFocus); set focus.lock_offset_device (e.g. PFSOffset) and focus.lock_status")
+        raise UserError(
+            "focus.actuator autofocus_offset: the hardware configuration has no autofocus device "
+            "(Core-AutoFocus); set focus.lock_offset_device (e.g. PFSOffset) and focus.lock_status"
+        )
     return CoreAutofocusLock(core, focus.lock_um_per_unit)

@@ -64,8 +64,9 @@ class _RotatingLogFile(logging.handlers.RotatingFileHandler):
         self.failed = True
         error = sys.exc_info()[1]
         self.close()
-        logging.getLogger(__name__).error(kv("log_file_failed", path=self.baseFilename, error=error,
-                                             note="the log goes on on stderr only"))
+        logging.getLogger(__name__).error(
+            kv("log_file_failed", path=self.baseFilename, error=error, note="the log goes on on stderr only")
+        )
 
     def close(self) -> None:
         try:
@@ -89,12 +90,15 @@ def log_file(settings: LogFileConfig, default_folder: Path | None) -> Iterator[P
     path = output_folder(folder, option) / LOG_FILE_NAME
     try:
         handler = _RotatingLogFile(
-            path, maxBytes=max(1, round(settings.max_file_mb * 2**20)), backupCount=settings.keep_files,
+            path,
+            maxBytes=max(1, round(settings.max_file_mb * 2**20)),
+            backupCount=settings.keep_files,
             encoding="utf-8",
         )
     except OSError as exc:
-        raise UserError(f"{option} {folder}: cannot write the log file {path} ({exc.strerror or exc}); choose "
-                        f"another {option}") from None
+        raise UserError(
+            f"{option} {folder}: cannot write the log file {path} ({exc.strerror or exc}); choose another {option}"
+        ) from None
     handler.setFormatter(logging.Formatter(_FORMAT))
     ours = logging.getLogger("acquire_refocus")
     ours.addHandler(handler)
@@ -103,8 +107,11 @@ def log_file(settings: LogFileConfig, default_folder: Path | None) -> Iterator[P
         yield path
     except Exception as exc:
         # the CLI prints an error to stderr alone once this block has ended; the file keeps it too
-        handler.handle(ours.makeRecord(ours.name, logging.ERROR, __file__, 0,
-                                       kv("stopped", error=f"{type(exc).__name__}: {exc}"), (), None))
+        handler.handle(
+            ours.makeRecord(
+                ours.name, logging.ERROR, __file__, 0, kv("stopped", error=f"{type(exc).__name__}: {exc}"), (), None
+            )
+        )
         raise
     finally:
         ours.removeHandler(handler)

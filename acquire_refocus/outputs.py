@@ -17,8 +17,9 @@ def output_folder(path: str | Path, option: str) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"{option} {folder}: cannot create the folder ({exc.strerror or exc}); choose another "
-                        f"{option}") from None
+        raise UserError(
+            f"{option} {folder}: cannot create the folder ({exc.strerror or exc}); choose another {option}"
+        ) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{option} {folder}: the folder is not writable; choose another {option}")
     return folder

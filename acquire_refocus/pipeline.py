@@ -416,10 +416,16 @@ class FramePipeline:
         now = time.monotonic()
         if now - self._last_release_log >= 5.0:  # at most one line per 5 s; the count is always exact
             self._last_release_log = now
-            log.warning(kv("frame_pixels_released", released_total=self._counts.pixels_released,
-                           backlog=len(self._results), max_backlog_frames=self._config.max_backlog_frames,
-                           note="sinks behind (disk or subscriber); these frames reach them without pixels, "
-                                "raw data is saved by the acquisition as always"))
+            log.warning(
+                kv(
+                    "frame_pixels_released",
+                    released_total=self._counts.pixels_released,
+                    backlog=len(self._results),
+                    max_backlog_frames=self._config.max_backlog_frames,
+                    note="sinks behind (disk or subscriber); these frames reach them without pixels, "
+                    "raw data is saved by the acquisition as always",
+                )
+            )
 
     def _log_skips(self) -> None:
         now = time.monotonic()
@@ -581,8 +587,15 @@ class BackgroundSink:
             now = time.monotonic()
             if now - self._last_wait_log >= 5.0:
                 self._last_wait_log = now
-                log.warning(kv("sink_behind", sink=self._name, waits=self.waits, max_pending=self.max_pending,
-                               note="the writer is slower than the frames; the other sinks wait for it"))
+                log.warning(
+                    kv(
+                        "sink_behind",
+                        sink=self._name,
+                        waits=self.waits,
+                        max_pending=self.max_pending,
+                        note="the writer is slower than the frames; the other sinks wait for it",
+                    )
+                )
             self._queue.put(result)
         self.received += 1
         self.max_depth = max(self.max_depth, self._queue.qsize())
@@ -610,8 +623,17 @@ class BackgroundSink:
             return
         self._queue.put(None)  # after every queued result
         self._thread.join()
-        log.info(kv("background_sink_closed", sink=self._name, written=self.written, errors=self.errors,
-                    waits=self.waits, max_depth=self.max_depth, max_pending=self.max_pending))
+        log.info(
+            kv(
+                "background_sink_closed",
+                sink=self._name,
+                written=self.written,
+                errors=self.errors,
+                waits=self.waits,
+                max_depth=self.max_depth,
+                max_pending=self.max_pending,
+            )
+        )
         if self._close_error is not None:
             raise self._close_error
 

@@ -103,14 +103,19 @@ class Publisher:
     for when a socket changes threads)."""
 
     def __init__(
-        self, config: PublishingConfig, context: zmq.Context | None = None,
+        self,
+        config: PublishingConfig,
+        context: zmq.Context | None = None,
         security: dict[int, int | bytes] | None = None,
     ) -> None:
         """`security`: socket options of a CURVE server (`security.SecureContext`), None for none."""
         self._config = config
         self._context = context or zmq.Context.instance()
         self._socket = bind_socket(
-            self._context, zmq.PUB, config.pub_address, "publishing",
+            self._context,
+            zmq.PUB,
+            config.pub_address,
+            "publishing",
             {zmq.SNDHWM: config.high_water_mark, **(security or {})},
         )
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -119,8 +124,15 @@ class Publisher:
         self._dropped = 0
         self._bytes = 0
         self.run = ""
-        log.info(kv("publisher_bound", address=self.address, high_water_mark=config.high_water_mark,
-                    publish_raw=config.publish_raw, security="curve" if security else "off"))
+        log.info(
+            kv(
+                "publisher_bound",
+                address=self.address,
+                high_water_mark=config.high_water_mark,
+                publish_raw=config.publish_raw,
+                security="curve" if security else "off",
+            )
+        )
 
     def publish(self, result: FrameResult, focus_offset_um: float | None = None) -> None:
         """Send raw (when configured), refocused (when there is one) and focus messages for one result;

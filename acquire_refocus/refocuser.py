@@ -78,9 +78,7 @@ def _engine_config(engine: EngineConfig | str | None) -> EngineConfig:
         try:
             return EngineConfig(backend=engine)  # type: ignore[arg-type]
         except ValidationError:
-            raise ConfigError(
-                f"unknown engine {engine!r}; choose one of auto, tensorrt, onnxruntime, torch"
-            ) from None
+            raise ConfigError(f"unknown engine {engine!r}; choose one of auto, tensorrt, onnxruntime, torch") from None
     raise ConfigError(f"engine must be an EngineConfig or a backend name, got {type(engine).__name__}")
 
 
@@ -97,8 +95,10 @@ def check_frame(frame: object) -> np.ndarray:
         hint = " (squeeze the singleton axes first)" if frame.ndim > 2 and sum(s > 1 for s in frame.shape) == 2 else ""
         raise InputError(f"expected a 2-D frame (height, width), got shape {frame.shape}{hint}")
     if min(frame.shape) < MIN_FRAME_PX:
-        raise InputError(f"frame {frame.shape[0]}x{frame.shape[1]} px is too small; at least "
-                         f"{MIN_FRAME_PX}x{MIN_FRAME_PX} px is needed")
+        raise InputError(
+            f"frame {frame.shape[0]}x{frame.shape[1]} px is too small; at least "
+            f"{MIN_FRAME_PX}x{MIN_FRAME_PX} px is needed"
+        )
     if frame.dtype.kind == "f" and not np.isfinite(frame).all():
         bad = int(np.count_nonzero(~np.isfinite(frame)))
         raise InputError(f"frame contains {bad} NaN or infinite value(s); replace them before refocusing")
@@ -127,8 +127,17 @@ class Refocuser:
         if engine_config.physics_fusion:
             calibration = (loaded.metadata.get("training") or {}).get("focus_calibration") or {}
             fusion = OpticalFusion(loaded.optics, float(calibration.get("magnitude_margin_um", DEFAULT_MARGIN_UM)))
-        log.info(kv("refocuser_loaded", weights=loaded.path, sha256=loaded.sha256[:12], engine=built.name,
-                    precision=built.precision, device=built.device, model_pixel_size_um=loaded.pixel_size_um))
+        log.info(
+            kv(
+                "refocuser_loaded",
+                weights=loaded.path,
+                sha256=loaded.sha256[:12],
+                engine=built.name,
+                precision=built.precision,
+                device=built.device,
+                model_pixel_size_um=loaded.pixel_size_um,
+            )
+        )
         return cls(loaded, built, fusion)
 
     @property
@@ -180,14 +189,16 @@ class Refocuser:
         resampled = abs(zoom - 1.0) > _PIXEL_SIZE_TOLERANCE
         if resampled:
             shape = (max(1, round(frame.shape[0] * zoom)), max(1, round(frame.shape[1] * zoom)))
-            normalised = resize(normalised, shape, order=1, mode="reflect", anti_aliasing=zoom < 1.0,
-                                preserve_range=True).astype(np.float32)
+            normalised = resize(
+                normalised, shape, order=1, mode="reflect", anti_aliasing=zoom < 1.0, preserve_range=True
+            ).astype(np.float32)
         image, focus = infer_frame(self.engine, normalised)
         if self.fusion is not None:
             image = self.fusion(normalised, image, focus.magnitude_um)
         if resampled:
-            image = resize(image, frame.shape, order=1, mode="reflect", anti_aliasing=zoom > 1.0,
-                           preserve_range=True).astype(np.float32)
+            image = resize(
+                image, frame.shape, order=1, mode="reflect", anti_aliasing=zoom > 1.0, preserve_range=True
+            ).astype(np.float32)
         sigma_um = math.exp(focus.log_sigma_um)
         distrusted = any(flag in DISTRUSTED for flag in flags)
         return RefocusResult(

@@ -50,8 +50,10 @@ def generate_keys(folder: str | Path, client: str = DEFAULT_CLIENT) -> list[Path
     if not (folder / f"{SERVER}.key_secret").exists():
         written += _create_pair(folder, SERVER)
     if (folder / f"{client}.key_secret").exists():
-        raise UserError(f"{folder / (client + '.key_secret')}: exists already; keys are never replaced (choose "
-                        "another --client name, or delete that client's files to revoke it first)")
+        raise UserError(
+            f"{folder / (client + '.key_secret')}: exists already; keys are never replaced (choose "
+            "another --client name, or delete that client's files to revoke it first)"
+        )
     written += _create_pair(folder, client)
     authorised = folder / CLIENTS_DIR / f"{client}.key"
     shutil.copyfile(folder / f"{client}.key", authorised)
@@ -106,8 +108,10 @@ def _client_secret(folder: Path) -> Path:
     if len(others) == 1:
         return others[0]
     found = ", ".join(p.name for p in others) or "none"
-    raise UserError(f"{folder}: expected one client secret key (client.key_secret, or one NAME.key_secret), "
-                    f"found {found}; give the client a folder with server.key and its own key pair")
+    raise UserError(
+        f"{folder}: expected one client secret key (client.key_secret, or one NAME.key_secret), "
+        f"found {found}; give the client a folder with server.key and its own key pair"
+    )
 
 
 def apply_options(socket: zmq.Socket, options: SocketOptions | None) -> None:
@@ -130,8 +134,10 @@ class SecureContext:
         options = server_options(folder)
         clients = folder / CLIENTS_DIR
         if not clients.is_dir() or not any(clients.glob("*.key")):
-            raise UserError(f"{clients}: no client keys, so no client could connect; add one with "
-                            f"'acquire-refocus keys {folder} --client NAME'")
+            raise UserError(
+                f"{clients}: no client keys, so no client could connect; add one with "
+                f"'acquire-refocus keys {folder} --client NAME'"
+            )
         context = zmq.Context()
         authenticator = ThreadAuthenticator(context)
         authenticator.start()

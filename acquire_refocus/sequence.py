@@ -45,16 +45,24 @@ def _plan_size(plan: Any) -> int:
         try:
             return int(plan.num_positions())
         except ValueError:  # GridFromEdges / GridWidthHeight without fov_width / fov_height
-            return int(plan.model_copy(update={"fov_width": plan.fov_width or 1.0,
-                                               "fov_height": plan.fov_height or 1.0}).num_positions())
+            return int(
+                plan.model_copy(
+                    update={"fov_width": plan.fov_width or 1.0, "fov_height": plan.fov_height or 1.0}
+                ).num_positions()
+            )
     return len(plan)
 
 
 def axis_sizes(sequence: useq.MDASequence) -> dict[str, int]:
     """Size of each of the sequence's axes ("t", "p", "g", "c", "z"; 0 when unused) in `axis_order`, computed
     without listing any axis; ValueError, ZeroDivisionError or OverflowError for a plan whose size is undefined."""
-    plans = {"t": sequence.time_plan, "p": sequence.stage_positions, "g": sequence.grid_plan,
-             "c": sequence.channels, "z": sequence.z_plan}
+    plans = {
+        "t": sequence.time_plan,
+        "p": sequence.stage_positions,
+        "g": sequence.grid_plan,
+        "c": sequence.channels,
+        "z": sequence.z_plan,
+    }
     return {str(axis): _plan_size(plans[str(axis)]) for axis in sequence.axis_order}
 
 
@@ -90,17 +98,23 @@ def parse_sequence(value: Any, source: str = "acquisition.sequence") -> useq.MDA
     # useq ignores keys it does not know: a misspelt plan or channel setting would silently acquire otherwise
     unknown = _unknown_keys(value, sequence.model_dump(mode="json", exclude_unset=True))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} (misspelt?); see the useq-schema "
-                          "MDASequence for the keys of each plan")
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)} (misspelt?); see the useq-schema "
+            "MDASequence for the keys of each plan"
+        )
     try:
         events = nested_event_count(sequence)
     except (MemoryError, ValueError, ZeroDivisionError, OverflowError) as exc:  # useq lists every z / grid position
-        raise ConfigError(f"{source}: the sequence's size cannot be worked out ({type(exc).__name__}: {exc}); "
-                          "check the z_plan range and step, the grid_plan and the time_plan") from None
+        raise ConfigError(
+            f"{source}: the sequence's size cannot be worked out ({type(exc).__name__}: {exc}); "
+            "check the z_plan range and step, the grid_plan and the time_plan"
+        ) from None
     if events > MAX_SEQUENCE_EVENTS:
         sizes = ", ".join(f"{axis}={n}" for axis, n in axis_sizes(sequence).items() if n)
-        raise ConfigError(f"{source}: {events:,} events ({sizes}) is more than one run takes "
-                          f"({MAX_SEQUENCE_EVENTS:,}); check the loops, or split the acquisition into runs")
+        raise ConfigError(
+            f"{source}: {events:,} events ({sizes}) is more than one run takes "
+            f"({MAX_SEQUENCE_EVENTS:,}); check the loops, or split the acquisition into runs"
+        )
     return sequence
 
 

@@ -141,5 +141,6 @@ def fit_sharpness_curve(z_um: np.ndarray, log_sharpness: np.ndarray, range_um: f
         return None
     squared = float(np.sum((np.polyval(coefficients, z[near]) - s[near]) ** 2))
     residual_rms = math.sqrt(squared / max(int(near.sum()) - 3, 1))
-    return SharpnessCurve(float(-slope / (2 * curvature)), float(math.sqrt(-1 / (2 * curvature))), int(near.sum()),
-                          residual_rms)
+    return SharpnessCurve(
+        float(-slope / (2 * curvature)), float(math.sqrt(-1 / (2 * curvature))), int(near.sum()), residual_rms
+    )

@@ -94,7 +94,11 @@ def _axes_key(axes: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
 
 
 def stream_settings(
-    path: Path, sequence: useq.MDASequence | None, height_px: int, width_px: int, dtype: str,
+    path: Path,
+    sequence: useq.MDASequence | None,
+    height_px: int,
+    width_px: int,
+    dtype: str,
     pixel_size_um: float | None,
 ) -> Any:
     """ome-writers settings for frames laid out like `sequence` (as pymmcore-plus lays out the raw data):
@@ -266,8 +270,14 @@ class RefocusedStore:
             found = self._order.slot(_axes_key(item.axes))
             slot = -1 if found is None else found
             if slot < self._next_slot:
-                log.warning(kv("refocused_frame_not_placed", frame=item.frame, axes=item.axes,
-                               reason="index not in the sequence, or out of order"))
+                log.warning(
+                    kv(
+                        "refocused_frame_not_placed",
+                        frame=item.frame,
+                        axes=item.axes,
+                        reason="index not in the sequence, or out of order",
+                    )
+                )
                 return
             if slot > self._next_slot:
                 self._stream.skip(frames=slot - self._next_slot)
@@ -306,8 +316,7 @@ class RefocusedStore:
             self._place(self._pending.pop(frame))
         if self._stream is not None:
             self._stream.close()
-            log.info(kv("refocused_store_closed", path=self.path, written=self.frames_written,
-                        empty=self.frames_empty))
+            log.info(kv("refocused_store_closed", path=self.path, written=self.frames_written, empty=self.frames_empty))
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -365,8 +374,15 @@ def read_focus_log(path: str | Path) -> list[dict[str, Any]]:
             parsed: dict[str, Any] = dict(row)
             parsed["frame"] = int(row["frame"])
             parsed["axes"] = json.loads(row["axes"])
-            for key in ("stage_z_um", "defocus_um", "confidence", "latency_ms", "t_acquired", "defocus_magnitude_um",
-                        "focus_offset_um"):
+            for key in (
+                "stage_z_um",
+                "defocus_um",
+                "confidence",
+                "latency_ms",
+                "t_acquired",
+                "defocus_magnitude_um",
+                "focus_offset_um",
+            ):
                 parsed[key] = float(row[key]) if row.get(key) else math.nan
             parsed["refocused"] = row["refocused"] == "true"
             rows.append(parsed)
@@ -388,8 +404,7 @@ class RawFrameLog:
     def frameReady(self, image: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]) -> None:  # noqa: N802
         if self.error:
             return
-        row = {"frame": self.rows, "axes": event_axes(event),
-               "t_written": round(time.time(), 6), "meta": meta}
+        row = {"frame": self.rows, "axes": event_axes(event), "t_written": round(time.time(), 6), "meta": meta}
         try:
             self._file.write(json.dumps(row, separators=(",", ":"), default=str, allow_nan=False) + "\n")
             self._file.flush()

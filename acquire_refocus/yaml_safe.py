@@ -41,8 +41,8 @@ class _Loader(yaml.SafeLoader):
                 continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
-                    key_node.start_mark)
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -51,7 +51,8 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _bool_12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> bool:
@@ -114,11 +115,14 @@ def load_yaml(text: str, source: str) -> Any:
             try:
                 nodes = _expanded_nodes(node, {})
             except _RecursiveAliasError:
-                raise ConfigError(f"{source}: an alias (*name) inside the value it names; such a value never "
-                                  "ends") from None
+                raise ConfigError(
+                    f"{source}: an alias (*name) inside the value it names; such a value never ends"
+                ) from None
             if nodes > MAX_NODES:
-                raise ConfigError(f"{source}: {nodes:,} values once its aliases (*name) are expanded; at most "
-                                  f"{MAX_NODES:,} are accepted")
+                raise ConfigError(
+                    f"{source}: {nodes:,} values once its aliases (*name) are expanded; at most "
+                    f"{MAX_NODES:,} are accepted"
+                )
             return loader.construct_document(node)
         finally:
             loader.dispose()

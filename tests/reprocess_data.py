@@ -40,9 +40,13 @@ def write_ome_writers(path: Path, data: np.ndarray, pixel_size_um: float = PIXEL
     from acquire_refocus.storage import raw_store_settings
 
     t, p, c, z = data.shape[:4]
-    sequence = useq.MDASequence(time_plan={"interval": 1, "loops": t},
-                                stage_positions=[(i * 10.0, 0.0, 0.0) for i in range(p)],
-                                channels=list(CHANNELS[:c]), z_plan={"range": z - 1, "step": 1}, axis_order="tpcz")
+    sequence = useq.MDASequence(
+        time_plan={"interval": 1, "loops": t},
+        stage_positions=[(i * 10.0, 0.0, 0.0) for i in range(p)],
+        channels=list(CHANNELS[:c]),
+        z_plan={"range": z - 1, "step": 1},
+        axis_order="tpcz",
+    )
     px = data.shape[-1]
     stream = create_stream(raw_store_settings(path, sequence, px, px, "uint16", pixel_size_um))
     for event in sequence:
@@ -58,14 +62,30 @@ def write_ome_zarr_v04(path: Path, data: np.ndarray) -> None:
     image = data[:, 0]
     root = zarr.open_group(str(path), mode="w", zarr_format=2)
     root.create_array("0", shape=image.shape, chunks=(1, 1, 2, FRAME_PX, FRAME_PX), dtype=image.dtype)[...] = image
-    axes: list[dict[str, Any]] = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
-                                  *({"name": a, "type": "space", "unit": "micrometer"} for a in "zyx")]
-    root.attrs.put({
-        "multiscales": [{"version": "0.4", "axes": axes, "datasets": [
-            {"path": "0", "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, 1.0, 1.0, PIXEL_SIZE_UM, PIXEL_SIZE_UM]}]}]}],
-        "omero": {"channels": [{"label": name} for name in CHANNELS[: image.shape[1]]]},
-    })
+    axes: list[dict[str, Any]] = [
+        {"name": "t", "type": "time"},
+        {"name": "c", "type": "channel"},
+        *({"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"),
+    ]
+    root.attrs.put(
+        {
+            "multiscales": [
+                {
+                    "version": "0.4",
+                    "axes": axes,
+                    "datasets": [
+                        {
+                            "path": "0",
+                            "coordinateTransformations": [
+                                {"type": "scale", "scale": [1.0, 1.0, 1.0, PIXEL_SIZE_UM, PIXEL_SIZE_UM]}
+                            ],
+                        }
+                    ],
+                }
+            ],
+            "omero": {"channels": [{"label": name} for name in CHANNELS[: image.shape[1]]]},
+        }
+    )
 
 
 def write_ndtiff(path: Path, data: np.ndarray) -> Path:
@@ -75,8 +95,11 @@ def write_ndtiff(path: Path, data: np.ndarray) -> Path:
         warnings.simplefilter("ignore", ResourceWarning)  # ndstorage's finish() drops a reader without closing it
         dataset = ndstorage.NDTiffDataset(str(path), summary_metadata={"PixelSize_um": PIXEL_SIZE_UM}, writable=True)
         for t, p, c, z in np.ndindex(*data.shape[:4]):
-            dataset.put_image({"time": t, "position": p, "channel": CHANNELS[c], "z": z}, data[t, p, c, z],
-                              {"PixelSizeUm": PIXEL_SIZE_UM})
+            dataset.put_image(
+                {"time": t, "position": p, "channel": CHANNELS[c], "z": z},
+                data[t, p, c, z],
+                {"PixelSizeUm": PIXEL_SIZE_UM},
+            )
         dataset.finish()
         dataset.close()
         del dataset
@@ -88,9 +111,16 @@ def write_ome_tiff(path: Path, data: np.ndarray) -> None:
     """One OME image per position, axes TCZYX."""
     with tifffile.TiffWriter(path, ome=True) as writer:
         for p in range(data.shape[1]):
-            writer.write(data[:, p], photometric="minisblack", metadata={
-                "axes": "TCZYX", "PhysicalSizeX": PIXEL_SIZE_UM, "PhysicalSizeY": PIXEL_SIZE_UM,
-                "Channel": {"Name": list(CHANNELS[: data.shape[2]])}})
+            writer.write(
+                data[:, p],
+                photometric="minisblack",
+                metadata={
+                    "axes": "TCZYX",
+                    "PhysicalSizeX": PIXEL_SIZE_UM,
+                    "PhysicalSizeY": PIXEL_SIZE_UM,
+                    "Channel": {"Name": list(CHANNELS[: data.shape[2]])},
+                },
+            )
 
 
 def write_bbbc_folder(path: Path, wells: list[str], sites: int, channels: int) -> dict[tuple[str, int, int], Path]:
@@ -102,8 +132,13 @@ def write_bbbc_folder(path: Path, wells: list[str], sites: int, channels: int) -
         for site in range(1, sites + 1):
             for channel in range(channels):
                 file = path / f"plate-20110321_{well.lower()}_s{site}_w{channel + 1}ABCDEF.tif"
-                tifffile.imwrite(file, frame(seed), resolution=(1 / PIXEL_SIZE_UM, 1 / PIXEL_SIZE_UM),
-                                 imagej=True, metadata={"unit": "um"})
+                tifffile.imwrite(
+                    file,
+                    frame(seed),
+                    resolution=(1 / PIXEL_SIZE_UM, 1 / PIXEL_SIZE_UM),
+                    imagej=True,
+                    metadata={"unit": "um"},
+                )
                 files[(well, site, channel)] = file
                 seed += 1
     return files

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import useq
-
 from conftest import SMALL_FIELD_SIMULATOR
+
 from acquire_refocus.commands.demo import FocusTruth
 from acquire_refocus.config import FocusConfig, parse_config
 from acquire_refocus.daemon import Daemon
@@ -26,8 +26,12 @@ LOOPS = 30
 TIME_PER_FRAME_S = 2.0
 SAMPLE_DRIFT = {"model": "linear", "rate_um_per_min": 4.0}  # 4 um over the 60 s run
 STAND_DRIFT = {"model": "thermal", "amplitude_um": 8.0, "time_constant_s": 40.0}
-LOCK_FOCUS = {"actuator": "autofocus_offset", "lock_offset_device": "SimPFSOffset",
-              "lock_status": ["SimPFS", "Status", "Locked"], "z_limits_um": [-20, 20]}
+LOCK_FOCUS = {
+    "actuator": "autofocus_offset",
+    "lock_offset_device": "SimPFSOffset",
+    "lock_status": ["SimPFS", "Status", "Locked"],
+    "z_limits_um": [-20, 20],
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +50,22 @@ def shipped_refocuser() -> Any:
 DEMO_FIELD = {"camera": {"width_px": 512, "height_px": 512}, "focus_z_um": 100.0, "z_limits_um": [50, 150]}
 
 
-def run_locked(refocuser: Any, mode: str, lose_at_t: int | None = None,
-               field: dict | None = None) -> tuple[FocusTruth, dict, Any, list]:
-    config = parse_config({
-        "simulator": {**(field or SMALL_FIELD_SIMULATOR), "drift": STAND_DRIFT, "sample_drift": SAMPLE_DRIFT,
-                      "focus_lock": True, "time_per_frame_s": TIME_PER_FRAME_S},
-        "publishing": {"enabled": False},
-        "focus": {"mode": mode, "fine_source": "sharpness", "window_frames": 3, **LOCK_FOCUS},
-    })
+def run_locked(
+    refocuser: Any, mode: str, lose_at_t: int | None = None, field: dict | None = None
+) -> tuple[FocusTruth, dict, Any, list]:
+    config = parse_config(
+        {
+            "simulator": {
+                **(field or SMALL_FIELD_SIMULATOR),
+                "drift": STAND_DRIFT,
+                "sample_drift": SAMPLE_DRIFT,
+                "focus_lock": True,
+                "time_per_frame_s": TIME_PER_FRAME_S,
+            },
+            "publishing": {"enabled": False},
+            "focus": {"mode": mode, "fine_source": "sharpness", "window_frames": 3, **LOCK_FOCUS},
+        }
+    )
     sequence = useq.MDASequence(time_plan={"interval": 0, "loops": LOOPS}, stage_positions=[(0.0, 0.0)])
     offsets: list[tuple[int, float]] = []
     with Daemon(config, corrector=refocuser, control=False) as daemon:
@@ -89,8 +101,10 @@ def test_offset_corrections_hold_focus_against_sample_drift_without_moving_z(shi
     lock_only, _, stage_observe, _ = run_locked(shipped_refocuser, "observe", field=DEMO_FIELD)
     with_loop = rms([r["error_um"] for r in truth.rows])
     without = rms([r["error_um"] for r in lock_only.rows])
-    print(f"\nlock + offset corrections: {with_loop:.2f} um RMS; lock alone: {without:.2f} um "
-          f"(stand drift 8 um removed by the lock, sample drift 4 um); offset moves {focus['moves']}")
+    print(
+        f"\nlock + offset corrections: {with_loop:.2f} um RMS; lock alone: {without:.2f} um "
+        f"(stand drift 8 um removed by the lock, sample drift 4 um); offset moves {focus['moves']}"
+    )
     assert stage.moves_while_locked == 0 and stage_observe.moves_while_locked == 0
     assert focus["moves"] > 0 and offsets[-1][1] != 0.0
     assert with_loop <= 0.7 < without

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 import useq
-
 from conftest import SMALL_FIELD_SIMULATOR
+
 from acquire_refocus.autofocus import FocusDrive, SoftwareAutofocus
 from acquire_refocus.commands.demo import FocusTruth
 from acquire_refocus.config import parse_config
@@ -37,11 +37,13 @@ def shipped_refocuser() -> Any:
 
 
 def _config(**focus: Any) -> Any:
-    return parse_config({
-        "simulator": {**SMALL_FIELD_SIMULATOR, "z_limits_um": [40, 160], "time_per_frame_s": 0.0},
-        "publishing": {"enabled": False},
-        "focus": {"mode": "observe", "z_limits_um": [60, 140], "fine_source": "sharpness", **focus},
-    })
+    return parse_config(
+        {
+            "simulator": {**SMALL_FIELD_SIMULATOR, "z_limits_um": [40, 160], "time_per_frame_s": 0.0},
+            "publishing": {"enabled": False},
+            "focus": {"mode": "observe", "z_limits_um": [60, 140], "fine_source": "sharpness", **focus},
+        }
+    )
 
 
 def _sequence() -> useq.MDASequence:
@@ -69,15 +71,21 @@ def test_autofocus_plan_finds_focus_before_each_stack_with_fewer_frames_than_a_s
     # nothing lost: every frame of the stacks is in the focus log (the sweep's frames are not part of the data)
     rows = read_focus_log(tmp_path / "run" / FOCUS_LOG)
     assert len(rows) == len(truth.rows) == 15
-    centres = [r for r in truth.rows if r["t_index"] == 0 and abs(r["stage_z_um"] - np.mean(
-        [q["stage_z_um"] for q in truth.rows if q["p"] == r["p"]])) < 1e-6]
+    centres = [
+        r
+        for r in truth.rows
+        if r["t_index"] == 0
+        and abs(r["stage_z_um"] - np.mean([q["stage_z_um"] for q in truth.rows if q["p"] == r["p"]])) < 1e-6
+    ]
     assert len(centres) == 3
     errors = [r["error_um"] for r in centres]
     rms = math.sqrt(float(np.mean(np.square(errors))))
     plots = sorted((tmp_path / "run" / "autofocus").glob("*.png"))
     assert len(plots) == 3
-    print(f"\nsoftware autofocus, 3 positions starting {[s - 100 for s in STARTS_UM]} um off: centre-plane "
-          f"errors {[round(e, 2) for e in errors]} um, RMS {rms:.2f} um")
+    print(
+        f"\nsoftware autofocus, 3 positions starting {[s - 100 for s in STARTS_UM]} um off: centre-plane "
+        f"errors {[round(e, 2) for e in errors]} um, RMS {rms:.2f} um"
+    )
     assert rms <= 0.5
 
 
@@ -90,7 +98,8 @@ def test_seeded_autofocus_uses_fewer_frames_than_a_plain_sweep_for_the_same_erro
     config = _config()
     core, scope = create_simulated_core(config.optics, config.simulator)
     af = SoftwareAutofocus.for_config(
-        config.focus, config.optics, lambda f, px: shipped_refocuser(f, px).defocus_magnitude_um)
+        config.focus, config.optics, lambda f, px: shipped_refocuser(f, px).defocus_magnitude_um
+    )
     drive = FocusDrive(core)
     seeded, plain = [], []
     for (x, y), start in zip(POSITIONS_XY_UM, STARTS_UM, strict=True):
@@ -100,8 +109,10 @@ def test_seeded_autofocus_uses_fewer_frames_than_a_plain_sweep_for_the_same_erro
         sweep = af.plain_sweep(drive, start)
         seeded.append((result.frames, result.focus_z_um - focus_z))
         plain.append((sweep.frames, sweep.focus_z_um - focus_z))
-    print(f"\nseeded: (frames, error um) {[(n, round(e, 2)) for n, e in seeded]}; "
-          f"plain sweep: {[(n, round(e, 2)) for n, e in plain]}")
+    print(
+        f"\nseeded: (frames, error um) {[(n, round(e, 2)) for n, e in seeded]}; "
+        f"plain sweep: {[(n, round(e, 2)) for n, e in plain]}"
+    )
     assert all(n_seeded < n_plain for (n_seeded, _), (n_plain, _) in zip(seeded, plain, strict=True))
     assert math.sqrt(np.mean([e**2 for _, e in seeded])) <= 0.5
 
@@ -110,8 +121,9 @@ def test_autofocus_on_an_empty_field_leaves_the_stage_where_it_was() -> None:
     """No structure, no peak: the stage goes back to the start Z and the run says why."""
     from acquire_refocus.sim.devices import create_simulated_core
 
-    config = parse_config({"simulator": {**SMALL_FIELD_SIMULATOR, "specimen": {
-        **SMALL_FIELD_SIMULATOR["specimen"], "nuclei_per_mm2": 0}}})
+    config = parse_config(
+        {"simulator": {**SMALL_FIELD_SIMULATOR, "specimen": {**SMALL_FIELD_SIMULATOR["specimen"], "nuclei_per_mm2": 0}}}
+    )
     core, _ = create_simulated_core(config.optics, config.simulator)
     af = SoftwareAutofocus.for_config(config.focus, config.optics)
     result = af.run(FocusDrive(core), 103.0)
@@ -119,8 +131,7 @@ def test_autofocus_on_an_empty_field_leaves_the_stage_where_it_was() -> None:
     assert core.getZPosition() == pytest.approx(103.0)
 
 
-def test_calibrate_focus_plots_the_focus_curve(small_field_scope: Any, tmp_path: Path,
-                                               restore_logging: None) -> None:
+def test_calibrate_focus_plots_the_focus_curve(small_field_scope: Any, tmp_path: Path, restore_logging: None) -> None:
     import tifffile
 
     from acquire_refocus.cli import main

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import SMALL_FIELD_SIMULATOR
+
 from acquire_refocus.cli import main
 from acquire_refocus.config import parse_config
 
@@ -23,8 +23,9 @@ def simulated_stacks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     config = parse_config({"simulator": SMALL_FIELD_SIMULATOR})
     root = tmp_path_factory.mktemp("calibration") / "stacks"
-    write_simulated_dataset(root, config.optics, config.simulator, fields=2, defocus_um=np.arange(-8.0, 8.01, 1.0),
-                            seed=5)
+    write_simulated_dataset(
+        root, config.optics, config.simulator, fields=2, defocus_um=np.arange(-8.0, 8.01, 1.0), seed=5
+    )
     return root
 
 
@@ -109,17 +110,33 @@ def test_arguments_that_contradict_a_simulated_dataset_are_refused(
         (np.ones((3, 64, 64), np.uint16), ["--z-step-um", "1"], "3 planes; a calibration needs at least 5"),
         (np.full((9, 64, 64), 100, np.uint16), ["--z-step-um", "1"], "no field could be calibrated"),
         # camera noise alone: this seed fits a peak (width 9.7 um) by chance, which must not pass for focus
-        (np.random.default_rng(2).poisson(100, (9, 64, 64)).astype(np.uint16), ["--z-step-um", "1"],
-         "no field could be calibrated"),
+        (
+            np.random.default_rng(2).poisson(100, (9, 64, 64)).astype(np.uint16),
+            ["--z-step-um", "1"],
+            "no field could be calibrated",
+        ),
         (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "-1"], "--z-step-um must be a positive number"),
         (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "1", "--in-focus-index", "9"], "planes 0 .. 8"),
         (np.ones((64, 64, 3), np.uint8), ["--z-step-um", "1"], "looks like a colour (RGB) image"),
         (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "inf"], "--z-step-um must be a positive number"),
-        (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "1", "--json", "no/such/folder/out.json"],
-         "the folder no/such/folder does not exist"),
+        (
+            np.ones((9, 64, 64), np.uint16),
+            ["--z-step-um", "1", "--json", "no/such/folder/out.json"],
+            "the folder no/such/folder does not exist",
+        ),
     ],
-    ids=["2-D", "no-step", "too-few-planes", "flat", "noise-only", "negative-step", "focus-index-out-of-range", "rgb",
-         "infinite-step", "json-in-a-missing-folder"],
+    ids=[
+        "2-D",
+        "no-step",
+        "too-few-planes",
+        "flat",
+        "noise-only",
+        "negative-step",
+        "focus-index-out-of-range",
+        "rgb",
+        "infinite-step",
+        "json-in-a-missing-folder",
+    ],
 )
 def test_unusable_stacks_get_one_clear_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], planes: np.ndarray, extra: list[str], message: str
@@ -131,7 +148,9 @@ def test_unusable_stacks_get_one_clear_message(
     assert message in captured.err and "Traceback" not in captured.err
 
 
-def test_a_file_that_is_not_a_tiff_or_a_missing_path_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_file_that_is_not_a_tiff_or_a_missing_path_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     junk = tmp_path / "notes.tif"
     junk.write_text("not an image", encoding="utf-8")
     assert main(["calibrate-focus", str(junk), "--z-step-um", "1"]) == 2

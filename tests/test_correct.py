@@ -12,8 +12,9 @@ import tifffile
 from acquire_refocus.cli import main
 
 
-def test_correct_writes_tiffs_and_csv_and_reports_bad_files(tmp_path: Path, tiny_weights: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_correct_writes_tiffs_and_csv_and_reports_bad_files(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rng = np.random.default_rng(0)
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -28,8 +29,22 @@ def test_correct_writes_tiffs_and_csv_and_reports_bad_files(tmp_path: Path, tiny
     missing = inputs / "missing.tif"
     out = tmp_path / "out"
 
-    code = main(["correct", str(good_a), str(not_an_image), str(good_b), str(stack), str(missing),
-                 "--out", str(out), "--weights", str(tiny_weights), "--engine", "torch"])
+    code = main(
+        [
+            "correct",
+            str(good_a),
+            str(not_an_image),
+            str(good_b),
+            str(stack),
+            str(missing),
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_weights),
+            "--engine",
+            "torch",
+        ]
+    )
 
     assert code != 0
     error = capsys.readouterr().err
@@ -52,8 +67,23 @@ def test_correct_all_good_exits_zero(tmp_path: Path, tiny_weights: Path) -> None
     frame = tmp_path / "frame.tif"
     tifffile.imwrite(frame, np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8))
     out = tmp_path / "out"
-    assert main(["correct", str(frame), "--out", str(out), "--weights", str(tiny_weights), "--engine", "torch",
-                 "--pixel-size-um", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "correct",
+                str(frame),
+                "--out",
+                str(out),
+                "--weights",
+                str(tiny_weights),
+                "--engine",
+                "torch",
+                "--pixel-size-um",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert tifffile.imread(out / "frame.tif").shape == (64, 64)
 
 
@@ -76,8 +106,9 @@ def _correct(*args: str | Path, weights: Path) -> int:
     return main(["correct", *map(str, args), "--weights", str(weights), "--engine", "torch"])
 
 
-def test_correct_into_the_inputs_folder_refuses_and_keeps_the_input(tmp_path: Path, tiny_weights: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_correct_into_the_inputs_folder_refuses_and_keeps_the_input(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     frame = _frame(tmp_path / "frame.tif")
     before = frame.read_bytes()
 
@@ -89,8 +120,9 @@ def test_correct_into_the_inputs_folder_refuses_and_keeps_the_input(tmp_path: Pa
     assert not (tmp_path / "defocus.csv").exists()
 
 
-def test_correct_twice_into_one_out_refuses_and_keeps_the_first_results(tmp_path: Path, tiny_weights: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_correct_twice_into_one_out_refuses_and_keeps_the_first_results(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     first, second = _frame(tmp_path / "in" / "a.tif"), _frame(tmp_path / "in" / "b.tif", seed=1)
     out = tmp_path / "out"
     assert _correct(first, "--out", out, weights=tiny_weights) == 0
@@ -109,8 +141,9 @@ def test_correct_twice_into_one_out_refuses_and_keeps_the_first_results(tmp_path
 
 
 @pytest.mark.parametrize("where", ["existing file", "under a file"])
-def test_correct_out_that_cannot_be_a_folder_is_a_clear_error(tmp_path: Path, tiny_weights: Path, where: str,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_correct_out_that_cannot_be_a_folder_is_a_clear_error(
+    tmp_path: Path, tiny_weights: Path, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     frame = _frame(tmp_path / "frame.tif")
     blocker = tmp_path / "results"
     blocker.write_text("the user's notes")
@@ -134,8 +167,9 @@ def test_correct_same_name_from_two_folders_is_listed_by_input_path(tmp_path: Pa
         assert [row["file"] for row in csv.DictReader(handle)] == [str(one), str(two)]
 
 
-def test_correct_reports_a_bad_file_once_without_an_error_log_line(tmp_path: Path, tiny_weights: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_correct_reports_a_bad_file_once_without_an_error_log_line(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     good = _frame(tmp_path / "good.tif")
     bad = tmp_path / "bad.tif"
     bad.write_text("this is not a TIFF")

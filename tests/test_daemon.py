@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 import useq
+from conftest import FAST_SIMULATOR, free_tcp_address
+from test_pipeline import GatedCorrector
 
 from acquire_refocus.cli import main as cli_main
 from acquire_refocus.client import Subscriber
@@ -24,13 +26,13 @@ from acquire_refocus.daemon import Daemon
 from acquire_refocus.pipeline import FrameResult
 from acquire_refocus.storage import open_stores, read_focus_log
 
-from conftest import FAST_SIMULATOR, free_tcp_address
-from test_pipeline import GatedCorrector
-
 pytestmark = pytest.mark.timeout(180)
 
-SEQUENCE = {"time_plan": {"interval": 0, "loops": 4}, "stage_positions": [{"x": 0, "y": 0, "z": 100}, {"x": 40, "y": 20, "z": 100}],
-            "axis_order": "tp"}
+SEQUENCE = {
+    "time_plan": {"interval": 0, "loops": 4},
+    "stage_positions": [{"x": 0, "y": 0, "z": 100}, {"x": 40, "y": 20, "z": 100}],
+    "axis_order": "tp",
+}
 
 
 def daemon_config(weights: Path, **sections: Any) -> AppConfig:
@@ -118,8 +120,9 @@ def test_engine_slower_than_the_camera_loses_no_raw_frame(
 
     config = daemon_config(tiny_weights, pipeline={"queue_size": 2, "overflow": "all"}, publishing={"enabled": False})
     sequence = useq.MDASequence(time_plan={"interval": 0, "loops": n}, stage_positions=[(0, 0, 100)])
-    with Daemon(config, output_dir=tmp_path, corrector=corrector, control=False,
-                extra_sinks=lambda: [OpenGateAfterLastFrame()]) as daemon:
+    with Daemon(
+        config, output_dir=tmp_path, corrector=corrector, control=False, extra_sinks=lambda: [OpenGateAfterLastFrame()]
+    ) as daemon:
         summary = daemon.run(sequence, tmp_path)
     counts = summary.counts()
     assert counts["seen"] == n and counts["refocused"] == 3 and counts["skipped"] == n - 3
@@ -189,9 +192,25 @@ def test_listen_prints_the_focus_trace(tmp_path: Path, tiny_refocuser: Any, tiny
     with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
         daemon.acquisition_core()
         listener = subprocess.Popen(
-            [sys.executable, "-m", "acquire_refocus.cli", "listen", "--address", daemon.publisher.address,  # type: ignore[union-attr]
-             "--topic", "focus", "--topic", "raw", "--count", "16", "--timeout", "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "acquire_refocus.cli",
+                "listen",
+                "--address",
+                daemon.publisher.address,  # type: ignore[union-attr]
+                "--topic",
+                "focus",
+                "--topic",
+                "raw",
+                "--count",
+                "16",
+                "--timeout",
+                "60",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             assert listener.stdout is not None
@@ -230,12 +249,18 @@ def test_control_commands_without_a_daemon(capsys: pytest.CaptureFixture[str], t
         ({"z_plan": {"range": 1e9, "step": 0.001}}, "1,000,000,000,001 events (z=1000000000001) is more than"),
         ({"time_plan": {"interval": 0, "duration": 3600}}, "size cannot be worked out (ZeroDivisionError"),
     ],
-    ids=["misspelt-key", "too-many-events", "misspelt-channel-key", "misspelt-z-plan-key", "z-plan-of-a-trillion",
-         "duration-without-interval"],
+    ids=[
+        "misspelt-key",
+        "too-many-events",
+        "misspelt-channel-key",
+        "misspelt-z-plan-key",
+        "z-plan-of-a-trillion",
+        "duration-without-interval",
+    ],
 )
 def test_a_sequence_that_would_not_run_as_meant_is_refused(sequence: dict, message: str) -> None:
-    from acquire_refocus.sequence import parse_sequence
     from acquire_refocus.errors import ConfigError
+    from acquire_refocus.sequence import parse_sequence
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_sequence(sequence)
@@ -257,13 +282,21 @@ def test_pymmcore_plus_backend_on_micro_manager_demo_devices(
     from mm_test_adapters import device_adapter_path
 
     adapters = Path(device_adapter_path())
-    sequence = {"time_plan": {"interval": 0, "loops": 3}, "z_plan": {"range": 2, "step": 2}, "axis_order": "tz",
-                "channels": [{"group": "Channel", "config": "DAPI", "exposure": 5}]}
+    sequence = {
+        "time_plan": {"interval": 0, "loops": 3},
+        "z_plan": {"range": 2, "step": 2},
+        "axis_order": "tz",
+        "channels": [{"group": "Channel", "config": "DAPI", "exposure": 5}],
+    }
     config = daemon_config(
         tiny_weights,
         focus={"mode": "correct", "z_limits_um": [-50, 50], "dead_band_um": 0.0, "min_confidence": 0.0},
-        acquisition={"backend": "pymmcore-plus", "mm_config_file": str(adapters / "MMConfig_demo.cfg"),
-                     "mm_app_path": str(adapters), "sequence": sequence},
+        acquisition={
+            "backend": "pymmcore-plus",
+            "mm_config_file": str(adapters / "MMConfig_demo.cfg"),
+            "mm_app_path": str(adapters),
+            "sequence": sequence,
+        },
     )
     with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
         daemon.acquisition_core().setROI(0, 0, 128, 128)
@@ -287,8 +320,9 @@ def test_pymmcore_plus_backend_on_micro_manager_demo_devices(
     assert summary.focus["moves"] >= 1  # the untrained network is never exactly in focus: the loop moved Z
 
 
-def test_two_queued_runs_into_one_output_are_refused_in_the_reply(tmp_path: Path, tiny_refocuser: Any,
-                                                                  tiny_weights: Path) -> None:
+def test_two_queued_runs_into_one_output_are_refused_in_the_reply(
+    tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path
+) -> None:
     """Nothing takes runs off the queue here (no serve loop): both wait, and the second would have failed later,
     in the daemon's log only, because the first will have written there."""
     config = daemon_config(tiny_weights)
@@ -313,8 +347,12 @@ def test_a_channel_the_hardware_lacks_is_refused_before_the_first_frame(
     sequence = {"time_plan": {"interval": 0, "loops": 2}, "channels": [{"group": "Channel", "config": "DAPPI"}]}
     config = daemon_config(
         tiny_weights,
-        acquisition={"backend": "pymmcore-plus", "mm_config_file": str(adapters / "MMConfig_demo.cfg"),
-                     "mm_app_path": str(adapters), "sequence": sequence},
+        acquisition={
+            "backend": "pymmcore-plus",
+            "mm_config_file": str(adapters / "MMConfig_demo.cfg"),
+            "mm_app_path": str(adapters),
+            "sequence": sequence,
+        },
     )
     with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
         with pytest.raises(UserError, match=r"channel 'DAPPI' is not a preset of group 'Channel' \(presets: .*DAPI"):
@@ -342,8 +380,11 @@ def test_closed_loop_moves_between_time_points_of_a_single_position(
 ) -> None:
     """One position, no interval: pymmcore-plus would merge the whole time-lapse into one hardware sequence.
     The focus engine keeps time points apart, so Z can change at each, and waits for the estimates."""
-    config = daemon_config(tiny_weights, focus={"mode": "correct", "min_confidence": 0.0, "dead_band_um": 0.0},
-                           publishing={"enabled": False})
+    config = daemon_config(
+        tiny_weights,
+        focus={"mode": "correct", "min_confidence": 0.0, "dead_band_um": 0.0},
+        publishing={"enabled": False},
+    )
     sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 6}, stage_positions=[(0, 0, 100)])
     with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser, control=False) as daemon:
         summary = daemon.run(sequence, tmp_path)
@@ -375,8 +416,12 @@ def test_bad_frames_pass_every_sink_raw(tmp_path: Path, tiny_refocuser: Any) -> 
     collector = Collector(publisher.address, expected=4 + 2 + 5)  # raw: 4 arrays; refocused: 2; focus: 5
     collector.thread.start()
     time.sleep(1.0)  # let the subscription reach the publisher (loopback: milliseconds)
-    sinks = [FocusController(FocusConfig(mode="observe")), PublishSink(publisher),
-             RefocusedStore(tmp_path / "refocused.ome.zarr", sequence, (128, 128)), FocusLog(tmp_path / "focus.csv")]
+    sinks = [
+        FocusController(FocusConfig(mode="observe")),
+        PublishSink(publisher),
+        RefocusedStore(tmp_path / "refocused.ome.zarr", sequence, (128, 128)),
+        FocusLog(tmp_path / "focus.csv"),
+    ]
     try:
         with FramePipeline(tiny_refocuser, sinks, PipelineConfig()) as pipeline:
             for t, frame in enumerate(frames):

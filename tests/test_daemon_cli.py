@@ -23,15 +23,27 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def write_config(path: Path, weights: Path, loops: int) -> Path:
-    return write_serve_config(path, weights, {"time_plan": {"interval": 0, "loops": loops},
-                                              "stage_positions": [{"x": 0, "y": 0, "z": 100}]})
+    return write_serve_config(
+        path, weights, {"time_plan": {"interval": 0, "loops": loops}, "stage_positions": [{"x": 0, "y": 0, "z": 100}]}
+    )
 
 
 def start_serve(config: Path, output: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "acquire_refocus.cli", "serve", "--config", str(config), "--output", str(output),
-         "--once"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "acquire_refocus.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--output",
+            str(output),
+            "--once",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -121,7 +133,9 @@ def test_bad_config_is_a_clear_error_with_exit_2(tmp_path: Path, text: str, expe
     config.write_text(text)
     proc = subprocess.run(
         [sys.executable, "-m", "acquire_refocus.cli", "serve", "--config", str(config), "--once"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert expected in proc.stderr and str(config) in proc.stderr
@@ -135,7 +149,9 @@ def test_once_without_a_sequence_is_a_clear_error(tmp_path: Path, tiny_weights: 
     config.write_text(yaml.safe_dump(data))
     proc = subprocess.run(
         [sys.executable, "-m", "acquire_refocus.cli", "serve", "--config", str(config), "--once"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "acquisition.sequence" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -156,9 +172,20 @@ def test_once_into_an_unusable_output_is_a_clear_error_and_changes_nothing(
         expected = "already holds a run"
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     proc = subprocess.run(
-        [sys.executable, "-m", "acquire_refocus.cli", "serve", "--config", str(config), "--once",
-         "--output", str(output)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "acquire_refocus.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--once",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert expected in proc.stderr and "Traceback" not in proc.stderr

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import pytest
 import useq
-
 from conftest import SMALL_FIELD_SIMULATOR
+
 from acquire_refocus.commands.demo import FocusTruth
 from acquire_refocus.config import SpecimenConfig, parse_config
 from acquire_refocus.daemon import Daemon
@@ -111,14 +111,25 @@ def run_closed_loop(
     **focus_overrides: Any,
 ) -> tuple[FocusTruth, dict]:
     simulator = {**SMALL_FIELD_SIMULATOR, "drift": drift, "z_limits_um": [40, 160], **(simulator_overrides or {})}
-    config = parse_config({
-        "simulator": simulator,
-        "publishing": {"enabled": False},
-        "focus": {"mode": "correct", "window_frames": window_frames, "min_confidence": 0.5, "dead_band_um": 0.3,
-                  "max_step_um": 5.0, "gain": 1.0, "z_limits_um": list(z_limits_um), **focus_overrides},
-    })
-    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": loops}, stage_positions=[(0, 0, 100)],
-                                z_plan=z_plan, axis_order="tpz")
+    config = parse_config(
+        {
+            "simulator": simulator,
+            "publishing": {"enabled": False},
+            "focus": {
+                "mode": "correct",
+                "window_frames": window_frames,
+                "min_confidence": 0.5,
+                "dead_band_um": 0.3,
+                "max_step_um": 5.0,
+                "gain": 1.0,
+                "z_limits_um": list(z_limits_um),
+                **focus_overrides,
+            },
+        }
+    )
+    sequence = useq.MDASequence(
+        time_plan={"interval": 0, "loops": loops}, stage_positions=[(0, 0, 100)], z_plan=z_plan, axis_order="tpz"
+    )
     estimator = SpecifiedAccuracyEstimator(refocuser, unsigned=unsigned) if specified_accuracy else None
     with Daemon(config, corrector=estimator or refocuser, control=False) as daemon:
         core = daemon.acquisition_core()
@@ -166,8 +177,7 @@ def test_probe_mode_holds_focus_when_the_sign_is_a_coin_toss(shipped_refocuser: 
 def test_trusting_a_coin_toss_sign_does_not_hold_focus(shipped_refocuser: Any) -> None:
     """The control for the test above: the same estimates with sign_source: network (measured 2.9 um RMS, against
     0.71 um in probe mode and 3.4 um uncorrected)."""
-    truth, _ = run_closed_loop(shipped_refocuser, LINEAR_DRIFT, (50.0, 150.0),
-                               unsigned=True)
+    truth, _ = run_closed_loop(shipped_refocuser, LINEAR_DRIFT, (50.0, 150.0), unsigned=True)
     assert rms([r["error_um"] for r in truth.rows]) > 1.5
 
 
@@ -176,11 +186,19 @@ def test_probe_mode_with_the_shipped_head_bounds_a_large_drift(shipped_refocuser
     a dead band above that it cannot hold focus to 1 um, but it stops a 12 um drift from running away (measured
     2.00 um RMS against 6.75 uncorrected). Frames of 512 px of the default specimen: on sparse 256 px fields its
     estimate does not follow the blur at all."""
-    frames = {"camera": {"width_px": 512, "height_px": 512, "exposure_ms": 10},
-              "specimen": SpecimenConfig().model_dump(mode="json")}
+    frames = {
+        "camera": {"width_px": 512, "height_px": 512, "exposure_ms": 10},
+        "specimen": SpecimenConfig().model_dump(mode="json"),
+    }
     truth, focus = run_closed_loop(
-        shipped_refocuser, {"model": "linear", "rate_um_per_min": 12.0}, (50.0, 150.0), specified_accuracy=False,
-        simulator_overrides=frames, sign_source="probe", dead_band_um=2.5, min_confidence=0.0,
+        shipped_refocuser,
+        {"model": "linear", "rate_um_per_min": 12.0},
+        (50.0, 150.0),
+        specified_accuracy=False,
+        simulator_overrides=frames,
+        sign_source="probe",
+        dead_band_um=2.5,
+        min_confidence=0.0,
     )
     corrected, uncorrected = focus_error_rms(truth)
     assert uncorrected > 5.0
@@ -196,8 +214,9 @@ def test_probe_mode_with_the_shipped_head_bounds_a_large_drift(shipped_refocuser
 def test_shipped_network_with_sharpness_holds_focus_under_drift(shipped_refocuser: Any, drift: dict) -> None:
     """The shipped network as it is (its estimates fail the 0.5 confidence gate) plus fine_source: sharpness.
     Measured 0.60 / 0.70 um RMS (3.38 / 4.16 um uncorrected)."""
-    truth, focus = run_closed_loop(shipped_refocuser, drift, (50.0, 150.0), specified_accuracy=False,
-                                   fine_source="sharpness")
+    truth, focus = run_closed_loop(
+        shipped_refocuser, drift, (50.0, 150.0), specified_accuracy=False, fine_source="sharpness"
+    )
     corrected, uncorrected = focus_error_rms(truth)
     assert corrected <= 1.0, f"RMS focus error {corrected:.2f} um with correction"
     assert uncorrected > 3.0 * corrected
@@ -208,13 +227,28 @@ def test_sharpness_feed_forward_keeps_up_with_a_fast_drift(shipped_refocuser: An
     """12 um/min (0.4 um per frame), 512 px frames of the default specimen: the sharpness fit lags the focus by about
     a time point and a half; adding the drift over that lag holds focus (measured 0.71 um RMS), without it the loop
     trails by 1-2 um (1.37 um). Uncorrected: 6.75 um."""
-    frames = {"camera": {"width_px": 512, "height_px": 512, "exposure_ms": 10},
-              "specimen": SpecimenConfig().model_dump(mode="json")}
+    frames = {
+        "camera": {"width_px": 512, "height_px": 512, "exposure_ms": 10},
+        "specimen": SpecimenConfig().model_dump(mode="json"),
+    }
     fast = {"model": "linear", "rate_um_per_min": 12.0}
-    with_lead, _ = run_closed_loop(shipped_refocuser, fast, (50.0, 150.0), specified_accuracy=False,
-                                   simulator_overrides=frames, fine_source="sharpness")
-    without_lead, _ = run_closed_loop(shipped_refocuser, fast, (50.0, 150.0), specified_accuracy=False,
-                                      simulator_overrides=frames, fine_source="sharpness", sharpness_lead_time_points=0)
+    with_lead, _ = run_closed_loop(
+        shipped_refocuser,
+        fast,
+        (50.0, 150.0),
+        specified_accuracy=False,
+        simulator_overrides=frames,
+        fine_source="sharpness",
+    )
+    without_lead, _ = run_closed_loop(
+        shipped_refocuser,
+        fast,
+        (50.0, 150.0),
+        specified_accuracy=False,
+        simulator_overrides=frames,
+        fine_source="sharpness",
+        sharpness_lead_time_points=0,
+    )
     corrected, uncorrected = focus_error_rms(with_lead)
     assert corrected <= 1.0 < focus_error_rms(without_lead)[0], f"{corrected:.2f} um with the feed-forward"
     assert uncorrected > 5.0
@@ -224,8 +258,13 @@ def test_shipped_network_with_sharpness_recovers_from_focus_steps(shipped_refocu
     """3 um focus steps every 12 frames. The frame after a step is off by the step whatever the loop does; it
     restarts the sharpness fit, the next (dithered) frame gives the direction, and the frame after is back in
     focus. Measured: ~4 um on the two frames after each step, 0.8 um RMS on the others."""
-    truth, _ = run_closed_loop(shipped_refocuser, {"model": "steps", "step_um": 3.0, "step_interval_s": 24.0},
-                               (50.0, 150.0), specified_accuracy=False, fine_source="sharpness")
+    truth, _ = run_closed_loop(
+        shipped_refocuser,
+        {"model": "steps", "step_um": 3.0, "step_interval_s": 24.0},
+        (50.0, 150.0),
+        specified_accuracy=False,
+        fine_source="sharpness",
+    )
     uncorrected = [r["uncorrected_error_um"] for r in truth.rows]
     steps = [i for i in range(1, LOOPS) if abs(uncorrected[i] - uncorrected[i - 1]) > 1.0]
     assert len(steps) == 2
@@ -240,8 +279,10 @@ def stack_centre_errors(truth: FocusTruth) -> tuple[list[float], list[float]]:
     for row in truth.rows:
         by_t.setdefault(int(row["t_index"]), []).append(row)
     stacks = [by_t[t] for t in sorted(by_t)]
-    return ([sum(r["error_um"] for r in s) / len(s) for s in stacks],
-            [sum(r["uncorrected_error_um"] for r in s) / len(s) for s in stacks])
+    return (
+        [sum(r["error_um"] for r in s) / len(s) for s in stacks],
+        [sum(r["uncorrected_error_um"] for r in s) / len(s) for s in stacks],
+    )
 
 
 def test_sharpness_with_z_stacks_recovers_from_a_step_in_one_time_point(shipped_refocuser: Any) -> None:
@@ -250,9 +291,15 @@ def test_sharpness_with_z_stacks_recovers_from_a_step_in_one_time_point(shipped_
     by the step whatever the loop does. Measured: 3.4 / 3.8 um on those, 0.4-0.9 um on the others (this field's
     sharpest plane lies 0.9 um deeper than the simulator's mid-plane focus). The restart of the drift rate after a
     jump, which keeps the loop from overshooting the sharpest plane, is tested in test_focus.py."""
-    truth, focus = run_closed_loop(shipped_refocuser, {"model": "steps", "step_um": 3.0, "step_interval_s": 24.0},
-                                   (50.0, 150.0), specified_accuracy=False, fine_source="sharpness",
-                                   z_plan={"range": 3.0, "step": 1.5}, loops=10)
+    truth, focus = run_closed_loop(
+        shipped_refocuser,
+        {"model": "steps", "step_um": 3.0, "step_interval_s": 24.0},
+        (50.0, 150.0),
+        specified_accuracy=False,
+        fine_source="sharpness",
+        z_plan={"range": 3.0, "step": 1.5},
+        loops=10,
+    )
     corrected, uncorrected = stack_centre_errors(truth)
     steps = [t for t in range(1, len(uncorrected)) if abs(uncorrected[t] - uncorrected[t - 1]) > 1.0]
     assert len(steps) == 2
@@ -270,9 +317,7 @@ def test_sharpness_with_z_stacks_recovers_from_a_step_in_one_time_point(shipped_
     reason="the shipped autofocus head cannot tell above from below focus yet (sign correct for 50% of frames)",
 )
 def test_closed_loop_holds_focus_with_the_shipped_autofocus_head(shipped_refocuser: Any) -> None:
-    truth, focus = run_closed_loop(
-        shipped_refocuser, LINEAR_DRIFT, (50.0, 150.0), specified_accuracy=False
-    )
+    truth, focus = run_closed_loop(shipped_refocuser, LINEAR_DRIFT, (50.0, 150.0), specified_accuracy=False)
     assert rms([r["error_um"] for r in truth.rows]) <= 1.0
     assert focus["moves"] >= 1
 

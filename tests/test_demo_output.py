@@ -80,8 +80,9 @@ def test_other_folders_are_refused_and_kept(tmp_path: Path, extra: str) -> None:
     assert _snapshot(output) == before
 
 
-def test_demo_refuses_a_serve_run_folder_without_deleting_it(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_refuses_a_serve_run_folder_without_deleting_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     output = tmp_path / "run-1"
     (output / "raw.ome.zarr" / "0").mkdir(parents=True)
     (output / "raw.ome.zarr" / "0" / "chunk").write_text("raw frames")
@@ -95,8 +96,9 @@ def test_demo_refuses_a_serve_run_folder_without_deleting_it(tmp_path: Path,
 
 
 @pytest.mark.parametrize("where", ["existing file", "under a file"])
-def test_demo_output_that_cannot_be_a_folder_is_a_clear_error(tmp_path: Path, where: str,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_output_that_cannot_be_a_folder_is_a_clear_error(
+    tmp_path: Path, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     blocker = tmp_path / "notes.txt"
     blocker.write_text("the user's notes")
     output = blocker if where == "existing file" else blocker / "demo"

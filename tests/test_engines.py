@@ -60,7 +60,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-
 @pytest.fixture(scope="module")
 def loaded() -> Loaded:
     return Loaded(small_network(), "1f2e3d4c5b6a" + "0" * 52)
@@ -73,8 +72,15 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def engine_config(cache_dir: Path, backend: str = "auto", **changes: object) -> EngineConfig:
     values: dict[str, object] = dict(
-        backend=backend, precision="fp32", cache_dir=cache_dir, min_size_px=16, opt_size_px=64, max_size_px=64,
-        max_batch=4, tile_overlap_px=16, num_threads=1,
+        backend=backend,
+        precision="fp32",
+        cache_dir=cache_dir,
+        min_size_px=16,
+        opt_size_px=64,
+        max_size_px=64,
+        max_batch=4,
+        tile_overlap_px=16,
+        num_threads=1,
     )
     values.update(changes)
     return EngineConfig.model_validate(values)
@@ -142,7 +148,8 @@ def test_padding_crops_back_exactly(torch_engine: Engine, shape: tuple[int, int]
         images, focus = torch_engine.run(padded[None, None])
         np.testing.assert_array_equal(image, images[0, 0, : shape[0], : shape[1]])
         assert (focus_estimate.defocus_um, focus_estimate.log_sigma_um, focus_estimate.magnitude_um) == tuple(
-            float(v) for v in focus[0])
+            float(v) for v in focus[0]
+        )
 
 
 def test_tiled_frame_matches_untiled(loaded: Loaded, cache_dir: Path, engine_log: pytest.LogCaptureFixture) -> None:
@@ -320,7 +327,7 @@ class DataDependent(torch.nn.Module):
 def test_failed_onnx_export_falls_back_to_torch(tmp_path: Path, engine_log: pytest.LogCaptureFixture) -> None:
     engine = create_engine(Loaded(DataDependent().eval(), "9" * 64), engine_config(tmp_path, "auto"))
     assert engine.name == "torch"
-    assert "engine=onnxruntime reason=\"failed to build:" in engine_log.text
+    assert 'engine=onnxruntime reason="failed to build:' in engine_log.text
     assert "ONNX export of the network failed: TorchExportError" in engine_log.text
     assert not list(tmp_path.iterdir())  # the unusable export is not left behind
     images, focus = engine.run(np.ones((1, 1, 16, 16), dtype=np.float32))

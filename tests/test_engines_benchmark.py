@@ -23,8 +23,15 @@ def tiny_config(tmp_path: Path, engines_dir: Path) -> Path:
     """A tiny network, with the ONNX cache shared by this module's tests (one export, then reuse)."""
     config = {
         "model": {"base_channels": 4, "depth": 2},
-        "engine": {"cache_dir": str(engines_dir), "min_size_px": 16, "opt_size_px": 32, "max_size_px": 64,
-                   "max_batch": 2, "tile_overlap_px": 8, "num_threads": 1},
+        "engine": {
+            "cache_dir": str(engines_dir),
+            "min_size_px": 16,
+            "opt_size_px": 32,
+            "max_size_px": 64,
+            "max_batch": 2,
+            "tile_overlap_px": 8,
+            "num_threads": 1,
+        },
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -35,8 +42,24 @@ def test_benchmark_writes_interleaved_records(
     tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "bench.json"
-    code = main(["benchmark", "--config", str(tiny_config), "--untrained", "--sizes", "32,64",
-                 "--engines", "onnxruntime,torch", "--repeats", "2", "--parts", "engine", "--json", str(out)])
+    code = main(
+        [
+            "benchmark",
+            "--config",
+            str(tiny_config),
+            "--untrained",
+            "--sizes",
+            "32,64",
+            "--engines",
+            "onnxruntime,torch",
+            "--repeats",
+            "2",
+            "--parts",
+            "engine",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     records = json.loads(out.read_text())
     assert isinstance(records, list) and records
@@ -58,10 +81,13 @@ def test_benchmark_writes_interleaved_records(
     assert "p50_ms" in table and "onnxruntime" in table and "torch" in table
 
 
-@pytest.mark.parametrize(("sizes", "message"), [
-    ("30", "not multiples of the network stride (4 px)"),
-    ("32,128", "[128] exceed engine.max_size_px (64)"),
-])
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ("30", "not multiples of the network stride (4 px)"),
+        ("32,128", "[128] exceed engine.max_size_px (64)"),
+    ],
+)
 def test_benchmark_rejects_sizes_it_cannot_measure(
     tiny_config: Path, sizes: str, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -70,10 +70,18 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def trt_config(cache_dir: Path, precision: str = "fp16") -> EngineConfig:
-    return EngineConfig.model_validate(dict(
-        backend="tensorrt", precision=precision, cache_dir=cache_dir, min_size_px=64, opt_size_px=256,
-        max_size_px=512, max_batch=2, tile_overlap_px=64,
-    ))
+    return EngineConfig.model_validate(
+        dict(
+            backend="tensorrt",
+            precision=precision,
+            cache_dir=cache_dir,
+            min_size_px=64,
+            opt_size_px=256,
+            max_size_px=512,
+            max_batch=2,
+            tile_overlap_px=64,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +89,6 @@ def fp16_engine(torch_tensorrt: Any, loaded: Any, cache_dir: Path) -> Any:
     engine = create_engine(loaded, trt_config(cache_dir))
     assert engine.name == "tensorrt", "the TensorRT engine must build on a GPU machine with torch-tensorrt"
     return engine
-
 
 
 @pytest.mark.gpu
@@ -102,8 +109,9 @@ def test_fp16_engine_matches_pytorch_fp32(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
-def test_engine_is_saved_named_and_reloaded(fp16_engine: Any, loaded: Any, cache_dir: Path,
-                                            engine_log: pytest.LogCaptureFixture) -> None:
+def test_engine_is_saved_named_and_reloaded(
+    fp16_engine: Any, loaded: Any, cache_dir: Path, engine_log: pytest.LogCaptureFixture
+) -> None:
     from acquire_refocus.engines.tensorrt_engine import gpu_label, tensorrt_version
 
     expected = engine_path(cache_dir, loaded.sha256, gpu_label(), tensorrt_version(), "fp16")
@@ -118,8 +126,9 @@ def test_engine_is_saved_named_and_reloaded(fp16_engine: Any, loaded: Any, cache
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
-def test_stale_and_corrupt_engines_are_rebuilt(fp16_engine: Any, loaded: Any, tmp_path: Path,
-                                               engine_log: pytest.LogCaptureFixture) -> None:
+def test_stale_and_corrupt_engines_are_rebuilt(
+    fp16_engine: Any, loaded: Any, tmp_path: Path, engine_log: pytest.LogCaptureFixture
+) -> None:
     # An engine from another GPU lies beside: it is named as such, never loaded, and the right one is built.
     stale = engine_path(tmp_path, loaded.sha256, "Some-Other-GPU", "8.6.1", "fp16")
     stale.write_bytes(b"an engine for another GPU")

@@ -21,18 +21,37 @@ pytestmark = pytest.mark.timeout(60)
 RAW = np.zeros((64, 64), np.uint16)
 
 
-def result(defocus_um: float, stage_z_um: float | None = 100.0, p: int = 0, t: int = 0, confidence: float = 0.9,
-           status: str = "refocused", magnitude_um: float | None = None) -> FrameResult:
+def result(
+    defocus_um: float,
+    stage_z_um: float | None = 100.0,
+    p: int = 0,
+    t: int = 0,
+    confidence: float = 0.9,
+    status: str = "refocused",
+    magnitude_um: float | None = None,
+) -> FrameResult:
     return FrameResult(
-        frame=0, raw=RAW, info=FrameInfo({"t": t, "p": p}, stage_z_um, (0.0, 0.0), 0.0, 0.325),
-        status=status, defocus_um=defocus_um, confidence=confidence,  # type: ignore[arg-type]
+        frame=0,
+        raw=RAW,
+        info=FrameInfo({"t": t, "p": p}, stage_z_um, (0.0, 0.0), 0.0, 0.325),
+        status=status,
+        defocus_um=defocus_um,
+        confidence=confidence,  # type: ignore[arg-type]
         defocus_magnitude_um=abs(defocus_um) if magnitude_um is None else magnitude_um,
     )
 
 
 def controller(**overrides: object) -> FocusController:
-    settings = {"mode": "correct", "window_frames": 3, "min_confidence": 0.5, "dead_band_um": 0.3,
-                "max_step_um": 5.0, "gain": 1.0, "z_limits_um": (50.0, 150.0), **overrides}
+    settings = {
+        "mode": "correct",
+        "window_frames": 3,
+        "min_confidence": 0.5,
+        "dead_band_um": 0.3,
+        "max_step_um": 5.0,
+        "gain": 1.0,
+        "z_limits_um": (50.0, 150.0),
+        **overrides,
+    }
     return FocusController(FocusConfig.model_validate(settings))
 
 
@@ -125,8 +144,10 @@ def test_z_stack_moves_as_a_whole_between_time_points() -> None:
     """Offsets change only when a position's next time point starts, never inside its z-stack."""
     c = controller()
     sequence = useq.MDASequence(
-        time_plan={"interval": 0, "loops": 2}, stage_positions=[(0, 0, 100)],
-        z_plan={"range": 4, "step": 2}, axis_order="tpz",
+        time_plan={"interval": 0, "loops": 2},
+        stage_positions=[(0, 0, 100)],
+        z_plan={"range": 4, "step": 2},
+        axis_order="tpz",
     )
     planes: list[tuple[int, float]] = []
     for event in c.adjust_events(sequence):
@@ -218,8 +239,9 @@ def test_probe_mode_tracks_drift_from_unsigned_estimates(rate_um: float) -> None
         t = event.index["t"]
         error = event.z_pos - focus(t)
         errors.append(error)
-        c.on_frame(result(rng.choice([-0.1, 0.1]), stage_z_um=event.z_pos, t=t,
-                          magnitude_um=abs(error + rng.normal(0, 0.2))))
+        c.on_frame(
+            result(rng.choice([-0.1, 0.1]), stage_z_um=event.z_pos, t=t, magnitude_um=abs(error + rng.normal(0, 0.2)))
+        )
     rms = math.sqrt(np.mean(np.square(errors)))
     uncorrected = math.sqrt(np.mean([(100.0 - focus(t)) ** 2 for t in range(40)]))
     assert rms < 1.0 < uncorrected
@@ -227,12 +249,22 @@ def test_probe_mode_tracks_drift_from_unsigned_estimates(rate_um: float) -> None
 
 # ----------------------------------------------------------------------------- fine_source: sharpness
 # Sharpness needs real images: `small_field_scope` is the simulated microscope with its PSF and camera noise.
-def image_result(scope: object, stage_z_um: float, focus_z_um: float, t: int, network_defocus_um: float = 0.0,
-                 confidence: float = 0.0) -> FrameResult:
+def image_result(
+    scope: object,
+    stage_z_um: float,
+    focus_z_um: float,
+    t: int,
+    network_defocus_um: float = 0.0,
+    confidence: float = 0.0,
+) -> FrameResult:
     frame = scope.render(100.0 + stage_z_um - focus_z_um)  # type: ignore[attr-defined]
     return FrameResult(
-        frame=t, raw=frame, info=FrameInfo({"t": t, "p": 0}, stage_z_um, (0.0, 0.0), 0.0, 0.325),
-        status="refocused", defocus_um=network_defocus_um, confidence=confidence,
+        frame=t,
+        raw=frame,
+        info=FrameInfo({"t": t, "p": 0}, stage_z_um, (0.0, 0.0), 0.0, 0.325),
+        status="refocused",
+        defocus_um=network_defocus_um,
+        confidence=confidence,
         defocus_magnitude_um=abs(network_defocus_um),
     )
 
@@ -390,8 +422,12 @@ def test_a_frame_the_sharpness_measure_fails_on_is_logged_and_never_waited_for(
     engine_log: pytest.LogCaptureFixture,
 ) -> None:
     c = controller(fine_source="sharpness")
-    unreadable = FrameResult(frame=0, raw=np.full((64, 64), "x", dtype=object),
-                             info=FrameInfo({"t": 0, "p": 0}, 100.0, (0.0, 0.0), 0.0, 0.325), status="refocused")
+    unreadable = FrameResult(
+        frame=0,
+        raw=np.full((64, 64), "x", dtype=object),
+        info=FrameInfo({"t": 0, "p": 0}, 100.0, (0.0, 0.0), 0.0, 0.325),
+        status="refocused",
+    )
     c.on_frame(unreadable)
     assert c.wait_for_frames(1, timeout_s=10)  # the measurement is done with, not pending forever
     assert c.sharpness_measured == 0 and "focus_sharpness_failed" in engine_log.text
@@ -409,9 +445,21 @@ def test_a_move_over_max_step_is_refused_when_configured() -> None:
 
 def channel_result(defocus_um: float, channel: str, stage_z_um: float = 100.0, z_offset_um: float = 0.0) -> FrameResult:
     return FrameResult(
-        frame=0, raw=RAW, info=FrameInfo({"t": 0, "p": 0, "c": 0}, stage_z_um, (0.0, 0.0), 0.0, 0.325,
-                                         channel=channel, channel_z_offset_um=z_offset_um),
-        status="refocused", defocus_um=defocus_um, confidence=0.9, defocus_magnitude_um=abs(defocus_um),
+        frame=0,
+        raw=RAW,
+        info=FrameInfo(
+            {"t": 0, "p": 0, "c": 0},
+            stage_z_um,
+            (0.0, 0.0),
+            0.0,
+            0.325,
+            channel=channel,
+            channel_z_offset_um=z_offset_um,
+        ),
+        status="refocused",
+        defocus_um=defocus_um,
+        confidence=0.9,
+        defocus_magnitude_um=abs(defocus_um),
     )
 
 
@@ -432,5 +480,7 @@ def test_listen_shows_the_loop_state_per_position() -> None:
     for t, p, offset, z in ((0, 0, 0.0, 100.0), (0, 1, 0.0, 100.0), (1, 0, 0.3, 100.3), (2, 0, -1.7, 98.3)):
         note_loop_state(loop, {"axes": {"t": t, "p": p}, "focus_offset_um": offset, "stage_z_um": z})
     note_loop_state(loop, {"axes": {"t": 3, "p": 1}, "focus_offset_um": None})  # loop off: nothing to show
-    assert loop_line(loop) == ("loop p0: t=2 offset_um=-1.700 stage_z_um=98.300 largest_move_um=2.000 | "
-                               "p1: t=0 offset_um=+0.000 stage_z_um=100.000 largest_move_um=0.000")
+    assert loop_line(loop) == (
+        "loop p0: t=2 offset_um=-1.700 stage_z_um=98.300 largest_move_um=2.000 | "
+        "p1: t=0 offset_um=+0.000 stage_z_um=100.000 largest_move_um=0.000"
+    )

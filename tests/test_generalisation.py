@@ -47,9 +47,15 @@ def test_camera_draw_sets_the_in_focus_peak_and_keeps_defects_out_of_the_truth()
     truth_photons = np.zeros((64, 64), np.float32)
     truth_photons[20:40, 20:40] = 10.0
     photons = np.stack([truth_photons, np.full((64, 64), 1.0, np.float32)])
-    draw = randomization.CameraDraw(peak_photons=1000.0, background_fraction=0.1, read_noise_electrons=1.0,
-                                    gain_adu_per_electron=2.0, offset_adu=100.0, hot_pixel_fraction=0.01,
-                                    fixed_pattern_adu=0.0)
+    draw = randomization.CameraDraw(
+        peak_photons=1000.0,
+        background_fraction=0.1,
+        read_noise_electrons=1.0,
+        gain_adu_per_electron=2.0,
+        offset_adu=100.0,
+        hot_pixel_fraction=0.01,
+        fixed_pattern_adu=0.0,
+    )
     base = CameraConfig(quantum_efficiency=0.8)
     frames, truth = randomization.expose_window(photons, truth_photons, draw, base, rng)
     assert frames.dtype == np.uint16 and frames.shape == photons.shape
@@ -77,21 +83,32 @@ def test_draws_stay_inside_the_envelope_and_specimens_are_deterministic() -> Non
     assert variants == randomization.optics_variants(envelope, OpticsConfig(), seed=0)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"peak_photons": [5000, 20]}, "peak_photons"),
-    ({"peak_photons": [0, 20]}, "positive"),
-    ({"families": []}, "families"),
-    ({"families": ["nuclei", "plankton"]}, "families"),
-    ({"layer_thickness_um": [-1]}, "layer_thickness_um"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"peak_photons": [5000, 20]}, "peak_photons"),
+        ({"peak_photons": [0, 20]}, "positive"),
+        ({"families": []}, "families"),
+        ({"families": ["nuclei", "plankton"]}, "families"),
+        ({"layer_thickness_um": [-1]}, "layer_thickness_um"),
+    ],
+)
 def test_a_bad_envelope_is_a_config_error(bad: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config({"training": {"randomization": bad}})
 
 
 def test_randomised_windows_differ_in_family_camera_and_come_with_their_truth() -> None:
-    config = parse_config({"training": {"randomization": SMALL_ENVELOPE, "train_fields": 12, "validation_fields": 2,
-                                        "defocus_range_um": [-10, 10]}})
+    config = parse_config(
+        {
+            "training": {
+                "randomization": SMALL_ENVELOPE,
+                "train_fields": 12,
+                "validation_fields": 2,
+                "defocus_range_um": [-10, 10],
+            }
+        }
+    )
     train, validation = training_data.randomized_sources(config, window_px=64)
     assert len(validation) == 2 and all(w.planes.shape == (8, 64, 64) for w in validation)
     assert {s // 1000 for s in train.seeds} == {1}  # training seeds 1000+, validation 2000+: disjoint
@@ -164,11 +181,18 @@ def test_ood_evaluation_reports_every_set_with_its_targets(tmp_path: Path, tiny_
     from acquire_refocus.model.ood import OOD_SOURCES, run_ood_evaluation
 
     config = parse_config({"engine": {"num_threads": 1}})
-    report = run_ood_evaluation(config, [("tiny", tiny_weights)], tmp_path / "ood", fields=1, window_px=64,
-                                physics=False)
+    report = run_ood_evaluation(
+        config, [("tiny", tiny_weights)], tmp_path / "ood", fields=1, window_px=64, physics=False
+    )
     text = report.read_text()
-    for name in ("simulator nuclei", "real nuclei (DSB 2018)", "scalar PSF", "membranes (held-out family)",
-                 "nuclei, peak 20 photons", "nuclei, peak 5000 photons"):
+    for name in (
+        "simulator nuclei",
+        "real nuclei (DSB 2018)",
+        "scalar PSF",
+        "membranes (held-out family)",
+        "nuclei, peak 20 photons",
+        "nuclei, peak 5000 photons",
+    ):
         assert f"## {name}" in text
     assert all(name in text for name in OOD_SOURCES)
     assert "no harm (gain >= -0.3 dB everywhere)" in text and "reads <= 1 um in focus" in text

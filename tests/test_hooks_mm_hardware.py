@@ -15,8 +15,8 @@ import pytest
 import tifffile
 import useq
 
-from acquire_refocus.errors import UserError
 from acquire_refocus.core_lifetime import release_core
+from acquire_refocus.errors import UserError
 from acquire_refocus.hooks.mm_hardware import hardware_core, load_hardware_core
 from acquire_refocus.pipeline import FrameInfo, FramePipeline, FrameResult
 
@@ -158,9 +158,7 @@ def test_folder_without_the_needed_adapters(tmp_path: Path) -> None:
 
 def test_config_naming_an_unknown_device(tmp_path: Path) -> None:
     config = tmp_path / "broken.cfg"
-    config.write_text(
-        "Property,Core,Initialize,0\nDevice,Cam,DemoCamera,NoSuchCamera\nProperty,Core,Initialize,1\n"
-    )
+    config.write_text("Property,Core,Initialize,0\nDevice,Cam,DemoCamera,NoSuchCamera\nProperty,Core,Initialize,1\n")
     with pytest.raises(UserError, match="could not load this hardware configuration.*NoSuchCamera"):
         load_hardware_core(config, ADAPTERS)
 
@@ -210,13 +208,32 @@ def test_real_scope_template_loads_and_explains_every_section() -> None:
     sequence = parse_sequence(config.acquisition.sequence)
     assert len(list(sequence)) == 240 * 2 * 1
     text = path.read_text()
-    for section in ("optics", "model", "engine", "pipeline", "publishing", "storage", "focus", "acquisition",
-                    "log_file"):
+    for section in (
+        "optics",
+        "model",
+        "engine",
+        "pipeline",
+        "publishing",
+        "storage",
+        "focus",
+        "acquisition",
+        "log_file",
+    ):
         assert f"\n{section}:" in text, section
     for section in ("simulator", "training", "loss"):
         assert section in text  # says why they are left out
     assert set(AppConfig.model_fields) - {"log_level"} == {
-        "optics", "model", "engine", "pipeline", "publishing", "storage", "focus", "acquisition",
-        "simulator", "training", "loss", "log_file",
+        "optics",
+        "model",
+        "engine",
+        "pipeline",
+        "publishing",
+        "storage",
+        "focus",
+        "acquisition",
+        "simulator",
+        "training",
+        "loss",
+        "log_file",
     }
     assert config.focus.mode == "observe"  # a template never moves a real stage before the user chose to

@@ -60,9 +60,17 @@ class BrokenSink:
 
 # Metadata as pycromanager 1.0.2's Python backend produces it (captured from a DemoCamera run).
 PYTHON_BACKEND_METADATA = {
-    "Camera": "Camera", "Height": 512, "Width": 512, "PixelType": None, "CameraChannelIndex": 0,
-    "PixelSize_um": 1.0, "ElapsedTime-ms": 0.0, "Time": "2026-11-22 03:26:29 -",
-    "Axes": {"time": 3, "z": 1}, "ZPosition_um_Intended": 12.5, "Exposure": 10.0,
+    "Camera": "Camera",
+    "Height": 512,
+    "Width": 512,
+    "PixelType": None,
+    "CameraChannelIndex": 0,
+    "PixelSize_um": 1.0,
+    "ElapsedTime-ms": 0.0,
+    "Time": "2026-11-22 03:26:29 -",
+    "Axes": {"time": 3, "z": 1},
+    "ZPosition_um_Intended": 12.5,
+    "Exposure": 10.0,
 }
 
 
@@ -97,8 +105,11 @@ def test_hook_reads_java_backend_metadata_and_labels() -> None:
     hook = PycromanagerFrameHook(recorder, pixel_size_um=None, channel_names=["DAPI", "FITC"])
     java_like = {
         "Axes": {"time": 0, "channel": "FITC", "position": "Pos-B", "row": 2},
-        "ZPositionUm": "101.25", "XPositionUm": 10.0, "YPositionUm": -4.0,
-        "PixelSizeUm": 0.0, "TimeReceivedByCore": "2026-11-22 03:26:29.250000",
+        "ZPositionUm": "101.25",
+        "XPositionUm": 10.0,
+        "YPositionUm": -4.0,
+        "PixelSizeUm": 0.0,
+        "TimeReceivedByCore": "2026-11-22 03:26:29.250000",
     }
     hook(np.zeros((64, 64), np.uint16), java_like)
     java_like["Axes"] = {"time": 1, "channel": "Cy5", "position": "Pos-A"}
@@ -178,8 +189,7 @@ def test_sequence_to_events_converts_useq() -> None:
     assert events[-1]["min_start_time"] == 0.5
     no_z = list(sequence_to_events(useq.MDASequence(time_plan={"interval": 0, "loops": 2}), z_reference_um=7.0))
     assert [e["z"] for e in no_z] == [7.0, 7.0]
-    piezo = list(sequence_to_events(useq.MDASequence(z_plan={"top": 2, "bottom": 0, "step": 1}),
-                                    focus_device="Piezo"))
+    piezo = list(sequence_to_events(useq.MDASequence(z_plan={"top": 2, "bottom": 0, "step": 1}), focus_device="Piezo"))
     assert [e["stage_positions"] for e in piezo] == [[["Piezo", 0.0]], [["Piezo", 1.0]], [["Piezo", 2.0]]]
     assert all("z" not in e for e in piezo)
     with pytest.raises(ValueError, match="needs z_reference_um"):  # never send a relative offset as absolute Z
@@ -229,7 +239,10 @@ def test_pycromanager_config_converts_to_pycromanager_events() -> None:
     events = list(sequence_to_events(parse_sequence(acq.sequence), z_reference_um=50.0))
     assert len(events) == 120
     assert events[1] == {
-        "axes": {"time": 1, "channel": 0}, "z": 50.0, "config_group": ["Channel", "DAPI"], "exposure": 20.0,
+        "axes": {"time": 1, "channel": 0},
+        "z": 50.0,
+        "config_group": ["Channel", "DAPI"],
+        "exposure": 20.0,
         "min_start_time": 30.0,
     }
 
@@ -245,7 +258,11 @@ def _run_child(tmp_path: Path) -> dict[str, Any]:
     try:
         proc = subprocess.run(
             [sys.executable, __file__, str(tmp_path), str(result_file)],
-            capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env, check=False,
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            env=env,
+            check=False,
         )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"pycromanager child process hung and was killed after {CHILD_TIMEOUT_S} s:\n{exc.stderr}")
@@ -342,8 +359,13 @@ class _Collect:
 
 def _frames(results: list[FrameResult]) -> list[dict[str, Any]]:
     return [
-        {"axes": r.info.axes, "stage_z_um": r.info.stage_z_um, "pixel_size_um": r.info.pixel_size_um,
-         "status": r.status, "shape": list(r.raw.shape)}
+        {
+            "axes": r.info.axes,
+            "stage_z_um": r.info.stage_z_um,
+            "pixel_size_um": r.info.pixel_size_um,
+            "status": r.status,
+            "shape": list(r.raw.shape),
+        }
         for r in results
     ]
 
@@ -365,7 +387,9 @@ def _child(workdir: Path, result_file: Path) -> None:  # pragma: no cover - runs
         with FramePipeline(_PassThrough(), [collect]) as pipeline:
             run = run_sequence(
                 useq.MDASequence(time_plan={"interval": 0, "loops": 2}, z_plan={"range": 4, "step": 2}),
-                pipeline, directory=workdir / "raw", name="zstack",
+                pipeline,
+                directory=workdir / "raw",
+                name="zstack",
             )
         dataset = Dataset(str(run.dataset_path))
         saved_axes = list(dataset.get_image_coordinates_list())
@@ -376,12 +400,18 @@ def _child(workdir: Path, result_file: Path) -> None:  # pragma: no cover - runs
             np.array_equal(np.asarray(dataset.read_image(time=r.info.axes["t"], z=r.info.axes["z"])), r.raw)
             for r in collect.results
         )
-        distinct = not any(np.shares_memory(a, b) for i, a in enumerate(raws) for b in raws[i + 1:])
+        distinct = not any(np.shares_memory(a, b) for i, a in enumerate(raws) for b in raws[i + 1 :])
         out["zstack"] = {
-            "events": run.events, "frames_submitted": run.frames_submitted, "frames_failed": run.frames_failed,
-            "z_reference_um": 20.0, "saved_axes": saved_axes, "saved_shape": list(saved_first.shape),
-            "saved_dtype": str(saved_first.dtype), "frames": _frames(collect.results),
-            "raw_equal_saved": raw_equal_saved, "distinct_buffers": distinct,
+            "events": run.events,
+            "frames_submitted": run.frames_submitted,
+            "frames_failed": run.frames_failed,
+            "z_reference_um": 20.0,
+            "saved_axes": saved_axes,
+            "saved_shape": list(saved_first.shape),
+            "saved_dtype": str(saved_first.dtype),
+            "frames": _frames(collect.results),
+            "raw_equal_saved": raw_equal_saved,
+            "distinct_buffers": distinct,
             "differs_between_frames": not np.array_equal(raws[0], raws[1]),
         }
         dataset.close()
@@ -399,27 +429,39 @@ def _child(workdir: Path, result_file: Path) -> None:  # pragma: no cover - runs
         collect = _Collect()
         with FramePipeline(_PassThrough(), [collect]) as pipeline:
             run = run_sequence(
-                useq.MDASequence(time_plan={"interval": 0, "loops": 3}, z_plan={"range": 2, "step": 1}), pipeline,
-                focus_planner=planner, directory=workdir / "raw", name="offset",
+                useq.MDASequence(time_plan={"interval": 0, "loops": 3}, z_plan={"range": 2, "step": 1}),
+                pipeline,
+                focus_planner=planner,
+                directory=workdir / "raw",
+                name="offset",
             )
         dataset = Dataset(str(run.dataset_path))
-        saved_z = [(t, z, dataset.read_metadata(time=t, z=z)["ZPosition_um_Intended"])
-                   for t in range(3) for z in range(3)]
+        saved_z = [
+            (t, z, dataset.read_metadata(time=t, z=z)["ZPosition_um_Intended"]) for t in range(3) for z in range(3)
+        ]
         dataset.close()
         out["offset"] = {
-            "z_reference_um": 30.0, "offsets_um": offsets, "plans": plans, "frames": _frames(collect.results),
-            "saved_z": saved_z, "stage_z_after_um": core.get_position("Z"),
+            "z_reference_um": 30.0,
+            "offsets_um": offsets,
+            "plans": plans,
+            "frames": _frames(collect.results),
+            "saved_z": saved_z,
+            "stage_z_after_um": core.get_position("Z"),
         }
 
         # 3. channels, raw data kept in RAM by pycromanager
         collect = _Collect()
         with FramePipeline(_PassThrough(), [collect]) as pipeline:
             run = run_sequence(
-                useq.MDASequence(time_plan={"interval": 0, "loops": 2}, channels=["DAPI", "FITC"]), pipeline,
+                useq.MDASequence(time_plan={"interval": 0, "loops": 2}, channels=["DAPI", "FITC"]),
+                pipeline,
                 directory=None,
             )
-        out["channels"] = {"frames": _frames(collect.results), "in_ram": run.dataset_path is None,
-                           "submitted": run.frames_submitted}
+        out["channels"] = {
+            "frames": _frames(collect.results),
+            "in_ram": run.dataset_path is None,
+            "submitted": run.frames_submitted,
+        }
 
         # 4. stopping a long time-lapse from another thread (the daemon's SIGINT / stop command)
         stop = threading.Event()
@@ -433,31 +475,40 @@ def _child(workdir: Path, result_file: Path) -> None:  # pragma: no cover - runs
         collect = StopAfterThree()
         with FramePipeline(_PassThrough(), [collect]) as pipeline:
             run = run_sequence(
-                useq.MDASequence(time_plan={"interval": 0.2, "loops": 100}), pipeline,
-                directory=workdir / "raw", name="stopped", stop_event=stop,
+                useq.MDASequence(time_plan={"interval": 0.2, "loops": 100}),
+                pipeline,
+                directory=workdir / "raw",
+                name="stopped",
+                stop_event=stop,
             )
         dataset = Dataset(str(run.dataset_path))
-        out["stopped"] = {"aborted": run.aborted, "submitted": run.frames_submitted,
-                          "saved": len(list(dataset.get_image_coordinates_list())),
-                          "delivered": len(collect.results)}
+        out["stopped"] = {
+            "aborted": run.aborted,
+            "submitted": run.frames_submitted,
+            "saved": len(list(dataset.get_image_coordinates_list())),
+            "delivered": len(collect.results),
+        }
         dataset.close()
 
         # 5. the hook given directly to pycromanager.Acquisition with pycromanager's own event builder
         recorder = QueueRecorder()
-        with Acquisition(directory=str(workdir / "raw"), name="plain",
-                         image_process_fn=PycromanagerFrameHook(recorder)) as acquisition:
+        with Acquisition(
+            directory=str(workdir / "raw"), name="plain", image_process_fn=PycromanagerFrameHook(recorder)
+        ) as acquisition:
             acquisition.acquire(multi_d_acquisition_events(z_start=0, z_end=3, z_step=1.5))
         dataset = acquisition.get_dataset()
         queued = recorder.drain()
-        out["plain"] = {"saved_count": len(list(dataset.get_image_coordinates_list())), "queued": len(queued),
-                        "z": [info.stage_z_um for _, info in queued]}
+        out["plain"] = {
+            "saved_count": len(list(dataset.get_image_coordinates_list())),
+            "queued": len(queued),
+            "z": [info.stage_z_um for _, info in queued],
+        }
         dataset.close()
     result_file.write_text(json.dumps(out, default=float))
 
 
 if __name__ == "__main__":  # pragma: no cover - the child process of the DemoCamera tests
     import logging
-
     import traceback
 
     logging.basicConfig(level=logging.INFO)

@@ -44,16 +44,43 @@ def _snapshot(folder: Path) -> dict[str, FileState]:
 def _installed_venv(root: Path) -> tuple[Path, Path]:
     """(python, site-packages) of a fresh venv holding the wheel built from this checkout."""
     wheel_dir = root / "wheel"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
-          str(wheel_dir), str(PROJECT_ROOT)], cwd=root)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(wheel_dir),
+            str(PROJECT_ROOT),
+        ],
+        cwd=root,
+    )
     (wheel,) = wheel_dir.glob("acquire_refocus-*.whl")
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=root)
     python = venv / "bin" / "python"
-    site_packages = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              cwd=root).strip())
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--quiet",
-          str(wheel)], cwd=root)
+    site_packages = Path(
+        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root).strip()
+    )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            str(wheel),
+        ],
+        cwd=root,
+    )
     # the dependencies, from this environment: a plain path line (this site-packages' own .pth files, among
     # them the editable install's finder, are not processed, so the checkout stays invisible)
     (site_packages / "zz_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n", encoding="utf-8")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import free_tcp_address
+
 from acquire_refocus.cli import main
 from acquire_refocus.client import Subscriber
 from acquire_refocus.control import DaemonUnavailable, request
@@ -54,7 +54,10 @@ def test_listen_count_must_be_positive(value: str, capsys: pytest.CaptureFixture
 @pytest.mark.parametrize("address", ["notanaddress", "tcp://127.0.0.1:99999", "tcp://127.0.0.1:0", "tcp://*:5556"])
 @pytest.mark.parametrize("command", [["listen"], ["status"], ["run", "sequence.yaml"]], ids=lambda c: c[0])
 def test_a_malformed_address_is_named_with_the_expected_form(
-    command: list[str], address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+    address: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -81,9 +84,7 @@ def test_the_library_raises_user_error_for_a_malformed_address() -> None:
     assert not isinstance(caught.value, DaemonUnavailable)  # a typo to fix, not a daemon that is down
 
 
-def test_run_with_a_binary_file_says_it_is_not_yaml_or_json(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_run_with_a_binary_file_says_it_is_not_yaml_or_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     image = tmp_path / "frame.tif"
     tifffile.imwrite(image, np.full((16, 16), 65535, dtype=np.uint16))  # 0xff bytes: not UTF-8
     err = error_of(["run", str(image), "--address", free_tcp_address(), "--timeout=0.2"], capsys)

@@ -24,16 +24,31 @@ LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} level=[A-Z]+ logger=ac
 
 
 def _config(path: Path, weights: Path, log_settings: dict[str, Any]) -> Path:
-    return write_serve_config(path, weights, {"time_plan": {"interval": 0, "loops": 4},
-                                              "stage_positions": [{"x": 0, "y": 0, "z": 100}]},
-                              log_file=log_settings)
+    return write_serve_config(
+        path,
+        weights,
+        {"time_plan": {"interval": 0, "loops": 4}, "stage_positions": [{"x": 0, "y": 0, "z": 100}]},
+        log_file=log_settings,
+    )
 
 
 def _serve(config: Path, output: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "acquire_refocus.cli", "serve", "--config", str(config), "--output", str(output),
-         "--once"],
-        capture_output=True, text=True, timeout=200, check=False,
+        [
+            sys.executable,
+            "-m",
+            "acquire_refocus.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--output",
+            str(output),
+            "--once",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
     )
 
 
@@ -59,7 +74,7 @@ def test_serve_writes_a_rotating_log_file_beside_its_output(tmp_path: Path, tiny
         assert set(lines) <= set(stderr_lines)  # the same lines as stderr, in the same format
         assert (output / name).stat().st_size <= max_bytes or len(lines) == 1  # only a single long line exceeds it
     kept = [line for name in reversed(files) for line in (output / name).read_text(encoding="utf-8").splitlines()]
-    assert kept == stderr_lines[-len(kept):]  # the newest lines, in order, none lost between the files
+    assert kept == stderr_lines[-len(kept) :]  # the newest lines, in order, none lost between the files
     assert any("event=run_done" in line for line in kept)
 
 
@@ -102,6 +117,8 @@ def test_no_log_file_when_off_or_without_a_folder(tmp_path: Path) -> None:
 def test_a_log_folder_that_is_a_file_is_one_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x", encoding="utf-8")
-    with pytest.raises(UserError, match=r"log_file.folder .*not-a-folder: is a file, not a folder"), \
-            log_file(LogFileConfig(folder=blocker), None):
+    with (
+        pytest.raises(UserError, match=r"log_file.folder .*not-a-folder: is a file, not a folder"),
+        log_file(LogFileConfig(folder=blocker), None),
+    ):
         pass

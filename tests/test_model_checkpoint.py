@@ -115,8 +115,11 @@ def test_flipped_tensor_bytes_are_one_clear_error_naming_the_file(tmp_path: Path
     damaged = tmp_path / "damaged.pt"
     _flip_tensor_bytes(path, largest, 4096, damaged)
     assert torch.load(damaged, weights_only=True)["state_dict"]  # torch itself reads it without complaint
-    with pytest.raises(WeightsError, match=rf"^{re.escape(str(damaged))}: damaged: its parameters do not match the "
-                       r"checksum written with them"):
+    with pytest.raises(
+        WeightsError,
+        match=rf"^{re.escape(str(damaged))}: damaged: its parameters do not match the "
+        r"checksum written with them",
+    ):
         load_weights(damaged)
     assert load_weights(path).sha256  # the intact file still loads
 
@@ -130,8 +133,9 @@ def test_a_file_without_a_checksum_loads_with_a_warning(
     legacy = tmp_path / "legacy.pt"
     torch.save(payload, legacy)
     loaded = load_weights(legacy)
-    assert any("event=weights_unverified" in r.getMessage() and str(legacy) in r.getMessage()
-               for r in engine_log.records)
+    assert any(
+        "event=weights_unverified" in r.getMessage() and str(legacy) in r.getMessage() for r in engine_log.records
+    )
     torch.testing.assert_close(loaded.network.state_dict(), network.state_dict())
 
 

@@ -15,11 +15,23 @@ from acquire_refocus.model.evaluate import _stage_note, run_evaluation
 def test_evaluation_writes_report_csv_and_plots(tmp_path: Path, tiny_weights: Path) -> None:
     torch.set_num_threads(1)
     config = parse_config({"simulator": FAST_SIMULATOR, "engine": {"num_threads": 1}})
-    report = run_evaluation(config, [("tiny net", tiny_weights)], tmp_path, fields=1, window_px=128,
-                            distances_um=(10.0, 2.0), tilt_distances_um=(2.0,))
+    report = run_evaluation(
+        config,
+        [("tiny net", tiny_weights)],
+        tmp_path,
+        fields=1,
+        window_px=128,
+        distances_um=(10.0, 2.0),
+        tilt_distances_um=(2.0,),
+    )
     text = report.read_text()
-    for heading in ("## PSNR (dB) per |defocus|", "## SSIM per |defocus|", "## Defocus estimate",
-                    "## Unseen setting: tilted sample", "## Targets"):
+    for heading in (
+        "## PSNR (dB) per |defocus|",
+        "## SSIM per |defocus|",
+        "## Defocus estimate",
+        "## Unseen setting: tilted sample",
+        "## Targets",
+    ):
         assert heading in text
     for method in ("input (unprocessed)", "Richardson-Lucy, true PSF", "Wiener, true PSF", "tiny net"):
         assert f"| {method}" in text
@@ -39,7 +51,9 @@ def test_two_models_under_one_label_are_refused(tmp_path: Path, capsys: object, 
 
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"not read: the labels are checked first")
-    code = main(["evaluate", "--out", str(tmp_path / "report"), "--weights", f"a={weights}", "--weights", f"a={weights}"])
+    code = main(
+        ["evaluate", "--out", str(tmp_path / "report"), "--weights", f"a={weights}", "--weights", f"a={weights}"]
+    )
     err = capsys.readouterr().err  # type: ignore[attr-defined]
     assert code == 2 and "the label(s) a name more than one model" in err
     assert not (tmp_path / "report").exists()
@@ -47,11 +61,19 @@ def test_two_models_under_one_label_are_refused(tmp_path: Path, capsys: object, 
 
 def test_the_networks_line_names_every_recorded_training_stage() -> None:
     stage1 = {"steps": 4112, "batch_size": 8, "patch_size_px": 128, "wall_time_s": 1920.0}
-    stage2 = {"steps": 3172, "batch_size": 8, "patch_size_px": 256, "wall_time_s": 727.0, "train_only": "focus_head",
-              "initial_weights": {"sha256": "a" * 64, "training": stage1}}
+    stage2 = {
+        "steps": 3172,
+        "batch_size": 8,
+        "patch_size_px": 256,
+        "wall_time_s": 727.0,
+        "train_only": "focus_head",
+        "initial_weights": {"sha256": "a" * 64, "training": stage1},
+    }
     stage3 = {"train_only": "decoder", "initial_weights": {"sha256": "b" * 64, "training": stage2}}
     note = _stage_note(stage3)
-    assert note == (" (image decoder only), starting from weights sha256 bbbbbbbbbbbbbbbb... trained 3172 steps "
-                    "(batch 8, 256 px patches) in 12.1 min (focus head only), starting from weights sha256 "
-                    "aaaaaaaaaaaaaaaa... trained 4112 steps (batch 8, 128 px patches) in 32.0 min")
+    assert note == (
+        " (image decoder only), starting from weights sha256 bbbbbbbbbbbbbbbb... trained 3172 steps "
+        "(batch 8, 256 px patches) in 12.1 min (focus head only), starting from weights sha256 "
+        "aaaaaaaaaaaaaaaa... trained 4112 steps (batch 8, 128 px patches) in 32.0 min"
+    )
     assert _stage_note(stage1) == ""

@@ -74,7 +74,8 @@ def test_l2_term_is_the_weighted_mean_squared_error() -> None:
     target = torch.zeros(2, 1, 32, 32)
     prediction = target + 0.1
     terms = RefocusLoss(LossConfig(l1_weight=0.0, ms_ssim_weight=0.0, l2_weight=20.0, defocus_weight=0.0))(
-        [prediction], torch.zeros(2, 3), target, torch.zeros(2))
+        [prediction], torch.zeros(2, 3), target, torch.zeros(2)
+    )
     assert terms.parts == {"l2": pytest.approx(20.0 * 0.01)}
 
 
@@ -100,8 +101,9 @@ def _vgg_file(tmp_path: Path) -> Path:
 
 
 def test_feature_and_gram_loss_from_a_local_vgg16_file(tmp_path: Path) -> None:
-    criterion = RefocusLoss(LossConfig(perceptual_weight=1.0, gram_weight=1.0,
-                                       feature_network_weights=_vgg_file(tmp_path)))
+    criterion = RefocusLoss(
+        LossConfig(perceptual_weight=1.0, gram_weight=1.0, feature_network_weights=_vgg_file(tmp_path))
+    )
     noisy, target = _images(64)
     focus, d = torch.zeros(2, 2), torch.zeros(2)
     same = criterion([target], focus, target, d)

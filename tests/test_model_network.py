@@ -108,8 +108,10 @@ def test_multiscale_exports_to_onnx_with_dynamic_size(name: str, tmp_path: Path)
 
 def _torchvision_style_resnet34_state(seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    state = {k: torch.randn_like(v.float()).to(v.dtype) if v.dtype.is_floating_point else v
-             for k, v in ResNet34Encoder().state_dict().items()}
+    state = {
+        k: torch.randn_like(v.float()).to(v.dtype) if v.dtype.is_floating_point else v
+        for k, v in ResNet34Encoder().state_dict().items()
+    }
     state["fc.weight"] = torch.randn(1000, 512)
     state["fc.bias"] = torch.randn(1000)
     return state
@@ -150,8 +152,9 @@ def test_normalisation_round_trip_for_any_offset_and_brightness(dtype: type) -> 
 def test_normalisation_is_invariant_to_camera_offset_and_gain() -> None:
     frame = np.random.default_rng(4).random((80, 80)) * 1000
     shifted = 3.5 * frame + 100
-    np.testing.assert_allclose(normalize(frame, frame_scale(frame)), normalize(shifted, frame_scale(shifted)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        normalize(frame, frame_scale(frame)), normalize(shifted, frame_scale(shifted)), atol=1e-5
+    )
 
 
 def test_constant_frame_has_a_degenerate_scale() -> None:

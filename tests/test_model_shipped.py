@@ -39,8 +39,10 @@ def test_shipped_model_refocuses_unseen_specimens_and_is_honest_about_defocus(sh
         out = shipped(sample.raw)
         magnitudes_um.setdefault(abs(sample.defocus_um), []).append(out.defocus_magnitude_um)
         data_range = float(sample.truth.max() - sample.truth.min())
-        gains.append(peak_signal_noise_ratio(sample.truth, out.image, data_range=data_range)
-                     - peak_signal_noise_ratio(sample.truth, sample.raw.astype(np.float32), data_range=data_range))
+        gains.append(
+            peak_signal_noise_ratio(sample.truth, out.image, data_range=data_range)
+            - peak_signal_noise_ratio(sample.truth, sample.raw.astype(np.float32), data_range=data_range)
+        )
         error_um = abs(out.defocus_um - sample.defocus_um)
         assert error_um <= abs(sample.defocus_um) + 2.0, (sample.defocus_um, out.defocus_um)
         if out.confidence >= 0.5:

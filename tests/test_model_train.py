@@ -26,14 +26,25 @@ from acquire_refocus.model.train import calibrate_focus_head, train
 
 
 def _config(**training: object) -> object:
-    return parse_config({
-        "simulator": FAST_SIMULATOR,
-        "model": {"architecture": "unet", "base_channels": 4, "depth": 3},
-        "loss": {"defocus_weight": 0.2},
-        "training": {"patch_size_px": 64, "batch_size": 8, "learning_rate": 3e-3, "validation_every": 1000,
-                     "train_fields": 4, "validation_fields": 2, "defocus_range_um": [0.0, 20.0],
-                     "num_threads": 1, "seed": 3, **training},
-    })
+    return parse_config(
+        {
+            "simulator": FAST_SIMULATOR,
+            "model": {"architecture": "unet", "base_channels": 4, "depth": 3},
+            "loss": {"defocus_weight": 0.2},
+            "training": {
+                "patch_size_px": 64,
+                "batch_size": 8,
+                "learning_rate": 3e-3,
+                "validation_every": 1000,
+                "train_fields": 4,
+                "validation_fields": 2,
+                "defocus_range_um": [0.0, 20.0],
+                "num_threads": 1,
+                "seed": 3,
+                **training,
+            },
+        }
+    )
 
 
 def test_short_training_lowers_loss_and_defocus_error_and_resumes(tmp_path: Path) -> None:
@@ -65,8 +76,12 @@ def test_focus_head_alone_trains_from_initial_weights_and_leaves_the_refocusing_
 ) -> None:
     torch.set_num_threads(1)
     start = train(_config(), out_dir=tmp_path / "stage1", steps=1, progress=False)
-    head = train(_config(initial_weights=str(start.weights_path), train_only="focus_head"),
-                 out_dir=tmp_path / "head", steps=60, progress=False)
+    head = train(
+        _config(initial_weights=str(start.weights_path), train_only="focus_head"),
+        out_dir=tmp_path / "head",
+        steps=60,
+        progress=False,
+    )
     before, after = load_weights(start.weights_path).network.state_dict(), load_weights(head.weights_path).network
     changed = {name for name, value in after.state_dict().items() if not torch.equal(value, before[name])}
     assert changed and all(name.startswith("focus_head.") for name in changed), sorted(changed)
@@ -78,18 +93,29 @@ def test_focus_head_alone_trains_from_initial_weights_and_leaves_the_refocusing_
     assert recorded["initial_weights"]["fresh_parameters"] == []
 
 
-@pytest.mark.parametrize("model", [{"architecture": "unet", "base_channels": 4, "depth": 3},
-                                   {"architecture": "multiscale", "base_channels": 4, "depth": 2, "scales": 2}])
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"architecture": "unet", "base_channels": 4, "depth": 3},
+        {"architecture": "multiscale", "base_channels": 4, "depth": 2, "scales": 2},
+    ],
+)
 def test_decoder_alone_trains_and_leaves_the_encoder_and_the_focus_estimate_as_they_were(
-    tmp_path: Path, model: dict[str, object],
+    tmp_path: Path,
+    model: dict[str, object],
 ) -> None:
     torch.set_num_threads(1)
     base = _config().model_dump(mode="json")
     stage1 = parse_config({**base, "model": model})
     start = train(stage1, out_dir=tmp_path / "stage1", steps=1, progress=False)
-    tuning = parse_config({**base, "model": model, "loss": {"l1_weight": 0.5, "l2_weight": 20.0},
-                            "training": {**base["training"], "initial_weights": str(start.weights_path),
-                                         "train_only": "decoder"}})
+    tuning = parse_config(
+        {
+            **base,
+            "model": model,
+            "loss": {"l1_weight": 0.5, "l2_weight": 20.0},
+            "training": {**base["training"], "initial_weights": str(start.weights_path), "train_only": "decoder"},
+        }
+    )
     tuned = train(tuning, out_dir=tmp_path / "decoder", steps=40, progress=False)
     before = load_weights(start.weights_path).network
     after = load_weights(tuned.weights_path).network
@@ -109,9 +135,13 @@ def test_decoder_alone_trains_and_leaves_the_encoder_and_the_focus_estimate_as_t
 
 def test_initial_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     start = train(_config(), out_dir=tmp_path / "a", steps=1, progress=False)
-    other = parse_config({**_config().model_dump(mode="json"), "model": {"base_channels": 8, "depth": 3},
-                          "training": {**_config().training.model_dump(mode="json"),
-                                       "initial_weights": str(start.weights_path)}})
+    other = parse_config(
+        {
+            **_config().model_dump(mode="json"),
+            "model": {"base_channels": 8, "depth": 3},
+            "training": {**_config().training.model_dump(mode="json"), "initial_weights": str(start.weights_path)},
+        }
+    )
     with pytest.raises(ConfigError, match="trained with model settings"):
         train(other, out_dir=tmp_path / "b", steps=2, progress=False)
 

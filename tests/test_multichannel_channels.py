@@ -9,8 +9,13 @@ from acquire_refocus.channels import ModelChannelPolicy, driving_channel, sequen
 from acquire_refocus.config import FocusConfig, OpticsConfig, PipelineConfig
 from acquire_refocus.errors import ConfigError
 
-OPTICS = OpticsConfig(channels={"DAPI": {"emission_wavelength_nm": 461}, "GFP": {"emission_wavelength_nm": 510},
-                                "BFP": {"emission_wavelength_nm": 450}})
+OPTICS = OpticsConfig(
+    channels={
+        "DAPI": {"emission_wavelength_nm": 461},
+        "GFP": {"emission_wavelength_nm": 510},
+        "BFP": {"emission_wavelength_nm": 450},
+    }
+)
 
 
 def test_the_first_preferred_channel_the_sequence_has_drives_the_loop() -> None:

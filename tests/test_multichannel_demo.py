@@ -20,8 +20,11 @@ def test_two_channel_demo_summary(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["demo", "--config", str(config), "--output", str(tmp_path / "demo"), "--loops", "3"]) == 0
     out = capsys.readouterr().out
     assert "18 acquired, 9 refocused, 9 skipped (9 of them of channels kept raw: pipeline.channels), 0 failed" in out
-    assert re.search(r"focus error RMS\s+[\d.]+ um with correction, [\d.]+ um without correction \(depth of field "
-                     r"3\.00 um; frames of channel Nuclei, which drives the loop\)", out)
+    assert re.search(
+        r"focus error RMS\s+[\d.]+ um with correction, [\d.]+ um without correction \(depth of field "
+        r"3\.00 um; frames of channel Nuclei, which drives the loop\)",
+        out,
+    )
     assert re.search(r"per position\s+p0 [\d.]+ um, p1 [\d.]+ um, p2 [\d.]+ um", out)
     rows = read_focus_log(tmp_path / "demo" / FOCUS_LOG)
     assert len(rows) == 18 and {r["axes"]["c"] for r in rows} == {0, 1}

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import useq
-
 from conftest import SMALL_FIELD_SIMULATOR
+
 from acquire_refocus.commands.demo import FocusTruth
 from acquire_refocus.config import parse_config
 from acquire_refocus.daemon import Daemon
@@ -44,13 +44,20 @@ def shipped_refocuser() -> Any:
 
 
 def _config(stains: dict = STAINS, drift: dict = THERMAL, **focus: Any) -> Any:
-    return parse_config({
-        "optics": OPTICS,
-        "simulator": {**SMALL_FIELD_SIMULATOR, "channels": stains, "drift": drift, "time_per_frame_s": 1.0},
-        "publishing": {"enabled": False},
-        "focus": {"mode": "correct", "fine_source": "sharpness", "window_frames": 3, "z_limits_um": [60, 140],
-                  **focus},
-    })
+    return parse_config(
+        {
+            "optics": OPTICS,
+            "simulator": {**SMALL_FIELD_SIMULATOR, "channels": stains, "drift": drift, "time_per_frame_s": 1.0},
+            "publishing": {"enabled": False},
+            "focus": {
+                "mode": "correct",
+                "fine_source": "sharpness",
+                "window_frames": 3,
+                "z_limits_um": [60, 140],
+                **focus,
+            },
+        }
+    )
 
 
 def rms(values: list[float]) -> float:
@@ -61,8 +68,9 @@ def run_two_channels(refocuser: Any, channel: str | None, loops: int = 30) -> tu
     """The real core, MDA, pipeline and controller; `channel` None pools every channel's frames into the loop."""
     config = _config()
     core, scope = create_simulated_core(config.optics, config.simulator)
-    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": loops}, stage_positions=[(0, 0, 100)],
-                                channels=CHANNELS, axis_order="tpc")
+    sequence = useq.MDASequence(
+        time_plan={"interval": 0, "loops": loops}, stage_positions=[(0, 0, 100)], channels=CHANNELS, axis_order="tpc"
+    )
     controller = FocusController(config.focus, config.optics, channel=channel)
     truth = FocusTruth(scope, config.simulator.time_per_frame_s, {0: 100.0})
     core.mda.events.frameReady.connect(truth.frameReady)
@@ -79,10 +87,12 @@ def test_the_loop_driven_by_the_nuclear_channel_beside_pooled_channels(shipped_r
     rms_driven = rms([r["error_um"] for r in driven.of_channel("Nuclei")])
     rms_pooled = rms([r["error_um"] for r in pooled.of_channel("Nuclei")])
     rms_without = rms([r["uncorrected_error_um"] for r in driven.of_channel("Nuclei")])
-    print(f"\ntwo channels, thermal drift, 30 time points: driven by Nuclei {rms_driven:.2f} um RMS "
-          f"({controller.state()['moves']} moves, {controller.sharpness_restarts} restarts); cytoplasm pooled in "
-          f"{rms_pooled:.2f} um ({pooled_controller.state()['moves']} moves, {pooled_controller.sharpness_restarts}"
-          f" restarts); without correction {rms_without:.2f} um")
+    print(
+        f"\ntwo channels, thermal drift, 30 time points: driven by Nuclei {rms_driven:.2f} um RMS "
+        f"({controller.state()['moves']} moves, {controller.sharpness_restarts} restarts); cytoplasm pooled in "
+        f"{rms_pooled:.2f} um ({pooled_controller.state()['moves']} moves, {pooled_controller.sharpness_restarts}"
+        f" restarts); without correction {rms_without:.2f} um"
+    )
     assert controller.other_channel_frames == 30 and controller.sharpness_measured == 30
     assert pooled_controller.other_channel_frames == 0 and pooled_controller.sharpness_measured == 60
     assert rms_driven <= 1.0 < rms_without
@@ -96,12 +106,18 @@ def test_the_loop_driven_by_the_nuclear_channel_beside_pooled_channels(shipped_r
 @pytest.mark.slow
 def test_a_blank_driving_channel_never_moves_the_stage(shipped_refocuser: Any) -> None:
     """The driving channel shows no structure (its stain is 10^-4 as bright), the other channel does: no move."""
-    config = _config({"Nuclei": {"stain": "nuclei"}, "Blank": {"stain": "cytoplasm", "brightness": 1e-4}},
-                     {"model": "linear", "rate_um_per_min": 6.0}, channel="Blank")
+    config = _config(
+        {"Nuclei": {"stain": "nuclei"}, "Blank": {"stain": "cytoplasm", "brightness": 1e-4}},
+        {"model": "linear", "rate_um_per_min": 6.0},
+        channel="Blank",
+    )
     core, _ = create_simulated_core(config.optics, config.simulator)
-    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 12}, stage_positions=[(0, 0, 100)],
-                                channels=[{"config": "Nuclei", "group": "Channel"},
-                                          {"config": "Blank", "group": "Channel"}], axis_order="tpc")
+    sequence = useq.MDASequence(
+        time_plan={"interval": 0, "loops": 12},
+        stage_positions=[(0, 0, 100)],
+        channels=[{"config": "Nuclei", "group": "Channel"}, {"config": "Blank", "group": "Channel"}],
+        axis_order="tpc",
+    )
     controller = FocusController(config.focus, config.optics, channel="Blank")
     with FramePipeline(shipped_refocuser, [controller]) as pipeline:
         run_sequence(core, sequence, pipeline, controller=controller)
@@ -119,8 +135,12 @@ def test_daemon_saves_and_logs_every_frame_of_both_channels_and_keeps_the_other_
     import zarr
 
     config = _config(channel=["GFP", "Nuclei"])
-    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 4}, stage_positions=[(0, 0, 100), (60, 40, 100)],
-                                channels=CHANNELS, axis_order="tpc")
+    sequence = useq.MDASequence(
+        time_plan={"interval": 0, "loops": 4},
+        stage_positions=[(0, 0, 100), (60, 40, 100)],
+        channels=CHANNELS,
+        axis_order="tpc",
+    )
     skipped_reasons: list[str] = []
 
     class Reasons:
@@ -131,8 +151,9 @@ def test_daemon_saves_and_logs_every_frame_of_both_channels_and_keeps_the_other_
         def close(self) -> None:
             pass
 
-    with Daemon(config, output_dir=tmp_path, corrector=shipped_refocuser, control=False,
-                extra_sinks=lambda: [Reasons()]) as daemon:
+    with Daemon(
+        config, output_dir=tmp_path, corrector=shipped_refocuser, control=False, extra_sinks=lambda: [Reasons()]
+    ) as daemon:
         summary = daemon.run(sequence, tmp_path / "run")
     assert not summary.error
     rows = read_focus_log(tmp_path / "run" / FOCUS_LOG)
@@ -151,7 +172,8 @@ def test_a_focus_channel_the_sequence_lacks_is_a_config_error(shipped_refocuser:
 
     config = _config(channel="GFP")
     sequence = useq.MDASequence(stage_positions=[(0, 0, 100)], channels=CHANNELS)
-    with Daemon(config, corrector=shipped_refocuser, control=False) as daemon, pytest.raises(
-        ConfigError, match="focus.channel: none of GFP is a channel of the sequence"
+    with (
+        Daemon(config, corrector=shipped_refocuser, control=False) as daemon,
+        pytest.raises(ConfigError, match="focus.channel: none of GFP is a channel of the sequence"),
     ):
         daemon.run(sequence, None)

@@ -339,6 +339,7 @@ def test_sinks_far_behind_bound_the_frames_held_in_memory(tiny_refocuser: Any, t
         assert stuck.started.wait(60)  # frame 0 is in the sink, which is stuck
         for i in range(1, 30):
             pipeline.submit(frame(i), info(i))
+
         def settled() -> bool:  # the worker waits for room in the backlog with the queue full
             s = pipeline.stats()
             return s.in_flight == 0 and s.queue_depth + s.backlog + 1 == 30  # + frame 0, in the stuck sink

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def make_result(frame: int, refocused: bool = True, shape: tuple[int, int] = (64, 80)) -> FrameResult:
-    raw = (np.arange(shape[0] * shape[1], dtype=np.uint16).reshape(shape) + frame % 100)
+    raw = np.arange(shape[0] * shape[1], dtype=np.uint16).reshape(shape) + frame % 100
     return FrameResult(
         frame=frame,
         raw=raw,

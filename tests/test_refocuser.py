@@ -33,8 +33,9 @@ def identity_refocuser(tmp_path_factory: pytest.TempPathFactory) -> Refocuser:
 
 @pytest.mark.parametrize("shape", [(64, 64), (65, 97), (131, 64), (300, 257)])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
-def test_output_has_the_frame_shape_and_intensity_units(identity_refocuser: Refocuser, shape: tuple[int, int],
-                                                        dtype: type) -> None:
+def test_output_has_the_frame_shape_and_intensity_units(
+    identity_refocuser: Refocuser, shape: tuple[int, int], dtype: type
+) -> None:
     rng = np.random.default_rng(sum(shape))
     top = 250 if dtype == np.uint8 else 5000
     frame = (rng.random(shape) * top + 3).astype(dtype)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
-
 import reprocess_data as data
-from acquire_refocus.cli import main
+import tifffile
 from conftest import free_tcp_address
 from test_reprocess_formats import tree_digest
+
+from acquire_refocus.cli import main
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
@@ -39,8 +39,9 @@ def ome_tiff(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_dataset_without_a_pixel_size_needs_one(tmp_path: Path, tiny_weights: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_dataset_without_a_pixel_size_needs_one(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, data.frames_tpcz(3, 1, 1, 1)[:, 0, 0, 0], photometric="minisblack")  # no pixel size
     before = tree_digest(tmp_path)
@@ -52,8 +53,9 @@ def test_a_dataset_without_a_pixel_size_needs_one(tmp_path: Path, tiny_weights: 
     assert not (tmp_path / "out").exists() and tree_digest(tmp_path) == before
 
 
-def test_a_channel_that_does_not_exist_names_the_channels(ome_tiff: Path, tmp_path: Path, tiny_weights: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_channel_that_does_not_exist_names_the_channels(
+    ome_tiff: Path, tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert _correct(ome_tiff, tmp_path / "out", tiny_weights, "--channel", "Cy5") == 2
 
     message = _one_error(capsys)
@@ -61,8 +63,9 @@ def test_a_channel_that_does_not_exist_names_the_channels(ome_tiff: Path, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_an_output_folder_inside_the_input_is_refused(tmp_path: Path, tiny_weights: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_output_folder_inside_the_input_is_refused(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dataset = tmp_path / "raw.ome.zarr"
     data.write_ome_writers(dataset, data.frames_tpcz(1, 2, 1, 1))
     before = tree_digest(dataset)
@@ -78,16 +81,18 @@ def read_only_folder(tmp_path: Path) -> Iterator[Path]:
     """A read-only filesystem (a tmpfs mounted ro): unwritable even for root, unlike a chmod."""
     folder = tmp_path / "ro"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                             capture_output=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True, check=False
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
 
 
-def test_a_read_only_output_is_refused(ome_tiff: Path, read_only_folder: Path, tiny_weights: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_read_only_output_is_refused(
+    ome_tiff: Path, read_only_folder: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = tree_digest(ome_tiff)
 
     assert _correct(ome_tiff, read_only_folder / "out", tiny_weights) == 2
@@ -96,8 +101,9 @@ def test_a_read_only_output_is_refused(ome_tiff: Path, read_only_folder: Path, t
     assert tree_digest(ome_tiff) == before
 
 
-def test_an_unknown_format_and_dataset_options_with_files_are_refused(tmp_path: Path, tiny_weights: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unknown_format_and_dataset_options_with_files_are_refused(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "empty").mkdir()
     assert _correct(tmp_path / "empty", tmp_path / "out", tiny_weights) == 2
     assert "BBBC layout" in _one_error(capsys)
@@ -110,8 +116,9 @@ def test_an_unknown_format_and_dataset_options_with_files_are_refused(tmp_path: 
     assert np.array_equal(tifffile.imread(frames[0]), data.frame(0))
 
 
-def test_a_scheduler_that_is_not_there_is_a_clear_error(ome_tiff: Path, tmp_path: Path, tiny_weights: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_scheduler_that_is_not_there_is_a_clear_error(
+    ome_tiff: Path, tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     address = free_tcp_address()  # nothing listens there
 
     assert _correct(ome_tiff, tmp_path / "out", tiny_weights, "--scheduler", address) == 2

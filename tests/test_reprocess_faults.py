@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import zarr
-
 import reprocess_data as data
-from acquire_refocus.cli import main
+import zarr
 from conftest import free_tcp_address
+
+from acquire_refocus.cli import main
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
@@ -46,11 +46,18 @@ def dask_cli_cluster() -> Iterator[str]:
 
     address = free_tcp_address()
     port = address.rsplit(":", 1)[1]
-    scheduler = subprocess.Popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    worker = subprocess.Popen([str(DASK), "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
-                               "--host", "127.0.0.1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    scheduler = subprocess.Popen(
+        [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    worker = subprocess.Popen(
+        [str(DASK), "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=120)
@@ -61,8 +68,19 @@ def dask_cli_cluster() -> Iterator[str]:
 
 
 def _command(dataset: Path, out: Path, weights: Path, *extra: str) -> list[str]:
-    return ["correct", str(dataset), "--out", str(out), "--weights", str(weights), "--engine", "torch",
-            "--batch-frames", "2", *extra]
+    return [
+        "correct",
+        str(dataset),
+        "--out",
+        str(out),
+        "--weights",
+        str(weights),
+        "--engine",
+        "torch",
+        "--batch-frames",
+        "2",
+        *extra,
+    ]
 
 
 def _parts(out: Path) -> int:
@@ -86,14 +104,14 @@ def _rows_by_frame(out: Path) -> dict[tuple[int, ...], dict[str, Any]]:
     return keyed
 
 
-def test_external_scheduler_started_with_dask_cli(dask_cli_cluster: str, tmp_path: Path, tiny_weights: Path,
-                                                  tiny_refocuser: Any) -> None:
+def test_external_scheduler_started_with_dask_cli(
+    dask_cli_cluster: str, tmp_path: Path, tiny_weights: Path, tiny_refocuser: Any
+) -> None:
     source = data.frames_tpcz(1, 2, 1, 3)
     dataset = tmp_path / "raw.ome.zarr"
     data.write_ome_writers(dataset, source)
 
-    assert main(_command(dataset, tmp_path / "out", tiny_weights, "--scheduler", dask_cli_cluster,
-                         "--no-images")) == 0
+    assert main(_command(dataset, tmp_path / "out", tiny_weights, "--scheduler", dask_cli_cluster, "--no-images")) == 0
 
     assert not (tmp_path / "out" / "refocused.ome.zarr").exists()
     rows = _rows_by_frame(tmp_path / "out")
@@ -103,17 +121,25 @@ def test_external_scheduler_started_with_dask_cli(dask_cli_cluster: str, tmp_pat
         assert row["defocus_um"] == pytest.approx(expected.defocus_um, abs=1e-4)
 
 
-def test_a_worker_killed_mid_run_does_not_fail_the_run(dask_cli_cluster: str, tmp_path: Path, tiny_weights: Path,
-                                                       tiny_refocuser: Any) -> None:
+def test_a_worker_killed_mid_run_does_not_fail_the_run(
+    dask_cli_cluster: str, tmp_path: Path, tiny_weights: Path, tiny_refocuser: Any
+) -> None:
     from distributed import Client
 
     source = data.frames_tpcz(20, 2, 1, 2, px=LARGE_PX)
     dataset = tmp_path / "raw.ome.zarr"
     data.write_ome_writers(dataset, source)
     out = tmp_path / "out"
-    run = subprocess.Popen([sys.executable, "-m", "acquire_refocus.cli",
-                            *_command(dataset, out, tiny_weights, "--scheduler", dask_cli_cluster)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "acquire_refocus.cli",
+            *_command(dataset, out, tiny_weights, "--scheduler", dask_cli_cluster),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         done_at_kill = _wait_for_parts(out, 3, run)
         with Client(dask_cli_cluster, timeout="30s") as client:
@@ -137,15 +163,17 @@ def test_a_worker_killed_mid_run_does_not_fail_the_run(dask_cli_cluster: str, tm
         np.testing.assert_allclose(plane, expected.image, rtol=1e-4, atol=1e-2)
 
 
-def test_an_interrupted_run_resumed_computes_only_the_rest(tmp_path: Path, tiny_weights: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_interrupted_run_resumed_computes_only_the_rest(
+    tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = data.frames_tpcz(12, 1, 1, 2, px=LARGE_PX)
     dataset = tmp_path / "raw.ome.zarr"
     data.write_ome_writers(dataset, source)
     out = tmp_path / "out"
     command = _command(dataset, out, tiny_weights, "--workers", "1")
-    run = subprocess.Popen([sys.executable, "-m", "acquire_refocus.cli", *command],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "acquire_refocus.cli", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         _wait_for_parts(out, 3, run)
         run.send_signal(signal.SIGINT)  # Ctrl-C
@@ -170,6 +198,7 @@ def test_an_interrupted_run_resumed_computes_only_the_rest(tmp_path: Path, tiny_
     resumed = pq.read_table(out / "focus.parquet")
     straight = pq.read_table(tmp_path / "straight" / "focus.parquet")
     assert resumed.equals(straight)
-    np.testing.assert_array_equal(zarr.open_array(str(out / "refocused.ome.zarr"), mode="r", path="0")[...],
-                                  zarr.open_array(str(tmp_path / "straight" / "refocused.ome.zarr"), mode="r",
-                                                  path="0")[...])
+    np.testing.assert_array_equal(
+        zarr.open_array(str(out / "refocused.ome.zarr"), mode="r", path="0")[...],
+        zarr.open_array(str(tmp_path / "straight" / "refocused.ome.zarr"), mode="r", path="0")[...],
+    )

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import reprocess_data as data
 import yaozarrs
 import zarr
 
-import reprocess_data as data
 from acquire_refocus.cli import main
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
@@ -40,13 +40,30 @@ def tree_digest(path: Path) -> str:
 
 
 def correct(dataset: Path, out: Path, weights: Path, *extra: str) -> int:
-    return main(["correct", str(dataset), "--out", str(out), "--weights", str(weights), "--engine", "torch",
-                 "--batch-frames", "3", *extra])
+    return main(
+        [
+            "correct",
+            str(dataset),
+            "--out",
+            str(out),
+            "--weights",
+            str(weights),
+            "--engine",
+            "torch",
+            "--batch-frames",
+            "3",
+            *extra,
+        ]
+    )
 
 
-def check_against_refocuser(out: Path, frames: Callable[[dict[str, Any]], np.ndarray],
-                            groups: Callable[[dict[str, Any]], tuple[str, tuple[int, ...]]], refocuser: Any,
-                            expected_rows: int) -> None:
+def check_against_refocuser(
+    out: Path,
+    frames: Callable[[dict[str, Any]], np.ndarray],
+    groups: Callable[[dict[str, Any]], tuple[str, tuple[int, ...]]],
+    refocuser: Any,
+    expected_rows: int,
+) -> None:
     yaozarrs.validate_zarr_store(out / "refocused.ome.zarr")  # valid OME-NGFF, as napari expects
     rows = pq.read_table(out / "focus.parquet").to_pylist()
     assert len(rows) == expected_rows
@@ -61,8 +78,9 @@ def check_against_refocuser(out: Path, frames: Callable[[dict[str, Any]], np.nda
         np.testing.assert_allclose(plane, expected.image, rtol=1e-4, atol=1e-2)
 
 
-def test_daemon_raw_store_on_the_embedded_cluster(tmp_path: Path, tiny_weights: Path, tiny_refocuser: Any,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_daemon_raw_store_on_the_embedded_cluster(
+    tmp_path: Path, tiny_weights: Path, tiny_refocuser: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = data.frames_tpcz(*SHAPE_TPCZ)
     raw = tmp_path / "run1" / "raw.ome.zarr"
     data.write_ome_writers(raw, source)
@@ -71,8 +89,13 @@ def test_daemon_raw_store_on_the_embedded_cluster(tmp_path: Path, tiny_weights: 
     assert correct(raw, tmp_path / "out", tiny_weights, "--workers", "2", "--csv") == 0
 
     assert "16 refocused, 0 failed, 0 skipped" in capsys.readouterr().out
-    check_against_refocuser(tmp_path / "out", lambda r: source[r["t"], r["p"], r["c"], r["z"]],
-                            lambda r: (str(r["p"]), (r["t"], r["c"], r["z"])), tiny_refocuser, 16)
+    check_against_refocuser(
+        tmp_path / "out",
+        lambda r: source[r["t"], r["p"], r["c"], r["z"]],
+        lambda r: (str(r["p"]), (r["t"], r["c"], r["z"])),
+        tiny_refocuser,
+        16,
+    )
     assert tree_digest(raw) == before
     root = zarr.open_group(str(tmp_path / "out" / "refocused.ome.zarr"), mode="r")
     assert root.attrs["ome"]["bioformats2raw.layout"] == 3
@@ -90,8 +113,9 @@ def test_daemon_raw_store_on_the_embedded_cluster(tmp_path: Path, tiny_weights: 
 
 
 @pytest.mark.parametrize("fmt", ["ome-zarr-v0.4", "ndtiff", "ome-tiff"])
-def test_each_format_on_a_cluster_matches_the_refocuser(fmt: str, tmp_path: Path, tiny_weights: Path,
-                                                        tiny_refocuser: Any, cluster_address: str) -> None:
+def test_each_format_on_a_cluster_matches_the_refocuser(
+    fmt: str, tmp_path: Path, tiny_weights: Path, tiny_refocuser: Any, cluster_address: str
+) -> None:
     source = data.frames_tpcz(*SHAPE_TPCZ)
     if fmt == "ome-zarr-v0.4":
         dataset = tmp_path / "image.ome.zarr"
@@ -116,9 +140,9 @@ def test_each_format_on_a_cluster_matches_the_refocuser(fmt: str, tmp_path: Path
         assert array.chunks == (1, 1, 2, data.FRAME_PX, data.FRAME_PX) and array.dtype == np.float32
 
 
-def test_bbbc_plate_with_a_truncated_file_and_one_channel(tmp_path: Path, tiny_weights: Path, tiny_refocuser: Any,
-                                                          cluster_address: str,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_bbbc_plate_with_a_truncated_file_and_one_channel(
+    tmp_path: Path, tiny_weights: Path, tiny_refocuser: Any, cluster_address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "plate"
     files = data.write_bbbc_folder(folder, ["A01", "A02", "B01"], sites=2, channels=2)
     broken = files[("A02", 2, 0)]
@@ -142,8 +166,9 @@ def test_bbbc_plate_with_a_truncated_file_and_one_channel(tmp_path: Path, tiny_w
     for (well, site, channel), file in files.items():
         row = by_key[(well, site, f"w{channel + 1}")]
         if channel == 0 and file != broken:
-            expected = tiny_refocuser(data.frame(list(files).index((well, site, channel))),
-                                      pixel_size_um=data.PIXEL_SIZE_UM)
+            expected = tiny_refocuser(
+                data.frame(list(files).index((well, site, channel))), pixel_size_um=data.PIXEL_SIZE_UM
+            )
             assert row["status"] == "refocused" and row["defocus_um"] == pytest.approx(expected.defocus_um, abs=1e-4)
             field = zarr.open_array(str(store), mode="r", path=f"{well[0]}/{well[1:]}/{site - 1}/0")
             np.testing.assert_allclose(field[0], expected.image, rtol=1e-4, atol=1e-2)
@@ -155,8 +180,9 @@ def test_bbbc_plate_with_a_truncated_file_and_one_channel(tmp_path: Path, tiny_w
         assert (tmp_path / "out" / "qc" / name).stat().st_size > 0
 
 
-def test_an_ome_zarr_plate_is_read_as_a_plate(tmp_path: Path, tiny_weights: Path, tiny_refocuser: Any,
-                                              cluster_address: str) -> None:
+def test_an_ome_zarr_plate_is_read_as_a_plate(
+    tmp_path: Path, tiny_weights: Path, tiny_refocuser: Any, cluster_address: str
+) -> None:
     """An HCS plate in OME-Zarr (here the refocused store of a BBBC folder, written by this command)."""
     folder = tmp_path / "plate"
     data.write_bbbc_folder(folder, ["A01", "B03"], sites=2, channels=1)

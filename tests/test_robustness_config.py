@@ -33,8 +33,11 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
 
 def test_an_alias_bomb_in_the_model_section_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "model:\n" + "".join(f"  {line}\n" for line in alias_bomb("architecture").splitlines()))
-    with pytest.raises(ConfigError, match=rf"^{path}: .* values once its aliases \(\*name\) are expanded; at most "
-                       f"{MAX_NODES:,}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{path}: .* values once its aliases \(\*name\) are expanded; at most "
+        f"{MAX_NODES:,}",
+    ):
         load_config(path)
 
 
@@ -71,14 +74,19 @@ def test_mode_off_unquoted_means_off(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("focus:\n  dead_band_um: .inf\n", "focus.dead_band_um: Input should be a finite number"),
-     ("focus:\n  max_step_um: .nan\n", "focus.max_step_um: Input should be a finite number"),
-     ("simulator:\n  drift: {amplitude_um: .nan}\n", "simulator.drift.amplitude_um: Input should be a finite number"),
-     ("publishing:\n  pub_address: tcp://127.0.0.1:99999\n", "port '99999' is not a number from 1 to 65535"),
-     ("publishing:\n  control_address: tcp://127.0.0.1\n", "no port (tcp://HOST:PORT)"),
-     ("publishing:\n  pub_address: udp://127.0.0.1:5556\n", "not a ZeroMQ address"),
-     ("publishing:\n  pub_address: tcp://0.0.0.0:5556\n", "binds beyond loopback"),
-     ("publishing:\n  control_address: tcp://*:5557\n", "binds beyond loopback")],
+    [
+        ("focus:\n  dead_band_um: .inf\n", "focus.dead_band_um: Input should be a finite number"),
+        ("focus:\n  max_step_um: .nan\n", "focus.max_step_um: Input should be a finite number"),
+        (
+            "simulator:\n  drift: {amplitude_um: .nan}\n",
+            "simulator.drift.amplitude_um: Input should be a finite number",
+        ),
+        ("publishing:\n  pub_address: tcp://127.0.0.1:99999\n", "port '99999' is not a number from 1 to 65535"),
+        ("publishing:\n  control_address: tcp://127.0.0.1\n", "no port (tcp://HOST:PORT)"),
+        ("publishing:\n  pub_address: udp://127.0.0.1:5556\n", "not a ZeroMQ address"),
+        ("publishing:\n  pub_address: tcp://0.0.0.0:5556\n", "binds beyond loopback"),
+        ("publishing:\n  control_address: tcp://*:5557\n", "binds beyond loopback"),
+    ],
     ids=["inf-dead-band", "nan-step", "nan-drift", "port-99999", "no-port", "udp", "all-interfaces", "wildcard"],
 )
 def test_numbers_and_addresses_that_cannot_work_are_refused(tmp_path: Path, text: str, message: str) -> None:
@@ -94,9 +102,15 @@ def test_an_address_beyond_loopback_is_accepted_with_keys(tmp_path: Path) -> Non
 
 
 def test_the_cli_reports_an_alias_bomb_in_one_line(tmp_path: Path) -> None:
-    path = write(tmp_path, "acquisition:\n  sequence:\n" + "".join(
-        f"    {line}\n" for line in alias_bomb("metadata").splitlines()))
-    done = subprocess.run([sys.executable, "-m", "acquire_refocus.cli", "serve", "--config", str(path), "--once"],
-                          capture_output=True, text=True, timeout=60)
+    path = write(
+        tmp_path,
+        "acquisition:\n  sequence:\n" + "".join(f"    {line}\n" for line in alias_bomb("metadata").splitlines()),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "acquire_refocus.cli", "serve", "--config", str(path), "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"acquire-refocus serve: error: {path}: ")

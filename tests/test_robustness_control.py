@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 import zmq
+from test_daemon import SEQUENCE, daemon_config
 
 from acquire_refocus.control import MAX_REQUEST_BYTES, request
 from acquire_refocus.daemon import Daemon
-
-from test_daemon import SEQUENCE, daemon_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -83,9 +82,11 @@ def test_malformed_requests_are_refused_and_the_daemon_answers_on(
 
 @pytest.mark.parametrize(
     ("time_plan", "events"),
-    [({"interval": 0, "loops": 100_000_000}, "100,000,000 events"),
-     ({"interval": 0, "loops": 10**12}, "1,000,000,000,000 events"),
-     ({"interval": 0.001, "duration": 10**9}, "1,000,000,000,001 events")],
+    [
+        ({"interval": 0, "loops": 100_000_000}, "100,000,000 events"),
+        ({"interval": 0, "loops": 10**12}, "1,000,000,000,000 events"),
+        ({"interval": 0.001, "duration": 10**9}, "1,000,000,000,001 events"),
+    ],
     ids=["1e8-loops", "1e12-loops", "duration"],
 )
 def test_a_sequence_over_the_event_limit_is_refused_without_listing_it(
@@ -98,10 +99,15 @@ def test_a_sequence_over_the_event_limit_is_refused_without_listing_it(
 
 @pytest.mark.parametrize(
     ("output", "error"),
-    [(12345, '"output" must be a folder path'), (["a"], '"output" must be a folder path'),
-     ("a\0b", '"output" must be a folder path'), ("", '"output" must be a folder path'),
-     ("../../x", "outside the daemon's data root"), ("inside/../../escaped", "outside the daemon's data root"),
-     ("/etc", "outside the daemon's data root")],
+    [
+        (12345, '"output" must be a folder path'),
+        (["a"], '"output" must be a folder path'),
+        ("a\0b", '"output" must be a folder path'),
+        ("", '"output" must be a folder path'),
+        ("../../x", "outside the daemon's data root"),
+        ("inside/../../escaped", "outside the daemon's data root"),
+        ("/etc", "outside the daemon's data root"),
+    ],
     ids=["number", "list", "nul", "empty", "dotdot", "dotdot-inside", "etc"],
 )
 def test_run_outputs_outside_the_data_root_or_of_the_wrong_type_are_refused(
@@ -121,8 +127,7 @@ def test_a_symlink_out_of_the_data_root_is_refused(serving: Daemon, tmp_path: Pa
     link = serving.data_root / "elsewhere"
     link.symlink_to(tmp_path, target_is_directory=True)
     try:
-        reply = request(serving.config.publishing.control_address, "run", sequence=SEQUENCE,
-                        output=str(link / "run"))
+        reply = request(serving.config.publishing.control_address, "run", sequence=SEQUENCE, output=str(link / "run"))
         assert reply["ok"] is False and "outside the daemon's data root" in reply["error"]
         assert list(tmp_path.iterdir()) == []
     finally:
@@ -159,10 +164,27 @@ def test_a_config_sequence_of_1e12_loops_is_refused_at_once(tmp_path: Path, tiny
     config = tmp_path / "huge.yaml"
     config.write_text(
         f"model: {{weights: {tiny_weights}}}\nengine: {{backend: torch}}\n"
-        "acquisition:\n  sequence: {time_plan: {interval: 0, loops: 1000000000000}}\n", encoding="utf-8")
+        "acquisition:\n  sequence: {time_plan: {interval: 0, loops: 1000000000000}}\n",
+        encoding="utf-8",
+    )
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "acquire_refocus.cli", "serve", "--config", str(config), "--once",
-                           "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=60, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "acquire_refocus.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--once",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert done.returncode == 2
     assert "1,000,000,000,000 events" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()

@@ -38,8 +38,9 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         folder = tmp_path / f"disk{len(mounted)}"
         folder.mkdir()
         options = f"size={size}" + (",ro" if read_only else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
         mounted.append(folder)
@@ -51,14 +52,28 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[..., Path]]:
 
 
 def write_config(folder: Path, weights: Path, sequence: dict[str, Any], **storage: Any) -> Path:
-    return write_serve_config(folder / "config.yaml", weights, sequence, focus={"mode": "off"},
-                              storage={"min_free_mb": 0.5, **storage})
+    return write_serve_config(
+        folder / "config.yaml", weights, sequence, focus={"mode": "off"}, storage={"min_free_mb": 0.5, **storage}
+    )
 
 
 def serve_once(config: Path, output: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "acquire_refocus.cli", "serve", "--config", str(config), "--once", "--output",
-         str(output)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "acquire_refocus.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--once",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_rows(path: Path, rows: int, process: subprocess.Popen[str], timeout_s: float = 120.0) -> None:
@@ -156,8 +171,10 @@ def test_a_camera_that_delivers_no_frame_is_not_a_completed_run(
         summary = daemon.run(useq.MDASequence(time_plan={"interval": 0, "loops": 10}), tmp_path / "run")
     record = read_run_state(tmp_path / "run")
     assert record is not None and record["state"] == "failed"
-    assert summary.error == record["error"] == "the camera delivered 0 of the 10 frames the sequence asked for " \
+    assert (
+        summary.error == record["error"] == "the camera delivered 0 of the 10 frames the sequence asked for "
         "(see the acquisition's warnings in the log)"
+    )
 
 
 def test_a_nan_in_a_config_file_is_refused(tmp_path: Path, tiny_weights: Path) -> None:
@@ -177,8 +194,11 @@ def test_a_nan_in_a_config_file_is_refused(tmp_path: Path, tiny_weights: Path) -
 def test_a_run_killed_with_sigkill_reads_interrupted_and_keeps_its_frame_metadata(
     tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path, tiny_weights, {"time_plan": {"interval": 0.25, "loops": 200},
-                                                   "stage_positions": [{"x": 5, "y": 7, "z": 100}]})
+    config = write_config(
+        tmp_path,
+        tiny_weights,
+        {"time_plan": {"interval": 0.25, "loops": 200}, "stage_positions": [{"x": 5, "y": 7, "z": 100}]},
+    )
     run = tmp_path / "run"
     process = serve_once(config, run)
     wait_for_rows(run / "raw_frames.jsonl", 4, process)
@@ -219,8 +239,10 @@ def test_an_onnx_cache_on_a_read_only_disk_says_the_engine_fell_back(
     with Daemon(config, output_dir=tmp_path) as daemon:
         status = request(config.publishing.control_address, "status")
     assert status["engine"] == "torch"
-    assert status["engine_fallback"] == ("engine.backend onnxruntime was asked for but cannot run here "
-                                         "(engine_passed_over in the log says why); running on torch")
+    assert status["engine_fallback"] == (
+        "engine.backend onnxruntime was asked for but cannot run here "
+        "(engine_passed_over in the log says why); running on torch"
+    )
     messages = [r.getMessage() for r in engine_log.records]
     assert any("event=engine_fallback requested=onnxruntime engine=torch" in m for m in messages)
     assert any("event=engine_passed_over" in m and "engine=onnxruntime" in m for m in messages)

@@ -39,8 +39,9 @@ def client_folder(keys: Path, where: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def secured(keys: Path, tmp_path_factory: pytest.TempPathFactory, tiny_refocuser: Any,
-            tiny_weights: Path) -> Iterator[Daemon]:
+def secured(
+    keys: Path, tmp_path_factory: pytest.TempPathFactory, tiny_refocuser: Any, tiny_weights: Path
+) -> Iterator[Daemon]:
     config = daemon_config(tiny_weights, publishing={"keys_dir": str(keys)})
     daemon = Daemon(config, output_dir=tmp_path_factory.mktemp("out"), corrector=tiny_refocuser)
     server = threading.Thread(target=daemon.serve, kwargs={"handle_signals": False}, daemon=True)
@@ -77,8 +78,10 @@ def test_control_answers_only_clients_with_an_authorised_key(secured: Daemon, ke
 
 def test_frames_reach_only_subscribers_with_an_authorised_key(secured: Daemon, keys: Path, tmp_path: Path) -> None:
     viewer = client_folder(keys, tmp_path / "viewer")
-    with Subscriber(secured.config.publishing.pub_address, timeout_s=20.0, keys_dir=viewer) as allowed, \
-            Subscriber(secured.config.publishing.pub_address, timeout_s=2.0) as anonymous:
+    with (
+        Subscriber(secured.config.publishing.pub_address, timeout_s=20.0, keys_dir=viewer) as allowed,
+        Subscriber(secured.config.publishing.pub_address, timeout_s=2.0) as anonymous,
+    ):
         reply = request(secured.config.publishing.control_address, "run", sequence=SEQUENCE, keys_dir=viewer)
         assert reply["ok"]
         got = [allowed.receive() for _ in range(3)]
@@ -86,8 +89,9 @@ def test_frames_reach_only_subscribers_with_an_authorised_key(secured: Daemon, k
         assert anonymous.receive() is None and anonymous.received == 0
 
 
-def test_the_cli_takes_the_keys(secured: Daemon, keys: Path, tmp_path: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_takes_the_keys(
+    secured: Daemon, keys: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     address = secured.config.publishing.control_address
     assert cli_main(["status", "--address", address, "--timeout", "1"]) == 1
     assert "pass --keys DIR" in capsys.readouterr().err

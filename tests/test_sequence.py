@@ -13,8 +13,9 @@ from acquire_refocus.sequence import axes_dict, event_axes, nested_event_count, 
 
 
 def test_axes_are_plain_strings_and_ints() -> None:
-    sequence = parse_sequence({"time_plan": {"interval": 0, "loops": 2}, "stage_positions": [{"x": 0, "y": 0}],
-                               "axis_order": "tp"})
+    sequence = parse_sequence(
+        {"time_plan": {"interval": 0, "loops": 2}, "stage_positions": [{"x": 0, "y": 0}], "axis_order": "tp"}
+    )
     events = list(sequence)
     assert nested_event_count(sequence) == len(events) == 2
     assert event_axes(events[1]) == {"t": 1, "p": 0}

@@ -52,7 +52,9 @@ def _bbbc006_tree(root: Path, shape: tuple[int, int] = (40, 48), missing: str | 
 
 def test_bbbc006_tree_is_matched_by_well_site_wavelength(tmp_path: Path) -> None:
     stacks = _bbbc006_tree(tmp_path)
-    dataset = read_zstack_folders(tmp_path, in_focus_index=IN_FOCUS, z_step_um=2.0, pixel_size_um=0.65, file_pattern="*_w1*")
+    dataset = read_zstack_folders(
+        tmp_path, in_focus_index=IN_FOCUS, z_step_um=2.0, pixel_size_um=0.65, file_pattern="*_w1*"
+    )
     assert dataset.field_names == sorted(stacks)
     assert [p.name for p in dataset.plane_folders] == [f"BBBC006_v1_images_z_{z:02d}" for z in range(PLANES)]
     assert not dataset.simulated and "3 fields x 5 planes" in dataset.describe()
@@ -195,7 +197,9 @@ def small_config() -> AppConfig:
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory: pytest.TempPathFactory, small_config: AppConfig) -> Path:
     out = tmp_path_factory.mktemp("sim") / "ds"
-    write_simulated_dataset(out, small_config.optics, small_config.simulator, fields=3, defocus_um=[6, -6, 0, 2], seed=11)
+    write_simulated_dataset(
+        out, small_config.optics, small_config.simulator, fields=3, defocus_um=[6, -6, 0, 2], seed=11
+    )
     return out
 
 
@@ -218,7 +222,9 @@ def test_simulated_dataset_round_trip(simulated: Path, small_config: AppConfig) 
             np.testing.assert_array_equal(field.planes[z], on_disk)
             with tifffile.TiffFile(simulated / folder / f"{field.name}.tif") as tif:
                 assert tif.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
-        np.testing.assert_array_equal(field.ground_truth, tifffile.imread(simulated / "ground_truth" / f"{field.name}.tif"))
+        np.testing.assert_array_equal(
+            field.ground_truth, tifffile.imread(simulated / "ground_truth" / f"{field.name}.tif")
+        )
     first, second = dataset[0], dataset[1]
     assert not np.array_equal(first.ground_truth, second.ground_truth), "fields must show different specimen areas"
 
@@ -239,7 +245,9 @@ def test_same_seed_reproduces_the_dataset(simulated: Path, tmp_path: Path, small
         np.testing.assert_array_equal(tifffile.imread(path), tifffile.imread(again / path.relative_to(simulated)))
     other = tmp_path / "other"
     write_simulated_dataset(other, small_config.optics, small_config.simulator, 1, [0], seed=12)
-    assert not np.array_equal(tifffile.imread(other / "z00/field0000.tif"), tifffile.imread(again / "z01/field0000.tif"))
+    assert not np.array_equal(
+        tifffile.imread(other / "z00/field0000.tif"), tifffile.imread(again / "z01/field0000.tif")
+    )
 
 
 def test_simulated_dataset_refuses_conflicting_geometry(simulated: Path) -> None:
@@ -278,7 +286,21 @@ def test_simulate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     config = tmp_path / "small.yaml"
     config.write_text("simulator:\n  camera: {width_px: 64, height_px: 64}\n  specimen: {field_size_um: [100, 100]}\n")
     out = tmp_path / "cli"
-    code = cli.main(["simulate", "--config", str(config), "--out", str(out), "--fields", "2", "--defocus-um", "-4:4:4", "--seed", "3"])
+    code = cli.main(
+        [
+            "simulate",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--fields",
+            "2",
+            "--defocus-um",
+            "-4:4:4",
+            "--seed",
+            "3",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "2 fields x 3 planes, 64x64 px" in printed and "in focus: plane 1" in printed
@@ -301,7 +323,6 @@ def test_simulate_command_negative_seed(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 2 and "--seed must be 0 or more" in err and "Traceback" not in err
 
 
-
 @pytest.mark.parametrize("keep", [8, 100, "half"])
 @pytest.mark.parametrize("compression", ["lzw", "zlib", None])
 def test_truncated_tiff(tmp_path: Path, compression: str | None, keep: int | str) -> None:
@@ -317,7 +338,8 @@ def test_truncated_tiff(tmp_path: Path, compression: str | None, keep: int | str
 
 
 def test_training_on_a_bbbc006_tree_splits_by_site_keeps_one_channel_and_records_its_pixel_size(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from acquire_refocus.errors import ConfigError
     from acquire_refocus.model.checkpoint import load_weights
@@ -332,15 +354,29 @@ def test_training_on_a_bbbc006_tree_splits_by_site_keeps_one_channel_and_records
         assert len(validation_names) == 2
 
     def config(magnification: float) -> AppConfig:
-        return parse_config({
-            "optics": {"magnification": magnification},
-            "model": {"architecture": "unet", "base_channels": 4, "depth": 3},
-            "training": {"data": "stored", "dataset_dir": str(tmp_path / "bbbc"), "in_focus_index": IN_FOCUS,
-                         "z_step_um": 2.0, "pixel_size_um": 0.65, "file_pattern": "*_w1*", "z_order": "decreasing",
-                         "patch_size_px": 64, "batch_size": 2, "validation_fields": 1, "num_threads": 1},
-        })
+        return parse_config(
+            {
+                "optics": {"magnification": magnification},
+                "model": {"architecture": "unet", "base_channels": 4, "depth": 3},
+                "training": {
+                    "data": "stored",
+                    "dataset_dir": str(tmp_path / "bbbc"),
+                    "in_focus_index": IN_FOCUS,
+                    "z_step_um": 2.0,
+                    "pixel_size_um": 0.65,
+                    "file_pattern": "*_w1*",
+                    "z_order": "decreasing",
+                    "patch_size_px": 64,
+                    "batch_size": 2,
+                    "validation_fields": 1,
+                    "num_threads": 1,
+                },
+            }
+        )
 
-    with pytest.raises(ConfigError, match=r"its pixels are 0.65 um at the sample, but the optics section gives 0.325 um"):
+    with pytest.raises(
+        ConfigError, match=r"its pixels are 0.65 um at the sample, but the optics section gives 0.325 um"
+    ):
         train(config(20.0), out_dir=tmp_path / "refused", steps=1, progress=False)
     with caplog.at_level("INFO", logger="acquire_refocus.model.data"):
         result = train(config(10.0), out_dir=tmp_path / "run", steps=2, progress=False)

@@ -133,7 +133,9 @@ def test_mda_z_stack_frames_at_the_planned_positions(sim: tuple[UniMMCore, Clock
     assert [meta["position"]["z"] for _, _, meta in frames] == pytest.approx(expected_z)
     assert all(image.shape == (96, 128) and image.dtype == np.uint16 for image, _, _ in frames)
     sharpness = [_sharpness(image) for image, _, _ in frames]
-    assert int(np.argmax(sharpness)) == 2, f"the camera must see the stage: sharpest plane should be 100 um, {sharpness}"
+    assert int(np.argmax(sharpness)) == 2, (
+        f"the camera must see the stage: sharpest plane should be 100 um, {sharpness}"
+    )
     assert core.getPosition() == FOCUS_Z_UM  # pymmcore-plus restores the start position (focus direction known)
 
 
@@ -145,7 +147,9 @@ def test_mda_time_lapse_over_two_positions(sim: tuple[UniMMCore, ClockedMicrosco
     sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 3}, stage_positions=positions, axis_order="tp")
     core.mda.run(sequence)
     assert len(frames) == 6
-    assert [(event.index["t"], event.index["p"]) for _, event, _ in frames] == [(t, p) for t in range(3) for p in range(2)]
+    assert [(event.index["t"], event.index["p"]) for _, event, _ in frames] == [
+        (t, p) for t in range(3) for p in range(2)
+    ]
     for _, event, meta in frames:
         x, y, z = positions[event.index["p"]]
         assert (meta["position"]["x"], meta["position"]["y"], meta["position"]["z"]) == pytest.approx((x, y, z))
@@ -249,18 +253,22 @@ def test_camera_renders_the_drift_at_the_simulated_time(config: AppConfig) -> No
 
 @pytest.fixture(scope="module")
 def two_stains() -> Iterator[tuple[UniMMCore, ClockedMicroscope]]:
-    config = parse_config({
-        "optics": {"channels": {"Cytoplasm": {"emission_wavelength_nm": 510}}},
-        "simulator": {
-            "camera": {"width_px": 128, "height_px": 128, "exposure_ms": 10},
-            "specimen": {"field_size_um": [160, 160], "photons_per_um3": 1500, "nuclei_per_mm2": 4000},
-            "focus_z_um": FOCUS_Z_UM, "z_limits_um": [50, 150], "time_per_frame_s": TIME_PER_FRAME_S,
-            "channels": {"Nuclei": {"stain": "nuclei"}, "Cytoplasm": {"stain": "cytoplasm", "brightness": 1.5}},
-            "drift": {"model": "linear", "rate_um_per_min": 6.0},  # the stand: 0.2 um per frame
-            "sample_drift": {"model": "linear", "rate_um_per_min": 3.0},  # the sample: 0.1 um per frame
-            "focus_lock": True,
-        },
-    })
+    config = parse_config(
+        {
+            "optics": {"channels": {"Cytoplasm": {"emission_wavelength_nm": 510}}},
+            "simulator": {
+                "camera": {"width_px": 128, "height_px": 128, "exposure_ms": 10},
+                "specimen": {"field_size_um": [160, 160], "photons_per_um3": 1500, "nuclei_per_mm2": 4000},
+                "focus_z_um": FOCUS_Z_UM,
+                "z_limits_um": [50, 150],
+                "time_per_frame_s": TIME_PER_FRAME_S,
+                "channels": {"Nuclei": {"stain": "nuclei"}, "Cytoplasm": {"stain": "cytoplasm", "brightness": 1.5}},
+                "drift": {"model": "linear", "rate_um_per_min": 6.0},  # the stand: 0.2 um per frame
+                "sample_drift": {"model": "linear", "rate_um_per_min": 3.0},  # the sample: 0.1 um per frame
+                "focus_lock": True,
+            },
+        }
+    )
     core, scope = create_simulated_core(config.optics, config.simulator)
     yield core, scope
     core.unloadAllDevices()

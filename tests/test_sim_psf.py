@@ -43,9 +43,7 @@ def _single_call_bank(optics: OpticsConfig) -> np.ndarray:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_chunked_bank_equals_one_call_over_all_planes(
-    workers: int, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_chunked_bank_equals_one_call_over_all_planes(workers: int, capsys: pytest.CaptureFixture[str]) -> None:
     reference = _single_call_bank(OIL_100X)
     bank = compute_psf_bank(
         OIL_100X,
@@ -109,9 +107,7 @@ def test_unfolding_mirrors_the_quadrant_about_the_centre() -> None:
 
 
 def test_transfer_functions_from_the_quadrants_equal_the_ffts_of_the_whole_planes() -> None:
-    bank = compute_psf_bank(
-        OIL_100X, max_defocus_um=1.0, z_step_um=0.5, depth_um=DEPTH_UM, workers=1
-    )
+    bank = compute_psf_bank(OIL_100X, max_defocus_um=1.0, z_step_um=0.5, depth_um=DEPTH_UM, workers=1)
     otf = OtfCache(bank)
     fft_shape = (2 * bank.size_px + 6, 2 * bank.size_px + 10)
     for index in range(len(bank.defocus_um)):

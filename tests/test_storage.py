@@ -25,8 +25,9 @@ from acquire_refocus.storage import (
 
 pytestmark = pytest.mark.timeout(120)
 
-SEQUENCE = useq.MDASequence(time_plan={"interval": 0, "loops": 3}, stage_positions=[(0, 0, 100), (50, 0, 100)],
-                            axis_order="tp")
+SEQUENCE = useq.MDASequence(
+    time_plan={"interval": 0, "loops": 3}, stage_positions=[(0, 0, 100), (50, 0, 100)], axis_order="tp"
+)
 SHAPE = (64, 96)
 
 
@@ -35,15 +36,20 @@ def results(sequence: useq.MDASequence) -> list[FrameResult]:
     for frame, event in enumerate(sequence):
         raw = np.full(SHAPE, frame, np.uint16)
         skipped = frame == 3
-        out.append(FrameResult(
-            frame=frame, raw=raw,
-            info=FrameInfo({k: int(v) for k, v in event.index.items()}, 100.0 + frame, (0.0, 0.0), 1e9 + frame, 0.3),
-            status="skipped" if skipped else "refocused",
-            image=None if skipped else raw.astype(np.float32) + 0.5,
-            defocus_um=math.nan if skipped else 0.1 * frame,
-            confidence=math.nan if skipped else 0.9,
-            latency_ms=3.0,
-        ))
+        out.append(
+            FrameResult(
+                frame=frame,
+                raw=raw,
+                info=FrameInfo(
+                    {k: int(v) for k, v in event.index.items()}, 100.0 + frame, (0.0, 0.0), 1e9 + frame, 0.3
+                ),
+                status="skipped" if skipped else "refocused",
+                image=None if skipped else raw.astype(np.float32) + 0.5,
+                defocus_um=math.nan if skipped else 0.1 * frame,
+                confidence=math.nan if skipped else 0.9,
+                latency_ms=3.0,
+            )
+        )
     return out
 
 
@@ -81,8 +87,15 @@ def test_refocused_store_bounds_the_writes_in_flight(tmp_path: Path) -> None:
     kept = []
     for frame, event in enumerate(sequence):
         image = rng.random((256, 256), dtype=np.float32)
-        store.on_frame(FrameResult(frame=frame, raw=image, info=FrameInfo(dict(event.index), 100.0, None, 0.0, None),
-                                   status="refocused", image=image))
+        store.on_frame(
+            FrameResult(
+                frame=frame,
+                raw=image,
+                info=FrameInfo(dict(event.index), 100.0, None, 0.0, None),
+                status="refocused",
+                image=image,
+            )
+        )
         kept.append(len(store._write_futures() or []))  # noqa: SLF001 - the bound lives on the backend's private list
         assert store.pending_writes is not None and store.pending_writes <= MAX_UNCOMMITTED_FRAMES
     store.close()
@@ -152,8 +165,15 @@ def test_an_event_the_acquisition_never_took_leaves_its_plane_empty(tmp_path: Pa
     store = RefocusedStore(tmp_path / "refocused.ome.zarr", SEQUENCE, SHAPE, pixel_size_um=0.325)
     taken = [r for r in results(SEQUENCE) if r.frame != 3]
     for frame, result in enumerate(taken):  # the pipeline numbers the frames it saw: 0 .. 4
-        store.on_frame(FrameResult(frame=frame, raw=result.raw, info=result.info, status="refocused",
-                                   image=result.raw.astype(np.float32) + 0.5))
+        store.on_frame(
+            FrameResult(
+                frame=frame,
+                raw=result.raw,
+                info=result.info,
+                status="refocused",
+                image=result.raw.astype(np.float32) + 0.5,
+            )
+        )
     store.close()
     series = open_stores(tmp_path)["refocused"]
     for event in range(6):
@@ -166,8 +186,13 @@ def test_an_event_the_acquisition_never_took_leaves_its_plane_empty(tmp_path: Pa
 def test_acquisition_slots_follow_useq_order_without_listing_the_events() -> None:
     from acquire_refocus.storage import _AcquisitionSlots, _axes_key
 
-    stack = useq.MDASequence(time_plan={"interval": 0, "loops": 3}, stage_positions=[(0, 0, 0), (1, 1, 1)],
-                             channels=["DAPI", "FITC"], z_plan={"range": 2, "step": 1}, axis_order="tpcz")
+    stack = useq.MDASequence(
+        time_plan={"interval": 0, "loops": 3},
+        stage_positions=[(0, 0, 0), (1, 1, 1)],
+        channels=["DAPI", "FITC"],
+        z_plan={"range": 2, "step": 1},
+        axis_order="tpcz",
+    )
     slots = _AcquisitionSlots.for_sequence(stack)
     assert slots is not None and slots.count == 36
     assert [slots.slot(_axes_key(e.index)) for e in stack] == list(range(36))
@@ -178,6 +203,7 @@ def test_acquisition_slots_follow_useq_order_without_listing_the_events() -> Non
     long_slots = _AcquisitionSlots.for_sequence(day)
     assert long_slots is not None and long_slots.slot((("p", 1), ("t", 863_999))) == 1_727_999
     # channels that skip time points are not a full nest: placed in acquisition order instead
-    every_other = useq.MDASequence(time_plan={"interval": 0, "loops": 3},
-                                   channels=[{"config": "DAPI"}, {"config": "FITC", "acquire_every": 2}])
+    every_other = useq.MDASequence(
+        time_plan={"interval": 0, "loops": 3}, channels=[{"config": "DAPI"}, {"config": "FITC", "acquire_every": 2}]
+    )
     assert _AcquisitionSlots.for_sequence(every_other) is None

@@ -29,21 +29,36 @@ def test_defocus_settings_left_out_scale_with_the_depth_of_field() -> None:
     assert oil.simulator.max_defocus_um == round(40 * scale, 1)
     assert oil.simulator.psf_z_step_um == round(oil.optics.depth_of_field_um / 5, 2)
     # what the file says is kept, and a dumped config reads back unchanged (scaled once, not twice)
-    explicit = parse_config({"optics": OIL_100X, "training": {"defocus_range_um": [-8, 8]},
-                             "simulator": {"max_defocus_um": 9, "psf_z_step_um": 0.1}})
+    explicit = parse_config(
+        {
+            "optics": OIL_100X,
+            "training": {"defocus_range_um": [-8, 8]},
+            "simulator": {"max_defocus_um": 9, "psf_z_step_um": 0.1},
+        }
+    )
     assert explicit.training.defocus_range_um == (-8.0, 8.0)
     assert (explicit.simulator.max_defocus_um, explicit.simulator.psf_z_step_um) == (9.0, 0.1)
     assert parse_config(oil.model_dump(mode="json")) == oil
 
 
 def _config(**sections: object) -> AppConfig:
-    return parse_config({
-        "simulator": FAST_SIMULATOR,
-        "training": {"patch_size_px": 64, "batch_size": 2, "learning_rate": 1e-9, "validation_every": 1000,
-                     "train_fields": 2, "validation_fields": 1, "defocus_range_um": [-10.0, 10.0],
-                     "num_threads": 1, "seed": 1},
-        **sections,
-    })
+    return parse_config(
+        {
+            "simulator": FAST_SIMULATOR,
+            "training": {
+                "patch_size_px": 64,
+                "batch_size": 2,
+                "learning_rate": 1e-9,
+                "validation_every": 1000,
+                "train_fields": 2,
+                "validation_fields": 1,
+                "defocus_range_um": [-10.0, 10.0],
+                "num_threads": 1,
+                "seed": 1,
+            },
+            **sections,
+        }
+    )
 
 
 def test_training_starts_from_the_shipped_model_by_default(tmp_path: Path) -> None:

@@ -34,8 +34,9 @@ REQUESTS: dict[str, bytes] = {
     "300 KB request": b'{"command": "run", "sequence": {"metadata": {"x": "' + b"a" * 300_000 + b'"}}}',
     "loops 1e8": json.dumps({"command": "run", "sequence": {"time_plan": {"interval": 0, "loops": 10**8}}}).encode(),
     "loops 1e12": json.dumps({"command": "run", "sequence": {"time_plan": {"interval": 0, "loops": 10**12}}}).encode(),
-    "output ../../x": json.dumps({"command": "run", "sequence": {"time_plan": {"interval": 0, "loops": 2}},
-                                  "output": "../../x"}).encode(),
+    "output ../../x": json.dumps(
+        {"command": "run", "sequence": {"time_plan": {"interval": 0, "loops": 2}}, "output": "../../x"}
+    ).encode(),
     "output 12345": json.dumps({"command": "run", "sequence": {}, "output": 12345}).encode(),
     "status": b'{"command": "status"}',
 }
@@ -69,11 +70,14 @@ def main() -> None:
         model = ModelConfig(base_channels=4, depth=2)
         weights = Path(tmp) / "tiny.pt"
         save_weights(weights, build_network(model), model, OpticsConfig(), {"purpose": "benchmark"})
-        config = parse_config({
-            "simulator": FAST_SIMULATOR, "model": {"weights": str(weights)},
-            "engine": {"backend": "torch", "num_threads": 1},
-            "publishing": {"pub_address": free_tcp_address(), "control_address": free_tcp_address()},
-        })
+        config = parse_config(
+            {
+                "simulator": FAST_SIMULATOR,
+                "model": {"weights": str(weights)},
+                "engine": {"backend": "torch", "num_threads": 1},
+                "publishing": {"pub_address": free_tcp_address(), "control_address": free_tcp_address()},
+            }
+        )
         daemon = Daemon(config, output_dir=Path(tmp) / "out", corrector=Refocuser.load(weights, engine="torch"))
         server = threading.Thread(target=daemon.serve, kwargs={"handle_signals": False}, daemon=True)
         server.start()
@@ -86,8 +90,10 @@ def main() -> None:
                 for _ in range(args.repeats):
                     ms, reply = timed(address, payload)
                     times.append(ms)
-                print(f"{name:<26} {reply['ok']!s:<5} {statistics.median(times):8.2f} {max(times):8.2f}  "
-                      f"{str(reply.get('error', reply.get('state')))[:70]}")
+                print(
+                    f"{name:<26} {reply['ok']!s:<5} {statistics.median(times):8.2f} {max(times):8.2f}  "
+                    f"{str(reply.get('error', reply.get('state')))[:70]}"
+                )
         finally:
             daemon.request_stop("benchmark done")
             server.join(30)

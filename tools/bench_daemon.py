@@ -166,7 +166,9 @@ def bench_publish(size: int, repeats: int, address: str = "tcp://127.0.0.1:*") -
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen(
         [sys.executable, "-c", _SUBSCRIBER, publisher.address, str(frames_n), str(raw.nbytes)],
-        stdout=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         assert proc.stdout is not None
@@ -192,9 +194,16 @@ def bench_publish(size: int, repeats: int, address: str = "tcp://127.0.0.1:*") -
             proc.wait(10)
         publisher.close()
     gb_per_s = received * raw.nbytes / wall_s / 1e9
-    return _record("zmq-publish", size, times, gb_per_s=round(gb_per_s, 3), frames_received=received,
-                   frames_sent=frames_n, target_gb_per_s=1.0,
-                   transport=f"{address.split(':')[0]} (loopback), subscriber in another process")
+    return _record(
+        "zmq-publish",
+        size,
+        times,
+        gb_per_s=round(gb_per_s, 3),
+        frames_received=received,
+        frames_sent=frames_n,
+        target_gb_per_s=1.0,
+        transport=f"{address.split(':')[0]} (loopback), subscriber in another process",
+    )
 
 
 class _Mark:
@@ -248,8 +257,10 @@ class _Timed:
 def _percentiles(values: list[float], prefix: str) -> dict[str, float | None]:
     if not values:
         return {f"{prefix}_p50_ms": None, f"{prefix}_p99_ms": None}
-    return {f"{prefix}_p50_ms": round(float(np.percentile(values, 50)), 4),
-            f"{prefix}_p99_ms": round(float(np.percentile(values, 99)), 4)}
+    return {
+        f"{prefix}_p50_ms": round(float(np.percentile(values, 50)), 4),
+        f"{prefix}_p99_ms": round(float(np.percentile(values, 99)), 4),
+    }
 
 
 _WARM_UP = 5  # frames per run left out of the statistics
@@ -290,8 +301,9 @@ def _overhead_run(size: int, frames: int, store: str) -> dict[str, Any]:
         controller = FocusController(FocusConfig(mode="observe", fine_source="sharpness"))
         latency_critical: list[FrameSink] = [controller, focus, PublishSink(publisher)]
         focus_log = FocusLog(Path(tmp) / "focus.csv")
-        timed = _Timed(RefocusedStore(Path(tmp) / "r.ome.zarr", sequence, (size, size), 0.325)) \
-            if store != "none" else None
+        timed = (
+            _Timed(RefocusedStore(Path(tmp) / "r.ome.zarr", sequence, (size, size), 0.325)) if store != "none" else None
+        )
         sinks: list[FrameSink]
         if timed is None:
             sinks = [*latency_critical, focus_log, done]
@@ -358,7 +370,10 @@ def bench_overhead(size: int, repeats: int, rounds: int = 5) -> dict[str, Any]:
     new = runs["background"]
     waits = sum(run["waits"] for run in new)
     return _record(
-        "daemon-overhead", size, joined("background", "overhead"), target_p99_ms=5.0,
+        "daemon-overhead",
+        size,
+        joined("background", "overhead"),
+        target_p99_ms=5.0,
         engine_ms_p50=round(float(np.median(joined("background", "engine"))), 3),
         frame_interval_ms=new[0]["frame_interval_ms"],
         **_percentiles(joined("background", "focus"), "focus_ready"),

@@ -35,8 +35,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--weights", default=None)
     args = parser.parse_args()
-    plain = Refocuser.load(args.weights, engine=EngineConfig(backend="onnxruntime", num_threads=1,
-                                                             physics_fusion=False))
+    plain = Refocuser.load(
+        args.weights, engine=EngineConfig(backend="onnxruntime", num_threads=1, physics_fusion=False)
+    )
     fused = Refocuser.load(args.weights, engine=EngineConfig(backend="onnxruntime", num_threads=1))
     rng = np.random.default_rng(0)
     for size in args.sizes:
@@ -50,8 +51,10 @@ def main() -> None:
             without.append(p50_ms(lambda frame=frame: plain(frame), 1))
             with_fusion.append(p50_ms(lambda frame=frame: fused(frame), 1))
         a, b = float(np.median(without)), float(np.median(with_fusion))
-        print(f"{size}x{size}: envelope checks {checks:.1f} ms, network + checks {a:.1f} ms, + fusion {b:.1f} ms "
-              f"p50 (x{b / a:.2f}; checks {100 * checks / a:.1f} % of the call without fusion)")
+        print(
+            f"{size}x{size}: envelope checks {checks:.1f} ms, network + checks {a:.1f} ms, + fusion {b:.1f} ms "
+            f"p50 (x{b / a:.2f}; checks {100 * checks / a:.1f} % of the call without fusion)"
+        )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,11 @@ def main() -> None:
             for name, path in CONFIGS.items():
                 with_loop, without, per_position = run_demo(path, seed, Path(tmp))
                 results[name].append(with_loop)
-                print(f"seed {seed}  {name}: {with_loop:.2f} um RMS with correction, {without:.2f} without; "
-                      f"{per_position}", flush=True)
+                print(
+                    f"seed {seed}  {name}: {with_loop:.2f} um RMS with correction, {without:.2f} without; "
+                    f"{per_position}",
+                    flush=True,
+                )
         for name, values in results.items():
             print(f"mean over seeds {args.seeds}  {name}: {statistics.mean(values):.2f} um RMS")
 

@@ -56,13 +56,17 @@ def _child(args: argparse.Namespace) -> None:
         )
         seconds = time.perf_counter() - start
         cache_mb = sum(p.stat().st_size for p in Path(cache).iterdir()) / 2**20
-    print(json.dumps({
-        "planes": len(bank.defocus_um),
-        "size_px": bank.size_px,
-        "bank_mb": round(bank.psf_quadrant.nbytes / 2**20),
-        "cache_file_mb": round(cache_mb),
-        "seconds": round(seconds, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "planes": len(bank.defocus_um),
+                "size_px": bank.size_px,
+                "bank_mb": round(bank.psf_quadrant.nbytes / 2**20),
+                "cache_file_mb": round(cache_mb),
+                "seconds": round(seconds, 1),
+            }
+        )
+    )
 
 
 def _tree_rss_bytes(root: int) -> int:

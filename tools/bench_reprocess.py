@@ -98,8 +98,9 @@ def main() -> int:
         folder = Path(temp)
         for size, frames, batch_frames in zip(args.sizes, args.frames, args.batch_frames, strict=True):
             if frames < (max(args.workers) + 2) * batch_frames:
-                parser.error(f"{size} px: give at least (workers + 2) x batch frames, so batches remain after the "
-                             "warm-up")
+                parser.error(
+                    f"{size} px: give at least (workers + 2) x batch frames, so batches remain after the warm-up"
+                )
             dataset = _dataset(folder, size, frames)
             loop_before = _loop(dataset, cores)
             row: dict[str, Any] = {"size_px": size, "frames": frames, "batch_frames": batch_frames}
@@ -119,9 +120,11 @@ def main() -> int:
         before, after = row["loop_fps_before_after"]
         parts = [f"{row['size_px']}²: loop {row['loop_fps']:.2f} ({before:.2f} before, {after:.2f} after)"]
         for workers in args.workers:
-            parts.append(f"{workers} worker(s) {row[f'dask_{workers}w_fps']:.2f} "
-                         f"({100 * row[f'dask_{workers}w_overhead']:+.0f} %, "
-                         f"start {row[f'dask_{workers}w_startup_s']:.1f} s)")
+            parts.append(
+                f"{workers} worker(s) {row[f'dask_{workers}w_fps']:.2f} "
+                f"({100 * row[f'dask_{workers}w_overhead']:+.0f} %, "
+                f"start {row[f'dask_{workers}w_startup_s']:.1f} s)"
+            )
         print("  " + "; ".join(parts))
     print(f"\nPaper estimate, a {PLATE_IMAGES:,}-image plate, N machines like this one (best layout measured):")
     for row in results:

@@ -29,9 +29,7 @@ def _percentile(values: list[float], q: float) -> float:
 def simulator_records(sizes: list[int], repeats: int) -> list[dict]:
     """One benchmark record per (size, case), in the shared benchmark record format."""
     records: list[dict] = []
-    device = (
-        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    )
+    device = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     for size in sizes:
         simulator = SimulatorConfig(camera=CameraConfig(width_px=size, height_px=size))
         start = time.perf_counter()
@@ -67,9 +65,7 @@ def simulator_records(sizes: list[int], repeats: int) -> list[dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--sizes",
         type=int,
@@ -77,14 +73,10 @@ def main() -> int:
         default=[512, 2048],
         help="square frame sizes in pixels",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=10, help="frames timed per size and case"
-    )
+    parser.add_argument("--repeats", type=int, default=10, help="frames timed per size and case")
     args = parser.parse_args()
     records = simulator_records(args.sizes, args.repeats)
-    print(
-        f"{'size':>6} {'case':>8} {'p50_ms':>9} {'p99_ms':>9} {'fps':>8} {'startup_s':>10}"
-    )
+    print(f"{'size':>6} {'case':>8} {'p50_ms':>9} {'p99_ms':>9} {'fps':>8} {'startup_s':>10}")
     for r in records:
         print(
             f"{r['size']:>6} {r['case']:>8} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['fps']:>8.1f} "

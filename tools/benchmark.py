@@ -179,8 +179,9 @@ def engine_records(
     for name in engine_names:
         engine = create_engine(loaded, config.model_copy(update={"backend": name}))
         if engine.name != name:
-            log.warning(kv("benchmark_engine_skipped", engine=name,
-                           reason=f"could not be built; fell back to {engine.name}"))
+            log.warning(
+                kv("benchmark_engine_skipped", engine=name, reason=f"could not be built; fell back to {engine.name}")
+            )
             continue
         engines.append(engine)
     records: list[dict[str, Any]] = []
@@ -188,8 +189,15 @@ def engine_records(
         plan = {id(e): _batches_for(e, size, batches) for e in engines}
         for batch in sorted({b for bs in plan.values() for b in bs}):
             active = [e for e in engines if batch in plan[id(e)]]
-            log.info(kv("benchmark_measuring", size=size, batch=batch, repeats=repeats,
-                        engines=",".join(e.name for e in active)))
+            log.info(
+                kv(
+                    "benchmark_measuring",
+                    size=size,
+                    batch=batch,
+                    repeats=repeats,
+                    engines=",".join(e.name for e in active),
+                )
+            )
             frames = _frames(batch, size)
             memory = {}
             for engine in active:  # the untimed first call: warm-up (lazy initialisation) and memory
@@ -208,26 +216,28 @@ def engine_records(
                 times = samples[id(engine)]
                 rate = CAMERA_RATE_FPS.get(size)
                 fps = batch / float(np.mean(times))
-                records.append({
-                    "kind": "engine",
-                    "engine": engine.name,
-                    "precision": engine.precision,
-                    "device": engine.device,
-                    "size": size,
-                    "batch": batch,
-                    "p50_ms": _percentile_ms(times, 50),
-                    "p99_ms": _percentile_ms(times, 99),
-                    "mean_ms": round(float(np.mean(times)) * 1000.0, 3),
-                    "fps": round(fps, 3),
-                    "repeats": repeats,
-                    "camera_rate_fps": rate,
-                    "frame_budget_ms": None if rate is None else round(1000.0 / rate, 3),
-                    "meets_camera_rate": None if rate is None else bool(fps >= rate),
-                    "threads": config.num_threads,
-                    "model": model_label,
-                    "round_start_s": starts[id(engine)],
-                    **memory[id(engine)],
-                })
+                records.append(
+                    {
+                        "kind": "engine",
+                        "engine": engine.name,
+                        "precision": engine.precision,
+                        "device": engine.device,
+                        "size": size,
+                        "batch": batch,
+                        "p50_ms": _percentile_ms(times, 50),
+                        "p99_ms": _percentile_ms(times, 99),
+                        "mean_ms": round(float(np.mean(times)) * 1000.0, 3),
+                        "fps": round(fps, 3),
+                        "repeats": repeats,
+                        "camera_rate_fps": rate,
+                        "frame_budget_ms": None if rate is None else round(1000.0 / rate, 3),
+                        "meets_camera_rate": None if rate is None else bool(fps >= rate),
+                        "threads": config.num_threads,
+                        "model": model_label,
+                        "round_start_s": starts[id(engine)],
+                        **memory[id(engine)],
+                    }
+                )
     _mark_best_batch_and_speedup(records)
     return records
 
@@ -283,8 +293,24 @@ def part_records(part: str, sizes: list[int], repeats: int) -> tuple[list[dict[s
 
 
 # ------------------------------------------------------------------------------------------------- output
-_COLUMNS = ("kind", "engine", "variant", "precision", "device", "size", "batch", "p50_ms", "p99_ms", "fps",
-            "gb_per_s", "meets_camera_rate", "speedup_vs_torch", "peak_rss_mb", "rss_increase_mb", "peak_gpu_mb")
+_COLUMNS = (
+    "kind",
+    "engine",
+    "variant",
+    "precision",
+    "device",
+    "size",
+    "batch",
+    "p50_ms",
+    "p99_ms",
+    "fps",
+    "gb_per_s",
+    "meets_camera_rate",
+    "speedup_vs_torch",
+    "peak_rss_mb",
+    "rss_increase_mb",
+    "peak_gpu_mb",
+)
 
 
 def _variant(record: dict[str, Any]) -> str | None:
@@ -311,8 +337,12 @@ def format_table(records: list[dict[str, Any]], machine: dict[str, Any], notes: 
     lines = [
         f"machine: {machine['cpu']} ({machine['cpu_cores_usable']} usable of {machine['cpu_cores']} cores), "
         f"GPU: {machine['gpu'] or 'none'}",
-        "versions: " + ", ".join(f"{k} {machine[k]}" for k in ("python", "torch", "onnxruntime", "torch_tensorrt",
-                                                              "tensorrt", "numpy") if machine.get(k)),
+        "versions: "
+        + ", ".join(
+            f"{k} {machine[k]}"
+            for k in ("python", "torch", "onnxruntime", "torch_tensorrt", "tensorrt", "numpy")
+            if machine.get(k)
+        ),
         "camera rates: " + ", ".join(f"{s} px at {r:g} fps" for s, r in CAMERA_RATE_FPS.items()),
         "",
         "  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True)),
@@ -355,8 +385,10 @@ def run_benchmark(
                 "them. Raise engine.max_size_px in the config to measure such frames whole."
             )
         if batches is not None and max(batches) > engine_config.max_batch:
-            raise UserError(f"--batches: {max(batches)} exceeds engine.max_batch ({engine_config.max_batch}); "
-                            "raise it in the config")
+            raise UserError(
+                f"--batches: {max(batches)} exceeds engine.max_batch ({engine_config.max_batch}); "
+                "raise it in the config"
+            )
         availability = backend_availability()
         if engines is None:
             engines = [name for name in BACKENDS if availability[name] is None]
@@ -370,8 +402,9 @@ def run_benchmark(
             engines = [name for name in engines if availability[name] is None]
         records += engine_records(loaded, engine_config, engines, sizes, repeats, batches, model_label)
         measured = {r["engine"] for r in records}
-        notes += [f"{name} not measured: it could not be built (see the log)"
-                  for name in engines if name not in measured]
+        notes += [
+            f"{name} not measured: it could not be built (see the log)" for name in engines if name not in measured
+        ]
     for part in ("simulator", "daemon"):
         if part in parts:
             extra, why_not = part_records(part, sizes, repeats)

@@ -31,8 +31,9 @@ MAGNITUDES_UM = (2.0, 5.0, 10.0, 20.0, 30.0)
 WINDOW_PX = 256
 
 
-def _frames(config: AppConfig, cache: MicroscopeCache, seed_base: int, fields: int, planes: int,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _frames(
+    config: AppConfig, cache: MicroscopeCache, seed_base: int, fields: int, planes: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Noisy frames at random signed defocus (|d| from 3 to 35 um) and their defocus."""
     frames, defocus = [], []
     for field in simulated_fields(fields, seed_base, config.simulator.specimen.field_size_um):
@@ -44,8 +45,9 @@ def _frames(config: AppConfig, cache: MicroscopeCache, seed_base: int, fields: i
     return np.concatenate(frames), np.concatenate(defocus)
 
 
-def known_specimen_accuracy(config: AppConfig, cache: MicroscopeCache, fields: int,
-                            rng: np.random.Generator) -> dict[str, float]:
+def known_specimen_accuracy(
+    config: AppConfig, cache: MicroscopeCache, fields: int, rng: np.random.Generator
+) -> dict[str, float]:
     """Sign accuracy per |d| of the likelihood-ratio test that knows the specimen; fields without cells skipped."""
     camera = config.simulator.camera
     read_var = (camera.gain_adu_per_electron * camera.read_noise_electrons) ** 2
@@ -86,8 +88,9 @@ def radial_log_spectrum(frames: np.ndarray) -> np.ndarray:
     return features - features[:, :1]
 
 
-def blind_spectrum_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                            steps: int = 3000) -> dict[str, float]:
+def blind_spectrum_accuracy(
+    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], steps: int = 3000
+) -> dict[str, float]:
     """Sign accuracy (train and held-out test) of a small MLP on the radial log power spectrum."""
     torch.manual_seed(0)
     x_train, x_test = radial_log_spectrum(train[0]), radial_log_spectrum(test[0])
@@ -95,8 +98,13 @@ def blind_spectrum_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np
     inputs = torch.tensor((x_train - mean) / std, dtype=torch.float32)
     held_out = torch.tensor((x_test - mean) / std, dtype=torch.float32)
     labels = torch.tensor(train[1] > 0, dtype=torch.float32)[:, None]
-    classifier = torch.nn.Sequential(torch.nn.Linear(inputs.shape[1], 64), torch.nn.ReLU(),
-                                     torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    classifier = torch.nn.Sequential(
+        torch.nn.Linear(inputs.shape[1], 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 1),
+    )
     optimizer = torch.optim.Adam(classifier.parameters(), 1e-3, weight_decay=1e-4)
     for _ in range(steps):
         batch = torch.randint(0, len(inputs), (256,))
@@ -124,8 +132,7 @@ def main() -> None:
     test = _frames(config, cache, TEST_SEED_BASE, args.test_fields, args.planes, rng)
     report = {
         "optics": config.optics.model_dump(mode="json"),
-        "known_specimen_sign_accuracy_by_abs_defocus_um": known_specimen_accuracy(config, cache, args.test_fields,
-                                                                                  rng),
+        "known_specimen_sign_accuracy_by_abs_defocus_um": known_specimen_accuracy(config, cache, args.test_fields, rng),
         "blind_spectrum_sign_accuracy": blind_spectrum_accuracy(train, test),
     }
     print(json.dumps(report, indent=2))

@@ -57,18 +57,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(parser)
-    parser.add_argument("--sizes", type=_int_list, default=[512, 1024, 2048],
-                        help="square frame sizes in px, comma-separated, multiples of the network stride and at "
-                             "most engine.max_size_px (default 512,1024,2048)")
-    parser.add_argument("--engines", type=_name_list, default=None,
-                        help="engines to time, comma-separated: tensorrt,onnxruntime,torch (default: all available)")
-    parser.add_argument("--batches", type=_int_list, default=None,
-                        help="batch sizes to try (default: 1,2,4,8 up to engine.max_batch, as far as memory allows)")
+    parser.add_argument(
+        "--sizes",
+        type=_int_list,
+        default=[512, 1024, 2048],
+        help="square frame sizes in px, comma-separated, multiples of the network stride and at "
+        "most engine.max_size_px (default 512,1024,2048)",
+    )
+    parser.add_argument(
+        "--engines",
+        type=_name_list,
+        default=None,
+        help="engines to time, comma-separated: tensorrt,onnxruntime,torch (default: all available)",
+    )
+    parser.add_argument(
+        "--batches",
+        type=_int_list,
+        default=None,
+        help="batch sizes to try (default: 1,2,4,8 up to engine.max_batch, as far as memory allows)",
+    )
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per engine, size and batch (default 10)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per engine (default: engine.num_threads from the config, else all cores)")
-    parser.add_argument("--parts", type=_name_list, default=["engine", "simulator", "daemon"],
-                        help="what to measure: engine,simulator,daemon (default: all)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per engine (default: engine.num_threads from the config, else all cores)",
+    )
+    parser.add_argument(
+        "--parts",
+        type=_name_list,
+        default=["engine", "simulator", "daemon"],
+        help="what to measure: engine,simulator,daemon (default: all)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the records to this JSON file")
 
 

@@ -39,13 +39,24 @@ examples:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML config (default: built-in defaults); its engine: section sets sizes and cache")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="weights file (default: model.weights from the config, else the shipped model)")
-    parser.add_argument("--untrained", action="store_true",
-                        help="use a freshly initialised network of the config's model: architecture instead of "
-                             "weights (speed depends only on the architecture)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config (default: built-in defaults); its engine: section sets sizes and cache",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="weights file (default: model.weights from the config, else the shipped model)",
+    )
+    parser.add_argument(
+        "--untrained",
+        action="store_true",
+        help="use a freshly initialised network of the config's model: architecture instead of "
+        "weights (speed depends only on the architecture)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(parser)
-    parser.add_argument("--backend", choices=["all", "tensorrt", "onnxruntime"], default="all",
-                        help="which engine to build (default: every one this machine can run)")
+    parser.add_argument(
+        "--backend",
+        choices=["all", "tensorrt", "onnxruntime"],
+        default="all",
+        help="which engine to build (default: every one this machine can run)",
+    )
 
 
 @dataclass
@@ -74,8 +89,9 @@ def untrained_model(config: AppConfig) -> UntrainedModel:
     buffer = io.BytesIO()
     torch.save(network.state_dict(), buffer)
     digest = hashlib.sha256(buffer.getvalue() + config.model.model_dump_json().encode()).hexdigest()
-    label = (f"untrained {config.model.architecture} base_channels={config.model.base_channels} "
-             f"depth={config.model.depth}")
+    label = (
+        f"untrained {config.model.architecture} base_channels={config.model.base_channels} depth={config.model.depth}"
+    )
     return UntrainedModel(network, digest, label)
 
 
@@ -114,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
             failures += 1
             continue
         path = getattr(engine, "path", None)  # the file an engine was built into (ONNX and TensorRT engines)
-        print(f"{backend}: {path} ({engine.precision}, {engine.device}, "
-              f"{engine.min_size_px}-{engine.max_size_px} px, batch <= {engine.max_batch})")
+        print(
+            f"{backend}: {path} ({engine.precision}, {engine.device}, "
+            f"{engine.min_size_px}-{engine.max_size_px} px, batch <= {engine.max_batch})"
+        )
         log.info(kv("engine_built", engine=backend, path=path))
     print("torch: nothing to build")
     return 1 if failures else 0

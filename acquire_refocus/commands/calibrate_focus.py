@@ -63,16 +63,39 @@ class FieldCalibration:
 
 def add_stack_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, in_focus_use: str) -> None:
     """How a z-stack is read (read_stacks): shared by calibrate-focus and evaluate --stack."""
-    parser.add_argument("--z-step-um", type=float, default=None, metavar="S",
-                        help="stage step between planes (needed except for simulated datasets)")
-    parser.add_argument("--in-focus-index", type=int, default=None, metavar="I",
-                        help=f"the plane you call in focus (0-based), {in_focus_use}")
-    parser.add_argument("--pixel-size-um", type=float, default=None, metavar="X",
-                        help="pixel size at the sample (default: the dataset's, else the config's optics)")
-    parser.add_argument("--z-order", choices=["increasing", "decreasing"], default="increasing",
-                        help="increasing (default): later planes were taken deeper into the sample")
-    parser.add_argument("--file-pattern", default=None, metavar="GLOB",
-                        help="plane folders: pick one channel by file name, e.g. '*_w1*'")
+    parser.add_argument(
+        "--z-step-um",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stage step between planes (needed except for simulated datasets)",
+    )
+    parser.add_argument(
+        "--in-focus-index",
+        type=int,
+        default=None,
+        metavar="I",
+        help=f"the plane you call in focus (0-based), {in_focus_use}",
+    )
+    parser.add_argument(
+        "--pixel-size-um",
+        type=float,
+        default=None,
+        metavar="X",
+        help="pixel size at the sample (default: the dataset's, else the config's optics)",
+    )
+    parser.add_argument(
+        "--z-order",
+        choices=["increasing", "decreasing"],
+        default="increasing",
+        help="increasing (default): later planes were taken deeper into the sample",
+    )
+    parser.add_argument(
+        "--file-pattern",
+        default=None,
+        metavar="GLOB",
+        help="plane folders: pick one channel by file name, e.g. '*_w1*'",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,14 +103,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("stack", type=Path, metavar="STACK", help="z-stack TIFF file, or folder of plane folders")
-    parser.add_argument("--config", metavar="FILE", help="YAML config whose optics: took the stacks (default: built-in)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML config whose optics: took the stacks (default: built-in)"
+    )
     add_stack_arguments(parser, "to suggest target_offset_um")
-    parser.add_argument("--range-um", type=float, default=None, metavar="R",
-                        help="fit the planes within this distance of the sharpest one (default: 4/3 of the depth "
-                             "of field, as the closed loop)")
+    parser.add_argument(
+        "--range-um",
+        type=float,
+        default=None,
+        metavar="R",
+        help="fit the planes within this distance of the sharpest one (default: 4/3 of the depth "
+        "of field, as the closed loop)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
-                        help="also plot each field's sharpness against Z with its fit (the focus curve)")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also plot each field's sharpness against Z with its fit (the focus curve)",
+    )
 
 
 def _read_tiff_stack(path: Path) -> np.ndarray:
@@ -99,8 +134,10 @@ def _read_tiff_stack(path: Path) -> np.ndarray:
         raise InputError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     stack = np.squeeze(stack)
     if stack.ndim == 3 and stack.shape[-1] in (3, 4):
-        raise InputError(f"{path}: shape {stack.shape} looks like a colour (RGB) image, not a z-stack; save the "
-                         "planes of one grey-scale channel as a multi-page TIFF")
+        raise InputError(
+            f"{path}: shape {stack.shape} looks like a colour (RGB) image, not a z-stack; save the "
+            "planes of one grey-scale channel as a multi-page TIFF"
+        )
     if stack.ndim != 3:
         raise InputError(
             f"{path}: expected a z-stack of shape (planes, height, width), got shape {stack.shape}; save one "
@@ -128,21 +165,26 @@ def read_stacks(args: argparse.Namespace) -> tuple[list[tuple[str, np.ndarray]],
     if (args.stack / "dataset.json").is_file():
         # simulated: planes and focus from its manifest, which the arguments given must agree with
         if args.file_pattern is not None:
-            raise UserError(f"{args.stack}: --file-pattern picks a channel in real plane folders; a simulated "
-                            "dataset has one")
+            raise UserError(
+                f"{args.stack}: --file-pattern picks a channel in real plane folders; a simulated dataset has one"
+            )
         dataset = read_zstack_folders(args.stack, args.in_focus_index, args.z_step_um)
     else:  # real: without --in-focus-index, plane 0 is the reference
         if args.z_step_um is None:
             raise UserError(f"{args.stack}: give the stage step between plane folders with --z-step-um")
-        dataset = read_zstack_folders(args.stack, args.in_focus_index or 0, args.z_step_um, z_order=args.z_order,
-                                      file_pattern=args.file_pattern)
+        dataset = read_zstack_folders(
+            args.stack, args.in_focus_index or 0, args.z_step_um, z_order=args.z_order, file_pattern=args.file_pattern
+        )
     labelled = dataset.simulated or args.in_focus_index is not None
     fields = [(f.name, f.planes) for f in dataset]
     return fields, np.asarray(dataset.defocus_um, dtype=float), dataset.pixel_size_um, labelled
 
 
 def calibrate(
-    fields: list[tuple[str, np.ndarray]], z_um: np.ndarray, sharpness: BandPassSharpness, pixel_size_um: float | None,
+    fields: list[tuple[str, np.ndarray]],
+    z_um: np.ndarray,
+    sharpness: BandPassSharpness,
+    pixel_size_um: float | None,
     range_um: float,
 ) -> tuple[list[FieldCalibration], list[str]]:
     """Fit each field; the fields that could not be fitted come back as messages."""
@@ -158,29 +200,42 @@ def calibrate(
         np.log(values, out=log_s, where=values > 0)  # no band power (a blank plane): not measurable
         curve = fit_sharpness_curve(z_um, log_s, range_um)
         if curve is None:
-            failed.append(f"{name}: no sharpness peak within {range_um:g} um of the sharpest plane (an empty field, "
-                          "a stack that does not pass through focus, or fewer than 3 planes in --range-um)")
+            failed.append(
+                f"{name}: no sharpness peak within {range_um:g} um of the sharpest plane (an empty field, "
+                "a stack that does not pass through focus, or fewer than 3 planes in --range-um)"
+            )
             continue
         if curve.planes_used < _MIN_PLANES:  # 3 or 4 planes fit a parabola (almost) exactly, noise included
-            failed.append(f"{name}: {curve.planes_used} planes within {range_um:g} um of the sharpest; the fit needs "
-                          f"{_MIN_PLANES} to be told from noise: take planes closer together or raise --range-um")
+            failed.append(
+                f"{name}: {curve.planes_used} planes within {range_um:g} um of the sharpest; the fit needs "
+                f"{_MIN_PLANES} to be told from noise: take planes closer together or raise --range-um"
+            )
             continue
         drop = (range_um / curve.width_um) ** 2 / 2
         if drop < max(_MIN_LOG_SHARPNESS_DROP, _MIN_DROP_TO_SCATTER * curve.residual_rms):
-            failed.append(f"{name}: the sharpness falls by {drop:.3f} (log) within {range_um:g} um of its peak, "
-                          f"not clearly more than the planes scatter ({curve.residual_rms:.3f}): no structure in "
-                          "focus (camera noise or an empty field)")
+            failed.append(
+                f"{name}: the sharpness falls by {drop:.3f} (log) within {range_um:g} um of its peak, "
+                f"not clearly more than the planes scatter ({curve.residual_rms:.3f}): no structure in "
+                "focus (camera noise or an empty field)"
+            )
             continue
         if not z_um.min() <= curve.peak_z_um <= z_um.max():
             failed.append(f"{name}: the sharpness peaks outside the stack ({curve.peak_z_um:+.2f} um)")
             continue
-        results.append(FieldCalibration(name, int(np.nanargmax(log_s)), curve.peak_z_um, curve.width_um,
-                                        curve.planes_used))
+        results.append(
+            FieldCalibration(name, int(np.nanargmax(log_s)), curve.peak_z_um, curve.width_um, curve.planes_used)
+        )
     return results, failed
 
 
-def _plot(path: Path, fields: list[tuple[str, np.ndarray]], z_um: np.ndarray, sharpness: BandPassSharpness,
-          pixel_size_um: float | None, range_um: float) -> None:
+def _plot(
+    path: Path,
+    fields: list[tuple[str, np.ndarray]],
+    z_um: np.ndarray,
+    sharpness: BandPassSharpness,
+    pixel_size_um: float | None,
+    range_um: float,
+) -> None:
     """The focus curve of every field (fitted where a peak was found) in one PNG."""
     from acquire_refocus.autofocus import plot_sharpness_curves
     from acquire_refocus.sharpness import fit_sharpness_curve
@@ -222,14 +277,21 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.stack}: no field could be calibrated")
 
     reference = "labelled focus" if labelled else "plane 0"
-    print(f"{len(results)} field(s), {len(z_um)} planes {abs(z_um[1] - z_um[0]):g} um apart, pixel "
-          f"{pixel_size_um:.4g} um, planes within {range_um:.2f} um of the sharpest fitted")
+    print(
+        f"{len(results)} field(s), {len(z_um)} planes {abs(z_um[1] - z_um[0]):g} um apart, pixel "
+        f"{pixel_size_um:.4g} um, planes within {range_um:.2f} um of the sharpest fitted"
+    )
     print(f"{'field':<28} {'sharpest plane':>14} {'peak Z vs ' + reference:>22} {'width (um)':>11}")
     for r in results:
         print(f"{r.name:<28} {r.sharpest_plane:>14d} {r.peak_z_um:>+22.2f} {r.width_um:>11.2f}")
     width_um = statistics.median(r.width_um for r in results)
-    summary: dict[str, object] = {"width_um": round(width_um, 3), "fields": [asdict(r) for r in results],
-                                  "skipped": failed, "pixel_size_um": pixel_size_um, "range_um": range_um}
+    summary: dict[str, object] = {
+        "width_um": round(width_um, 3),
+        "fields": [asdict(r) for r in results],
+        "skipped": failed,
+        "pixel_size_um": pixel_size_um,
+        "range_um": range_um,
+    }
     print("\nfocus settings for these optics and this specimen (config file, section focus:):")
     print(f"  sharpness_width_um: {width_um:.1f}\n  sharpness_range_um: {width_um:.1f}")
     if labelled:
@@ -237,8 +299,10 @@ def run(args: argparse.Namespace) -> int:
         summary["sharpest_minus_focus_um"] = round(shift_um, 3)
         limit_um = width_um / 2
         note = "" if abs(shift_um) <= limit_um else f"; beyond +-{limit_um:.1f} um, half the range: not allowed"
-        print(f"  target_offset_um: {round(-shift_um, 1) + 0.0:.1f}    # with fine_source sharpness: the sharpest "
-              f"plane lies {shift_um:+.2f} um from the labelled focus (+: deeper){note}")
+        print(
+            f"  target_offset_um: {round(-shift_um, 1) + 0.0:.1f}    # with fine_source sharpness: the sharpest "
+            f"plane lies {shift_um:+.2f} um from the labelled focus (+: deeper){note}"
+        )
     if args.json is not None:
         try:
             args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

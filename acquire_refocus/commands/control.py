@@ -32,14 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="control address (default: publishing.control_address of --config)")
     parser.add_argument("--config", metavar="FILE", help="config whose control address to use")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for an answer")
-    parser.add_argument("--keys", metavar="DIR", type=Path,
-                        help="CURVE keys of a daemon that requires them: DIR/server.key and DIR/client.key_secret "
-                        "(default: publishing.keys_dir of --config)")
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        type=Path,
+        help="CURVE keys of a daemon that requires them: DIR/server.key and DIR/client.key_secret "
+        "(default: publishing.keys_dir of --config)",
+    )
     if command == "status":
         parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
-        parser.add_argument("--run", metavar="DIR", type=Path,
-                            help="instead of asking a daemon, read the run saved in DIR (its run.json): completed, "
-                            "failed, cancelled, running, or interrupted (killed while running)")
+        parser.add_argument(
+            "--run",
+            metavar="DIR",
+            type=Path,
+            help="instead of asking a daemon, read the run saved in DIR (its run.json): completed, "
+            "failed, cancelled, running, or interrupted (killed while running)",
+        )
 
 
 def _print_status(reply: dict[str, Any]) -> None:
@@ -50,8 +58,9 @@ def _print_status(reply: dict[str, Any]) -> None:
         f"state        {reply.get('state')}  (run {reply.get('run') or '-'}, paused: {reply.get('paused')})",
         f"engine       {reply.get('engine')}   backend {reply.get('backend')}",
         f"output       {reply.get('output_dir') or 'not saved'}",
-        "frames       seen {seen}  refocused {refocused}  skipped {skipped}  failed {failed}  paused {paused_frames}"
-        .format(**{k: counts.get(k, 0) for k in ("seen", "refocused", "skipped", "failed", "paused_frames")}),
+        "frames       seen {seen}  refocused {refocused}  skipped {skipped}  failed {failed}  paused {paused_frames}".format(
+            **{k: counts.get(k, 0) for k in ("seen", "refocused", "skipped", "failed", "paused_frames")}
+        ),
         f"queue        {counts.get('queue_depth', 0)} / {counts.get('queue_size', '-')}",
         f"publishing   {publishing.get('address', 'off')}  published {publishing.get('published', 0)}  "
         f"dropped {publishing.get('dropped', 0)}",
@@ -77,15 +86,21 @@ def _print_saved_run(folder: Path, as_json: bool) -> int:
     else:
         counts = record.get("counts") or {}
         raw = record.get("raw_frames") or {}
-        print(f"state        {record.get('state')}  (run {record.get('run', '-')}, started {record.get('started')}, "
-              f"ended {record.get('ended') or '-'})")
-        print(f"frames       seen {counts.get('seen', '-')}  refocused {counts.get('refocused', '-')}  raw on disk "
-              f"{raw.get('on_disk', '-')} of {raw.get('acquired', '-')}")
+        print(
+            f"state        {record.get('state')}  (run {record.get('run', '-')}, started {record.get('started')}, "
+            f"ended {record.get('ended') or '-'})"
+        )
+        print(
+            f"frames       seen {counts.get('seen', '-')}  refocused {counts.get('refocused', '-')}  raw on disk "
+            f"{raw.get('on_disk', '-')} of {raw.get('acquired', '-')}"
+        )
         if record.get("error"):
             print(f"error        {record['error']}")
         if record.get("state") == "interrupted":
-            print("note         the process ended while the run was going on; the raw frames written are in "
-                  "raw.ome.zarr, their metadata in raw_frames.jsonl and focus.csv")
+            print(
+                "note         the process ended while the run was going on; the raw frames written are in "
+                "raw.ome.zarr, their metadata in raw_frames.jsonl and focus.csv"
+            )
     return 0 if record.get("state") == "completed" else 1
 
 

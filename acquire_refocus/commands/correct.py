@@ -40,37 +40,84 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "that cannot be read is reported and skipped; the others are still processed. Files already in DIR are "
         "never replaced: if a result's name is taken, choose another DIR."
     )
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="DATASET | IN.tif",
-                        help="one dataset path, or 2-D TIFF images (uint8/uint16/float)")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
-                        help="output folder (created if needed; files already there are never replaced)")
-    parser.add_argument("--pixel-size-um", type=float, default=None, metavar="X",
-                        help="pixel size at the sample; frames are resampled to the model's (default: a dataset's "
-                             "metadata; for TIFF files, the model's)")
-    parser.add_argument("--weights", type=Path, default=None, metavar="W",
-                        help="weights file from 'acquire-refocus train' (default: the shipped model)")
-    parser.add_argument("--engine", default="auto", choices=["auto", "tensorrt", "onnxruntime", "torch"],
-                        help="inference backend (default: auto = the fastest one that works here, per worker)")
-    parser.add_argument("--allow-harmful-model", action="store_true",
-                        help="write refocused images even when the model's recorded evaluation ('evaluate "
-                        "--record') says it harms at some distance (otherwise refused; --no-images is allowed)")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="DATASET | IN.tif",
+        help="one dataset path, or 2-D TIFF images (uint8/uint16/float)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="output folder (created if needed; files already there are never replaced)",
+    )
+    parser.add_argument(
+        "--pixel-size-um",
+        type=float,
+        default=None,
+        metavar="X",
+        help="pixel size at the sample; frames are resampled to the model's (default: a dataset's "
+        "metadata; for TIFF files, the model's)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        metavar="W",
+        help="weights file from 'acquire-refocus train' (default: the shipped model)",
+    )
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "tensorrt", "onnxruntime", "torch"],
+        help="inference backend (default: auto = the fastest one that works here, per worker)",
+    )
+    parser.add_argument(
+        "--allow-harmful-model",
+        action="store_true",
+        help="write refocused images even when the model's recorded evaluation ('evaluate "
+        "--record') says it harms at some distance (otherwise refused; --no-images is allowed)",
+    )
     dataset = parser.add_argument_group("dataset runs")
-    dataset.add_argument("--channel", action="append", metavar="NAME",
-                         help="correct this channel (repeat for more; default: all); other channels get 'skipped' rows")
-    dataset.add_argument("--no-images", action="store_true",
-                         help="estimates only: write the focus table, not refocused.ome.zarr")
+    dataset.add_argument(
+        "--channel",
+        action="append",
+        metavar="NAME",
+        help="correct this channel (repeat for more; default: all); other channels get 'skipped' rows",
+    )
+    dataset.add_argument(
+        "--no-images", action="store_true", help="estimates only: write the focus table, not refocused.ome.zarr"
+    )
     dataset.add_argument("--csv", action="store_true", help="also write DIR/focus.csv")
-    dataset.add_argument("--scheduler", metavar="tcp://HOST:PORT",
-                         help="run on this Dask cluster (default: Dask's scheduler-address setting, else an embedded "
-                              "cluster on this machine)")
-    dataset.add_argument("--workers", type=int, metavar="N",
-                         help="worker processes of the embedded cluster (default: one per 4 cores)")
-    dataset.add_argument("--batch-frames", type=int, default=None, metavar="N",
-                         help="frames per task (rounded up to whole output chunks; default 8)")
-    dataset.add_argument("--qc", action="store_true",
-                         help="also write the focus-quality report into DIR/qc (see 'acquire-refocus qc')")
-    dataset.add_argument("--threshold-um", type=float, default=None, metavar="X",
-                         help="with --qc: list frames whose |defocus| exceeds X um for re-imaging (default 5)")
+    dataset.add_argument(
+        "--scheduler",
+        metavar="tcp://HOST:PORT",
+        help="run on this Dask cluster (default: Dask's scheduler-address setting, else an embedded "
+        "cluster on this machine)",
+    )
+    dataset.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes of the embedded cluster (default: one per 4 cores)"
+    )
+    dataset.add_argument(
+        "--batch-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="frames per task (rounded up to whole output chunks; default 8)",
+    )
+    dataset.add_argument(
+        "--qc", action="store_true", help="also write the focus-quality report into DIR/qc (see 'acquire-refocus qc')"
+    )
+    dataset.add_argument(
+        "--threshold-um",
+        type=float,
+        default=None,
+        metavar="X",
+        help="with --qc: list frames whose |defocus| exceeds X um for re-imaging (default 5)",
+    )
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -110,12 +157,16 @@ def _targets(inputs: list[Path], out: Path) -> list[Path]:
     sources = {path.resolve(): path for path in inputs}
     for target in targets:
         if target.resolve() in sources:
-            raise UserError(f"--out {out}: the result {target} would overwrite the input "
-                            f"{sources[target.resolve()]}; choose another --out")
+            raise UserError(
+                f"--out {out}: the result {target} would overwrite the input "
+                f"{sources[target.resolve()]}; choose another --out"
+            )
     existing = [str(p) for p in [*targets, out / CSV_NAME] if p.exists()]
     if existing:
-        raise UserError(f"--out {out} already holds {', '.join(existing)}; results are never written over "
-                        "existing files: choose another --out")
+        raise UserError(
+            f"--out {out} already holds {', '.join(existing)}; results are never written over "
+            "existing files: choose another --out"
+        )
     return targets
 
 
@@ -131,8 +182,10 @@ def _write_new(path: Path, data: bytes) -> None:
                 path.unlink(missing_ok=True)
                 raise
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}; results written before it stay in "
-                        f"{path.parent}; choose another --out") from None
+        raise UserError(
+            f"cannot write {path}: {exc.strerror or exc}; results written before it stay in "
+            f"{path.parent}; choose another --out"
+        ) from None
 
 
 def _is_dataset(inputs: list[Path]) -> bool:
@@ -158,32 +211,47 @@ def _run_dataset(args: argparse.Namespace) -> int:
     from acquire_refocus.reprocess.runner import Options, reprocess
 
     batch_frames = 8 if args.batch_frames is None else args.batch_frames
-    if args.workers is not None and args.workers < 1 or batch_frames < 1:
+    if (args.workers is not None and args.workers < 1) or batch_frames < 1:
         raise UserError("--workers and --batch-frames must be at least 1")
     if not args.no_images:
         _refuse_harmful_model(args.weights, None, args.allow_harmful_model)
     scheduler = args.scheduler or dask.config.get("scheduler-address", None)
-    summary = reprocess(Options(
-        dataset=args.inputs[0], out=args.out, weights=args.weights, engine=args.engine,
-        pixel_size_um=args.pixel_size_um, channels=tuple(args.channel or ()), images=not args.no_images,
-        csv=args.csv, scheduler=scheduler, workers=args.workers, batch_frames=batch_frames))
+    summary = reprocess(
+        Options(
+            dataset=args.inputs[0],
+            out=args.out,
+            weights=args.weights,
+            engine=args.engine,
+            pixel_size_um=args.pixel_size_um,
+            channels=tuple(args.channel or ()),
+            images=not args.no_images,
+            csv=args.csv,
+            scheduler=scheduler,
+            workers=args.workers,
+            batch_frames=batch_frames,
+        )
+    )
     counts = summary.counts
     if summary.already_complete:
         print(f"{args.out} already holds the finished run of {args.inputs[0]}; nothing to do")
     else:
         resumed = f", {summary.frames_before} done by an earlier run" if summary.frames_before else ""
-        print(f"{summary.frames} frame(s) of {args.inputs[0]} ({summary.info.kind}): {counts['refocused']} refocused, "
-              f"{counts['failed']} failed, {counts['skipped']} skipped; computed {summary.frames_computed} now"
-              f"{resumed}. Table: {args.out / 'focus.parquet'}"
-              + ("" if args.no_images else f", images: {args.out / 'refocused.ome.zarr'}"))
+        print(
+            f"{summary.frames} frame(s) of {args.inputs[0]} ({summary.info.kind}): {counts['refocused']} refocused, "
+            f"{counts['failed']} failed, {counts['skipped']} skipped; computed {summary.frames_computed} now"
+            f"{resumed}. Table: {args.out / 'focus.parquet'}"
+            + ("" if args.no_images else f", images: {args.out / 'refocused.ome.zarr'}")
+        )
     if args.qc:
         from acquire_refocus.reprocess.report import write_report
 
         report = write_report(args.out, threshold_um=args.threshold_um)
         print(f"focus-quality report: {report}")
     if counts["failed"]:
-        raise UserError(f"{counts['failed']} frame(s) could not be refocused; their rows in focus.parquet say why "
-                        "(status 'failed', column 'reason')")
+        raise UserError(
+            f"{counts['failed']} frame(s) could not be refocused; their rows in focus.parquet say why "
+            "(status 'failed', column 'reason')"
+        )
     return 0
 
 
@@ -195,8 +263,12 @@ def _refuse_harmful_model(weights: Path | None, sha256: str | None, allowed: boo
     path = weights or DEFAULT_WEIGHTS
     if not path.is_file():
         return  # loading the weights reports it
-    check = check_model(path, sha256 or file_sha256(path), allowed,
-                        "--allow-harmful-model writes them anyway, --no-images (datasets) writes the estimates only")
+    check = check_model(
+        path,
+        sha256 or file_sha256(path),
+        allowed,
+        "--allow-harmful-model writes them anyway, --no-images (datasets) writes the estimates only",
+    )
     if check.refusal is not None:
         raise UserError(check.refusal)
 
@@ -206,8 +278,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_dataset(args)
     given = [name for name in _DATASET_OPTIONS if getattr(args, name) not in (None, False)]
     if given:
-        raise UserError(f"--{given[0].replace('_', '-')} applies to a dataset (one folder or multi-plane TIFF), not "
-                        "to a list of 2-D TIFF files")
+        raise UserError(
+            f"--{given[0].replace('_', '-')} applies to a dataset (one folder or multi-plane TIFF), not "
+            "to a list of 2-D TIFF files"
+        )
     return _run_files(args)
 
 
@@ -233,18 +307,33 @@ def _run_files(args: argparse.Namespace) -> int:
             log.warning(kv("correct_skipped", file=path))  # the reason is in the final error, once
             continue
         tiff = io.BytesIO()
-        tifffile.imwrite(tiff, result.image, photometric="minisblack",
-                         metadata={"defocus_um": result.defocus_um, "confidence": result.confidence,
-                                   "model_sha256": refocuser.model_sha256})
+        tifffile.imwrite(
+            tiff,
+            result.image,
+            photometric="minisblack",
+            metadata={
+                "defocus_um": result.defocus_um,
+                "confidence": result.confidence,
+                "model_sha256": refocuser.model_sha256,
+            },
+        )
         _write_new(target, tiff.getvalue())
         rows.append([str(path), f"{result.defocus_um:.3f}", f"{result.confidence:.3f}"])
-        log.info(kv("corrected", file=path, out=target, defocus_um=f"{result.defocus_um:.2f}",
-                    confidence=f"{result.confidence:.2f}"))
+        log.info(
+            kv(
+                "corrected",
+                file=path,
+                out=target,
+                defocus_um=f"{result.defocus_um:.2f}",
+                confidence=f"{result.confidence:.2f}",
+            )
+        )
     if not rows:  # nothing to report: leave the disk as it was, so a rerun with fixed files can use the same --out
         if created_out:
             args.out.rmdir()
-        raise UserError(f"none of the {len(failed)} file(s) could be processed, nothing was written:\n  "
-                        + "\n  ".join(failed))
+        raise UserError(
+            f"none of the {len(failed)} file(s) could be processed, nothing was written:\n  " + "\n  ".join(failed)
+        )
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["file", "defocus_um", "confidence"])

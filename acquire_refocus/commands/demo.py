@@ -60,15 +60,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = _DESCRIPTION
     parser.epilog = _EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--config", metavar="FILE",
-                        help="config (default: configs/simulator.yaml; its backend must be 'simulator')")
-    parser.add_argument("--output", metavar="DIR", type=Path, default=Path("demo-output"),
-                        help="where to save (default ./demo-output; a previous demo there is replaced, "
-                        "any other non-empty folder is refused)")
-    parser.add_argument("--loops", "--frames", dest="loops", type=int, metavar="N",
-                        help="time points per position (default: the config's time_plan)")
-    parser.add_argument("--drift", choices=["none", "linear", "thermal", "random_walk", "steps"],
-                        help="override simulator.drift.model")
+    parser.add_argument(
+        "--config", metavar="FILE", help="config (default: configs/simulator.yaml; its backend must be 'simulator')"
+    )
+    parser.add_argument(
+        "--output",
+        metavar="DIR",
+        type=Path,
+        default=Path("demo-output"),
+        help="where to save (default ./demo-output; a previous demo there is replaced, "
+        "any other non-empty folder is refused)",
+    )
+    parser.add_argument(
+        "--loops",
+        "--frames",
+        dest="loops",
+        type=int,
+        metavar="N",
+        help="time points per position (default: the config's time_plan)",
+    )
+    parser.add_argument(
+        "--drift", choices=["none", "linear", "thermal", "random_walk", "steps"], help="override simulator.drift.model"
+    )
     parser.add_argument("--mode", choices=["off", "observe", "correct"], help="override focus.mode")
 
 
@@ -80,8 +93,10 @@ def _demo_config(args: argparse.Namespace) -> AppConfig:
     else:
         config = parse_config(_DEMO_DEFAULTS, source="built-in demo settings")
     if config.acquisition.backend != "simulator":
-        raise UserError(f"the demo runs on the simulated microscope; {args.config} has acquisition.backend "
-                        f"{config.acquisition.backend!r} (use 'acquire-refocus serve' for hardware)")
+        raise UserError(
+            f"the demo runs on the simulated microscope; {args.config} has acquisition.backend "
+            f"{config.acquisition.backend!r} (use 'acquire-refocus serve' for hardware)"
+        )
     if config.acquisition.sequence is None:
         config.acquisition.sequence = _DEMO_DEFAULTS["acquisition"]["sequence"]
     if args.drift:
@@ -106,16 +121,20 @@ def prepare_output(output: Path) -> None:
         present = list(output.iterdir())
         names = {entry.name for entry in present}
         if present and (DEMO_MARKER not in names or not names <= demo_names):
-            raise UserError(f"{output} exists and is not a previous demo's output; choose another --output (a demo "
-                            f"marks its folder with {DEMO_MARKER}; delete one from an older version, which has no "
-                            "mark, yourself)")
+            raise UserError(
+                f"{output} exists and is not a previous demo's output; choose another --output (a demo "
+                f"marks its folder with {DEMO_MARKER}; delete one from an older version, which has no "
+                "mark, yourself)"
+            )
         for entry in present:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             elif entry.name != DEMO_MARKER:  # kept until the end: an interrupted clean-up can be redone
                 entry.unlink()
-        (output / DEMO_MARKER).write_text("written by 'acquire-refocus demo': a later demo into this folder "
-                                          "replaces the demo's files here\n", encoding="utf-8")
+        (output / DEMO_MARKER).write_text(
+            "written by 'acquire-refocus demo': a later demo into this folder replaces the demo's files here\n",
+            encoding="utf-8",
+        )
     except OSError as exc:
         raise UserError(f"cannot prepare --output {output}: {exc.strerror or exc}; choose another --output") from None
 
@@ -156,12 +175,18 @@ class FocusTruth:
         t_s = self._scope.clock_s() - self._dt  # the clock advanced once when this frame was exposed
         focus_z = self._scope.focus_z_um(xy, t_s)
         channel_offset_um = channel_z_offset_um(event)
-        self.rows.append({
-            "p": position, "t_index": index.get("t", 0), "t_s": t_s, "stage_z_um": stage_z,
-            "channel": event.channel.config if event.channel is not None else None,
-            "focus_z_um": focus_z, "error_um": stage_z - channel_offset_um - focus_z,
-            "uncorrected_error_um": self._nominal.get(position, stage_z - channel_offset_um) - focus_z,
-        })
+        self.rows.append(
+            {
+                "p": position,
+                "t_index": index.get("t", 0),
+                "t_s": t_s,
+                "stage_z_um": stage_z,
+                "channel": event.channel.config if event.channel is not None else None,
+                "focus_z_um": focus_z,
+                "error_um": stage_z - channel_offset_um - focus_z,
+                "uncorrected_error_um": self._nominal.get(position, stage_z - channel_offset_um) - focus_z,
+            }
+        )
 
     def of_channel(self, channel: str | None) -> list[dict]:
         """The rows of one channel (all rows for None)."""
@@ -186,9 +211,15 @@ def _plot(path: Path, truth: FocusTruth, estimates: list[dict], title: str, chan
         ax_err.plot(t, [r["uncorrected_error_um"] for r in rows], "--", label=f"p{position} without correction")
         ax_err.plot(t, [r["error_um"] for r in rows], "-o", ms=3, label=f"p{position} with correction")
         by_frame = {e["frame"]: e for e in estimates}
-        est = [(r["t_s"], by_frame[k]["defocus_um"]) for k, r in enumerate(truth.rows)
-               if r["p"] == position and (channel is None or r["channel"] == channel) and k in by_frame and by_frame[k]["refocused"]
-               and math.isfinite(by_frame[k]["defocus_um"])]
+        est = [
+            (r["t_s"], by_frame[k]["defocus_um"])
+            for k, r in enumerate(truth.rows)
+            if r["p"] == position
+            and (channel is None or r["channel"] == channel)
+            and k in by_frame
+            and by_frame[k]["refocused"]
+            and math.isfinite(by_frame[k]["defocus_um"])
+        ]
         if est:
             ax_err.plot(*zip(*est, strict=True), "x", ms=4, label=f"p{position} network estimate")
         ax_z.plot(t, [r["focus_z_um"] for r in rows], "--", label=f"p{position} true in-focus Z")
@@ -238,11 +269,15 @@ def run(args: argparse.Namespace) -> int:
             while (message := sub.receive(0.5)) is not None:
                 received[message[0]["topic"]] += 1
 
-    print(f"acquire-refocus demo: simulated microscope, drift {config.simulator.drift.model}, "
-          f"focus {config.focus.mode}; writing to {output}", flush=True)
+    print(
+        f"acquire-refocus demo: simulated microscope, drift {config.simulator.drift.model}, "
+        f"focus {config.focus.mode}; writing to {output}",
+        flush=True,
+    )
     with Daemon(config, output_dir=output, control=True) as daemon:
-        listener = threading.Thread(target=listen, args=(daemon.publisher.address,), daemon=True) \
-            if daemon.publisher else None
+        listener = (
+            threading.Thread(target=listen, args=(daemon.publisher.address,), daemon=True) if daemon.publisher else None
+        )
         if listener is not None:
             listener.start()
             listening.wait(5.0)
@@ -266,10 +301,15 @@ def run(args: argparse.Namespace) -> int:
     rms_with, rms_without = _rms(corrected), _rms(uncorrected)
     dof_um = config.optics.depth_of_field_um
     plot_path = output / PLOT_NAME
-    _plot(plot_path, truth, rows,
-          f"{config.simulator.drift.model} drift, focus {config.focus.mode}: RMS error {rms_with:.2f} um "
-          f"(without correction {rms_without:.2f} um; depth of field {dof_um:.2f} um)"
-          + (f", channel {channel}" if channel else ""), channel)
+    _plot(
+        plot_path,
+        truth,
+        rows,
+        f"{config.simulator.drift.model} drift, focus {config.focus.mode}: RMS error {rms_with:.2f} um "
+        f"(without correction {rms_without:.2f} um; depth of field {dof_um:.2f} um)"
+        + (f", channel {channel}" if channel else ""),
+        channel,
+    )
     acquired_fps = counts.get("seen", 0) / summary.wall_s if summary.wall_s else math.nan
     latencies = sorted(r["latency_ms"] for r in rows if r["refocused"])
     p50 = latencies[len(latencies) // 2] if latencies else math.nan
@@ -277,37 +317,44 @@ def run(args: argparse.Namespace) -> int:
     outside = sum(1 for r in truth.rows if policy(r["channel"]))
     not_refocused = f" ({outside} of them of channels kept raw: pipeline.channels)" if outside else ""
     mode_word = "with correction" if config.focus.mode == "correct" else f"focus mode {config.focus.mode}"
-    released = (f" ({counts['pixels_released']} of them without pixels: the sinks were behind)"
-                if counts.get("pixels_released") else "")
+    released = (
+        f" ({counts['pixels_released']} of them without pixels: the sinks were behind)"
+        if counts.get("pixels_released")
+        else ""
+    )
     print(
-        "\n".join([
-            "",
-            "demo summary",
-            f"  engine                {daemon.engine_name}",
-            f"  frames                {counts.get('seen', 0)} acquired, {counts.get('refocused', 0)} refocused, "
-            f"{counts.get('skipped', 0)} skipped{released}{not_refocused}, {counts.get('failed', 0)} failed",
-            f"  rates                 {acquired_fps:.1f} frames/s over the run; refocus latency p50 {p50:.0f} ms",
-            f"  published             {summary.publisher.get('published', 0)} messages, "
-            f"dropped {summary.publisher.get('dropped', 0)}; demo subscriber received "
-            f"raw {received['raw']}, refocused {received['refocused']}, focus {received['focus']}",
-            f"  focus error RMS       {rms_with:.2f} um {mode_word}, {rms_without:.2f} um without correction "
-            f"(depth of field {dof_um:.2f} um{f'; frames of channel {channel}, which drives the loop' if channel else ''})",
-            "  per position          " + ", ".join(
-                f"p{p} {_rms([r['error_um'] for r in truth.of_channel(channel) if r['p'] == p]):.2f} um"
-                for p in sorted({r["p"] for r in truth.rows})),
-            f"  focus moves           {summary.focus.get('moves', 0)} {summary.focus.get('moves_by_source', {})}, "
-            f"offsets_um {summary.focus.get('offsets_um', {})}; network estimates used "
-            f"{summary.focus.get('estimates_accepted', 0)}, rejected {summary.focus.get('estimates_rejected', 0)} "
-            f"(confidence < {config.focus.min_confidence:g}, non-finite, or not refocused); sharpness of "
-            f"{summary.focus.get('sharpness_measured', 0)} frames ({summary.focus.get('sharpness_restarts', 0)} "
-            "restarts)",
-            f"  raw data              {output / RAW_STORE}",
-            f"  refocused             {output / REFOCUSED_STORE}",
-            f"  focus log             {output / FOCUS_LOG}",
-            f"  run record            {output / RUN_RECORD}",
-            f"  plot                  {plot_path}",
-            f"  wall time             {wall_s:.1f} s",
-        ]),
+        "\n".join(
+            [
+                "",
+                "demo summary",
+                f"  engine                {daemon.engine_name}",
+                f"  frames                {counts.get('seen', 0)} acquired, {counts.get('refocused', 0)} refocused, "
+                f"{counts.get('skipped', 0)} skipped{released}{not_refocused}, {counts.get('failed', 0)} failed",
+                f"  rates                 {acquired_fps:.1f} frames/s over the run; refocus latency p50 {p50:.0f} ms",
+                f"  published             {summary.publisher.get('published', 0)} messages, "
+                f"dropped {summary.publisher.get('dropped', 0)}; demo subscriber received "
+                f"raw {received['raw']}, refocused {received['refocused']}, focus {received['focus']}",
+                f"  focus error RMS       {rms_with:.2f} um {mode_word}, {rms_without:.2f} um without correction "
+                f"(depth of field {dof_um:.2f} um{f'; frames of channel {channel}, which drives the loop' if channel else ''})",
+                "  per position          "
+                + ", ".join(
+                    f"p{p} {_rms([r['error_um'] for r in truth.of_channel(channel) if r['p'] == p]):.2f} um"
+                    for p in sorted({r["p"] for r in truth.rows})
+                ),
+                f"  focus moves           {summary.focus.get('moves', 0)} {summary.focus.get('moves_by_source', {})}, "
+                f"offsets_um {summary.focus.get('offsets_um', {})}; network estimates used "
+                f"{summary.focus.get('estimates_accepted', 0)}, rejected {summary.focus.get('estimates_rejected', 0)} "
+                f"(confidence < {config.focus.min_confidence:g}, non-finite, or not refocused); sharpness of "
+                f"{summary.focus.get('sharpness_measured', 0)} frames ({summary.focus.get('sharpness_restarts', 0)} "
+                "restarts)",
+                f"  raw data              {output / RAW_STORE}",
+                f"  refocused             {output / REFOCUSED_STORE}",
+                f"  focus log             {output / FOCUS_LOG}",
+                f"  run record            {output / RUN_RECORD}",
+                f"  plot                  {plot_path}",
+                f"  wall time             {wall_s:.1f} s",
+            ]
+        ),
         flush=True,
     )
     return 1 if summary.error else 0

@@ -44,36 +44,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "defocus distance, defocus MAE, sign accuracy, targets), DIR/metrics.csv, DIR/defocus_scatter.png and "
         "DIR/examples.png."
     )
-    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
-                        help="YAML config (optics and simulator sections); default: built-in simulated microscope")
-    parser.add_argument("--weights", type=_weights_argument, action="append", default=None, metavar="[LABEL=]W",
-                        help="a weights file to evaluate, optionally labelled; repeat for several "
-                        "(default: the shipped model)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="YAML config (optics and simulator sections); default: built-in simulated microscope",
+    )
+    parser.add_argument(
+        "--weights",
+        type=_weights_argument,
+        action="append",
+        default=None,
+        metavar="[LABEL=]W",
+        help="a weights file to evaluate, optionally labelled; repeat for several (default: the shipped model)",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder (created if needed)")
     parser.add_argument("--fields", type=int, default=6, metavar="N", help="test fields of view (default 6)")
     parser.add_argument("--size-px", type=int, default=256, metavar="PX", help="test frame size (default 256)")
-    parser.add_argument("--no-baselines", action="store_true",
-                        help="skip the deconvolution baselines (the slow part)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the deconvolution baselines (the slow part)")
     parser.add_argument("--no-tilt", action="store_true", help="skip the tilted-sample setting")
-    parser.add_argument("--suite", choices=("heldout", "ood"), default=None,
-                        help="heldout (default): the simulator's held-out specimens with deconvolution baselines; "
-                        "ood: the out-of-distribution sets (a real nuclei image, a second PSF model, 20 to 5,000 "
-                        "photons, a held-out specimen family) with a physics-informed method (model/ood.py)")
+    parser.add_argument(
+        "--suite",
+        choices=("heldout", "ood"),
+        default=None,
+        help="heldout (default): the simulator's held-out specimens with deconvolution baselines; "
+        "ood: the out-of-distribution sets (a real nuclei image, a second PSF model, 20 to 5,000 "
+        "photons, a held-out specimen family) with a physics-informed method (model/ood.py)",
+    )
     stack = parser.add_argument_group(
         "your own z-stack (instead of a simulated suite)",
         "Score the model on a z-stack taken with your microscope: every plane, raw and refocused, against the "
         "plane you call in focus (PSNR gain per distance; that plane is noisy, which pulls the gains towards 0 "
         "dB but keeps their sign), and the error of the unsigned distance estimate. Prints one table and writes "
-        "DIR/report.md, DIR/metrics.csv and a plot per model.")
-    stack.add_argument("--stack", type=Path, default=None, metavar="STACK",
-                       help="a multi-page TIFF (planes, height, width; one channel, planes in stage-Z order) or a "
-                       "folder of plane folders, read as calibrate-focus reads it")
+        "DIR/report.md, DIR/metrics.csv and a plot per model.",
+    )
+    stack.add_argument(
+        "--stack",
+        type=Path,
+        default=None,
+        metavar="STACK",
+        help="a multi-page TIFF (planes, height, width; one channel, planes in stage-Z order) or a "
+        "folder of plane folders, read as calibrate-focus reads it",
+    )
     add_stack_arguments(stack, "the reference")
-    parser.add_argument("--record", action="store_true",
-                        help="record the verdict per distance beside each weights file (WEIGHTS.evaluation.json, "
-                        "with its sha256; the shipped model's in the user's data folder). serve and correct "
-                        "withhold refocused frames from a model recorded to harm at some distance unless "
-                        "pipeline.allow_harmful_model (serve) or --allow-harmful-model (correct) is given")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="record the verdict per distance beside each weights file (WEIGHTS.evaluation.json, "
+        "with its sha256; the shipped model's in the user's data folder). serve and correct "
+        "withhold refocused frames from a model recorded to harm at some distance unless "
+        "pipeline.allow_harmful_model (serve) or --allow-harmful-model (correct) is given",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,16 +123,21 @@ def run(args: argparse.Namespace) -> int:
     elif args.suite == "ood":
         from acquire_refocus.model.ood import run_ood_evaluation
 
-        report = run_ood_evaluation(config, weights, args.out, fields=args.fields, window_px=args.size_px,
-                                    physics=not args.no_baselines)
-        judged = _judge_csv(args.out / "metrics.csv", "ood", [label for label, _ in weights],
-                            _optics_text(config))
+        report = run_ood_evaluation(
+            config, weights, args.out, fields=args.fields, window_px=args.size_px, physics=not args.no_baselines
+        )
+        judged = _judge_csv(args.out / "metrics.csv", "ood", [label for label, _ in weights], _optics_text(config))
     else:
-        report = run_evaluation(config, weights, args.out, fields=args.fields, window_px=args.size_px,
-                                tilt_distances_um=() if args.no_tilt else TILT_DISTANCES_UM,
-                                baselines=not args.no_baselines)
-        judged = _judge_csv(args.out / "metrics.csv", "heldout", [label for label, _ in weights],
-                            _optics_text(config))
+        report = run_evaluation(
+            config,
+            weights,
+            args.out,
+            fields=args.fields,
+            window_px=args.size_px,
+            tilt_distances_um=() if args.no_tilt else TILT_DISTANCES_UM,
+            baselines=not args.no_baselines,
+        )
+        judged = _judge_csv(args.out / "metrics.csv", "heldout", [label for label, _ in weights], _optics_text(config))
     if args.stack is None:
         _append_verdicts(report, judged)
     _print_verdicts(judged)
@@ -127,8 +154,10 @@ Judged = dict[str, dict[str, tuple[str, list[RangeVerdict]]]]
 
 def _optics_text(config: AppConfig) -> str:
     optics = config.optics
-    return (f"{optics.magnification:g}x/{optics.numerical_aperture:g} NA, {optics.emission_wavelength_nm:g} nm, "
-            f"{optics.pixel_size_um:.3f} um pixels")
+    return (
+        f"{optics.magnification:g}x/{optics.numerical_aperture:g} NA, {optics.emission_wavelength_nm:g} nm, "
+        f"{optics.pixel_size_um:.3f} um pixels"
+    )
 
 
 def _judge_csv(metrics: Path, suite: str, labels: Sequence[str], optics: str) -> Judged:
@@ -143,17 +172,24 @@ def _judge_csv(metrics: Path, suite: str, labels: Sequence[str], optics: str) ->
             psnr: dict[tuple[str, float], list[float]] = defaultdict(list)
             for r in flat:
                 psnr[(r["method"], abs(float(r["defocus_um"])))].append(float(r["psnr_db"]))
-            gains = {d: float(np.mean(psnr[(label, d)]) - np.mean(psnr[("input (unprocessed)", d)]))
-                     for method, d in psnr if method == label}
+            gains = {
+                d: float(np.mean(psnr[(label, d)]) - np.mean(psnr[("input (unprocessed)", d)]))
+                for method, d in psnr
+                if method == label
+            }
             judged[label] = {"heldout": (f"simulated held-out specimens, {optics}", range_verdicts(gains))}
         else:
             by_set: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
             for r in rows:
                 if r["method"] == label:
                     by_set[r["set"]][abs(float(r["defocus_um"]))].append(float(r["psnr_gain_db"]))
-            judged[label] = {f"ood: {name}": (f"out-of-distribution set '{name}', {optics}",
-                                              range_verdicts({d: float(np.mean(g)) for d, g in cells.items()}))
-                             for name, cells in by_set.items()}
+            judged[label] = {
+                f"ood: {name}": (
+                    f"out-of-distribution set '{name}', {optics}",
+                    range_verdicts({d: float(np.mean(g)) for d, g in cells.items()}),
+                )
+                for name, cells in by_set.items()
+            }
     return judged
 
 
@@ -166,28 +202,33 @@ def _verdict_text(judged: Judged) -> list[str]:
 
 
 def _append_verdicts(report: Path, judged: Judged) -> None:
-    thresholds = (f"Per |d|: helps (PSNR gain >= +{HELPS_MIN_GAIN_DB:g} dB over the raw frame), neutral "
-                  f"({HARMS_BELOW_GAIN_DB:g} to +{HELPS_MIN_GAIN_DB:g} dB), harms (< {HARMS_BELOW_GAIN_DB:g} dB).")
+    thresholds = (
+        f"Per |d|: helps (PSNR gain >= +{HELPS_MIN_GAIN_DB:g} dB over the raw frame), neutral "
+        f"({HARMS_BELOW_GAIN_DB:g} to +{HELPS_MIN_GAIN_DB:g} dB), harms (< {HARMS_BELOW_GAIN_DB:g} dB)."
+    )
     with report.open("a", encoding="utf-8") as handle:
         handle.write("\n".join(["", "## Verdict", "", thresholds, "", "```", *_verdict_text(judged), "```", ""]))
 
 
 def _print_verdicts(judged: Judged) -> None:
-    print("\n".join(["verdict per |defocus| (helps >= +1 dB, neutral -0.3 to +1 dB, harms < -0.3 dB):",
-                     *_verdict_text(judged)]))
+    print(
+        "\n".join(
+            ["verdict per |defocus| (helps >= +1 dB, neutral -0.3 to +1 dB, harms < -0.3 dB):", *_verdict_text(judged)]
+        )
+    )
 
 
 def _record(weights: Path, evaluations: dict[str, tuple[str, list[RangeVerdict]]]) -> None:
     from acquire_refocus.model.verdict import file_sha256, record_evaluation
 
     sha256 = file_sha256(weights)
-    paths = {record_evaluation(weights, sha256, name, source, ranges)
-             for name, (source, ranges) in evaluations.items()}
+    paths = {record_evaluation(weights, sha256, name, source, ranges) for name, (source, ranges) in evaluations.items()}
     print("\n".join(f"verdict recorded: {path}" for path in sorted(paths)))
 
 
-def _stack_suite(args: argparse.Namespace, config: AppConfig,
-                 weights: Sequence[tuple[str, Path | None]]) -> tuple[Judged, Path]:
+def _stack_suite(
+    args: argparse.Namespace, config: AppConfig, weights: Sequence[tuple[str, Path | None]]
+) -> tuple[Judged, Path]:
     """Every network on the user's z-stack: a table each on the terminal, report.md, metrics.csv, a plot each."""
     from acquire_refocus.commands.calibrate_focus import read_stacks
     from acquire_refocus.model import stack_eval
@@ -203,8 +244,10 @@ def _stack_suite(args: argparse.Namespace, config: AppConfig,
     pixel_size_um = args.pixel_size_um or dataset_pixel_um or config.optics.pixel_size_um
     output_folder(args.out, "--out")
     steps = np.diff(np.sort(z_um))
-    source = (f"z-stack {args.stack} ({len(fields)} field(s), {len(z_um)} planes {float(np.median(steps)):g} um "
-              f"apart, reference: the in-focus plane, pixel {pixel_size_um:.4g} um)")
+    source = (
+        f"z-stack {args.stack} ({len(fields)} field(s), {len(z_um)} planes {float(np.median(steps)):g} um "
+        f"apart, reference: the in-focus plane, pixel {pixel_size_um:.4g} um)"
+    )
     judged: Judged = {}
     sections: list[str] = []
     all_rows: list[tuple[str, stack_eval.StackRow]] = []
@@ -236,8 +279,7 @@ def _refocuser_model(weights: Path | None, pixel_size_um: float, num_threads: in
     from acquire_refocus.config import EngineConfig
     from acquire_refocus.refocuser import Refocuser
 
-    refocuser = Refocuser.load(weights, engine=EngineConfig(backend="torch", precision="fp32",
-                                                            num_threads=num_threads))
+    refocuser = Refocuser.load(weights, engine=EngineConfig(backend="torch", precision="fp32", num_threads=num_threads))
     refocuser.check_pixel_size_um(pixel_size_um)
 
     def run(frame: np.ndarray) -> tuple[np.ndarray, float]:

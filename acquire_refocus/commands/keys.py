@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = _DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("dir", metavar="DIR", type=Path, help="folder for the keys (created, readable by you only)")
-    parser.add_argument("--client", default="client", metavar="NAME",
-                        help="name of the client key pair to add (default: client)")
+    parser.add_argument(
+        "--client", default="client", metavar="NAME", help="name of the client key pair to add (default: client)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     for path in generate_keys(args.dir, args.client):
         print(path)
-    print(f"set publishing.keys_dir: {args.dir.resolve()} in the daemon's config; clients pass --keys with "
-          f"server.key and {args.client}.key_secret")
+    print(
+        f"set publishing.keys_dir: {args.dir.resolve()} in the daemon's config; clients pass --keys with "
+        f"server.key and {args.client}.key_secret"
+    )
     return 0

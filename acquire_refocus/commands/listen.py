@@ -25,15 +25,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--address", help="publishing address (default: publishing.pub_address of --config)")
     parser.add_argument("--config", metavar="FILE", help="config whose publishing address to use")
-    parser.add_argument("--topic", action="append", choices=["raw", "refocused", "focus"],
-                        help="topic to receive (repeatable; default: all)")
+    parser.add_argument(
+        "--topic",
+        action="append",
+        choices=["raw", "refocused", "focus"],
+        help="topic to receive (repeatable; default: all)",
+    )
     parser.add_argument("--count", type=int, metavar="N", help="exit after N messages")
-    parser.add_argument("--timeout", type=float, default=None, metavar="S",
-                        help="exit when nothing arrives for S seconds (default: wait forever)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="exit when nothing arrives for S seconds (default: wait forever)",
+    )
     parser.add_argument("--every", type=float, default=1.0, metavar="S", help="seconds between rate lines")
-    parser.add_argument("--keys", metavar="DIR", type=Path,
-                        help="CURVE keys of a daemon that requires them: DIR/server.key and DIR/client.key_secret "
-                        "(default: publishing.keys_dir of --config)")
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        type=Path,
+        help="CURVE keys of a daemon that requires them: DIR/server.key and DIR/client.key_secret "
+        "(default: publishing.keys_dir of --config)",
+    )
 
 
 def _trace_line(header: dict) -> str:
@@ -42,10 +55,12 @@ def _trace_line(header: dict) -> str:
         return "-" if value is None else format(value, fmt)
 
     axes = ",".join(f"{k}{v}" for k, v in header.get("axes", {}).items()) or "-"
-    return (f"focus frame={header['frame']} axes={axes} stage_z_um={num('stage_z_um', '.3f')} "
-            f"focus_offset_um={num('focus_offset_um', '+.3f')} "
-            f"defocus_um={num('defocus_um', '+.3f')} confidence={num('confidence', '.2f')} "
-            f"refocused={str(header.get('refocused')).lower()} latency_ms={num('latency_ms', '.1f')}")
+    return (
+        f"focus frame={header['frame']} axes={axes} stage_z_um={num('stage_z_um', '.3f')} "
+        f"focus_offset_um={num('focus_offset_um', '+.3f')} "
+        f"defocus_um={num('defocus_um', '+.3f')} confidence={num('confidence', '.2f')} "
+        f"refocused={str(header.get('refocused')).lower()} latency_ms={num('latency_ms', '.1f')}"
+    )
 
 
 def note_loop_state(loop: dict[int, dict[str, float]], header: dict) -> None:
@@ -64,7 +79,9 @@ def loop_line(loop: dict[int, dict[str, float]]) -> str:
     """One line: the loop's state per position (note_loop_state)."""
     return "loop " + " | ".join(
         f"p{p}: t={s['t']} offset_um={s['offset_um']:+.3f} stage_z_um={s['stage_z_um']:.3f} "
-        f"largest_move_um={s['largest_move_um']:.3f}" for p, s in sorted(loop.items()))
+        f"largest_move_um={s['largest_move_um']:.3f}"
+        for p, s in sorted(loop.items())
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
     total = 0
     missed = 0
     loop: dict[int, dict[str, float]] = {}
-    with Subscriber(address, topics=topics, timeout_s=min(args.every, args.timeout or args.every),
-                    keys_dir=keys_dir) as sub:
+    with Subscriber(
+        address, topics=topics, timeout_s=min(args.every, args.timeout or args.every), keys_dir=keys_dir
+    ) as sub:
         print(f"listening on {address} for {', '.join(topics)}", flush=True)
         t_window = last_message = time.perf_counter()
         while args.count is None or total < args.count:
@@ -96,9 +114,12 @@ def run(args: argparse.Namespace) -> int:
                 header, pixels = message
                 topic = header.get("topic", "")
                 if sub.missed > missed:  # the daemon cannot see this loss: its PUB socket drops silently
-                    print(f"gap {topic} frames before frame={header.get('frame')} of run {header.get('run')!r}: "
-                          f"{sub.missed - missed} message(s) missed (this viewer fell behind the daemon's "
-                          "publishing.high_water_mark)", flush=True)
+                    print(
+                        f"gap {topic} frames before frame={header.get('frame')} of run {header.get('run')!r}: "
+                        f"{sub.missed - missed} message(s) missed (this viewer fell behind the daemon's "
+                        "publishing.high_water_mark)",
+                        flush=True,
+                    )
                     missed = sub.missed
                 total += 1
                 last_message = now

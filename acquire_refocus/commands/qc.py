@@ -14,8 +14,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "threshold) and report.md linking them. Reads DIR/focus.parquet and, for the montage, the dataset."
     )
     parser.add_argument("out", type=Path, metavar="DIR", help="the --out folder of a 'correct DATASET' run")
-    parser.add_argument("--threshold-um", type=float, default=None, metavar="X",
-                        help="frames whose |defocus| exceeds X um go to reimage.csv (default 5)")
+    parser.add_argument(
+        "--threshold-um",
+        type=float,
+        default=None,
+        metavar="X",
+        help="frames whose |defocus| exceeds X um go to reimage.csv (default 5)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

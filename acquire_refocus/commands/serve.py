@@ -37,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", metavar="FILE", help="YAML config (default: the built-in simulated microscope)")
     parser.add_argument(
-        "--output", metavar="DIR", type=Path,
+        "--output",
+        metavar="DIR",
+        type=Path,
         help="where runs are saved (--once: DIR itself; otherwise DIR/run-NNN per run); "
         "default storage.output_dir, and nothing is saved when neither is set",
     )
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
             refuse_previous_run(args.output or config.storage.output_dir)
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
-    with log_file(config.log_file, args.output or config.storage.output_dir), \
-            Daemon(config, output_dir=args.output) as daemon:
+    with (
+        log_file(config.log_file, args.output or config.storage.output_dir),
+        Daemon(config, output_dir=args.output) as daemon,
+    ):
         return daemon.serve(once=args.once)

@@ -14,13 +14,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Fields of view are split between training and validation, never planes. The run folder gets "
         "checkpoint.pt (resume from it), weights.pt (use it: --weights / model.weights), history.csv and config.yaml."
     )
-    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
-                        help="YAML config (sections model, loss, training, optics, simulator); default: built-in")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="YAML config (sections model, loss, training, optics, simulator); default: built-in",
+    )
     parser.add_argument("--steps", type=int, default=None, metavar="N", help="override training.steps")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="run folder (default: training.checkpoint_dir)")
-    parser.add_argument("--resume", type=Path, default=None, metavar="CKPT",
-                        help="continue from a checkpoint.pt of an earlier run with the same model settings")
+    parser.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="run folder (default: training.checkpoint_dir)"
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="CKPT",
+        help="continue from a checkpoint.pt of an earlier run with the same model settings",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (for log files)")
 
 
@@ -36,6 +47,6 @@ def run(args: argparse.Namespace) -> int:
     last = result.history[-1] if result.history else None
     summary = f"trained {result.steps} steps in {result.wall_time_s / 60:.1f} min; weights: {result.weights_path}"
     if last is not None:
-        summary += (f"\nvalidation: PSNR gain {last.psnr_gain_db:+.2f} dB, defocus MAE {last.defocus_mae_um:.2f} um")
+        summary += f"\nvalidation: PSNR gain {last.psnr_gain_db:+.2f} dB, defocus MAE {last.defocus_mae_um:.2f} um"
     print(summary)
     return 0

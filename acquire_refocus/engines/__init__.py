@@ -95,7 +95,7 @@ def create_engine(loaded: ModelSource, engine_config: EngineConfig | None = None
     """The best engine this machine can run for `loaded`, following engine_config.backend and the fallbacks."""
     config = engine_config if engine_config is not None else EngineConfig()
     requested = config.backend
-    chain = list(BACKENDS) if requested == "auto" else list(BACKENDS[BACKENDS.index(requested):])
+    chain = list(BACKENDS) if requested == "auto" else list(BACKENDS[BACKENDS.index(requested) :])
     availability = backend_availability()
     passed_over: list[str] = []
     for backend in chain:
@@ -110,13 +110,33 @@ def create_engine(loaded: ModelSource, engine_config: EngineConfig | None = None
                 if backend == "torch":
                     raise EngineError(f"the PyTorch engine, the last fallback, failed: {reason}") from exc
             else:
-                log.info(kv("engine_selected", requested=requested, engine=engine.name, precision=engine.precision,
-                            device=engine.device, size_range_px=f"{engine.min_size_px}-{engine.max_size_px}",
-                            max_batch=engine.max_batch, passed_over=";".join(passed_over) or "none"))
+                log.info(
+                    kv(
+                        "engine_selected",
+                        requested=requested,
+                        engine=engine.name,
+                        precision=engine.precision,
+                        device=engine.device,
+                        size_range_px=f"{engine.min_size_px}-{engine.max_size_px}",
+                        max_batch=engine.max_batch,
+                        passed_over=";".join(passed_over) or "none",
+                    )
+                )
                 return engine
-        level = logging.INFO if requested == "auto" and reason.startswith(("no CUDA", "torch-tensorrt is not")) \
+        level = (
+            logging.INFO
+            if requested == "auto" and reason.startswith(("no CUDA", "torch-tensorrt is not"))
             else logging.WARNING
-        log.log(level, kv("engine_passed_over", requested=requested, engine=backend, reason=reason,
-                          next=chain[chain.index(backend) + 1] if backend != chain[-1] else "none"))
+        )
+        log.log(
+            level,
+            kv(
+                "engine_passed_over",
+                requested=requested,
+                engine=backend,
+                reason=reason,
+                next=chain[chain.index(backend) + 1] if backend != chain[-1] else "none",
+            ),
+        )
         passed_over.append(f"{backend}: {reason}")
     raise EngineError("no inference backend could be built here:\n  " + "\n  ".join(passed_over))

@@ -169,8 +169,15 @@ class OnnxRuntimeEngine:
         self.tile_overlap_px = config.tile_overlap_px
         self.precision = "fp32"
         if config.precision == "fp16":
-            log.info(kv("engine_precision", engine=self.name, requested="fp16", running="fp32",
-                        reason="ONNX Runtime runs the FP32 export; FP16 is the TensorRT engine's"))
+            log.info(
+                kv(
+                    "engine_precision",
+                    engine=self.name,
+                    requested="fp16",
+                    running="fp32",
+                    reason="ONNX Runtime runs the FP32 export; FP16 is the TensorRT engine's",
+                )
+            )
         self.path = onnx_path(config.cache_dir, model_sha256)
         providers = ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
@@ -183,8 +190,15 @@ class OnnxRuntimeEngine:
         self.providers = tuple(active)
         self.intra_op_threads = num_threads_or_default(config.num_threads)
 
-    def _open(self, ort: Any, network: torch.nn.Module, model_sha256: str, config: EngineConfig,
-              options: Any, providers: list[str]) -> Any:
+    def _open(
+        self,
+        ort: Any,
+        network: torch.nn.Module,
+        model_sha256: str,
+        config: EngineConfig,
+        options: Any,
+        providers: list[str],
+    ) -> Any:
         """A session on the cached export when it is sound, else on a fresh export (one attempt)."""
         if self.path.is_file():
             problem = _cached_file_problem(self.path)
@@ -226,8 +240,10 @@ class OnnxRuntimeEngine:
             scale = max(1.0, float(np.max(np.abs(want))))
             error = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
             if not error <= VERIFY_TOLERANCE * scale:
-                return (f"it does not reproduce the network ({label}: max abs error {error:.3g}, "
-                        f"allowed {VERIFY_TOLERANCE * scale:.3g} on a random frame)")
+                return (
+                    f"it does not reproduce the network ({label}: max abs error {error:.3g}, "
+                    f"allowed {VERIFY_TOLERANCE * scale:.3g} on a random frame)"
+                )
         return None
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -135,8 +135,14 @@ class TensorRTEngine:
     def _note_stale_engines(self, cache_dir: Path, model_sha256: str) -> None:
         others = sorted(p.name for p in cache_dir.glob(f"{model_sha256[:12]}*.ep") if p != self.path)
         if others:
-            log.info(kv("tensorrt_engines_ignored", wanted=self.path.name, ignored=",".join(others),
-                        reason="built for another GPU, TensorRT version, precision or focus contract"))
+            log.info(
+                kv(
+                    "tensorrt_engines_ignored",
+                    wanted=self.path.name,
+                    ignored=",".join(others),
+                    reason="built for another GPU, TensorRT version, precision or focus contract",
+                )
+            )
 
     def _load_cached(self) -> Any | None:
         if not self.path.is_file():
@@ -219,8 +225,16 @@ class TensorRTEngine:
             **self._shape_record,
         }
         write_atomically(_sidecar(self.path), lambda temp: temp.write_text(json.dumps(record, indent=2) + "\n"))
-        log.info(kv("tensorrt_engine_built", path=self.path, seconds=round(time.monotonic() - started, 1),
-                    precision=self.precision, gpu=self.gpu, tensorrt=self.trt_version))
+        log.info(
+            kv(
+                "tensorrt_engine_built",
+                path=self.path,
+                seconds=round(time.monotonic() - started, 1),
+                precision=self.precision,
+                gpu=self.gpu,
+                tensorrt=self.trt_version,
+            )
+        )
         # Run what was saved, so that what the daemon runs is what a restart will load.
         with _quiet_third_party():
             return torch_tensorrt.load(str(self.path)).module()

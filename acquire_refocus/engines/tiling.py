@@ -152,8 +152,17 @@ def infer_frame(engine: Engine, frame: np.ndarray, overlap_px: int | None = None
         key = (engine.name, engine.max_size_px, height, width)
         level = logging.DEBUG if key in _TILING_ANNOUNCED else logging.INFO
         _TILING_ANNOUNCED.add(key)
-        log.log(level, kv("tiling", engine=engine.name, frame=f"{height}x{width}", max_size_px=tile_px,
-                          overlap_px=overlap_px, reason="frame larger than the engine's size range"))
+        log.log(
+            level,
+            kv(
+                "tiling",
+                engine=engine.name,
+                frame=f"{height}x{width}",
+                max_size_px=tile_px,
+                overlap_px=overlap_px,
+                reason="frame larger than the engine's size range",
+            ),
+        )
     while True:
         overlap = min(overlap_px, (tile_px // 2 - 1) // engine.stride * engine.stride)
         try:
@@ -167,7 +176,14 @@ def infer_frame(engine: Engine, frame: np.ndarray, overlap_px: int | None = None
             smaller = (tile_px // 2) // engine.stride * engine.stride
             if smaller < engine.min_size_px:
                 raise
-            log.warning(kv("engine_out_of_memory", engine=engine.name, frame=f"{height}x{width}",
-                           tile_px=tile_px, retry_tile_px=smaller))
+            log.warning(
+                kv(
+                    "engine_out_of_memory",
+                    engine=engine.name,
+                    frame=f"{height}x{width}",
+                    tile_px=tile_px,
+                    retry_tile_px=smaller,
+                )
+            )
             tile_px = smaller
     return np.ascontiguousarray(image[:height, :width], dtype=np.float32), frame_focus

@@ -46,8 +46,15 @@ class TorchEngine:
         half = self._device.type == "cuda" and config.precision == "fp16"
         self.precision = "fp16" if half else "fp32"
         if config.precision == "fp16" and not half:
-            log.info(kv("engine_precision", engine=self.name, requested="fp16", running="fp32",
-                        reason="no CUDA device; FP16 on CPU is slower than FP32"))
+            log.info(
+                kv(
+                    "engine_precision",
+                    engine=self.name,
+                    requested="fp16",
+                    running="fp32",
+                    reason="no CUDA device; FP16 on CPU is slower than FP32",
+                )
+            )
         # A copy, so moving or casting never changes the caller's network (the ONNX exporter shares it).
         model = copy.deepcopy(network).eval().to(self._device)
         self._dtype = torch.float16 if half else torch.float32

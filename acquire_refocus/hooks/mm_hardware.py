@@ -96,8 +96,10 @@ def load_hardware_core(
 
     if not core.getCameraDevice():
         release_core(core)
-        raise UserError(f"{config}: this hardware configuration has no camera (Core-Camera is not set); "
-                        "acquire-refocus needs one to acquire")
+        raise UserError(
+            f"{config}: this hardware configuration has no camera (Core-Camera is not set); "
+            "acquire-refocus needs one to acquire"
+        )
     if focus_device is not None:
         stages = list(core.getLoadedDevicesOfType(5))  # 5 = DeviceType.StageDevice (single-axis stages)
         if focus_device not in stages:

@@ -380,7 +380,7 @@ def run_sequence(
     to that time point's events just before the hardware moves. Setting `stop_event` aborts the acquisition
     (frames already taken stay saved) and returns.
     """
-    from pycromanager import Acquisition, AcqNotification, Core
+    from pycromanager import AcqNotification, Acquisition, Core
 
     python_backend = _python_backend_active()
     if not python_backend:
@@ -397,8 +397,10 @@ def run_sequence(
             )
         z_reference_um = float(core.get_position(device))
     if sequence.autofocus_plan is not None:  # checked per event too; here before anything starts
-        raise UserError("acquisition.sequence: an autofocus_plan is not supported with the pycromanager backend "
-                        "(only image acquisition); remove it")
+        raise UserError(
+            "acquisition.sequence: an autofocus_plan is not supported with the pycromanager backend "
+            "(only image acquisition); remove it"
+        )
     events = sequence_to_events(sequence, z_reference_um=z_reference_um, focus_device=focus_device)
     first = next(events, None)
     if first is None:
@@ -414,8 +416,14 @@ def run_sequence(
         pre_hardware = FocusOffsetHook(focus_planner, relative_z_um, focus_device)
     if directory is not None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-    log.info(kv("pycromanager_run_start", backend="python" if python_backend else f"desktop:{port}",
-                events=nested_event_count(sequence), directory=directory or "RAM"))
+    log.info(
+        kv(
+            "pycromanager_run_start",
+            backend="python" if python_backend else f"desktop:{port}",
+            events=nested_event_count(sequence),
+            directory=directory or "RAM",
+        )
+    )
     events_done = threading.Event()
 
     def on_notification(notification: Any) -> None:
@@ -449,8 +457,15 @@ def run_sequence(
     dataset_path = Path(dataset.path) if directory is not None else None
     if hasattr(dataset, "close"):
         dataset.close()  # pycromanager leaves the finished dataset's file handles open (ResourceWarning at exit)
-    log.info(kv("pycromanager_run_done", frames=hook.frames_submitted, failed=hook.frames_failed,
-                aborted=aborted, dataset=dataset_path or "RAM"))
+    log.info(
+        kv(
+            "pycromanager_run_done",
+            frames=hook.frames_submitted,
+            failed=hook.frames_failed,
+            aborted=aborted,
+            dataset=dataset_path or "RAM",
+        )
+    )
     return PycromanagerRun(dataset_path, submitted, hook.frames_submitted, hook.frames_failed, aborted)
 
 

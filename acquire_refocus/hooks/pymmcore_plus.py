@@ -25,7 +25,6 @@ from pymmcore_plus.mda import MDAEngine
 
 from acquire_refocus.autofocus import FocusDrive, SoftwareAutofocus
 from acquire_refocus.errors import UserError
-from acquire_refocus.focus_lock import FocusLock, focus_lock_for
 from acquire_refocus.focus import (
     EventPlanner,
     FocusController,
@@ -33,6 +32,7 @@ from acquire_refocus.focus import (
     estimates_waiter,
     planned_centre_shift_um,
 )
+from acquire_refocus.focus_lock import FocusLock, focus_lock_for
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FrameInfo, FramePipeline
 from acquire_refocus.sequence import event_axes, nested_event_count
@@ -53,7 +53,10 @@ class PymmcorePlusHook:
     """Hands every frame of `core.mda` runs to the pipeline. Connect with `with hook:` or connect()/disconnect()."""
 
     def __init__(
-        self, core: CMMCorePlus, pipeline: FramePipeline, pixel_size_um: float | None = None,
+        self,
+        core: CMMCorePlus,
+        pipeline: FramePipeline,
+        pixel_size_um: float | None = None,
         focus_z_reader: Callable[[], float] | None = None,
     ) -> None:
         """`focus_z_reader`: where the frame's focus coordinate comes from instead of the stage Z (a focus lock's
@@ -122,8 +125,13 @@ class FocusMDAEngine(MDAEngine):
     """
 
     def __init__(
-        self, core: CMMCorePlus, controller: FocusController | None, pipeline: FramePipeline | None = None,
-        autofocus: SoftwareAutofocus | None = None, lock: FocusLock | None = None, **kwargs: Any,
+        self,
+        core: CMMCorePlus,
+        controller: FocusController | None,
+        pipeline: FramePipeline | None = None,
+        autofocus: SoftwareAutofocus | None = None,
+        lock: FocusLock | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(core, **kwargs)
         self._lock = lock
@@ -155,8 +163,11 @@ class FocusMDAEngine(MDAEngine):
 
     def _is_software_autofocus(self, event: useq.MDAEvent) -> bool:
         action = event.action
-        return (self._autofocus is not None and isinstance(action, useq.HardwareAutofocus)
-                and action.autofocus_device_name == self._autofocus.config.device_name)
+        return (
+            self._autofocus is not None
+            and isinstance(action, useq.HardwareAutofocus)
+            and action.autofocus_device_name == self._autofocus.config.device_name
+        )
 
     def _run_autofocus(self, event: useq.MDAEvent) -> None:
         """The software autofocus at this event's position, from where setup_event put the stage."""
@@ -210,7 +221,6 @@ class FocusMDAEngine(MDAEngine):
             lo, hi = self._controller.config.z_limits_um if self._controller is not None else (-math.inf, math.inf)
             update["z_sequence"] = tuple(min(hi, max(lo, z + offset_um)) for z in event.z_sequence)
         return event.model_copy(update=update)
-
 
     def _through_lock(self, event: useq.MDAEvent) -> useq.MDAEvent:
         """actuator autofocus_offset: the loop's offset goes to the lock; the event's Z is dropped (the Z drive is
@@ -281,15 +291,26 @@ def run_sequence(
     old_engine = None
     loop = controller if controller is not None and controller.mode != "off" else None
     software_af = autofocus if autofocus is not None and uses_software_autofocus(sequence, autofocus) else None
-    lock = focus_lock_for(core, loop.config) if loop is not None and loop.config.actuator == "autofocus_offset" \
-        else None
+    lock = (
+        focus_lock_for(core, loop.config) if loop is not None and loop.config.actuator == "autofocus_offset" else None
+    )
     if lock is not None and software_af is not None:
-        raise UserError("focus.actuator autofocus_offset and a software autofocus_plan together: the software "
-                        "autofocus moves the Z drive, which a focus lock holds; use one or the other")
+        raise UserError(
+            "focus.actuator autofocus_offset and a software autofocus_plan together: the software "
+            "autofocus moves the Z drive, which a focus lock holds; use one or the other"
+        )
     if loop is not None or software_af is not None:
         old_engine = core.mda.set_engine(FocusMDAEngine(core, loop, pipeline, software_af, lock))
-    log.info(kv("mda_run_start", backend="pymmcore-plus", core=type(core).__name__, raw=raw_path or "not saved",
-                focus=controller.mode if controller is not None else "off", events=nested_event_count(sequence)))
+    log.info(
+        kv(
+            "mda_run_start",
+            backend="pymmcore-plus",
+            core=type(core).__name__,
+            raw=raw_path or "not saved",
+            focus=controller.mode if controller is not None else "off",
+            events=nested_event_count(sequence),
+        )
+    )
     try:
         with PymmcorePlusHook(core, pipeline, pixel_size_um, lock.offset_um if lock is not None else None):
             core.mda.run(sequence, output=output)
@@ -311,9 +332,13 @@ def check_channels(core: CMMCorePlus, sequence: useq.MDASequence) -> None:
     for channel in sequence.channels:
         if not core.isGroupDefined(channel.group):
             groups = ", ".join(core.getAvailableConfigGroups()) or "none"
-            raise UserError(f"acquisition.sequence: channel group {channel.group!r} is not in the hardware "
-                            f"configuration (groups: {groups})")
+            raise UserError(
+                f"acquisition.sequence: channel group {channel.group!r} is not in the hardware "
+                f"configuration (groups: {groups})"
+            )
         presets = core.getAvailableConfigs(channel.group)
         if channel.config not in presets:
-            raise UserError(f"acquisition.sequence: channel {channel.config!r} is not a preset of group "
-                            f"{channel.group!r} (presets: {', '.join(presets) or 'none'})")
+            raise UserError(
+                f"acquisition.sequence: channel {channel.config!r} is not a preset of group "
+                f"{channel.group!r} (presets: {', '.join(presets) or 'none'})"
+            )

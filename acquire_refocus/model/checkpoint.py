@@ -167,13 +167,21 @@ def _verify_tensors(path: Path, payload: dict[str, Any]) -> None:
     except WeightsError as exc:
         raise WeightsError(f"{path}: {exc} (damaged)") from None
     if recorded is None:
-        log.warning(kv("weights_unverified", path=path, tensors_sha256=actual[:16],
-                       reason="written before weights files carried a checksum; re-save it to verify it from now on"))
+        log.warning(
+            kv(
+                "weights_unverified",
+                path=path,
+                tensors_sha256=actual[:16],
+                reason="written before weights files carried a checksum; re-save it to verify it from now on",
+            )
+        )
         return
     if recorded != actual:
-        raise WeightsError(f"{path}: damaged: its parameters do not match the checksum written with them "
-                           f"({TENSORS_SHA256} {str(recorded)[:16]}..., the tensors give {actual[:16]}...); restore "
-                           "the file from a copy, or retrain")
+        raise WeightsError(
+            f"{path}: damaged: its parameters do not match the checksum written with them "
+            f"({TENSORS_SHA256} {str(recorded)[:16]}..., the tensors give {actual[:16]}...); restore "
+            "the file from a copy, or retrain"
+        )
 
 
 def load_weights(path: str | Path | None = None) -> LoadedModel:

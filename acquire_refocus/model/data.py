@@ -110,8 +110,13 @@ class MicroscopeCache:
     """Simulated microscopes by specimen seed; a specimen takes seconds and ~200 MB, so only a few are kept.
     `build` makes the microscope of a seed (default: the config's optics and simulator with that seed, no drift)."""
 
-    def __init__(self, optics: OpticsConfig, simulator: SimulatorConfig, keep: int = 2,
-                 build: Callable[[int], SimulatedMicroscope] | None = None) -> None:
+    def __init__(
+        self,
+        optics: OpticsConfig,
+        simulator: SimulatorConfig,
+        keep: int = 2,
+        build: Callable[[int], SimulatedMicroscope] | None = None,
+    ) -> None:
         self.optics = optics
         self.simulator = simulator
         self.keep = keep
@@ -162,7 +167,9 @@ class SimulatedWindows:
         planes, truth = scope.render_stack(
             list(defocus_um), (field.x_um, field.y_um), rng=rng, shape_px=(self.window_px, self.window_px)
         )
-        return Window(planes, np.asarray(defocus_um, dtype=np.float64), truth, f"seed{field.seed}_x{field.x_um:g}_y{field.y_um:g}")
+        return Window(
+            planes, np.asarray(defocus_um, dtype=np.float64), truth, f"seed{field.seed}_x{field.x_um:g}_y{field.y_um:g}"
+        )
 
     def next_window(self, rng: np.random.Generator) -> Window:
         field = self.fields[self._next % len(self.fields)]
@@ -175,9 +182,18 @@ class RandomizedWindows:
     family, density, thickness and optics variant; each window draws a camera. `fields_per_specimen` stage
     positions on a grid over each specimen; windows cycle through specimens in order so each is built once a pass."""
 
-    def __init__(self, optics: OpticsConfig, simulator: SimulatorConfig, envelope: RandomizationConfig,
-                 seeds: Sequence[int], defocus_range_um: tuple[float, float], window_px: int,
-                 fields_per_specimen: int = 4, planes_per_window: int = 8, variants_seed: int = 0) -> None:
+    def __init__(
+        self,
+        optics: OpticsConfig,
+        simulator: SimulatorConfig,
+        envelope: RandomizationConfig,
+        seeds: Sequence[int],
+        defocus_range_um: tuple[float, float],
+        window_px: int,
+        fields_per_specimen: int = 4,
+        planes_per_window: int = 8,
+        variants_seed: int = 0,
+    ) -> None:
         from acquire_refocus.sim import randomization
 
         if not seeds:
@@ -192,8 +208,12 @@ class RandomizedWindows:
         self.planes_per_window = planes_per_window
         per_axis = max(1, math.ceil(math.sqrt(fields_per_specimen)))
         side_um = envelope.field_size_um
-        self.fields = [Field(seed, (col + 0.5) / per_axis * side_um, (row + 0.5) / per_axis * side_um)
-                       for seed in self.seeds for row in range(per_axis) for col in range(per_axis)]
+        self.fields = [
+            Field(seed, (col + 0.5) / per_axis * side_um, (row + 0.5) / per_axis * side_um)
+            for seed in self.seeds
+            for row in range(per_axis)
+            for col in range(per_axis)
+        ]
         self.scopes = MicroscopeCache(optics, simulator, build=self._build)
         self._next = 0
 
@@ -210,13 +230,13 @@ class RandomizedWindows:
         from acquire_refocus.sim import randomization
 
         scope = self.scopes.get(field.seed)
-        photons, truth_photons = scope.photon_stack(list(defocus_um), (field.x_um, field.y_um),
-                                                    shape_px=(self.window_px, self.window_px))
+        photons, truth_photons = scope.photon_stack(
+            list(defocus_um), (field.x_um, field.y_um), shape_px=(self.window_px, self.window_px)
+        )
         camera = randomization.draw_camera(self.envelope, rng)
         planes, truth = randomization.expose_window(photons, truth_photons, camera, self.simulator.camera, rng)
         draw = self.draws[field.seed]
-        name = (f"seed{field.seed}_{draw.family}_x{field.x_um:g}_y{field.y_um:g}"
-                f"_peak{camera.peak_photons:.0f}")
+        name = f"seed{field.seed}_{draw.family}_x{field.x_um:g}_y{field.y_um:g}_peak{camera.peak_photons:.0f}"
         return Window(planes, np.asarray(defocus_um, dtype=np.float64), truth, name)
 
     def next_window(self, rng: np.random.Generator) -> Window:
@@ -249,7 +269,9 @@ class StoredWindows:
         low, high = self.defocus_range_um
         keep = (field.defocus_um >= low) & (field.defocus_um <= high)
         if not keep.any():
-            raise ConfigError(f"stored field {field.name} has no plane within training.defocus_range_um {self.defocus_range_um}")
+            raise ConfigError(
+                f"stored field {field.name} has no plane within training.defocus_range_um {self.defocus_range_um}"
+            )
         return Window(field.planes[keep], field.defocus_um[keep], field.ground_truth, field.name)
 
 
@@ -261,6 +283,7 @@ def _site(name: str) -> str:
 def split_field_names(names: Sequence[str], validation_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Deterministic split of stored fields by site: a field's planes, and its other channels, never straddle
     the split (the same nuclei in Hoechst and in another stain would otherwise be on both sides)."""
+
     def rank(site: str) -> str:
         return hashlib.sha256(f"{seed}:{site}".encode()).hexdigest()
 
@@ -277,9 +300,7 @@ def _augment(patch: np.ndarray, truth: np.ndarray, k: int, flip: bool) -> tuple[
     return patch, truth
 
 
-def make_pair(
-    raw: np.ndarray, truth: np.ndarray, normalization: NormalizationParams
-) -> tuple[np.ndarray, np.ndarray]:
+def make_pair(raw: np.ndarray, truth: np.ndarray, normalization: NormalizationParams) -> tuple[np.ndarray, np.ndarray]:
     """Normalised (input, target), the target with the input's offset/scale."""
     intensity = frame_scale(raw, normalization)
     return normalize(raw, intensity), normalize(truth, intensity)
@@ -349,10 +370,16 @@ def fixed_batch(windows: Sequence[Window], patch_px: int, normalization: Normali
     for window in windows:
         height, width = window.truth.shape
         # the centre crop or one of the four corner crops: whichever shows the most specimen
-        candidates = [((height - patch_px) // 2, (width - patch_px) // 2), (0, 0), (0, width - patch_px),
-                      (height - patch_px, 0), (height - patch_px, width - patch_px)]
-        top, left = max(candidates, key=lambda c: float(np.ptp(window.truth[c[0] : c[0] + patch_px,
-                                                                            c[1] : c[1] + patch_px])))
+        candidates = [
+            ((height - patch_px) // 2, (width - patch_px) // 2),
+            (0, 0),
+            (0, width - patch_px),
+            (height - patch_px, 0),
+            (height - patch_px, width - patch_px),
+        ]
+        top, left = max(
+            candidates, key=lambda c: float(np.ptp(window.truth[c[0] : c[0] + patch_px, c[1] : c[1] + patch_px]))
+        )
         truth = window.truth[top : top + patch_px, left : left + patch_px]
         for z, d in enumerate(window.defocus_um):
             x, y = make_pair(window.planes[z, top : top + patch_px, left : left + patch_px], truth, normalization)
@@ -389,8 +416,9 @@ class _RendersFields(Protocol):
     def render(self, field: Field, defocus_um: Sequence[float] | np.ndarray, rng: np.random.Generator) -> Window: ...
 
 
-def _validation_windows(source: _RendersFields, fields: Sequence[Field], defocus_range_um: tuple[float, float],
-                        rng: np.random.Generator) -> list[Window]:
+def _validation_windows(
+    source: _RendersFields, fields: Sequence[Field], defocus_range_um: tuple[float, float], rng: np.random.Generator
+) -> list[Window]:
     """One window a field at 8 evenly spaced defocus values, offset per field so that together the fields cover
     the range densely."""
     low, high = defocus_range_um
@@ -413,9 +441,18 @@ def randomized_sources(config: AppConfig, window_px: int) -> tuple[RandomizedWin
     per_specimen = RANDOMIZED_FIELDS_PER_SPECIMEN
     train_seeds = [TRAIN_SEED_BASE + i for i in range(math.ceil(training.train_fields / per_specimen))]
     validation_seeds = [VALIDATION_SEED_BASE + i for i in range(math.ceil(training.validation_fields / per_specimen))]
+
     def windows(seeds: list[int]) -> RandomizedWindows:
-        return RandomizedWindows(config.optics, config.simulator, envelope, seeds, training.defocus_range_um,
-                                 window_px, fields_per_specimen=per_specimen, variants_seed=training.seed)
+        return RandomizedWindows(
+            config.optics,
+            config.simulator,
+            envelope,
+            seeds,
+            training.defocus_range_um,
+            window_px,
+            fields_per_specimen=per_specimen,
+            variants_seed=training.seed,
+        )
 
     train, validation_source = windows(train_seeds), windows(validation_seeds)
     rng = np.random.default_rng(np.random.SeedSequence([training.seed, 0x5A2]))
@@ -441,8 +478,12 @@ def stored_sources(config: AppConfig) -> tuple[StoredWindows, list[Window]]:
     if training.dataset_dir is None:
         raise ConfigError("training.data is 'stored' but training.dataset_dir is not set")
     dataset = read_zstack_folders(
-        training.dataset_dir, training.in_focus_index, training.z_step_um, training.pixel_size_um,
-        z_order=training.z_order, file_pattern=training.file_pattern,
+        training.dataset_dir,
+        training.in_focus_index,
+        training.z_step_um,
+        training.pixel_size_um,
+        z_order=training.z_order,
+        file_pattern=training.file_pattern,
     )
     model_pixel_um = config.optics.pixel_size_um
     if dataset.pixel_size_um is not None and not math.isclose(dataset.pixel_size_um, model_pixel_um, rel_tol=1e-3):
@@ -459,8 +500,14 @@ def stored_sources(config: AppConfig) -> tuple[StoredWindows, list[Window]]:
         raise ConfigError(f"{training.dataset_dir}: needs at least 2 fields of view to split training/validation")
     fraction = min(0.5, training.validation_fields / len(sites))
     train_names, validation_names = split_field_names(names, fraction, training.seed)
-    log.info(kv("dataset_split", dataset=training.dataset_dir, train_fields=len(train_names),
-                validation_fields=len(validation_names)))
+    log.info(
+        kv(
+            "dataset_split",
+            dataset=training.dataset_dir,
+            train_fields=len(train_names),
+            validation_fields=len(validation_names),
+        )
+    )
     validation_source = StoredWindows(dataset, validation_names, training.defocus_range_um)
     rng = np.random.default_rng(training.seed)
     validation = [validation_source.next_window(rng) for _ in validation_names]

@@ -99,8 +99,9 @@ def _crop_psf(psf: np.ndarray, energy: float = 0.999) -> np.ndarray:
     return psf / total
 
 
-def _deconvolve(sample: Sample, psf: np.ndarray, in_focus_psf: np.ndarray, offset_adu: float, algorithm: str,
-                balance: float = 0.0) -> np.ndarray:
+def _deconvolve(
+    sample: Sample, psf: np.ndarray, in_focus_psf: np.ndarray, offset_adu: float, algorithm: str, balance: float = 0.0
+) -> np.ndarray:
     """Deconvolve in photon-like units (offset removed, scaled to ~[0, 1]), reflect-padded by the PSF radius so
     the frame edge does not ring; then re-blur with the in-focus PSF, because the ground truth is the in-focus
     *image* (object convolved with the in-focus PSF), not the object; crop and map back to ADU."""
@@ -123,8 +124,15 @@ def _deconvolve(sample: Sample, psf: np.ndarray, in_focus_psf: np.ndarray, offse
 class HeldOutSet:
     """Held-out test frames and access to the true PSFs of the simulator that made them."""
 
-    def __init__(self, config: AppConfig, fields: int, window_px: int, distances_um: Sequence[float],
-                 tilt_distances_um: Sequence[float], seed: int = 0) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        fields: int,
+        window_px: int,
+        distances_um: Sequence[float],
+        tilt_distances_um: Sequence[float],
+        seed: int = 0,
+    ) -> None:
         self.config = config
         self.scopes = MicroscopeCache(config.optics, config.simulator, keep=1)
         self.fields = self._fields_with_cells(fields, window_px)
@@ -150,8 +158,9 @@ class HeldOutSet:
         candidates = simulated_fields(count * 3, TEST_SEED_BASE, self.config.simulator.specimen.field_size_um)
         contrast = []
         for field in candidates:
-            _, truth = self.scopes.get(field.seed).render_stack([0.0], (field.x_um, field.y_um), noise=False,
-                                                                shape_px=(window_px, window_px))
+            _, truth = self.scopes.get(field.seed).render_stack(
+                [0.0], (field.x_um, field.y_um), noise=False, shape_px=(window_px, window_px)
+            )
             contrast.append(float(np.ptp(truth)))
         threshold = EMPTY_FIELD_CONTRAST * max(contrast)
         chosen = [f for f, c in zip(candidates, contrast) if c >= threshold][:count]
@@ -159,15 +168,23 @@ class HeldOutSet:
         log.info(kv("test_fields", chosen=len(chosen), skipped_empty=skipped))
         return chosen
 
-    def _tilted(self, field: Field, name: str, distances_um: Sequence[float], truth: np.ndarray,
-                shape: tuple[int, int], rng: np.random.Generator) -> list[Sample]:
+    def _tilted(
+        self,
+        field: Field,
+        name: str,
+        distances_um: Sequence[float],
+        truth: np.ndarray,
+        shape: tuple[int, int],
+        rng: np.random.Generator,
+    ) -> list[Sample]:
         """Frames of the same field with the sample tilted along x (unseen in training). The tilted microscope has
         the same specimen seed, hence the same specimen; its in-focus ground truth is the flat one."""
         from acquire_refocus.sim.microscope import SimulatedMicroscope
 
         if self._tilted_scope is None or self._tilted_scope[0] != field.seed:
             drift = self.config.simulator.drift.model_copy(
-                update={"model": "none", "tilt_x_um_per_mm": TILT_UM_PER_MM, "tilt_y_um_per_mm": 0.0})
+                update={"model": "none", "tilt_x_um_per_mm": TILT_UM_PER_MM, "tilt_y_um_per_mm": 0.0}
+            )
             simulator = self.config.simulator.model_copy(update={"seed": field.seed, "drift": drift})
             self._tilted_scope = (field.seed, SimulatedMicroscope(self.config.optics, simulator))
         tilted = self._tilted_scope[1]
@@ -237,14 +254,17 @@ def baseline_methods(test_set: HeldOutSet, wiener_balance: dict[int, float]) -> 
     }
 
 
-def network_method(weights: Path | None, pixel_size_um: float, num_threads: int | None = None,
-                   physics_fusion: bool = True) -> tuple[Method, dict]:
+def network_method(
+    weights: Path | None, pixel_size_um: float, num_threads: int | None = None, physics_fusion: bool = True
+) -> tuple[Method, dict]:
     """The network as `Refocuser` runs it, told the test frames' pixel size (a model trained at another one
     resamples them, as it would on a scope); `physics_fusion` as engine.physics_fusion (model/fusion.py)."""
     from acquire_refocus.refocuser import Refocuser
 
-    refocuser = Refocuser.load(weights, engine=EngineConfig(backend="torch", precision="fp32",
-                                                            num_threads=num_threads, physics_fusion=physics_fusion))
+    refocuser = Refocuser.load(
+        weights,
+        engine=EngineConfig(backend="torch", precision="fp32", num_threads=num_threads, physics_fusion=physics_fusion),
+    )
 
     last: dict[int, tuple[float, float]] = {}  # id(sample) -> the factors of its result, until factors() asks
 
@@ -260,15 +280,21 @@ def network_method(weights: Path | None, pixel_size_um: float, num_threads: int 
         p_positive = 0.5 * (1.0 + defocus_um / magnitude_um) if magnitude_um > 0 else 0.5
         return magnitude_um, p_positive
 
-    info = {"sha256": refocuser.model_sha256, "metadata": refocuser.loaded.metadata,
-            "architecture": refocuser.loaded.model_config.architecture,
-            "parameters": sum(p.numel() for p in refocuser.loaded.network.parameters()),
-            "factors": factors}
+    info = {
+        "sha256": refocuser.model_sha256,
+        "metadata": refocuser.loaded.metadata,
+        "architecture": refocuser.loaded.model_config.architecture,
+        "parameters": sum(p.numel() for p in refocuser.loaded.network.parameters()),
+        "factors": factors,
+    }
     return run, info
 
 
-def evaluate_methods(test_set: HeldOutSet, methods: dict[str, Method],
-                     factors: dict[str, Callable[[Sample], tuple[float, float]]] | None = None) -> list[Row]:
+def evaluate_methods(
+    test_set: HeldOutSet,
+    methods: dict[str, Method],
+    factors: dict[str, Callable[[Sample], tuple[float, float]]] | None = None,
+) -> list[Row]:
     rows = []
     for name, method in methods.items():
         started = time.monotonic()
@@ -279,12 +305,19 @@ def evaluate_methods(test_set: HeldOutSet, methods: dict[str, Method],
             image, estimate, sigma = method(sample)
             seconds = time.perf_counter() - t0
             data_range = float(sample.truth.max() - sample.truth.min())
-            rows.append(Row(
-                method=name, setting=sample.setting, field=sample.field, defocus_um=sample.defocus_um,
-                psnr_db=float(peak_signal_noise_ratio(sample.truth, image, data_range=data_range)),
-                ssim=float(structural_similarity(sample.truth, image, data_range=data_range)),
-                estimate_um=float(estimate), sigma_um=float(sigma), seconds=seconds,
-            ))
+            rows.append(
+                Row(
+                    method=name,
+                    setting=sample.setting,
+                    field=sample.field,
+                    defocus_um=sample.defocus_um,
+                    psnr_db=float(peak_signal_noise_ratio(sample.truth, image, data_range=data_range)),
+                    ssim=float(structural_similarity(sample.truth, image, data_range=data_range)),
+                    estimate_um=float(estimate),
+                    sigma_um=float(sigma),
+                    seconds=seconds,
+                )
+            )
             if factors and name in factors:
                 rows[-1].magnitude_um, rows[-1].p_positive = factors[name](sample)
         log.info(kv("evaluated", method=name, frames=len(test_set.samples), seconds=round(time.monotonic() - started)))
@@ -294,15 +327,38 @@ def evaluate_methods(test_set: HeldOutSet, methods: dict[str, Method],
 def write_csv(rows: Sequence[Row], path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "setting", "field", "defocus_um", "psnr_db", "ssim", "estimate_um", "sigma_um",
-                         "magnitude_um", "p_positive", "seconds"])
+        writer.writerow(
+            [
+                "method",
+                "setting",
+                "field",
+                "defocus_um",
+                "psnr_db",
+                "ssim",
+                "estimate_um",
+                "sigma_um",
+                "magnitude_um",
+                "p_positive",
+                "seconds",
+            ]
+        )
         for r in rows:
-            writer.writerow([r.method, r.setting, r.field, f"{r.defocus_um:.3f}", f"{r.psnr_db:.3f}", f"{r.ssim:.4f}",
-                             # 6 significant digits: the sign of an estimate near 0 must survive (sign accuracy)
-                             "" if math.isnan(r.estimate_um) else f"{r.estimate_um:.6g}",
-                             "" if math.isnan(r.sigma_um) else f"{r.sigma_um:.3f}",
-                             "" if math.isnan(r.magnitude_um) else f"{r.magnitude_um:.3f}",
-                             "" if math.isnan(r.p_positive) else f"{r.p_positive:.6g}", f"{r.seconds:.3f}"])
+            writer.writerow(
+                [
+                    r.method,
+                    r.setting,
+                    r.field,
+                    f"{r.defocus_um:.3f}",
+                    f"{r.psnr_db:.3f}",
+                    f"{r.ssim:.4f}",
+                    # 6 significant digits: the sign of an estimate near 0 must survive (sign accuracy)
+                    "" if math.isnan(r.estimate_um) else f"{r.estimate_um:.6g}",
+                    "" if math.isnan(r.sigma_um) else f"{r.sigma_um:.3f}",
+                    "" if math.isnan(r.magnitude_um) else f"{r.magnitude_um:.3f}",
+                    "" if math.isnan(r.p_positive) else f"{r.p_positive:.6g}",
+                    f"{r.seconds:.3f}",
+                ]
+            )
 
 
 def _group(rows: Sequence[Row], key: Callable[[Row], object]) -> dict[object, list[Row]]:
@@ -320,8 +376,11 @@ def _markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> st
 
 def metric_table(rows: Sequence[Row], metric: str, setting: str, sign: int | None, fmt: str) -> str:
     """Rows: methods; columns: |d| (descending), optionally only one sign of defocus."""
-    chosen = [r for r in rows if r.setting == setting and
-              (sign is None or r.defocus_um == 0 or math.copysign(1, r.defocus_um) == sign)]
+    chosen = [
+        r
+        for r in rows
+        if r.setting == setting and (sign is None or r.defocus_um == 0 or math.copysign(1, r.defocus_um) == sign)
+    ]
     distances = sorted({round(abs(r.defocus_um)) for r in chosen}, reverse=True)
     methods = list(dict.fromkeys(r.method for r in chosen))
     lines = []
@@ -349,7 +408,9 @@ def focus_table(rows: Sequence[Row], setting: str) -> str:
         correct = sum(1 for r in signed if np.sign(r.estimate_um) == np.sign(r.defocus_um))
         cells.append(f"{100.0 * correct / max(1, len(signed)):.1f}% ({correct}/{len(signed)})")
         lines.append(cells)
-    header = ["method \\ |defocus| (um)"] + [f"{d:g}" for d in distances] + [f"sign correct, abs(d) >= {SIGN_MIN_UM:g} um"]
+    header = (
+        ["method \\ |defocus| (um)"] + [f"{d:g}" for d in distances] + [f"sign correct, abs(d) >= {SIGN_MIN_UM:g} um"]
+    )
     return _markdown_table(header, lines)
 
 
@@ -366,17 +427,31 @@ def summary_numbers(rows: Sequence[Row], method: str, baseline: str, rl: str | N
     gain_far = mean("psnr_db", method, 20, 35) - mean("psnr_db", baseline, 20, 35)
     by_distance = _group(flat, lambda r: (r.method, round(abs(r.defocus_um))))
     distances = sorted({round(abs(r.defocus_um)) for r in flat})
-    beats_rl = None if rl is None else all(np.mean([r.psnr_db for r in by_distance[(method, d)]])
-                   > np.mean([r.psnr_db for r in by_distance[(rl, d)]]) for d in distances)
+    beats_rl = (
+        None
+        if rl is None
+        else all(
+            np.mean([r.psnr_db for r in by_distance[(method, d)]]) > np.mean([r.psnr_db for r in by_distance[(rl, d)]])
+            for d in distances
+        )
+    )
     mae_near = float(np.mean([abs(r.estimate_um - r.defocus_um) for r in mine if abs(r.defocus_um) <= 10]))
     mae_all = float(np.mean([abs(r.estimate_um - r.defocus_um) for r in mine if abs(r.defocus_um) <= 35]))
-    worst_far = max(float(np.mean([abs(r.estimate_um - r.defocus_um) for r in mine if round(abs(r.defocus_um)) == d]))
-                    for d in distances)
+    worst_far = max(
+        float(np.mean([abs(r.estimate_um - r.defocus_um) for r in mine if round(abs(r.defocus_um)) == d]))
+        for d in distances
+    )
     signed = [r for r in mine if abs(r.defocus_um) >= SIGN_MIN_UM]
     sign = sum(1 for r in signed if np.sign(r.estimate_um) == np.sign(r.defocus_um)) / max(1, len(signed))
-    return {"psnr_gain_near_db": gain_near, "psnr_gain_far_db": gain_far, "beats_rl_everywhere": beats_rl,
-            "mae_near_um": mae_near, "mae_all_um": mae_all, "mae_worst_distance_um": worst_far,
-            "sign_accuracy": sign}
+    return {
+        "psnr_gain_near_db": gain_near,
+        "psnr_gain_far_db": gain_far,
+        "beats_rl_everywhere": beats_rl,
+        "mae_near_um": mae_near,
+        "mae_all_um": mae_all,
+        "mae_worst_distance_um": worst_far,
+        "sign_accuracy": sign,
+    }
 
 
 def magnitude_table(rows: Sequence[Row], setting: str) -> str:
@@ -387,7 +462,9 @@ def magnitude_table(rows: Sequence[Row], setting: str) -> str:
         mine = [r for r in chosen if r.method == method]
         cells = [method]
         for d in distances:
-            cells.append(f"{np.mean([abs(r.magnitude_um - abs(r.defocus_um)) for r in mine if round(abs(r.defocus_um)) == d]):.2f}")
+            cells.append(
+                f"{np.mean([abs(r.magnitude_um - abs(r.defocus_um)) for r in mine if round(abs(r.defocus_um)) == d]):.2f}"
+            )
         signed = [r for r in mine if abs(r.defocus_um) >= SIGN_MIN_UM]
         correct = sum(1 for r in signed if (r.p_positive > 0.5) == (r.defocus_um > 0))
         cells.append(f"{100.0 * correct / max(1, len(signed)):.1f}%")
@@ -404,9 +481,11 @@ def _stage_note(training: dict) -> str:
         return ""
     only = {"focus_head": " (focus head only)", "decoder": " (image decoder only)"}.get(training.get("train_only"), "")
     before = start.get("training") or {}
-    return (f"{only}, starting from weights sha256 {start['sha256'][:16]}... trained {before.get('steps', '?')} "
-            f"steps (batch {before.get('batch_size', '?')}, {before.get('patch_size_px', '?')} px patches) in "
-            f"{float(before.get('wall_time_s', 0)) / 60:.1f} min{_stage_note(before)}")
+    return (
+        f"{only}, starting from weights sha256 {start['sha256'][:16]}... trained {before.get('steps', '?')} "
+        f"steps (batch {before.get('batch_size', '?')}, {before.get('patch_size_px', '?')} px patches) in "
+        f"{float(before.get('wall_time_s', 0)) / 60:.1f} min{_stage_note(before)}"
+    )
 
 
 def calibration_line(rows: Sequence[Row], method: str) -> str:
@@ -414,8 +493,10 @@ def calibration_line(rows: Sequence[Row], method: str) -> str:
     within1 = np.mean([abs(r.estimate_um - r.defocus_um) <= r.sigma_um for r in mine])
     within2 = np.mean([abs(r.estimate_um - r.defocus_um) <= 2 * r.sigma_um for r in mine])
     median_sigma = float(np.median([r.sigma_um for r in mine]))
-    return (f"{method}: {100 * within1:.0f}% of errors within 1 sigma, {100 * within2:.0f}% within 2 sigma, "
-            f"median sigma {median_sigma:.2f} um")
+    return (
+        f"{method}: {100 * within1:.0f}% of errors within 1 sigma, {100 * within2:.0f}% within 2 sigma, "
+        f"median sigma {median_sigma:.2f} um"
+    )
 
 
 def plot_scatter(rows: Sequence[Row], path: Path) -> None:
@@ -424,19 +505,33 @@ def plot_scatter(rows: Sequence[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    estimating = [m for m in dict.fromkeys(r.method for r in rows) if any(
-        not math.isnan(r.estimate_um) for r in rows if r.method == m)]
+    estimating = [
+        m
+        for m in dict.fromkeys(r.method for r in rows)
+        if any(not math.isnan(r.estimate_um) for r in rows if r.method == m)
+    ]
     fig, axes = plt.subplots(1, max(1, len(estimating)), figsize=(5 * max(1, len(estimating)), 5), squeeze=False)
     for ax, method in zip(axes[0], estimating):
         for setting, marker in (("flat", "o"), ("tilt", "x")):
             mine = [r for r in rows if r.method == method and r.setting == setting]
             if mine:
-                ax.scatter([r.defocus_um for r in mine], [r.estimate_um for r in mine], s=14, marker=marker,
-                           alpha=0.7, label=f"{setting} sample")
+                ax.scatter(
+                    [r.defocus_um for r in mine],
+                    [r.estimate_um for r in mine],
+                    s=14,
+                    marker=marker,
+                    alpha=0.7,
+                    label=f"{setting} sample",
+                )
         limit = max(abs(r.defocus_um) for r in rows) + 3
         ax.plot([-limit, limit], [-limit, limit], "k--", lw=0.8)
-        ax.set(xlim=(-limit, limit), ylim=(-limit, limit), xlabel="true defocus (um)",
-               ylabel="estimated defocus (um)", title=method)
+        ax.set(
+            xlim=(-limit, limit),
+            ylim=(-limit, limit),
+            xlabel="true defocus (um)",
+            ylabel="estimated defocus (um)",
+            title=method,
+        )
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -452,11 +547,16 @@ def plot_examples(test_set: HeldOutSet, methods: dict[str, Method], distances_um
     import matplotlib.pyplot as plt
 
     field = test_set.samples[0].field
-    chosen = [s for d in distances_um for s in test_set.samples
-              if s.field == field and s.setting == "flat" and abs(s.defocus_um - d) < 1e-6]
+    chosen = [
+        s
+        for d in distances_um
+        for s in test_set.samples
+        if s.field == field and s.setting == "flat" and abs(s.defocus_um - d) < 1e-6
+    ]
     names = list(methods)
-    fig, axes = plt.subplots(len(chosen), len(names) + 1, figsize=(2.6 * (len(names) + 1), 2.7 * len(chosen)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(chosen), len(names) + 1, figsize=(2.6 * (len(names) + 1), 2.7 * len(chosen)), squeeze=False
+    )
     for i, sample in enumerate(chosen):
         low, high = np.percentile(sample.truth, [0.5, 99.8])
         for j, name in enumerate(names):
@@ -480,8 +580,9 @@ def _status(value: bool) -> str:
     return "met" if value else "MISSED"
 
 
-def write_report(out_dir: Path, rows: Sequence[Row], networks: dict[str, dict], test_set: HeldOutSet,
-                 wall_s: float) -> Path:
+def write_report(
+    out_dir: Path, rows: Sequence[Row], networks: dict[str, dict], test_set: HeldOutSet, wall_s: float
+) -> Path:
     """report.md with the tables, the targets and how the numbers were made."""
     baseline = "input (unprocessed)"
     rl = next((name for name in dict.fromkeys(r.method for r in rows) if name.startswith("Richardson")), None)
@@ -564,7 +665,8 @@ def write_report(out_dir: Path, rows: Sequence[Row], networks: dict[str, dict], 
         magnitude_table(rows, "flat"),
         "",
         "Uncertainty calibration (a Gaussian sigma would cover 68% of errors within 1 sigma, 95% within 2): "
-        + "; ".join(calibration_line(rows, name) for name in networks) + ".",
+        + "; ".join(calibration_line(rows, name) for name in networks)
+        + ".",
         "",
     ]
     if tilt:
@@ -591,8 +693,11 @@ def write_report(out_dir: Path, rows: Sequence[Row], networks: dict[str, dict], 
             f"- PSNR gain over the input for 20 <= |d| <= 35 um: {numbers['psnr_gain_far_db']:+.2f} dB "
             f"(target >= +3 dB): {_status(numbers['psnr_gain_far_db'] >= 3)}",
             "- better PSNR than Richardson-Lucy with the true PSF at every distance: "
-            + ("not measured (--no-baselines)" if numbers["beats_rl_everywhere"] is None
-               else _status(bool(numbers["beats_rl_everywhere"]))),
+            + (
+                "not measured (--no-baselines)"
+                if numbers["beats_rl_everywhere"] is None
+                else _status(bool(numbers["beats_rl_everywhere"]))
+            ),
             f"- defocus MAE for |d| <= 10 um: {numbers['mae_near_um']:.2f} um (target <= 0.5 um): "
             f"{_status(numbers['mae_near_um'] <= 0.5)}",
             f"- defocus MAE at the worst distance up to 35 um: {numbers['mae_worst_distance_um']:.2f} um "
@@ -608,15 +713,29 @@ def write_report(out_dir: Path, rows: Sequence[Row], networks: dict[str, dict], 
     return path
 
 
-def run_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | None]], out_dir: Path, fields: int = 6,
-                   window_px: int = 256, distances_um: Sequence[float] = DEFAULT_DISTANCES_UM,
-                   tilt_distances_um: Sequence[float] = TILT_DISTANCES_UM, baselines: bool = True) -> Path:
+def run_evaluation(
+    config: AppConfig,
+    weights: Sequence[tuple[str, Path | None]],
+    out_dir: Path,
+    fields: int = 6,
+    window_px: int = 256,
+    distances_um: Sequence[float] = DEFAULT_DISTANCES_UM,
+    tilt_distances_um: Sequence[float] = TILT_DISTANCES_UM,
+    baselines: bool = True,
+) -> Path:
     """Build the test set, run every method, write metrics.csv, the PNGs and report.md; returns the report."""
     started = time.monotonic()
     output_folder(out_dir, "--out")
     test_set = HeldOutSet(config, fields, window_px, distances_um, tilt_distances_um, seed=config.training.seed)
-    log.info(kv("test_set_ready", frames=len(test_set.samples), fields=fields, window_px=window_px,
-                seconds=round(time.monotonic() - started)))
+    log.info(
+        kv(
+            "test_set_ready",
+            frames=len(test_set.samples),
+            fields=fields,
+            window_px=window_px,
+            seconds=round(time.monotonic() - started),
+        )
+    )
     if baselines:
         methods = baseline_methods(test_set, tune_wiener_balance(config, distances_um, window_px))
     else:
@@ -624,13 +743,18 @@ def run_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | None]]
     networks: dict[str, dict] = {}
     for index, (label, path) in enumerate(weights):
         # the first (candidate) model as the daemon runs it, and alone; the others as their network alone
-        method, info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads,
-                                      physics_fusion=config.engine.physics_fusion and index == 0)
+        method, info = network_method(
+            path,
+            config.optics.pixel_size_um,
+            config.engine.num_threads,
+            physics_fusion=config.engine.physics_fusion and index == 0,
+        )
         methods[label] = method
         networks[label] = info
         if index == 0 and config.engine.physics_fusion:
-            method, info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads,
-                                          physics_fusion=False)
+            method, info = network_method(
+                path, config.optics.pixel_size_um, config.engine.num_threads, physics_fusion=False
+            )
             methods[f"{label}, network alone"] = method
             networks[f"{label}, network alone"] = info
     rows = evaluate_methods(test_set, methods, {label: info["factors"] for label, info in networks.items()})

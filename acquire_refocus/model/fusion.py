@@ -74,8 +74,13 @@ class OpticalFusion:
 
         simulator = SimulatorConfig()
         self.margin_um = float(margin_um)
-        self.bank, _ = load_or_compute_psf_bank(optics, max_defocus_um=simulator.max_defocus_um,
-                                                z_step_um=1.0, depth_um=0.0, cache_dir=simulator.psf_cache_dir)
+        self.bank, _ = load_or_compute_psf_bank(
+            optics,
+            max_defocus_um=simulator.max_defocus_um,
+            z_step_um=1.0,
+            depth_um=0.0,
+            cache_dir=simulator.psf_cache_dir,
+        )
         self._otf: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         log.info(kv("optical_fusion_ready", margin_um=f"{self.margin_um:.2f}", planes=len(self.bank.defocus_um)))

@@ -59,7 +59,8 @@ def defocus_loss(focus: torch.Tensor, defocus_um: torch.Tensor, huber_delta_um: 
         loss = loss + F.huber_loss(focus[:, 2], defocus_um.abs(), delta=huber_delta_um)
         sign_weight = defocus_um.abs().clamp(max=1.0)
         loss = loss + DEFOCUS_SIGN_WEIGHT * F.binary_cross_entropy_with_logits(
-            focus[:, 3], (defocus_um > 0).to(focus.dtype), weight=sign_weight)
+            focus[:, 3], (defocus_um > 0).to(focus.dtype), weight=sign_weight
+        )
     error = estimate_um.detach() - defocus_um
     nll = 0.5 * (error * torch.exp(-log_sigma_um)) ** 2 + log_sigma_um
     return loss + nll.mean()

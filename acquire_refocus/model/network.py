@@ -285,7 +285,9 @@ class ResNet34Encoder(nn.Module):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is a config mistake
-            raise ConfigError(f"model.pretrained_encoder: {path} is not a readable PyTorch state dict ({exc})") from None
+            raise ConfigError(
+                f"model.pretrained_encoder: {path} is not a readable PyTorch state dict ({exc})"
+            ) from None
         if not isinstance(state, dict):
             raise ConfigError(f"model.pretrained_encoder: {path} does not hold a state dict")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -299,8 +301,9 @@ class ResNet34Encoder(nn.Module):
             )
         for key, value in state.items():
             if tuple(value.shape) != tuple(own[key].shape):
-                raise ConfigError(f"model.pretrained_encoder: {key} has shape {tuple(value.shape)}, "
-                                  f"expected {tuple(own[key].shape)}")
+                raise ConfigError(
+                    f"model.pretrained_encoder: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+                )
         self.load_state_dict(state)
 
 

@@ -50,19 +50,20 @@ PHOTON_LEVELS = (20.0, 100.0, 500.0, 2000.0, 5000.0)
 REAL_IMAGE = Path(__file__).resolve().parents[2] / "tools" / "eval_data" / "dsb2018_nuclei.tif"
 REAL_LABELS = REAL_IMAGE.with_name("dsb2018_nuclei_labels.tif")
 # The realistic camera of the independent check: Poisson noise, 2 e- read noise, 100 ADU offset, 1 ADU / e-.
-REALISTIC_CAMERA = CameraConfig(gain_adu_per_electron=1.0, offset_adu=100.0, read_noise_electrons=2.0,
-                                quantum_efficiency=1.0)
+REALISTIC_CAMERA = CameraConfig(
+    gain_adu_per_electron=1.0, offset_adu=100.0, read_noise_electrons=2.0, quantum_efficiency=1.0
+)
 MEMBRANE_SEED_BASE = TEST_SEED_BASE + 500
 OOD_SOURCES = {
     "simulator nuclei": "procedural nuclei, specimen seeds 3000+ (training uses 1000+, validation 2000+), default "
-                        "camera (peak ~60-160 photons)",
+    "camera (peak ~60-160 photons)",
     "real nuclei (DSB 2018)": "tools/eval_data/dsb2018_nuclei.tif and its labels: a real fluorescence image of "
-                              "stained nuclei from the 2018 Data Science Bowl (BBBC038v1, CC0), as shipped in "
-                              "stardist 0.9.2 (BSD-3); lateral structure real, z extent modelled; never trained on",
+    "stained nuclei from the 2018 Data Science Bowl (BBBC038v1, CC0), as shipped in "
+    "stardist 0.9.2 (BSD-3); lateral structure real, z extent modelled; never trained on",
     "scalar PSF": "procedural nuclei, seeds 3000+, PSF from psfmodels' scalar Gibson-Lanni model (training: "
-                  "vectorial only)",
+    "vectorial only)",
     "membranes (held-out family)": "procedural membranes (sim/families.py), seeds 3500+; the family is not in "
-                                   "any shipped training envelope",
+    "any shipped training envelope",
     "nuclei, peak N photons": "procedural nuclei, seeds 3000+, one camera per brightness level",
 }
 
@@ -94,10 +95,15 @@ def _signed(distances_um: Sequence[float]) -> list[float]:
 
 
 def _camera(peak_photons: float, background_fraction: float) -> CameraDraw:
-    return CameraDraw(peak_photons=peak_photons, background_fraction=background_fraction,
-                      read_noise_electrons=REALISTIC_CAMERA.read_noise_electrons,
-                      gain_adu_per_electron=REALISTIC_CAMERA.gain_adu_per_electron,
-                      offset_adu=REALISTIC_CAMERA.offset_adu, hot_pixel_fraction=0.0, fixed_pattern_adu=0.0)
+    return CameraDraw(
+        peak_photons=peak_photons,
+        background_fraction=background_fraction,
+        read_noise_electrons=REALISTIC_CAMERA.read_noise_electrons,
+        gain_adu_per_electron=REALISTIC_CAMERA.gain_adu_per_electron,
+        offset_adu=REALISTIC_CAMERA.offset_adu,
+        hot_pixel_fraction=0.0,
+        fixed_pattern_adu=0.0,
+    )
 
 
 def _fixed_camera(peak_photons: float, rng: np.random.Generator) -> CameraDraw:
@@ -112,13 +118,17 @@ def realistic_camera(rng: np.random.Generator) -> CameraDraw:
 
 def _no_background(simulator: SimulatorConfig, **specimen: object) -> SimulatorConfig:
     drift = simulator.drift.model_copy(update={"model": "none", "tilt_x_um_per_mm": 0.0, "tilt_y_um_per_mm": 0.0})
-    return simulator.model_copy(update={
-        "specimen": simulator.specimen.model_copy(update={"background_photons_per_px": 0.0, **specimen}),
-        "drift": drift})
+    return simulator.model_copy(
+        update={
+            "specimen": simulator.specimen.model_copy(update={"background_photons_per_px": 0.0, **specimen}),
+            "drift": drift,
+        }
+    )
 
 
-def _busy_positions(scope: SimulatedMicroscope, candidates: Sequence[tuple[float, float]], count: int,
-                    window_px: int) -> list[tuple[float, float]]:
+def _busy_positions(
+    scope: SimulatedMicroscope, candidates: Sequence[tuple[float, float]], count: int, window_px: int
+) -> list[tuple[float, float]]:
     """The `count` candidate stage positions whose in-focus window holds the most signal (no empty fields)."""
     signal = [float(np.ptp(scope.photon_stack([0.0], xy, (window_px, window_px))[1])) for xy in candidates]
     order = np.argsort(signal)[::-1][:count]
@@ -126,14 +136,22 @@ def _busy_positions(scope: SimulatedMicroscope, candidates: Sequence[tuple[float
 
 
 def _grid(side_um: tuple[float, float], per_axis: int) -> list[tuple[float, float]]:
-    return [((c + 0.5) / per_axis * side_um[0], (r + 0.5) / per_axis * side_um[1])
-            for r in range(per_axis) for c in range(per_axis)]
+    return [
+        ((c + 0.5) / per_axis * side_um[0], (r + 0.5) / per_axis * side_um[1])
+        for r in range(per_axis)
+        for c in range(per_axis)
+    ]
 
 
-def _render(scope: SimulatedMicroscope, set_name: str, positions: Sequence[tuple[float, float]],
-            distances_um: Sequence[float],
-            window_px: int, cameras: Callable[[np.random.Generator], CameraDraw],
-            rng: np.random.Generator) -> list[Sample]:
+def _render(
+    scope: SimulatedMicroscope,
+    set_name: str,
+    positions: Sequence[tuple[float, float]],
+    distances_um: Sequence[float],
+    window_px: int,
+    cameras: Callable[[np.random.Generator], CameraDraw],
+    rng: np.random.Generator,
+) -> list[Sample]:
     samples = []
     for xy in positions:
         photons, truth_photons = scope.photon_stack(_signed(distances_um), xy, (window_px, window_px))
@@ -143,8 +161,14 @@ def _render(scope: SimulatedMicroscope, set_name: str, positions: Sequence[tuple
     return samples
 
 
-def build_sets(config: AppConfig, fields: int, window_px: int, distances_um: Sequence[float] = OOD_DISTANCES_UM,
-               photon_levels: Sequence[float] = PHOTON_LEVELS, seed: int = 0) -> dict[str, list[Sample]]:
+def build_sets(
+    config: AppConfig,
+    fields: int,
+    window_px: int,
+    distances_um: Sequence[float] = OOD_DISTANCES_UM,
+    photon_levels: Sequence[float] = PHOTON_LEVELS,
+    seed: int = 0,
+) -> dict[str, list[Sample]]:
     """Every out-of-distribution set, `fields` windows each (the photon levels share one set of windows)."""
     import tifffile
 
@@ -160,11 +184,14 @@ def build_sets(config: AppConfig, fields: int, window_px: int, distances_um: Seq
     sets["simulator nuclei"] = []
     for xy in positions:
         planes, truth = nuclei.render_stack(_signed(distances_um), xy, rng=rng, shape_px=(window_px, window_px))
-        sets["simulator nuclei"] += [Sample(f"nuclei@{xy[0]:.0f},{xy[1]:.0f}", "simulator nuclei", d, planes[i], truth)
-                                     for i, d in enumerate(_signed(distances_um))]
+        sets["simulator nuclei"] += [
+            Sample(f"nuclei@{xy[0]:.0f},{xy[1]:.0f}", "simulator nuclei", d, planes[i], truth)
+            for i, d in enumerate(_signed(distances_um))
+        ]
 
-    dark = SimulatedMicroscope(config.optics, _no_background(config.simulator).model_copy(
-        update={"seed": TEST_SEED_BASE}))
+    dark = SimulatedMicroscope(
+        config.optics, _no_background(config.simulator).model_copy(update={"seed": TEST_SEED_BASE})
+    )
     for peak in photon_levels:
         name = f"nuclei, peak {peak:g} photons"
         sets[name] = _render(dark, name, positions, distances_um, window_px, partial(_fixed_camera, peak), rng)
@@ -175,19 +202,26 @@ def build_sets(config: AppConfig, fields: int, window_px: int, distances_um: Seq
     pixel_um = config.optics.pixel_size_um
     side_um = (volume.field_shape_px[1] * pixel_um, volume.field_shape_px[0] * pixel_um)
     real_positions = _busy_positions(real, _grid(side_um, 2), min(fields, 4), window_px)
-    sets["real nuclei (DSB 2018)"] = _render(real, "real nuclei (DSB 2018)", real_positions, distances_um,
-                                             window_px, realistic_camera, rng)
+    sets["real nuclei (DSB 2018)"] = _render(
+        real, "real nuclei (DSB 2018)", real_positions, distances_um, window_px, realistic_camera, rng
+    )
 
-    scalar = SimulatedMicroscope(config.optics, _no_background(config.simulator).model_copy(
-        update={"seed": TEST_SEED_BASE, "psf_model": "scalar"}))
+    scalar = SimulatedMicroscope(
+        config.optics,
+        _no_background(config.simulator).model_copy(update={"seed": TEST_SEED_BASE, "psf_model": "scalar"}),
+    )
     sets["scalar PSF"] = _render(scalar, "scalar PSF", positions, distances_um, window_px, realistic_camera, rng)
 
-    membranes = SimulatedMicroscope(config.optics, _no_background(
-        config.simulator, family="membranes", field_size_um=(200.0, 200.0)).model_copy(
-        update={"seed": MEMBRANE_SEED_BASE}))
+    membranes = SimulatedMicroscope(
+        config.optics,
+        _no_background(config.simulator, family="membranes", field_size_um=(200.0, 200.0)).model_copy(
+            update={"seed": MEMBRANE_SEED_BASE}
+        ),
+    )
     membrane_positions = _busy_positions(membranes, _grid((200.0, 200.0), per_axis), fields, window_px)
-    sets["membranes (held-out family)"] = _render(membranes, "membranes (held-out family)", membrane_positions,
-                                                  distances_um, window_px, realistic_camera, rng)
+    sets["membranes (held-out family)"] = _render(
+        membranes, "membranes (held-out family)", membrane_positions, distances_um, window_px, realistic_camera, rng
+    )
     return sets
 
 
@@ -222,10 +256,19 @@ def evaluate_sets(sets: dict[str, list[Sample]], methods: dict[str, Method]) -> 
             psnr_in = float(peak_signal_noise_ratio(sample.truth, raw, data_range=data_range))
             for name, method in methods.items():
                 image, magnitude_um, confidence = method(sample)
-                rows.append(OodRow(name, set_name, sample.field, sample.defocus_um, psnr_in,
-                                   float(peak_signal_noise_ratio(sample.truth, image, data_range=data_range)),
-                                   float(structural_similarity(sample.truth, image, data_range=data_range)),
-                                   float(magnitude_um), float(confidence)))
+                rows.append(
+                    OodRow(
+                        name,
+                        set_name,
+                        sample.field,
+                        sample.defocus_um,
+                        psnr_in,
+                        float(peak_signal_noise_ratio(sample.truth, image, data_range=data_range)),
+                        float(structural_similarity(sample.truth, image, data_range=data_range)),
+                        float(magnitude_um),
+                        float(confidence),
+                    )
+                )
         log.info(kv("ood_set_evaluated", set=set_name, frames=len(samples)))
     return rows
 
@@ -239,10 +282,13 @@ def per_distance(rows: Sequence[OodRow], method: str, set_name: str) -> dict[flo
     table = {}
     for d in sorted({abs(r.defocus_um) for r in rows if r.set_name == set_name}):
         mine = [r for r in rows if r.method == method and r.set_name == set_name and abs(r.defocus_um) == d]
-        table[d] = {"gain_db": _mean([r.gain_db for r in mine]), "ssim": _mean([r.ssim for r in mine]),
-                    "magnitude_error_um": _mean([abs(r.magnitude_um - d) for r in mine]),
-                    "magnitude_bias_um": _mean([r.magnitude_um - d for r in mine]),
-                    "magnitude_um": _mean([r.magnitude_um for r in mine])}
+        table[d] = {
+            "gain_db": _mean([r.gain_db for r in mine]),
+            "ssim": _mean([r.ssim for r in mine]),
+            "magnitude_error_um": _mean([abs(r.magnitude_um - d) for r in mine]),
+            "magnitude_bias_um": _mean([r.magnitude_um - d for r in mine]),
+            "magnitude_um": _mean([r.magnitude_um for r in mine]),
+        }
     return table
 
 
@@ -288,12 +334,35 @@ def judge(rows: Sequence[OodRow], method: str) -> dict[str, Verdict]:
 def write_csv(rows: Sequence[OodRow], path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "set", "field", "defocus_um", "psnr_input_db", "psnr_db", "psnr_gain_db", "ssim",
-                         "magnitude_um", "confidence"])
+        writer.writerow(
+            [
+                "method",
+                "set",
+                "field",
+                "defocus_um",
+                "psnr_input_db",
+                "psnr_db",
+                "psnr_gain_db",
+                "ssim",
+                "magnitude_um",
+                "confidence",
+            ]
+        )
         for r in rows:
-            writer.writerow([r.method, r.set_name, r.field, f"{r.defocus_um:g}", f"{r.psnr_in_db:.3f}",
-                             f"{r.psnr_db:.3f}", f"{r.gain_db:.3f}", f"{r.ssim:.4f}", f"{r.magnitude_um:.3f}",
-                             f"{r.confidence:.4f}"])
+            writer.writerow(
+                [
+                    r.method,
+                    r.set_name,
+                    r.field,
+                    f"{r.defocus_um:g}",
+                    f"{r.psnr_in_db:.3f}",
+                    f"{r.psnr_db:.3f}",
+                    f"{r.gain_db:.3f}",
+                    f"{r.ssim:.4f}",
+                    f"{r.magnitude_um:.3f}",
+                    f"{r.confidence:.4f}",
+                ]
+            )
 
 
 def plot_reliability(rows: Sequence[OodRow], methods: Sequence[str], path: Path) -> None:
@@ -315,8 +384,7 @@ def plot_reliability(rows: Sequence[OodRow], methods: Sequence[str], path: Path)
         centres = [confidence[bins == b].mean() for b in range(len(edges) - 1) if (bins == b).any()]
         errors = [error[bins == b].mean() for b in range(len(edges) - 1) if (bins == b).any()]
         axes[0].plot(centres, errors, "o-", label=method)
-        axes[1].scatter([abs(r.defocus_um) for r in mine], [r.magnitude_um for r in mine], s=4, alpha=0.4,
-                        label=method)
+        axes[1].scatter([abs(r.defocus_um) for r in mine], [r.magnitude_um for r in mine], s=4, alpha=0.4, label=method)
     axes[0].set_xlabel("reported confidence (decile bins)")
     axes[0].set_ylabel("mean | |d| estimate - |d| | (um)")
     axes[0].set_title("reliability: error should fall as confidence rises")
@@ -339,18 +407,26 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
 def write_report(out_dir: Path, rows: Sequence[OodRow], networks: dict[str, dict[str, Any]], seconds: float) -> Path:
     methods = list(dict.fromkeys(r.method for r in rows))
     sets = list(dict.fromkeys(r.set_name for r in rows))
-    lines = ["# Out-of-distribution evaluation", "",
-             f"Generated by `acquire-refocus evaluate --suite ood` in {seconds / 60:.1f} min. Every frame is scored "
-             "against its noiseless in-focus image; `gain` is the PSNR of the output minus that of the raw frame "
-             "(dB), mean over both signs of defocus and all fields of the set.", "", "## Data sources", ""]
+    lines = [
+        "# Out-of-distribution evaluation",
+        "",
+        f"Generated by `acquire-refocus evaluate --suite ood` in {seconds / 60:.1f} min. Every frame is scored "
+        "against its noiseless in-focus image; `gain` is the PSNR of the output minus that of the raw frame "
+        "(dB), mean over both signs of defocus and all fields of the set.",
+        "",
+        "## Data sources",
+        "",
+    ]
     lines += [f"- **{name}**: {text}" for name, text in OOD_SOURCES.items()]
     lines += ["", "## Networks", ""]
     for label, info in networks.items():
         training = (info.get("metadata") or {}).get("training") or {}
         data = training.get("data") or {}
-        lines.append(f"- **{label}**: sha256 {info['sha256'][:16]}..., trained {training.get('steps', '?')} steps; "
-                     f"data: {data.get('source', '?')}"
-                     + (f", families {', '.join(data['families'])}" if data.get("families") else ""))
+        lines.append(
+            f"- **{label}**: sha256 {info['sha256'][:16]}..., trained {training.get('steps', '?')} steps; "
+            f"data: {data.get('source', '?')}"
+            + (f", families {', '.join(data['families'])}" if data.get("families") else "")
+        )
     lines.append("")
     for set_name in sets:
         frames = len({(r.field, r.defocus_um) for r in rows if r.set_name == set_name})
@@ -362,23 +438,33 @@ def write_report(out_dir: Path, rows: Sequence[OodRow], networks: dict[str, dict
             gain_lines.append([method, *(f"{table[d]['gain_db']:+.2f}" for d in distances)])
             ssim_lines.append([method, *(f"{table[d]['ssim']:.3f}" for d in distances)])
             if not math.isnan(table[distances[0]]["magnitude_um"]):
-                magnitude_lines.append([method, *(
-                    f"{table[d]['magnitude_um']:.1f} ({table[d]['magnitude_bias_um']:+.1f})" for d in distances)])
+                magnitude_lines.append(
+                    [
+                        method,
+                        *(f"{table[d]['magnitude_um']:.1f} ({table[d]['magnitude_bias_um']:+.1f})" for d in distances),
+                    ]
+                )
         header = ["PSNR gain (dB) \\ |d| (um)", *(f"{d:g}" for d in distances)]
         lines += [_table(header, gain_lines), "", _table(["SSIM"] + [f"{d:g}" for d in distances], ssim_lines), ""]
         if magnitude_lines:
             lines += [_table(["mean |d| estimate (bias), um"] + [f"{d:g}" for d in distances], magnitude_lines), ""]
-    lines += ["## Above and below focus", "",
-              "Mean PSNR gain (dB) over 3 <= |d| <= 30 um on each side of focus. A model trained on one side only "
-              "(the ReFocus check) shows here how much of its gain survives on the other.", ""]
+    lines += [
+        "## Above and below focus",
+        "",
+        "Mean PSNR gain (dB) over 3 <= |d| <= 30 um on each side of focus. A model trained on one side only "
+        "(the ReFocus check) shows here how much of its gain survives on the other.",
+        "",
+    ]
     side_lines = []
     for method in methods:
         cells = [method]
         for set_name in sets:
-            below = _mean([r.gain_db for r in rows if r.method == method and r.set_name == set_name
-                           and r.defocus_um <= -3])
-            above = _mean([r.gain_db for r in rows if r.method == method and r.set_name == set_name
-                           and r.defocus_um >= 3])
+            below = _mean(
+                [r.gain_db for r in rows if r.method == method and r.set_name == set_name and r.defocus_um <= -3]
+            )
+            above = _mean(
+                [r.gain_db for r in rows if r.method == method and r.set_name == set_name and r.defocus_um >= 3]
+            )
             cells.append(f"{below:+.2f} / {above:+.2f}")
         side_lines.append(cells)
     lines += [_table(["below / above focus", *sets], side_lines), ""]
@@ -395,27 +481,44 @@ def write_report(out_dir: Path, rows: Sequence[OodRow], networks: dict[str, dict
     return path
 
 
-def run_ood_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | None]], out_dir: Path, fields: int = 4,
-                       window_px: int = 256, physics: bool = True) -> Path:
+def run_ood_evaluation(
+    config: AppConfig,
+    weights: Sequence[tuple[str, Path | None]],
+    out_dir: Path,
+    fields: int = 4,
+    window_px: int = 256,
+    physics: bool = True,
+) -> Path:
     """Build every set, run each network (the first with and without engine.physics_fusion, the others alone, and
     the physics-informed Wiener method on the first network's |d|), write metrics.csv, reliability.png and
     report.md; returns the report."""
     started = time.monotonic()
     output_folder(out_dir, "--out")
     sets = build_sets(config, fields, window_px, seed=config.training.seed)
-    log.info(kv("ood_sets_ready", sets=len(sets), frames=sum(map(len, sets.values())),
-                seconds=round(time.monotonic() - started)))
+    log.info(
+        kv(
+            "ood_sets_ready",
+            sets=len(sets),
+            frames=sum(map(len, sets.values())),
+            seconds=round(time.monotonic() - started),
+        )
+    )
     methods: dict[str, Method] = {}
     networks: dict[str, dict[str, Any]] = {}
     for index, (label, path) in enumerate(weights):
         # the first (candidate) model as the daemon runs it; the others as their network alone, for comparison
-        network, info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads,
-                                       physics_fusion=config.engine.physics_fusion and index == 0)
+        network, info = network_method(
+            path,
+            config.optics.pixel_size_um,
+            config.engine.num_threads,
+            physics_fusion=config.engine.physics_fusion and index == 0,
+        )
         methods[label] = _with_magnitude(network, info["factors"])
         networks[label] = info
         if index == 0 and config.engine.physics_fusion:  # what the fusion adds, on the first (candidate) model
-            alone, alone_info = network_method(path, config.optics.pixel_size_um, config.engine.num_threads,
-                                               physics_fusion=False)
+            alone, alone_info = network_method(
+                path, config.optics.pixel_size_um, config.engine.num_threads, physics_fusion=False
+            )
             methods[f"{label}, network alone"] = _with_magnitude(alone, alone_info["factors"])
             networks[f"{label}, network alone"] = alone_info
     if physics and weights:
@@ -430,16 +533,19 @@ def run_ood_evaluation(config: AppConfig, weights: Sequence[tuple[str, Path | No
 
         methods[weights[0][0]] = first_recording
         methods[f"Wiener at |d| of {weights[0][0]} (physics-informed)"] = physics_method(
-            config, lambda sample: magnitudes.pop(id(sample)), window_px)
+            config, lambda sample: magnitudes.pop(id(sample)), window_px
+        )
     rows = evaluate_sets(sets, methods)
     write_csv(rows, out_dir / "metrics.csv")
     plot_reliability(rows, list(networks), out_dir / "reliability.png")
     return write_report(out_dir, rows, networks, time.monotonic() - started)
 
 
-def _with_magnitude(network: Callable[[Sample], tuple[np.ndarray, float, float]],
-                    factors: Callable[[Sample], tuple[float, float]]) -> Method:
+def _with_magnitude(
+    network: Callable[[Sample], tuple[np.ndarray, float, float]], factors: Callable[[Sample], tuple[float, float]]
+) -> Method:
     """A network method reporting (image, |d| estimate, confidence) instead of (image, signed d, sigma)."""
+
     def run(sample: Sample) -> tuple[np.ndarray, float, float]:
         image, _, sigma_um = network(sample)
         magnitude_um, _ = factors(sample)

@@ -94,8 +94,13 @@ def psnr_db(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def validate(
-    network: torch.nn.Module, criterion: RefocusLoss, batch: training_data.PatchBatch, device: torch.device,
-    step: int, chunk: int = 16, train_mode: str = "all",
+    network: torch.nn.Module,
+    criterion: RefocusLoss,
+    batch: training_data.PatchBatch,
+    device: torch.device,
+    step: int,
+    chunk: int = 16,
+    train_mode: str = "all",
 ) -> ValidationResult:
     """Loss, PSNR of input and output against the target, and defocus MAE on a fixed batch (eval mode)."""
     network.eval()
@@ -136,8 +141,9 @@ def _set_train_mode(network: torch.nn.Module, train_only: str) -> None:
     _trained_part(network, train_only).train()
 
 
-def calibrate_focus_head(network: torch.nn.Module, batch: training_data.PatchBatch, device: torch.device,
-                         chunk: int = 16) -> tuple[float, float, float]:
+def calibrate_focus_head(
+    network: torch.nn.Module, batch: training_data.PatchBatch, device: torch.device, chunk: int = 16
+) -> tuple[float, float, float]:
     """Calibrate the focus head on held-out frames (validation specimens), folding both results into its last
     layer:
 
@@ -189,8 +195,12 @@ def _load_initial_weights(network: torch.nn.Module, path: Path, model_config: Mo
     fresh = sorted(k for k in own if k not in usable)
     network.load_state_dict(usable, strict=False)
     log.info(kv("initial_weights", path=path, loaded=len(usable), fresh=",".join(fresh) or "-"))
-    return {"file": path.name, "sha256": sha256, "fresh_parameters": fresh,
-            "training": payload.get("metadata", {}).get("training")}
+    return {
+        "file": path.name,
+        "sha256": sha256,
+        "fresh_parameters": fresh,
+        "training": payload.get("metadata", {}).get("training"),
+    }
 
 
 def _resolve_initial_weights(config: AppConfig) -> tuple[AppConfig, Path | None]:
@@ -201,15 +211,24 @@ def _resolve_initial_weights(config: AppConfig) -> tuple[AppConfig, Path | None]
     if setting != "shipped":
         return config, None if setting is None else Path(setting)
     shipped = ModelConfig.model_validate(read_payload(DEFAULT_WEIGHTS)[0]["model_config"])
-    given = {name: getattr(config.model, name) for name in config.model.model_fields_set
-             if name not in ("weights", "weights_per_channel", "pretrained_encoder")}
+    given = {
+        name: getattr(config.model, name)
+        for name in config.model.model_fields_set
+        if name not in ("weights", "weights_per_channel", "pretrained_encoder")
+    }
     if shipped.model_copy(update=given) != shipped:
-        log.info(kv("initial_weights_fresh", reason="the model section differs from the shipped model's architecture",
-                    given=",".join(f"{name}:{value}" for name, value in sorted(given.items())),
-                    shipped=shipped.model_dump_json(exclude={"weights", "weights_per_channel", "pretrained_encoder"})))
+        log.info(
+            kv(
+                "initial_weights_fresh",
+                reason="the model section differs from the shipped model's architecture",
+                given=",".join(f"{name}:{value}" for name, value in sorted(given.items())),
+                shipped=shipped.model_dump_json(exclude={"weights", "weights_per_channel", "pretrained_encoder"}),
+            )
+        )
         return config, None
-    model = shipped.model_copy(update={"weights": config.model.weights,
-                                       "pretrained_encoder": config.model.pretrained_encoder})
+    model = shipped.model_copy(
+        update={"weights": config.model.weights, "pretrained_encoder": config.model.pretrained_encoder}
+    )
     return config.model_copy(update={"model": model}), DEFAULT_WEIGHTS
 
 
@@ -232,8 +251,10 @@ def _require_same_model(payload: dict[str, Any], model_config: ModelConfig, sour
     saved = ModelConfig.model_validate(payload["model_config"])
     current = model_config.model_copy(update={"weights": None, "pretrained_encoder": None})
     if saved != current:
-        raise ConfigError(f"{source}: was trained with model settings {saved.model_dump(mode='json')}, "
-                          f"the config asks for {current.model_dump(mode='json')}")
+        raise ConfigError(
+            f"{source}: was trained with model settings {saved.model_dump(mode='json')}, "
+            f"the config asks for {current.model_dump(mode='json')}"
+        )
 
 
 def train(
@@ -248,7 +269,8 @@ def train(
     training = config.training
     total_steps = int(steps if steps is not None else training.steps)
     out_dir = (
-        output_folder(out_dir, "--out") if out_dir is not None
+        output_folder(out_dir, "--out")
+        if out_dir is not None
         else output_folder(training.checkpoint_dir, "training.checkpoint_dir")
     )
     (out_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
@@ -300,9 +322,12 @@ def train(
             "source": "simulated",
             "train_specimen_seeds": sorted({f.seed for f in source.fields}),
             "train_fields": len(source.fields),
-            "validation_specimen_seeds": sorted({training_data.VALIDATION_SEED_BASE + i
-                                                 for i in range(math.ceil(training.validation_fields
-                                                                          / training_data.FIELDS_PER_SPECIMEN))}),
+            "validation_specimen_seeds": sorted(
+                {
+                    training_data.VALIDATION_SEED_BASE + i
+                    for i in range(math.ceil(training.validation_fields / training_data.FIELDS_PER_SPECIMEN))
+                }
+            ),
         }
     else:
         source, validation_windows = training_data.stored_sources(config)
@@ -314,9 +339,20 @@ def train(
     rng = np.random.default_rng(np.random.SeedSequence([training.seed, start_step]))
     pool = training_data.PatchPool(source, POOL_WINDOWS, patch_px, normalization, rng)
 
-    log.info(kv("training_started", architecture=config.model.architecture, parameters=parameter_count(network),
-                device=device, steps=total_steps, start_step=start_step, patch_px=patch_px,
-                batch=training.batch_size, threads=torch.get_num_threads(), out=out_dir))
+    log.info(
+        kv(
+            "training_started",
+            architecture=config.model.architecture,
+            parameters=parameter_count(network),
+            device=device,
+            steps=total_steps,
+            start_step=start_step,
+            patch_px=patch_px,
+            batch=training.batch_size,
+            threads=torch.get_num_threads(),
+            out=out_dir,
+        )
+    )
     checkpoint_path = out_dir / "checkpoint.pt"
     weights_path = out_dir / "weights.pt"
     history_path = out_dir / "history.csv"
@@ -341,10 +377,14 @@ def train(
                 "train_only": training.train_only,
                 "envelope_snr_range": [round(snr_range[0], 2), round(snr_range[1], 2)],
                 "initial_weights": initial_weights,
-                "validation": None if last is None else {
-                    "step": last.step, "psnr_gain_db": round(last.psnr_gain_db, 3),
+                "validation": None
+                if last is None
+                else {
+                    "step": last.step,
+                    "psnr_gain_db": round(last.psnr_gain_db, 3),
                     "psnr_output_db": round(last.psnr_output_db, 3),
-                    "defocus_mae_um": round(last.defocus_mae_um, 3)},
+                    "defocus_mae_um": round(last.defocus_mae_um, 3),
+                },
             }
         }
 
@@ -362,25 +402,49 @@ def train(
             writer = csv.writer(handle)
             writer.writerow(["step", "loss", "psnr_input_db", "psnr_output_db", "psnr_gain_db", "defocus_mae_um"])
             for row in history:
-                writer.writerow([row.step, f"{row.loss:.5f}", f"{row.psnr_input_db:.3f}", f"{row.psnr_output_db:.3f}",
-                                 f"{row.psnr_gain_db:.3f}", f"{row.defocus_mae_um:.3f}"])
-        log.info(kv("validation", step=step, loss=f"{result.loss:.4f}", psnr_gain_db=f"{result.psnr_gain_db:.2f}",
-                    defocus_mae_um=f"{result.defocus_mae_um:.2f}",
-                    train_loss=f"{running.get('loss', float('nan')):.4f}",
-                    elapsed_s=round(time.monotonic() - started)))
+                writer.writerow(
+                    [
+                        row.step,
+                        f"{row.loss:.5f}",
+                        f"{row.psnr_input_db:.3f}",
+                        f"{row.psnr_output_db:.3f}",
+                        f"{row.psnr_gain_db:.3f}",
+                        f"{row.defocus_mae_um:.3f}",
+                    ]
+                )
+        log.info(
+            kv(
+                "validation",
+                step=step,
+                loss=f"{result.loss:.4f}",
+                psnr_gain_db=f"{result.psnr_gain_db:.2f}",
+                defocus_mae_um=f"{result.defocus_mae_um:.2f}",
+                train_loss=f"{running.get('loss', float('nan')):.4f}",
+                elapsed_s=round(time.monotonic() - started),
+            )
+        )
         save(step)
 
     _set_train_mode(network, training.train_only)
     running: dict[str, float] = {}
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not progress,
-               desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        range(start_step, total_steps),
+        initial=start_step,
+        total=total_steps,
+        disable=not progress,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     budget_s = None if training.max_wall_time_min is None else training.max_wall_time_min * 60.0
     done = start_step
     for step in bar:
         elapsed_s = previous_wall_s + time.monotonic() - started
         progress_fraction = step / total_steps if budget_s is None else max(step / total_steps, elapsed_s / budget_s)
         if progress_fraction >= 1.0:
-            log.info(kv("training_time_limit", step=step, elapsed_s=round(elapsed_s), limit_min=training.max_wall_time_min))
+            log.info(
+                kv("training_time_limit", step=step, elapsed_s=round(elapsed_s), limit_min=training.max_wall_time_min)
+            )
             break
         if step > start_step and step % REFRESH_EVERY_STEPS == 0:
             pool.refresh()
@@ -414,9 +478,11 @@ def train(
     final_metadata = metadata(done)
     if training.train_only != "decoder":  # the focus head was trained: calibrate it on validation specimens
         temperature, sigma_scale, margin_um = calibrate_focus_head(network, validation_batch, device)
-        final_metadata["training"]["focus_calibration"] = {"sign_temperature": round(temperature, 4),
-                                                           "sigma_scale": round(sigma_scale, 4),
-                                                           "magnitude_margin_um": round(margin_um, 3)}
+        final_metadata["training"]["focus_calibration"] = {
+            "sign_temperature": round(temperature, 4),
+            "sigma_scale": round(sigma_scale, 4),
+            "magnitude_margin_um": round(margin_um, 3),
+        }
         log.info(kv("focus_head_calibrated", sign_temperature=f"{temperature:.3g}", sigma_scale=f"{sigma_scale:.3g}"))
     final_payload = checkpoint_payload(network, config.model, config.optics, final_metadata, normalization)
     write_payload(weights_path, final_payload)

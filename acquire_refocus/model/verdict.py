@@ -245,8 +245,11 @@ def check_model(weights: Path, sha256: str, allow_harmful: bool, opt_in: str) ->
         log.info(kv("model_verdict", verdict=judged, weights=weights, record=path, evaluations=len(evaluations)))
         return ModelCheck(judged, path, None)
     where = "; ".join(harmful)
-    note = ("refocused frames are used anyway (opted in)" if allow_harmful
-            else "refocused frames withheld: frames are kept raw (status skipped)")
+    note = (
+        "refocused frames are used anyway (opted in)"
+        if allow_harmful
+        else "refocused frames withheld: frames are kept raw (status skipped)"
+    )
     log.warning(kv("model_verdict", verdict="harms", weights=weights, record=path, where=where, note=note))
     if allow_harmful:
         return ModelCheck("harms", path, None)

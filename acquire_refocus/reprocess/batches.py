@@ -44,8 +44,9 @@ def plan_batches(info: DatasetInfo, batch_frames: int) -> list[Batch]:
         starts = [range(0, n, c) for n, c in zip(info.plane_shape, info.chunks[:-2], strict=True)]
         current: list[Block] = []
         for start in itertools.product(*starts):
-            ranges = tuple((s, min(s + c, n)) for s, c, n in zip(start, info.chunks[:-2], info.plane_shape,
-                                                                 strict=True))
+            ranges = tuple(
+                (s, min(s + c, n)) for s, c, n in zip(start, info.chunks[:-2], info.plane_shape, strict=True)
+            )
             current.append(Block(position, ranges))
             if sum(b.size for b in current) >= batch_frames:
                 batches.append(Batch(len(batches), tuple(current)))

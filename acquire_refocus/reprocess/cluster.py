@@ -36,21 +36,33 @@ def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
         try:
             client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
         except (OSError, TimeoutError, ValueError) as exc:
-            raise UserError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there ({exc}); start one with "
-                            "'dask scheduler' and workers with 'dask worker ADDRESS'") from None
+            raise UserError(
+                f"--scheduler {scheduler}: cannot reach a Dask scheduler there ({exc}); start one with "
+                "'dask scheduler' and workers with 'dask worker ADDRESS'"
+            ) from None
         try:
             try:
                 client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
             except TimeoutError:
-                raise UserError(f"--scheduler {scheduler}: no worker connected to it within {CONNECT_TIMEOUT_S} s; "
-                                f"start one with 'dask worker {scheduler}'") from None
+                raise UserError(
+                    f"--scheduler {scheduler}: no worker connected to it within {CONNECT_TIMEOUT_S} s; "
+                    f"start one with 'dask worker {scheduler}'"
+                ) from None
             yield client
         finally:
             client.close()
         return
     count, threads = local_layout(workers)
-    with LocalCluster(n_workers=count, threads_per_worker=threads, processes=True, dashboard_address=":0",
-                      silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=count,
+            threads_per_worker=threads,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.WARNING,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 

@@ -9,8 +9,8 @@ processed and nothing is loaded whole.
 from __future__ import annotations
 
 import itertools
-import threading
 import math
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +101,10 @@ def select_channels(info: DatasetInfo, names: list[str] | None) -> tuple[int, ..
     known = list(info.channel_names or [str(i) for i in range(info.shape[info.axes.index("c")])])
     missing = [n for n in names if n not in known]
     if missing:
-        raise InputError(f"{info.path}: no channel named {', '.join(map(repr, missing))}; the dataset's channels "
-                         f"are {', '.join(map(repr, known))}")
+        raise InputError(
+            f"{info.path}: no channel named {', '.join(map(repr, missing))}; the dataset's channels "
+            f"are {', '.join(map(repr, known))}"
+        )
     return tuple(sorted({known.index(n) for n in names}))
 
 
@@ -120,8 +122,10 @@ def open_dataset(path: Path) -> DatasetInfo:
         return tiff.describe(path)
     if path.is_dir():
         return folder.describe(path)
-    raise InputError(f"{path}: not a dataset this command reads (an .ome.zarr folder, an NDTiff folder, an "
-                     "OME-TIFF or TIFF file, or a folder of single-plane TIFF files)")
+    raise InputError(
+        f"{path}: not a dataset this command reads (an .ome.zarr folder, an NDTiff folder, an "
+        "OME-TIFF or TIFF file, or a folder of single-plane TIFF files)"
+    )
 
 
 _READERS: dict[tuple[str, str], FrameReader] = {}

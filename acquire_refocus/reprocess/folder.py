@@ -40,8 +40,10 @@ def _files(path: Path) -> dict[tuple[str, str, int, str], Path]:
 def describe(path: Path) -> DatasetInfo:
     files = _files(path)
     if not files:
-        raise InputError(f"{path}: a folder without TIFF files named in the BBBC layout (..._A01_s1_w1....tif), "
-                         "and not an OME-Zarr or NDTiff dataset")
+        raise InputError(
+            f"{path}: a folder without TIFF files named in the BBBC layout (..._A01_s1_w1....tif), "
+            "and not an OME-Zarr or NDTiff dataset"
+        )
     rows = sorted({k[0] for k in files})
     columns = sorted({k[1] for k in files}, key=int)
     sites = sorted({(k[0], k[1], k[2]) for k in files}, key=lambda s: (s[0], int(s[1]), s[2]))
@@ -57,8 +59,9 @@ def describe(path: Path) -> DatasetInfo:
     positions = []
     for row, column, site in sites:
         index = [s for s in sites if s[:2] == (row, column)].index((row, column, site))
-        positions.append(Position(group=f"{row}/{column}/{index}", name=f"{row}{column}_s{site}",
-                                  well=f"{row}{column}", site=site))
+        positions.append(
+            Position(group=f"{row}/{column}/{index}", name=f"{row}{column}_s{site}", well=f"{row}{column}", site=site)
+        )
     plate = {
         "name": path.name,
         "rows": [{"name": r} for r in rows],
@@ -68,12 +71,24 @@ def describe(path: Path) -> DatasetInfo:
     }
     frame_shape = (int(plane.shape[0]), int(plane.shape[1]))
     return DatasetInfo(
-        kind="folder", path=path, axes=("c", "y", "x"), shape=(len(channels), *frame_shape), dtype=str(plane.dtype),
-        chunks=(1, *frame_shape), positions=tuple(positions), has_position_axis=True, pixel_size_um=pixel_size_um,
-        channel_names=tuple(channels), scale=(1.0, pixel_size_um or 1.0, pixel_size_um or 1.0),
-        units=(None, "micrometer" if pixel_size_um else None, "micrometer" if pixel_size_um else None), plate=plate,
-        extra={"files": {(p, channels.index(k[3])): files[k].name
-                         for k in files for p, s in enumerate(sites) if s == k[:3]}},
+        kind="folder",
+        path=path,
+        axes=("c", "y", "x"),
+        shape=(len(channels), *frame_shape),
+        dtype=str(plane.dtype),
+        chunks=(1, *frame_shape),
+        positions=tuple(positions),
+        has_position_axis=True,
+        pixel_size_um=pixel_size_um,
+        channel_names=tuple(channels),
+        scale=(1.0, pixel_size_um or 1.0, pixel_size_um or 1.0),
+        units=(None, "micrometer" if pixel_size_um else None, "micrometer" if pixel_size_um else None),
+        plate=plate,
+        extra={
+            "files": {
+                (p, channels.index(k[3])): files[k].name for k in files for p, s in enumerate(sites) if s == k[:3]
+            }
+        },
     )
 
 
@@ -84,8 +99,10 @@ class Reader:
     def read(self, position: int, index: tuple[int, ...]) -> np.ndarray:
         name = self.info.extra["files"].get((position, index[0]))
         if name is None:
-            raise InputError(f"no file for {self.info.positions[position].name} channel "
-                             f"{self.info.channel_names[index[0]] if self.info.channel_names else index[0]}")
+            raise InputError(
+                f"no file for {self.info.positions[position].name} channel "
+                f"{self.info.channel_names[index[0]] if self.info.channel_names else index[0]}"
+            )
         path = self.info.path / name
         tif = _open(path)
         try:

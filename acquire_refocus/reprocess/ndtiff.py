@@ -63,10 +63,15 @@ def describe(path: Path) -> DatasetInfo:
     finally:
         dataset.close()
     return DatasetInfo(
-        kind="ndtiff", path=path, axes=(*axes, "y", "x"), shape=(*plane_shape, *frame_shape), dtype=dtype,
+        kind="ndtiff",
+        path=path,
+        axes=(*axes, "y", "x"),
+        shape=(*plane_shape, *frame_shape),
+        dtype=dtype,
         chunks=(*(1 for _ in axes), *frame_shape),
         positions=tuple(Position(group=str(p), name=str(p)) for p in positions),
-        has_position_axis="position" in values, pixel_size_um=pixel_size_um,
+        has_position_axis="position" in values,
+        pixel_size_um=pixel_size_um,
         channel_names=tuple(str(c) for c in values["channel"]) if "channel" in values else None,
         scale=(*(1.0 for _ in axes), pixel_size_um or 1.0, pixel_size_um or 1.0),
         units=(*(None for _ in axes), "micrometer" if pixel_size_um else None, "micrometer" if pixel_size_um else None),
@@ -83,8 +88,9 @@ class Reader:
 
     def read(self, position: int, index: tuple[int, ...]) -> np.ndarray:
         values = self.info.extra["values"]
-        coordinates = {self._names[a]: values[self._names[a]][i]
-                       for a, i in zip(self.info.plane_axes, index, strict=True)}
+        coordinates = {
+            self._names[a]: values[self._names[a]][i] for a, i in zip(self.info.plane_axes, index, strict=True)
+        }
         if "position" in values:
             coordinates["position"] = values["position"][position]
         with self._lock:

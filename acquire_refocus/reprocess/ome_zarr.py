@@ -16,8 +16,16 @@ import numpy as np
 from acquire_refocus.errors import InputError
 from acquire_refocus.reprocess.dataset import DatasetInfo, Position
 
-_UNIT_TO_UM = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "nanometer": 1e-3, "nm": 1e-3,
-               "millimeter": 1e3, "mm": 1e3}
+_UNIT_TO_UM = {
+    "micrometer": 1.0,
+    "micron": 1.0,
+    "um": 1.0,
+    "µm": 1.0,
+    "nanometer": 1e-3,
+    "nm": 1e-3,
+    "millimeter": 1e3,
+    "mm": 1e3,
+}
 _TYPE_TO_AXIS = {"time": "t", "channel": "c"}
 
 
@@ -28,8 +36,9 @@ def _ome(attrs: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def is_ome_zarr(path: Path) -> bool:
-    return path.is_dir() and ((path / "zarr.json").is_file() or (path / ".zattrs").is_file()
-                              or (path / ".zgroup").is_file())
+    return path.is_dir() and (
+        (path / "zarr.json").is_file() or (path / ".zattrs").is_file() or (path / ".zgroup").is_file()
+    )
 
 
 def _open_group(path: Path, where: str = "") -> Any:
@@ -53,8 +62,14 @@ def _positions(path: Path, root: Any) -> tuple[list[Position], Mapping[str, Any]
             well_meta = _ome(_open_group(path, well_path).attrs.asdict()).get("well", {})
             row, column = well_path.split("/")[:2] if "/" in well_path else (well_path, "")
             for site, image in enumerate(well_meta.get("images", [])):
-                positions.append(Position(group=f"{well_path}/{image['path']}", name=f"{row}{column}_s{site}",
-                                          well=f"{row}{column}", site=site))
+                positions.append(
+                    Position(
+                        group=f"{well_path}/{image['path']}",
+                        name=f"{row}{column}_s{site}",
+                        well=f"{row}{column}",
+                        site=site,
+                    )
+                )
         if not positions:
             raise InputError(f"{path}: an OME-Zarr plate without wells or fields")
         return positions, plate, True
@@ -109,8 +124,10 @@ def describe(path: Path) -> DatasetInfo:
         raise InputError(f"{path}: {len(axes)} axes in the metadata for an array of {array.ndim} dimensions")
     for position in positions[1:]:
         if _image(path, position.group)[1].shape != array.shape:
-            raise InputError(f"{path / position.group}: its shape differs from {positions[0].group or 'the first'}'s "
-                             f"{array.shape}; positions of different shapes are not supported")
+            raise InputError(
+                f"{path / position.group}: its shape differs from {positions[0].group or 'the first'}'s "
+                f"{array.shape}; positions of different shapes are not supported"
+            )
     units = tuple(ax.get("unit") if isinstance(ax, Mapping) else None for ax in meta["multiscale"]["axes"])
     x_unit = units[-1]
     pixel_size_um = None
@@ -122,10 +139,20 @@ def describe(path: Path) -> DatasetInfo:
         channel_names = tuple(str(ch.get("label", i)) for i, ch in enumerate(omero["channels"]))
     write_unit = getattr(array, "shards", None) or array.chunks
     return DatasetInfo(
-        kind="ome-zarr", path=path, axes=axes, shape=tuple(int(n) for n in array.shape), dtype=str(array.dtype),
-        chunks=tuple(int(n) for n in write_unit), positions=tuple(positions), has_position_axis=has_position_axis,
-        pixel_size_um=pixel_size_um, channel_names=channel_names, scale=tuple(meta["scale"]), units=units,
-        plate=plate, extra={"array_path": meta["multiscale"]["datasets"][0]["path"]},
+        kind="ome-zarr",
+        path=path,
+        axes=axes,
+        shape=tuple(int(n) for n in array.shape),
+        dtype=str(array.dtype),
+        chunks=tuple(int(n) for n in write_unit),
+        positions=tuple(positions),
+        has_position_axis=has_position_axis,
+        pixel_size_um=pixel_size_um,
+        channel_names=channel_names,
+        scale=tuple(meta["scale"]),
+        units=units,
+        plate=plate,
+        extra={"array_path": meta["multiscale"]["datasets"][0]["path"]},
     )
 
 
@@ -140,7 +167,8 @@ class Reader:
         if position not in self._arrays:
             group = self.info.positions[position].group
             self._arrays[position] = zarr.open_array(
-                str(self.info.path), mode="r", path=f"{group}/{self.info.extra['array_path']}".strip("/"))
+                str(self.info.path), mode="r", path=f"{group}/{self.info.extra['array_path']}".strip("/")
+            )
         return np.asarray(self._arrays[position][index])
 
     def close(self) -> None:

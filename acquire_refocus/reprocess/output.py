@@ -29,14 +29,27 @@ def _image_attrs(info: DatasetInfo, name: str) -> dict[str, Any]:
     scale = [s if s > 0 else 1.0 for s in info.scale]
     ome: dict[str, Any] = {
         "version": VERSION,
-        "multiscales": [{"name": name, "axes": axes, "datasets": [
-            {"path": ARRAY, "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}],
+        "multiscales": [
+            {
+                "name": name,
+                "axes": axes,
+                "datasets": [{"path": ARRAY, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+            }
+        ],
     }
     if "c" in info.plane_axes:
         labels = info.channel_names or tuple(str(i) for i in range(info.shape[info.axes.index("c")]))
-        ome["omero"] = {"channels": [{"label": label, "color": "FFFFFF", "active": True,
-                                      "window": {"min": 0.0, "max": 65535.0, "start": 0.0, "end": 65535.0}}
-                                     for label in labels]}
+        ome["omero"] = {
+            "channels": [
+                {
+                    "label": label,
+                    "color": "FFFFFF",
+                    "active": True,
+                    "window": {"min": 0.0, "max": 65535.0, "start": 0.0, "end": 65535.0},
+                }
+                for label in labels
+            ]
+        }
     return {"ome": ome}
 
 
@@ -57,8 +70,9 @@ def create_store(info: DatasetInfo, path: Path) -> None:
     for position in info.positions:
         group = root.require_group(position.group) if position.group else root
         group.attrs.put(_image_attrs(info, position.name))
-        group.create_array(ARRAY, shape=info.shape, chunks=info.chunks, dtype="float32", fill_value=0.0,
-                           dimension_names=info.axes)
+        group.create_array(
+            ARRAY, shape=info.shape, chunks=info.chunks, dtype="float32", fill_value=0.0, dimension_names=info.axes
+        )
 
 
 _ARRAYS: dict[tuple[str, str], Any] = {}

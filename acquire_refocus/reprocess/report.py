@@ -29,8 +29,10 @@ def _rows(out: Path) -> list[dict[str, Any]]:
 
     path = out / "focus.parquet"
     if not path.is_file():
-        raise UserError(f"{out}: no focus.parquet; run 'acquire-refocus correct DATASET --out {out}' first (a run "
-                        "that was interrupted: rerun it to finish)")
+        raise UserError(
+            f"{out}: no focus.parquet; run 'acquire-refocus correct DATASET --out {out}' first (a run "
+            "that was interrupted: rerun it to finish)"
+        )
     return pq.read_table(path).to_pylist()
 
 
@@ -62,10 +64,12 @@ def _plate_figure(rows: list[dict[str, Any]], path: Path) -> bool:
         finite = [v for v in values if math.isfinite(v)]
         if finite:
             k = sites.index(site)
-            grid[letters.index(well[0]) * side + k // side, numbers.index(int(well[1:])) * side + k % side] = \
-                float(np.median(finite))
-    figure, axes = plt.subplots(figsize=(max(4.0, 0.6 * len(numbers) * side + 2),
-                                         max(3.0, 0.6 * len(letters) * side + 1)))
+            grid[letters.index(well[0]) * side + k // side, numbers.index(int(well[1:])) * side + k % side] = float(
+                np.median(finite)
+            )
+    figure, axes = plt.subplots(
+        figsize=(max(4.0, 0.6 * len(numbers) * side + 2), max(3.0, 0.6 * len(letters) * side + 1))
+    )
     colours = plt.get_cmap("magma").with_extremes(bad="lightgray")  # gray: a site without an estimate
     image = axes.imshow(np.ma.masked_invalid(grid), cmap=colours, interpolation="nearest")
     axes.set_xticks([i * side + (side - 1) / 2 for i in range(len(numbers))], [str(n) for n in numbers])
@@ -96,8 +100,12 @@ def _trace_figure(rows: list[dict[str, Any]], path: Path) -> bool:
     figure, axes = plt.subplots(figsize=(8, 4))
     for name, by_t in sorted(traces.items()):
         times = sorted(by_t)
-        axes.plot(times, [np.nanmedian(by_t[t]) if any(math.isfinite(v) for v in by_t[t]) else np.nan
-                          for t in times], marker=".", label=f"position {name}")
+        axes.plot(
+            times,
+            [np.nanmedian(by_t[t]) if any(math.isfinite(v) for v in by_t[t]) else np.nan for t in times],
+            marker=".",
+            label=f"position {name}",
+        )
     axes.set_xlabel("time point")
     axes.set_ylabel("median |defocus| (um)")
     if len(traces) <= 12:
@@ -185,17 +193,30 @@ def write_report(out: Path, threshold_um: float | None = None) -> Path:
         keys = [k for k in _IDENTITY if any(r.get(k) is not None for r in rows)]
         writer.writerow([*keys, "defocus_magnitude_um", "defocus_um", "confidence"])
         for row in above:
-            writer.writerow([*(row.get(k) for k in keys), f"{row['defocus_magnitude_um']:.2f}",
-                             f"{row['defocus_um']:.2f}", f"{row['confidence']:.2f}"])
-    lines = [f"# Focus quality: {out}", "",
-             f"{len(rows)} frames: {len(measured)} with an estimate, "
-             f"{sum(r['status'] == 'failed' for r in rows)} failed, "
-             f"{sum(r['status'] == 'skipped' for r in rows)} skipped.",
-             ""]
+            writer.writerow(
+                [
+                    *(row.get(k) for k in keys),
+                    f"{row['defocus_magnitude_um']:.2f}",
+                    f"{row['defocus_um']:.2f}",
+                    f"{row['confidence']:.2f}",
+                ]
+            )
+    lines = [
+        f"# Focus quality: {out}",
+        "",
+        f"{len(rows)} frames: {len(measured)} with an estimate, "
+        f"{sum(r['status'] == 'failed' for r in rows)} failed, "
+        f"{sum(r['status'] == 'skipped' for r in rows)} skipped.",
+        "",
+    ]
     if magnitudes:
-        lines += [f"|defocus| median {np.median(magnitudes):.2f} um, 90th percentile "
-                  f"{np.percentile(magnitudes, 90):.2f} um, max {max(magnitudes):.2f} um.", "",
-                  f"**{len(above)} frame(s) above {threshold:g} um**: [reimage.csv](reimage.csv).", ""]
+        lines += [
+            f"|defocus| median {np.median(magnitudes):.2f} um, 90th percentile "
+            f"{np.percentile(magnitudes, 90):.2f} um, max {max(magnitudes):.2f} um.",
+            "",
+            f"**{len(above)} frame(s) above {threshold:g} um**: [reimage.csv](reimage.csv).",
+            "",
+        ]
         _histogram(magnitudes, threshold, folder / "histogram.png")
         lines += ["![histogram of |defocus|](histogram.png)", ""]
     if _plate_figure(rows, folder / "plate.png"):
@@ -205,7 +226,10 @@ def write_report(out: Path, threshold_um: float | None = None) -> Path:
     worst = sorted(measured, key=_magnitude, reverse=True)[:WORST_FRAMES]
     if worst and _worst_montage(out, worst, folder / "worst.png"):
         lines += ["## Worst frames", "", "![worst frames, raw and refocused](worst.png)", ""]
-    lines += ["|defocus| is the network's unsigned estimate (`defocus_magnitude_um`); the shipped model reads "
-              "2-3 um on in-focus frames, so values below that say 'in focus'.", ""]
+    lines += [
+        "|defocus| is the network's unsigned estimate (`defocus_magnitude_um`); the shipped model reads "
+        "2-3 um on in-focus frames, so values below that say 'in focus'.",
+        "",
+    ]
     (folder / "report.md").write_text("\n".join(lines))
     return folder / "report.md"

@@ -61,22 +61,33 @@ class Summary:
 def _check_out(dataset: Path, out: Path) -> None:
     source, target = dataset.resolve(), out.resolve()
     if target == source or source in target.parents:
-        raise UserError(f"--out {out} is inside the dataset {dataset}; results go beside the input, never into it: "
-                        "choose another --out")
+        raise UserError(
+            f"--out {out} is inside the dataset {dataset}; results go beside the input, never into it: "
+            "choose another --out"
+        )
 
 
 def _pixel_size_um(info: DatasetInfo, given: float | None) -> float:
     size = given if given is not None else info.pixel_size_um
     if size is None:
-        raise InputError(f"{info.path}: the dataset's metadata gives no pixel size; give it with --pixel-size-um "
-                         "(micrometres at the sample)")
+        raise InputError(
+            f"{info.path}: the dataset's metadata gives no pixel size; give it with --pixel-size-um "
+            "(micrometres at the sample)"
+        )
     return size
 
 
 def _identity(opts: Options, info: DatasetInfo, pixel_size_um: float, model_sha256: str) -> dict[str, Any]:
-    return {"dataset": str(opts.dataset.resolve()), "format": info.kind, "frames": info.frame_count,
-            "channels": list(opts.channels), "pixel_size_um": pixel_size_um, "model_sha256": model_sha256,
-            "images": opts.images, "batch_frames": opts.batch_frames}
+    return {
+        "dataset": str(opts.dataset.resolve()),
+        "format": info.kind,
+        "frames": info.frame_count,
+        "channels": list(opts.channels),
+        "pixel_size_um": pixel_size_um,
+        "model_sha256": model_sha256,
+        "images": opts.images,
+        "batch_frames": opts.batch_frames,
+    }
 
 
 def _start_or_resume(opts: Options, info: DatasetInfo, identity: dict[str, Any]) -> bool:
@@ -91,15 +102,19 @@ def _start_or_resume(opts: Options, info: DatasetInfo, identity: dict[str, Any])
             raise UserError(f"--out {opts.out}: {record} cannot be read ({exc}); choose another --out") from None
         differs = sorted(k for k in identity if earlier.get(k) != identity[k])
         if differs:
-            raise UserError(f"--out {opts.out} holds a run with other settings ({', '.join(differs)} differ); rerun "
-                            "the same command to resume it, or choose another --out")
+            raise UserError(
+                f"--out {opts.out} holds a run with other settings ({', '.join(differs)} differ); rerun "
+                "the same command to resume it, or choose another --out"
+            )
         if (opts.out / table.TABLE).is_file():
             return True
     else:
         taken = [str(opts.out / n) for n in OUR_NAMES if (opts.out / n).exists()]
         if taken:
-            raise UserError(f"--out {opts.out} already holds {', '.join(taken)} of another run; results are never "
-                            "written over existing files: choose another --out")
+            raise UserError(
+                f"--out {opts.out} already holds {', '.join(taken)} of another run; results are never "
+                "written over existing files: choose another --out"
+            )
     try:
         if not record.is_file():  # first, so that whatever follows belongs to this run and a rerun resumes it
             temp = opts.out / f".{RECORD}.tmp"
@@ -109,8 +124,7 @@ def _start_or_resume(opts: Options, info: DatasetInfo, identity: dict[str, Any])
             create_store(info, opts.out / STORE)
         (opts.out / table.PARTS).mkdir(exist_ok=True)
     except OSError as exc:
-        raise UserError(f"--out {opts.out}: cannot write there ({exc.strerror or exc}); choose another --out") \
-            from None
+        raise UserError(f"--out {opts.out}: cannot write there ({exc.strerror or exc}); choose another --out") from None
     return False
 
 
@@ -135,8 +149,17 @@ def reprocess(opts: Options) -> Summary:
     done = table.done_batches(opts.out)
     remaining = [b for b in batches if b.number not in done]
     summary.frames_before = sum(b.size for b in batches if b.number in done)
-    log.info(kv("reprocess_start", dataset=opts.dataset, format=info.kind, frames=info.frame_count,
-                batches=len(batches), done_before=len(done), out=opts.out))
+    log.info(
+        kv(
+            "reprocess_start",
+            dataset=opts.dataset,
+            format=info.kind,
+            frames=info.frame_count,
+            batches=len(batches),
+            done_before=len(done),
+            out=opts.out,
+        )
+    )
     if remaining:
         _compute(opts, info, channels, pixel_size_um, remaining, summary)
     merged = table.merge(opts.out, info, opts.csv)
@@ -144,24 +167,37 @@ def reprocess(opts: Options) -> Summary:
     return summary
 
 
-def _compute(opts: Options, info: DatasetInfo, channels: tuple[int, ...] | None, pixel_size_um: float,
-             remaining: list[Batch], summary: Summary) -> None:
+def _compute(
+    opts: Options,
+    info: DatasetInfo,
+    channels: tuple[int, ...] | None,
+    pixel_size_um: float,
+    remaining: list[Batch],
+    summary: Summary,
+) -> None:
     from distributed import KilledWorker
     from tqdm import tqdm
 
     from acquire_refocus.reprocess.cluster import dask_client, worker_threads
     from acquire_refocus.reprocess.work import PLUGIN_NAME, Job, RefocuserPlugin, run_batches
 
-    job = Job(info=info, out=opts.out, store=opts.out / STORE if opts.images else None, channels=channels,
-              pixel_size_um=pixel_size_um)
+    job = Job(
+        info=info,
+        out=opts.out,
+        store=opts.out / STORE if opts.images else None,
+        channels=channels,
+        pixel_size_um=pixel_size_um,
+    )
     with dask_client(opts.scheduler, opts.workers) as client:
-        summary.dashboard = client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") \
-            else None
+        summary.dashboard = (
+            client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
+        )
         if summary.dashboard:
             print(f"Dask dashboard: {summary.dashboard}", file=sys.stderr)
         client.register_plugin(RefocuserPlugin(opts.weights, opts.engine, None), name=PLUGIN_NAME)
-        progress = tqdm(total=sum(b.size for b in remaining), unit="frame", desc="refocus", file=sys.stderr,
-                        disable=None)
+        progress = tqdm(
+            total=sum(b.size for b in remaining), unit="frame", desc="refocus", file=sys.stderr, disable=None
+        )
 
         def done(batch: Batch, counts: dict[str, int]) -> None:
             summary.frames_computed += batch.size
@@ -170,7 +206,9 @@ def _compute(opts: Options, info: DatasetInfo, channels: tuple[int, ...] | None,
         try:
             run_batches(client, job, remaining, 2 * worker_threads(client), done)
         except KilledWorker as exc:
-            raise UserError(f"a batch was lost with its worker {exc.last_worker} more often than Dask allows "
-                            f"({exc}); finished batches are kept: rerun the same command to resume") from None
+            raise UserError(
+                f"a batch was lost with its worker {exc.last_worker} more often than Dask allows "
+                f"({exc}); finished batches are kept: rerun the same command to resume"
+            ) from None
         finally:
             progress.close()

@@ -32,8 +32,9 @@ def schema(info: DatasetInfo) -> Any:
         fields += [pa.field("well", pa.string()), pa.field("site", pa.int32())]
     if "c" in info.plane_axes:
         fields.append(pa.field("channel", pa.string()))
-    fields += [pa.field(name, pa.float64()) for name in
-               ("defocus_magnitude_um", "defocus_um", "confidence", "sharpness")]
+    fields += [
+        pa.field(name, pa.float64()) for name in ("defocus_magnitude_um", "defocus_um", "confidence", "sharpness")
+    ]
     fields += [pa.field("status", pa.string(), nullable=False), pa.field("reason", pa.string())]
     return pa.schema(fields)
 
@@ -68,8 +69,11 @@ def merge(out: Path, info: DatasetInfo, csv: bool) -> Any:
 
     folder = out / PARTS
     parts = sorted(p for p in folder.iterdir() if _PART.match(p.name))
-    table = pa.concat_tables([pq.read_table(p, schema=schema(info)) for p in parts]) if parts \
+    table = (
+        pa.concat_tables([pq.read_table(p, schema=schema(info)) for p in parts])
+        if parts
         else schema(info).empty_table()
+    )
     axes = info.table_axes()
     if axes:
         table = table.sort_by([(axis, "ascending") for axis in axes])

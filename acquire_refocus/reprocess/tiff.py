@@ -89,10 +89,16 @@ def describe(path: Path) -> DatasetInfo:
     finally:
         tif.close()
     return DatasetInfo(
-        kind="tiff", path=path, axes=(*axes, "y", "x"), shape=shape, dtype=dtype,
+        kind="tiff",
+        path=path,
+        axes=(*axes, "y", "x"),
+        shape=shape,
+        dtype=dtype,
         chunks=(*(1 for _ in axes), *frame_shape),
-        positions=tuple(Position(group=str(p), name=str(p)) for p in range(count)), has_position_axis=count > 1,
-        pixel_size_um=pixel_size_um, channel_names=channel_names,
+        positions=tuple(Position(group=str(p), name=str(p)) for p in range(count)),
+        has_position_axis=count > 1,
+        pixel_size_um=pixel_size_um,
+        channel_names=channel_names,
         scale=(*(1.0 for _ in axes), pixel_size_um or 1.0, pixel_size_um or 1.0),
         units=(*(None for _ in axes), "micrometer" if pixel_size_um else None, "micrometer" if pixel_size_um else None),
         extra={"order": tuple(order), "series_plane_shape": tuple(int(n) for n in first.shape[:-2])},
@@ -109,8 +115,9 @@ class Reader:
         series_index = [0] * len(self.info.extra["series_plane_shape"])
         for axis, i in zip(self.info.extra["order"], index, strict=True):
             series_index[axis] = i
-        page_number = int(np.ravel_multi_index(series_index, self.info.extra["series_plane_shape"])) \
-            if series_index else 0
+        page_number = (
+            int(np.ravel_multi_index(series_index, self.info.extra["series_plane_shape"])) if series_index else 0
+        )
         with self._lock:
             page = self._tif.series[position].pages[page_number]
             if page is None:

@@ -81,11 +81,15 @@ def _base_row(info: DatasetInfo, position: int, index: tuple[int, ...]) -> dict[
     return row
 
 
-def _refocus_frame(plugin: RefocuserPlugin, job: Job, position: int, index: tuple[int, ...],
-                   row: dict[str, Any]) -> np.ndarray | None:
+def _refocus_frame(
+    plugin: RefocuserPlugin, job: Job, position: int, index: tuple[int, ...], row: dict[str, Any]
+) -> np.ndarray | None:
     """Fill `row` for one frame; the refocused image, or None when there is none."""
-    if job.channels is not None and row.get("channel") is not None \
-            and index[job.info.plane_axes.index("c")] not in job.channels:
+    if (
+        job.channels is not None
+        and row.get("channel") is not None
+        and index[job.info.plane_axes.index("c")] not in job.channels
+    ):
         row.update(status="skipped", reason="channel not selected (--channel)")
         return None
     try:
@@ -106,8 +110,12 @@ def _refocus_frame(plugin: RefocuserPlugin, job: Job, position: int, index: tupl
     if not math.isfinite(result.sigma_um):
         row.update(status="skipped", reason="constant frame: nothing to refocus (an empty plane?)")
         return None
-    row.update(status="refocused", defocus_magnitude_um=result.defocus_magnitude_um, defocus_um=result.defocus_um,
-               confidence=result.confidence)
+    row.update(
+        status="refocused",
+        defocus_magnitude_um=result.defocus_magnitude_um,
+        defocus_um=result.defocus_um,
+        confidence=result.confidence,
+    )
     return result.image
 
 
@@ -132,8 +140,9 @@ def run_batch(job: Job, batch: Batch) -> dict[str, int]:
     return dict(Counter(row["status"] for row in rows))
 
 
-def run_batches(client: Any, job: Job, batches: Iterable[Batch], in_flight: int,
-                on_done: Callable[[Batch, dict[str, int]], None]) -> None:
+def run_batches(
+    client: Any, job: Job, batches: Iterable[Batch], in_flight: int, on_done: Callable[[Batch, dict[str, int]], None]
+) -> None:
     """Submit `batches` with at most `in_flight` queued at once (the scheduler's memory stays bounded whatever the
     dataset's size), calling `on_done` as each finishes. A batch that fails for good raises its error here."""
     from distributed import as_completed

@@ -28,11 +28,7 @@ LOW_NOISE_EXACT_ELECTRONS = 2.0
 
 def exact_below_electrons(read_noise_electrons: float) -> float:
     """Expected electrons below which shot noise is drawn exactly (see the module docstring)."""
-    return (
-        LOW_NOISE_EXACT_ELECTRONS
-        if read_noise_electrons >= 1.0
-        else NORMAL_APPROX_ELECTRONS
-    )
+    return LOW_NOISE_EXACT_ELECTRONS if read_noise_electrons >= 1.0 else NORMAL_APPROX_ELECTRONS
 
 
 class Camera:
@@ -48,9 +44,7 @@ class Camera:
     def expected_adu(self, photons: np.ndarray) -> np.ndarray:
         """Noiseless response in ADU (float32, offset included, clipped at saturation)."""
         c = self.config
-        adu = np.asarray(photons, dtype=np.float32) * np.float32(
-            c.quantum_efficiency * c.gain_adu_per_electron
-        )
+        adu = np.asarray(photons, dtype=np.float32) * np.float32(c.quantum_efficiency * c.gain_adu_per_electron)
         adu += np.float32(c.offset_adu)
         return np.clip(adu, 0.0, float(c.max_adu), out=adu)
 
@@ -67,18 +61,14 @@ class Camera:
             return np.rint(self.expected_adu(photons)).astype(np.uint16)
         if rng is None:
             raise ValueError("a noisy exposure needs a numpy Generator")
-        electrons = np.asarray(photons, dtype=np.float32) * np.float32(
-            c.quantum_efficiency
-        )
+        electrons = np.asarray(photons, dtype=np.float32) * np.float32(c.quantum_efficiency)
         np.maximum(electrons, 0.0, out=electrons)
         read_var = np.float32(c.read_noise_electrons**2)
         z = rng.standard_normal(electrons.shape, dtype=np.float32)
         # fast branch everywhere: lambda + s (z + c (z^2 - 1)), scaled so the variance is exactly lambda + rn^2
         variance = electrons + read_var
         std = np.sqrt(variance)
-        skew_c = (
-            electrons / np.maximum(variance * std, np.float32(1e-12)) / np.float32(6.0)
-        )
+        skew_c = electrons / np.maximum(variance * std, np.float32(1e-12)) / np.float32(6.0)
         std /= np.sqrt(np.float32(1.0) + np.float32(2.0) * skew_c * skew_c)
         signal = z * z
         signal -= np.float32(1.0)
@@ -89,9 +79,7 @@ class Camera:
         exact = electrons < exact_below_electrons(c.read_noise_electrons)
         if exact.any():
             low = electrons[exact]
-            signal[exact] = rng.poisson(low).astype(np.float32) + z[exact] * np.float32(
-                c.read_noise_electrons
-            )
+            signal[exact] = rng.poisson(low).astype(np.float32) + z[exact] * np.float32(c.read_noise_electrons)
         signal *= np.float32(c.gain_adu_per_electron)
         signal += np.float32(c.offset_adu)
         np.clip(signal, 0.0, float(c.max_adu), out=signal)

@@ -278,11 +278,20 @@ class SimFocusLock(GenericDevice):
         self._offset = offset
         self._status = "Off"
         self._reference_um = 0.0  # Z held at offset 0 and zero stand drift
-        self.register_property("State", default_value="Off", allowed_values=("On", "Off"),
-                               getter=lambda dev: "On" if dev.locked else "Off",
-                               setter=lambda dev, value: dev.engage(value == "On"))
-        self.register_property("Status", default_value="Off", allowed_values=("Locked", "Off", "Lost"),
-                               getter=lambda dev: dev.status, is_read_only=True)
+        self.register_property(
+            "State",
+            default_value="Off",
+            allowed_values=("On", "Off"),
+            getter=lambda dev: "On" if dev.locked else "Off",
+            setter=lambda dev, value: dev.engage(value == "On"),
+        )
+        self.register_property(
+            "Status",
+            default_value="Off",
+            allowed_values=("Locked", "Off", "Lost"),
+            getter=lambda dev: dev.status,
+            is_read_only=True,
+        )
 
     @property
     def locked(self) -> bool:
@@ -299,7 +308,9 @@ class SimFocusLock(GenericDevice):
     def engage(self, on: bool) -> None:
         if on and not self.locked:
             z_um = self._focus.physical_z_um
-            self._reference_um = z_um - self._offset.get_position_um() - self._scope.stand_drift_um(self._scope.clock_s())
+            self._reference_um = (
+                z_um - self._offset.get_position_um() - self._scope.stand_drift_um(self._scope.clock_s())
+            )
             self._status = "Locked"
         elif not on:
             if self.locked:
@@ -323,8 +334,13 @@ class SimCamera(SimpleCameraDevice):
     """
 
     def __init__(
-        self, scope: ClockedMicroscope, focus: SimFocusStage, xy: SimXYStage, exposure_ms: float,
-        stains: Mapping[str, SimulatedMicroscope] | None = None, filters: SimFilterWheel | None = None,
+        self,
+        scope: ClockedMicroscope,
+        focus: SimFocusStage,
+        xy: SimXYStage,
+        exposure_ms: float,
+        stains: Mapping[str, SimulatedMicroscope] | None = None,
+        filters: SimFilterWheel | None = None,
     ) -> None:
         super().__init__()
         self._scope = scope

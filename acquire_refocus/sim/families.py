@@ -28,8 +28,9 @@ FILAMENTS_PER_MM2 = 6_000.0
 class FamilyGrid:
     """The voxel grid a family draws on: field shape, pixel size, plane depths, and the photon scale."""
 
-    def __init__(self, config: SpecimenConfig, pixel_size_um: float, field_shape_px: tuple[int, int],
-                 plane_z_um: np.ndarray) -> None:
+    def __init__(
+        self, config: SpecimenConfig, pixel_size_um: float, field_shape_px: tuple[int, int], plane_z_um: np.ndarray
+    ) -> None:
         self.config = config
         self.pixel_size_um = float(pixel_size_um)
         self.shape_px = field_shape_px
@@ -62,8 +63,9 @@ class FamilyGrid:
         scaled: np.ndarray = noise / (noise.std() + 1e-9)
         return scaled
 
-    def splat(self, volume: np.ndarray, z_um: np.ndarray, y_um: np.ndarray, x_um: np.ndarray,
-              weight: np.ndarray) -> None:
+    def splat(
+        self, volume: np.ndarray, z_um: np.ndarray, y_um: np.ndarray, x_um: np.ndarray, weight: np.ndarray
+    ) -> None:
         """Add point sources (linear in z between planes, nearest pixel in y and x), wrapping in y and x."""
         height, width = self.shape_px
         rows = np.floor(y_um / self.pixel_size_um).astype(np.int64) % height
@@ -83,13 +85,17 @@ def _voronoi_cells(grid: FamilyGrid, count: int, rng: np.random.Generator) -> tu
     seeds = np.column_stack([rng.uniform(0, height_um, count), rng.uniform(0, width_um, count)])
     tree = cKDTree(seeds, boxsize=(height_um, width_um))
     px = grid.pixel_size_um
-    ys, xs = np.meshgrid((np.arange(grid.shape_px[0]) + 0.5) * px, (np.arange(grid.shape_px[1]) + 0.5) * px,
-                         indexing="ij")
+    ys, xs = np.meshgrid(
+        (np.arange(grid.shape_px[0]) + 0.5) * px, (np.arange(grid.shape_px[1]) + 0.5) * px, indexing="ij"
+    )
     points = np.column_stack([ys.ravel() % height_um, xs.ravel() % width_um])
     distances, indices = tree.query(points, k=2)
     shape = grid.shape_px
-    return (indices[:, 0].reshape(shape), distances[:, 0].reshape(shape),
-            (0.5 * (distances[:, 1] - distances[:, 0])).reshape(shape))
+    return (
+        indices[:, 0].reshape(shape),
+        distances[:, 0].reshape(shape),
+        (0.5 * (distances[:, 1] - distances[:, 0])).reshape(shape),
+    )
 
 
 def _cell_count(grid: FamilyGrid, per_mm2: float, rng: np.random.Generator) -> int:
@@ -147,15 +153,15 @@ def filaments(grid: FamilyGrid, rng: np.random.Generator) -> np.ndarray:
         slope = rng.normal(0.0, 0.04)
         y = rng.uniform(0.0, height_um) + np.cumsum(np.sin(heading)) * step_um
         x = rng.uniform(0.0, width_um) + np.cumsum(np.cos(heading)) * step_um
-        z = (grid.bottom_um + rng.uniform(0.5, grid.config.layer_thickness_um + 1.5)
-             + slope * np.arange(steps) * step_um)
+        z = grid.bottom_um + rng.uniform(0.5, grid.config.layer_thickness_um + 1.5) + slope * np.arange(steps) * step_um
         points_z.append(z)
         points_y.append(y)
         points_x.append(x)
         weights.append(np.full(steps, rng.lognormal(0.0, 0.5) * (3.0 if rng.random() < 0.2 else 1.0), np.float32))
     volume = grid.empty()
-    grid.splat(volume, np.concatenate(points_z), np.concatenate(points_y), np.concatenate(points_x),
-               np.concatenate(weights))
+    grid.splat(
+        volume, np.concatenate(points_z), np.concatenate(points_y), np.concatenate(points_x), np.concatenate(weights)
+    )
     width_px = 0.15 / grid.pixel_size_um + 0.3
     blurred: np.ndarray = ndimage.gaussian_filter(volume, (0.4, width_px, width_px), mode="wrap")
     return np.asarray(grid.photons_per_voxel * 0.2 * blurred / (blurred.mean() + 1e-9), dtype=np.float32)
@@ -187,8 +193,9 @@ def puncta(grid: FamilyGrid, rng: np.random.Generator) -> np.ndarray:
 FAMILIES = {"cytoplasm": cytoplasm, "membranes": membranes, "filaments": filaments, "puncta": puncta}
 
 
-def rasterise_family(family: str, grid: FamilyGrid, rng: np.random.Generator,
-                     nuclei_planes: np.ndarray | None = None) -> np.ndarray:
+def rasterise_family(
+    family: str, grid: FamilyGrid, rng: np.random.Generator, nuclei_planes: np.ndarray | None = None
+) -> np.ndarray:
     """Planes of `family`; 'mixture' adds one other family (drawn) to the nuclei planes at a drawn weight."""
     if family == "mixture":
         if nuclei_planes is None:

@@ -60,15 +60,8 @@ class SimulatedMicroscope:
         )
         # the bank reaches beyond max_defocus_um by the specimen's half-thickness, so that every specimen plane of a
         # frame at +-max_defocus_um has its own PSF (paraxial focal shift ni/ns bounds the stage distance)
-        reach_um = (
-            self.specimen.depth_um
-            * self.optics.immersion_index
-            / self.optics.sample_index
-        )
-        bank_half_um = (
-            sim.max_defocus_um
-            + math.ceil(reach_um / sim.psf_z_step_um + 1) * sim.psf_z_step_um
-        )
+        reach_um = self.specimen.depth_um * self.optics.immersion_index / self.optics.sample_index
+        bank_half_um = sim.max_defocus_um + math.ceil(reach_um / sim.psf_z_step_um + 1) * sim.psf_z_step_um
         self.psf_bank, self.psf_bank_from_cache = load_or_compute_psf_bank(
             self.optics,
             max_defocus_um=bank_half_um,
@@ -90,16 +83,10 @@ class SimulatedMicroscope:
         """(height_px, width_px) of a camera frame."""
         return (self.simulator.camera.height_px, self.simulator.camera.width_px)
 
-    def focus_z_um(
-        self, stage_xy_um: Sequence[float] = (0.0, 0.0), t_s: float = 0.0
-    ) -> float:
+    def focus_z_um(self, stage_xy_um: Sequence[float] = (0.0, 0.0), t_s: float = 0.0) -> float:
         """Stage Z at which the specimen mid-plane at the field centre is in focus: nominal + drift(t) + tilt(xy)."""
         x_um, y_um = float(stage_xy_um[0]), float(stage_xy_um[1])
-        return float(
-            self.simulator.focus_z_um
-            + self.drift.drift_um(t_s)
-            + self.drift.tilt_um(x_um, y_um)
-        )
+        return float(self.simulator.focus_z_um + self.drift.drift_um(t_s) + self.drift.tilt_um(x_um, y_um))
 
     def defocus_um(
         self,
@@ -191,9 +178,7 @@ class SimulatedMicroscope:
         """Noiseless expected photons per pixel (background included) at a uniform stage defocus."""
         shape = self._shape(shape_px)
         with self._lock:
-            return self._photons(
-                self._window_spectra(stage_xy_um, shape), shape, float(defocus_um)
-            )
+            return self._photons(self._window_spectra(stage_xy_um, shape), shape, float(defocus_um))
 
     # ---------------------------------------------------------------- internals
     def _shape(self, shape_px: tuple[int, int] | None) -> tuple[int, int]:
@@ -201,9 +186,7 @@ class SimulatedMicroscope:
             return self.frame_shape
         height, width = int(shape_px[0]), int(shape_px[1])
         if height < 1 or width < 1:
-            raise ValueError(
-                f"shape_px must be two positive sizes (height, width), got {shape_px!r}"
-            )
+            raise ValueError(f"shape_px must be two positive sizes (height, width), got {shape_px!r}")
         return (height, width)
 
     def _pick_rng(self, rng: np.random.Generator | None) -> np.random.Generator:
@@ -233,28 +216,20 @@ class SimulatedMicroscope:
         key = (top, left, *fft_shape)
         spectra = self._spectra.get(key)
         if spectra is None:
-            planes = self.specimen.window(
-                top - pad, left - pad, fft_shape[0], fft_shape[1]
-            )
-            spectra = scipy.fft.rfft2(planes, workers=_WORKERS).astype(
-                np.complex64, copy=False
-            )
+            planes = self.specimen.window(top - pad, left - pad, fft_shape[0], fft_shape[1])
+            spectra = scipy.fft.rfft2(planes, workers=_WORKERS).astype(np.complex64, copy=False)
             if cache:
                 while len(self._spectra) >= _SPECTRA_CACHE_WINDOWS:
                     self._spectra.pop(next(iter(self._spectra)))
                 self._spectra[key] = spectra
         return spectra
 
-    def _photons(
-        self, spectra: np.ndarray, shape: tuple[int, int], defocus_um: float
-    ) -> np.ndarray:
+    def _photons(self, spectra: np.ndarray, shape: tuple[int, int], defocus_um: float) -> np.ndarray:
         """Expected photons per pixel (float32 [H, W]) at a uniform stage defocus of the specimen mid-plane."""
         bank = self.psf_bank
         fft_shape = self._fft_shape(shape)
         rows_total = fft_shape[0]
-        indices = bank.index(
-            defocus_um - self.specimen.plane_z_um * bank.stage_um_per_sample_um
-        )
+        indices = bank.index(defocus_um - self.specimen.plane_z_um * bank.stage_um_per_sample_um)
         accumulator = np.zeros(spectra.shape[1:], dtype=np.complex64)
         scratch = np.empty(spectra.shape[1:], dtype=np.complex64)
         for plane, index in enumerate(indices):
@@ -267,9 +242,7 @@ class SimulatedMicroscope:
             ):
                 if weights.shape[0] == 0:
                     continue
-                product = np.multiply(
-                    spectra[plane, target, :cols], weights, out=scratch[target, :cols]
-                )
+                product = np.multiply(spectra[plane, target, :cols], weights, out=scratch[target, :cols])
                 accumulator[target, :cols] += product
         image = scipy.fft.irfft2(accumulator, s=fft_shape, workers=_WORKERS)
         pad = bank.radius_px
@@ -278,22 +251,15 @@ class SimulatedMicroscope:
         photons += np.float32(self.simulator.specimen.background_photons_per_px)
         return photons
 
-    def _tilted_photons(
-        self, spectra: np.ndarray, shape: tuple[int, int], centre_defocus_um: float
-    ) -> np.ndarray:
+    def _tilted_photons(self, spectra: np.ndarray, shape: tuple[int, int], centre_defocus_um: float) -> np.ndarray:
         """Blend renders at a few defocus values by each pixel's own defocus (linear in x and y with a tilt)."""
         px = self.pixel_size_um
         rows = (np.arange(shape[0]) - (shape[0] - 1) / 2) * px
         cols = (np.arange(shape[1]) - (shape[1] - 1) / 2) * px
         # the in-focus stage Z rises with the tilt, so the defocus falls with it
-        local = centre_defocus_um - (
-            self.drift.tilt_um(cols[None, :], 0.0)
-            + self.drift.tilt_um(0.0, rows[:, None])
-        )
+        local = centre_defocus_um - (self.drift.tilt_um(cols[None, :], 0.0) + self.drift.tilt_um(0.0, rows[:, None]))
         low, high = float(local.min()), float(local.max())
-        count = min(
-            _MAX_TILT_NODES, max(2, math.ceil((high - low) / _TILT_NODE_SPACING_UM) + 1)
-        )
+        count = min(_MAX_TILT_NODES, max(2, math.ceil((high - low) / _TILT_NODE_SPACING_UM) + 1))
         nodes = np.linspace(low, high, count)
         if high - low < 1e-9:
             return self._photons(spectra, shape, centre_defocus_um)
@@ -302,11 +268,7 @@ class SimulatedMicroscope:
         weight = (position - lower).astype(np.float32)
         result = np.zeros(shape, dtype=np.float32)
         for i, node in enumerate(nodes):
-            share = np.where(lower == i, 1.0 - weight, 0.0) + np.where(
-                lower == i - 1, weight, 0.0
-            )
+            share = np.where(lower == i, 1.0 - weight, 0.0) + np.where(lower == i - 1, weight, 0.0)
             if share.any():
-                result += self._photons(spectra, shape, float(node)) * share.astype(
-                    np.float32
-                )
+                result += self._photons(spectra, shape, float(node)) * share.astype(np.float32)
         return result

@@ -57,7 +57,10 @@ class StainMicroscope(SimulatedMicroscope):
     (drift, tilt) of `primary`, the microscope whose clock and drift every channel shares."""
 
     def __init__(
-        self, optics: OpticsConfig, simulator: SimulatorConfig, channel: SimChannelConfig,
+        self,
+        optics: OpticsConfig,
+        simulator: SimulatorConfig,
+        channel: SimChannelConfig,
         primary: SimulatedMicroscope,
     ) -> None:
         super().__init__(optics, simulator)
@@ -80,7 +83,10 @@ def stain_microscopes(
     scopes: dict[str, SimulatedMicroscope] = {}
     for name, channel in simulator.channels.items():
         channel_optics = optics.for_channel(name)
-        same = (channel.stain == "nuclei" and channel.brightness == 1.0
-                and math.isclose(channel_optics.emission_wavelength_nm, primary.optics.emission_wavelength_nm))
+        same = (
+            channel.stain == "nuclei"
+            and channel.brightness == 1.0
+            and math.isclose(channel_optics.emission_wavelength_nm, primary.optics.emission_wavelength_nm)
+        )
         scopes[name] = primary if same else StainMicroscope(channel_optics, simulator, channel, primary)
     return scopes

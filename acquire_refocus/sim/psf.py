@@ -102,11 +102,7 @@ class PsfBank:
 
     @property
     def z_step_um(self) -> float:
-        return (
-            float(self.defocus_um[1] - self.defocus_um[0])
-            if len(self.defocus_um) > 1
-            else 1.0
-        )
+        return float(self.defocus_um[1] - self.defocus_um[0]) if len(self.defocus_um) > 1 else 1.0
 
     @property
     def radius_px(self) -> int:
@@ -123,9 +119,7 @@ class PsfBank:
 
     def index(self, defocus_um: float | np.ndarray) -> np.ndarray:
         """Nearest bank plane for each stage defocus, clamped to the bank's range."""
-        position = (
-            np.asarray(defocus_um, dtype=np.float64) - self.defocus_um[0]
-        ) / self.z_step_um
+        position = (np.asarray(defocus_um, dtype=np.float64) - self.defocus_um[0]) / self.z_step_um
         return np.clip(np.rint(position), 0, len(self.defocus_um) - 1).astype(np.int64)
 
 
@@ -135,9 +129,7 @@ def unfold_quadrant(quadrant: np.ndarray) -> np.ndarray:
     return np.concatenate([rows[:0:-1], rows], axis=0)
 
 
-def psf_size_px(
-    optics: OpticsConfig, max_defocus_um: float, pixel_size_um: float
-) -> int:
+def psf_size_px(optics: OpticsConfig, max_defocus_um: float, pixel_size_um: float) -> int:
     """Odd PSF width covering the geometric blur disc at the largest defocus, with a margin for the rim rings.
 
     The blur radius is the stage defocus times tan of the marginal ray angle in the immersion medium.
@@ -175,11 +167,7 @@ def _make_psf(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return np.asarray(
-            psfmodels.make_psf(
-                z_um, nx, pz=depth_um, model=model, normalize=False, **kwargs
-            )
-        )
+        return np.asarray(psfmodels.make_psf(z_um, nx, pz=depth_um, model=model, normalize=False, **kwargs))
 
 
 def _best_focus_z(depth_um: float, kwargs: dict[str, float], model: PsfModel) -> float:
@@ -256,9 +244,7 @@ def _compute_planes(
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = {
-                pool.submit(
-                    _normalised_planes, z_um[start : start + chunk], nx, depth_um, kwargs, model
-                ): start
+                pool.submit(_normalised_planes, z_um[start : start + chunk], nx, depth_um, kwargs, model): start
                 for start in starts
             }
             for future in as_completed(futures):
@@ -324,9 +310,7 @@ def compute_psf_bank(
     )
 
 
-def _bank_params(
-    max_defocus_um: float, z_step_um: float, depth_um: float, model: str
-) -> dict[str, object]:
+def _bank_params(max_defocus_um: float, z_step_um: float, depth_um: float, model: str) -> dict[str, object]:
     return {
         "max_defocus_um": float(max_defocus_um),
         "z_step_um": float(z_step_um),
@@ -391,9 +375,7 @@ def load_or_compute_psf_bank(
     )
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=directory, suffix=".tmp", delete=False
-        ) as handle:
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
             np.savez(
                 handle,
                 defocus_um=bank.defocus_um,
@@ -403,9 +385,7 @@ def load_or_compute_psf_bank(
                 stage_um_per_sample_um=bank.stage_um_per_sample_um,
                 model=bank.model,
             )
-        os.replace(
-            handle.name, path
-        )  # atomic: concurrent starts never read a half-written bank
+        os.replace(handle.name, path)  # atomic: concurrent starts never read a half-written bank
     except OSError as exc:
         log.warning(kv("psf_bank_cache_not_written", path=path, error=exc))
     return bank, False

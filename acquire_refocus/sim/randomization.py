@@ -38,9 +38,13 @@ class CameraDraw:
     fixed_pattern_adu: float
 
     def camera_config(self, base: CameraConfig) -> CameraConfig:
-        return base.model_copy(update={"read_noise_electrons": self.read_noise_electrons,
-                                       "gain_adu_per_electron": self.gain_adu_per_electron,
-                                       "offset_adu": self.offset_adu})
+        return base.model_copy(
+            update={
+                "read_noise_electrons": self.read_noise_electrons,
+                "gain_adu_per_electron": self.gain_adu_per_electron,
+                "offset_adu": self.offset_adu,
+            }
+        )
 
 
 def _uniform(rng: np.random.Generator, pair: tuple[float, float]) -> float:
@@ -63,8 +67,9 @@ def draw_camera(envelope: RandomizationConfig, rng: np.random.Generator) -> Came
     )
 
 
-def expose_window(photons: np.ndarray, truth_photons: np.ndarray, draw: CameraDraw, base: CameraConfig,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def expose_window(
+    photons: np.ndarray, truth_photons: np.ndarray, draw: CameraDraw, base: CameraConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Noisy uint16 frames [Z, H, W] and the noiseless in-focus response (float32 ADU) for signal-only photons.
 
     The photons are scaled so the in-focus image's PEAK_PERCENTILE is `draw.peak_photons`; a uniform background of
@@ -75,8 +80,9 @@ def expose_window(photons: np.ndarray, truth_photons: np.ndarray, draw: CameraDr
     camera = Camera(draw.camera_config(base))
     height, width = truth_photons.shape
     hot = rng.random((height, width)) < draw.hot_pixel_fraction
-    hot_photons = np.asarray(np.where(hot, rng.uniform(0.2, 3.0, (height, width)) * draw.peak_photons, 0.0),
-                             dtype=np.float32)
+    hot_photons = np.asarray(
+        np.where(hot, rng.uniform(0.2, 3.0, (height, width)) * draw.peak_photons, 0.0), dtype=np.float32
+    )
     columns = np.asarray(rng.standard_normal(int(width)) * draw.fixed_pattern_adu, dtype=np.float32)
     frames = np.empty(photons.shape, dtype=np.uint16)
     for index, plane in enumerate(photons):
@@ -93,15 +99,25 @@ def optics_variants(envelope: RandomizationConfig, optics: OpticsConfig, seed: i
     for _ in range(envelope.optics_variants):
         na = optics.numerical_aperture + rng.uniform(-1, 1) * envelope.numerical_aperture_jitter
         na = float(min(max(na, 0.05), 0.95 * optics.immersion_index))
-        variants.append(optics.model_copy(update={
-            "numerical_aperture": round(na, 3),
-            "emission_wavelength_nm": round(float(optics.emission_wavelength_nm
-                                                  + rng.uniform(-1, 1) * envelope.emission_wavelength_jitter_nm), 1),
-            "coverslip_thickness_um": round(float(optics.collar_thickness_um
-                                                  + _uniform(rng, envelope.collar_mismatch_um)), 1),
-            "magnification": round(float(optics.magnification
-                                         / (1.0 + rng.uniform(-1, 1) * envelope.pixel_size_jitter)), 3),
-        }))
+        variants.append(
+            optics.model_copy(
+                update={
+                    "numerical_aperture": round(na, 3),
+                    "emission_wavelength_nm": round(
+                        float(
+                            optics.emission_wavelength_nm + rng.uniform(-1, 1) * envelope.emission_wavelength_jitter_nm
+                        ),
+                        1,
+                    ),
+                    "coverslip_thickness_um": round(
+                        float(optics.collar_thickness_um + _uniform(rng, envelope.collar_mismatch_um)), 1
+                    ),
+                    "magnification": round(
+                        float(optics.magnification / (1.0 + rng.uniform(-1, 1) * envelope.pixel_size_jitter)), 3
+                    ),
+                }
+            )
+        )
     return variants
 
 
@@ -125,16 +141,19 @@ def draw_specimen(envelope: RandomizationConfig, seed: int) -> SpecimenDraw:
     )
 
 
-def specimen_simulator(envelope: RandomizationConfig, simulator: SimulatorConfig, draw: SpecimenDraw,
-                       seed: int) -> SimulatorConfig:
+def specimen_simulator(
+    envelope: RandomizationConfig, simulator: SimulatorConfig, draw: SpecimenDraw, seed: int
+) -> SimulatorConfig:
     """The simulator section for one drawn specimen: its seed, family, density and thickness, a field of
     `envelope.field_size_um`, no background (the camera draw adds it), no drift or tilt."""
-    specimen = simulator.specimen.model_copy(update={
-        "family": draw.family,
-        "nuclei_per_mm2": min(20_000.0, simulator.specimen.nuclei_per_mm2 * draw.density_factor),
-        "layer_thickness_um": draw.layer_thickness_um,
-        "field_size_um": (envelope.field_size_um, envelope.field_size_um),
-        "background_photons_per_px": 0.0,
-    })
+    specimen = simulator.specimen.model_copy(
+        update={
+            "family": draw.family,
+            "nuclei_per_mm2": min(20_000.0, simulator.specimen.nuclei_per_mm2 * draw.density_factor),
+            "layer_thickness_um": draw.layer_thickness_um,
+            "field_size_um": (envelope.field_size_um, envelope.field_size_um),
+            "background_photons_per_px": 0.0,
+        }
+    )
     drift = simulator.drift.model_copy(update={"model": "none", "tilt_x_um_per_mm": 0.0, "tilt_y_um_per_mm": 0.0})
     return simulator.model_copy(update={"seed": seed, "specimen": specimen, "drift": drift})

@@ -46,12 +46,8 @@ class Specimen:
         width_px = max(16, round(config.field_size_um[0] / pixel_size_um))
         self.field_shape_px = (height_px, width_px)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x5EC1]))
-        self.nuclei = _place_nuclei(
-            config, (height_px * pixel_size_um, width_px * pixel_size_um), rng
-        )
-        half_extent_um = (
-            config.layer_thickness_um / 2 + config.nucleus_thickness_um[1] / 2
-        )
+        self.nuclei = _place_nuclei(config, (height_px * pixel_size_um, width_px * pixel_size_um), rng)
+        half_extent_um = config.layer_thickness_um / 2 + config.nucleus_thickness_um[1] / 2
         half_planes = math.ceil(half_extent_um / config.z_step_um)
         self.plane_z_um = np.arange(-half_planes, half_planes + 1) * config.z_step_um
         # the lowest nuclei touch the coverslip: the mid-plane lies this deep in the sample
@@ -69,9 +65,7 @@ class Specimen:
     def mean_photons_per_px(self) -> float:
         return float(self.planes.sum(axis=0).mean())
 
-    def window(
-        self, top_px: int, left_px: int, height_px: int, width_px: int
-    ) -> np.ndarray:
+    def window(self, top_px: int, left_px: int, height_px: int, width_px: int) -> np.ndarray:
         """Planes [K, height, width] whose pixel (0, 0) is field pixel (top, left), wrapping periodically."""
         rows = np.arange(top_px, top_px + height_px) % self.field_shape_px[0]
         cols = np.arange(left_px, left_px + width_px) % self.field_shape_px[1]
@@ -86,12 +80,8 @@ class Specimen:
             a, b, c = nucleus.semi_axes_um
             reach_um = max(a, b) + 2 * _EDGE_SOFTNESS_UM
             cy, cx = nucleus.y_um / px, nucleus.x_um / px
-            rows = np.arange(
-                math.floor(cy - reach_um / px), math.ceil(cy + reach_um / px) + 1
-            )
-            cols = np.arange(
-                math.floor(cx - reach_um / px), math.ceil(cx + reach_um / px) + 1
-            )
+            rows = np.arange(math.floor(cy - reach_um / px), math.ceil(cy + reach_um / px) + 1)
+            cols = np.arange(math.floor(cx - reach_um / px), math.ceil(cx + reach_um / px) + 1)
             in_z = np.abs(self.plane_z_um - nucleus.z_um) < c + 2 * _EDGE_SOFTNESS_UM
             if not in_z.any():
                 continue
@@ -103,16 +93,10 @@ class Specimen:
             v = -xs * sin + ys * cos
             radius = np.sqrt((u / a) ** 2 + (v / b) ** 2 + (zs / c) ** 2)
             # soft envelope: the edge width is _EDGE_SOFTNESS_UM whatever the nucleus size
-            edge = 0.5 * (
-                1.0 - np.tanh((radius - 1.0) * min(a, b, c) / _EDGE_SOFTNESS_UM)
-            )
+            edge = 0.5 * (1.0 - np.tanh((radius - 1.0) * min(a, b, c) / _EDGE_SOFTNESS_UM))
             density = edge * _chromatin(edge.shape, nucleus, px, rng)
-            photons = (
-                self.config.photons_per_um3 * voxel_um3 * nucleus.brightness
-            ) * density
-            planes[np.ix_(np.flatnonzero(in_z), rows % height, cols % width)] += (
-                photons.astype(np.float32)
-            )
+            photons = (self.config.photons_per_um3 * voxel_um3 * nucleus.brightness) * density
+            planes[np.ix_(np.flatnonzero(in_z), rows % height, cols % width)] += photons.astype(np.float32)
         return planes
 
 
@@ -142,9 +126,7 @@ def _chromatin(
     return texture
 
 
-def _place_nuclei(
-    config: SpecimenConfig, field_um: tuple[float, float], rng: np.random.Generator
-) -> list[Nucleus]:
+def _place_nuclei(config: SpecimenConfig, field_um: tuple[float, float], rng: np.random.Generator) -> list[Nucleus]:
     """Nucleus parameters: a smooth density map for sparse/dense regions, clusters, mitotic pairs."""
     height_um, width_um = field_um
     count = int(rng.poisson(config.nuclei_per_mm2 * height_um * width_um / 1e6))
@@ -152,9 +134,7 @@ def _place_nuclei(
         return []
     # density map on a coarse periodic grid: exp of smooth noise gives sparse and dense regions
     grid = 32
-    density = ndimage.gaussian_filter(
-        rng.standard_normal((grid, grid)), 3.0, mode="wrap"
-    )
+    density = ndimage.gaussian_filter(rng.standard_normal((grid, grid)), 3.0, mode="wrap")
     density = np.exp(1.2 * density / (density.std() + 1e-9))
     density /= density.sum()
     cells = rng.choice(grid * grid, size=count, p=density.ravel())
@@ -212,9 +192,5 @@ def _place_nuclei(
                 )
             )
             continue
-        nuclei.append(
-            Nucleus(
-                float(x), float(y), float(z), axes, float(angle), brightness, mitotic
-            )
-        )
+        nuclei.append(Nucleus(float(x), float(y), float(z), axes, float(angle), brightness, mitotic))
     return nuclei

@@ -29,15 +29,26 @@ class SpecimenVolume(Protocol):
 class ExtrudedImage:
     """A real 2-D nuclei image with its labels, extruded to a 3-D volume (see the module docstring)."""
 
-    def __init__(self, image: np.ndarray, labels: np.ndarray, pixel_size_um: float, *, z_step_um: float = 1.0,
-                 layer_thickness_um: float = 4.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        image: np.ndarray,
+        labels: np.ndarray,
+        pixel_size_um: float,
+        *,
+        z_step_um: float = 1.0,
+        layer_thickness_um: float = 4.0,
+        seed: int = 0,
+    ) -> None:
         if image.shape != labels.shape or image.ndim != 2:
             raise ValueError(f"image {image.shape} and labels {labels.shape} must be one 2-D shape")
         self.pixel_size_um = float(pixel_size_um)
         self.field_shape_px = (int(image.shape[0]), int(image.shape[1]))
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0xE1]))
-        signal = image.astype(np.float32) - float(np.percentile(image[labels == 0], 50)) if (labels == 0).any() \
+        signal = (
+            image.astype(np.float32) - float(np.percentile(image[labels == 0], 50))
+            if (labels == 0).any()
             else image.astype(np.float32)
+        )
         signal = np.clip(signal, 0.0, None)
         ids = np.unique(labels[labels > 0])
         areas = ndimage.sum_labels(np.ones_like(labels), labels, ids)
