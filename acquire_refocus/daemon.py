@@ -2,7 +2,8 @@
 
 A run = one useq MDASequence acquired through the configured backend ("simulator": the simulated microscope in a
 pymmcore-plus UniMMCore; "pymmcore-plus": a real Micro-Manager configuration in a CMMCorePlus; "pycromanager": the
-Micro-Manager desktop application, or pycromanager's headless backend). Every frame goes through
+Micro-Manager desktop application, or pycromanager's headless backend; `hooks.backend` picks it, and the daemon
+only calls its `AcquisitionBackend` methods). Every frame goes through
 `FramePipeline` to the sinks, latency-critical ones first: focus controller, publisher, focus log, then the
 refocused store in its own writer thread (`BackgroundSink`), so neither the closed focus loop nor viewers wait
 for the disk. Acquisitions run in their own thread; the main thread waits for control requests and signals, so
@@ -19,19 +20,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import useq
 import yaml
+from pymmcore_plus import CMMCorePlus
 
-from acquire_refocus.autofocus import software_autofocus
 from acquire_refocus.channels import WithheldModels, driving_channel, refocus_policy, sequence_channels
 from acquire_refocus.config import AppConfig, dump_config
 from acquire_refocus.control import ControlServer
-from acquire_refocus.core_lifetime import release_core
 from acquire_refocus.diskspace import SpaceNeed, check_space, low_space_problem, space_need
 from acquire_refocus.errors import ConfigError, UserError
-from acquire_refocus.focus import FocusController, estimates_waiter, pycromanager_planner
+from acquire_refocus.focus import FocusController
+from acquire_refocus.hooks.backend import FrameFormat, RunRequest, create_backend
+from acquire_refocus.hooks.pymmcore_plus_backend import PymmcorePlusBackend
 from acquire_refocus.logs import kv
 from acquire_refocus.model.verdict import check_corrector
 from acquire_refocus.outputs import output_folder
@@ -50,7 +52,6 @@ from acquire_refocus.sequence import parse_sequence
 from acquire_refocus.storage import (
     FOCUS_LOG,
     MAX_UNCOMMITTED_FRAMES,
-    RAW_FRAME_LOG,
     RAW_STORE,
     REFOCUSED_STORE,
     RUN_RECORD,
@@ -65,6 +66,9 @@ from acquire_refocus.storage import (
     utc_now,
     write_run_record,
 )
+
+if TYPE_CHECKING:
+    from acquire_refocus.sim.devices import ClockedMicroscope
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +195,8 @@ class Daemon:
         self._controller: FocusController | None = None
         self._current: RunSummary | None = None
         self._last: RunSummary | None = None
-        self._core: Any = None
-        self._core_lock = threading.Lock()
-        self._run_stop: threading.Event | None = None  # set to stop the run in progress (pycromanager polls it)
-        self.scope: Any = None  # the simulated microscope, with the simulator backend
+        self.backend = create_backend(config)  # loads nothing yet
+        self._run_stop: threading.Event | None = None  # set to stop the run in progress (a backend may poll it)
         self.interrupted_runs = interrupted_runs(self.data_root)
         if self.interrupted_runs:
             log.warning(
@@ -315,9 +317,9 @@ class Daemon:
             raise UserError('run request: "sequence" must be a useq-schema MDASequence object')
         sequence = parse_sequence(request["sequence"], "run request")
         output = self._requested_output(request.get("output"))
-        self._check_against_hardware(sequence)
-        if self.data_root is not None and self.data_root.is_dir() and self._core is not None:
-            self._check_space(sequence, self._core, self.data_root)  # checked again when the run starts
+        frames = self._check_against_hardware(sequence)
+        if self.data_root is not None and self.data_root.is_dir() and frames is not None:
+            self._check_space(sequence, frames, self.data_root)  # checked again when the run starts
         if output is not None:  # refused now, in the reply, rather than later in the daemon's log
             with self._lock:
                 if output in self._queued_outputs:
@@ -352,15 +354,13 @@ class Daemon:
             )
         return output
 
-    def _check_against_hardware(self, sequence: useq.MDASequence) -> None:
-        """Channels and pixel size against the loaded hardware, as a run checks them before any store opens."""
-        if self.config.acquisition.backend == "pycromanager":
-            return  # the desktop application checks its own channels; there is no core here
-        core = self.acquisition_core()
-        from acquire_refocus.hooks.pymmcore_plus import check_channels
-
-        check_channels(core, sequence)
-        self._check_pixel_size(self.config.acquisition.pixel_size_um or core.getPixelSizeUm() or None)
+    def _check_against_hardware(self, sequence: useq.MDASequence) -> FrameFormat | None:
+        """Channels and pixel size against the loaded hardware, before any store opens (UserError / InputError);
+        the frames' format, None where the backend knows it only once frames arrive (then nothing is checked)."""
+        frames = self.backend.check(sequence)
+        if frames is not None:
+            self._check_pixel_size(self.config.acquisition.pixel_size_um or frames.pixel_size_um)
+        return frames
 
     def _check_pixel_size(self, pixel_size_um: float | None) -> None:
         """Every model's check of the frames' pixel size (InputError for one they cannot be resampled from)."""
@@ -403,9 +403,7 @@ class Daemon:
             run_stop = self._run_stop
         if run_stop is not None:
             run_stop.set()
-        core = self._core
-        if core is not None:
-            core.mda.cancel()
+        self.backend.cancel()
 
     def run(self, sequence: useq.MDASequence, output_dir: Path | None, run_id: str | None = None) -> RunSummary:
         """Acquire one sequence (in this thread) with a fresh pipeline; returns when the stores are closed."""
@@ -435,18 +433,14 @@ class Daemon:
         if self.publisher is not None:
             self.publisher.run = run_id
             sinks.append(PublishSink(self.publisher, focus_offset))
-        core = self.acquisition_core() if backend != "pycromanager" else None
-        if core is not None:  # mistakes the whole run would repeat frame by frame: refused before any store opens
-            from acquire_refocus.hooks.pymmcore_plus import check_channels
-
-            check_channels(core, sequence)
-            self._check_pixel_size(self.config.acquisition.pixel_size_um or core.getPixelSizeUm() or None)
-        space = self._check_space(sequence, core, output_dir)
+        # mistakes the whole run would repeat frame by frame: refused before any store opens
+        frames = self._check_against_hardware(sequence)
+        space = self._check_space(sequence, frames, output_dir)
         if output_dir is not None:
             store = None
             if self.config.storage.save_refocused:
-                pixel_size_um = self.config.acquisition.pixel_size_um or (core.getPixelSizeUm() if core else None)
-                frame_shape = (core.getImageHeight(), core.getImageWidth()) if core is not None else None
+                pixel_size_um = self.config.acquisition.pixel_size_um or (frames.pixel_size_um if frames else None)
+                frame_shape = (frames.height_px, frames.width_px) if frames is not None else None
                 store = RefocusedStore(output_dir / REFOCUSED_STORE, sequence, frame_shape, pixel_size_um or None)
             sinks.append(FocusLog(output_dir / FOCUS_LOG, focus_offset))
             if store is not None:
@@ -480,24 +474,32 @@ class Daemon:
         )
         t0 = time.perf_counter()
         run_stop = threading.Event()
-        raw_log = (
-            RawFrameLog(output_dir / RAW_FRAME_LOG)
-            if core is not None and output_dir is not None and self.config.storage.save_raw
-            else None
-        )
+        save_raw = output_dir is not None and self.config.storage.save_raw
+        raw_log = self.backend.raw_frame_log(output_dir) if save_raw and output_dir is not None else None
         watch = RunWatch(
             self._run_checks(pipeline, raw_log, output_dir, space),
-            lambda reason: self._abort_run(summary, run_stop, core, reason),
+            lambda reason: self._abort_run(summary, run_stop, reason),
         )
         with self._lock:
             self._run_stop = run_stop
         pipeline.start()
-        if raw_log is not None:
-            core.mda.events.frameReady.connect(raw_log.frameReady)
         try:
             self._write_record(summary, sequence, "running")
             watch.start()
-            self._acquire(core, sequence, pipeline, controller, output_dir, run_stop)
+            if not self._stop.is_set():
+                channel = controller.channel if controller is not None else None
+                self.backend.run(
+                    RunRequest(
+                        sequence=sequence,
+                        pipeline=pipeline,
+                        controller=controller,
+                        corrector=self._corrector_of(channel),
+                        output_dir=output_dir,
+                        save_raw=save_raw,
+                        stop=run_stop,
+                        raw_log=raw_log,
+                    )
+                )
         except UserError as exc:
             summary.error = summary.error or str(exc)
             raise
@@ -507,7 +509,6 @@ class Daemon:
         finally:
             watch.stop()
             if raw_log is not None:
-                core.mda.events.frameReady.disconnect(raw_log.frameReady)
                 raw_log.close()
             summary.cancelled = self._stop.is_set()
             summary.stats = pipeline.close(drain=True)
@@ -539,13 +540,15 @@ class Daemon:
             )
         return summary
 
-    def _check_space(self, sequence: useq.MDASequence, core: Any, output_dir: Path | None) -> SpaceNeed | None:
+    def _check_space(
+        self, sequence: useq.MDASequence, frames: FrameFormat | None, output_dir: Path | None
+    ) -> SpaceNeed | None:
         """Refuse (UserError) a run whose frames cannot fit on the output disk; the SpaceNeed to watch during the
         run. None when nothing is saved, or the frame size is not known before the first frame (pycromanager)."""
         storage = self.config.storage
         if output_dir is None or not (storage.save_raw or storage.save_refocused):
             return None
-        if core is None:
+        if frames is None:
             log.warning(
                 kv(
                     "disk_space_not_checked",
@@ -554,7 +557,7 @@ class Daemon:
                 )
             )
             return None
-        raw_bytes = int(core.getBytesPerPixel()) if storage.save_raw else None
+        raw_bytes = frames.bytes_per_pixel if storage.save_raw else None
         margin_frames = (
             self.config.pipeline.queue_size
             + self.config.pipeline.max_backlog_frames
@@ -563,8 +566,8 @@ class Daemon:
         )
         need = space_need(
             expected_frames(sequence),
-            int(core.getImageHeight()),
-            int(core.getImageWidth()),
+            frames.height_px,
+            frames.width_px,
             raw_bytes,
             storage.save_refocused,
             margin_frames,
@@ -592,13 +595,12 @@ class Daemon:
             checks.append(lambda: f"the raw frame log could not be written: {raw_log.error}" if raw_log.error else "")
         return checks
 
-    def _abort_run(self, summary: RunSummary, run_stop: threading.Event, core: Any, reason: str) -> None:
+    def _abort_run(self, summary: RunSummary, run_stop: threading.Event, reason: str) -> None:
         """Stop this run (not the daemon) as failed: the backend finishes the frame in progress and closes the raw
         store; the queue drains into the other stores."""
         summary.error = summary.error or reason
         run_stop.set()
-        if core is not None:
-            core.mda.cancel()
+        self.backend.cancel()
 
     def _missing_frames(
         self, summary: RunSummary, sequence: useq.MDASequence, output_dir: Path | None, raw_log: RawFrameLog | None
@@ -623,74 +625,20 @@ class Daemon:
             )
         return raw_missing, incomplete
 
-    def acquisition_core(self) -> Any:
-        """The Micro-Manager core of the configured backend, created once per daemon (by whichever thread asks
-        first: serve, a run, or the control thread checking a request)."""
-        with self._core_lock:
-            return self._core if self._core is not None else self._create_core()
-
-    def _create_core(self) -> Any:
-        acq = self.config.acquisition
-        if acq.backend == "simulator":
-            from acquire_refocus.sim.devices import create_simulated_core
-
-            self._core, self.scope = create_simulated_core(self.config.optics, self.config.simulator)
-        else:
-            from acquire_refocus.hooks.mm_hardware import load_hardware_core
-
-            if acq.mm_config_file is None:
-                raise ConfigError(
-                    "acquisition.mm_config_file: required for backend pymmcore-plus (the .cfg file of your microscope)"
-                )
-            self._core = load_hardware_core(acq.mm_config_file, acq.mm_app_path, focus_device=acq.focus_device)
-        if acq.focus_device and acq.backend == "simulator":
-            self._core.setFocusDevice(acq.focus_device)
-        return self._core
-
-    def _acquire(
-        self,
-        core: Any,
-        sequence: useq.MDASequence,
-        pipeline: FramePipeline,
-        controller: FocusController | None,
-        output_dir: Path | None,
-        run_stop: threading.Event,
-    ) -> None:
-        acq = self.config.acquisition
-        save_raw = output_dir is not None and self.config.storage.save_raw
-        if self._stop.is_set():
-            return
-        if acq.backend == "pycromanager":
-            from acquire_refocus.hooks import pycromanager as pycro
-
-            planner = None
-            if controller is not None:  # observe mode plans (and logs) too, and always returns 0
-                planner = pycromanager_planner(controller, estimates_waiter(controller, pipeline))
-            pycro.run_sequence(
-                sequence,
-                pipeline,
-                focus_planner=planner,
-                stop_event=run_stop,
-                directory=output_dir if save_raw else None,
-                name="raw",
-                pixel_size_um=acq.pixel_size_um,
-                focus_device=acq.focus_device,
-                port=acq.pycromanager_port,
+    def acquisition_core(self) -> CMMCorePlus:
+        """The Micro-Manager core of the simulator or pymmcore-plus backend, loaded once per daemon (by whichever
+        thread asks first: serve, a run, or the control thread checking a request). ConfigError for a backend
+        without a core in this process (pycromanager)."""
+        if not isinstance(self.backend, PymmcorePlusBackend):
+            raise ConfigError(
+                f"acquisition.backend {self.config.acquisition.backend}: there is no Micro-Manager core in this process"
             )
-            return
-        from acquire_refocus.hooks.pymmcore_plus import run_sequence
+        return self.backend.core()
 
-        run_sequence(
-            core,
-            sequence,
-            pipeline,
-            controller=controller,
-            raw_path=output_dir / RAW_STORE if save_raw and output_dir is not None else None,
-            pixel_size_um=acq.pixel_size_um,
-            autofocus=software_autofocus(
-                self.config, self._corrector_of(controller.channel if controller else None), controller, output_dir
-            ),
-        )
+    @property
+    def scope(self) -> ClockedMicroscope | None:
+        """The simulated microscope (simulator backend, once its core is loaded); None otherwise."""
+        return self.backend.scope if isinstance(self.backend, PymmcorePlusBackend) else None
 
     def _write_record(self, summary: RunSummary, sequence: useq.MDASequence, state: str) -> None:
         if summary.output_dir is None:
@@ -748,8 +696,7 @@ class Daemon:
             run_id, _ = self._next_run(None)
             self._runs.put((run_id, sequence, self.output_dir))
         else:
-            if self.config.acquisition.backend != "pycromanager":
-                self.acquisition_core()  # loaded before the first request, which is checked against it
+            self.backend.prepare()  # the hardware is loaded before the first request, which is checked against it
             log.info(
                 kv(
                     "daemon_waiting",
@@ -820,12 +767,10 @@ class Daemon:
 
     def close(self) -> None:
         self._close_sockets()
-        if self._core is not None:
-            try:
-                release_core(self._core)  # releases the hardware (or the simulated devices) and the callback
-            except Exception as exc:
-                log.warning(kv("unload_devices_failed", error=repr(exc)))
-            self._core = None
+        try:
+            self.backend.close()
+        except Exception as exc:  # noqa: BLE001 - a device that fails to unload must not stop the daemon's exit; logged
+            log.warning(kv("unload_devices_failed", error=repr(exc)))
         log.info(kv("daemon_closed"))
 
     def __enter__(self) -> Daemon:
