@@ -19,12 +19,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from acquire_refocus.config import AppConfig, FocusConfig, OpticsConfig, SoftwareAutofocusConfig
 from acquire_refocus.logs import kv
 from acquire_refocus.sharpness import BandPassSharpness, SharpnessCurve, fit_sharpness_curve
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from acquire_refocus.pipeline import FrameCorrector
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +46,34 @@ _MIN_LOG_FALL = 0.1
 _MAX_WIDTH_RATIO = 3.0
 
 
+class FocusCore(Protocol):
+    """The part of a Micro-Manager core (pymmcore-plus's CMMCorePlus) the autofocus uses."""
+
+    def setZPosition(self, z: float, /) -> None: ...  # noqa: N802 - Micro-Manager's name
+
+    def waitForSystem(self) -> None: ...  # noqa: N802 - Micro-Manager's name
+
+    def snapImage(self) -> None: ...  # noqa: N802 - Micro-Manager's name
+
+    def getImage(self) -> npt.NDArray[Any]: ...  # noqa: N802 - Micro-Manager's name
+
+
 class FocusDrive:
     """What the autofocus moves and images with: a Micro-Manager core's focus stage and camera."""
 
-    def __init__(self, core: object) -> None:
+    def __init__(self, core: FocusCore) -> None:
         self._core = core
 
     def snap_at(self, z_um: float) -> np.ndarray:
         core = self._core
-        core.setZPosition(z_um)  # type: ignore[attr-defined]
-        core.waitForSystem()  # type: ignore[attr-defined]
-        core.snapImage()  # type: ignore[attr-defined]
-        return np.asarray(core.getImage())  # type: ignore[attr-defined]
+        core.setZPosition(z_um)
+        core.waitForSystem()
+        core.snapImage()
+        return np.asarray(core.getImage())
 
     def move_to(self, z_um: float) -> None:
-        self._core.setZPosition(z_um)  # type: ignore[attr-defined]
-        self._core.waitForSystem()  # type: ignore[attr-defined]
+        self._core.setZPosition(z_um)
+        self._core.waitForSystem()
 
 
 @dataclass
@@ -223,14 +242,20 @@ class SoftwareAutofocus:
         return result
 
 
-def _draw_curve(ax: object, z: np.ndarray, s: np.ndarray, curve: SharpnessCurve | None, label: str) -> None:
+def _draw_curve(
+    ax: Axes, z: npt.NDArray[np.float64], s: npt.NDArray[np.float64], curve: SharpnessCurve | None, label: str
+) -> None:
     """Frames' log sharpness against Z, and the fitted log-parabola with its peak."""
     finite = np.isfinite(s)
-    points = ax.plot(z[finite], s[finite], "o", ms=4, label=label)  # type: ignore[attr-defined]
+    points = ax.plot(z[finite], s[finite], "o", ms=4, label=label)
     if curve is None:
         return
     near = finite & (np.abs(z - curve.peak_z_um) <= 2 * curve.width_um)
-    shape = lambda zz: -((zz - curve.peak_z_um) ** 2) / (2 * curve.width_um**2)  # noqa: E731
+    peak_z_um, width_um = curve.peak_z_um, curve.width_um
+
+    def shape(zz: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return -((zz - peak_z_um) ** 2) / (2 * width_um**2)
+
     level = float(np.mean(s[near] - shape(z[near]))) if near.any() else float(s[finite].max())
     grid = np.linspace(
         max(z.min(), curve.peak_z_um - 2 * curve.width_um), min(z.max(), curve.peak_z_um + 2 * curve.width_um), 200
@@ -241,10 +266,10 @@ def _draw_curve(ax: object, z: np.ndarray, s: np.ndarray, curve: SharpnessCurve 
         level + shape(grid),
         "-",
         lw=1,
-        color=colour,  # type: ignore[attr-defined]
+        color=colour,
         label=f"fit: peak {curve.peak_z_um:.2f} um, width {curve.width_um:.2f} um",
     )
-    ax.axvline(curve.peak_z_um, color=colour, lw=0.6)  # type: ignore[attr-defined]
+    ax.axvline(curve.peak_z_um, color=colour, lw=0.6)
 
 
 def plot_sharpness_curves(
@@ -285,7 +310,7 @@ def plot_focus_curve(path: Path, result: AutofocusResult) -> None:
 
 
 def software_autofocus(
-    config: AppConfig, corrector: object, controller: object | None, output_dir: Path | None
+    config: AppConfig, corrector: FrameCorrector, controller: object | None, output_dir: Path | None
 ) -> SoftwareAutofocus:
     """The daemon's software autofocus: on the optics of the channel that drives the loop, seeded by the
     corrector's unsigned estimate (`defocus_magnitude_um`), focus curves plotted into `output_dir/autofocus`."""
@@ -293,8 +318,8 @@ def software_autofocus(
 
     def magnitude(frame: np.ndarray, pixel_size_um: float | None) -> float:
         try:
-            return float(getattr(corrector(frame, pixel_size_um), "defocus_magnitude_um", math.nan))  # type: ignore[operator]
-        except Exception as exc:  # a frame the network refuses: the autofocus sweeps without a seed
+            return float(getattr(corrector(frame, pixel_size_um), "defocus_magnitude_um", math.nan))
+        except Exception as exc:  # noqa: BLE001 - whatever the engine raises on a frame it refuses: no seed, logged
             log.warning(kv("software_autofocus_no_seed", error=repr(exc)))
             return math.nan
 

@@ -33,7 +33,7 @@ def check_wait_s(option: str, value: float) -> None:
         raise UserError(f"{option} must be a positive number of seconds, at most {MAX_WAIT_S:g}, got {value}")
 
 
-def connect(socket: zmq.Socket, address: str) -> None:
+def connect(socket: zmq.Socket[bytes], address: str) -> None:
     """Connect `socket` to `address`, closing it and raising UserError when the address is malformed: that is a
     typo to fix, not a daemon that is down. ZeroMQ accepts a TCP port out of range and then never connects, so
     the port is checked here."""
@@ -63,7 +63,7 @@ class Subscriber:
         topics: Iterable[str] = TOPICS,
         timeout_s: float | None = 5.0,
         high_water_mark: int = 1000,
-        context: zmq.Context | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
         keys_dir: str | Path | None = None,
     ) -> None:
         """`keys_dir`: the CURVE keys of a daemon that requires them (security.py); without them such a daemon

@@ -80,7 +80,7 @@ class ControlServer:
         self,
         address: str,
         handlers: dict[str, Handler],
-        context: zmq.Context | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
         security: dict[int, int | bytes] | None = None,
     ) -> None:
         """`security`: socket options of a CURVE server (`security.SecureContext`), None for none."""
@@ -161,7 +161,7 @@ def request(
     """Send one command to a daemon and return its reply; DaemonUnavailable when none answers in time, UserError
     when the address is malformed. `keys_dir`: the CURVE keys of a daemon that requires them (security.py)."""
     options = client_options(keys_dir) if keys_dir is not None else None
-    context = zmq.Context.instance()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     socket = context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, max(1, int(timeout_s * 1000)))

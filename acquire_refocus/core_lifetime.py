@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import weakref
+from typing import TypeVar
 
 import pymmcore
 from pymmcore_plus import CMMCorePlus
@@ -18,8 +19,10 @@ from pymmcore_plus import CMMCorePlus
 # Cores made by this package and not yet released.
 _LIVE_CORES: weakref.WeakSet[CMMCorePlus] = weakref.WeakSet()
 
+CoreT = TypeVar("CoreT", bound=CMMCorePlus)
 
-def track_core(core: CMMCorePlus) -> CMMCorePlus:
+
+def track_core(core: CoreT) -> CoreT:
     """Register a new core so that it is released at exit if its owner does not release it first."""
     _LIVE_CORES.add(core)
     return core

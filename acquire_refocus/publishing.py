@@ -42,14 +42,13 @@ def frame_header(
     """The JSON header of one message. Non-finite numbers become null."""
     info = result.info
     shown = pixels if pixels is not None else result.raw  # focus messages describe the raw frame
-    is_array = isinstance(shown, np.ndarray)
     header: dict[str, Any] = {
         "topic": topic,
         "run": run,
         "frame": result.frame,
         "axes": dict(info.axes),
-        "shape": list(shown.shape) if is_array else None,
-        "dtype": str(shown.dtype) if is_array else None,
+        "shape": list(shown.shape) if shown is not None else None,
+        "dtype": str(shown.dtype) if shown is not None else None,
         "stage_z_um": _finite_or_none(info.stage_z_um),
         "stage_xy_um": list(info.stage_xy_um) if info.stage_xy_um is not None else None,
         "pixel_size_um": _finite_or_none(info.pixel_size_um),
@@ -71,8 +70,12 @@ def frame_header(
 
 
 def bind_socket(
-    context: zmq.Context, kind: int, address: str, what: str, options: dict[int, int | bytes] | None = None
-) -> zmq.Socket:
+    context: zmq.Context[zmq.Socket[bytes]],
+    kind: int,
+    address: str,
+    what: str,
+    options: dict[int, int | bytes] | None = None,
+) -> zmq.Socket[bytes]:
     """Bind a socket (options set first: ZeroMQ applies them to connections made after), turning an unusable
     address into a clear UserError."""
     socket = context.socket(kind)
@@ -105,7 +108,7 @@ class Publisher:
     def __init__(
         self,
         config: PublishingConfig,
-        context: zmq.Context | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
         security: dict[int, int | bytes] | None = None,
     ) -> None:
         """`security`: socket options of a CURVE server (`security.SecureContext`), None for none."""

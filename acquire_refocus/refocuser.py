@@ -31,6 +31,7 @@ import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import ValidationError
@@ -43,6 +44,9 @@ from acquire_refocus.model.checkpoint import LoadedModel, load_weights
 from acquire_refocus.model.envelope import DISTRUSTED, envelope_flags
 from acquire_refocus.model.fusion import DEFAULT_MARGIN_UM, OpticalFusion
 from acquire_refocus.model.normalization import denormalize, frame_scale, normalize
+
+if TYPE_CHECKING:
+    from acquire_refocus.engines.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,7 @@ def _engine_config(engine: EngineConfig | str | None) -> EngineConfig:
         return engine
     if isinstance(engine, str):
         try:
-            return EngineConfig(backend=engine)  # type: ignore[arg-type]
+            return EngineConfig.model_validate({"backend": engine})
         except ValidationError:
             raise ConfigError(f"unknown engine {engine!r}; choose one of auto, tensorrt, onnxruntime, torch") from None
     raise ConfigError(f"engine must be an EngineConfig or a backend name, got {type(engine).__name__}")
@@ -105,12 +109,28 @@ def check_frame(frame: object) -> np.ndarray:
     return frame
 
 
+def check_pixel_size_um(pixel_size_um: float | None, model_pixel_size_um: float) -> None:
+    """InputError for a pixel size frames cannot be resampled from: not a positive number, or more than
+    _MAX_PIXEL_SIZE_RATIO times from the model's (None: frames are taken at the model's own)."""
+    if pixel_size_um is None:
+        return
+    if isinstance(pixel_size_um, bool) or not isinstance(pixel_size_um, numbers.Real):
+        raise InputError(f"pixel_size_um must be a number of micrometres, got {pixel_size_um!r}")
+    if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
+        raise InputError(f"pixel_size_um must be a positive number of micrometres, got {pixel_size_um!r}")
+    if not 1 / _MAX_PIXEL_SIZE_RATIO <= pixel_size_um / model_pixel_size_um <= _MAX_PIXEL_SIZE_RATIO:
+        raise InputError(
+            f"pixel_size_um {pixel_size_um:g} is more than {_MAX_PIXEL_SIZE_RATIO:g} times from the model's "
+            f"{model_pixel_size_um:g} um: a typo, or optics this model was not trained for (train one on z-stacks "
+            "taken with them)"
+        )
+
+
 class Refocuser:
     """Refocus frames and estimate their defocus with a loaded model on one engine. Thread-compatible: one
     Refocuser per thread, or calls serialised by the caller (the daemon runs it on one worker thread)."""
 
-    def __init__(self, loaded: LoadedModel, engine, fusion: OpticalFusion | None = None) -> None:
-        # engine: acquire_refocus.engines.Engine
+    def __init__(self, loaded: LoadedModel, engine: Engine, fusion: OpticalFusion | None = None) -> None:
         self.loaded = loaded
         self.engine = engine
         self.fusion = fusion
@@ -160,20 +180,8 @@ class Refocuser:
         return self.loaded.sha256
 
     def check_pixel_size_um(self, pixel_size_um: float | None) -> None:
-        """InputError for a pixel size frames cannot be resampled from: not a positive number, or more than
-        _MAX_PIXEL_SIZE_RATIO times from the model's (None: frames are taken at the model's own)."""
-        if pixel_size_um is None:
-            return
-        if isinstance(pixel_size_um, bool) or not isinstance(pixel_size_um, numbers.Real):
-            raise InputError(f"pixel_size_um must be a number of micrometres, got {pixel_size_um!r}")
-        if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
-            raise InputError(f"pixel_size_um must be a positive number of micrometres, got {pixel_size_um!r}")
-        if not 1 / _MAX_PIXEL_SIZE_RATIO <= pixel_size_um / self.pixel_size_um <= _MAX_PIXEL_SIZE_RATIO:
-            raise InputError(
-                f"pixel_size_um {pixel_size_um:g} is more than {_MAX_PIXEL_SIZE_RATIO:g} times from the model's "
-                f"{self.pixel_size_um:g} um: a typo, or optics this model was not trained for (train one on z-stacks "
-                "taken with them)"
-            )
+        """InputError for a pixel size frames cannot be resampled from (see `check_pixel_size_um`)."""
+        check_pixel_size_um(pixel_size_um, self.pixel_size_um)
 
     def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> RefocusResult:
         from acquire_refocus.engines.tiling import infer_frame

@@ -114,7 +114,7 @@ def _client_secret(folder: Path) -> Path:
     )
 
 
-def apply_options(socket: zmq.Socket, options: SocketOptions | None) -> None:
+def apply_options(socket: zmq.Socket[bytes], options: SocketOptions | None) -> None:
     for option, value in (options or {}).items():
         socket.setsockopt(option, value)
 
@@ -124,7 +124,7 @@ class SecureContext:
     """A ZeroMQ context of its own whose CURVE servers accept only the clients in `keys_dir/clients` (checked by
     pyzmq's authenticator thread at each connection), and the options for its bound sockets."""
 
-    context: zmq.Context
+    context: zmq.Context[zmq.Socket[bytes]]
     options: SocketOptions
     _authenticator: ThreadAuthenticator
 

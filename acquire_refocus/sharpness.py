@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import numpy.typing as npt
 import scipy.fft
 
 from acquire_refocus.config import OpticsConfig
@@ -41,22 +42,22 @@ _NOISE_BAND_CYCLES_PER_PX = (0.4, 0.5)
 
 
 @lru_cache(maxsize=8)
-def _band_weights(shape: tuple[int, int], fine_sigma_px: float, coarse_sigma_px: float) -> np.ndarray:
+def _band_weights(shape: tuple[int, int], fine_sigma_px: float, coarse_sigma_px: float) -> npt.NDArray[np.float32]:
     """|DoG transfer function|^2 on the rfft2 grid of `shape`."""
     ky = scipy.fft.fftfreq(shape[0])[:, None]
     kx = scipy.fft.rfftfreq(shape[1])[None, :]
     k2 = kx**2 + ky**2
     transfer = np.exp(-2 * math.pi**2 * k2 * fine_sigma_px**2) - np.exp(-2 * math.pi**2 * k2 * coarse_sigma_px**2)
-    weights = (transfer**2).astype(np.float32)
+    weights: npt.NDArray[np.float32] = (transfer**2).astype(np.float32)
     weights.setflags(write=False)
     return weights
 
 
 @lru_cache(maxsize=8)
-def _noise_band(shape: tuple[int, int]) -> np.ndarray:
+def _noise_band(shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
     """Mask of the rfft2 grid of `shape` between _NOISE_BAND_CYCLES_PER_PX (where only noise is left)."""
     k = np.hypot(scipy.fft.fftfreq(shape[0])[:, None], scipy.fft.rfftfreq(shape[1])[None, :])
-    mask = (k > _NOISE_BAND_CYCLES_PER_PX[0]) & (k < _NOISE_BAND_CYCLES_PER_PX[1])
+    mask: npt.NDArray[np.bool_] = (k > _NOISE_BAND_CYCLES_PER_PX[0]) & (k < _NOISE_BAND_CYCLES_PER_PX[1])
     mask.setflags(write=False)
     return mask
 

@@ -40,7 +40,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import useq
@@ -48,6 +48,10 @@ import useq
 from acquire_refocus.logs import kv
 from acquire_refocus.pipeline import FocusOffsetLookup, FrameResult
 from acquire_refocus.sequence import axes_dict, axis_sizes, event_axes, nested_event_count
+
+if TYPE_CHECKING:
+    import zarr
+    from zarr.types import AnyArray
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +405,9 @@ class RawFrameLog:
         self.rows = 0
         self.error = ""
 
-    def frameReady(self, image: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]) -> None:  # noqa: N802
+    def frameReady(  # noqa: N802 - named after the pymmcore-plus signal it listens to
+        self, image: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]
+    ) -> None:
         if self.error:
             return
         row = {"frame": self.rows, "axes": event_axes(event), "t_written": round(time.time(), 6), "meta": meta}
@@ -434,17 +440,10 @@ def read_raw_frame_log(path: str | Path) -> list[dict[str, Any]]:
 def stored_frame_count(store: str | Path) -> int:
     """Frames on disk in an OME-Zarr store written one chunk per frame (every series): chunks that exist. A
     frame whose pixels all equal the fill value (0) is not stored as a chunk, so it counts as missing."""
-    import zarr
-
     root = Path(store)
     if not root.exists():
         return 0
-    count = 0
-    for series in open_stores(root.parent).get(_STORE_NAMES[root.name], {}).values():
-        if not isinstance(series, zarr.Array):
-            continue
-        count += int(series.nchunks_initialized)
-    return count
+    return sum(int(series.nchunks_initialized) for series in open_stores(root.parent)[_STORE_NAMES[root.name]].values())
 
 
 def read_run_state(folder: str | Path) -> dict[str, Any] | None:
@@ -525,27 +524,34 @@ def utc_now() -> str:
 _STORE_NAMES = {RAW_STORE: "raw", REFOCUSED_STORE: "refocused"}
 
 
-def open_stores(path: str | Path) -> dict[str, Any]:
+def _full_resolution_array(image: zarr.Group) -> AnyArray | zarr.Group | None:
+    """The first dataset of an image group's OME-NGFF multiscales (0.5 nests them under "ome", 0.4 does not)."""
+    attrs: Mapping[str, Any] = image.attrs
+    ome = attrs.get("ome")
+    multiscales = (ome.get("multiscales") if isinstance(ome, Mapping) else None) or attrs.get("multiscales")
+    if not multiscales:
+        return None
+    return image[str(multiscales[0]["datasets"][0]["path"])]
+
+
+def open_stores(path: str | Path) -> dict[str, dict[str, AnyArray]]:
     """Open an output directory's OME-Zarr stores read-only: {"raw": {series: zarr.Array}, "refocused": ...}.
 
     Series are the stores' image groups ("0", "1", ... one per position), each with its full-resolution array.
     """
     import zarr
 
-    out: dict[str, Any] = {}
+    out: dict[str, dict[str, AnyArray]] = {}
     for store, name in _STORE_NAMES.items():
         root = Path(path) / store
         if not root.exists():
             continue
         group = zarr.open_group(str(root), mode="r")
-        series = {}
-        for key, node in group.groups():
-            if key == "OME":
-                continue
-            multiscales = node.attrs.get("ome", {}).get("multiscales") or node.attrs.get("multiscales")
-            if multiscales:
-                series[key] = node[multiscales[0]["datasets"][0]["path"]]
-        if not series and group.attrs.get("ome", {}).get("multiscales"):
-            series["0"] = group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
+        series: dict[str, AnyArray] = {}
+        for key, image in group.groups():
+            if key != "OME" and isinstance(array := _full_resolution_array(image), zarr.Array):
+                series[key] = array
+        if not series and isinstance(array := _full_resolution_array(group), zarr.Array):
+            series["0"] = array  # a single image at the store's root
         out[name] = series
     return out

@@ -68,8 +68,8 @@ def _check_depth(text: str, source: str) -> None:
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
-                line = event.start_mark.line + 1
-                raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep (line {line})")
+                where = f" (line {event.start_mark.line + 1})" if event.start_mark is not None else ""
+                raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep{where}")
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
 

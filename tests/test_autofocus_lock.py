@@ -78,7 +78,7 @@ def run_locked(
             t_index = event.index.get("t", 0)
             offsets.append((t_index, core.getPosition("SimPFSOffset")))
             if lose_at_t is not None and t_index == lose_at_t:
-                stage.lock.lose()
+                stage.focus_lock.lose()
 
         core.mda.events.frameReady.connect(truth.frameReady)
         core.mda.events.frameReady.connect(watch)

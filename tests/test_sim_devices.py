@@ -295,7 +295,7 @@ def test_the_lock_removes_the_stand_drift_but_not_the_sample_drift(
 ) -> None:
     core, scope = two_stains
     stage = scope.focus_stage
-    assert stage is not None and stage.lock is not None
+    assert stage is not None and stage.focus_lock is not None
     core.setConfig("Channel", "Nuclei")
     core.setPosition(FOCUS_Z_UM)
     core.setProperty("SimPFS", "State", "On")
@@ -316,7 +316,7 @@ def test_the_lock_removes_the_stand_drift_but_not_the_sample_drift(
         before = core.getPosition()
         core.setPosition("SimPFSOffset", 2.0)  # the offset moves focus instead
         assert core.getPosition() - before == pytest.approx(2.0)
-        stage.lock.lose()
+        stage.focus_lock.lose()
         assert core.getProperty("SimPFS", "Status") == "Lost"
         held = core.getPosition()
         core.snapImage()

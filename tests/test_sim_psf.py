@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 
 from acquire_refocus.config import OpticsConfig
-from acquire_refocus.sim import psf as psf_module
 from acquire_refocus.sim.psf import (
+    CHUNK_BYTES,
     OtfCache,
+    best_focus_z,
     compute_psf_bank,
     load_or_compute_psf_bank,
+    make_psf_planes,
     planes_per_chunk,
+    psf_parameters,
     psf_size_px,
     unfold_quadrant,
 )
@@ -32,12 +35,12 @@ DEPTH_UM = 3.0
 
 def _single_call_bank(optics: OpticsConfig) -> np.ndarray:
     """The previous computation: every plane in one psfmodels call, normalised in float64, then float32."""
-    kwargs = psf_module._psf_kwargs(optics, optics.pixel_size_um)
+    kwargs = psf_parameters(optics, optics.pixel_size_um)
     nx = psf_size_px(optics, MAX_DEFOCUS_UM, optics.pixel_size_um)
     count = round(MAX_DEFOCUS_UM / Z_STEP_UM)
     defocus_um = np.arange(-count, count + 1) * Z_STEP_UM
-    z_best = psf_module._best_focus_z(DEPTH_UM, kwargs, "vectorial")
-    psf = psf_module._make_psf(z_best + defocus_um, nx, DEPTH_UM, kwargs, "vectorial")
+    z_best = best_focus_z(DEPTH_UM, kwargs, "vectorial")
+    psf = make_psf_planes(z_best + defocus_um, nx, DEPTH_UM, kwargs, "vectorial")
     psf /= psf.sum(axis=(1, 2), keepdims=True)
     return psf.astype(np.float32)
 
@@ -71,7 +74,7 @@ def test_chunks_stay_within_the_memory_budget_and_spread_over_the_workers() -> N
     for nx, planes, workers in ((1115, 323, 2), (1031, 305, 1), (209, 363, 2), (89, 11, 2), (4001, 5, 2)):
         chunk = planes_per_chunk(nx, planes, workers)
         assert chunk >= 1
-        assert chunk == 1 or chunk * nx * nx * 8 <= psf_module._CHUNK_BYTES
+        assert chunk == 1 or chunk * nx * nx * 8 <= CHUNK_BYTES
         assert chunk <= -(-planes // (4 * workers))
 
 

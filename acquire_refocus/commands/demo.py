@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from acquire_refocus.channels import refocus_policy
 from acquire_refocus.config import PROJECT_ROOT, AppConfig, load_config, parse_config
@@ -16,6 +18,13 @@ from acquire_refocus.errors import UserError
 from acquire_refocus.focus import channel_z_offset_um
 from acquire_refocus.outputs import output_folder
 from acquire_refocus.sequence import event_axes
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    import useq
+
+    from acquire_refocus.sim.devices import ClockedMicroscope
 
 _DESCRIPTION = """\
 Run the daemon on the simulated microscope, no hardware needed: a multi-position time-lapse of
@@ -143,7 +152,7 @@ def _free_address(address: str) -> str:
     """The configured address, or a free port on the same interface when a daemon already uses it."""
     import zmq
 
-    probe = zmq.Context.instance().socket(zmq.PUB)
+    probe: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
     probe.setsockopt(zmq.LINGER, 0)
     try:
         probe.bind(address)
@@ -156,20 +165,37 @@ def _free_address(address: str) -> str:
         probe.close(linger=0)
 
 
+class TruthRow(TypedDict):
+    """One frame's ground truth; errors are stage Z (less the channel's offset) minus the in-focus Z."""
+
+    p: int
+    t_index: int
+    t_s: float
+    stage_z_um: float
+    channel: str | None
+    focus_z_um: float
+    error_um: float
+    uncorrected_error_um: float
+
+
 class FocusTruth:
     """frameReady listener recording, per frame, the simulator's true in-focus Z at that frame's instant, and the
     frame's channel (its focus Z is its stage Z minus the channel's Z offset in the sequence)."""
 
-    def __init__(self, scope: Any, time_per_frame_s: float | None, nominal_z_um: dict[int, float]) -> None:
+    def __init__(
+        self, scope: ClockedMicroscope, time_per_frame_s: float | None, nominal_z_um: Mapping[int, float]
+    ) -> None:
         self._scope = scope
         self._dt = time_per_frame_s or 0.0
         self._nominal = nominal_z_um
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[TruthRow] = []
 
-    def frameReady(self, image: Any, event: Any, meta: dict) -> None:  # noqa: N802
+    def frameReady(  # noqa: N802 - named after the pymmcore-plus signal it listens to
+        self, image: npt.NDArray[np.generic], event: useq.MDAEvent, meta: Mapping[str, Any]
+    ) -> None:
         index = event_axes(event)
         position = index.get("p", 0)
-        pos = meta.get("position") or {}
+        pos: Mapping[str, Any] = meta.get("position") or {}
         xy = (float(pos.get("x", event.x_pos or 0.0)), float(pos.get("y", event.y_pos or 0.0)))
         stage_z = float(pos.get("z", event.z_pos))
         t_s = self._scope.clock_s() - self._dt  # the clock advanced once when this frame was exposed
@@ -188,7 +214,7 @@ class FocusTruth:
             }
         )
 
-    def of_channel(self, channel: str | None) -> list[dict]:
+    def of_channel(self, channel: str | None) -> list[TruthRow]:
         """The rows of one channel (all rows for None)."""
         return [r for r in self.rows if channel is None or r["channel"] == channel]
 
@@ -197,7 +223,7 @@ def _rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values)) if values else math.nan
 
 
-def _plot(path: Path, truth: FocusTruth, estimates: list[dict], title: str, channel: str | None) -> None:
+def _plot(path: Path, truth: FocusTruth, estimates: list[dict[str, Any]], title: str, channel: str | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,7 +274,9 @@ def run(args: argparse.Namespace) -> int:
     config = _demo_config(args)
     sequence = parse_sequence(config.acquisition.sequence)
     if args.loops is not None:
-        sequence = sequence.model_copy(update={"time_plan": useq.TIntervalLoops(interval=0, loops=args.loops)})
+        sequence = sequence.model_copy(
+            update={"time_plan": useq.TIntervalLoops(interval=datetime.timedelta(0), loops=args.loops)}
+        )
     output = args.output.resolve()
     prepare_output(output)
     config.publishing.pub_address = _free_address(config.publishing.pub_address)
@@ -282,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
             listener.start()
             listening.wait(5.0)
         core = daemon.acquisition_core()
+        if daemon.scope is None:  # the simulator backend (the only one _demo_config allows) loads it with the core
+            raise RuntimeError("the simulator backend loaded no simulated microscope")
         truth = FocusTruth(daemon.scope, config.simulator.time_per_frame_s, nominal)
         core.mda.events.frameReady.connect(truth.frameReady)
         try:
@@ -316,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
     policy = refocus_policy(config.pipeline, config.optics, daemon.corrector, daemon.channel_correctors)
     outside = sum(1 for r in truth.rows if policy(r["channel"]))
     not_refocused = f" ({outside} of them of channels kept raw: pipeline.channels)" if outside else ""
+    loop_channel = f"; frames of channel {channel}, which drives the loop" if channel else ""
     mode_word = "with correction" if config.focus.mode == "correct" else f"focus mode {config.focus.mode}"
     released = (
         f" ({counts['pixels_released']} of them without pixels: the sinks were behind)"
@@ -335,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
                 f"dropped {summary.publisher.get('dropped', 0)}; demo subscriber received "
                 f"raw {received['raw']}, refocused {received['refocused']}, focus {received['focus']}",
                 f"  focus error RMS       {rms_with:.2f} um {mode_word}, {rms_without:.2f} um without correction "
-                f"(depth of field {dof_um:.2f} um{f'; frames of channel {channel}, which drives the loop' if channel else ''})",
+                f"(depth of field {dof_um:.2f} um{loop_channel})",
                 "  per position          "
                 + ", ".join(
                     f"p{p} {_rms([r['error_um'] for r in truth.of_channel(channel) if r['p'] == p]):.2f} um"

@@ -6,7 +6,9 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from acquire_refocus.errors import UserError
 
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _trace_line(header: dict) -> str:
+def _trace_line(header: Mapping[str, Any]) -> str:
     def num(key: str, fmt: str) -> str:
         value = header.get(key)
         return "-" if value is None else format(value, fmt)
@@ -63,7 +65,7 @@ def _trace_line(header: dict) -> str:
     )
 
 
-def note_loop_state(loop: dict[int, dict[str, float]], header: dict) -> None:
+def note_loop_state(loop: dict[int, dict[str, float]], header: Mapping[str, Any]) -> None:
     """Update the per-position loop state from one focus message."""
     offset_um, position = header.get("focus_offset_um"), int((header.get("axes") or {}).get("p", 0))
     if offset_um is None:
@@ -71,7 +73,8 @@ def note_loop_state(loop: dict[int, dict[str, float]], header: dict) -> None:
     state = loop.setdefault(position, {"offset_um": offset_um, "largest_move_um": 0.0})
     state["largest_move_um"] = max(state["largest_move_um"], abs(offset_um - state["offset_um"]))
     state["offset_um"] = offset_um
-    state["stage_z_um"] = header.get("stage_z_um") if header.get("stage_z_um") is not None else math.nan
+    stage_z_um = header.get("stage_z_um")
+    state["stage_z_um"] = float(stage_z_um) if stage_z_um is not None else math.nan
     state["t"] = (header.get("axes") or {}).get("t", 0)
 
 
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         raise UserError(f"--count must be a positive number of messages, got {args.count}")
     config = load_config(args.config) if args.config or not args.address else None
-    address = args.address or config.publishing.pub_address  # type: ignore[union-attr]
+    address: str = (args.address or config.publishing.pub_address) if config is not None else args.address
     keys_dir = args.keys or (config.publishing.keys_dir if config is not None else None)
     topics = tuple(args.topic or ("raw", "refocused", "focus"))
     counts = {t: 0 for t in topics}

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     # Let values such as "-34:34:2" and "-4,0,4" follow --defocus-um without '=' (argparse would otherwise take
     # anything starting with '-' for an option; this parser has no options that look like numbers).
-    parser._negative_number_matcher = re.compile(r"^-[\d.]+(?:[:,][-+\d.:,]*)?$")
+    parser._negative_number_matcher = re.compile(r"^-[\d.]+(?:[:,][-+\d.:,]*)?$")  # noqa: SLF001 - argparse's only hook for it
     parser.add_argument("--config", metavar="FILE", help="YAML config (optics:, simulator:); default: built-in")
     parser.add_argument("--out", metavar="DIR", required=True, help="new or empty folder to write the dataset into")
     parser.add_argument("--fields", metavar="N", type=int, default=8, help="fields of view (default: 8)")

@@ -49,7 +49,7 @@ class ModelSource(Protocol):
 
 def _onnxruntime_unavailable() -> str | None:
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401 - importing it is the check
     except ImportError as exc:
         return f"onnxruntime is not installed: {exc}"
     return None

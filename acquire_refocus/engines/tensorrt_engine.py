@@ -68,7 +68,7 @@ def unavailable_reason() -> str | None:
         return "no CUDA device (torch.cuda.is_available() is False)"
     try:
         with _quiet_third_party():
-            import torch_tensorrt  # noqa: F401
+            import torch_tensorrt  # noqa: F401 - importing it is the check
     except ImportError as exc:
         return f"torch-tensorrt is not installed (pip install 'acquire-refocus[trt]'): {exc}"
     except Exception as exc:  # noqa: BLE001 - a broken install (ABI mismatch with torch) must not take the daemon down

@@ -7,9 +7,12 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from acquire_refocus.errors import UserError
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 CONNECT_TIMEOUT_S = 20
 
@@ -28,7 +31,7 @@ def local_layout(workers: int | None) -> tuple[int, int]:
 
 
 @contextmanager
-def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
+def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Client]:
     """A distributed.Client on the cluster at `scheduler`, or on an embedded LocalCluster; both closed after."""
     from distributed import Client, LocalCluster
 
@@ -66,6 +69,7 @@ def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Any]:
         yield client
 
 
-def worker_threads(client: Any) -> int:
+def worker_threads(client: Client) -> int:
     """Dask threads over all workers now connected (at least 1)."""
-    return max(1, sum(client.nthreads().values()))
+    threads: dict[str, int] = client.nthreads()
+    return max(1, sum(threads.values()))

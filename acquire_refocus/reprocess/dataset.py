@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -135,8 +135,13 @@ _READERS_LOCK = threading.Lock()
 def open_reader(info: DatasetInfo) -> FrameReader:
     from acquire_refocus.reprocess import folder, ndtiff, ome_zarr, tiff
 
-    module = {"ome-zarr": ome_zarr, "ndtiff": ndtiff, "tiff": tiff, "folder": folder}[info.kind]
-    return module.Reader(info)  # type: ignore[no-any-return]
+    readers: dict[str, Callable[[DatasetInfo], FrameReader]] = {
+        "ome-zarr": ome_zarr.Reader,
+        "ndtiff": ndtiff.Reader,
+        "tiff": tiff.Reader,
+        "folder": folder.Reader,
+    }
+    return readers[info.kind](info)
 
 
 def reader_for(info: DatasetInfo) -> FrameReader:

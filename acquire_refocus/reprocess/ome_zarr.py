@@ -105,7 +105,7 @@ def _image(path: Path, group: str) -> tuple[dict[str, Any], Any]:
     dataset = first["datasets"][0]
     try:
         array = zarr.open_array(str(path), mode="r", path=f"{group}/{dataset['path']}".strip("/"))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - zarr raises many types for a damaged or foreign array
         raise InputError(f"{path / group}: its image array cannot be opened ({type(exc).__name__}: {exc})") from None
     scale = [1.0] * array.ndim
     for transforms in (first.get("coordinateTransformations", []), dataset.get("coordinateTransformations", [])):

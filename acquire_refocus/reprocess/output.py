@@ -86,5 +86,5 @@ def write_block(path: Path, info: DatasetInfo, block: Block, data: np.ndarray) -
     key = (str(path), group)
     if key not in _ARRAYS:
         _ARRAYS[key] = zarr.open_array(str(path), mode="r+", path=f"{group}/{ARRAY}".strip("/"))
-    region = tuple(slice(a, b) for a, b in block.ranges) + (slice(None), slice(None))
+    region = (*(slice(a, b) for a, b in block.ranges), slice(None), slice(None))
     _ARRAYS[key][region] = data

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from acquire_refocus.errors import UserError
 
@@ -33,7 +34,8 @@ def _rows(out: Path) -> list[dict[str, Any]]:
             f"{out}: no focus.parquet; run 'acquire-refocus correct DATASET --out {out}' first (a run "
             "that was interrupted: rerun it to finish)"
         )
-    return pq.read_table(path).to_pylist()
+    rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+    return rows
 
 
 def _magnitude(row: dict[str, Any]) -> float:
@@ -47,6 +49,7 @@ def _label(row: dict[str, Any]) -> str:
 
 def _plate_figure(rows: list[dict[str, Any]], path: Path) -> bool:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     wells = sorted({r["well"] for r in rows if r.get("well")})
     if not wells:
@@ -81,7 +84,8 @@ def _plate_figure(rows: list[dict[str, Any]], path: Path) -> bool:
     axes.set_title("median |defocus| per site")
     axes.set_xlabel(f"column (each well: its sites in a {side}x{side} grid; gray: no estimate)", fontsize=8)
     colour_bar = figure.colorbar(image, ax=axes, label="|defocus| (um)")
-    colour_bar.formatter.set_useOffset(False)  # plain micrometres, never "1e-6 + 7.57"
+    if isinstance(colour_bar.formatter, ScalarFormatter):  # a colour bar's default
+        colour_bar.formatter.set_useOffset(False)  # plain micrometres, never "1e-6 + 7.57"
     colour_bar.update_ticks()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -130,9 +134,10 @@ def _histogram(magnitudes: list[float], threshold_um: float, path: Path) -> None
     plt.close(figure)
 
 
-def _display(image: np.ndarray) -> np.ndarray:
+def _display(image: np.ndarray) -> npt.NDArray[np.float32]:
     low, high = np.percentile(image, [0.5, 99.5])
-    return np.clip((image.astype(np.float32) - low) / max(float(high - low), 1e-6), 0, 1)
+    shown: npt.NDArray[np.float32] = np.clip((image.astype(np.float32) - low) / max(float(high - low), 1e-6), 0, 1)
+    return shown
 
 
 def _worst_montage(out: Path, worst: list[dict[str, Any]], path: Path) -> bool:

@@ -130,13 +130,13 @@ def _start_or_resume(opts: Options, info: DatasetInfo, identity: dict[str, Any])
 
 def reprocess(opts: Options) -> Summary:
     from acquire_refocus.model.checkpoint import load_weights
-    from acquire_refocus.refocuser import Refocuser
+    from acquire_refocus.refocuser import check_pixel_size_um
 
     info = open_dataset(opts.dataset)
     channels = select_channels(info, list(opts.channels))
     pixel_size_um = _pixel_size_um(info, opts.pixel_size_um)
     loaded = load_weights(opts.weights)
-    Refocuser(loaded, engine=None).check_pixel_size_um(pixel_size_um)  # the rule every frame would fail on
+    check_pixel_size_um(pixel_size_um, loaded.pixel_size_um)  # the rule every frame would fail on
     _check_out(opts.dataset, opts.out)
     output_folder(opts.out, "--out")
     identity = _identity(opts, info, pixel_size_um, loaded.sha256)

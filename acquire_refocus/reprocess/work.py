@@ -12,15 +12,16 @@ with the same values, and its table part appears once.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from distributed import WorkerPlugin
@@ -30,6 +31,9 @@ from acquire_refocus.reprocess.batches import Batch
 from acquire_refocus.reprocess.dataset import DatasetInfo, as_plane, reader_for
 from acquire_refocus.reprocess.output import write_block
 from acquire_refocus.reprocess.table import write_part
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,8 @@ class RefocuserPlugin(WorkerPlugin):
         from acquire_refocus.sharpness import BandPassSharpness
 
         threads = self.threads or int(worker.state.nthreads)
-        self.refocuser = Refocuser.load(self.weights, engine=EngineConfig(backend=self.engine, num_threads=threads))
+        engine = EngineConfig.model_validate({"backend": self.engine, "num_threads": threads})
+        self.refocuser = Refocuser.load(self.weights, engine=engine)
         self.sharpness = BandPassSharpness.for_optics(self.refocuser.loaded.optics)
         self.lock = threading.Lock()  # one inference at a time per worker; the engine has the worker's threads
 
@@ -123,7 +128,9 @@ def run_batch(job: Job, batch: Batch) -> dict[str, int]:
     """Refocus one batch on this worker: write its chunks, then its table part. Counts by status."""
     from distributed import get_worker
 
-    plugin: RefocuserPlugin = get_worker().plugins[PLUGIN_NAME]
+    plugin = get_worker().plugins[PLUGIN_NAME]
+    if not isinstance(plugin, RefocuserPlugin):
+        raise TypeError(f"worker plugin {PLUGIN_NAME!r} is a {type(plugin).__name__}, not the refocuser")
     rows: list[dict[str, Any]] = []
     for block in batch.blocks:
         shape = tuple(b - a for a, b in block.ranges)
@@ -141,7 +148,7 @@ def run_batch(job: Job, batch: Batch) -> dict[str, int]:
 
 
 def run_batches(
-    client: Any, job: Job, batches: Iterable[Batch], in_flight: int, on_done: Callable[[Batch, dict[str, int]], None]
+    client: Client, job: Job, batches: Iterable[Batch], in_flight: int, on_done: Callable[[Batch, dict[str, int]], None]
 ) -> None:
     """Submit `batches` with at most `in_flight` queued at once (the scheduler's memory stays bounded whatever the
     dataset's size), calling `on_done` as each finishes. A batch that fails for good raises its error here."""
@@ -149,14 +156,14 @@ def run_batches(
 
     pending = iter(batches)
     run_token = uuid.uuid4().hex[:8]  # two runs on one cluster never share a task key
-    by_key: dict[str, Batch] = {}
+    by_key: dict[Hashable, Batch] = {}  # by the futures' keys (Dask's Key type)
 
-    def submit(batch: Batch) -> Any:
+    def submit(batch: Batch) -> Future[dict[str, int]]:
         future = client.submit(run_batch, job, batch, pure=False, key=f"refocus-{run_token}-batch-{batch.number}")
         by_key[future.key] = batch
         return future
 
-    first = [submit(b) for _, b in zip(range(in_flight), pending)]
+    first = [submit(b) for b in itertools.islice(pending, in_flight)]
     completed = as_completed(first)
     for future in completed:
         counts = future.result()

@@ -19,6 +19,7 @@ tests/test_sim_physics.py checks both regimes against the exact distribution.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from acquire_refocus.config import CameraConfig
 
@@ -41,20 +42,23 @@ class Camera:
     def max_adu(self) -> int:
         return self.config.max_adu
 
-    def expected_adu(self, photons: np.ndarray) -> np.ndarray:
+    def expected_adu(self, photons: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """Noiseless response in ADU (float32, offset included, clipped at saturation)."""
         c = self.config
-        adu = np.asarray(photons, dtype=np.float32) * np.float32(c.quantum_efficiency * c.gain_adu_per_electron)
+        adu: npt.NDArray[np.float32] = np.asarray(photons, dtype=np.float32) * np.float32(
+            c.quantum_efficiency * c.gain_adu_per_electron
+        )
         adu += np.float32(c.offset_adu)
-        return np.clip(adu, 0.0, float(c.max_adu), out=adu)
+        np.clip(adu, 0.0, float(c.max_adu), out=adu)
+        return adu
 
     def expose(
         self,
-        photons: np.ndarray,
+        photons: npt.ArrayLike,
         rng: np.random.Generator | None = None,
         *,
         noise: bool = True,
-    ) -> np.ndarray:
+    ) -> npt.NDArray[np.uint16]:
         """A uint16 frame for expected photons per pixel. Without noise: the rounded noiseless response."""
         c = self.config
         if not noise:
@@ -70,7 +74,7 @@ class Camera:
         std = np.sqrt(variance)
         skew_c = electrons / np.maximum(variance * std, np.float32(1e-12)) / np.float32(6.0)
         std /= np.sqrt(np.float32(1.0) + np.float32(2.0) * skew_c * skew_c)
-        signal = z * z
+        signal: npt.NDArray[np.float32] = z * z
         signal -= np.float32(1.0)
         signal *= skew_c
         signal += z
@@ -83,4 +87,5 @@ class Camera:
         signal *= np.float32(c.gain_adu_per_electron)
         signal += np.float32(c.offset_adu)
         np.clip(signal, 0.0, float(c.max_adu), out=signal)
-        return np.rint(signal, out=signal).astype(np.uint16)
+        np.rint(signal, out=signal)
+        return signal.astype(np.uint16)

@@ -19,11 +19,12 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from pymmcore_plus import FocusDirection
 from pymmcore_plus.experimental.unicore import (
+    Device,
     GenericDevice,
     SimpleCameraDevice,
     StageDevice,
@@ -124,21 +125,21 @@ class SimFocusStage(StageDevice):
         self._limits_um = (float(z_limits_um[0]), float(z_limits_um[1]))
         self._physical_z_um = float(start_z_um)
         self._origin_um = 0.0  # reported Z = physical Z - origin, like a drive whose zero was re-set
-        self.lock: SimFocusLock | None = None
+        self.focus_lock: SimFocusLock | None = None  # not `lock`: every device's lock() is its thread lock
         self.moves_while_locked = 0  # Z moves asked for while the lock held the drive (none happened)
 
     @property
     def physical_z_um(self) -> float:
         """Position in the simulator's frame, whatever origin the user has set; the lock's while it is engaged."""
-        if self.lock is not None and self.lock.locked:
-            return self.lock.held_z_um()
+        if self.focus_lock is not None and self.focus_lock.is_locked:
+            return self.focus_lock.held_z_um()
         return self._physical_z_um
 
     def get_position_um(self) -> float:
         return self.physical_z_um - self._origin_um
 
     def set_position_um(self, val: float) -> None:
-        if self.lock is not None and self.lock.locked:
+        if self.focus_lock is not None and self.focus_lock.is_locked:
             self.moves_while_locked += 1
             log.warning(kv("sim_z_move_while_locked", requested_um=val, note="the focus lock holds the Z drive"))
             return
@@ -165,12 +166,12 @@ class SimFocusStage(StageDevice):
 
     def release_lock(self) -> None:
         """The lock let go: the drive stays where the lock last held it."""
-        if self.lock is not None:
-            self._physical_z_um = self.lock.held_z_um()
+        if self.focus_lock is not None:
+            self._physical_z_um = self.focus_lock.held_z_um()
 
-    def set_adapter_origin_um(self, newZUm: float) -> None:
-        """Make the current position read as `newZUm`; the simulated optics keep their own coordinates."""
-        self._origin_um = self._physical_z_um - float(newZUm)
+    def set_adapter_origin_um(self, new_z_um: float) -> None:
+        """Make the current position read as `new_z_um`; the simulated optics keep their own coordinates."""
+        self._origin_um = self._physical_z_um - float(new_z_um)
         self.core.events.stagePositionChanged.emit(self.get_label(), self.get_position_um())
 
     def set_origin(self) -> None:
@@ -256,7 +257,7 @@ class SimLockOffset(StageDevice):
     def stop(self) -> None:
         """Offset changes are instantaneous."""
 
-    def set_adapter_origin_um(self, newZUm: float) -> None:
+    def set_adapter_origin_um(self, new_z_um: float) -> None:
         """The offset has no origin of its own to set."""
 
     def set_origin(self) -> None:
@@ -282,19 +283,20 @@ class SimFocusLock(GenericDevice):
             "State",
             default_value="Off",
             allowed_values=("On", "Off"),
-            getter=lambda dev: "On" if dev.locked else "Off",
-            setter=lambda dev, value: dev.engage(value == "On"),
+            getter=_lock_state,
+            setter=_set_lock_state,
         )
         self.register_property(
             "Status",
             default_value="Off",
             allowed_values=("Locked", "Off", "Lost"),
-            getter=lambda dev: dev.status,
+            getter=_lock_status,
             is_read_only=True,
         )
 
     @property
-    def locked(self) -> bool:
+    def is_locked(self) -> bool:
+        """Holding focus (not `locked`: every device's locked() says whether its thread lock is held)."""
         return self._status == "Locked"
 
     @property
@@ -306,24 +308,36 @@ class SimFocusLock(GenericDevice):
         return self._reference_um + self._offset.get_position_um() + self._scope.stand_drift_um(t_s)
 
     def engage(self, on: bool) -> None:
-        if on and not self.locked:
+        if on and not self.is_locked:
             z_um = self._focus.physical_z_um
             self._reference_um = (
                 z_um - self._offset.get_position_um() - self._scope.stand_drift_um(self._scope.clock_s())
             )
             self._status = "Locked"
         elif not on:
-            if self.locked:
+            if self.is_locked:
                 self._focus.release_lock()
             self._status = "Off"
         log.info(kv("sim_focus_lock", status=self._status))
 
     def lose(self) -> None:
         """Simulate losing the lock: the drive stays where the lock last held it, Status reads Lost."""
-        if self.locked:
+        if self.is_locked:
             self._focus.release_lock()
         self._status = "Lost"
         log.warning(kv("sim_focus_lock", status=self._status))
+
+
+def _lock_state(lock: SimFocusLock) -> str:
+    return "On" if lock.is_locked else "Off"
+
+
+def _set_lock_state(lock: SimFocusLock, value: str) -> None:
+    lock.engage(value == "On")
+
+
+def _lock_status(lock: SimFocusLock) -> str:
+    return lock.status
 
 
 class SimCamera(SimpleCameraDevice):
@@ -365,7 +379,7 @@ class SimCamera(SimpleCameraDevice):
     def dtype(self) -> np.dtype:
         return np.dtype(np.uint16)
 
-    def snap(self, buffer: np.ndarray) -> Mapping:
+    def snap(self, buffer: npt.NDArray[np.uint16]) -> Mapping[str, str]:
         z_um = self._focus.physical_z_um
         xy_um = self._xy.physical_xy_um
         t_s = self._scope.clock.frame_exposed(self._exposure_ms)
@@ -387,13 +401,13 @@ def create_simulated_core(optics: OpticsConfig, simulator: SimulatorConfig) -> t
     filters = SimFilterWheel(list(simulator.channels)) if simulator.channels else None
     stains = stain_microscopes(optics, simulator, scope) if simulator.channels else {}
     camera = SimCamera(scope, focus, xy, simulator.camera.exposure_ms, stains, filters)
-    devices: list[tuple[str, Any]] = [(CAMERA_LABEL, camera), (FOCUS_LABEL, focus), (XY_LABEL, xy)]
+    devices: list[tuple[str, Device]] = [(CAMERA_LABEL, camera), (FOCUS_LABEL, focus), (XY_LABEL, xy)]
     if filters is not None:
         devices.append((FILTER_LABEL, filters))
     if simulator.focus_lock:
         offset = SimLockOffset()
-        focus.lock = SimFocusLock(scope, focus, offset)
-        devices += [(LOCK_OFFSET_LABEL, offset), (LOCK_LABEL, focus.lock)]
+        focus.focus_lock = SimFocusLock(scope, focus, offset)
+        devices += [(LOCK_OFFSET_LABEL, offset), (LOCK_LABEL, focus.focus_lock)]
 
     scope.focus_stage = focus
     core = track_core(UniMMCore())

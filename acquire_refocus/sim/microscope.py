@@ -4,8 +4,9 @@ Image formation: the camera sees the plane at the current focus of (3-D specimen
 ``sum_k plane_k * PSF(d - z_k * s)`` where ``d`` is the stage defocus of the specimen mid-plane, ``z_k`` the depth
 of specimen plane k relative to the mid-plane (sample um) and ``s`` the focal-shift factor (stage um per sample
 um, see `psf.py`). The PSF bank reaches beyond `max_defocus_um` by the specimen's half-thickness, so frames up to
-+-max_defocus_um are exact for every specimen plane; beyond that the nearest bank PSF is used. All defocus values are in stage micrometres: ``defocus_um = stage Z - stage Z at which the
-specimen mid-plane is in focus``; moving the stage by ``-defocus_um`` restores focus.
++-max_defocus_um are exact for every specimen plane; beyond that the nearest bank PSF is used. All defocus values
+are in stage micrometres: ``defocus_um = stage Z - stage Z at which the specimen mid-plane is in focus``; moving
+the stage by ``-defocus_um`` restores focus.
 
 Speed: per stage position, the specimen planes of the frame window are Fourier transformed once (cached); per
 frame, each plane's spectrum is multiplied by the real, even transfer function of its bank PSF (computed once per
@@ -25,6 +26,7 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import scipy.fft
 
 from acquire_refocus.config import OpticsConfig, SimulatorConfig
@@ -246,8 +248,8 @@ class SimulatedMicroscope:
                 accumulator[target, :cols] += product
         image = scipy.fft.irfft2(accumulator, s=fft_shape, workers=_WORKERS)
         pad = bank.radius_px
-        photons = image[pad : pad + shape[0], pad : pad + shape[1]]
-        photons = np.maximum(photons, 0.0).astype(np.float32, copy=False)
+        window = image[pad : pad + shape[0], pad : pad + shape[1]]
+        photons: npt.NDArray[np.float32] = np.maximum(window, 0.0).astype(np.float32, copy=False)
         photons += np.float32(self.simulator.specimen.background_photons_per_px)
         return photons
 
@@ -257,7 +259,9 @@ class SimulatedMicroscope:
         rows = (np.arange(shape[0]) - (shape[0] - 1) / 2) * px
         cols = (np.arange(shape[1]) - (shape[1] - 1) / 2) * px
         # the in-focus stage Z rises with the tilt, so the defocus falls with it
-        local = centre_defocus_um - (self.drift.tilt_um(cols[None, :], 0.0) + self.drift.tilt_um(0.0, rows[:, None]))
+        local = np.asarray(
+            centre_defocus_um - (self.drift.tilt_um(cols[None, :], 0.0) + self.drift.tilt_um(0.0, rows[:, None]))
+        )
         low, high = float(local.min()), float(local.max())
         count = min(_MAX_TILT_NODES, max(2, math.ceil((high - low) / _TILT_NODE_SPACING_UM) + 1))
         nodes = np.linspace(low, high, count)

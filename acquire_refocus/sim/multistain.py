@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
 from acquire_refocus.config import OpticsConfig, SimChannelConfig, SimulatorConfig
@@ -28,7 +29,7 @@ _PUNCTUM_SIGMA_UM = 0.25
 _PUNCTUM_PHOTONS = 8.0  # photons per punctum relative to one nuclear voxel's
 
 
-def cytoplasm_planes(nuclei: Specimen, seed: int) -> np.ndarray:
+def cytoplasm_planes(nuclei: Specimen, seed: int) -> npt.NDArray[np.float32]:
     """float32 [K, H, W] photons per voxel: the cytoplasm and puncta of the cells whose nuclei are `nuclei`."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC7A0]))
     voxel = nuclei.config.photons_per_um3 * nuclei.pixel_size_um**2 * nuclei.config.z_step_um
@@ -49,7 +50,8 @@ def cytoplasm_planes(nuclei: Specimen, seed: int) -> np.ndarray:
     np.add.at(spots, (planes_z[inside], rows[inside], cols[inside]), _PUNCTUM_PHOTONS * voxel)
     sigma_px = _PUNCTUM_SIGMA_UM / nuclei.pixel_size_um
     spots = ndimage.gaussian_filter(spots, (0.0, sigma_px, sigma_px), mode="wrap")
-    return (planes + spots).astype(np.float32)
+    stained: npt.NDArray[np.float32] = (planes + spots).astype(np.float32)
+    return stained
 
 
 class StainMicroscope(SimulatedMicroscope):
@@ -63,13 +65,14 @@ class StainMicroscope(SimulatedMicroscope):
         channel: SimChannelConfig,
         primary: SimulatedMicroscope,
     ) -> None:
-        super().__init__(optics, simulator)
+        specimen = Specimen(simulator.specimen, float(optics.pixel_size_um), seed=simulator.seed)
+        if channel.stain == "cytoplasm":
+            specimen.planes = cytoplasm_planes(specimen, simulator.seed)
+        if channel.brightness != 1.0:
+            specimen.planes *= np.float32(channel.brightness)
+        super().__init__(optics, simulator, specimen)
         self._primary = primary
         self.stain = channel.stain
-        if channel.stain == "cytoplasm":
-            self.specimen.planes = cytoplasm_planes(self.specimen, simulator.seed)
-        if channel.brightness != 1.0:
-            self.specimen.planes *= np.float32(channel.brightness)
 
     def focus_z_um(self, stage_xy_um: Sequence[float] = (0.0, 0.0), t_s: float = 0.0) -> float:
         return self._primary.focus_z_um(stage_xy_um, t_s)

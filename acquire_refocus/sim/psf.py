@@ -30,7 +30,7 @@ from the cache in well under a second. 'scalar' (Gibson-Lanni) took about the sa
 
 Scaling: psfmodels holds five float64 copies of every plane it is asked for (four working buffers and the array it
 returns), so one call for a high-NA bank (hundreds of planes of ~1000 px) needs over 10 GB. The bank is therefore
-computed in chunks of a few planes (`_CHUNK_BYTES`), for a large bank in worker processes on every available core
+computed in chunks of a few planes (`CHUNK_BYTES`), for a large bank in worker processes on every available core
 (psfmodels holds the GIL), with a progress bar (planes done, time left). Each chunk is normalised in float64 and
 only the quadrant x, y >= 0 of each plane is kept, as float32 (see `PsfBank`). psfmodels computes each plane, and
 each pixel, independently of the others and of the window size, so the planes are bit-identical to one call over
@@ -43,6 +43,7 @@ to the geometric blur of each plane would change the PSFs by that much.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -54,9 +55,10 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 import scipy.fft
 from tqdm import tqdm
 
@@ -71,7 +73,7 @@ _CACHE_FORMAT = 2  # 2: quadrants of the planes
 # the design working distance only enters psfmodels' constant optical path; any positive value gives the same PSF
 _WORKING_DISTANCE_UM = 150.0
 # float64 planes per psfmodels call; it holds five such buffers while it computes them
-_CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 32 * 2**20
 # below this many planes x pixels of width, starting worker processes (1.5 CPU-seconds each) costs about what it
 # saves: the default 20x bank (363 planes of 209 px) took 6.7 CPU-s in this process, 9.6 with two workers
 _PARALLEL_MIN_PLANE_PX = 100_000
@@ -106,7 +108,7 @@ class PsfBank:
 
     @property
     def radius_px(self) -> int:
-        return self.psf_quadrant.shape[-1] - 1
+        return int(self.psf_quadrant.shape[-1]) - 1
 
     @property
     def size_px(self) -> int:
@@ -117,9 +119,9 @@ class PsfBank:
         """The whole PSF plane `index`: float32 [n, n], mirrored from its quadrant."""
         return unfold_quadrant(self.psf_quadrant[index])
 
-    def index(self, defocus_um: float | np.ndarray) -> np.ndarray:
+    def index(self, defocus_um: float | npt.NDArray[np.floating]) -> npt.NDArray[np.int64]:
         """Nearest bank plane for each stage defocus, clamped to the bank's range."""
-        position = (np.asarray(defocus_um, dtype=np.float64) - self.defocus_um[0]) / self.z_step_um
+        position = (np.asarray(defocus_um, dtype=np.float64) - float(self.defocus_um[0])) / self.z_step_um
         return np.clip(np.rint(position), 0, len(self.defocus_um) - 1).astype(np.int64)
 
 
@@ -140,7 +142,24 @@ def psf_size_px(optics: OpticsConfig, max_defocus_um: float, pixel_size_um: floa
     return 2 * half + 1
 
 
-def _psf_kwargs(optics: OpticsConfig, pixel_size_um: float) -> dict[str, float]:
+class PsfParameters(TypedDict):
+    """psfmodels.make_psf's optical parameters (its names: um, refractive indices)."""
+
+    dxy: float
+    NA: float
+    wvl: float
+    ns: float
+    ni: float
+    ni0: float
+    ng: float
+    ng0: float
+    tg: float
+    tg0: float
+    ti0: float
+
+
+def psf_parameters(optics: OpticsConfig, pixel_size_um: float) -> PsfParameters:
+    """The optics as psfmodels' parameters, sampled at `pixel_size_um`."""
     return {
         "dxy": pixel_size_um,
         "NA": optics.numerical_aperture,
@@ -156,36 +175,38 @@ def _psf_kwargs(optics: OpticsConfig, pixel_size_um: float) -> dict[str, float]:
     }
 
 
-def _make_psf(
-    z_um: np.ndarray,
+def make_psf_planes(
+    z_um: npt.NDArray[np.float64],
     nx: int,
     depth_um: float,
-    kwargs: dict[str, float],
+    kwargs: PsfParameters,
     model: PsfModel,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
+    """PSF planes [len(z_um), nx, nx] in float64, unnormalised, at psfmodels' z values, one psfmodels call."""
     import psfmodels
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return np.asarray(psfmodels.make_psf(z_um, nx, pz=depth_um, model=model, normalize=False, **kwargs))
+        planes = psfmodels.make_psf(z_um.tolist(), nx, pz=depth_um, model=model, normalize=False, **kwargs)
+    return np.asarray(planes, dtype=np.float64)
 
 
-def _best_focus_z(depth_um: float, kwargs: dict[str, float], model: PsfModel) -> float:
+def best_focus_z(depth_um: float, kwargs: PsfParameters, model: PsfModel) -> float:
     """psfmodels z of the on-axis intensity maximum for a point at `depth_um` (coarse scan, then fine)."""
     centre = float(depth_um)
     for half_range, step in ((6.0, 0.1), (0.15, 0.005)):
         z = np.arange(centre - half_range, centre + half_range + step / 2, step)
-        psf = _make_psf(z, 7, depth_um, kwargs, model)
+        psf = make_psf_planes(z, 7, depth_um, kwargs, model)
         centre = float(z[int(np.argmax(psf[:, 3, 3]))])
     return centre
 
 
 def _normalised_planes(
-    z_um: np.ndarray, nx: int, depth_um: float, kwargs: dict[str, float], model: PsfModel
+    z_um: np.ndarray, nx: int, depth_um: float, kwargs: PsfParameters, model: PsfModel
 ) -> np.ndarray:
     """Quadrants (see `PsfBank`) of PSF planes at psfmodels z values, each plane normalised to unit sum in float64
     over the whole plane, returned as float32."""
-    psf = _make_psf(z_um, nx, depth_um, kwargs, model)
+    psf = make_psf_planes(z_um, nx, depth_um, kwargs, model)
     psf /= psf.sum(axis=(1, 2), keepdims=True)
     return psf[:, nx // 2 :, nx // 2 :].astype(np.float32)
 
@@ -198,9 +219,9 @@ def available_cores() -> int:
 
 
 def planes_per_chunk(nx: int, planes: int, workers: int) -> int:
-    """Planes per psfmodels call: within `_CHUNK_BYTES` of float64, and at least 4 chunks per worker so that the
+    """Planes per psfmodels call: within `CHUNK_BYTES` of float64, and at least 4 chunks per worker so that the
     progress bar moves and the workers finish together."""
-    by_memory = max(1, _CHUNK_BYTES // (nx * nx * 8))
+    by_memory = max(1, CHUNK_BYTES // (nx * nx * 8))
     by_balance = max(1, math.ceil(planes / (4 * workers)))
     return min(by_memory, by_balance)
 
@@ -209,7 +230,7 @@ def _compute_planes(
     z_um: np.ndarray,
     nx: int,
     depth_um: float,
-    kwargs: dict[str, float],
+    kwargs: PsfParameters,
     model: PsfModel,
     workers: int | None,
 ) -> np.ndarray:
@@ -258,13 +279,11 @@ def _compute_planes(
 
 
 def _cache_key(optics: OpticsConfig, params: dict[str, object]) -> str:
-    import psfmodels
-
     blob = json.dumps(
         {
             "optics": optics.model_dump(mode="json"),
             **params,
-            "psfmodels": psfmodels.__version__,
+            "psfmodels": importlib.metadata.version("psfmodels"),
             "v": _CACHE_FORMAT,
         },
         sort_keys=True,
@@ -288,12 +307,12 @@ def compute_psf_bank(
     """
     pixel_size_um = optics.pixel_size_um
     nx = psf_size_px(optics, max_defocus_um, pixel_size_um)
-    kwargs = _psf_kwargs(optics, pixel_size_um)
+    kwargs = psf_parameters(optics, pixel_size_um)
     count = round(max_defocus_um / z_step_um)
     defocus_um = np.arange(-count, count + 1, dtype=np.float64) * z_step_um
     depth_step_um = 2.0
-    z_best = _best_focus_z(depth_um, kwargs, model)
-    z_deeper = _best_focus_z(depth_um + depth_step_um, kwargs, model)
+    z_best = best_focus_z(depth_um, kwargs, model)
+    z_deeper = best_focus_z(depth_um + depth_step_um, kwargs, model)
     # stage position of best focus is z - zp (1 - ni/ns) (see module docstring); its slope over depth
     paraxial_offset = 1.0 - optics.immersion_index / optics.sample_index
     stage_per_sample = (z_deeper - z_best) / depth_step_um - paraxial_offset

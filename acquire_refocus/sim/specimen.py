@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
 from acquire_refocus.config import SpecimenConfig
@@ -105,13 +106,13 @@ def _chromatin(
     nucleus: Nucleus,
     pixel_size_um: float,
     rng: np.random.Generator,
-) -> np.ndarray:
+) -> npt.NDArray[np.float64]:
     """Multiplicative texture: mottled chromatin, bright chromocentres, dim nucleoli (condensed when mitotic)."""
     grain_px = (0.6, 0.5 / pixel_size_um, 0.5 / pixel_size_um)
     noise = ndimage.gaussian_filter(rng.standard_normal(shape), grain_px, mode="wrap")
     noise /= noise.std() + 1e-9
     contrast = 0.5 if nucleus.mitotic else 0.3
-    texture = np.clip(1.0 + contrast * noise, 0.2, None)
+    texture: npt.NDArray[np.float64] = np.clip(1.0 + contrast * noise, 0.2, None)
     coarse = ndimage.gaussian_filter(
         rng.standard_normal(shape),
         (1.0, 1.6 / pixel_size_um, 1.6 / pixel_size_um),
@@ -144,10 +145,10 @@ def _place_nuclei(config: SpecimenConfig, field_um: tuple[float, float], rng: np
     clustered = rng.random(count) < config.cluster_fraction
     n_clusters = max(1, int(clustered.sum() // 6))
     centres = rng.integers(0, count, size=n_clusters)
-    for i in np.flatnonzero(clustered):
+    for member in np.flatnonzero(clustered):
         centre = centres[rng.integers(n_clusters)]
-        ys[i] = ys[centre] + rng.normal(0.0, 0.9 * mean_diameter)
-        xs[i] = xs[centre] + rng.normal(0.0, 0.9 * mean_diameter)
+        ys[member] = ys[centre] + rng.normal(0.0, 0.9 * mean_diameter)
+        xs[member] = xs[centre] + rng.normal(0.0, 0.9 * mean_diameter)
     nuclei: list[Nucleus] = []
     half_layer = config.layer_thickness_um / 2
     for i in range(count):
