@@ -31,7 +31,7 @@ from acquire_refocus.config import AppConfig, dump_config
 from acquire_refocus.control import ControlServer
 from acquire_refocus.diskspace import SpaceNeed, check_space, low_space_problem, space_need
 from acquire_refocus.errors import ConfigError, UserError
-from acquire_refocus.focus import FocusController
+from acquire_refocus.focus.controller import FocusController
 from acquire_refocus.hooks.backend import FrameFormat, RunRequest, create_backend
 from acquire_refocus.hooks.pymmcore_plus_backend import PymmcorePlusBackend
 from acquire_refocus.logs import kv

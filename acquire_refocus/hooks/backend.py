@@ -23,7 +23,7 @@ import useq
 
 if TYPE_CHECKING:
     from acquire_refocus.config import AppConfig
-    from acquire_refocus.focus import FocusController
+    from acquire_refocus.focus.controller import FocusController
     from acquire_refocus.pipeline import FrameCorrector, FramePipeline
     from acquire_refocus.storage import RawFrameLog
 

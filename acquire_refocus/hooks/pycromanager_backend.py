@@ -13,7 +13,7 @@ from pathlib import Path
 import useq
 
 from acquire_refocus.config import AppConfig
-from acquire_refocus.focus import estimates_waiter, pycromanager_planner
+from acquire_refocus.focus.planners import estimates_waiter, pycromanager_planner
 from acquire_refocus.hooks import pycromanager
 from acquire_refocus.hooks.backend import FrameFormat, RunRequest
 from acquire_refocus.storage import RawFrameLog

@@ -25,9 +25,9 @@ from pymmcore_plus.mda import MDAEngine
 
 from acquire_refocus.autofocus import FocusDrive, SoftwareAutofocus
 from acquire_refocus.errors import UserError
-from acquire_refocus.focus import (
+from acquire_refocus.focus.controller import FocusController
+from acquire_refocus.focus.planners import (
     EventPlanner,
-    FocusController,
     channel_z_offset_um,
     estimates_waiter,
     planned_centre_shift_um,
