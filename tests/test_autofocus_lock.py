@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import useq
-from conftest import SMALL_FIELD_SIMULATOR
+from support import SMALL_FIELD_SIMULATOR
 
 from acquire_refocus.commands.demo import FocusTruth
 from acquire_refocus.config import FocusConfig, parse_config

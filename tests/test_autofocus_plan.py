@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import useq
-from conftest import SMALL_FIELD_SIMULATOR
+from support import SMALL_FIELD_SIMULATOR
 
 from acquire_refocus.autofocus import FocusDrive, SoftwareAutofocus
 from acquire_refocus.commands.demo import FocusTruth

@@ -56,7 +56,7 @@ def test_bad_config_gives_one_clear_error(tmp_path: Path, name: str) -> None:
 
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
-    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
         load_config(path)
 
 

@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import threading
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,64 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 import useq
-from conftest import FAST_SIMULATOR, free_tcp_address
-from test_pipeline import GatedCorrector
+from support import SEQUENCE, Collector, GatedCorrector, daemon_config, free_tcp_address, written_planes
 
 from acquire_refocus.cli import main as cli_main
-from acquire_refocus.client import Subscriber
-from acquire_refocus.config import AppConfig, parse_config
 from acquire_refocus.control import request
 from acquire_refocus.daemon import Daemon
 from acquire_refocus.pipeline import FrameResult
 from acquire_refocus.storage import open_stores, read_focus_log
 
 pytestmark = pytest.mark.timeout(180)
-
-SEQUENCE = {
-    "time_plan": {"interval": 0, "loops": 4},
-    "stage_positions": [{"x": 0, "y": 0, "z": 100}, {"x": 40, "y": 20, "z": 100}],
-    "axis_order": "tp",
-}
-
-
-def daemon_config(weights: Path, **sections: Any) -> AppConfig:
-    data: dict[str, Any] = {
-        "simulator": FAST_SIMULATOR,
-        "model": {"weights": str(weights)},
-        "engine": {"backend": "torch", "num_threads": 1},
-        "publishing": {"pub_address": free_tcp_address(), "control_address": free_tcp_address()},
-        "focus": {"mode": "observe", "z_limits_um": [50, 150]},
-        "acquisition": {"backend": "simulator", "sequence": SEQUENCE},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    return parse_config(data)
-
-
-def written_planes(series: dict[str, Any]) -> int:
-    """Planes holding data (the simulated camera's offset makes every real frame non-zero)."""
-    return sum(int(np.count_nonzero(arr[:].reshape(arr.shape[0], -1).any(axis=1))) for arr in series.values())
-
-
-class Collector:
-    """Subscribes before the run and keeps every header until `expected` messages came (or 60 s of silence)."""
-
-    def __init__(self, address: str, expected: int) -> None:
-        self.sub = Subscriber(address, timeout_s=60.0)
-        self.expected = expected
-        self.headers: list[dict] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with self.sub:
-            while len(self.headers) < self.expected and (message := self.sub.receive()) is not None:
-                header, pixels = message
-                if pixels is not None:
-                    assert list(pixels.shape) == header["shape"]
-                self.headers.append(header)
-
-    def topics(self) -> Counter:
-        return Counter(h["topic"] for h in self.headers)
 
 
 def test_end_to_end_counts_match_everywhere(tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import write_serve_config
+from support import write_serve_config
 
 from acquire_refocus.storage import open_stores, read_focus_log
 

@@ -21,6 +21,7 @@ sharpness of frames taken at different Z (the stage dithers +-0.3 um), so it nee
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import statistics
 import time
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 import useq
-from conftest import SMALL_FIELD_SIMULATOR
+from support import SMALL_FIELD_SIMULATOR
 
 from acquire_refocus.commands.demo import FocusTruth
 from acquire_refocus.config import SpecimenConfig, parse_config
@@ -306,7 +307,7 @@ def test_sharpness_with_z_stacks_recovers_from_a_step_in_one_time_point(shipped_
     after = [corrected[t] for t in range(1, len(corrected)) if t not in steps]
     assert max(abs(e) for e in after) <= 1.0, f"stack-centre errors {[round(e, 2) for e in corrected]}"
     centres = [statistics.fmean(r["stage_z_um"] for r in truth.rows if r["t_index"] == t) for t in range(10)]
-    changes = sum(abs(b - a) > 1e-6 for a, b in zip(centres, centres[1:]))
+    changes = sum(abs(b - a) > 1e-6 for a, b in itertools.pairwise(centres))
     assert changes <= focus["moves"], "the stack centre moved without a move of the loop: a dither"
     assert corrected[0] == pytest.approx(uncorrected[0])  # the first stack too: the loop knows the z-plan
     assert focus["moves_by_source"] == {"sharpness": focus["moves"]}

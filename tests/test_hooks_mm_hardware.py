@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,42 +13,16 @@ import numpy as np
 import pytest
 import tifffile
 import useq
+from support import PassThrough, Recorder
 
 from acquire_refocus.core_lifetime import release_core
 from acquire_refocus.errors import UserError
 from acquire_refocus.hooks.mm_hardware import hardware_core, load_hardware_core
-from acquire_refocus.pipeline import FrameInfo, FramePipeline, FrameResult
+from acquire_refocus.pipeline import FrameInfo, FramePipeline
 
 mm_test_adapters = pytest.importorskip("mm_test_adapters")
 ADAPTERS = Path(mm_test_adapters.device_adapter_path())
 DEMO_CONFIG = ADAPTERS / "MMConfig_demo.cfg"
-
-
-class PassThrough:
-    """Stands in for the network: what is under test is the acquisition -> pipeline intake."""
-
-    engine_name = "passthrough"
-
-    def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> Any:
-        class Out:
-            image = frame.astype(np.float32)
-            defocus_um = 0.0
-            confidence = 1.0
-
-        return Out()
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.results: list[FrameResult] = []
-        self.lock = threading.Lock()
-
-    def on_frame(self, result: FrameResult) -> None:
-        with self.lock:
-            self.results.append(result)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +45,7 @@ def test_mda_frames_reach_pipeline_and_raw_is_saved(demo_core: Any, tmp_path: Pa
         z_plan={"range": 2, "step": 1},
         axis_order="tpz",
     )
-    collect = Collect()
+    collect = Recorder()
     frame_z_um: list[float] = []
 
     with FramePipeline(PassThrough(), [collect]) as pipeline:
@@ -114,7 +87,7 @@ def test_mda_frames_reach_pipeline_and_raw_is_saved(demo_core: Any, tmp_path: Pa
 def test_focus_device_is_set_and_checked() -> None:
     with hardware_core(DEMO_CONFIG, ADAPTERS, focus_device="Z") as core:
         assert core.getFocusDevice() == "Z"
-    with pytest.raises(UserError, match="'XY' is not a Z stage.*Z stages: Z"):
+    with pytest.raises(UserError, match=r"'XY' is not a Z stage.*Z stages: Z"):
         load_hardware_core(DEMO_CONFIG, ADAPTERS, focus_device="XY")
 
 
@@ -142,24 +115,24 @@ def test_process_exits_cleanly_with_a_core_left_loaded(tmp_path: Path) -> None:
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="hardware config not found.*nope.cfg"):
+    with pytest.raises(UserError, match=r"hardware config not found.*nope\.cfg"):
         load_hardware_core(tmp_path / "nope.cfg", ADAPTERS)
 
 
 def test_missing_adapter_folder(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="Micro-Manager folder not found.*mm_app_path"):
+    with pytest.raises(UserError, match=r"Micro-Manager folder not found.*mm_app_path"):
         load_hardware_core(DEMO_CONFIG, tmp_path / "no-such-dir")
 
 
 def test_folder_without_the_needed_adapters(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="needs device adapters DemoCamera, Utilities.*found: none"):
+    with pytest.raises(UserError, match=r"needs device adapters DemoCamera, Utilities.*found: none"):
         load_hardware_core(DEMO_CONFIG, tmp_path)
 
 
 def test_config_naming_an_unknown_device(tmp_path: Path) -> None:
     config = tmp_path / "broken.cfg"
     config.write_text("Property,Core,Initialize,0\nDevice,Cam,DemoCamera,NoSuchCamera\nProperty,Core,Initialize,1\n")
-    with pytest.raises(UserError, match="could not load this hardware configuration.*NoSuchCamera"):
+    with pytest.raises(UserError, match=r"could not load this hardware configuration.*NoSuchCamera"):
         load_hardware_core(config, ADAPTERS)
 
 
@@ -180,7 +153,7 @@ def test_pymmcore_plus_config_runs_on_the_democamera(tmp_path: Path) -> None:
     config = load_config(CONFIGS / "pymmcore-plus.yaml")
     acq = config.acquisition
     assert acq.backend == "pymmcore-plus"
-    with pytest.raises(UserError, match="MMConfig_scope.cfg"):  # the placeholder, until the user edits it
+    with pytest.raises(UserError, match=r"MMConfig_scope\.cfg"):  # the placeholder, until the user edits it
         load_hardware_core(acq.mm_config_file, acq.mm_app_path)
 
     acq.mm_config_file, acq.mm_app_path = DEMO_CONFIG, ADAPTERS  # what a user edits, here the DemoCamera

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import useq
+from support import PassThrough, Recorder
 
 from acquire_refocus.errors import UserError
 from acquire_refocus.hooks.pycromanager import (
@@ -330,33 +331,6 @@ def test_democamera_stop_event_aborts_and_keeps_raw(demo_runs: dict[str, Any]) -
 # --------------------------------------------------------------------------- child process
 
 
-class _PassThrough:
-    """Stands in for the model in the child: the pipeline under test here is the intake, not the network."""
-
-    engine_name = "passthrough"
-
-    def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> Any:
-        class Out:
-            image = frame.astype(np.float32)
-            defocus_um = 0.0
-            confidence = 1.0
-
-        return Out()
-
-
-class _Collect:
-    def __init__(self) -> None:
-        self.results: list[FrameResult] = []
-        self.lock = threading.Lock()
-
-    def on_frame(self, result: FrameResult) -> None:
-        with self.lock:
-            self.results.append(result)
-
-    def close(self) -> None:
-        pass
-
-
 def _frames(results: list[FrameResult]) -> list[dict[str, Any]]:
     return [
         {
@@ -383,8 +357,8 @@ def _child(workdir: Path, result_file: Path) -> None:  # pragma: no cover - runs
         core.set_position("Z", 20.0)
 
         # 1. a useq time-lapse of relative Z stacks, raw data saved to disk by pycromanager
-        collect = _Collect()
-        with FramePipeline(_PassThrough(), [collect]) as pipeline:
+        collect = Recorder()
+        with FramePipeline(PassThrough(), [collect]) as pipeline:
             run = run_sequence(
                 useq.MDASequence(time_plan={"interval": 0, "loops": 2}, z_plan={"range": 4, "step": 2}),
                 pipeline,
@@ -426,8 +400,8 @@ def _child(workdir: Path, result_file: Path) -> None:  # pragma: no cover - runs
             return offsets[-1]
 
         core.set_position("Z", 30.0)
-        collect = _Collect()
-        with FramePipeline(_PassThrough(), [collect]) as pipeline:
+        collect = Recorder()
+        with FramePipeline(PassThrough(), [collect]) as pipeline:
             run = run_sequence(
                 useq.MDASequence(time_plan={"interval": 0, "loops": 3}, z_plan={"range": 2, "step": 1}),
                 pipeline,
@@ -450,8 +424,8 @@ def _child(workdir: Path, result_file: Path) -> None:  # pragma: no cover - runs
         }
 
         # 3. channels, raw data kept in RAM by pycromanager
-        collect = _Collect()
-        with FramePipeline(_PassThrough(), [collect]) as pipeline:
+        collect = Recorder()
+        with FramePipeline(PassThrough(), [collect]) as pipeline:
             run = run_sequence(
                 useq.MDASequence(time_plan={"interval": 0, "loops": 2}, channels=["DAPI", "FITC"]),
                 pipeline,
@@ -466,14 +440,14 @@ def _child(workdir: Path, result_file: Path) -> None:  # pragma: no cover - runs
         # 4. stopping a long time-lapse from another thread (the daemon's SIGINT / stop command)
         stop = threading.Event()
 
-        class StopAfterThree(_Collect):
+        class StopAfterThree(Recorder):
             def on_frame(self, result: FrameResult) -> None:
                 super().on_frame(result)
                 if len(self.results) >= 3:
                     stop.set()
 
         collect = StopAfterThree()
-        with FramePipeline(_PassThrough(), [collect]) as pipeline:
+        with FramePipeline(PassThrough(), [collect]) as pipeline:
             run = run_sequence(
                 useq.MDASequence(time_plan={"interval": 0.2, "loops": 100}),
                 pipeline,
@@ -515,7 +489,7 @@ if __name__ == "__main__":  # pragma: no cover - the child process of the DemoCa
     status = 0
     try:
         _child(Path(sys.argv[1]), Path(sys.argv[2]))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the child reports any failure, SystemExit too, through its status
         traceback.print_exc()
         status = 1
     sys.stdout.flush()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import free_tcp_address
+from support import free_tcp_address
 
 from acquire_refocus.cli import main
 from acquire_refocus.client import Subscriber

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import write_serve_config
+from support import write_serve_config
 
 from acquire_refocus.config import LogFileConfig
 from acquire_refocus.errors import UserError

@@ -44,7 +44,7 @@ def test_round_trip_keeps_network_optics_and_metadata(saved: tuple[Path, torch.n
     assert not loaded.network.training
     x = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
-        for a, b in zip(network(x), loaded.network(x)):
+        for a, b in zip(network(x), loaded.network(x), strict=True):
             torch.testing.assert_close(a, b)
 
 

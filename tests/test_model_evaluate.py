@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 import torch
-from conftest import FAST_SIMULATOR
+from support import FAST_SIMULATOR
 
 from acquire_refocus.config import parse_config
 from acquire_refocus.model.evaluate import _stage_note, run_evaluation

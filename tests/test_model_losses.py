@@ -59,7 +59,7 @@ def test_defocus_loss_is_robust_to_one_wild_estimate() -> None:
 
 
 def test_multiscale_term_uses_the_coarse_outputs() -> None:
-    noisy, target = _images(64)
+    _, target = _images(64)
     criterion = RefocusLoss(LossConfig(multiscale_weight=1.0))
     coarse_good = torch.nn.functional.avg_pool2d(target, 2)
     focus = torch.zeros(2, 2)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_SIMULATOR
+from support import FAST_SIMULATOR
 
 from acquire_refocus.cli import main
 from acquire_refocus.config import parse_config

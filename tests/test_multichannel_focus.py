@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import useq
-from conftest import SMALL_FIELD_SIMULATOR
+from support import SMALL_FIELD_SIMULATOR
 
 from acquire_refocus.commands.demo import FocusTruth
 from acquire_refocus.config import parse_config
@@ -174,6 +174,6 @@ def test_a_focus_channel_the_sequence_lacks_is_a_config_error(shipped_refocuser:
     sequence = useq.MDASequence(stage_positions=[(0, 0, 100)], channels=CHANNELS)
     with (
         Daemon(config, corrector=shipped_refocuser, control=False) as daemon,
-        pytest.raises(ConfigError, match="focus.channel: none of GFP is a channel of the sequence"),
+        pytest.raises(ConfigError, match=r"focus\.channel: none of GFP is a channel of the sequence"),
     ):
         daemon.run(sequence, None)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import useq
 import yaml
-from conftest import SMALL_FIELD_SIMULATOR
+from support import SMALL_FIELD_SIMULATOR
 
 from acquire_refocus.config import load_config, parse_config
 from acquire_refocus.daemon import Daemon

@@ -13,46 +13,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support import GatedCorrector, Recorder
 
 from acquire_refocus.config import PipelineConfig
 from acquire_refocus.pipeline import BackgroundSink, FrameInfo, FramePipeline, FrameResult, FrameSink
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Recorder:
-    """A sink that keeps what it got (a real sink: the pipeline cannot tell it from the store)."""
-
-    def __init__(self) -> None:
-        self.results: list[FrameResult] = []
-        self.closed = False
-        self.thread_names: set[str] = set()
-
-    def on_frame(self, result: FrameResult) -> None:
-        self.thread_names.add(threading.current_thread().name)
-        self.results.append(result)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def by_frame(self) -> dict[int, FrameResult]:
-        return {r.frame: r for r in self.results}
-
-
-class GatedCorrector:
-    """The real Refocuser, started only once `gate` is set: an engine that is (deterministically) behind."""
-
-    def __init__(self, refocuser: Any) -> None:
-        self._refocuser = refocuser
-        self.engine_name = refocuser.engine_name
-        self.gate = threading.Event()
-        self.started = threading.Event()
-
-    def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> Any:
-        self.started.set()
-        if not self.gate.wait(60):
-            raise TimeoutError("test gate never opened")
-        return self._refocuser(frame, pixel_size_um=pixel_size_um)
 
 
 def info(t: int) -> FrameInfo:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import reprocess_data as data
 import tifffile
-from conftest import free_tcp_address
+from support import free_tcp_address
 from test_reprocess_formats import tree_digest
 
 from acquire_refocus.cli import main

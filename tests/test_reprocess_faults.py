@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import reprocess_data as data
 import zarr
-from conftest import free_tcp_address
+from support import free_tcp_address
 
 from acquire_refocus.cli import main
 
@@ -145,7 +145,7 @@ def test_a_worker_killed_mid_run_does_not_fail_the_run(
         with Client(dask_cli_cluster, timeout="30s") as client:
             victim = next(iter(client.run(os.getpid).values()))
         os.kill(victim, signal.SIGKILL)
-        stdout, stderr = run.communicate(timeout=300)
+        _, stderr = run.communicate(timeout=300)
     finally:
         if run.poll() is None:
             run.kill()

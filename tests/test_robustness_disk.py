@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 import useq
 import yaml
-from conftest import write_serve_config
-from test_daemon import daemon_config
+from support import daemon_config, write_serve_config
 
 from acquire_refocus.config import DriftConfig
 from acquire_refocus.control import request
@@ -236,7 +235,7 @@ def test_an_onnx_cache_on_a_read_only_disk_says_the_engine_fell_back(
     pytest.importorskip("onnxruntime")
     cache = small_disk("1m", True)
     config = daemon_config(tiny_weights, engine={"backend": "onnxruntime", "cache_dir": str(cache)})
-    with Daemon(config, output_dir=tmp_path) as daemon:
+    with Daemon(config, output_dir=tmp_path):
         status = request(config.publishing.control_address, "status")
     assert status["engine"] == "torch"
     assert status["engine_fallback"] == (

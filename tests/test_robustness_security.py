@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_daemon import SEQUENCE, daemon_config
+from support import SEQUENCE, daemon_config
 
 from acquire_refocus.cli import main as cli_main
 from acquire_refocus.client import Subscriber

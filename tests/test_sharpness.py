@@ -20,7 +20,7 @@ def test_sharpness_peaks_within_a_micrometre_of_focus_and_falls_off_both_ways(sm
     values = np.array([measure(small_field_scope.render(100.0 + d)) for d in defocus_um])  # type: ignore[attr-defined]
     peak_um = defocus_um[np.argmax(values)]
     assert abs(peak_um) <= 1.0
-    at = dict(zip(defocus_um.tolist(), values.tolist()))
+    at = dict(zip(defocus_um.tolist(), values.tolist(), strict=True))
     for d in (3.0, 6.0):
         assert at[d] < 0.9 * values.max() and at[-d] < 0.9 * values.max()
     assert at[6.0] < at[3.0] and at[-6.0] < at[-3.0]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_SIMULATOR
+from support import FAST_SIMULATOR
 
 from acquire_refocus.config import AppConfig, parse_config
 from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS, load_weights

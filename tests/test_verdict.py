@@ -211,7 +211,7 @@ def test_the_simulated_suites_end_with_the_same_verdict_lines_and_record_them(
     suite: str, tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import yaml
-    from conftest import FAST_SIMULATOR
+    from support import FAST_SIMULATOR
 
     weights = tmp_path / "tiny.pt"
     shutil.copy(tiny_weights, weights)

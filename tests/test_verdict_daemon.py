@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 import useq
-from test_daemon import SEQUENCE, Collector, daemon_config, written_planes
+from support import SEQUENCE, Collector, daemon_config, written_planes
 
 from acquire_refocus.cli import main
 from acquire_refocus.control import request

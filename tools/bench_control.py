@@ -20,13 +20,12 @@ from typing import Any
 
 import zmq
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from conftest import FAST_SIMULATOR, free_tcp_address  # noqa: E402
+from support import FAST_SIMULATOR, free_tcp_address
 
-from acquire_refocus.config import ModelConfig, OpticsConfig, parse_config  # noqa: E402
-from acquire_refocus.daemon import Daemon  # noqa: E402
+from acquire_refocus.config import ModelConfig, OpticsConfig, parse_config
+from acquire_refocus.daemon import Daemon
 
 REQUESTS: dict[str, bytes] = {
     "1000 x '['": b"[" * 1000,

@@ -41,35 +41,20 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support import PassThrough  # the engine replaced by the identity: what is left is the daemon's cost
 
 from acquire_refocus.config import FocusConfig, PipelineConfig, PublishingConfig
 from acquire_refocus.pipeline import BackgroundSink, FrameInfo, FramePipeline, FrameResult, FrameSink
 
 CAMERA_RATE_FPS = {2048: 100.0, 1024: 200.0, 512: 400.0}  # as in tools/benchmark.py: the rate frames arrive at
-
-
-@dataclass
-class _PassThroughOutput:
-    image: np.ndarray
-    defocus_um: float
-    confidence: float
-    defocus_magnitude_um: float
-
-
-class PassThrough:
-    """The engine replaced by the identity (a float32 view of the frame): what is left is the daemon's cost."""
-
-    engine_name = "pass-through"
-
-    def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> _PassThroughOutput:
-        return _PassThroughOutput(frame.astype(np.float32), 0.0, 1.0, 0.0)
 
 
 def _record(engine: str, size: int, times_ms: list[float], **extra: Any) -> dict[str, Any]:
