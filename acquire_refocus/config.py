@@ -1,28 +1,58 @@
 """One validated configuration tree for optics, simulator, model, training, engine and the daemon.
 
-Every section is a plain pydantic model that round-trips to YAML. Unknown keys are errors, so a typo in a
-config on the scope PC is caught at start-up instead of being silently ignored. Units are in the names.
+Every section is a frozen pydantic model that round-trips to YAML: the daemon shares one config across threads, so
+a change is a validated copy (`replace`). Unknown keys are errors, so a typo in a config on the scope PC is caught at
+start-up instead of being silently ignored. The model section is keyed on `architecture` and the training section
+on `data`, so a setting that does not apply (or one that is missing) is an error when the file loads. Units are in
+the names.
+
+`version` (top level) is the schema version. Version 1 (files without the key, and the configs embedded in weights
+files and run records written before it) had one flat model and training section whose keys for other
+architectures or data sources were accepted and ignored: such keys are dropped when a version 1 file is read.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 from acquire_refocus.cache_dirs import default_engine_cache_dir
 from acquire_refocus.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_VERSION = 2  # what dump_config writes; see the module docstring
+
+_SectionT = TypeVar("_SectionT", bound=BaseModel)
 
 
 class _Section(BaseModel):
     # allow_inf_nan=False: no setting here means anything as NaN or infinity (a dead band of .inf never moves the
-    # stage, and run.json would hold non-standard JSON)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # stage, and run.json would hold non-standard JSON). frozen: one config is shared across threads
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def replace(section: _SectionT, **changes: Any) -> _SectionT:
+    """A validated copy of `section` with `changes` (as useq-schema's `replace()`): sections are frozen. The copy
+    remembers which keys were given (the section's own and `changes`), so settings that follow the optics when
+    left out still do. Raises pydantic's ValidationError for a value the section refuses."""
+    given = {name: getattr(section, name) for name in section.model_fields_set}
+    return type(section).model_validate({**given, **changes})
 
 
 class ChannelOpticsConfig(_Section):
@@ -103,7 +133,7 @@ class CameraConfig(_Section):
 
     @property
     def max_adu(self) -> int:
-        return 2**self.bit_depth - 1
+        return (1 << self.bit_depth) - 1
 
 
 SpecimenFamily = Literal["nuclei", "cytoplasm", "membranes", "filaments", "puncta", "mixture"]
@@ -202,15 +232,11 @@ class SimulatorConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
+class _ModelSection(_Section):
     """The refocusing network. `weights: null` means the default model shipped in the package."""
 
-    architecture: Literal["unet", "multiscale", "resnet34"] = "unet"
+    architecture: str  # each architecture's own Literal; first, so that a dump names it first
     base_channels: int = Field(16, ge=4, le=128)
-    depth: int = Field(4, ge=2, le=6, description="number of down-sampling stages")
-    scales: int = Field(3, ge=2, le=4, description="multiscale network: number of scales")
-    fusion: Literal["sum", "concat"] = "sum"
-    pretrained_encoder: Path | None = Field(None, description="ResNet-34 ImageNet weights, local file only")
     weights: Path | None = None
     weights_per_channel: dict[str, Path] = Field(
         default_factory=dict,
@@ -218,6 +244,59 @@ class ModelConfig(_Section):
         "by this model (loaded at start on the same engine), its wavelength checked against this model's optics; "
         "channels not listed use `weights`",
     )
+
+
+class UNetModelConfig(_ModelSection):
+    """A U-Net with a focus head at its bottleneck (model/network.py RefocusUNet)."""
+
+    architecture: Literal["unet"] = "unet"
+    depth: int = Field(4, ge=2, le=6, description="number of down-sampling stages")
+
+
+class MultiScaleModelConfig(_ModelSection):
+    """The head-to-tail multi-scale U-Net (model/network.py MultiScaleUNet)."""
+
+    architecture: Literal["multiscale"] = "multiscale"
+    depth: int = Field(4, ge=2, le=6, description="number of down-sampling stages")
+    scales: int = Field(3, ge=2, le=4, description="number of scales")
+    fusion: Literal["sum", "concat"] = "sum"
+
+
+class ResNet34ModelConfig(_ModelSection):
+    """A U-Net on a ResNet-34 encoder (model/network.py ResNet34UNet)."""
+
+    architecture: Literal["resnet34"] = "resnet34"
+    pretrained_encoder: Path | None = Field(None, description="ResNet-34 ImageNet weights, local file only")
+
+
+def _tag(default: str, key: str) -> Discriminator:
+    """The discriminator of a keyed section: `key` of a mapping (`default` where left out) or of a section."""
+
+    def tag(value: Any) -> Any:
+        return value.get(key, default) if isinstance(value, dict) else getattr(value, key, None)
+
+    return Discriminator(
+        tag,
+        custom_error_type="invalid_section_kind",
+        custom_error_message=f"unknown {key}",
+        custom_error_context={"key": key},
+    )
+
+
+ModelConfig = Annotated[
+    Annotated[UNetModelConfig, Tag("unet")]
+    | Annotated[MultiScaleModelConfig, Tag("multiscale")]
+    | Annotated[ResNet34ModelConfig, Tag("resnet34")],
+    _tag("unet", "architecture"),
+]
+"""The model section: one of the architectures, chosen by its `architecture` key (default unet)."""
+
+_MODEL_KINDS: dict[str, type[_ModelSection]] = {
+    "unet": UNetModelConfig,
+    "multiscale": MultiScaleModelConfig,
+    "resnet34": ResNet34ModelConfig,
+}
+_MODEL_CONFIG = TypeAdapter[ModelConfig](ModelConfig)
 
 
 class LossConfig(_Section):
@@ -304,30 +383,11 @@ class RandomizationConfig(_Section):
         return self
 
 
-class TrainingConfig(_Section):
+class _TrainingSection(_Section):
     """How to train: data source, optimisation, validation and checkpoints."""
 
-    data: Literal["simulated", "stored"] = "simulated"
-    dataset_dir: Path | None = Field(None, description="stored dataset (simulated or BBBC006-style folders)")
-    in_focus_index: int | None = Field(None, ge=0, description="stored real data: z index of the focal plane")
-    z_step_um: float | None = Field(None, gt=0.0, description="stored real data: stage step between planes")
-    pixel_size_um: float | None = Field(None, gt=0.0, description="stored real data: pixel size at sample")
-    file_pattern: str | None = Field(
-        None,
-        description="stored real data: glob on file names choosing one channel, e.g. '*_w1*' for BBBC006's "
-        "Hoechst images (without it every channel is a field of its own)",
-    )
-    z_order: Literal["increasing", "decreasing"] = Field(
-        "increasing",
-        description="stored real data: 'increasing' when higher plane folder numbers were taken "
-        "deeper into the sample (higher stage Z)",
-    )
+    data: str  # each data source's own Literal; first, so that a dump names it first
     defocus_range_um: tuple[float, float] = (-35.0, 35.0)
-    randomization: RandomizationConfig | None = Field(
-        None,
-        description="simulated data: domain randomisation (camera, specimen family, optics); none renders the "
-        "simulator section's own specimen and camera",
-    )
     patch_size_px: int = Field(128, ge=64, le=1024)
     batch_size: int = Field(8, ge=1, le=512)
     steps: int = Field(3000, ge=1)
@@ -340,7 +400,6 @@ class TrainingConfig(_Section):
     learning_rate: float = Field(2e-3, gt=0.0, le=1.0)
     validation_every: int = Field(250, ge=1)
     validation_fields: int = Field(16, ge=1)
-    train_fields: int = Field(64, ge=1, description="distinct specimen fields of view for training")
     checkpoint_dir: Path = Path("runs/train")
     initial_weights: Path | Literal["shipped"] | None = Field(
         "shipped",
@@ -358,13 +417,62 @@ class TrainingConfig(_Section):
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _check_defocus_range(self) -> TrainingConfig:
+    def _check_defocus_range(self) -> _TrainingSection:
         low, high = self.defocus_range_um
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(
                 f"defocus_range_um must be (low, high) with finite low < high, got {self.defocus_range_um}"
             )
         return self
+
+
+class SimulatedTrainingConfig(_TrainingSection):
+    """Training on frames the simulated microscope renders on the fly."""
+
+    data: Literal["simulated"] = "simulated"
+    train_fields: int = Field(64, ge=1, description="distinct specimen fields of view for training")
+    randomization: RandomizationConfig | None = Field(
+        None,
+        description="domain randomisation (camera, specimen family, optics); none renders the simulator "
+        "section's own specimen and camera",
+    )
+
+
+class StoredTrainingConfig(_TrainingSection):
+    """Training on a stored dataset: one written by 'acquire-refocus simulate', or real BBBC006-style folders."""
+
+    data: Literal["stored"] = "stored"
+    dataset_dir: Path = Field(..., description="stored dataset (simulated or BBBC006-style folders)")
+    in_focus_index: int | None = Field(None, ge=0, description="real data: z index of the focal plane")
+    z_step_um: float | None = Field(None, gt=0.0, description="real data: stage step between planes")
+    pixel_size_um: float | None = Field(None, gt=0.0, description="real data: pixel size at sample")
+    file_pattern: str | None = Field(
+        None,
+        description="real data: glob on file names choosing one channel, e.g. '*_w1*' for BBBC006's "
+        "Hoechst images (without it every channel is a field of its own)",
+    )
+    z_order: Literal["increasing", "decreasing"] = Field(
+        "increasing",
+        description="real data: 'increasing' when higher plane folder numbers were taken "
+        "deeper into the sample (higher stage Z)",
+    )
+
+
+TrainingConfig = Annotated[
+    Annotated[SimulatedTrainingConfig, Tag("simulated")] | Annotated[StoredTrainingConfig, Tag("stored")],
+    _tag("simulated", "data"),
+]
+"""The training section: simulated or stored data, chosen by its `data` key (default simulated)."""
+
+_TRAINING_KINDS: dict[str, type[_TrainingSection]] = {
+    "simulated": SimulatedTrainingConfig,
+    "stored": StoredTrainingConfig,
+}
+# the keyed sections: AppConfig key -> (discriminator key, its default, the kinds)
+_KEYED_SECTIONS: dict[str, tuple[str, str, Mapping[str, type[_Section]]]] = {
+    "model": ("architecture", "unet", _MODEL_KINDS),
+    "training": ("data", "simulated", _TRAINING_KINDS),
+}
 
 
 class EngineConfig(_Section):
@@ -656,11 +764,12 @@ class AcquisitionConfig(_Section):
 class AppConfig(_Section):
     """The whole configuration of acquire-refocus."""
 
+    version: int = Field(CONFIG_VERSION, description="schema version of this file (1 where left out)")
     optics: OpticsConfig = OpticsConfig()
     simulator: SimulatorConfig = SimulatorConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = UNetModelConfig()
     loss: LossConfig = LossConfig()
-    training: TrainingConfig = TrainingConfig()
+    training: TrainingConfig = SimulatedTrainingConfig()
     engine: EngineConfig = EngineConfig()
     pipeline: PipelineConfig = PipelineConfig()
     publishing: PublishingConfig = PublishingConfig()
@@ -669,6 +778,29 @@ class AppConfig(_Section):
     acquisition: AcquisitionConfig = AcquisitionConfig()
     log_file: LogFileConfig = LogFileConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_older_versions(cls, data: Any) -> Any:
+        """A mapping of an older schema version is brought to this one; the loaded config is of this version."""
+        if not isinstance(data, dict) or not isinstance(data.get("version", 1), int):
+            return data
+        version = data.get("version", 1)
+        if version > CONFIG_VERSION:
+            return data  # `version` says why
+        sections = {name: _upgraded(name, data[name], version) for name in _KEYED_SECTIONS if name in data}
+        return {**data, **sections, "version": CONFIG_VERSION}
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, version: int) -> int:
+        if not 1 <= version <= CONFIG_VERSION:
+            raise ValueError(
+                f"this acquire-refocus reads configuration versions 1 to {CONFIG_VERSION}; a file of version "
+                f"{version} was written by a newer one: update acquire-refocus, or rewrite the file for version "
+                f"{CONFIG_VERSION}"
+            )
+        return version
 
     @model_validator(mode="after")
     def _check_focus_offset(self) -> AppConfig:
@@ -696,39 +828,73 @@ class AppConfig(_Section):
         training, simulator = self.training, self.simulator
         if "defocus_range_um" not in training.model_fields_set:
             low, high = training.defocus_range_um
-            training.defocus_range_um = (round(low * scale, 1), round(high * scale, 1))
+            training = replace(training, defocus_range_um=(round(low * scale, 1), round(high * scale, 1)))
+        scaled: dict[str, float] = {}
         if "max_defocus_um" not in simulator.model_fields_set:
-            simulator.max_defocus_um = min(200.0, round(simulator.max_defocus_um * scale, 1))
+            scaled["max_defocus_um"] = min(200.0, round(simulator.max_defocus_um * scale, 1))
         if "psf_z_step_um" not in simulator.model_fields_set:
-            simulator.psf_z_step_um = min(simulator.psf_z_step_um, round(depth_of_field_um / 5, 2))
+            scaled["psf_z_step_um"] = min(simulator.psf_z_step_um, round(depth_of_field_um / 5, 2))
+        # still validating: nothing else holds this config yet, and a validator returns `self` (pydantic)
+        object.__setattr__(self, "training", training)
+        object.__setattr__(self, "simulator", replace(simulator, **scaled))
         return self
 
 
-def _describe_error(error: Any) -> str:
-    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+def _upgraded(name: str, section: Any, version: int) -> Any:
+    """A keyed section (model, training) of a version 1 mapping without the keys of the other kinds, which version
+    1 accepted and ignored (a key no kind knows stays, and is refused as unknown)."""
+    key, default, kinds = _KEYED_SECTIONS[name]
+    if version != 1 or not isinstance(section, dict) or section.get(key, default) not in kinds:
+        return section
+    own = kinds[section.get(key, default)].model_fields
+    others = {field for kind in kinds.values() for field in kind.model_fields} - set(own)
+    return {field: value for field, value in section.items() if field not in others}
+
+
+def parse_model_section(data: Any, version: int = CONFIG_VERSION) -> ModelConfig:
+    """Validate a model section on its own (weights files embed it), of the given schema version. Raises pydantic's
+    ValidationError."""
+    return _MODEL_CONFIG.validate_python(_upgraded("model", data, version))
+
+
+def _describe_error(error: ErrorDetails) -> str:
+    loc = list(error["loc"])
+    kind_note = ""
+    if len(loc) >= 2 and loc[0] in _KEYED_SECTIONS and loc[1] in _KEYED_SECTIONS[str(loc[0])][2]:
+        tag = loc.pop(1)  # pydantic names the kind in the location: say it the file's way
+        kind_note = f" with {_KEYED_SECTIONS[str(loc[0])][0]}: {tag}"
+    location = ".".join(str(part) for part in loc) or "(top level)"
     kind = error["type"]
-    if kind == "extra_forbidden":
-        return f"{location}: unknown key (check its spelling and section)"
-    message = error["msg"].removeprefix("Value error, ")
     given = error.get("input")
-    shown = "" if isinstance(given, dict) or kind == "missing" else f" (got {given!r})"
+    if kind == "extra_forbidden":
+        return f"{location}: unknown key{kind_note} (check its spelling and section)"
+    if kind == "missing":
+        return f"{location}: required{kind_note}"
+    if kind == "invalid_section_kind":
+        key, kinds = _KEYED_SECTIONS[str(loc[0])][0], _KEYED_SECTIONS[str(loc[0])][2]
+        chosen = given.get(key) if isinstance(given, dict) else given
+        return f"{location}.{key}: expected one of {', '.join(kinds)} (got {chosen!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
     return f"{location}: {message}{shown}"
 
 
-def _resolve_paths(section: BaseModel, base_dir: Path) -> None:
-    """Make relative paths in a config file relative to that file, not to wherever the command ran."""
+def _resolved(section: _SectionT, base_dir: Path) -> _SectionT:
+    """The section with relative paths made relative to the config file, not to wherever the command ran."""
+    changes: dict[str, Any] = {}
     for name in type(section).model_fields:
         value = getattr(section, name)
         if isinstance(value, BaseModel):
-            _resolve_paths(value, base_dir)
+            resolved: Any = _resolved(value, base_dir)
         elif isinstance(value, Path) and not value.is_absolute():
-            setattr(section, name, (base_dir / value).resolve())
+            resolved = (base_dir / value).resolve()
         elif isinstance(value, dict) and all(isinstance(path, Path) for path in value.values()):
-            setattr(
-                section,
-                name,
-                {key: path if path.is_absolute() else (base_dir / path).resolve() for key, path in value.items()},
-            )
+            resolved = {key: path if path.is_absolute() else (base_dir / path).resolve() for key, path in value.items()}
+        else:
+            continue
+        if resolved is not value and resolved != value:
+            changes[name] = resolved
+    return replace(section, **changes) if changes else section
 
 
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> AppConfig:
@@ -744,9 +910,7 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     except ValidationError as exc:
         problems = "\n  ".join(_describe_error(e) for e in exc.errors())
         raise ConfigError(f"{source}: invalid configuration:\n  {problems}") from None
-    if base_dir is not None:
-        _resolve_paths(config, base_dir)
-    return config
+    return config if base_dir is None else _resolved(config, base_dir)
 
 
 def load_config(path: str | Path | None) -> AppConfig:

@@ -54,12 +54,12 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised small network saved as a weights file: fast, deterministic, not trained."""
     import torch
 
-    from acquire_refocus.config import ModelConfig, OpticsConfig
+    from acquire_refocus.config import OpticsConfig, UNetModelConfig
     from acquire_refocus.model.checkpoint import save_weights
     from acquire_refocus.model.network import build_network
 
     torch.manual_seed(0)
-    model_config = ModelConfig(base_channels=4, depth=2)
+    model_config = UNetModelConfig(base_channels=4, depth=2)
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
     save_weights(path, build_network(model_config), model_config, OpticsConfig(), {"purpose": "tests"})
     return path

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from acquire_refocus.config import EngineConfig, ModelConfig
+from acquire_refocus.config import EngineConfig, UNetModelConfig
 from acquire_refocus.engines import (
     Engine,
     EngineOutOfMemoryError,
@@ -42,7 +42,7 @@ class Loaded:
 
 def small_network(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    network = build_network(ModelConfig(base_channels=8, depth=3)).eval()
+    network = build_network(UNetModelConfig(base_channels=8, depth=3)).eval()
     # Non-trivial batch-norm statistics, so the network is not close to its initial identity-like state.
     for module in network.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

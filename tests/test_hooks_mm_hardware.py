@@ -147,7 +147,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_pymmcore_plus_config_runs_on_the_democamera(tmp_path: Path) -> None:
-    from acquire_refocus.config import load_config
+    from acquire_refocus.config import load_config, replace
     from acquire_refocus.sequence import parse_sequence
 
     config = load_config(CONFIGS / "pymmcore-plus.yaml")
@@ -156,7 +156,7 @@ def test_pymmcore_plus_config_runs_on_the_democamera(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"MMConfig_scope\.cfg"):  # the placeholder, until the user edits it
         load_hardware_core(acq.mm_config_file, acq.mm_app_path)
 
-    acq.mm_config_file, acq.mm_app_path = DEMO_CONFIG, ADAPTERS  # what a user edits, here the DemoCamera
+    acq = replace(acq, mm_config_file=DEMO_CONFIG, mm_app_path=ADAPTERS)  # what a user edits, here the DemoCamera
     sequence = parse_sequence(acq.sequence)
     short = sequence.replace(time_plan={"interval": 0, "loops": 2})  # the config's channel, 2 time points
     frames: list[tuple[dict[str, int], str]] = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from acquire_refocus.config import ModelConfig, OpticsConfig
+from acquire_refocus.config import MultiScaleModelConfig, OpticsConfig, UNetModelConfig
 from acquire_refocus.errors import WeightsError
 from acquire_refocus.model.checkpoint import (
     DEFAULT_WEIGHTS,
@@ -25,7 +25,7 @@ from acquire_refocus.model.network import build_network
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(0)
-    config = ModelConfig(architecture="multiscale", base_channels=4, depth=2, scales=2)
+    config = MultiScaleModelConfig(base_channels=4, depth=2, scales=2)
     network = build_network(config).eval()
     optics = OpticsConfig(magnification=40, numerical_aperture=0.75)
     path = tmp_path / "model.pt"
@@ -107,7 +107,7 @@ def _flip_tensor_bytes(path: Path, tensor: torch.Tensor, n_bytes: int, out: Path
 def test_flipped_tensor_bytes_are_one_clear_error_naming_the_file(tmp_path: Path) -> None:
     """The issue's case: 4 KiB flipped inside the tensors loaded silently and changed the output."""
     torch.manual_seed(0)
-    config = ModelConfig(base_channels=16, depth=2)
+    config = UNetModelConfig(base_channels=16, depth=2)
     network = build_network(config)
     path = tmp_path / "model.pt"
     save_weights(path, network, config, OpticsConfig(), {})

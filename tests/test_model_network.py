@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from acquire_refocus.config import ModelConfig
+from acquire_refocus.config import MultiScaleModelConfig, ResNet34ModelConfig, UNetModelConfig
 from acquire_refocus.errors import ConfigError
 from acquire_refocus.model.network import MultiScaleUNet, ResNet34Encoder, build_network
 from acquire_refocus.model.normalization import NormalizationParams, denormalize, frame_scale, normalize
 
 ARCHITECTURES = {
-    "unet": ModelConfig(architecture="unet", base_channels=4, depth=3),
-    "multiscale-sum": ModelConfig(architecture="multiscale", base_channels=4, depth=2, scales=3, fusion="sum"),
-    "multiscale-concat": ModelConfig(architecture="multiscale", base_channels=4, depth=2, scales=2, fusion="concat"),
-    "resnet34": ModelConfig(architecture="resnet34", base_channels=4),
+    "unet": UNetModelConfig(base_channels=4, depth=3),
+    "multiscale-sum": MultiScaleModelConfig(base_channels=4, depth=2, scales=3, fusion="sum"),
+    "multiscale-concat": MultiScaleModelConfig(base_channels=4, depth=2, scales=2, fusion="concat"),
+    "resnet34": ResNet34ModelConfig(base_channels=4),
 }
 
 
@@ -58,7 +58,7 @@ def test_focus_head_alone_sees_what_the_full_forward_gives_it(name: str) -> None
 
 
 def test_parameter_count_of_the_default_unet_suits_real_time() -> None:
-    count = sum(p.numel() for p in build_network(ModelConfig()).parameters())
+    count = sum(p.numel() for p in build_network(UNetModelConfig()).parameters())
     assert 500_000 <= count <= 2_000_000
 
 
@@ -122,7 +122,7 @@ def test_resnet34_encoder_loads_a_torchvision_state_dict(tmp_path: Path) -> None
     assert "layer2.0.downsample.0.weight" in state and "layer4.2.bn2.running_var" in state
     path = tmp_path / "resnet34.pth"
     torch.save(state, path)
-    network = build_network(ModelConfig(architecture="resnet34", base_channels=4, pretrained_encoder=path))
+    network = build_network(ResNet34ModelConfig(base_channels=4, pretrained_encoder=path))
     torch.testing.assert_close(network.encoder.conv1.weight, state["conv1.weight"])
     torch.testing.assert_close(network.encoder.layer4[2].bn2.running_var, state["layer4.2.bn2.running_var"])
 
@@ -131,9 +131,9 @@ def test_resnet34_rejects_a_file_that_is_not_a_resnet34(tmp_path: Path) -> None:
     path = tmp_path / "other.pth"
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, path)
     with pytest.raises(ConfigError, match="not a torchvision ResNet-34"):
-        build_network(ModelConfig(architecture="resnet34", pretrained_encoder=path))
+        build_network(ResNet34ModelConfig(pretrained_encoder=path))
     with pytest.raises(ConfigError, match="not found"):
-        build_network(ModelConfig(architecture="resnet34", pretrained_encoder=tmp_path / "missing.pth"))
+        build_network(ResNet34ModelConfig(pretrained_encoder=tmp_path / "missing.pth"))
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64, np.int32])

@@ -34,12 +34,12 @@ def cytoplasm_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small untrained network recorded as trained for 510 nm (a cytoplasm stain's emission)."""
     import torch
 
-    from acquire_refocus.config import ModelConfig, OpticsConfig
+    from acquire_refocus.config import OpticsConfig, UNetModelConfig
     from acquire_refocus.model.checkpoint import save_weights
     from acquire_refocus.model.network import build_network
 
     torch.manual_seed(1)
-    model_config = ModelConfig(base_channels=4, depth=2)
+    model_config = UNetModelConfig(base_channels=4, depth=2)
     path = tmp_path_factory.mktemp("weights") / "cytoplasm.pt"
     save_weights(
         path, build_network(model_config), model_config, OpticsConfig(emission_wavelength_nm=510), {"purpose": "tests"}

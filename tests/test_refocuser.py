@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from acquire_refocus import Refocuser
-from acquire_refocus.config import EngineConfig, ModelConfig, OpticsConfig
+from acquire_refocus.config import EngineConfig, OpticsConfig, UNetModelConfig
 from acquire_refocus.errors import ConfigError, InputError, WeightsError
 from acquire_refocus.model.checkpoint import save_weights
 from acquire_refocus.model.network import build_network
@@ -22,7 +22,7 @@ def identity_refocuser(tmp_path_factory: pytest.TempPathFactory) -> Refocuser:
     (normalisation, padding, resampling, cropping, denormalisation) must give the frame back."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = ModelConfig(base_channels=4, depth=3)
+    config = UNetModelConfig(base_channels=4, depth=3)
     network = build_network(config)
     torch.nn.init.zeros_(network.to_image.weight)
     torch.nn.init.zeros_(network.to_image.bias)

@@ -165,7 +165,8 @@ def test_a_camera_that_delivers_no_frame_is_not_a_completed_run(
     snap fail; pymmcore-plus logs a warning per frame and the run used to end `completed`."""
     config = daemon_config(tiny_weights, storage={"min_free_mb": 0})
     drift = config.simulator.drift.model_dump()
-    config.simulator.drift = DriftConfig.model_construct(**{**drift, "model": "thermal", "amplitude_um": math.nan})
+    drift_nan = DriftConfig.model_construct(**{**drift, "model": "thermal", "amplitude_um": math.nan})  # unvalidated
+    config = config.model_copy(update={"simulator": config.simulator.model_copy(update={"drift": drift_nan})})
     with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser, control=False) as daemon:
         summary = daemon.run(useq.MDASequence(time_plan={"interval": 0, "loops": 10}), tmp_path / "run")
     record = read_run_state(tmp_path / "run")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from support import FAST_SIMULATOR, free_tcp_address
 
-from acquire_refocus.config import ModelConfig, OpticsConfig, parse_config
+from acquire_refocus.config import OpticsConfig, UNetModelConfig, parse_config
 from acquire_refocus.daemon import Daemon
 
 REQUESTS: dict[str, bytes] = {
@@ -66,7 +66,7 @@ def main() -> None:
     from acquire_refocus.model.network import build_network
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = ModelConfig(base_channels=4, depth=2)
+        model = UNetModelConfig(base_channels=4, depth=2)
         weights = Path(tmp) / "tiny.pt"
         save_weights(weights, build_network(model), model, OpticsConfig(), {"purpose": "benchmark"})
         config = parse_config(

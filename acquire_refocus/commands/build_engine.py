@@ -89,9 +89,8 @@ def untrained_model(config: AppConfig) -> UntrainedModel:
     buffer = io.BytesIO()
     torch.save(network.state_dict(), buffer)
     digest = hashlib.sha256(buffer.getvalue() + config.model.model_dump_json().encode()).hexdigest()
-    label = (
-        f"untrained {config.model.architecture} base_channels={config.model.base_channels} depth={config.model.depth}"
-    )
+    settings = config.model.model_dump(exclude={"architecture", "weights", "weights_per_channel", "pretrained_encoder"})
+    label = f"untrained {config.model.architecture} " + " ".join(f"{name}={value}" for name, value in settings.items())
     return UntrainedModel(network, digest, label)
 
 

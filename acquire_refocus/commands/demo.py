@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from acquire_refocus.channels import refocus_policy
-from acquire_refocus.config import PROJECT_ROOT, AppConfig, load_config, parse_config
+from acquire_refocus.config import PROJECT_ROOT, AppConfig, load_config, parse_config, replace
 from acquire_refocus.errors import UserError
 from acquire_refocus.focus import channel_z_offset_um
 from acquire_refocus.outputs import output_folder
@@ -107,11 +107,14 @@ def _demo_config(args: argparse.Namespace) -> AppConfig:
             f"{config.acquisition.backend!r} (use 'acquire-refocus serve' for hardware)"
         )
     if config.acquisition.sequence is None:
-        config.acquisition.sequence = _DEMO_DEFAULTS["acquisition"]["sequence"]
+        config = replace(
+            config, acquisition=replace(config.acquisition, sequence=_DEMO_DEFAULTS["acquisition"]["sequence"])
+        )
     if args.drift:
-        config.simulator.drift.model = args.drift
+        simulator = config.simulator
+        config = replace(config, simulator=replace(simulator, drift=replace(simulator.drift, model=args.drift)))
     if args.mode:
-        config.focus.mode = args.mode
+        config = replace(config, focus=replace(config.focus, mode=args.mode))
     if args.loops is not None:
         if args.loops < 1:
             raise UserError("--loops must be at least 1")
@@ -279,8 +282,15 @@ def run(args: argparse.Namespace) -> int:
         )
     output = args.output.resolve()
     prepare_output(output)
-    config.publishing.pub_address = _free_address(config.publishing.pub_address)
-    config.publishing.control_address = _free_address(config.publishing.control_address)
+    publishing = config.publishing
+    config = replace(
+        config,
+        publishing=replace(
+            publishing,
+            pub_address=_free_address(publishing.pub_address),
+            control_address=_free_address(publishing.control_address),
+        ),
+    )
     nominal = {i: float(p.z) for i, p in enumerate(sequence.stage_positions) if p.z is not None}
 
     received: dict[str, int] = {"raw": 0, "refocused": 0, "focus": 0}

@@ -20,7 +20,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from acquire_refocus.config import ModelConfig, OpticsConfig
+from acquire_refocus.config import CONFIG_VERSION, ModelConfig, OpticsConfig, parse_model_section
 from acquire_refocus.errors import ConfigError, WeightsError
 from acquire_refocus.logs import kv
 from acquire_refocus.model.network import build_network
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 FORMAT_MARKER = "acquire-refocus-weights"
 TENSORS_SHA256 = "tensors_sha256"  # the payload key holding `tensors_sha256(state_dict)`
 FORMAT_VERSION = 1
+CONFIG_VERSION_KEY = "config_version"  # the schema version of the embedded sections (absent: 1, acquire_refocus.config)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.pt"
 
 
@@ -73,10 +74,12 @@ def checkpoint_payload(
     """The dict written by save_weights (training adds optimizer state to it)."""
     config = model_config.model_dump(mode="json")
     config["weights"] = None
-    config["pretrained_encoder"] = None  # the encoder weights are inside the state dict now
+    if "pretrained_encoder" in config:
+        config["pretrained_encoder"] = None  # the encoder weights are inside the state dict now
     return {
         "format": FORMAT_MARKER,
         "version": FORMAT_VERSION,
+        CONFIG_VERSION_KEY: CONFIG_VERSION,
         "model_config": config,
         "optics": optics.model_dump(mode="json"),
         "pixel_size_um": float(optics.pixel_size_um),
@@ -184,12 +187,18 @@ def _verify_tensors(path: Path, payload: dict[str, Any]) -> None:
         )
 
 
+def payload_model_config(payload: dict[str, Any]) -> ModelConfig:
+    """The model section a weights file or checkpoint embeds, of the schema version it was written with. Raises
+    pydantic's ValidationError, or KeyError where there is none."""
+    return parse_model_section(payload["model_config"], int(payload.get(CONFIG_VERSION_KEY, 1)))
+
+
 def load_weights(path: str | Path | None = None) -> LoadedModel:
     """Load a weights file (None: the shipped default model) into an eval-mode CPU network."""
     path = DEFAULT_WEIGHTS if path is None else Path(path)
     payload, sha256 = read_payload(path)
     try:
-        model_config = ModelConfig.model_validate(payload["model_config"])
+        model_config = payload_model_config(payload)
         optics = OpticsConfig.model_validate(payload["optics"])
         normalization = NormalizationParams.from_dict(payload["normalization"])
     except (ValidationError, KeyError, TypeError, ValueError) as exc:

@@ -18,16 +18,24 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
-from acquire_refocus.config import AppConfig, OpticsConfig, RandomizationConfig, SimulatorConfig
+from acquire_refocus.config import (
+    AppConfig,
+    OpticsConfig,
+    RandomizationConfig,
+    SimulatedTrainingConfig,
+    SimulatorConfig,
+    StoredTrainingConfig,
+)
 from acquire_refocus.errors import ConfigError
 from acquire_refocus.logs import kv
 from acquire_refocus.model.normalization import NormalizationParams, frame_scale, normalize
 
 if TYPE_CHECKING:
+    from acquire_refocus.datasets.zstack import ZStackDataset
     from acquire_refocus.sim.microscope import SimulatedMicroscope
 
 log = logging.getLogger(__name__)
@@ -84,7 +92,7 @@ class WindowSource(Protocol):
 def simulated_fields(count: int, seed_base: int, field_size_um: tuple[float, float]) -> list[Field]:
     """`count` fields: FIELDS_PER_SPECIMEN stage positions on a grid over each specimen, specimen seeds from
     `seed_base`, ordered by specimen so a pass over them builds each specimen once."""
-    per_axis = int(math.ceil(math.sqrt(FIELDS_PER_SPECIMEN)))
+    per_axis = math.ceil(math.sqrt(FIELDS_PER_SPECIMEN))
     fields = []
     for index in range(count):
         specimen, position = divmod(index, FIELDS_PER_SPECIMEN)
@@ -254,7 +262,7 @@ class RandomizedWindows:
 class StoredWindows:
     """Fields of a stored z-stack dataset (simulated or BBBC006-style), a subset chosen by field name."""
 
-    def __init__(self, dataset, names: Sequence[str], defocus_range_um: tuple[float, float]) -> None:
+    def __init__(self, dataset: ZStackDataset, names: Sequence[str], defocus_range_um: tuple[float, float]) -> None:
         self.dataset = dataset
         by_name = {name: index for index, name in enumerate(dataset.field_names)}
         self.indices = [by_name[name] for name in names]
@@ -288,7 +296,7 @@ def split_field_names(names: Sequence[str], validation_fraction: float, seed: in
         return hashlib.sha256(f"{seed}:{site}".encode()).hexdigest()
 
     sites = sorted({_site(name) for name in names}, key=rank)
-    count = max(1, int(round(len(sites) * validation_fraction))) if len(sites) > 1 else 0
+    count = max(1, round(len(sites) * validation_fraction)) if len(sites) > 1 else 0
     held_out = set(sites[:count])
     return sorted(n for n in names if _site(n) not in held_out), sorted(n for n in names if _site(n) in held_out)
 
@@ -389,9 +397,19 @@ def fixed_batch(windows: Sequence[Window], patch_px: int, normalization: Normali
     return PatchBatch(np.stack(inputs)[:, None], np.stack(targets)[:, None], np.asarray(defocus, dtype=np.float32))
 
 
+_TrainingT = TypeVar("_TrainingT", SimulatedTrainingConfig, StoredTrainingConfig)
+
+
+def _training(config: AppConfig, kind: type[_TrainingT]) -> _TrainingT:
+    """The training section, of the data source a function reads."""
+    if not isinstance(config.training, kind):
+        raise ConfigError(f"training.data is {config.training.data!r}, not {kind.model_fields['data'].default!r}")
+    return config.training
+
+
 def simulated_sources(config: AppConfig, window_px: int) -> tuple[SimulatedWindows, list[Window]]:
     """Training window source and fixed validation windows (evenly spaced defocus) from disjoint specimens."""
-    training = config.training
+    training = _training(config, SimulatedTrainingConfig)
     _check_defocus_range(config)
     field_size = config.simulator.specimen.field_size_um
     train = SimulatedWindows(
@@ -433,7 +451,7 @@ def _validation_windows(
 def randomized_sources(config: AppConfig, window_px: int) -> tuple[RandomizedWindows, list[Window]]:
     """Training source and fixed validation windows (evenly spaced defocus, one drawn camera each) from disjoint
     specimen seeds of the domain-randomised envelope `training.randomization`."""
-    training = config.training
+    training = _training(config, SimulatedTrainingConfig)
     envelope = training.randomization
     if envelope is None:
         raise ConfigError("training.randomization is not set")
@@ -472,11 +490,9 @@ def _check_defocus_range(config: AppConfig) -> None:
 
 def stored_sources(config: AppConfig) -> tuple[StoredWindows, list[Window]]:
     """Training source and validation windows from training.dataset_dir, split by field name."""
-    from acquire_refocus.sim.dataset import read_zstack_folders
+    from acquire_refocus.datasets.zstack import read_zstack_folders
 
-    training = config.training
-    if training.dataset_dir is None:
-        raise ConfigError("training.data is 'stored' but training.dataset_dir is not set")
+    training = _training(config, StoredTrainingConfig)
     dataset = read_zstack_folders(
         training.dataset_dir,
         training.in_focus_index,

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from pytorch_msssim import ms_ssim, ssim
 from torch import nn
+from torch.nn import functional
 
 from acquire_refocus.config import LossConfig
 from acquire_refocus.errors import ConfigError
@@ -38,10 +38,12 @@ def structural_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
             levels = 5 if win_size == 11 else 3
             weights = list(_MS_SSIM_WEIGHTS[:levels])
             total = sum(weights)
-            return 1.0 - ms_ssim(
+            similarity: torch.Tensor = ms_ssim(  # pytorch_msssim is untyped
                 prediction, target, data_range=1.0, win_size=win_size, weights=[w / total for w in weights]
             )
-    return 1.0 - ssim(prediction, target, data_range=1.0, win_size=7)
+            return 1.0 - similarity
+    similarity = ssim(prediction, target, data_range=1.0, win_size=7)
+    return 1.0 - similarity
 
 
 def defocus_loss(focus: torch.Tensor, defocus_um: torch.Tensor, huber_delta_um: float) -> torch.Tensor:
@@ -54,11 +56,11 @@ def defocus_loss(focus: torch.Tensor, defocus_um: torch.Tensor, huber_delta_um: 
     """
     estimate_um = focus[:, 0]
     log_sigma_um = focus[:, 1].clamp(-6.0, 6.0)
-    loss = F.huber_loss(estimate_um, defocus_um, delta=huber_delta_um)
+    loss = functional.huber_loss(estimate_um, defocus_um, delta=huber_delta_um)
     if focus.shape[1] >= 4:
-        loss = loss + F.huber_loss(focus[:, 2], defocus_um.abs(), delta=huber_delta_um)
+        loss = loss + functional.huber_loss(focus[:, 2], defocus_um.abs(), delta=huber_delta_um)
         sign_weight = defocus_um.abs().clamp(max=1.0)
-        loss = loss + DEFOCUS_SIGN_WEIGHT * F.binary_cross_entropy_with_logits(
+        loss = loss + DEFOCUS_SIGN_WEIGHT * functional.binary_cross_entropy_with_logits(
             focus[:, 3], (defocus_um > 0).to(focus.dtype), weight=sign_weight
         )
     error = estimate_um.detach() - defocus_um
@@ -68,6 +70,9 @@ def defocus_loss(focus: torch.Tensor, defocus_um: torch.Tensor, huber_delta_um: 
 
 class VGG16Features(nn.Module):
     """VGG-16 `features` built locally with torchvision's indices, loaded from a local state dict file."""
+
+    mean: torch.Tensor  # ImageNet normalisation (registered buffers)
+    std: torch.Tensor
 
     def __init__(self, weights_path: Path) -> None:
         super().__init__()
@@ -145,9 +150,9 @@ class RefocusLoss(nn.Module):
     def _image_terms(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         if self.config.l1_weight > 0:
-            terms["l1"] = self.config.l1_weight * F.l1_loss(prediction, target)
+            terms["l1"] = self.config.l1_weight * functional.l1_loss(prediction, target)
         if self.config.l2_weight > 0:
-            terms["l2"] = self.config.l2_weight * F.mse_loss(prediction, target)
+            terms["l2"] = self.config.l2_weight * functional.mse_loss(prediction, target)
         if self.config.ms_ssim_weight > 0:
             terms["ms_ssim"] = self.config.ms_ssim_weight * structural_loss(prediction, target)
         if self.features is not None:
@@ -155,11 +160,13 @@ class RefocusLoss(nn.Module):
             target_taps = self.features(target)
             if self.config.perceptual_weight > 0:
                 terms["perceptual"] = self.config.perceptual_weight * sum(
-                    F.l1_loss(p, t) for p, t in zip(predicted_taps, target_taps)
+                    (functional.l1_loss(p, t) for p, t in zip(predicted_taps, target_taps, strict=True)),
+                    prediction.new_zeros(()),
                 )
             if self.config.gram_weight > 0:
                 terms["gram"] = self.config.gram_weight * sum(
-                    F.l1_loss(_gram(p), _gram(t)) for p, t in zip(predicted_taps, target_taps)
+                    (functional.l1_loss(_gram(p), _gram(t)) for p, t in zip(predicted_taps, target_taps, strict=True)),
+                    prediction.new_zeros(()),
                 )
         return terms
 
@@ -172,8 +179,8 @@ class RefocusLoss(nn.Module):
             coarse_total = torch.zeros((), device=target.device)
             for output in outputs[:-1]:
                 factor = target.shape[-1] // output.shape[-1]
-                coarse_target = F.avg_pool2d(target, factor)
-                coarse_total = coarse_total + F.l1_loss(output, coarse_target)
+                coarse_target = functional.avg_pool2d(target, factor)
+                coarse_total = coarse_total + functional.l1_loss(output, coarse_target)
                 if min(output.shape[-2:]) >= 16 and self.config.ms_ssim_weight > 0:
                     coarse_total = coarse_total + self.config.ms_ssim_weight * structural_loss(output, coarse_target)
             terms["multiscale"] = self.config.multiscale_weight * coarse_total / (len(outputs) - 1)

@@ -19,13 +19,15 @@ Architectures (ModelConfig.architecture):
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
-from acquire_refocus.config import ModelConfig
+from acquire_refocus.config import ModelConfig, MultiScaleModelConfig, UNetModelConfig
 from acquire_refocus.errors import ConfigError
 
 # The focus head predicts defocus in units of this many um, so its raw outputs stay O(1) during training.
@@ -52,7 +54,7 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 def _upsample2(x: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+    return functional.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
 class FocusHead(nn.Module):
@@ -82,7 +84,7 @@ class FocusHead(nn.Module):
         floor = _POOL_FLOOR * features.shape[2] * features.shape[3]
         pooled = (self.reduce(features) * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + floor)
         raw = self.fc(pooled)
-        magnitude_um = F.softplus(raw[:, 0:1]) * DEFOCUS_SCALE_UM
+        magnitude_um = functional.softplus(raw[:, 0:1]) * DEFOCUS_SCALE_UM
         sign_logit = raw[:, SIGN_LOGIT_ROW : SIGN_LOGIT_ROW + 1]
         defocus_um = magnitude_um * torch.tanh(0.5 * sign_logit)  # = magnitude * (2 P(d > 0) - 1)
         return torch.cat([defocus_um, raw[:, LOG_SIGMA_ROW : LOG_SIGMA_ROW + 1], magnitude_um, sign_logit], dim=1)
@@ -91,12 +93,31 @@ class FocusHead(nn.Module):
         return self.forward_train(features)[:, :3]
 
 
+class RefocusNetwork(nn.Module, ABC):
+    """What training, export and inference use of every architecture (the contract in the module docstring)."""
+
+    focus_head: FocusHead
+    stride: int  # frame sides must be a multiple of this
+
+    @abstractmethod
+    def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Image outputs (coarsest first where there are several) and the focus head's training outputs."""
+
+    @abstractmethod
+    def forward_focus(self, x: torch.Tensor) -> torch.Tensor:
+        """The focus head's training outputs, without running the image decoder where the head does not need it."""
+
+    @abstractmethod
+    def image_decoder(self) -> nn.ModuleList:
+        """The modules that shape the image and nothing the focus head reads (training.train_only: decoder)."""
+
+
 class UNetCore(nn.Module):
     """Encoder-decoder with skip connections; returns (decoder features at full resolution, bottleneck)."""
 
     def __init__(self, in_channels: int, base_channels: int, depth: int, max_channels: int = 256) -> None:
         super().__init__()
-        widths = [min(base_channels * 2**level, max_channels) for level in range(depth + 1)]
+        widths: list[int] = [min(base_channels * 2**level, max_channels) for level in range(depth + 1)]
         self.widths = widths
         self.encoders = nn.ModuleList()
         previous = in_channels
@@ -124,21 +145,22 @@ class UNetCore(nn.Module):
             if level == 0 and inject is not None:
                 x = x + inject
             skips.append(x)
-            x = F.max_pool2d(x, 2)
+            x = functional.max_pool2d(x, 2)
         bottom = self.bottleneck(x)
         x = bottom
-        for decoder, skip in zip(self.decoders, reversed(skips)):
+        for decoder, skip in zip(self.decoders, reversed(skips), strict=True):
             x = decoder(torch.cat([_upsample2(x), skip], dim=1))
         return x, bottom
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The bottleneck alone (what the focus head reads), without the decoder."""
         for encoder in self.encoders:
-            x = F.max_pool2d(encoder(x), 2)
-        return self.bottleneck(x)
+            x = functional.max_pool2d(encoder(x), 2)
+        bottom: torch.Tensor = self.bottleneck(x)
+        return bottom
 
 
-class RefocusUNet(nn.Module):
+class RefocusUNet(RefocusNetwork):
     """The default network: U-Net predicting a residual on the (normalised) input, plus the focus head."""
 
     def __init__(self, base_channels: int = 16, depth: int = 4) -> None:
@@ -165,7 +187,7 @@ class RefocusUNet(nn.Module):
         return nn.ModuleList([self.core.decoders, self.to_image])
 
 
-class MultiScaleUNet(nn.Module):
+class MultiScaleUNet(RefocusNetwork):
     """Head-to-tail multi-scale U-Net: coarse-to-fine, each coarser scale's decoder output feeds the finer
     scale's encoder (by summation after a 1x1 projection, or by concatenation)."""
 
@@ -185,12 +207,12 @@ class MultiScaleUNet(nn.Module):
             core = UNetCore(in_channels, base_channels, depth)
             self.cores.append(core)
             self.to_images.append(nn.Conv2d(core.out_channels, 1, 1))
-        self.focus_head = FocusHead(self.cores[-1].bottleneck_channels)
+        self.focus_head = FocusHead(core.bottleneck_channels)  # the finest scale's
 
     def _pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         levels = [x]
         for _ in range(self.scales - 1):
-            levels.append(F.avg_pool2d(levels[-1], 2))
+            levels.append(functional.avg_pool2d(levels[-1], 2))
         return levels[::-1]  # coarsest first
 
     def _scales(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -223,7 +245,7 @@ class MultiScaleUNet(nn.Module):
 
     def image_decoder(self) -> nn.ModuleList:
         """The finest scale's decoder: every coarser one feeds the encoder the focus head reads."""
-        return nn.ModuleList([self.cores[-1].decoders, self.to_images[-1]])
+        return nn.ModuleList([cast(UNetCore, self.cores[-1]).decoders, self.to_images[-1]])
 
 
 class BasicBlock(nn.Module):
@@ -246,7 +268,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        activated: torch.Tensor = self.relu(out + identity)
+        return activated
 
 
 class ResNet34Encoder(nn.Module):
@@ -307,7 +330,7 @@ class ResNet34Encoder(nn.Module):
         self.load_state_dict(state)
 
 
-class ResNet34UNet(nn.Module):
+class ResNet34UNet(RefocusNetwork):
     """U-Net with a ResNet-34 encoder. The grey input is repeated to the three channels ImageNet weights expect."""
 
     def __init__(self, base_channels: int = 16) -> None:
@@ -318,7 +341,7 @@ class ResNet34UNet(nn.Module):
         dec = [base_channels * 8, base_channels * 4, base_channels * 2, base_channels * 2, base_channels]
         self.decoders = nn.ModuleList()
         previous = enc[4]
-        for skip, width in zip([enc[3], enc[2], enc[1], enc[0]], dec[:4]):
+        for skip, width in zip([enc[3], enc[2], enc[1], enc[0]], dec[:4], strict=True):
             self.decoders.append(_conv_block(previous + skip, width))
             previous = width
         self.full_res = _conv_block(previous + 1, dec[4])
@@ -328,7 +351,7 @@ class ResNet34UNet(nn.Module):
     def _decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(x.expand(-1, 3, -1, -1))
         y = features[4]
-        for decoder, skip in zip(self.decoders, [features[3], features[2], features[1], features[0]]):
+        for decoder, skip in zip(self.decoders, [features[3], features[2], features[1], features[0]], strict=True):
             y = decoder(torch.cat([_upsample2(y), skip], dim=1))
         y = self.full_res(torch.cat([_upsample2(y), x], dim=1))
         return x + self.to_image(y), features[4]
@@ -350,19 +373,17 @@ class ResNet34UNet(nn.Module):
         return nn.ModuleList([self.decoders, self.full_res, self.to_image])
 
 
-def build_network(model_config: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
+def build_network(model_config: ModelConfig, *, load_pretrained: bool = True) -> RefocusNetwork:
     """The network named by `model_config.architecture`, freshly initialised (ImageNet encoder weights only from
     `model_config.pretrained_encoder`, and only when `load_pretrained`)."""
-    if model_config.architecture == "unet":
+    if isinstance(model_config, UNetModelConfig):
         return RefocusUNet(model_config.base_channels, model_config.depth)
-    if model_config.architecture == "multiscale":
+    if isinstance(model_config, MultiScaleModelConfig):
         return MultiScaleUNet(model_config.base_channels, model_config.depth, model_config.scales, model_config.fusion)
-    if model_config.architecture == "resnet34":
-        network = ResNet34UNet(model_config.base_channels)
-        if load_pretrained and model_config.pretrained_encoder is not None:
-            network.encoder.load_pretrained(model_config.pretrained_encoder)
-        return network
-    raise ConfigError(f"model.architecture: unknown architecture {model_config.architecture!r}")
+    network = ResNet34UNet(model_config.base_channels)
+    if load_pretrained and model_config.pretrained_encoder is not None:
+        network.encoder.load_pretrained(model_config.pretrained_encoder)
+    return network
 
 
 def parameter_count(network: nn.Module) -> int:

@@ -17,22 +17,34 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 from tqdm import tqdm
 
-from acquire_refocus.config import AppConfig, ModelConfig, dump_config
+from acquire_refocus.config import AppConfig, ModelConfig, SimulatedTrainingConfig, dump_config, replace
 from acquire_refocus.errors import ConfigError, WeightsError
 from acquire_refocus.logs import kv
 from acquire_refocus.model import data as training_data
-from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS, checkpoint_payload, read_payload, write_payload
+from acquire_refocus.model.checkpoint import (
+    DEFAULT_WEIGHTS,
+    checkpoint_payload,
+    payload_model_config,
+    read_payload,
+    write_payload,
+)
 from acquire_refocus.model.envelope import measured_snr_range
 from acquire_refocus.model.fusion import magnitude_margin_um
 from acquire_refocus.model.losses import RefocusLoss, defocus_loss
-from acquire_refocus.model.network import LOG_SIGMA_ROW, SIGN_LOGIT_ROW, build_network, parameter_count
+from acquire_refocus.model.network import (
+    LOG_SIGMA_ROW,
+    SIGN_LOGIT_ROW,
+    RefocusNetwork,
+    build_network,
+    parameter_count,
+)
 from acquire_refocus.model.normalization import NormalizationParams
 from acquire_refocus.outputs import output_folder
 
@@ -44,6 +56,7 @@ POOL_WINDOWS = 12
 PLANES_PER_WINDOW = 8
 REFRESH_EVERY_STEPS = 12
 SIGN_CALIBRATION_MIN_UM = 1.0
+_WEIGHT_PATHS = frozenset({"weights", "pretrained_encoder"})  # model settings that name files, not the network
 
 
 @dataclass
@@ -93,8 +106,8 @@ def psnr_db(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(data_range.clamp_min(1e-6) ** 2 / mse)
 
 
-def validate(
-    network: torch.nn.Module,
+def validation_metrics(
+    network: RefocusNetwork,
     criterion: RefocusLoss,
     batch: training_data.PatchBatch,
     device: torch.device,
@@ -126,7 +139,7 @@ def validate(
     )
 
 
-def _trained_part(network: torch.nn.Module, train_only: str) -> torch.nn.Module:
+def _trained_part(network: RefocusNetwork, train_only: str) -> torch.nn.Module:
     """The modules `training.train_only` names: the whole network, its focus head, or its image decoder."""
     if train_only == "focus_head":
         return network.focus_head
@@ -135,14 +148,14 @@ def _trained_part(network: torch.nn.Module, train_only: str) -> torch.nn.Module:
     return network
 
 
-def _set_train_mode(network: torch.nn.Module, train_only: str) -> None:
+def _set_train_mode(network: RefocusNetwork, train_only: str) -> None:
     """Training mode for what is trained; a frozen part keeps its batch-norm statistics (eval mode)."""
     network.eval()
     _trained_part(network, train_only).train()
 
 
 def calibrate_focus_head(
-    network: torch.nn.Module, batch: training_data.PatchBatch, device: torch.device, chunk: int = 16
+    network: RefocusNetwork, batch: training_data.PatchBatch, device: torch.device, chunk: int = 16
 ) -> tuple[float, float, float]:
     """Calibrate the focus head on held-out frames (validation specimens), folding both results into its last
     layer:
@@ -172,11 +185,13 @@ def calibrate_focus_head(
     if bool(away.any()):
         target = (defocus_um[away] > 0).to(logit.dtype)
         temperatures = torch.logspace(math.log10(0.25), 3.0, 200)
-        losses = torch.stack([F.binary_cross_entropy_with_logits(logit[away] / t, target) for t in temperatures])
+        losses = torch.stack(
+            [functional.binary_cross_entropy_with_logits(logit[away] / t, target) for t in temperatures]
+        )
         temperature = float(temperatures[int(torch.argmin(losses))])
     estimate_um = magnitude_um * torch.tanh(0.5 * logit / temperature)
     sigma_scale = float(torch.sqrt(((estimate_um - defocus_um) / torch.exp(log_sigma_um)).pow(2).mean()))
-    last = network.focus_head.fc[-1]
+    last = cast(torch.nn.Linear, network.focus_head.fc[-1])  # FocusHead builds it so
     with torch.no_grad():
         last.weight[SIGN_LOGIT_ROW] /= temperature
         last.bias[SIGN_LOGIT_ROW] /= temperature
@@ -184,7 +199,7 @@ def calibrate_focus_head(
     return temperature, sigma_scale, magnitude_margin_um(magnitude_um.tolist(), defocus_um.tolist())
 
 
-def _load_initial_weights(network: torch.nn.Module, path: Path, model_config: ModelConfig) -> dict[str, Any]:
+def _load_initial_weights(network: RefocusNetwork, path: Path, model_config: ModelConfig) -> dict[str, Any]:
     """Start from another run's weights: same architecture settings required; parameters whose shape differs
     (a focus head of another design) keep their fresh initialisation, and the log says which. Returns what the
     new weights' metadata records about where they started."""
@@ -210,26 +225,27 @@ def _resolve_initial_weights(config: AppConfig) -> tuple[AppConfig, Path | None]
     setting = config.training.initial_weights
     if setting != "shipped":
         return config, None if setting is None else Path(setting)
-    shipped = ModelConfig.model_validate(read_payload(DEFAULT_WEIGHTS)[0]["model_config"])
+    shipped = payload_model_config(read_payload(DEFAULT_WEIGHTS)[0])
     given = {
         name: getattr(config.model, name)
         for name in config.model.model_fields_set
-        if name not in ("weights", "weights_per_channel", "pretrained_encoder")
+        if name not in _WEIGHT_PATHS and name != "weights_per_channel"
     }
-    if shipped.model_copy(update=given) != shipped:
+    shipped_settings = shipped.model_dump(exclude={*_WEIGHT_PATHS, "weights_per_channel"})
+    if type(config.model) is not type(shipped) or any(shipped_settings[k] != v for k, v in given.items()):
         log.info(
             kv(
                 "initial_weights_fresh",
                 reason="the model section differs from the shipped model's architecture",
                 given=",".join(f"{name}:{value}" for name, value in sorted(given.items())),
-                shipped=shipped.model_dump_json(exclude={"weights", "weights_per_channel", "pretrained_encoder"}),
+                shipped=shipped.model_dump_json(exclude={*_WEIGHT_PATHS, "weights_per_channel"}),
             )
         )
         return config, None
-    model = shipped.model_copy(
-        update={"weights": config.model.weights, "pretrained_encoder": config.model.pretrained_encoder}
+    model = replace(
+        shipped, **{name: getattr(config.model, name) for name in config.model.model_fields_set & _WEIGHT_PATHS}
     )
-    return config.model_copy(update={"model": model}), DEFAULT_WEIGHTS
+    return replace(config, model=model), DEFAULT_WEIGHTS
 
 
 def _seed_everything(seed: int) -> None:
@@ -248,135 +264,244 @@ def _resume_state(path: Path, model_config: ModelConfig) -> dict[str, Any]:
 
 def _require_same_model(payload: dict[str, Any], model_config: ModelConfig, source: str) -> None:
     """ConfigError unless the file's network settings are the config's (files store them without weight paths)."""
-    saved = ModelConfig.model_validate(payload["model_config"])
-    current = model_config.model_copy(update={"weights": None, "pretrained_encoder": None})
+    saved = payload_model_config(payload).model_dump(mode="json", exclude=set(_WEIGHT_PATHS))
+    current = model_config.model_dump(mode="json", exclude=set(_WEIGHT_PATHS))
     if saved != current:
-        raise ConfigError(
-            f"{source}: was trained with model settings {saved.model_dump(mode='json')}, "
-            f"the config asks for {current.model_dump(mode='json')}"
-        )
+        raise ConfigError(f"{source}: was trained with model settings {saved}, the config asks for {current}")
 
 
-def train(
-    config: AppConfig,
-    out_dir: Path | None = None,
-    steps: int | None = None,
-    resume: Path | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Train per `config` (model, loss, training, optics, simulator sections) and write the run folder."""
-    config, start_from = _resolve_initial_weights(config)
+@dataclass
+class _TrainingData:
+    """The training source, the fixed validation windows, and what the weights' metadata says about them."""
+
+    source: training_data.WindowSource
+    validation_windows: list[training_data.Window]
+    description: dict[str, Any]
+
+
+def _training_data(config: AppConfig, patch_px: int) -> _TrainingData:
+    """The data `training.data` names: simulated (with or without domain randomisation) or stored."""
     training = config.training
-    total_steps = int(steps if steps is not None else training.steps)
-    out_dir = (
-        output_folder(out_dir, "--out")
-        if out_dir is not None
-        else output_folder(training.checkpoint_dir, "training.checkpoint_dir")
-    )
-    (out_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-    if training.num_threads is not None:
-        torch.set_num_threads(training.num_threads)
-    device = pick_device(training.device)
-    _seed_everything(training.seed)
-
-    network = build_network(config.model).to(device)
-    initial_weights = None
-    if start_from is not None:
-        initial_weights = _load_initial_weights(network, start_from, config.model)
-    head_only = training.train_only == "focus_head"
-    if training.train_only != "all":
-        network.requires_grad_(False)
-        _trained_part(network, training.train_only).requires_grad_(True)
-    criterion = RefocusLoss(config.loss).to(device)
-    trainable = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=1e-4)
-    normalization = NormalizationParams()
-    start_step = 0
-    history: list[ValidationResult] = []
-    previous_wall_s = 0.0
-    if resume is not None:
-        state = _resume_state(Path(resume), config.model)
-        network.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
-        previous_wall_s = float(state.get("metadata", {}).get("training", {}).get("wall_time_s", 0.0))
-        history = [ValidationResult(**row) for row in state.get("history", [])]
-        log.info(kv("training_resumed", checkpoint=resume, step=start_step))
-
-    patch_px = training.patch_size_px
-    if training.data == "simulated" and training.randomization is not None:
-        source, validation_windows = training_data.randomized_sources(config, window_px=2 * patch_px)
-        source.planes_per_window = PLANES_PER_WINDOW
-        data_description = {
-            "source": "simulated, domain-randomised",
-            "train_specimen_seeds": [source.seeds[0], source.seeds[-1]],
-            "train_fields": len(source.fields),
-            "families": sorted({draw.family for draw in source.draws.values()}),
-            "envelope": training.randomization.model_dump(mode="json"),
-            "optics_variants": [o.model_dump(mode="json") for o in source.optics_variants],
-        }
-    elif training.data == "simulated":
-        source, validation_windows = training_data.simulated_sources(config, window_px=2 * patch_px)
-        source.planes_per_window = PLANES_PER_WINDOW
-        data_description = {
-            "source": "simulated",
-            "train_specimen_seeds": sorted({f.seed for f in source.fields}),
-            "train_fields": len(source.fields),
-            "validation_specimen_seeds": sorted(
-                {
-                    training_data.VALIDATION_SEED_BASE + i
-                    for i in range(math.ceil(training.validation_fields / training_data.FIELDS_PER_SPECIMEN))
-                }
-            ),
-        }
-    else:
-        source, validation_windows = training_data.stored_sources(config)
-        data_description = {"source": "stored", "dataset_dir": str(training.dataset_dir)}
-    validation_batch = training_data.fixed_batch(validation_windows, patch_px, normalization)
-    # what brightness the model sees in training, so frames far outside it are flagged (model/envelope.py)
-    snr_range = measured_snr_range([plane for window in validation_windows for plane in window.planes])
-    # A data stream that continues differently after a resume, but reproducibly for a given (seed, step).
-    rng = np.random.default_rng(np.random.SeedSequence([training.seed, start_step]))
-    pool = training_data.PatchPool(source, POOL_WINDOWS, patch_px, normalization, rng)
-
-    log.info(
-        kv(
-            "training_started",
-            architecture=config.model.architecture,
-            parameters=parameter_count(network),
-            device=device,
-            steps=total_steps,
-            start_step=start_step,
-            patch_px=patch_px,
-            batch=training.batch_size,
-            threads=torch.get_num_threads(),
-            out=out_dir,
+    if isinstance(training, SimulatedTrainingConfig) and training.randomization is not None:
+        randomized, validation_windows = training_data.randomized_sources(config, window_px=2 * patch_px)
+        randomized.planes_per_window = PLANES_PER_WINDOW
+        return _TrainingData(
+            randomized,
+            validation_windows,
+            {
+                "source": "simulated, domain-randomised",
+                "train_specimen_seeds": [randomized.seeds[0], randomized.seeds[-1]],
+                "train_fields": len(randomized.fields),
+                "families": sorted({draw.family for draw in randomized.draws.values()}),
+                "envelope": training.randomization.model_dump(mode="json"),
+                "optics_variants": [o.model_dump(mode="json") for o in randomized.optics_variants],
+            },
         )
-    )
-    checkpoint_path = out_dir / "checkpoint.pt"
-    weights_path = out_dir / "weights.pt"
-    history_path = out_dir / "history.csv"
-    started = time.monotonic()
+    if isinstance(training, SimulatedTrainingConfig):
+        simulated, validation_windows = training_data.simulated_sources(config, window_px=2 * patch_px)
+        simulated.planes_per_window = PLANES_PER_WINDOW
+        validation_specimens = math.ceil(training.validation_fields / training_data.FIELDS_PER_SPECIMEN)
+        return _TrainingData(
+            simulated,
+            validation_windows,
+            {
+                "source": "simulated",
+                "train_specimen_seeds": sorted({f.seed for f in simulated.fields}),
+                "train_fields": len(simulated.fields),
+                "validation_specimen_seeds": sorted(
+                    {training_data.VALIDATION_SEED_BASE + i for i in range(validation_specimens)}
+                ),
+            },
+        )
+    stored, validation_windows = training_data.stored_sources(config)
+    return _TrainingData(stored, validation_windows, {"source": "stored", "dataset_dir": str(training.dataset_dir)})
 
-    def metadata(step: int) -> dict[str, Any]:
-        last = history[-1] if history else None
+
+def _write_history(path: Path, history: list[ValidationResult]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "loss", "psnr_input_db", "psnr_output_db", "psnr_gain_db", "defocus_mae_um"])
+        for row in history:
+            writer.writerow(
+                [
+                    row.step,
+                    f"{row.loss:.5f}",
+                    f"{row.psnr_input_db:.3f}",
+                    f"{row.psnr_output_db:.3f}",
+                    f"{row.psnr_gain_db:.3f}",
+                    f"{row.defocus_mae_um:.3f}",
+                ]
+            )
+
+
+class Trainer:
+    """One training run: built from the config (and a checkpoint to resume), advanced by `step`, validated by
+    `validate` (history.csv and checkpoint.pt), written by `finish` (weights.pt). `run` is the loop that `train`
+    runs: its learning-rate schedule follows steps or wall time, whichever is further along."""
+
+    def __init__(
+        self, config: AppConfig, out_dir: Path | None = None, steps: int | None = None, resume: Path | None = None
+    ) -> None:
+        config, start_from = _resolve_initial_weights(config)
+        self.config = config
+        training = config.training
+        self.total_steps = int(steps if steps is not None else training.steps)
+        self.out_dir = (
+            output_folder(out_dir, "--out")
+            if out_dir is not None
+            else output_folder(training.checkpoint_dir, "training.checkpoint_dir")
+        )
+        (self.out_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+        if training.num_threads is not None:
+            torch.set_num_threads(training.num_threads)
+        self.device = pick_device(training.device)
+        _seed_everything(training.seed)
+
+        self.network = build_network(config.model).to(self.device)
+        self.initial_weights = None
+        if start_from is not None:
+            self.initial_weights = _load_initial_weights(self.network, start_from, config.model)
+        if training.train_only != "all":
+            self.network.requires_grad_(False)
+            _trained_part(self.network, training.train_only).requires_grad_(True)
+        self.criterion = RefocusLoss(config.loss).to(self.device)
+        self.trainable = [p for p in self.network.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=training.learning_rate, weight_decay=1e-4)
+        self.normalization = NormalizationParams()
+        self.start_step = 0
+        self.history: list[ValidationResult] = []
+        self.previous_wall_s = 0.0
+        if resume is not None:
+            state = _resume_state(Path(resume), config.model)
+            self.network.load_state_dict(state["state_dict"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.start_step = int(state["step"])
+            self.previous_wall_s = float(state.get("metadata", {}).get("training", {}).get("wall_time_s", 0.0))
+            self.history = [ValidationResult(**row) for row in state.get("history", [])]
+            log.info(kv("training_resumed", checkpoint=resume, step=self.start_step))
+        self.done = self.start_step
+
+        patch_px = training.patch_size_px
+        self.data = _training_data(config, patch_px)
+        self.validation_batch = training_data.fixed_batch(self.data.validation_windows, patch_px, self.normalization)
+        # what brightness the model sees in training, so frames far outside it are flagged (model/envelope.py)
+        planes = [plane for window in self.data.validation_windows for plane in window.planes]
+        self.snr_range = measured_snr_range(planes)
+        # A data stream that continues differently after a resume, but reproducibly for a given (seed, step).
+        rng = np.random.default_rng(np.random.SeedSequence([training.seed, self.start_step]))
+        self.pool = training_data.PatchPool(self.data.source, POOL_WINDOWS, patch_px, self.normalization, rng)
+        self.running: dict[str, float] = {}  # exponential moving averages of the training loss terms
+
+        log.info(
+            kv(
+                "training_started",
+                architecture=config.model.architecture,
+                parameters=parameter_count(self.network),
+                device=self.device,
+                steps=self.total_steps,
+                start_step=self.start_step,
+                patch_px=patch_px,
+                batch=training.batch_size,
+                threads=torch.get_num_threads(),
+                out=self.out_dir,
+            )
+        )
+        self.checkpoint_path = self.out_dir / "checkpoint.pt"
+        self.weights_path = self.out_dir / "weights.pt"
+        self.history_path = self.out_dir / "history.csv"
+        self.started = time.monotonic()
+        _set_train_mode(self.network, training.train_only)
+
+    def elapsed_s(self) -> float:
+        """Training wall time, the resumed run's included."""
+        return self.previous_wall_s + time.monotonic() - self.started
+
+    def progress(self, step: int) -> float:
+        """Fraction of training done at `step`: by steps, or by wall time where that is further along."""
+        max_wall_time_min = self.config.training.max_wall_time_min
+        by_steps = step / self.total_steps
+        return by_steps if max_wall_time_min is None else max(by_steps, self.elapsed_s() / (max_wall_time_min * 60.0))
+
+    def step(self, step: int, progress: float) -> None:
+        """One optimisation step on a fresh batch (`step` counts from 0; `progress` sets the learning rate)."""
+        training, loss = self.config.training, self.config.loss
+        if step > self.start_step and step % REFRESH_EVERY_STEPS == 0:
+            self.pool.refresh()
+        batch = self.pool.batch(training.batch_size)
+        x = torch.from_numpy(batch.inputs).to(self.device)
+        y = torch.from_numpy(batch.targets).to(self.device)
+        d = torch.from_numpy(batch.defocus_um).to(self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(progress, training.learning_rate)
+        if training.train_only == "focus_head":  # the image loss cannot change: skip the decoder, train the focus
+            total = defocus_loss(self.network.forward_focus(x), d, loss.defocus_huber_delta_um)
+            parts: dict[str, float] = {}
+        else:
+            outputs, focus = self.network.forward_train(x)
+            terms = self.criterion(outputs, focus, y, d)
+            total, parts = terms.total, terms.parts
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+        torch.nn.utils.clip_grad_norm_(self.trainable, 5.0)
+        self.optimizer.step()
+        for name, value in {"loss": float(total.detach()), **parts}.items():
+            self.running[name] = value if name not in self.running else 0.95 * self.running[name] + 0.05 * value
+        self.done = step + 1
+
+    def validate(self) -> ValidationResult:
+        """Validate after the steps done: a row of history.csv, a log line, and checkpoint.pt."""
+        training = self.config.training
+        result = validation_metrics(
+            self.network,
+            self.criterion,
+            self.validation_batch,
+            self.device,
+            self.done,
+            train_mode=training.train_only,
+        )
+        self.history.append(result)
+        _write_history(self.history_path, self.history)
+        log.info(
+            kv(
+                "validation",
+                step=self.done,
+                loss=f"{result.loss:.4f}",
+                psnr_gain_db=f"{result.psnr_gain_db:.2f}",
+                defocus_mae_um=f"{result.defocus_mae_um:.2f}",
+                train_loss=f"{self.running.get('loss', float('nan')):.4f}",
+                elapsed_s=round(time.monotonic() - self.started),
+            )
+        )
+        payload = checkpoint_payload(
+            self.network, self.config.model, self.config.optics, self.metadata(), self.normalization
+        )
+        payload["optimizer"] = self.optimizer.state_dict()
+        payload["step"] = self.done
+        payload["history"] = [vars(row) for row in self.history]
+        write_payload(self.checkpoint_path, payload)
+        return result
+
+    def metadata(self) -> dict[str, Any]:
+        """What the weights record about their training, after the steps done."""
+        training = self.config.training
+        last = self.history[-1] if self.history else None
         return {
             "training": {
-                "steps": step,
+                "steps": self.done,
                 "batch_size": training.batch_size,
-                "patch_size_px": patch_px,
+                "patch_size_px": training.patch_size_px,
                 "learning_rate": training.learning_rate,
                 "defocus_range_um": list(training.defocus_range_um),
                 "seed": training.seed,
-                "device": str(device),
+                "device": str(self.device),
                 "threads": torch.get_num_threads(),
-                "wall_time_s": round(previous_wall_s + time.monotonic() - started, 1),
-                "parameters": parameter_count(network),
-                "data": data_description,
-                "loss": config.loss.model_dump(mode="json"),
+                "wall_time_s": round(self.elapsed_s(), 1),
+                "parameters": parameter_count(self.network),
+                "data": self.data.description,
+                "loss": self.config.loss.model_dump(mode="json"),
                 "train_only": training.train_only,
-                "envelope_snr_range": [round(snr_range[0], 2), round(snr_range[1], 2)],
-                "initial_weights": initial_weights,
+                "envelope_snr_range": [round(self.snr_range[0], 2), round(self.snr_range[1], 2)],
+                "initial_weights": self.initial_weights,
                 "validation": None
                 if last is None
                 else {
@@ -388,104 +513,67 @@ def train(
             }
         }
 
-    def save(step: int) -> None:
-        payload = checkpoint_payload(network, config.model, config.optics, metadata(step), normalization)
-        payload["optimizer"] = optimizer.state_dict()
-        payload["step"] = step
-        payload["history"] = [vars(row) for row in history]
-        write_payload(checkpoint_path, payload)
-
-    def run_validation(step: int) -> None:
-        result = validate(network, criterion, validation_batch, device, step, train_mode=training.train_only)
-        history.append(result)
-        with history_path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["step", "loss", "psnr_input_db", "psnr_output_db", "psnr_gain_db", "defocus_mae_um"])
-            for row in history:
-                writer.writerow(
-                    [
-                        row.step,
-                        f"{row.loss:.5f}",
-                        f"{row.psnr_input_db:.3f}",
-                        f"{row.psnr_output_db:.3f}",
-                        f"{row.psnr_gain_db:.3f}",
-                        f"{row.defocus_mae_um:.3f}",
-                    ]
-                )
-        log.info(
-            kv(
-                "validation",
-                step=step,
-                loss=f"{result.loss:.4f}",
-                psnr_gain_db=f"{result.psnr_gain_db:.2f}",
-                defocus_mae_um=f"{result.defocus_mae_um:.2f}",
-                train_loss=f"{running.get('loss', float('nan')):.4f}",
-                elapsed_s=round(time.monotonic() - started),
-            )
-        )
-        save(step)
-
-    _set_train_mode(network, training.train_only)
-    running: dict[str, float] = {}
-    bar = tqdm(
-        range(start_step, total_steps),
-        initial=start_step,
-        total=total_steps,
-        disable=not progress,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    budget_s = None if training.max_wall_time_min is None else training.max_wall_time_min * 60.0
-    done = start_step
-    for step in bar:
-        elapsed_s = previous_wall_s + time.monotonic() - started
-        progress_fraction = step / total_steps if budget_s is None else max(step / total_steps, elapsed_s / budget_s)
-        if progress_fraction >= 1.0:
+    def finish(self) -> TrainResult:
+        """Validate the last step (unless just done), calibrate a trained focus head, and write weights.pt."""
+        if not self.history or self.history[-1].step != self.done:
+            self.validate()
+        final_metadata = self.metadata()
+        if self.config.training.train_only != "decoder":  # the focus head was trained: calibrate it
+            temperature, sigma_scale, margin_um = calibrate_focus_head(self.network, self.validation_batch, self.device)
+            final_metadata["training"]["focus_calibration"] = {
+                "sign_temperature": round(temperature, 4),
+                "sigma_scale": round(sigma_scale, 4),
+                "magnitude_margin_um": round(margin_um, 3),
+            }
             log.info(
-                kv("training_time_limit", step=step, elapsed_s=round(elapsed_s), limit_min=training.max_wall_time_min)
+                kv("focus_head_calibrated", sign_temperature=f"{temperature:.3g}", sigma_scale=f"{sigma_scale:.3g}")
             )
-            break
-        if step > start_step and step % REFRESH_EVERY_STEPS == 0:
-            pool.refresh()
-        batch = pool.batch(training.batch_size)
-        x = torch.from_numpy(batch.inputs).to(device)
-        y = torch.from_numpy(batch.targets).to(device)
-        d = torch.from_numpy(batch.defocus_um).to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(progress_fraction, training.learning_rate)
-        if head_only:  # the image loss cannot change: skip the decoder and train on the focus loss alone
-            total = defocus_loss(network.forward_focus(x), d, config.loss.defocus_huber_delta_um)
-            parts: dict[str, float] = {}
-        else:
-            outputs, focus = network.forward_train(x)
-            terms = criterion(outputs, focus, y, d)
-            total, parts = terms.total, terms.parts
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 5.0)
-        optimizer.step()
-        for name, value in {"loss": float(total.detach()), **parts}.items():
-            running[name] = value if name not in running else 0.95 * running[name] + 0.05 * value
-        done = step + 1
-        if done % training.validation_every == 0 or done == total_steps:
-            run_validation(done)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
-    bar.close()
-    if not history or history[-1].step != done:
-        run_validation(done)
+        final_payload = checkpoint_payload(
+            self.network, self.config.model, self.config.optics, final_metadata, self.normalization
+        )
+        write_payload(self.weights_path, final_payload)
+        wall_s = self.elapsed_s()
+        log.info(kv("training_finished", steps=self.done, wall_time_s=round(wall_s, 1), weights=self.weights_path))
+        return TrainResult(self.weights_path, self.checkpoint_path, self.done, wall_s, self.history)
 
-    final_metadata = metadata(done)
-    if training.train_only != "decoder":  # the focus head was trained: calibrate it on validation specimens
-        temperature, sigma_scale, margin_um = calibrate_focus_head(network, validation_batch, device)
-        final_metadata["training"]["focus_calibration"] = {
-            "sign_temperature": round(temperature, 4),
-            "sigma_scale": round(sigma_scale, 4),
-            "magnitude_margin_um": round(margin_um, 3),
-        }
-        log.info(kv("focus_head_calibrated", sign_temperature=f"{temperature:.3g}", sigma_scale=f"{sigma_scale:.3g}"))
-    final_payload = checkpoint_payload(network, config.model, config.optics, final_metadata, normalization)
-    write_payload(weights_path, final_payload)
-    wall = previous_wall_s + time.monotonic() - started
-    log.info(kv("training_finished", steps=done, wall_time_s=round(wall, 1), weights=weights_path))
-    return TrainResult(weights_path, checkpoint_path, done, wall, history)
+    def run(self, progress: bool = True) -> TrainResult:
+        """Step up to the total (or the time limit), validating every `validation_every` steps, then finish."""
+        training = self.config.training
+        bar = tqdm(
+            range(self.start_step, self.total_steps),
+            initial=self.start_step,
+            total=self.total_steps,
+            disable=not progress,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        for step in bar:
+            fraction = self.progress(step)
+            if fraction >= 1.0:
+                log.info(
+                    kv(
+                        "training_time_limit",
+                        step=step,
+                        elapsed_s=round(self.elapsed_s()),
+                        limit_min=training.max_wall_time_min,
+                    )
+                )
+                break
+            self.step(step, fraction)
+            if self.done % training.validation_every == 0 or self.done == self.total_steps:
+                self.validate()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in self.running.items()}, refresh=False)
+        bar.close()
+        return self.finish()
+
+
+def train(
+    config: AppConfig,
+    out_dir: Path | None = None,
+    steps: int | None = None,
+    resume: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train per `config` (model, loss, training, optics, simulator sections) and write the run folder."""
+    return Trainer(config, out_dir, steps, resume).run(progress)
