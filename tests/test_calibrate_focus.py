@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import SMALL_FIELD_SIMULATOR
+from support import SMALL_FIELD_SIMULATOR
 
 from acquire_refocus.cli import main
 from acquire_refocus.config import parse_config
@@ -54,7 +54,7 @@ def test_a_simulated_dataset_gives_the_width_and_where_the_sharpest_plane_lies(
 def test_a_multi_page_tiff_gives_the_same_fit_as_its_plane_folders(
     simulated_stacks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from acquire_refocus.sim.dataset import read_zstack_folders
+    from acquire_refocus.datasets.zstack import read_zstack_folders
 
     field = read_zstack_folders(simulated_stacks)[0]
     stack = tmp_path / "stack.tif"
@@ -71,7 +71,7 @@ def test_a_stack_taken_from_the_top_down_is_read_with_z_order_decreasing(
 ) -> None:
     """The same planes stored in the opposite order, with the in-focus plane given by its index in that order
     (off-centre, so a wrong mapping shows): the same peak and width as the plane folders."""
-    from acquire_refocus.sim.dataset import read_zstack_folders
+    from acquire_refocus.datasets.zstack import read_zstack_folders
 
     field = read_zstack_folders(simulated_stacks)[0]
     stack = tmp_path / "stack.tif"

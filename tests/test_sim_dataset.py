@@ -11,8 +11,9 @@ import tifffile
 
 from acquire_refocus import cli
 from acquire_refocus.config import AppConfig, parse_config
+from acquire_refocus.datasets.zstack import field_key, read_zstack_folders
 from acquire_refocus.errors import InputError
-from acquire_refocus.sim.dataset import field_key, read_zstack_folders, write_simulated_dataset
+from acquire_refocus.sim.dataset import write_simulated_dataset
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
@@ -254,13 +255,13 @@ def test_simulated_dataset_refuses_conflicting_geometry(simulated: Path) -> None
     assert read_zstack_folders(simulated, in_focus_index=1).in_focus_index == 1
     with pytest.raises(InputError, match=r"in_focus_index 2 \(recorded: 1\).*Leave them unset"):
         read_zstack_folders(simulated, in_focus_index=2)
-    with pytest.raises(InputError, match="pixel_size_um 1.0"):
+    with pytest.raises(InputError, match=r"pixel_size_um 1\.0"):
         read_zstack_folders(simulated, pixel_size_um=1.0)
 
 
 def test_damaged_manifest(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").write_text("{not json")
-    with pytest.raises(InputError, match="dataset.json: not valid JSON"):
+    with pytest.raises(InputError, match=r"dataset\.json: not valid JSON"):
         read_zstack_folders(tmp_path)
     (tmp_path / "dataset.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(InputError, match="not an acquire-refocus z-stack dataset"):

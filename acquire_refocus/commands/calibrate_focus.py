@@ -148,7 +148,7 @@ def _read_tiff_stack(path: Path) -> np.ndarray:
 
 def read_stacks(args: argparse.Namespace) -> tuple[list[tuple[str, np.ndarray]], np.ndarray, float | None, bool]:
     """(name, planes) per field, plane Z (um; 0 = the labelled focus when `labelled`), pixel size, labelled."""
-    from acquire_refocus.sim.dataset import read_zstack_folders
+    from acquire_refocus.datasets.zstack import read_zstack_folders
 
     if args.stack.is_file():
         if args.z_step_um is None:
