@@ -725,28 +725,28 @@ class Daemon:
         """Acquire in a worker thread so this (main) thread stays free for signals. A run that fails is logged and
         the daemon waits for the next; with `raise_user_errors` (--once) a user mistake is raised instead, for the
         command to report as its error."""
-        outcome: dict[str, Any] = {}
+        outcome: list[RunSummary | BaseException] = []  # the run's summary, or what it raised
 
         def target() -> None:
             try:
-                outcome["summary"] = self.run(sequence, out_dir, run_id)
-            except BaseException as exc:  # reported below, in the main thread
-                outcome["error"] = exc
+                outcome.append(self.run(sequence, out_dir, run_id))
+            except BaseException as exc:  # noqa: BLE001 - whatever ends the run is reported below, in the main thread
+                outcome.append(exc)
 
         thread = threading.Thread(target=target, name="acquisition", daemon=True)
         thread.start()
         while thread.is_alive():
             thread.join(0.2)
-        error = outcome.get("error")
-        if isinstance(error, UserError):
+        result = outcome[0]
+        if isinstance(result, UserError):
             if raise_user_errors:
-                raise error
-            log.error(kv("run_failed", run=run_id, error=str(error)))
+                raise result
+            log.error(kv("run_failed", run=run_id, error=str(result)))
             return None
-        if error is not None:
-            log.error(kv("run_failed", run=run_id, error=f"{type(error).__name__}: {error}"), exc_info=error)
+        if isinstance(result, BaseException):
+            log.error(kv("run_failed", run=run_id, error=f"{type(result).__name__}: {result}"), exc_info=result)
             return None
-        return outcome["summary"]
+        return result
 
     def _install_signal_handlers(self) -> None:
         def handler(signum: int, frame: Any) -> None:

@@ -86,11 +86,15 @@ class FrameResult:
 
 class RefocusOutput(Protocol):
     """What a corrector returns. It may also carry `defocus_magnitude_um` (the unsigned estimate, as Refocuser
-    does); without it, focus.sign_source: probe has nothing to work from and ignores the frame."""
+    does); without it, focus.sign_source: probe has nothing to work from and ignores the frame. Read-only, so
+    that a frozen dataclass (Refocuser's RefocusResult) is one."""
 
-    image: np.ndarray
-    defocus_um: float
-    confidence: float
+    @property
+    def image(self) -> np.ndarray: ...
+    @property
+    def defocus_um(self) -> float: ...
+    @property
+    def confidence(self) -> float: ...
 
 
 class FrameCorrector(Protocol):

@@ -58,7 +58,8 @@ def _print_status(reply: dict[str, Any]) -> None:
         f"state        {reply.get('state')}  (run {reply.get('run') or '-'}, paused: {reply.get('paused')})",
         f"engine       {reply.get('engine')}   backend {reply.get('backend')}",
         f"output       {reply.get('output_dir') or 'not saved'}",
-        "frames       seen {seen}  refocused {refocused}  skipped {skipped}  failed {failed}  paused {paused_frames}".format(
+        "frames       seen {seen}  refocused {refocused}  skipped {skipped}  failed {failed}  "
+        "paused {paused_frames}".format(
             **{k: counts.get(k, 0) for k in ("seen", "refocused", "skipped", "failed", "paused_frames")}
         ),
         f"queue        {counts.get('queue_depth', 0)} / {counts.get('queue_size', '-')}",

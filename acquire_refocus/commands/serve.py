@@ -57,16 +57,17 @@ def run(args: argparse.Namespace) -> int:
     from acquire_refocus.sequence import parse_sequence
 
     config = load_config(args.config)
+    output: Path | None = args.output or config.storage.output_dir
     if args.once:  # check before the (slow) model load
         if config.acquisition.sequence is None:
             raise ConfigError("acquisition.sequence: required with --once (inline, or a YAML/JSON file path)")
         parse_sequence(config.acquisition.sequence)
-        if (args.output or config.storage.output_dir) is not None:  # before the log file goes into it
-            refuse_previous_run(args.output or config.storage.output_dir)
+        if output is not None:  # before the log file goes into it
+            refuse_previous_run(output)
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
     with (
-        log_file(config.log_file, args.output or config.storage.output_dir),
+        log_file(config.log_file, output),
         Daemon(config, output_dir=args.output) as daemon,
     ):
         return daemon.serve(once=args.once)

@@ -121,7 +121,7 @@ class PycromanagerFrameHook:
             view.flags.writeable = False
             self._pipeline.submit(view, info)
             self.frames_submitted += 1
-        except Exception as exc:  # a hook exception would abort pycromanager's acquisition and lose the raw frame
+        except Exception as exc:  # noqa: BLE001 - raised here it would abort pycromanager's acquisition and lose the raw frame
             self.frames_failed += 1
             if self.frames_failed % _LOG_EVERY_FAILURES == 1:
                 log.warning(kv("pycromanager_hook_failed", error=repr(exc), failures=self.frames_failed))
@@ -245,7 +245,7 @@ class FocusOffsetHook:
         )
         try:
             offset_um = float(self._planner(position, z_um - relative_um, t_index))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - raised in a hardware hook it would abort the acquisition; logged
             log.warning(kv("focus_offset_unavailable", position=position, t=t_index, error=repr(exc)))
             offset_um = previous_um
         if not math.isfinite(offset_um):
@@ -305,7 +305,9 @@ def sequence_to_events(
         if mda_event.min_start_time:
             event["min_start_time"] = float(mda_event.min_start_time)
         if mda_event.properties:
-            event["properties"] = [[prop.device_name, prop.property_name, prop.value] for prop in mda_event.properties]
+            event["properties"] = [
+                [prop.device_name, prop.property_name, prop.property_value] for prop in mda_event.properties
+            ]
         yield event
 
 
@@ -355,7 +357,7 @@ def _check_desktop_server(port: int) -> None:
 def _python_backend_active() -> bool:
     from mmpycorex import is_pymmcore_active
 
-    return is_pymmcore_active()
+    return bool(is_pymmcore_active())
 
 
 def run_sequence(

@@ -72,7 +72,7 @@ class PymmcorePlusHook:
         try:
             self._pipeline.submit(image, self.frame_info(event, meta))
             self.frames += 1
-        except Exception as exc:  # the acquisition must not stop because of the correction side
+        except Exception as exc:  # noqa: BLE001 - the acquisition must not stop because of the correction side; logged
             log.error(kv("pymmcore_plus_hook_failed", error=repr(exc)))
 
     def frame_info(self, event: useq.MDAEvent, meta: Mapping[str, Any]) -> FrameInfo:
