@@ -164,7 +164,7 @@ def test_closed_loop_tracks_synthetic_drift() -> None:
     """A drifting focus seen through noisy estimates: the loop keeps the error small; uncorrected it grows."""
     rng = np.random.default_rng(0)
     c = controller(window_frames=3)
-    focus = lambda t: 100.0 + 0.5 * t  # noqa: E731  linear drift, 0.5 um per time point
+    focus = lambda t: 100.0 + 0.5 * t  # noqa: E731 - a one-line truth: linear drift, 0.5 um per time point
     sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 30}, stage_positions=[(0, 0, 100)])
     errors = []
     for event in c.adjust_events(sequence):
@@ -232,7 +232,7 @@ def test_probe_mode_tracks_drift_from_unsigned_estimates(rate_um: float) -> None
     focus, at the cost of one wrong probe."""
     rng = np.random.default_rng(1)
     c = controller(sign_source="probe", window_frames=3, dead_band_um=0.5)
-    focus = lambda t: 100.0 + rate_um * t  # noqa: E731
+    focus = lambda t: 100.0 + rate_um * t  # noqa: E731 - a one-line truth: linear drift
     sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 40}, stage_positions=[(0, 0, 100)])
     errors = []
     for event in c.adjust_events(sequence):
@@ -278,7 +278,7 @@ def test_sharpness_holds_a_drifting_focus_with_no_usable_network_estimate(
     0.64 / 0.83 um RMS for +0.1 / -0.1 um per time point (0.70 / 0.85 um at +-0.2; this field is sharpest 0.7 um
     deeper than its mid-plane, which is most of it)."""
     c = controller(fine_source="sharpness", window_frames=3)
-    focus = lambda t: 100.0 + rate_um * t  # noqa: E731
+    focus = lambda t: 100.0 + rate_um * t  # noqa: E731 - a one-line truth: linear drift
     sequence = useq.MDASequence(time_plan={"interval": 0, "loops": 30}, stage_positions=[(0, 0, 100)])
     errors = []
     for event in c.adjust_events(sequence):
@@ -310,10 +310,10 @@ def test_the_drift_feed_forward_restarts_when_the_fitted_focus_jumps() -> None:
     """Steady drift of 0.2 um per time point is led by 1.5 time points; a 3 um jump of the fitted focus is a step,
     not drift: the rate starts again from it instead of leading the next time points by the jump."""
     c = controller(fine_source="sharpness")  # lead 1.5 time points; a jump is over half of the 4 um range
-    leads = [c._drift_lead_um(0, t, 100.0 + 0.2 * t) for t in range(6)]
+    leads = [c.drift_lead_um(0, t, 100.0 + 0.2 * t) for t in range(6)]
     assert leads[:3] == [0.0, 0.0, 0.0] and leads[3:] == pytest.approx([0.3, 0.3, 0.3])
-    assert c._drift_lead_um(0, 6, 100.0 + 1.2 + 3.0) == 0.0  # the step: no lead from before it
-    assert [c._drift_lead_um(0, t, 104.2 + 0.2 * (t - 6)) for t in range(7, 10)] == pytest.approx([0.0, 0.0, 0.3])
+    assert c.drift_lead_um(0, 6, 100.0 + 1.2 + 3.0) == 0.0  # the step: no lead from before it
+    assert [c.drift_lead_um(0, t, 104.2 + 0.2 * (t - 6)) for t in range(7, 10)] == pytest.approx([0.0, 0.0, 0.3])
 
 
 def test_dither_alternates_in_correct_mode_only_and_respects_the_soft_limits() -> None:

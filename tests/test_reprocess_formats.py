@@ -120,14 +120,14 @@ def test_each_format_on_a_cluster_matches_the_refocuser(
     if fmt == "ome-zarr-v0.4":
         dataset = tmp_path / "image.ome.zarr"
         data.write_ome_zarr_v04(dataset, source)  # one position, chunks of 2 z-planes
-        frames = lambda r: source[r["t"], 0, r["c"], r["z"]]  # noqa: E731
-        groups = lambda r: ("", (r["t"], r["c"], r["z"]))  # noqa: E731
+        frames = lambda r: source[r["t"], 0, r["c"], r["z"]]  # noqa: E731 - one-line accessors chosen per layout
+        groups = lambda r: ("", (r["t"], r["c"], r["z"]))  # noqa: E731 - one-line accessors chosen per layout
         expected_rows = 8
     else:
         dataset = tmp_path / ("acq" if fmt == "ndtiff" else "stack.ome.tif")
         (data.write_ndtiff if fmt == "ndtiff" else data.write_ome_tiff)(dataset, source)
-        frames = lambda r: source[r["t"], r["p"], r["c"], r["z"]]  # noqa: E731
-        groups = lambda r: (str(r["p"]), (r["t"], r["c"], r["z"]))  # noqa: E731
+        frames = lambda r: source[r["t"], r["p"], r["c"], r["z"]]  # noqa: E731 - one-line accessors chosen per layout
+        groups = lambda r: (str(r["p"]), (r["t"], r["c"], r["z"]))  # noqa: E731 - one-line accessors chosen per layout
         expected_rows = 16
     before = tree_digest(dataset)
 

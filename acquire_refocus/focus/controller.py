@@ -372,14 +372,14 @@ class FocusController:
             samples = self._fit_samples(list(self._sharpness_window.get(position, ())))
             fine_z_um = sharpness_focus_z(samples, self.sharpness_width_um, self.sharpness_range_um)
             if near and fine_z_um is not None:
-                return fine_z_um + self._drift_lead_um(position, t_index, fine_z_um), "sharpness"
+                return fine_z_um + self.drift_lead_um(position, t_index, fine_z_um), "sharpness"
         if not window:
             return None
         if cfg.sign_source == "network":
             return network_focus_z(window), "network"
         return self._probe_focus_z(position, window), "probe"
 
-    def _drift_lead_um(self, position: int, t_index: int, fine_z_um: float) -> float:
+    def drift_lead_um(self, position: int, t_index: int, fine_z_um: float) -> float:
         """How far the focus drifts over the sharpness fit's lag: the rate of this position's last fitted focus
         positions (a straight line through up to _DRIFT_FIT_TIME_POINTS of them, from _DRIFT_FIT_MIN on) times
         `sharpness_lead_time_points`. 0 until then, and again after the fitted focus jumps."""

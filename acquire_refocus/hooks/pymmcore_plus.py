@@ -67,7 +67,7 @@ class PymmcorePlusHook:
         self._focus_z_reader = focus_z_reader
         self.frames = 0
 
-    def frameReady(self, image: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]) -> None:  # noqa: N802
+    def frameReady(self, image: np.ndarray, event: useq.MDAEvent, meta: Mapping[str, Any]) -> None:  # noqa: N802 - pymmcore-plus's event name
         """Runs in the acquisition thread: build the FrameInfo and enqueue; never raises."""
         try:
             self._pipeline.submit(image, self.frame_info(event, meta))
