@@ -9,7 +9,8 @@ import torch
 from support import FAST_SIMULATOR
 
 from acquire_refocus.config import parse_config
-from acquire_refocus.model.evaluate import _stage_note, run_evaluation
+from acquire_refocus.model.evaluate import run_evaluation
+from acquire_refocus.model.report import stage_note
 
 
 def test_evaluation_writes_report_csv_and_plots(tmp_path: Path, tiny_weights: Path) -> None:
@@ -70,10 +71,10 @@ def test_the_networks_line_names_every_recorded_training_stage() -> None:
         "initial_weights": {"sha256": "a" * 64, "training": stage1},
     }
     stage3 = {"train_only": "decoder", "initial_weights": {"sha256": "b" * 64, "training": stage2}}
-    note = _stage_note(stage3)
+    note = stage_note(stage3)
     assert note == (
         " (image decoder only), starting from weights sha256 bbbbbbbbbbbbbbbb... trained 3172 steps "
         "(batch 8, 256 px patches) in 12.1 min (focus head only), starting from weights sha256 "
         "aaaaaaaaaaaaaaaa... trained 4112 steps (batch 8, 128 px patches) in 32.0 min"
     )
-    assert _stage_note(stage1) == ""
+    assert stage_note(stage1) == ""

@@ -35,8 +35,10 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from acquire_refocus.config import AppConfig, CameraConfig, SimulatorConfig
 from acquire_refocus.logs import kv
+from acquire_refocus.model.baselines import deconvolve, tune_wiener_balance
 from acquire_refocus.model.data import TEST_SEED_BASE
-from acquire_refocus.model.evaluate import Sample, _crop_psf, _deconvolve, network_method, tune_wiener_balance
+from acquire_refocus.model.held_out import Sample, crop_psf
+from acquire_refocus.model.scoring import network_method
 from acquire_refocus.outputs import output_folder
 from acquire_refocus.sim.randomization import CameraDraw, expose_window
 
@@ -235,14 +237,14 @@ def physics_method(config: AppConfig, estimate: Callable[[Sample], float], windo
 
     bank = SimulatedMicroscope(config.optics, config.simulator).psf_bank
     balances = tune_wiener_balance(config, OOD_DISTANCES_UM, window_px)
-    in_focus = _crop_psf(bank.plane(int(bank.index(0.0))).astype(np.float64))
+    in_focus = crop_psf(bank.plane(int(bank.index(0.0))).astype(np.float64))
 
     def run(sample: Sample) -> tuple[np.ndarray, float, float]:
         magnitude_um = estimate(sample)
-        psf = _crop_psf(bank.plane(int(bank.index(magnitude_um))).astype(np.float64))
+        psf = crop_psf(bank.plane(int(bank.index(magnitude_um))).astype(np.float64))
         nearest = min(balances, key=lambda d: abs(d - magnitude_um))
         offset = float(np.percentile(sample.raw, 0.5))
-        return _deconvolve(sample, psf, in_focus, offset, "wiener", balances[nearest]), magnitude_um, math.nan
+        return deconvolve(sample, psf, in_focus, offset, "wiener", balances[nearest]), magnitude_um, math.nan
 
     return run
 
