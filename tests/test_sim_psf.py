@@ -127,3 +127,22 @@ def test_transfer_functions_from_the_quadrants_equal_the_ffts_of_the_whole_plane
         np.testing.assert_allclose(negative, expected[rows - 1 : 0 : -1, :cols], atol=1e-6)
         outside = (expected[rows : fft_shape[0] - rows + 1, :], expected[:, cols:])
         assert max(np.abs(part).max(initial=0.0) for part in outside) < 1e-3
+
+
+def test_a_narrower_window_is_the_centre_of_the_wider_plane_but_misses_the_halo() -> None:
+    """psfmodels computes each pixel independently of the window, so a plane computed at its own geometric blur's
+    window would differ from the full-width plane only by the light outside that window; with an oil objective
+    imaging into index 1.40 that light is not negligible, in focus least of all (the index-mismatch halo), which is
+    why every plane keeps the width of the most defocused one (README, "Simulator PSF bank")."""
+    kwargs = psf_parameters(OIL_100X, OIL_100X.pixel_size_um)
+    defocus_um = np.array([0.0, -MAX_DEFOCUS_UM])
+    z_um = best_focus_z(DEPTH_UM, kwargs, "vectorial") + defocus_um
+    wide = make_psf_planes(z_um, 241, DEPTH_UM, kwargs, "vectorial")
+    outside = []
+    for plane, z, d in zip(wide, z_um, defocus_um, strict=True):
+        half = psf_size_px(OIL_100X, abs(float(d)), OIL_100X.pixel_size_um) // 2  # 12 px in focus, 62 at 1.5 um
+        narrow = make_psf_planes(np.array([z]), 2 * half + 1, DEPTH_UM, kwargs, "vectorial")[0]
+        np.testing.assert_array_equal(narrow, plane[120 - half : 121 + half, 120 - half : 121 + half])
+        outside.append(1.0 - narrow.sum() / plane.sum())
+    # 25 % and 8 % of the light inside 241 px lies outside the windows of 25 and 125 px
+    assert outside[0] > 0.2 and outside[1] > 0.05, outside
