@@ -37,7 +37,9 @@ each pixel, independently of the others and of the window size, so the planes ar
 all planes. Every plane keeps the window of the largest defocus: the light of an in-focus point spreads far beyond
 its geometric blur (for 100x / 1.45 oil into a sample of index 1.40, 38 % of it lies more than 12 px from the
 centre and 5 % beyond 200 px, from the index-mismatch aberration; 2 % beyond 12 px for 20x / 0.45), so a window cut
-to the geometric blur of each plane would change the PSFs by that much.
+to the geometric blur of each plane would change the PSFs by that much, and would save only half the time: for
+these optics psfmodels takes about 2,000 integration samples per radius at every defocus (the steep phase near the
+critical angle), so a plane's cost grows with its width, not its area (tools/bench_psf_window.py, README).
 """
 
 from __future__ import annotations
