@@ -182,6 +182,7 @@ def test_real_scope_template_loads_and_explains_every_section() -> None:
     assert len(list(sequence)) == 240 * 2 * 1
     text = path.read_text()
     for section in (
+        "version",
         "optics",
         "model",
         "engine",
@@ -196,6 +197,7 @@ def test_real_scope_template_loads_and_explains_every_section() -> None:
     for section in ("simulator", "training", "loss"):
         assert section in text  # says why they are left out
     assert set(AppConfig.model_fields) - {"log_level"} == {
+        "version",
         "optics",
         "model",
         "engine",
