@@ -9,6 +9,7 @@ Micro-Manager core around them stay real.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -90,6 +91,21 @@ def write_serve_config(path: Path, weights: Path, sequence: dict[str, Any], **se
     }
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def serve_once_command(config: Path, output: Path) -> list[str]:
+    """`acquire-refocus serve --config CONFIG --once --output OUTPUT` in a fresh interpreter of this venv."""
+    return [
+        sys.executable,
+        "-m",
+        "acquire_refocus.cli",
+        "serve",
+        "--config",
+        str(config),
+        "--once",
+        "--output",
+        str(output),
+    ]
 
 
 def written_planes(series: dict[str, Any]) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from support import write_serve_config
+from support import serve_once_command, write_serve_config
 
 from acquire_refocus.storage import open_stores, read_focus_log
 
@@ -172,17 +172,7 @@ def test_once_into_an_unusable_output_is_a_clear_error_and_changes_nothing(
         expected = "already holds a run"
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "acquire_refocus.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--once",
-            "--output",
-            str(output),
-        ],
+        serve_once_command(config, output),
         capture_output=True,
         text=True,
         timeout=120,

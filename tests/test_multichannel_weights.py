@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import useq
 import yaml
-from support import SMALL_FIELD_SIMULATOR
+from support import SMALL_FIELD_SIMULATOR, serve_once_command
 
 from acquire_refocus.config import load_config, parse_config
 from acquire_refocus.daemon import Daemon
@@ -184,17 +183,7 @@ def test_the_command_line_says_so_in_one_line(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump(data), encoding="utf-8")
     output = tmp_path / "out"
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "acquire_refocus.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--once",
-            "--output",
-            str(output),
-        ],
+        serve_once_command(config, output),
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 import zmq
-from support import SEQUENCE, daemon_config, free_tcp_address
+from support import SEQUENCE, daemon_config, free_tcp_address, serve_once_command
 
 from acquire_refocus.control import MAX_REQUEST_BYTES, ControlServer, request
 from acquire_refocus.daemon import Daemon
@@ -169,17 +168,7 @@ def test_a_config_sequence_of_1e12_loops_is_refused_at_once(tmp_path: Path, tiny
     )
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "acquire_refocus.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--once",
-            "--output",
-            str(tmp_path / "out"),
-        ],
+        serve_once_command(config, tmp_path / "out"),
         capture_output=True,
         text=True,
         timeout=60,

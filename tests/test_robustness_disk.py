@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import useq
 import yaml
-from support import daemon_config, write_serve_config
+from support import daemon_config, serve_once_command, write_serve_config
 
 from acquire_refocus.config import DriftConfig
 from acquire_refocus.control import request
@@ -58,17 +57,7 @@ def write_config(folder: Path, weights: Path, sequence: dict[str, Any], **storag
 
 def serve_once(config: Path, output: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "acquire_refocus.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--once",
-            "--output",
-            str(output),
-        ],
+        serve_once_command(config, output),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
