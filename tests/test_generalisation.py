@@ -258,3 +258,23 @@ def test_margin_is_the_90th_percentile_of_the_excess_near_focus() -> None:
     estimates = np.concatenate([np.arange(10.0), np.full(10, 50.0)])  # far frames excluded: MARGIN_RANGE_UM
     assert magnitude_margin_um(estimates, true) == pytest.approx(np.percentile(np.arange(10.0), 90))
     assert magnitude_margin_um([0.0, 0.0], [3.0, 4.0]) == 0.0
+
+
+def test_ood_distances_and_targets_scale_with_the_training_range() -> None:
+    """A high-NA model trained over +-6 um is tested over its own depth of field, with targets at the same share of
+    its range as the shipped model's (3-10 um and 14 um of +-35 um)."""
+    from acquire_refocus.model.ood import OOD_DISTANCES_UM, OodRow, judge, ood_distances_um
+
+    assert ood_distances_um(parse_config({})) == OOD_DISTANCES_UM
+    scaled = ood_distances_um(parse_config({"training": {"defocus_range_um": [-6, 6]}}))
+    assert scaled == pytest.approx([d * 6 / 35 for d in OOD_DISTANCES_UM], abs=0.01)
+
+    def row(d_um: float, gain_db: float) -> OodRow:
+        return OodRow("m", "set", "f", d_um, 20.0, 20.0 + gain_db, 0.9, abs(d_um) + 0.1, 0.5)
+
+    rows = [row(s * d, 4.0 if d < 0.2 else 0.5) for d in scaled for s in (-1, 1)]
+    targets = judge(rows, "m")
+    near, far, in_focus = "gain >= +3 dB at 0.514-1.71 um", "gain >= +1.5 dB at >= 2.4 um", "reads <= 0.171 um in focus"
+    assert {near, far, in_focus} <= set(targets)
+    assert targets[near][0] is False and targets[near][1][0] == pytest.approx(0.5)
+    assert targets[in_focus][0] is True  # reads 0.1 um at focus
