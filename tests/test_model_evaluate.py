@@ -78,3 +78,24 @@ def test_the_networks_line_names_every_recorded_training_stage() -> None:
         "aaaaaaaaaaaaaaaa... trained 4112 steps (batch 8, 128 px patches) in 32.0 min"
     )
     assert stage_note(stage1) == ""
+
+
+def test_the_command_tests_a_narrow_training_range_over_its_own_distances(
+    tmp_path: Path, tiny_weights: Path, restore_logging: object
+) -> None:
+    """A config trained over +-6 um (a high-NA preset) is evaluated at the default distances scaled by 6/35:
+    34 um becomes 5.83 um, not 34 um where every frame would be haze."""
+    import yaml
+
+    from acquire_refocus.cli import main
+    from acquire_refocus.model.evaluate import DEFAULT_DISTANCES_UM
+
+    config = tmp_path / "narrow.yaml"
+    settings = {"simulator": FAST_SIMULATOR, "engine": {"num_threads": 1}, "training": {"defocus_range_um": [-6, 6]}}
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    out = tmp_path / "report"
+    arguments = ["--fields", "1", "--size-px", "64", "--no-baselines", "--no-tilt", "--out", str(out)]
+    assert main(["evaluate", "--config", str(config), "--weights", f"tiny={tiny_weights}", *arguments]) == 0
+    with (out / "metrics.csv").open() as handle:
+        distances = {abs(float(r["defocus_um"])) for r in csv.DictReader(handle)}
+    assert distances == {round(d * 6 / 35, 2) for d in DEFAULT_DISTANCES_UM}

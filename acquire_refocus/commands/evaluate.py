@@ -101,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from acquire_refocus.config import load_config
     from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS
-    from acquire_refocus.model.evaluate import TILT_DISTANCES_UM, run_evaluation
+    from acquire_refocus.model.evaluate import DEFAULT_DISTANCES_UM, TILT_DISTANCES_UM, run_evaluation
+    from acquire_refocus.model.ood import distance_scale
 
     if args.fields < 1:
         raise UserError(f"--fields must be at least 1, got {args.fields}")
@@ -128,13 +129,16 @@ def run(args: argparse.Namespace) -> int:
         )
         judged = _judge_csv(args.out / "metrics.csv", "ood", [label for label, _ in weights], _optics_text(config))
     else:
+        # distances scale with the training range, as the ood suite's: a 60x model is tested over its own +-6 um
+        scale = distance_scale(config)
         report = run_evaluation(
             config,
             weights,
             args.out,
             fields=args.fields,
             window_px=args.size_px,
-            tilt_distances_um=() if args.no_tilt else TILT_DISTANCES_UM,
+            distances_um=tuple(round(d * scale, 2) for d in DEFAULT_DISTANCES_UM),
+            tilt_distances_um=() if args.no_tilt else tuple(round(d * scale, 2) for d in TILT_DISTANCES_UM),
             baselines=not args.no_baselines,
         )
         judged = _judge_csv(args.out / "metrics.csv", "heldout", [label for label, _ in weights], _optics_text(config))

@@ -27,6 +27,7 @@ __all__ = [
     "TILT_DISTANCES_UM",
     "HeldOutSet",
     "Sample",
+    "example_distances_um",
     "network_method",
     "run_evaluation",
     "tune_wiener_balance",
@@ -37,6 +38,16 @@ log = logging.getLogger(__name__)
 # The head-to-tail paper's Table 2 columns (34/28/22/16/10 um) and closer distances, both signs.
 DEFAULT_DISTANCES_UM = (34.0, 28.0, 22.0, 16.0, 10.0, 5.0, 2.0, 1.0, 0.0)
 TILT_DISTANCES_UM = (22.0, 10.0, 2.0)
+
+
+def example_distances_um(distances_um: Sequence[float]) -> tuple[float, ...]:
+    """Three signed distances for the examples figure: far (below focus), middle and near (above): -28, 10 and 2 um
+    of the default distances, and the same places among scaled ones."""
+    away = sorted({abs(d) for d in distances_um if d != 0}, reverse=True)
+    if not away:
+        return (0.0,)
+    picks = (-away[min(1, len(away) - 1)], away[len(away) // 2], away[max(0, len(away) - 2)])
+    return tuple(dict.fromkeys(picks))
 
 
 def run_evaluation(
@@ -86,5 +97,5 @@ def run_evaluation(
     rows = evaluate_methods(test_set, methods, {label: info["factors"] for label, info in networks.items()})
     write_csv(rows, out_dir / "metrics.csv")
     plot_scatter(rows, out_dir / "defocus_scatter.png")
-    plot_examples(test_set, methods, (-28.0, 10.0, 2.0), out_dir / "examples.png")
+    plot_examples(test_set, methods, example_distances_um(distances_um), out_dir / "examples.png")
     return write_report(out_dir, rows, networks, test_set, time.monotonic() - started)
