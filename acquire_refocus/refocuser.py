@@ -42,7 +42,7 @@ from acquire_refocus.errors import ConfigError, InputError
 from acquire_refocus.logs import kv
 from acquire_refocus.model.checkpoint import LoadedModel, load_weights
 from acquire_refocus.model.envelope import DISTRUSTED, envelope_flags
-from acquire_refocus.model.fusion import DEFAULT_MARGIN_UM, OpticalFusion
+from acquire_refocus.model.fusion import DEFAULT_MARGIN_UM, SHIPPED_REACH_UM, OpticalFusion
 from acquire_refocus.model.normalization import denormalize, frame_scale, normalize
 
 if TYPE_CHECKING:
@@ -145,8 +145,12 @@ class Refocuser:
         built = create_engine(loaded, engine_config)
         fusion = None
         if engine_config.physics_fusion:
-            calibration = (loaded.metadata.get("training") or {}).get("focus_calibration") or {}
-            fusion = OpticalFusion(loaded.optics, float(calibration.get("magnitude_margin_um", DEFAULT_MARGIN_UM)))
+            training = loaded.metadata.get("training") or {}
+            calibration = training.get("focus_calibration") or {}
+            reach_um = max((abs(float(d)) for d in training.get("defocus_range_um") or ()), default=SHIPPED_REACH_UM)
+            fusion = OpticalFusion(
+                loaded.optics, float(calibration.get("magnitude_margin_um", DEFAULT_MARGIN_UM)), reach_um
+            )
         log.info(
             kv(
                 "refocuser_loaded",

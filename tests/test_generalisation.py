@@ -278,3 +278,15 @@ def test_ood_distances_and_targets_scale_with_the_training_range() -> None:
     assert {near, far, in_focus} <= set(targets)
     assert targets[near][0] is False and targets[near][1][0] == pytest.approx(0.5)
     assert targets[in_focus][0] is True  # reads 0.1 um at focus
+
+
+def test_fusion_bank_follows_the_models_training_reach() -> None:
+    """The shipped +-35 um model keeps 1 um planes to 40 um; a model trained over +-6 um gets planes 6/35 um apart
+    to 6.86 um, so its |d| is not rounded to two depths of field of a high-NA objective."""
+    from acquire_refocus.model.fusion import OpticalFusion
+
+    shipped = OpticalFusion(OpticsConfig()).bank
+    assert shipped.z_step_um == pytest.approx(1.0) and shipped.defocus_um[-1] == pytest.approx(40.0)
+    narrow = OpticalFusion(OpticsConfig(), reach_um=6.0).bank
+    assert narrow.z_step_um == pytest.approx(6 / 35, abs=1e-6)
+    assert narrow.defocus_um[-1] == pytest.approx(6 + 5 * 6 / 35, abs=0.01)

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 # |d| margin for models whose training did not measure it: the shipped heads read 2.6-3.9 um at focus.
 DEFAULT_MARGIN_UM = 3.0
+# The shipped model's training reach (+-35 um), for which the bank has 1 um planes out to 40 um.
+SHIPPED_REACH_UM = 35.0
+_EXTRA_PLANES = 5  # bank planes beyond the training reach
 MARGIN_RANGE_UM = 10.0
 MAX_RATIO = 50.0  # beyond this, defocus has erased the frequency: no bound from the raw frame
 _OTF_CACHE_ENTRIES = 48
@@ -69,17 +72,22 @@ def _radial_bands(shape: tuple[int, int]) -> np.ndarray:
 class OpticalFusion:
     """Fuse a network output with its input frame under the two bounds of the module docstring."""
 
-    def __init__(self, optics: OpticsConfig, margin_um: float = DEFAULT_MARGIN_UM) -> None:
+    def __init__(
+        self, optics: OpticsConfig, margin_um: float = DEFAULT_MARGIN_UM, reach_um: float = SHIPPED_REACH_UM
+    ) -> None:
+        """`reach_um`: the largest |defocus| the model was trained for. The bank's planes scale with it: 1 um apart
+        out to 40 um for the shipped +-35 um, 0.17 um apart out to 6.9 um for a 60x model trained over +-6 um
+        (1 um planes would be two depths of field apart there, and 40 um of oil-objective PSF a 2,347 px bank)."""
         from acquire_refocus.sim.psf import load_or_compute_psf_bank
 
-        simulator = SimulatorConfig()
+        z_step_um = min(1.0, float(reach_um) / SHIPPED_REACH_UM)
         self.margin_um = float(margin_um)
         self.bank, _ = load_or_compute_psf_bank(
             optics,
-            max_defocus_um=simulator.max_defocus_um,
-            z_step_um=1.0,
+            max_defocus_um=float(reach_um) + _EXTRA_PLANES * z_step_um,
+            z_step_um=z_step_um,
             depth_um=0.0,
-            cache_dir=simulator.psf_cache_dir,
+            cache_dir=SimulatorConfig().psf_cache_dir,
         )
         self._otf: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
