@@ -134,8 +134,12 @@ class OpticalFusion:
         counts = np.maximum(np.bincount(band.ravel(), minlength=_BANDS), 1)
         band_departure = np.bincount(band.ravel(), departure.ravel(), minlength=_BANDS) / counts
         error_power = np.maximum(band_departure[band] - noise_power, 0.0)
-        weight = error_power / (error_power + noise_power) / ratio**2
+        # Where the in-focus OTF is the weaker one (ratio < 1: aberrated high-NA optics, or beyond the in-focus
+        # cutoff), defocus has not attenuated the frequency: the in-focus-consistent reference is the raw frame
+        # times the ratio, trusted as much as an unattenuated one. Unclipped, 1 / ratio^2 reached 1e8 at 60x / 1.4
+        # oil and the blend overshot the raw frame by as much.
+        weight = error_power / (error_power + noise_power) / np.maximum(ratio, 1.0) ** 2
         weight[0, 0] = 0.0  # the mean is the network's (flux is conserved either way)
-        estimate += weight * (observed - estimate)
+        estimate += weight * (observed * np.minimum(ratio, 1.0) - estimate)
         fused = scipy.fft.irfft2(estimate, s=shape, workers=_WORKERS) + mean
         return np.asarray(fused, dtype=np.float32)
