@@ -30,17 +30,7 @@ def write_config(path: Path, weights: Path, loops: int) -> Path:
 
 def start_serve(config: Path, output: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "acquire_refocus.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--output",
-            str(output),
-            "--once",
-        ],
+        serve_once_command(config, output),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

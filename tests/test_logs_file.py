@@ -5,13 +5,12 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from support import write_serve_config
+from support import serve_once_command, write_serve_config
 
 from acquire_refocus.config import LogFileConfig
 from acquire_refocus.errors import UserError
@@ -34,17 +33,7 @@ def _config(path: Path, weights: Path, log_settings: dict[str, Any]) -> Path:
 
 def _serve(config: Path, output: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "acquire_refocus.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--output",
-            str(output),
-            "--once",
-        ],
+        serve_once_command(config, output),
         capture_output=True,
         text=True,
         timeout=200,
