@@ -12,14 +12,13 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from acquire_refocus.config import AppConfig
 from acquire_refocus.logs import kv
 from acquire_refocus.model.baselines import baseline_methods, tune_wiener_balance
 from acquire_refocus.model.held_out import HeldOutSet, Sample
 from acquire_refocus.model.report import plot_examples, plot_scatter, write_report
-from acquire_refocus.model.scoring import evaluate_methods, network_method, write_csv
+from acquire_refocus.model.scoring import evaluate_methods, network_method, network_methods, write_csv
 from acquire_refocus.outputs import output_folder
 
 __all__ = [
@@ -77,23 +76,8 @@ def run_evaluation(
         methods = baseline_methods(test_set, tune_wiener_balance(config, distances_um, window_px))
     else:
         methods = {"input (unprocessed)": baseline_methods(test_set, {})["input (unprocessed)"]}
-    networks: dict[str, dict[str, Any]] = {}
-    for index, (label, path) in enumerate(weights):
-        # the first (candidate) model as the daemon runs it, and alone; the others as their network alone
-        method, info = network_method(
-            path,
-            config.optics.pixel_size_um,
-            config.engine.num_threads,
-            physics_fusion=config.engine.physics_fusion and index == 0,
-        )
-        methods[label] = method
-        networks[label] = info
-        if index == 0 and config.engine.physics_fusion:
-            method, info = network_method(
-                path, config.optics.pixel_size_um, config.engine.num_threads, physics_fusion=False
-            )
-            methods[f"{label}, network alone"] = method
-            networks[f"{label}, network alone"] = info
+    runs, networks = network_methods(config, weights)
+    methods.update(runs)
     rows = evaluate_methods(test_set, methods, {label: info["factors"] for label, info in networks.items()})
     write_csv(rows, out_dir / "metrics.csv")
     plot_scatter(rows, out_dir / "defocus_scatter.png")

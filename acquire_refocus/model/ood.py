@@ -38,7 +38,7 @@ from acquire_refocus.logs import kv
 from acquire_refocus.model.baselines import deconvolve, tune_wiener_balance
 from acquire_refocus.model.data import TEST_SEED_BASE
 from acquire_refocus.model.held_out import Sample, crop_psf
-from acquire_refocus.model.scoring import network_method
+from acquire_refocus.model.scoring import network_methods
 from acquire_refocus.outputs import output_folder
 from acquire_refocus.sim.randomization import CameraDraw, expose_window
 
@@ -527,24 +527,10 @@ def run_ood_evaluation(
             seconds=round(time.monotonic() - started),
         )
     )
-    methods: dict[str, Method] = {}
-    networks: dict[str, dict[str, Any]] = {}
-    for index, (label, path) in enumerate(weights):
-        # the first (candidate) model as the daemon runs it; the others as their network alone, for comparison
-        network, info = network_method(
-            path,
-            config.optics.pixel_size_um,
-            config.engine.num_threads,
-            physics_fusion=config.engine.physics_fusion and index == 0,
-        )
-        methods[label] = _with_magnitude(network, info["factors"])
-        networks[label] = info
-        if index == 0 and config.engine.physics_fusion:  # what the fusion adds, on the first (candidate) model
-            alone, alone_info = network_method(
-                path, config.optics.pixel_size_um, config.engine.num_threads, physics_fusion=False
-            )
-            methods[f"{label}, network alone"] = _with_magnitude(alone, alone_info["factors"])
-            networks[f"{label}, network alone"] = alone_info
+    runs, networks = network_methods(config, weights)
+    methods: dict[str, Method] = {
+        label: _with_magnitude(network, networks[label]["factors"]) for label, network in runs.items()
+    }
     if physics and weights:
         # the physics-informed method reuses the first model's |d| of the same frame: evaluate_sets runs the
         # methods of a frame in this dict's order, the first model before it

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from acquire_refocus.config import EngineConfig
+from acquire_refocus.config import AppConfig, EngineConfig
 from acquire_refocus.logs import kv
 from acquire_refocus.model.baselines import Method
 from acquire_refocus.model.held_out import HeldOutSet, Sample
@@ -75,6 +75,24 @@ def network_method(
         "factors": factors,
     }
     return run, info
+
+
+def network_methods(
+    config: AppConfig, weights: Sequence[tuple[str, Path | None]]
+) -> tuple[dict[str, Method], dict[str, dict[str, Any]]]:
+    """Each labelled network as `network_method` runs it, with its info: the first (the candidate) as the daemon
+    runs it (engine.physics_fusion) and, when the fusion is on, also alone as "LABEL, network alone", to show what
+    the fusion adds; the others alone, for comparison."""
+    methods: dict[str, Method] = {}
+    networks: dict[str, dict[str, Any]] = {}
+    pixel_size_um, threads = config.optics.pixel_size_um, config.engine.num_threads
+    for index, (label, path) in enumerate(weights):
+        fused = config.engine.physics_fusion and index == 0
+        methods[label], networks[label] = network_method(path, pixel_size_um, threads, physics_fusion=fused)
+        if fused:
+            alone = f"{label}, network alone"
+            methods[alone], networks[alone] = network_method(path, pixel_size_um, threads, physics_fusion=False)
+    return methods, networks
 
 
 def evaluate_methods(
