@@ -7,9 +7,10 @@ process, and the CPU time of all processes) while this script samples the reside
 worker processes together every 0.2 s (the figure that decides whether a 16 GB PC copes). Run it beside nothing
 else for clean timings; on a loaded machine the CPU seconds divided by the cores is what an idle one would take:
 
-    python tools/bench_psf.py                       # the issue's 100x bank, all cores
-    python tools/bench_psf.py --workers 1           # one core
-    python tools/bench_psf.py --config configs/optics/60x-1.4-oil.yaml --max-defocus-um 13.5 --z-step-um 0.1
+    python tools/bench_psf.py                       # the issue's 100x bank, vectorial model
+    python tools/bench_psf.py --model scalar        # psfmodels' scalar model, worker processes on all cores
+    python tools/bench_psf.py --model scalar --workers 1
+    python tools/bench_psf.py --config configs/optics/60x-1.40-oil.yaml --max-defocus-um 13.5 --z-step-um 0.1
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def _child(args: argparse.Namespace) -> None:
             z_step_um=args.z_step_um,
             depth_um=args.depth_um,
             cache_dir=Path(cache),
+            model=args.model,
             workers=args.workers,
         )
         seconds = time.perf_counter() - start
@@ -97,7 +99,8 @@ def main() -> None:
     parser.add_argument("--max-defocus-um", type=float, default=16.48, help="half-range of the bank")
     parser.add_argument("--z-step-um", type=float, default=0.1024, help="plane spacing")
     parser.add_argument("--depth-um", type=float, default=6.5, help="point source depth in the sample")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--model", choices=("vectorial", "scalar"), default="vectorial", help="PSF model")
+    parser.add_argument("--workers", type=int, default=None, help="scalar model: worker processes (default: all cores)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

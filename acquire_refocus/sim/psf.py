@@ -24,22 +24,20 @@ waves of spherical aberration at NA 0.45) gives 34-52 %, 200 um gives 61-91 %.
 The bank is computed for a point at the specimen's mid-plane depth; the slow change of the aberration over the few
 micrometres of a cell monolayer is neglected.
 
-Model: the vectorial model (Aguet et al. 2009) computes the default bank (363 planes of 209 x 209 px, +-45 um) in
-8-15 s on the shared 2-core machine, inside the 30 s budget for a first start, so we use it; later starts load it
-from the cache in well under a second. 'scalar' (Gibson-Lanni) took about the same time here.
+Model: the vectorial model (Aguet et al. 2009), the equations of psfmodels' vectorial PSF, evaluated by
+`vectorial_psf.py` as matrix products over one angular grid shared by all planes and radii (radial profiles of all
+planes at once, then each plane's pixels from its profile, `_PLANES_PER_EXPANSION` planes at a time). The 100x /
+1.45 NA bank of issue 18 (323 planes of 1115 px) takes about 8 s and 0.6 GB where psfmodels' per-plane loops took
+297 CPU-seconds; the default 20x bank well under a second. That grid also integrates correctly across the critical
+angle of a water sample under an oil objective, where psfmodels' Simpson rule is off by up to tens of per cent of a
+plane's peak (vectorial_psf.py). 'scalar' (Gibson-Lanni, the out-of-distribution suite's second PSF model) is
+psfmodels' own, computed in chunks of a few planes (`CHUNK_BYTES`: psfmodels holds five float64 copies of every
+plane it is asked for), for a large bank in worker processes on every available core, with a progress bar.
 
-Scaling: psfmodels holds five float64 copies of every plane it is asked for (four working buffers and the array it
-returns), so one call for a high-NA bank (hundreds of planes of ~1000 px) needs over 10 GB. The bank is therefore
-computed in chunks of a few planes (`CHUNK_BYTES`), for a large bank in worker processes on every available core
-(psfmodels holds the GIL), with a progress bar (planes done, time left). Each chunk is normalised in float64 and
-only the quadrant x, y >= 0 of each plane is kept, as float32 (see `PsfBank`). psfmodels computes each plane, and
-each pixel, independently of the others and of the window size, so the planes are bit-identical to one call over
-all planes. Every plane keeps the window of the largest defocus: the light of an in-focus point spreads far beyond
-its geometric blur (for 100x / 1.45 oil into a sample of index 1.40, 38 % of it lies more than 12 px from the
-centre and 5 % beyond 200 px, from the index-mismatch aberration; 2 % beyond 12 px for 20x / 0.45), so a window cut
-to the geometric blur of each plane would change the PSFs by that much, and would save only half the time: for
-these optics psfmodels takes about 2,000 integration samples per radius at every defocus (the steep phase near the
-critical angle), so a plane's cost grows with its width, not its area (tools/bench_psf_window.py, README).
+Every plane is normalised in float64 to unit sum and kept as the float32 quadrant x, y >= 0 (see `PsfBank`), at the
+width of the largest defocus: the light of an in-focus point spreads far beyond its geometric blur (for 100x / 1.45
+oil into a sample of index 1.40, 25 % of what falls within 120 px lies beyond 12 px, the index-mismatch halo), so a
+window cut to the geometric blur of each plane would change the PSFs by that much (tests/test_sim_psf.py).
 """
 
 from __future__ import annotations
@@ -67,15 +65,18 @@ from tqdm import tqdm
 from acquire_refocus.cache_dirs import user_cache_dir
 from acquire_refocus.config import OpticsConfig
 from acquire_refocus.logs import kv
+from acquire_refocus.sim.vectorial_psf import VectorialOptics, quadrant_operator, radial_profiles, radii_for
 
 log = logging.getLogger(__name__)
 
 PsfModel = Literal["vectorial", "scalar"]
-_CACHE_FORMAT = 2  # 2: quadrants of the planes
+_CACHE_FORMAT = 3  # 2: quadrants of the planes; 3: vectorial planes from vectorial_psf.py
 # the design working distance only enters psfmodels' constant optical path; any positive value gives the same PSF
 _WORKING_DISTANCE_UM = 150.0
 # float64 planes per psfmodels call; it holds five such buffers while it computes them
 CHUNK_BYTES = 32 * 2**20
+# planes expanded from their radial profiles at a time: 16 x 8 bytes x (h + 1)^2, 40 MB for a 100x / 1.45 NA bank
+_PLANES_PER_EXPANSION = 16
 # below this many planes x pixels of width, starting worker processes (1.5 CPU-seconds each) costs about what it
 # saves: the default 20x bank (363 planes of 209 px) took 6.7 CPU-s in this process, 9.6 with two workers
 _PARALLEL_MIN_PLANE_PX = 100_000
@@ -184,13 +185,47 @@ def make_psf_planes(
     kwargs: PsfParameters,
     model: PsfModel,
 ) -> npt.NDArray[np.float64]:
-    """PSF planes [len(z_um), nx, nx] in float64, unnormalised, at psfmodels' z values, one psfmodels call."""
+    """PSF planes [len(z_um), nx, nx] in float64, unnormalised, at psfmodels' z values (odd nx).
+
+    'vectorial' is our matrix-product evaluation of psfmodels' vectorial model (`vectorial_psf`), 'scalar' is
+    psfmodels' Gibson-Lanni model, one call.
+    """
+    if model == "vectorial":
+        return np.stack([unfold_quadrant(q) for q in vectorial_quadrants(z_um, nx, depth_um, kwargs)])
     import psfmodels
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         planes = psfmodels.make_psf(z_um.tolist(), nx, pz=depth_um, model=model, normalize=False, **kwargs)
     return np.asarray(planes, dtype=np.float64)
+
+
+def _vectorial_optics(kwargs: PsfParameters) -> VectorialOptics:
+    return VectorialOptics(
+        NA=kwargs["NA"],
+        wvl=kwargs["wvl"],
+        ns=kwargs["ns"],
+        ni=kwargs["ni"],
+        ni0=kwargs["ni0"],
+        ng=kwargs["ng"],
+        ng0=kwargs["ng0"],
+        tg=kwargs["tg"],
+        tg0=kwargs["tg0"],
+        ti0=kwargs["ti0"],
+    )
+
+
+def vectorial_quadrants(
+    z_um: npt.NDArray[np.float64],
+    nx: int,
+    depth_um: float,
+    kwargs: PsfParameters,
+) -> npt.NDArray[np.float64]:
+    """Unnormalised quadrants (see `PsfBank`) [len(z_um), nx // 2 + 1, nx // 2 + 1] of vectorial planes, float64."""
+    radii_um = radii_for(nx, kwargs["dxy"])
+    profiles = radial_profiles(np.asarray(z_um, dtype=np.float64), radii_um, depth_um, _vectorial_optics(kwargs))
+    operator = quadrant_operator(nx, len(radii_um))
+    return np.ascontiguousarray((operator @ profiles).T).reshape(len(z_um), nx // 2 + 1, nx // 2 + 1)
 
 
 def best_focus_z(depth_um: float, kwargs: PsfParameters, model: PsfModel) -> float:
@@ -228,6 +263,43 @@ def planes_per_chunk(nx: int, planes: int, workers: int) -> int:
     return min(by_memory, by_balance)
 
 
+def _vectorial_bank_planes(
+    z_um: np.ndarray, nx: int, depth_um: float, kwargs: PsfParameters
+) -> npt.NDArray[np.float32]:
+    """float32 [Z, nx // 2 + 1, nx // 2 + 1] quadrants of unit-sum vectorial planes: the radial profiles of all
+    planes at once, then the pixels `_PLANES_PER_EXPANSION` planes at a time (bounded float64 working memory)."""
+    planes = len(z_um)
+    radii_um = radii_for(nx, kwargs["dxy"])
+    log.info(
+        kv(
+            "psf_bank_computing",
+            model="vectorial",
+            planes=planes,
+            size_px=nx,
+            radii=len(radii_um),
+            bank_mb=f"{planes * (nx // 2 + 1) ** 2 * 4 / 2**20:.0f}",
+        )
+    )
+    with tqdm(
+        total=len(radii_um) + planes, desc=f"PSF bank, {planes} planes of {nx}x{nx} px", unit="step", mininterval=1.0
+    ) as bar:
+        profiles = radial_profiles(z_um, radii_um, depth_um, _vectorial_optics(kwargs), bar.update)
+        operator = quadrant_operator(nx, len(radii_um))
+        # plane sum from its quadrant: the axes once (twice for off-centre axis pixels), the rest four times
+        weights = np.full((nx // 2 + 1, nx // 2 + 1), 4.0)
+        weights[0, :] = 2.0
+        weights[:, 0] = 2.0
+        weights[0, 0] = 1.0
+        multiplicity = weights.ravel()
+        psf = np.empty((planes, nx // 2 + 1, nx // 2 + 1), dtype=np.float32)
+        for start in range(0, planes, _PLANES_PER_EXPANSION):
+            block = operator @ profiles[:, start : start + _PLANES_PER_EXPANSION]  # [pixels, planes] float64
+            block /= multiplicity @ block
+            psf[start : start + block.shape[1]] = block.T.reshape(-1, nx // 2 + 1, nx // 2 + 1)
+            bar.update(block.shape[1])
+    return psf
+
+
 def _compute_planes(
     z_um: np.ndarray,
     nx: int,
@@ -239,6 +311,8 @@ def _compute_planes(
     """float32 [Z, nx // 2 + 1, nx // 2 + 1] quadrants of unit-sum planes, computed chunk by chunk (in worker
     processes when that pays)."""
     planes = len(z_um)
+    if model == "vectorial":
+        return _vectorial_bank_planes(z_um, nx, depth_um, kwargs)
     if workers is None:
         workers = available_cores() if planes * nx >= _PARALLEL_MIN_PLANE_PX else 1
     chunk = planes_per_chunk(nx, planes, workers)
