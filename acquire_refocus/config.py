@@ -153,7 +153,12 @@ class SpecimenConfig(_Section):
     nucleus_thickness_um: tuple[float, float] = (4.0, 7.0)
     cluster_fraction: float = Field(0.4, ge=0.0, le=1.0)
     bright_fraction: float = Field(0.08, ge=0.0, le=1.0, description="mitotic / dividing, brighter nuclei")
-    photons_per_um3: float = Field(60.0, gt=0.0, description="emission of an average nucleus per exposure")
+    photons_per_um3: float = Field(
+        60.0,
+        gt=0.0,
+        description="photons per exposure an average nucleus gives, as detected with the default 20x / 0.45 air"
+        " optics; other optics scale it by their collection solid angle (sim/specimen.py)",
+    )
     background_photons_per_px: float = Field(5.0, ge=0.0)
     z_step_um: float = Field(1.0, gt=0.0, le=5.0, description="axial sampling of the specimen volume")
 

@@ -33,7 +33,7 @@ from acquire_refocus.config import OpticsConfig, SimulatorConfig
 from acquire_refocus.sim.camera import Camera
 from acquire_refocus.sim.drift import Drift
 from acquire_refocus.sim.psf import OtfCache, load_or_compute_psf_bank
-from acquire_refocus.sim.specimen import Specimen
+from acquire_refocus.sim.specimen import Specimen, specimen_for_optics
 from acquire_refocus.sim.volume import SpecimenVolume
 
 _TILT_NODE_SPACING_UM = 1.0
@@ -58,7 +58,9 @@ class SimulatedMicroscope:
         sim = self.simulator
         self.pixel_size_um = float(self.optics.pixel_size_um)
         self.specimen: SpecimenVolume = (
-            specimen if specimen is not None else Specimen(sim.specimen, self.pixel_size_um, seed=sim.seed)
+            specimen
+            if specimen is not None
+            else Specimen(specimen_for_optics(sim.specimen, self.optics), self.pixel_size_um, seed=sim.seed)
         )
         # the bank reaches beyond max_defocus_um by the specimen's half-thickness, so that every specimen plane of a
         # frame at +-max_defocus_um has its own PSF (paraxial focal shift ni/ns bounds the stage distance)

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from acquire_refocus.config import OpticsConfig, SimChannelConfig, SimulatorConfig
 from acquire_refocus.sim.microscope import SimulatedMicroscope
-from acquire_refocus.sim.specimen import Specimen
+from acquire_refocus.sim.specimen import Specimen, specimen_for_optics
 
 _CELL_RADIUS_UM = 6.0  # how far the cytoplasm reaches beyond a nucleus
 _CYTOPLASM_LEVEL = 0.35  # cytoplasm emission per voxel relative to a nucleus's
@@ -65,7 +65,9 @@ class StainMicroscope(SimulatedMicroscope):
         channel: SimChannelConfig,
         primary: SimulatedMicroscope,
     ) -> None:
-        specimen = Specimen(simulator.specimen, float(optics.pixel_size_um), seed=simulator.seed)
+        specimen = Specimen(
+            specimen_for_optics(simulator.specimen, optics), float(optics.pixel_size_um), seed=simulator.seed
+        )
         if channel.stain == "cytoplasm":
             specimen.planes = cytoplasm_planes(specimen, simulator.seed)
         if channel.brightness != 1.0:
