@@ -23,6 +23,7 @@ The planes are not normalised: the caller normalises each to unit sum.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ def angle_quadrature(samples: int, p: VectorialOptics) -> tuple[FloatArray, Floa
     kinks = critical_angles(p)
     edges = [0.0, *kinks, alpha]
     pieces: list[tuple[float, float, float | None]] = []  # (start, end, kink at start or end)
-    for start, end in zip(edges[:-1], edges[1:], strict=True):
+    for start, end in itertools.pairwise(edges):
         left, right = start in kinks, end in kinks
         if left and right:
             middle = 0.5 * (start + end)
