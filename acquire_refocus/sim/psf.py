@@ -285,7 +285,7 @@ def _vectorial_bank_planes(
     ) as bar:
         profiles = radial_profiles(z_um, radii_um, depth_um, _vectorial_optics(kwargs), bar.update)
         operator = quadrant_operator(nx, len(radii_um))
-        # plane sum from its quadrant: the axes once (twice for off-centre axis pixels), the rest four times
+        # plane sum from its quadrant: the centre pixel once, the other axis pixels twice, the rest four times
         weights = np.full((nx // 2 + 1, nx // 2 + 1), 4.0)
         weights[0, :] = 2.0
         weights[:, 0] = 2.0
