@@ -63,29 +63,41 @@ class VectorialOptics:
     tg0: float  # coverslip thickness, design (correction collar)
     ti0: float  # working distance, design
 
+    @property
+    def aperture_angle(self) -> float:
+        """alpha: the marginal ray's angle in the immersion medium."""
+        return math.asin(self.NA / self.ni)
+
+    @property
+    def wavenumber(self) -> float:
+        """k0 = 2 pi / wavelength, per um."""
+        return 2.0 * math.pi / self.wvl
+
 
 def _csqrt(values: FloatArray) -> ComplexArray:
     """Principal complex square root (imaginary beyond a critical angle: evanescent, decaying with depth)."""
     return np.sqrt(values.astype(np.complex128))
 
 
-def _optical_path(
-    theta: FloatArray, z_um: FloatArray, ci: float, depth_um: float, p: VectorialOptics
-) -> tuple[ComplexArray, ComplexArray]:
-    """Optical path difference L(theta, z) and its derivative dL/dtheta (psfmath.h's L_theta), broadcast."""
+def _optical_path(theta: FloatArray, z_um: FloatArray, ci: float, depth_um: float, p: VectorialOptics) -> ComplexArray:
+    """Optical path difference L(theta, z) (psfmath.h's L_theta), broadcast over theta and z."""
     sin_sq = (p.ni * np.sin(theta)) ** 2
-    sample_root = _csqrt(p.ns**2 - sin_sq)
-    glass_root = _csqrt(p.ng**2 - sin_sq)
-    glass0_root = _csqrt(p.ng0**2 - sin_sq)
-    immersion0_root = _csqrt(p.ni0**2 - sin_sq)
-    path = (
+    path: ComplexArray = (
         p.ni * (ci - z_um) * np.cos(theta)
-        + depth_um * sample_root
-        + p.tg * glass_root
-        - p.tg0 * glass0_root
-        - p.ti0 * immersion0_root
+        + depth_um * _csqrt(p.ns**2 - sin_sq)
+        + p.tg * _csqrt(p.ng**2 - sin_sq)
+        - p.tg0 * _csqrt(p.ng0**2 - sin_sq)
+        - p.ti0 * _csqrt(p.ni0**2 - sin_sq)
     )
-    slope = (
+    return path
+
+
+def _optical_path_slope(
+    theta: FloatArray, z_um: FloatArray, ci: float, depth_um: float, p: VectorialOptics
+) -> ComplexArray:
+    """dL/dtheta (psfmath.h's L_theta), broadcast over theta and z."""
+    sin_sq = (p.ni * np.sin(theta)) ** 2
+    slope: ComplexArray = (
         p.ni
         * np.sin(theta)
         * (
@@ -93,21 +105,26 @@ def _optical_path(
             - ci
             + p.ni
             * np.cos(theta)
-            * (p.tg0 / glass0_root + p.ti0 / immersion0_root - p.tg / glass_root - depth_um / sample_root)
+            * (
+                p.tg0 / _csqrt(p.ng0**2 - sin_sq)
+                + p.ti0 / _csqrt(p.ni0**2 - sin_sq)
+                - p.tg / _csqrt(p.ng**2 - sin_sq)
+                - depth_um / _csqrt(p.ns**2 - sin_sq)
+            )
         )
     )
-    return path, slope
+    return slope
 
 
 def psfmodels_angle_samples(z_um: FloatArray, max_radius_um: float, depth_um: float, p: VectorialOptics) -> int:
     """The most Simpson samples over [0, alpha] psfmodels takes for any of these planes and radii (its rule: 4 per
     pi of the steepest phase near the aperture's rim, or of the Bessel argument at the largest radius)."""
-    k0 = 2.0 * math.pi / p.wvl
-    alpha = math.asin(p.NA / p.ni)
+    k0 = p.wavenumber
+    alpha = p.aperture_angle
     ci = _constant_path(depth_um, p)
     # psfmodels probes the phase's slope at alpha and 0.975, 0.95, 0.925 alpha (its loop's float step stops there)
     probes = alpha * np.array([1.0, 0.975, 0.95, 0.925])
-    _, slope = _optical_path(probes[:, None], np.asarray(z_um, dtype=np.float64)[None, :], ci, depth_um, p)
+    slope = _optical_path_slope(probes[:, None], np.asarray(z_um, dtype=np.float64)[None, :], ci, depth_um, p)
     steepest = max(float(np.abs(slope).max()) * k0, k0 * max_radius_um * p.ni)
     return max(4 * int(1.0 + alpha * steepest / math.pi), 20)
 
@@ -115,7 +132,7 @@ def psfmodels_angle_samples(z_um: FloatArray, max_radius_um: float, depth_um: fl
 def critical_angles(p: VectorialOptics) -> list[float]:
     """Pupil angles inside the aperture where a layer's index equals ni sin(theta): the integrand has a square-root
     kink there (total internal reflection beyond it, evanescent transmission)."""
-    alpha = math.asin(p.NA / p.ni)
+    alpha = p.aperture_angle
     angles = {math.asin(n / p.ni) for n in (p.ns, p.ng, p.ng0, p.ni0) if n < p.ni}
     return sorted(a for a in angles if 0.0 < a < alpha)
 
@@ -124,7 +141,7 @@ def angle_quadrature(samples: int, p: VectorialOptics) -> tuple[FloatArray, Floa
     """Nodes and weights over [0, alpha] with about `samples` * `ANGLE_OVERSAMPLING` nodes: composite
     Gauss-Legendre, split at the critical angles, each kink mapped to t = 0 by theta = kink -+ t^2 so that the
     integrand is smooth in t (Simpson's rule on theta, psfmodels' choice, converges slowly across a kink)."""
-    alpha = math.asin(p.NA / p.ni)
+    alpha = p.aperture_angle
     kinks = critical_angles(p)
     edges = [0.0, *kinks, alpha]
     pieces: list[tuple[float, float, float | None]] = []  # (start, end, kink at start or end)
@@ -178,7 +195,7 @@ def radial_profiles(
     `progress` is called with the number of radii finished after each block.
     """
     z_um = np.asarray(z_um, dtype=np.float64)
-    k0 = 2.0 * math.pi / p.wvl
+    k0 = p.wavenumber
     ci = _constant_path(depth_um, p)
     samples = psfmodels_angle_samples(z_um, float(radii_um.max(initial=0.0)), depth_um, p)
     theta, quadrature_weight = angle_quadrature(samples, p)
@@ -191,7 +208,7 @@ def radial_profiles(
     t_s = 4.0 * p.ni * cos_t * glass_root
     t_p = t_s / ((p.ng * cos_t + p.ni / p.ng * glass_root) * (p.ns / p.ng * glass_root + p.ng / p.ns * sample_root))
     t_s = t_s / ((p.ni * cos_t + glass_root) * (glass_root + sample_root))
-    path, _ = _optical_path(theta[:, None], z_um[None, :], ci, depth_um, p)
+    path = _optical_path(theta[:, None], z_um[None, :], ci, depth_um, p)
     phase = np.exp(1j * k0 * path)  # [angles, planes]
     weight = quadrature_weight * sin_t * np.sqrt(cos_t)
     # the three integrals' angular factors, each folded into the phase matrix as real | imaginary columns
