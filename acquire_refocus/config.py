@@ -242,6 +242,11 @@ class _ModelSection(_Section):
 
     architecture: str  # each architecture's own Literal; first, so that a dump names it first
     base_channels: int = Field(16, ge=4, le=128)
+    focus_input: Literal["bottleneck", "image"] = Field(
+        "bottleneck",
+        description="what the autofocus head reads: the U-Net's bottleneck features, or the frame itself through "
+        "a full-resolution trunk of its own (more accurate |d|, about 40 % more compute at 512 px)",
+    )
     weights: Path | None = None
     weights_per_channel: dict[str, Path] = Field(
         default_factory=dict,
@@ -321,6 +326,11 @@ class LossConfig(_Section):
     feature_network_weights: Path | None = Field(None, description="VGG-16 weights file for the feature loss")
     defocus_weight: float = Field(0.05, ge=0.0)
     defocus_huber_delta_um: float = Field(1.0, gt=0.0)
+    defocus_magnitude_loss: Literal["huber", "log_l1"] = Field(
+        "huber",
+        description="loss on the unsigned estimate |d|: huber (in um), or log_l1 (L1 of log(1 + |d| / 1 um): "
+        "relative error far from focus, absolute near it, so 1 um in focus weighs as much as 30 um at 30 um)",
+    )
 
 
 def _ordered_pair(name: str, pair: tuple[float, float]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,25 @@ def test_training_outputs_supervise_magnitude_and_sign() -> None:
     right = torch.tensor([[0.0, 0.0, 8.0, 4.0], [0.0, 0.0, 8.0, -4.0]])
     wrong = torch.tensor([[0.0, 0.0, 8.0, -4.0], [0.0, 0.0, 8.0, 4.0]])
     assert float(defocus_loss(right, truth, 1.0)) + 1.0 < float(defocus_loss(wrong, truth, 1.0))
+
+
+def test_log_magnitude_loss_weighs_an_error_near_focus_above_the_same_error_far_from_it() -> None:
+    """log_l1: 1 um wrong in focus costs as much as 30 um wrong at 30 um would in relative terms, far more than
+    1 um wrong at 30 um; the Huber loss prices both 1 um errors alike. Only the magnitude column differs."""
+
+    def cost(magnitude_um: float, truth_um: float, kind: str) -> float:
+        focus = torch.tensor([[truth_um, 0.0, magnitude_um, 10.0]])  # signed estimate exact, sign sure
+        return float(defocus_loss(focus, torch.tensor([truth_um]), 1.0, kind))
+
+    exact_near, exact_far = cost(0.0, 0.0, "log_l1"), cost(30.0, 30.0, "log_l1")
+    near = cost(1.0, 0.0, "log_l1") - exact_near
+    far = cost(31.0, 30.0, "log_l1") - exact_far
+    assert near == pytest.approx(10.0 * math.log(2.0), rel=1e-4)
+    assert far == pytest.approx(10.0 * math.log(32.0 / 31.0), rel=1e-4)
+    assert near > 20 * far
+    huber_near = cost(1.0, 0.0, "huber") - cost(0.0, 0.0, "huber")
+    huber_far = cost(31.0, 30.0, "huber") - cost(30.0, 30.0, "huber")
+    assert huber_near == pytest.approx(huber_far, rel=1e-4)
 
 
 def test_defocus_loss_is_robust_to_one_wild_estimate() -> None:

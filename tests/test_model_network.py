@@ -19,6 +19,8 @@ ARCHITECTURES = {
     "multiscale-sum": MultiScaleModelConfig(base_channels=4, depth=2, scales=3, fusion="sum"),
     "multiscale-concat": MultiScaleModelConfig(base_channels=4, depth=2, scales=2, fusion="concat"),
     "resnet34": ResNet34ModelConfig(base_channels=4),
+    "unet, image focus head": UNetModelConfig(base_channels=4, depth=3, focus_input="image"),
+    "multiscale, image focus head": MultiScaleModelConfig(base_channels=4, depth=2, scales=2, focus_input="image"),
 }
 
 
@@ -57,6 +59,24 @@ def test_focus_head_alone_sees_what_the_full_forward_gives_it(name: str) -> None
     torch.testing.assert_close(alone[:, 0], alone[:, 2] * torch.tanh(0.5 * alone[:, 3]))
 
 
+@pytest.mark.parametrize("name", ["unet, image focus head", "multiscale, image focus head"])
+def test_image_focus_head_reads_the_frame_not_the_unet(name: str) -> None:
+    """focus_input: image: changing every U-Net weight leaves the focus outputs as they were and changes the image;
+    changing the frame changes them."""
+    network = build_network(ARCHITECTURES[name]).eval()
+    x = torch.rand(1, 1, 2 * network.stride, 2 * network.stride)
+    with torch.no_grad():
+        image, focus = network(x)
+        for parameter_name, parameter in network.named_parameters():
+            if not parameter_name.startswith("focus_head."):
+                parameter.add_(0.3)
+        image_after, focus_after = network(x)
+        _, focus_other_frame = network(x.flip(-1) ** 2)
+    torch.testing.assert_close(focus_after, focus)
+    assert not torch.allclose(image_after, image)
+    assert not torch.allclose(focus_other_frame, focus)
+
+
 def test_parameter_count_of_the_default_unet_suits_real_time() -> None:
     count = sum(p.numel() for p in build_network(UNetModelConfig()).parameters())
     assert 500_000 <= count <= 2_000_000
@@ -88,15 +108,15 @@ def test_multiscale_fusion_feeds_the_coarse_scale_into_the_fine_one() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["multiscale-sum"])
-def test_multiscale_exports_to_onnx_with_dynamic_size(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["multiscale-sum", "unet, image focus head"])
+def test_network_exports_to_onnx_with_dynamic_size(name: str, tmp_path: Path) -> None:
     """Through the engines' own exporter, then ONNX Runtime at a size and batch other than the export example."""
     import onnxruntime
 
     from acquire_refocus.engines.onnx_engine import export_onnx
 
     network = build_network(ARCHITECTURES[name]).eval()
-    path = export_onnx(network, tmp_path / "multiscale.onnx", "0" * 64, example_size_px=64)
+    path = export_onnx(network, tmp_path / "network.onnx", "0" * 64, example_size_px=64)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((3, 1, 96, 160), dtype=np.float32)
     image, focus = session.run(None, {session.get_inputs()[0].name: x})

@@ -133,6 +133,34 @@ def test_decoder_alone_trains_and_leaves_the_encoder_and_the_focus_estimate_as_t
     assert load_weights(tuned.weights_path).metadata["training"]["train_only"] == "decoder"
 
 
+def test_an_image_focus_head_trains_on_a_bottleneck_head_model_and_leaves_its_refocusing_network_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """model.focus_input: image from initial weights with a bottleneck head: the U-Net loads, the new head starts
+    fresh (and the metadata says so), only the head changes, and its |d| error falls with training."""
+    torch.set_num_threads(1)
+    start = train(_config(), out_dir=tmp_path / "stage1", steps=1, progress=False)
+    base = _config(initial_weights=str(start.weights_path), train_only="focus_head").model_dump(mode="json")
+    config = parse_config(
+        {
+            **base,
+            "model": {**base["model"], "focus_input": "image"},
+            "loss": {**base["loss"], "defocus_magnitude_loss": "log_l1"},
+        }
+    )
+    first = train(config, out_dir=tmp_path / "head", steps=1, progress=False)
+    head = train(config, out_dir=tmp_path / "head", steps=80, resume=first.checkpoint_path, progress=False)
+    before = load_weights(start.weights_path).network.state_dict()
+    after = load_weights(head.weights_path).network.state_dict()
+    assert {name for name in after if not name.startswith("focus_head.")} <= set(before)
+    unchanged = [name for name, value in after.items() if not name.startswith("focus_head.")]
+    assert unchanged and all(torch.equal(after[name], before[name]) for name in unchanged)
+    assert head.history[-1].psnr_output_db == pytest.approx(start.history[-1].psnr_output_db)
+    assert head.history[-1].magnitude_mae_um < 0.8 * first.history[-1].magnitude_mae_um
+    recorded = load_weights(head.weights_path).metadata["training"]["initial_weights"]
+    assert any(name.startswith("focus_head.stages.") for name in recorded["fresh_parameters"])
+
+
 def test_initial_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     start = train(_config(), out_dir=tmp_path / "a", steps=1, progress=False)
     other = parse_config(

@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     last = result.history[-1] if result.history else None
     summary = f"trained {result.steps} steps in {result.wall_time_s / 60:.1f} min; weights: {result.weights_path}"
     if last is not None:
-        summary += f"\nvalidation: PSNR gain {last.psnr_gain_db:+.2f} dB, defocus MAE {last.defocus_mae_um:.2f} um"
+        summary += (
+            f"\nvalidation: PSNR gain {last.psnr_gain_db:+.2f} dB, defocus MAE {last.defocus_mae_um:.2f} um, "
+            f"|d| MAE {last.magnitude_mae_um:.2f} um"
+        )
     print(summary)
     return 0

@@ -25,6 +25,9 @@ _VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, 
 _VGG16_TAPS = (3, 8, 15, 22)
 # A wrong sign costs 2|d| in the final estimate; this weight makes the sign term comparable to the magnitude term.
 DEFOCUS_SIGN_WEIGHT = 5.0
+# The log-L1 magnitude term's weight: its gradient is this / (1 + |d| / um) per um, so 10 in focus (where the Huber
+# terms give 1) and about 0.3 at 30 um.
+LOG_MAGNITUDE_WEIGHT = 10.0
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -46,19 +49,27 @@ def structural_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return 1.0 - similarity
 
 
-def defocus_loss(focus: torch.Tensor, defocus_um: torch.Tensor, huber_delta_um: float) -> torch.Tensor:
+def defocus_loss(
+    focus: torch.Tensor, defocus_um: torch.Tensor, huber_delta_um: float, magnitude_loss: str = "huber"
+) -> torch.Tensor:
     """Huber loss on the defocus (robust to the occasional empty, unestimable patch) plus the Gaussian negative
     log-likelihood of the error under the predicted sigma. The NLL sees the defocus estimate detached, so the
     estimate itself is trained by the Huber terms alone and sigma learns to match the actual error.
 
-    With the training outputs of FocusHead (4 columns) the two factors are supervised too: Huber on the magnitude
-    and a logistic loss on the sign, weighted down within 1 um of focus where the sign hardly matters.
+    With the training outputs of a focus head (4 columns) the two factors are supervised too: the magnitude
+    (Huber in um, or with `magnitude_loss` "log_l1" an L1 on log(1 + |d|), LOG_MAGNITUDE_WEIGHT times) and the
+    sign (logistic loss, weighted down within 1 um of focus where the sign hardly matters).
     """
     estimate_um = focus[:, 0]
     log_sigma_um = focus[:, 1].clamp(-6.0, 6.0)
     loss = functional.huber_loss(estimate_um, defocus_um, delta=huber_delta_um)
     if focus.shape[1] >= 4:
-        loss = loss + functional.huber_loss(focus[:, 2], defocus_um.abs(), delta=huber_delta_um)
+        if magnitude_loss == "log_l1":
+            loss = loss + LOG_MAGNITUDE_WEIGHT * functional.l1_loss(
+                torch.log1p(focus[:, 2]), torch.log1p(defocus_um.abs())
+            )
+        else:
+            loss = loss + functional.huber_loss(focus[:, 2], defocus_um.abs(), delta=huber_delta_um)
         sign_weight = defocus_um.abs().clamp(max=1.0)
         loss = loss + DEFOCUS_SIGN_WEIGHT * functional.binary_cross_entropy_with_logits(
             focus[:, 3], (defocus_um > 0).to(focus.dtype), weight=sign_weight
@@ -186,7 +197,7 @@ class RefocusLoss(nn.Module):
             terms["multiscale"] = self.config.multiscale_weight * coarse_total / (len(outputs) - 1)
         if self.config.defocus_weight > 0:
             terms["defocus"] = self.config.defocus_weight * defocus_loss(
-                focus, defocus_um, self.config.defocus_huber_delta_um
+                focus, defocus_um, self.config.defocus_huber_delta_um, self.config.defocus_magnitude_loss
             )
         total = torch.stack(list(terms.values())).sum()
         return LossTerms(total=total, parts={name: float(value.detach()) for name, value in terms.items()})

@@ -1,6 +1,9 @@
 """The refocus networks: a U-Net that predicts the in-focus image and, from the same bottleneck features, the
 signed defocus, its uncertainty and the unsigned distance to focus.
 
+The focus head reads the bottleneck (FocusHead) or, with model.focus_input: image, the frame through a trunk of
+its own (ImageFocusHead).
+
 Every architecture shares one contract, because the engines export it to ONNX / TensorRT unchanged:
 eval-mode `forward(x)` returns exactly `(image [N,1,H,W], focus [N,3])` with focus[:, 0] = defocus_um,
 focus[:, 1] = log_sigma_um and focus[:, 2] = magnitude_um, the unsigned |defocus| (FOCUS_CONTRACT_VERSION 2;
@@ -57,9 +60,25 @@ def _upsample2(x: torch.Tensor) -> torch.Tensor:
     return functional.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
+def _masked_mean(features: torch.Tensor, weight_logits: torch.Tensor) -> torch.Tensor:
+    """[N, C]: features averaged over the frame with a sigmoid weight per cell (plus a floor, see _POOL_FLOOR)."""
+    weight = torch.sigmoid(weight_logits)
+    floor = _POOL_FLOOR * features.shape[2] * features.shape[3]
+    return (features * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + floor)
+
+
+def _focus_outputs(raw: torch.Tensor) -> torch.Tensor:
+    """[N, 4] training outputs from the last linear layer's three rows: defocus_um, log_sigma_um, magnitude_um,
+    sign_logit (P(d > 0) = sigmoid(sign_logit))."""
+    magnitude_um = functional.softplus(raw[:, 0:1]) * DEFOCUS_SCALE_UM
+    sign_logit = raw[:, SIGN_LOGIT_ROW : SIGN_LOGIT_ROW + 1]
+    defocus_um = magnitude_um * torch.tanh(0.5 * sign_logit)  # = magnitude * (2 P(d > 0) - 1)
+    return torch.cat([defocus_um, raw[:, LOG_SIGMA_ROW : LOG_SIGMA_ROW + 1], magnitude_um, sign_logit], dim=1)
+
+
 class FocusHead(nn.Module):
-    """Signed defocus, log-uncertainty and unsigned defocus from bottleneck features: a 1x1 convolution, pooled
-    over the frame with learnt weights, then two linears.
+    """Signed defocus, log-uncertainty and unsigned defocus from bottleneck features (model.focus_input:
+    bottleneck): a 1x1 convolution, pooled over the frame with learnt weights, then two linears.
 
     The pooling weights (a sigmoid per bottleneck cell) let the head average over the cells that show specimen:
     plain global averaging mixes in the empty background, so the same blur read as less defocus in a sparse
@@ -72,31 +91,79 @@ class FocusHead(nn.Module):
     the focus controller can use on its own where the optics leave the sign ambiguous (focus.sign_source: probe).
     """
 
+    reads_image = False
+
     def __init__(self, in_channels: int, hidden: int = 64) -> None:
         super().__init__()
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True))
         self.weight = nn.Conv2d(in_channels, 1, 1)
         self.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 3))
 
-    def forward_train(self, features: torch.Tensor) -> torch.Tensor:
-        """[N, 4]: defocus_um, log_sigma_um, magnitude_um, sign_logit (P(d > 0) = sigmoid(sign_logit))."""
-        weight = torch.sigmoid(self.weight(features))
-        floor = _POOL_FLOOR * features.shape[2] * features.shape[3]
-        pooled = (self.reduce(features) * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + floor)
-        raw = self.fc(pooled)
-        magnitude_um = functional.softplus(raw[:, 0:1]) * DEFOCUS_SCALE_UM
-        sign_logit = raw[:, SIGN_LOGIT_ROW : SIGN_LOGIT_ROW + 1]
-        defocus_um = magnitude_um * torch.tanh(0.5 * sign_logit)  # = magnitude * (2 P(d > 0) - 1)
-        return torch.cat([defocus_um, raw[:, LOG_SIGMA_ROW : LOG_SIGMA_ROW + 1], magnitude_um, sign_logit], dim=1)
+    def forward_train(self, image: torch.Tensor, bottom: torch.Tensor | None) -> torch.Tensor:
+        """[N, 4] (see _focus_outputs) from the bottleneck; `image` is not read."""
+        if bottom is None:
+            raise ValueError("FocusHead reads the bottleneck features")
+        return _focus_outputs(self.fc(_masked_mean(self.reduce(bottom), self.weight(bottom))))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.forward_train(features)[:, :3]
+    def forward(self, image: torch.Tensor, bottom: torch.Tensor | None) -> torch.Tensor:
+        return self.forward_train(image, bottom)[:, :3]
+
+
+class ImageFocusHead(nn.Module):
+    """The same outputs as FocusHead, read from the normalised frame itself (model.focus_input: image) by a trunk
+    of its own: six convolution stages, the first at full resolution, each pooled over the frame with learnt
+    weights, then two linears.
+
+    Why: defocus shows first in the finest detail, which five poolings down to the U-Net's bottleneck discard,
+    and the bottleneck is shaped for restoring the image, not for measuring blur. Read there, |d| came out
+    compressed toward ~2-4 um (2.3 um read in focus, 4.0 at 6 um). Pooling every stage lets the head compare
+    fine against coarse structure, which is what blur changes."""
+
+    reads_image = True
+    widths = (16, 24, 32, 48, 64, 64)
+
+    def __init__(self, hidden: int = 96) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList()
+        previous = 1
+        for level, width in enumerate(self.widths):
+            stride = 1 if level == 0 else 2
+            self.stages.append(
+                nn.Sequential(
+                    nn.Conv2d(previous, width, 3, stride=stride, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(width, width, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                )
+            )
+            previous = width
+        self.weights = nn.ModuleList(nn.Conv2d(width, 1, 1) for width in self.widths)
+        self.fc = nn.Sequential(nn.Linear(sum(self.widths), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 3))
+
+    def forward_train(self, image: torch.Tensor, bottom: torch.Tensor | None) -> torch.Tensor:
+        """[N, 4] (see _focus_outputs) from the frame; `bottom` is not read."""
+        pooled = []
+        x = image
+        for stage, weight in zip(self.stages, self.weights, strict=True):
+            x = stage(x)
+            pooled.append(_masked_mean(x, weight(x)))
+        return _focus_outputs(self.fc(torch.cat(pooled, dim=1)))
+
+    def forward(self, image: torch.Tensor, bottom: torch.Tensor | None) -> torch.Tensor:
+        return self.forward_train(image, bottom)[:, :3]
+
+
+def build_focus_head(focus_input: str, bottleneck_channels: int) -> FocusHead | ImageFocusHead:
+    """The focus head `model.focus_input` names."""
+    return ImageFocusHead() if focus_input == "image" else FocusHead(bottleneck_channels)
 
 
 class RefocusNetwork(nn.Module, ABC):
     """What training, export and inference use of every architecture (the contract in the module docstring)."""
 
-    focus_head: FocusHead
+    focus_head: FocusHead | ImageFocusHead
     stride: int  # frame sides must be a multiple of this
 
     @abstractmethod
@@ -104,8 +171,13 @@ class RefocusNetwork(nn.Module, ABC):
         """Image outputs (coarsest first where there are several) and the focus head's training outputs."""
 
     @abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck features a bottleneck focus head reads, without the image decoder where possible."""
+
     def forward_focus(self, x: torch.Tensor) -> torch.Tensor:
-        """The focus head's training outputs, without running the image decoder where the head does not need it."""
+        """The focus head's training outputs alone (training the head alone; its calibration): an image head
+        runs without any of the U-Net."""
+        return self.focus_head.forward_train(x, None if self.focus_head.reads_image else self.encode(x))
 
     @abstractmethod
     def image_decoder(self) -> nn.ModuleList:
@@ -163,24 +235,23 @@ class UNetCore(nn.Module):
 class RefocusUNet(RefocusNetwork):
     """The default network: U-Net predicting a residual on the (normalised) input, plus the focus head."""
 
-    def __init__(self, base_channels: int = 16, depth: int = 4) -> None:
+    def __init__(self, base_channels: int = 16, depth: int = 4, focus_input: str = "bottleneck") -> None:
         super().__init__()
         self.core = UNetCore(1, base_channels, depth)
         self.to_image = nn.Conv2d(self.core.out_channels, 1, 1)
-        self.focus_head = FocusHead(self.core.bottleneck_channels)
+        self.focus_head = build_focus_head(focus_input, self.core.bottleneck_channels)
         self.stride = 2**depth
 
     def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         features, bottom = self.core(x)
-        return [x + self.to_image(features)], self.focus_head.forward_train(bottom)
+        return [x + self.to_image(features)], self.focus_head.forward_train(x, bottom)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, bottom = self.core(x)
-        return x + self.to_image(features), self.focus_head(bottom)
+        return x + self.to_image(features), self.focus_head(x, bottom)
 
-    def forward_focus(self, x: torch.Tensor) -> torch.Tensor:
-        """The focus head's training outputs without the decoder (training the head alone)."""
-        return self.focus_head.forward_train(self.core.encode(x))
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.core.encode(x)
 
     def image_decoder(self) -> nn.ModuleList:
         """The modules that shape the image and nothing the focus head reads (training.train_only: decoder)."""
@@ -191,7 +262,14 @@ class MultiScaleUNet(RefocusNetwork):
     """Head-to-tail multi-scale U-Net: coarse-to-fine, each coarser scale's decoder output feeds the finer
     scale's encoder (by summation after a 1x1 projection, or by concatenation)."""
 
-    def __init__(self, base_channels: int = 16, depth: int = 4, scales: int = 3, fusion: str = "sum") -> None:
+    def __init__(
+        self,
+        base_channels: int = 16,
+        depth: int = 4,
+        scales: int = 3,
+        fusion: str = "sum",
+        focus_input: str = "bottleneck",
+    ) -> None:
         super().__init__()
         if fusion not in ("sum", "concat"):
             raise ConfigError(f"model.fusion must be 'sum' or 'concat', got {fusion!r}")
@@ -207,7 +285,7 @@ class MultiScaleUNet(RefocusNetwork):
             core = UNetCore(in_channels, base_channels, depth)
             self.cores.append(core)
             self.to_images.append(nn.Conv2d(core.out_channels, 1, 1))
-        self.focus_head = FocusHead(core.bottleneck_channels)  # the finest scale's
+        self.focus_head = build_focus_head(focus_input, core.bottleneck_channels)  # the finest scale's bottleneck
 
     def _pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         levels = [x]
@@ -233,15 +311,15 @@ class MultiScaleUNet(RefocusNetwork):
     def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Outputs at every scale (coarsest first, each at its own resolution) and the focus of the finest."""
         outputs, bottom = self._scales(x)
-        return outputs, self.focus_head.forward_train(bottom)
+        return outputs, self.focus_head.forward_train(x, bottom)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outputs, bottom = self._scales(x)
-        return outputs[-1], self.focus_head(bottom)
+        return outputs[-1], self.focus_head(x, bottom)
 
-    def forward_focus(self, x: torch.Tensor) -> torch.Tensor:
-        """The focus head's training outputs (the finest scale's encoder needs every coarser decoder)."""
-        return self.focus_head.forward_train(self._scales(x)[1])
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The finest scale's bottleneck (its encoder needs every coarser decoder)."""
+        return self._scales(x)[1]
 
     def image_decoder(self) -> nn.ModuleList:
         """The finest scale's decoder: every coarser one feeds the encoder the focus head reads."""
@@ -333,7 +411,7 @@ class ResNet34Encoder(nn.Module):
 class ResNet34UNet(RefocusNetwork):
     """U-Net with a ResNet-34 encoder. The grey input is repeated to the three channels ImageNet weights expect."""
 
-    def __init__(self, base_channels: int = 16) -> None:
+    def __init__(self, base_channels: int = 16, focus_input: str = "bottleneck") -> None:
         super().__init__()
         self.encoder = ResNet34Encoder()
         self.stride = 32
@@ -346,7 +424,7 @@ class ResNet34UNet(RefocusNetwork):
             previous = width
         self.full_res = _conv_block(previous + 1, dec[4])
         self.to_image = nn.Conv2d(dec[4], 1, 1)
-        self.focus_head = FocusHead(enc[4])
+        self.focus_head = build_focus_head(focus_input, enc[4])
 
     def _decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(x.expand(-1, 3, -1, -1))
@@ -358,15 +436,15 @@ class ResNet34UNet(RefocusNetwork):
 
     def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         image, bottom = self._decode(x)
-        return [image], self.focus_head.forward_train(bottom)
+        return [image], self.focus_head.forward_train(x, bottom)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image, bottom = self._decode(x)
-        return image, self.focus_head(bottom)
+        return image, self.focus_head(x, bottom)
 
-    def forward_focus(self, x: torch.Tensor) -> torch.Tensor:
-        """The focus head's training outputs without the decoder."""
-        return self.focus_head.forward_train(self.encoder(x.expand(-1, 3, -1, -1))[4])
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        bottom: torch.Tensor = self.encoder(x.expand(-1, 3, -1, -1))[4]
+        return bottom
 
     def image_decoder(self) -> nn.ModuleList:
         """The modules that shape the image and nothing the focus head reads (training.train_only: decoder)."""
@@ -377,10 +455,16 @@ def build_network(model_config: ModelConfig, *, load_pretrained: bool = True) ->
     """The network named by `model_config.architecture`, freshly initialised (ImageNet encoder weights only from
     `model_config.pretrained_encoder`, and only when `load_pretrained`)."""
     if isinstance(model_config, UNetModelConfig):
-        return RefocusUNet(model_config.base_channels, model_config.depth)
+        return RefocusUNet(model_config.base_channels, model_config.depth, model_config.focus_input)
     if isinstance(model_config, MultiScaleModelConfig):
-        return MultiScaleUNet(model_config.base_channels, model_config.depth, model_config.scales, model_config.fusion)
-    network = ResNet34UNet(model_config.base_channels)
+        return MultiScaleUNet(
+            model_config.base_channels,
+            model_config.depth,
+            model_config.scales,
+            model_config.fusion,
+            model_config.focus_input,
+        )
+    network = ResNet34UNet(model_config.base_channels, model_config.focus_input)
     if load_pretrained and model_config.pretrained_encoder is not None:
         network.encoder.load_pretrained(model_config.pretrained_encoder)
     return network

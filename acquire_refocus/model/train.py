@@ -57,6 +57,8 @@ PLANES_PER_WINDOW = 8
 REFRESH_EVERY_STEPS = 12
 SIGN_CALIBRATION_MIN_UM = 1.0
 _WEIGHT_PATHS = frozenset({"weights", "pretrained_encoder"})  # model settings that name files, not the network
+# Model settings that only choose the focus head's design: initial weights with another head start the new head fresh.
+_HEAD_SETTINGS = frozenset({"focus_input"})
 
 
 @dataclass
@@ -66,6 +68,7 @@ class ValidationResult:
     psnr_input_db: float
     psnr_output_db: float
     defocus_mae_um: float
+    magnitude_mae_um: float = math.nan  # of the unsigned estimate |d| (NaN in checkpoints from before it)
 
     @property
     def psnr_gain_db(self) -> float:
@@ -117,7 +120,7 @@ def validation_metrics(
 ) -> ValidationResult:
     """Loss, PSNR of input and output against the target, and defocus MAE on a fixed batch (eval mode)."""
     network.eval()
-    losses, psnr_in, psnr_out, errors = [], [], [], []
+    losses, psnr_in, psnr_out, errors, magnitude_errors = [], [], [], [], []
     with torch.no_grad():
         for start in range(0, len(batch.inputs), chunk):
             x = torch.from_numpy(batch.inputs[start : start + chunk]).to(device)
@@ -128,6 +131,7 @@ def validation_metrics(
             psnr_in.append(psnr_db(x, y))
             psnr_out.append(psnr_db(outputs[-1], y))
             errors.append((focus[:, 0] - d).abs())
+            magnitude_errors.append((focus[:, 2] - d.abs()).abs())
     _set_train_mode(network, train_mode)
     count = len(batch.inputs)
     return ValidationResult(
@@ -136,6 +140,7 @@ def validation_metrics(
         psnr_input_db=float(torch.cat(psnr_in).mean()),
         psnr_output_db=float(torch.cat(psnr_out).mean()),
         defocus_mae_um=float(torch.cat(errors).mean()),
+        magnitude_mae_um=float(torch.cat(magnitude_errors).mean()),
     )
 
 
@@ -204,7 +209,7 @@ def _load_initial_weights(network: RefocusNetwork, path: Path, model_config: Mod
     (a focus head of another design) keep their fresh initialisation, and the log says which. Returns what the
     new weights' metadata records about where they started."""
     payload, sha256 = read_payload(path)
-    _require_same_model(payload, model_config, f"training.initial_weights {path}")
+    _require_same_model(payload, model_config, f"training.initial_weights {path}", ignore=_HEAD_SETTINGS)
     own = network.state_dict()
     usable = {k: v for k, v in payload["state_dict"].items() if k in own and own[k].shape == v.shape}
     fresh = sorted(k for k in own if k not in usable)
@@ -226,12 +231,13 @@ def _resolve_initial_weights(config: AppConfig) -> tuple[AppConfig, Path | None]
     if setting != "shipped":
         return config, None if setting is None else Path(setting)
     shipped = payload_model_config(read_payload(DEFAULT_WEIGHTS)[0])
+    kept = _WEIGHT_PATHS | _HEAD_SETTINGS
     given = {
         name: getattr(config.model, name)
         for name in config.model.model_fields_set
-        if name not in _WEIGHT_PATHS and name != "weights_per_channel"
+        if name not in kept and name != "weights_per_channel"
     }
-    shipped_settings = shipped.model_dump(exclude={*_WEIGHT_PATHS, "weights_per_channel"})
+    shipped_settings = shipped.model_dump(exclude={*kept, "weights_per_channel"})
     if type(config.model) is not type(shipped) or any(shipped_settings[k] != v for k, v in given.items()):
         log.info(
             kv(
@@ -242,9 +248,7 @@ def _resolve_initial_weights(config: AppConfig) -> tuple[AppConfig, Path | None]
             )
         )
         return config, None
-    model = replace(
-        shipped, **{name: getattr(config.model, name) for name in config.model.model_fields_set & _WEIGHT_PATHS}
-    )
+    model = replace(shipped, **{name: getattr(config.model, name) for name in config.model.model_fields_set & kept})
     return replace(config, model=model), DEFAULT_WEIGHTS
 
 
@@ -262,10 +266,13 @@ def _resume_state(path: Path, model_config: ModelConfig) -> dict[str, Any]:
     return payload
 
 
-def _require_same_model(payload: dict[str, Any], model_config: ModelConfig, source: str) -> None:
-    """ConfigError unless the file's network settings are the config's (files store them without weight paths)."""
-    saved = payload_model_config(payload).model_dump(mode="json", exclude=set(_WEIGHT_PATHS))
-    current = model_config.model_dump(mode="json", exclude=set(_WEIGHT_PATHS))
+def _require_same_model(
+    payload: dict[str, Any], model_config: ModelConfig, source: str, ignore: frozenset[str] = frozenset()
+) -> None:
+    """ConfigError unless the file's network settings are the config's (files store them without weight paths),
+    settings in `ignore` aside."""
+    saved = payload_model_config(payload).model_dump(mode="json", exclude={*_WEIGHT_PATHS, *ignore})
+    current = model_config.model_dump(mode="json", exclude={*_WEIGHT_PATHS, *ignore})
     if saved != current:
         raise ConfigError(f"{source}: was trained with model settings {saved}, the config asks for {current}")
 
@@ -320,7 +327,9 @@ def _training_data(config: AppConfig, patch_px: int) -> _TrainingData:
 def _write_history(path: Path, history: list[ValidationResult]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["step", "loss", "psnr_input_db", "psnr_output_db", "psnr_gain_db", "defocus_mae_um"])
+        writer.writerow(
+            ["step", "loss", "psnr_input_db", "psnr_output_db", "psnr_gain_db", "defocus_mae_um", "magnitude_mae_um"]
+        )
         for row in history:
             writer.writerow(
                 [
@@ -330,6 +339,7 @@ def _write_history(path: Path, history: list[ValidationResult]) -> None:
                     f"{row.psnr_output_db:.3f}",
                     f"{row.psnr_gain_db:.3f}",
                     f"{row.defocus_mae_um:.3f}",
+                    f"{row.magnitude_mae_um:.3f}",
                 ]
             )
 
@@ -434,7 +444,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(progress, training.learning_rate)
         if training.train_only == "focus_head":  # the image loss cannot change: skip the decoder, train the focus
-            total = defocus_loss(self.network.forward_focus(x), d, loss.defocus_huber_delta_um)
+            total = defocus_loss(
+                self.network.forward_focus(x), d, loss.defocus_huber_delta_um, loss.defocus_magnitude_loss
+            )
             parts: dict[str, float] = {}
         else:
             outputs, focus = self.network.forward_train(x)
@@ -468,6 +480,7 @@ class Trainer:
                 loss=f"{result.loss:.4f}",
                 psnr_gain_db=f"{result.psnr_gain_db:.2f}",
                 defocus_mae_um=f"{result.defocus_mae_um:.2f}",
+                magnitude_mae_um=f"{result.magnitude_mae_um:.2f}",
                 train_loss=f"{self.running.get('loss', float('nan')):.4f}",
                 elapsed_s=round(time.monotonic() - self.started),
             )
