@@ -82,6 +82,14 @@ def test_fit_needs_a_z_spread_and_is_trusted_only_within_its_range() -> None:
     assert sharpness_focus_z(gaussian_samples(120.0, [100.0, 100.5]), 4.0, 4.0) == pytest.approx(100.25 + 4.0)
 
 
+def test_the_z_spread_the_fit_needs_scales_with_the_sharpness_width() -> None:
+    """A 60x / 1.4 oil objective dithers +-0.047 um (a tenth of its 0.47 um depth of field; width 0.63 um): the fit
+    must start from frames that span 0.094 um there, while at 20x / 0.45 (width 4 um) that span is too small."""
+    planes = [100.0 - 0.047, 100.0 + 0.047]
+    assert sharpness_focus_z(gaussian_samples(100.2, planes, 0.63), 0.63, 0.63) == pytest.approx(100.2)
+    assert sharpness_focus_z(gaussian_samples(100.2, planes, 4.0), 4.0, 4.0) is None
+
+
 @pytest.mark.parametrize("assumed_width_um", [2.5, 4.0, 5.0])
 def test_a_wrong_width_still_converges_when_the_fit_is_repeated(assumed_width_um: float) -> None:
     """True width 4 um. Each fit lands (w_assumed / w_true)^2 of the way from the planes' mean Z to the peak: short

@@ -20,11 +20,11 @@ import useq
 
 from acquire_refocus.config import FocusConfig, OpticsConfig
 from acquire_refocus.focus.estimators import (
-    MIN_SHARPNESS_SPAN_UM,
     Estimate,
     SharpnessSample,
     drift_rate_um_per_time_point,
     latest_stack,
+    min_sharpness_span_um,
     network_focus_z,
     probe_focus_z,
     sharpness_focus_z,
@@ -199,7 +199,7 @@ class FocusController:
     def _add_sharpness_locked(self, position: int, sample: SharpnessSample) -> None:
         samples = self._sharpness_window.setdefault(position, deque(maxlen=_MAX_STACK_PLANES))
         dither_only = bool(samples) and abs(sample.stage_z_um - samples[-1].stage_z_um) <= (
-            2 * self.sharpness_dither_um + MIN_SHARPNESS_SPAN_UM
+            2 * self.sharpness_dither_um + min_sharpness_span_um(self.sharpness_width_um)
         )
         recent = list(samples)[-self._sharpness_frames :]
         if dither_only and sharpness_jumped(recent, sample, self.sharpness_width_um):

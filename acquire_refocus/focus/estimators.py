@@ -18,12 +18,14 @@ import numpy as np
 _PROBE_GRID_UM = 0.05
 _PROBE_HUBER_UM = 1.0
 AMBIGUOUS_COST_UM2 = 0.1
-# Sharpness fit: the frames' Z must span at least this much to say where the peak is. A new frame taken where only
+# Sharpness fit: the frames' Z must span at least this fraction of the sharpness width to say where the peak is
+# (0.1 um for 20x / 0.45 NA, whose width is 4 um; an absolute 0.1 um kept the fit from ever starting at 60x / 1.4,
+# whose dither, a tenth of the 0.47 um depth of field, spans 0.094 um). A new frame taken where only
 # the dither moved the stage, whose log sharpness is further than _SHARPNESS_JUMP from what the fit predicts,
 # shows that focus (or the field) changed suddenly and restarts the fit from it (a 2 um focus step near focus
 # changes it by ~0.15, the dither by 0.01-0.05). After a move of the loop it is not checked: far from focus the
 # Gaussian model underrates how much sharper the frame gets.
-MIN_SHARPNESS_SPAN_UM = 0.1
+MIN_SHARPNESS_SPAN_FRACTION = 0.025
 _SHARPNESS_JUMP = 0.1
 _DRIFT_FIT_MIN = 4  # the drift rate is fitted once there are this many time points
 
@@ -42,10 +44,15 @@ class SharpnessSample:
     t_index: int  # the time point it belongs to: the planes of one z-stack share it
 
 
+def min_sharpness_span_um(width_um: float) -> float:
+    """The least Z span of frames from which the sharpness fit says where the peak is."""
+    return MIN_SHARPNESS_SPAN_FRACTION * width_um
+
+
 def _gaussian_fit(samples: list[SharpnessSample], width_um: float) -> tuple[float, float, float] | None:
     """(mean Z, mean of u, slope) of u = log s + z^2 / 2w^2 against z; None without enough Z spread."""
     z = np.array([s.stage_z_um for s in samples])
-    if len(samples) < 2 or np.ptp(z) < MIN_SHARPNESS_SPAN_UM:
+    if len(samples) < 2 or np.ptp(z) < min_sharpness_span_um(width_um):
         return None
     u = np.array([s.log_sharpness for s in samples]) + z**2 / (2 * width_um**2)
     dz = z - z.mean()
@@ -54,7 +61,7 @@ def _gaussian_fit(samples: list[SharpnessSample], width_um: float) -> tuple[floa
 
 def sharpness_focus_z(samples: list[SharpnessSample], width_um: float, range_um: float) -> float | None:
     """The sharpest stage Z under the Gaussian model (acquire_refocus.focus), clamped to `range_um` from the samples'
-    mean Z; None while the samples' Z span less than `MIN_SHARPNESS_SPAN_UM`."""
+    mean Z; None while the samples' Z span less than `min_sharpness_span_um(width_um)`."""
     fit = _gaussian_fit(samples, width_um)
     if fit is None:
         return None
