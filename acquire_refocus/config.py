@@ -245,7 +245,8 @@ class _ModelSection(_Section):
     focus_input: Literal["bottleneck", "image"] = Field(
         "bottleneck",
         description="what the autofocus head reads: the U-Net's bottleneck features, or the frame itself through "
-        "a full-resolution trunk of its own (more accurate |d|, about 40 % more compute at 512 px)",
+        "a full-resolution trunk of its own (measured at 20x: |d| closer at 3-10 um, worse beyond 14 um on dim "
+        "frames; a 512 px call 1.28x as long; tools/reports/robust-model/README.md)",
     )
     weights: Path | None = None
     weights_per_channel: dict[str, Path] = Field(

@@ -117,7 +117,9 @@ class ImageFocusHead(nn.Module):
     Why: defocus shows first in the finest detail, which five poolings down to the U-Net's bottleneck discard,
     and the bottleneck is shaped for restoring the image, not for measuring blur. Read there, |d| came out
     compressed toward ~2-4 um (2.3 um read in focus, 4.0 at 6 um). Pooling every stage lets the head compare
-    fine against coarse structure, which is what blur changes."""
+    fine against coarse structure, which is what blur changes. Measured (tools/reports/robust-model/README.md):
+    at 20x it follows |d| better at 3-10 um but reads no lower in focus; at 60x it reads flat, as the bottleneck
+    head does. Not in the shipped model."""
 
     reads_image = True
     widths = (16, 24, 32, 48, 64, 64)
