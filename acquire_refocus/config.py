@@ -431,6 +431,14 @@ class _TrainingSection(_Section):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None uses all cores")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)
+    fusion_margin_extra_um: float = Field(
+        0.0,
+        ge=0.0,
+        le=20.0,
+        description="added to the fusion margin measured on the simulated validation specimens when the focus "
+        "head is calibrated, and written into the weights with it: the head may overrate |d| more on real "
+        "specimens (+1 um turned 40x / 0.95 air's -4.4 dB on a real image in focus into +4.1 dB)",
+    )
 
     @model_validator(mode="after")
     def _check_defocus_range(self) -> _TrainingSection:
@@ -511,14 +519,6 @@ class EngineConfig(_Section):
         True,
         description="bound the network's image by what defocus can explain and lean on the raw frame where "
         "it already holds the answer (model/fusion.py); false returns the network's image as it is",
-    )
-    fusion_margin_um: float | None = Field(
-        None,
-        ge=0.0,
-        le=50.0,
-        description="what the fusion subtracts from the network's |d| before bounding the image; null: the margin "
-        "measured at training on simulated validation specimens (the weights' focus_calibration). Larger is safer "
-        "near focus and gains less: +1 um turned 40x / 0.95 air's -4.4 dB on a real image in focus into +4.1 dB",
     )
 
     @model_validator(mode="after")

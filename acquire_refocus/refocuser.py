@@ -148,10 +148,9 @@ class Refocuser:
             training = loaded.metadata.get("training") or {}
             calibration = training.get("focus_calibration") or {}
             reach_um = max((abs(float(d)) for d in training.get("defocus_range_um") or ()), default=SHIPPED_REACH_UM)
-            margin_um = engine_config.fusion_margin_um
-            if margin_um is None:
-                margin_um = float(calibration.get("magnitude_margin_um", DEFAULT_MARGIN_UM))
-            fusion = OpticalFusion(loaded.optics, margin_um, reach_um)
+            fusion = OpticalFusion(
+                loaded.optics, float(calibration.get("magnitude_margin_um", DEFAULT_MARGIN_UM)), reach_um
+            )
         log.info(
             kv(
                 "refocuser_loaded",

@@ -161,6 +161,21 @@ def test_an_image_focus_head_trains_on_a_bottleneck_head_model_and_leaves_its_re
     assert any(name.startswith("focus_head.stages.") for name in recorded["fresh_parameters"])
 
 
+def test_an_extra_fusion_margin_is_added_to_the_measured_one_and_used_by_the_refocuser(tmp_path: Path) -> None:
+    from acquire_refocus import Refocuser
+
+    torch.set_num_threads(1)
+    plain = train(_config(), out_dir=tmp_path / "plain", steps=2, progress=False)
+    wider = train(_config(fusion_margin_extra_um=1.5), out_dir=tmp_path / "wider", steps=2, progress=False)
+    measured = load_weights(plain.weights_path).metadata["training"]["focus_calibration"]
+    recorded = load_weights(wider.weights_path).metadata["training"]["focus_calibration"]
+    assert recorded["magnitude_margin_measured_um"] == measured["magnitude_margin_measured_um"]  # same seed, steps
+    assert recorded["magnitude_margin_extra_um"] == 1.5
+    assert recorded["magnitude_margin_um"] == pytest.approx(measured["magnitude_margin_um"] + 1.5, abs=1e-3)
+    fusion = Refocuser.load(wider.weights_path, engine="torch").fusion
+    assert fusion is not None and fusion.margin_um == pytest.approx(recorded["magnitude_margin_um"])
+
+
 def test_initial_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     start = train(_config(), out_dir=tmp_path / "a", steps=1, progress=False)
     other = parse_config(

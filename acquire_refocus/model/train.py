@@ -533,10 +533,13 @@ class Trainer:
         final_metadata = self.metadata()
         if self.config.training.train_only != "decoder":  # the focus head was trained: calibrate it
             temperature, sigma_scale, margin_um = calibrate_focus_head(self.network, self.validation_batch, self.device)
+            extra_um = self.config.training.fusion_margin_extra_um
             final_metadata["training"]["focus_calibration"] = {
                 "sign_temperature": round(temperature, 4),
                 "sigma_scale": round(sigma_scale, 4),
-                "magnitude_margin_um": round(margin_um, 3),
+                "magnitude_margin_um": round(margin_um + extra_um, 3),  # what the fusion subtracts
+                "magnitude_margin_measured_um": round(margin_um, 3),
+                "magnitude_margin_extra_um": extra_um,
             }
             log.info(
                 kv("focus_head_calibrated", sign_temperature=f"{temperature:.3g}", sigma_scale=f"{sigma_scale:.3g}")
