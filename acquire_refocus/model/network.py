@@ -45,9 +45,9 @@ LOG_SIGMA_ROW = 2
 _POOL_FLOOR = 0.01
 
 
-def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
         nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
@@ -129,17 +129,7 @@ class ImageFocusHead(nn.Module):
         self.stages = nn.ModuleList()
         previous = 1
         for level, width in enumerate(self.widths):
-            stride = 1 if level == 0 else 2
-            self.stages.append(
-                nn.Sequential(
-                    nn.Conv2d(previous, width, 3, stride=stride, padding=1, bias=False),
-                    nn.BatchNorm2d(width),
-                    nn.ReLU(inplace=True),
-                    nn.Conv2d(width, width, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(width),
-                    nn.ReLU(inplace=True),
-                )
-            )
+            self.stages.append(_conv_block(previous, width, stride=1 if level == 0 else 2))
             previous = width
         self.weights = nn.ModuleList(nn.Conv2d(width, 1, 1) for width in self.widths)
         self.fc = nn.Sequential(nn.Linear(sum(self.widths), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 3))
