@@ -237,12 +237,16 @@ class SimulatorConfig(_Section):
         return self
 
 
+FocusInput = Literal["bottleneck", "image"]  # what the autofocus head reads (model/network.py)
+MagnitudeLoss = Literal["huber", "log_l1"]  # the loss on the unsigned estimate |d| (model/losses.py)
+
+
 class _ModelSection(_Section):
     """The refocusing network. `weights: null` means the default model shipped in the package."""
 
     architecture: str  # each architecture's own Literal; first, so that a dump names it first
     base_channels: int = Field(16, ge=4, le=128)
-    focus_input: Literal["bottleneck", "image"] = Field(
+    focus_input: FocusInput = Field(
         "bottleneck",
         description="what the autofocus head reads: the U-Net's bottleneck features, or the frame itself through "
         "a full-resolution trunk of its own (measured at 20x: |d| closer at 3-10 um, worse beyond 14 um on dim "
@@ -327,7 +331,7 @@ class LossConfig(_Section):
     feature_network_weights: Path | None = Field(None, description="VGG-16 weights file for the feature loss")
     defocus_weight: float = Field(0.05, ge=0.0)
     defocus_huber_delta_um: float = Field(1.0, gt=0.0)
-    defocus_magnitude_loss: Literal["huber", "log_l1"] = Field(
+    defocus_magnitude_loss: MagnitudeLoss = Field(
         "huber",
         description="loss on the unsigned estimate |d|: huber (in um), or log_l1 (L1 of log(1 + |d| / 1 um): "
         "relative error far from focus, absolute near it, so 1 um in focus weighs as much as 30 um at 30 um)",

@@ -16,7 +16,7 @@ from pytorch_msssim import ms_ssim, ssim
 from torch import nn
 from torch.nn import functional
 
-from acquire_refocus.config import LossConfig
+from acquire_refocus.config import LossConfig, MagnitudeLoss
 from acquire_refocus.errors import ConfigError
 
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -50,7 +50,7 @@ def structural_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 def defocus_loss(
-    focus: torch.Tensor, defocus_um: torch.Tensor, huber_delta_um: float, magnitude_loss: str = "huber"
+    focus: torch.Tensor, defocus_um: torch.Tensor, huber_delta_um: float, magnitude_loss: MagnitudeLoss = "huber"
 ) -> torch.Tensor:
     """Huber loss on the defocus (robust to the occasional empty, unestimable patch) plus the Gaussian negative
     log-likelihood of the error under the predicted sigma. The NLL sees the defocus estimate detached, so the

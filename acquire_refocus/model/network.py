@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from acquire_refocus.config import ModelConfig, MultiScaleModelConfig, UNetModelConfig
+from acquire_refocus.config import FocusInput, ModelConfig, MultiScaleModelConfig, UNetModelConfig
 from acquire_refocus.errors import ConfigError
 
 # The focus head predicts defocus in units of this many um, so its raw outputs stay O(1) during training.
@@ -147,7 +147,7 @@ class ImageFocusHead(nn.Module):
         return self.forward_train(image, bottom)[:, :3]
 
 
-def build_focus_head(focus_input: str, bottleneck_channels: int) -> FocusHead | ImageFocusHead:
+def build_focus_head(focus_input: FocusInput, bottleneck_channels: int) -> FocusHead | ImageFocusHead:
     """The focus head `model.focus_input` names."""
     return ImageFocusHead() if focus_input == "image" else FocusHead(bottleneck_channels)
 
@@ -227,7 +227,7 @@ class UNetCore(nn.Module):
 class RefocusUNet(RefocusNetwork):
     """The default network: U-Net predicting a residual on the (normalised) input, plus the focus head."""
 
-    def __init__(self, base_channels: int = 16, depth: int = 4, focus_input: str = "bottleneck") -> None:
+    def __init__(self, base_channels: int = 16, depth: int = 4, focus_input: FocusInput = "bottleneck") -> None:
         super().__init__()
         self.core = UNetCore(1, base_channels, depth)
         self.to_image = nn.Conv2d(self.core.out_channels, 1, 1)
@@ -260,7 +260,7 @@ class MultiScaleUNet(RefocusNetwork):
         depth: int = 4,
         scales: int = 3,
         fusion: str = "sum",
-        focus_input: str = "bottleneck",
+        focus_input: FocusInput = "bottleneck",
     ) -> None:
         super().__init__()
         if fusion not in ("sum", "concat"):
@@ -403,7 +403,7 @@ class ResNet34Encoder(nn.Module):
 class ResNet34UNet(RefocusNetwork):
     """U-Net with a ResNet-34 encoder. The grey input is repeated to the three channels ImageNet weights expect."""
 
-    def __init__(self, base_channels: int = 16, focus_input: str = "bottleneck") -> None:
+    def __init__(self, base_channels: int = 16, focus_input: FocusInput = "bottleneck") -> None:
         super().__init__()
         self.encoder = ResNet34Encoder()
         self.stride = 32
