@@ -136,7 +136,7 @@ class CameraConfig(_Section):
         return (1 << self.bit_depth) - 1
 
 
-SpecimenFamily = Literal["nuclei", "cytoplasm", "membranes", "filaments", "puncta", "mixture"]
+SpecimenFamily = Literal["nuclei", "cytoplasm", "membranes", "filaments", "puncta", "beads", "mixture"]
 
 
 class SpecimenConfig(_Section):
@@ -144,7 +144,9 @@ class SpecimenConfig(_Section):
     other families (sim/families.py) give training and evaluation specimens of other shapes and textures."""
 
     family: SpecimenFamily = Field(
-        "nuclei", description="nuclei, cytoplasm, membranes, filaments, puncta, or mixture (nuclei plus another)"
+        "nuclei",
+        description="nuclei, cytoplasm, membranes, filaments, puncta, beads (one plane), or mixture (nuclei plus "
+        "another)",
     )
     field_size_um: tuple[float, float] = (600.0, 600.0)
     layer_thickness_um: float = Field(6.0, ge=0.0, le=100.0, description="spread of nucleus centres in z")

@@ -36,6 +36,23 @@ def test_each_family_is_a_seeded_periodic_volume_with_structure(family: str) -> 
     np.testing.assert_array_equal(first.window(height - 2, 0, 4, 4)[:, 2:], first.window(0, 0, 2, 4))
 
 
+def test_beads_lie_in_one_plane_and_their_blur_grows_with_the_distance() -> None:
+    """The thin specimen: every bead in the mid-plane, so a frame's blur is set by |d| alone (the other families
+    spread over um in z)."""
+    from acquire_refocus.sim.microscope import SimulatedMicroscope
+
+    config = SpecimenConfig(family="beads", field_size_um=(80.0, 80.0), background_photons_per_px=0.0)
+    planes = Specimen(config, 0.325, seed=3).planes
+    lit = np.flatnonzero(planes.reshape(len(planes), -1).max(axis=1) > 0)
+    assert lit.tolist() == [len(planes) // 2]
+    simulator = parse_config({"simulator": {"specimen": config.model_dump()}}).simulator
+    scope = SimulatedMicroscope(OpticsConfig(), simulator.model_copy(update={"seed": 3}))
+    stack, _ = scope.photon_stack([0.0, -2.0, 2.0, 5.0, 10.0], (40.0, 40.0), (128, 128))
+    brightest = [np.sort(frame.ravel())[-160:].sum() / frame.sum() for frame in stack]  # top 1 % of the pixels
+    assert brightest[0] > brightest[1] > brightest[3] > brightest[4]
+    assert brightest[1] == pytest.approx(brightest[2], rel=0.15)  # +-d blur alike
+
+
 def test_nuclei_specimen_is_unchanged_by_the_families() -> None:
     """The default family renders exactly what it did before families existed (figures of tests and README)."""
     specimen = Specimen(SpecimenConfig(field_size_um=(80.0, 80.0)), 0.325, seed=3)
@@ -190,6 +207,7 @@ def test_ood_evaluation_reports_every_set_with_its_targets(tmp_path: Path, tiny_
         "real nuclei (DSB 2018)",
         "scalar PSF",
         "membranes (held-out family)",
+        "beads (one plane)",
         "nuclei, peak 20 photons",
         "nuclei, peak 5000 photons",
     ):
@@ -197,8 +215,8 @@ def test_ood_evaluation_reports_every_set_with_its_targets(tmp_path: Path, tiny_
     assert all(name in text for name in OOD_SOURCES)
     assert "no harm (gain >= -0.3 dB everywhere)" in text and "reads <= 1 um in focus" in text
     rows = (tmp_path / "ood" / "metrics.csv").read_text().splitlines()
-    # the model with and without engine.physics_fusion x 9 sets (5 of them brightness levels) x 15 signed distances
-    assert len(rows) - 1 == 2 * 9 * 15
+    # the model with and without engine.physics_fusion x 10 sets (5 of them brightness levels) x 15 signed distances
+    assert len(rows) - 1 == 2 * 10 * 15
     with (tmp_path / "ood" / "metrics.csv").open() as handle:
         methods = {row["method"] for row in csv.DictReader(handle)}
     assert methods == {"tiny", "tiny, network alone"}

@@ -99,3 +99,34 @@ def test_the_command_tests_a_narrow_training_range_over_its_own_distances(
     with (out / "metrics.csv").open() as handle:
         distances = {abs(float(r["defocus_um"])) for r in csv.DictReader(handle)}
     assert distances == {round(d * 6 / 35, 2) for d in DEFAULT_DISTANCES_UM}
+
+
+def test_the_ood_suite_scores_only_the_sets_asked_for(
+    tmp_path: Path, tiny_weights: Path, capsys: object, restore_logging: object
+) -> None:
+    """`--set beads` scores the bead set alone, on the frames the whole suite would give it; a name that matches no
+    set, a --set without --suite ood, and --record with a part of the suite are refused before any work."""
+    from acquire_refocus.cli import main
+    from acquire_refocus.model.ood import build_sets, select_sets
+
+    out = tmp_path / "beads"
+    common = ["--weights", f"tiny={tiny_weights}", "--fields", "1", "--size-px", "64", "--no-baselines"]
+    assert main(["evaluate", "--suite", "ood", "--set", "Beads", "--out", str(out), *common]) == 0
+    with (out / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["set"] for r in rows} == {"beads (one plane)"} and len(rows) == 2 * 15  # fused and alone
+    whole = build_sets(parse_config({}), 1, 64, (0.0, 1.0), seed=0)
+    photons = select_sets(whole, ["nuclei, peak"])
+    assert list(photons) == [name for name in whole if name.startswith("nuclei, peak")] and len(photons) == 5
+    assert select_sets(whole, ["beads"])["beads (one plane)"] is whole["beads (one plane)"]
+    capsys.readouterr()  # type: ignore[attr-defined]
+
+    for arguments, message in (
+        (["--suite", "ood", "--set", "plankton"], "no set is named 'plankton'; the sets: simulator nuclei;"),
+        (["--set", "beads"], "--set picks sets of the out-of-distribution suite"),
+        (["--suite", "ood", "--set", "beads", "--record"], "--record needs the whole suite"),
+    ):
+        refused = tmp_path / "refused"
+        assert main(["evaluate", *arguments, "--out", str(refused), *common]) == 2
+        assert message in capsys.readouterr().err  # type: ignore[attr-defined]
+        assert not refused.exists()

@@ -72,6 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ood: the out-of-distribution sets (a real nuclei image, a second PSF model, 20 to 5,000 "
         "photons, a held-out specimen family) with a physics-informed method (model/ood.py)",
     )
+    parser.add_argument(
+        "--set",
+        dest="only_sets",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="with --suite ood: score only the sets whose names start with NAME (e.g. beads, 'real nuclei', "
+        "'nuclei, peak'); repeat for several. The frames are the whole suite's; no --record with a part of it",
+    )
     stack = parser.add_argument_group(
         "your own z-stack (instead of a simulated suite)",
         "Score the model on a z-stack taken with your microscope: every plane, raw and refocused, against the "
@@ -117,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
     for label, path in weights:
         if path is not None and not path.is_file():
             raise UserError(f"--weights {label}: {path} not found")
+    if args.only_sets and args.suite != "ood":
+        raise UserError("--set picks sets of the out-of-distribution suite: give it with --suite ood")
+    if args.only_sets and args.record:
+        raise UserError("--record needs the whole suite: a verdict from some of its sets could hide a harm in others")
     if args.stack is not None:
         if args.suite is not None:
             raise UserError(f"--stack evaluates your z-stack; --suite {args.suite} evaluates simulated data: give one")
@@ -125,7 +138,13 @@ def run(args: argparse.Namespace) -> int:
         from acquire_refocus.model.ood import run_ood_evaluation
 
         report = run_ood_evaluation(
-            config, weights, args.out, fields=args.fields, window_px=args.size_px, physics=not args.no_baselines
+            config,
+            weights,
+            args.out,
+            fields=args.fields,
+            window_px=args.size_px,
+            physics=not args.no_baselines,
+            only=args.only_sets or (),
         )
         judged = _judge_csv(args.out / "metrics.csv", "ood", [label for label, _ in weights], _optics_text(config))
     else:

@@ -9,6 +9,9 @@ one named way, and none of its data reaches training (`OOD_SOURCES` says where e
 - ``scalar PSF``: the simulator's nuclei imaged through psfmodels' scalar Gibson-Lanni PSF instead of the vectorial
   one every model here trains on;
 - ``membranes``: a specimen family held out of training entirely;
+- ``beads (one plane)``: sub-resolution beads in a single plane, the one specimen thinner than the depth of field:
+  every other set spreads over um in z, so only here does one frame carry the distance to focus (how far the
+  unsigned estimate can be right at all, not only how right it is);
 - ``nuclei, peak N photons``: the same specimens from 20 to 5,000 photons peak, so the gain's dependence on
   brightness is visible.
 
@@ -34,6 +37,7 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from acquire_refocus.config import AppConfig, CameraConfig, SimulatorConfig
+from acquire_refocus.errors import UserError
 from acquire_refocus.logs import kv
 from acquire_refocus.model.baselines import deconvolve, tune_wiener_balance
 from acquire_refocus.model.data import TEST_SEED_BASE
@@ -57,6 +61,7 @@ REALISTIC_CAMERA = CameraConfig(
     gain_adu_per_electron=1.0, offset_adu=100.0, read_noise_electrons=2.0, quantum_efficiency=1.0
 )
 MEMBRANE_SEED_BASE = TEST_SEED_BASE + 500
+BEAD_SEED_BASE = TEST_SEED_BASE + 600
 OOD_SOURCES = {
     "simulator nuclei": "procedural nuclei, specimen seeds 3000+ (training uses 1000+, validation 2000+), default "
     "camera (peak ~60-160 photons)",
@@ -67,6 +72,8 @@ OOD_SOURCES = {
     "vectorial only)",
     "membranes (held-out family)": "procedural membranes (sim/families.py), seeds 3500+; the family is not in "
     "any shipped training envelope",
+    "beads (one plane)": "procedural sub-resolution beads in one plane (sim/families.py), seeds 3600+; no shipped "
+    "training envelope has the family",
     "nuclei, peak N photons": "procedural nuclei, seeds 3000+, one camera per brightness level",
 }
 
@@ -238,7 +245,30 @@ def build_sets(
     sets["membranes (held-out family)"] = _render(
         membranes, "membranes (held-out family)", membrane_positions, distances_um, window_px, realistic_camera, rng
     )
+
+    beads = SimulatedMicroscope(
+        config.optics,
+        _no_background(config.simulator, family="beads", field_size_um=(200.0, 200.0)).model_copy(
+            update={"seed": BEAD_SEED_BASE}
+        ),
+    )
+    bead_positions = _busy_positions(beads, _grid((200.0, 200.0), per_axis), fields, window_px)
+    sets["beads (one plane)"] = _render(
+        beads, "beads (one plane)", bead_positions, distances_um, window_px, realistic_camera, rng
+    )
     return sets
+
+
+def select_sets(sets: dict[str, list[Sample]], only: Sequence[str]) -> dict[str, list[Sample]]:
+    """The sets whose names start with one of `only` (case-insensitive; all of them when it is empty). A text that
+    names no set is a UserError listing the names, so a typo does not silently score nothing."""
+    if not only:
+        return sets
+    wanted = [text.strip().lower() for text in only]
+    unknown = [text for text, low in zip(only, wanted, strict=True) if not any(n.lower().startswith(low) for n in sets)]
+    if unknown or not all(wanted):
+        raise UserError(f"--set: no set is named {', '.join(map(repr, unknown or only))}; the sets: {'; '.join(sets)}")
+    return {name: samples for name, samples in sets.items() if any(name.lower().startswith(low) for low in wanted)}
 
 
 Method = Callable[[Sample], tuple[np.ndarray, float, float]]  # -> (image ADU, |d| estimate, confidence)
@@ -511,14 +541,16 @@ def run_ood_evaluation(
     fields: int = 4,
     window_px: int = 256,
     physics: bool = True,
+    only: Sequence[str] = (),
 ) -> Path:
     """Build every set, run each network (the first with and without engine.physics_fusion, the others alone, and
     the physics-informed Wiener method on the first network's |d|), write metrics.csv, reliability.png and
-    report.md; returns the report."""
+    report.md; returns the report. `only`: score just the sets whose names start with one of these (the frames
+    are those of the whole suite, which is built all the same, since each set's draw follows the ones before)."""
     started = time.monotonic()
-    output_folder(out_dir, "--out")
     distances_um = ood_distances_um(config)
-    sets = build_sets(config, fields, window_px, distances_um, seed=config.training.seed)
+    sets = select_sets(build_sets(config, fields, window_px, distances_um, seed=config.training.seed), only)
+    output_folder(out_dir, "--out")
     log.info(
         kv(
             "ood_sets_ready",

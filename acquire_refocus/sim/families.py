@@ -1,4 +1,4 @@
-"""Specimen families other than nuclei: cytoplasm, membranes, filaments, puncta, and mixtures.
+"""Specimen families other than nuclei: cytoplasm, membranes, filaments, puncta, beads, and mixtures.
 
 A network trained on one procedural specimen learns that specimen. These families give training (and held-out
 evaluation) specimens of other shapes, textures and depth structure, on the same voxel grid as `Specimen`:
@@ -22,6 +22,7 @@ from acquire_refocus.config import SpecimenConfig
 # Cells per mm^2 of the cytoplasm and membrane families at density factor 1 (a sub-confluent culture).
 CELLS_PER_MM2 = 1200.0
 PUNCTA_PER_MM2 = 40_000.0
+BEADS_PER_MM2 = 20_000.0
 FILAMENTS_PER_MM2 = 6_000.0
 
 
@@ -190,7 +191,32 @@ def puncta(grid: FamilyGrid, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(grid.photons_per_voxel * 0.2 * volume / (volume.mean() + 1e-9), dtype=np.float32)
 
 
-FAMILIES = {"cytoplasm": cytoplasm, "membranes": membranes, "filaments": filaments, "puncta": puncta}
+def beads(grid: FamilyGrid, rng: np.random.Generator) -> np.ndarray:
+    """Sub-resolution beads (~100 nm) in the mid-plane only: the one specimen thinner than any depth of field, as
+    on a bead slide. Every other family spreads over um in z, so at high NA some structure is in focus wherever the
+    stage is; in a frame of beads the blur alone tells how far the plane is (the PSF's rings grow with |d|)."""
+    count = max(1, int(rng.poisson(BEADS_PER_MM2 * grid.config.nuclei_per_mm2 / 1500.0 * grid.area_mm2)))
+    height_um, width_um = grid.field_um
+    volume = grid.empty()
+    grid.splat(
+        volume,
+        np.zeros(count),
+        rng.uniform(0.0, height_um, count),
+        rng.uniform(0.0, width_um, count),
+        rng.lognormal(0.0, 0.2, count).astype(np.float32),
+    )
+    width_px = 0.05 / grid.pixel_size_um  # the bead's own radius, under any pixel of these optics
+    blurred: np.ndarray = ndimage.gaussian_filter(volume, (0.0, width_px, width_px), mode="wrap")
+    return np.asarray(grid.photons_per_voxel * 0.2 * blurred / (blurred.mean() + 1e-9), dtype=np.float32)
+
+
+FAMILIES = {
+    "cytoplasm": cytoplasm,
+    "membranes": membranes,
+    "filaments": filaments,
+    "puncta": puncta,
+    "beads": beads,
+}
 
 
 def rasterise_family(
