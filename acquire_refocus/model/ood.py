@@ -235,27 +235,17 @@ def build_sets(
     )
     sets["scalar PSF"] = _render(scalar, "scalar PSF", positions, distances_um, window_px, realistic_camera, rng)
 
-    membranes = SimulatedMicroscope(
-        config.optics,
-        _no_background(config.simulator, family="membranes", field_size_um=(200.0, 200.0)).model_copy(
-            update={"seed": MEMBRANE_SEED_BASE}
-        ),
-    )
-    membrane_positions = _busy_positions(membranes, _grid((200.0, 200.0), per_axis), fields, window_px)
-    sets["membranes (held-out family)"] = _render(
-        membranes, "membranes (held-out family)", membrane_positions, distances_um, window_px, realistic_camera, rng
-    )
-
-    beads = SimulatedMicroscope(
-        config.optics,
-        _no_background(config.simulator, family="beads", field_size_um=(200.0, 200.0)).model_copy(
-            update={"seed": BEAD_SEED_BASE}
-        ),
-    )
-    bead_positions = _busy_positions(beads, _grid((200.0, 200.0), per_axis), fields, window_px)
-    sets["beads (one plane)"] = _render(
-        beads, "beads (one plane)", bead_positions, distances_um, window_px, realistic_camera, rng
-    )
+    for family, seed, name in (
+        ("membranes", MEMBRANE_SEED_BASE, "membranes (held-out family)"),
+        ("beads", BEAD_SEED_BASE, "beads (one plane)"),
+    ):
+        side_um = (200.0, 200.0)
+        scope = SimulatedMicroscope(
+            config.optics,
+            _no_background(config.simulator, family=family, field_size_um=side_um).model_copy(update={"seed": seed}),
+        )
+        family_positions = _busy_positions(scope, _grid(side_um, per_axis), fields, window_px)
+        sets[name] = _render(scope, name, family_positions, distances_um, window_px, realistic_camera, rng)
     return sets
 
 
