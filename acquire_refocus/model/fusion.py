@@ -93,7 +93,7 @@ class OpticalFusion:
         self._lock = threading.Lock()
         log.info(kv("optical_fusion_ready", margin_um=f"{self.margin_um:.2f}", planes=len(self.bank.defocus_um)))
 
-    def _mtf(self, defocus_um: float, shape: tuple[int, int]) -> np.ndarray:
+    def mtf(self, defocus_um: float, shape: tuple[int, int]) -> np.ndarray:
         """|OTF| of the bank plane nearest `defocus_um` on the rfft2 grid of `shape` (PSF centred at the origin,
         cropped to the frame if larger)."""
         index = int(self.bank.index(defocus_um))
@@ -121,7 +121,7 @@ class OpticalFusion:
             return output
         shape = (int(raw.shape[0]), int(raw.shape[1]))
         lower_um = max(0.0, float(magnitude_um) - self.margin_um)
-        ratio = np.minimum(self._mtf(0.0, shape) / np.maximum(self._mtf(lower_um, shape), 1e-6), MAX_RATIO)
+        ratio = np.minimum(self.mtf(0.0, shape) / np.maximum(self.mtf(lower_um, shape), 1e-6), MAX_RATIO)
         mean = float(np.mean(raw))
         observed = scipy.fft.rfft2(np.asarray(raw, dtype=np.float32) - mean, workers=_WORKERS)
         estimate = scipy.fft.rfft2(np.asarray(output, dtype=np.float32) - mean, workers=_WORKERS)
