@@ -194,7 +194,9 @@ def puncta(grid: FamilyGrid, rng: np.random.Generator) -> np.ndarray:
 def beads(grid: FamilyGrid, rng: np.random.Generator) -> np.ndarray:
     """Sub-resolution beads (~100 nm) in the mid-plane only: the one specimen thinner than any depth of field, as
     on a bead slide. Every other family spreads over um in z, so at high NA some structure is in focus wherever the
-    stage is; in a frame of beads the blur alone tells how far the plane is (the PSF's rings grow with |d|)."""
+    stage is; in a frame of beads the blur alone tells how far the plane is (the PSF's rings grow with |d|). The
+    mid-plane lies a few um deep in the medium (the grid's half-depth), so an oil objective imaging into water sees
+    the spherical aberration of that depth, which beads dried on the coverslip would not have."""
     count = max(1, int(rng.poisson(BEADS_PER_MM2 * grid.config.nuclei_per_mm2 / 1500.0 * grid.area_mm2)))
     height_um, width_um = grid.field_um
     volume = grid.empty()
