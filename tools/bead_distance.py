@@ -54,14 +54,14 @@ class BeadDistanceFit:
         from acquire_refocus.model.fusion import OpticalFusion
 
         reach_um = max(abs(float(d)) for d in config.training.defocus_range_um)
-        bank = OpticalFusion(config.optics, 0.0, reach_um)
+        fusion = OpticalFusion(config.optics, 0.0, reach_um)  # for its PSF bank and OTFs on the frame's grid
         self.band, radius = _bands(shape)
         sigma_px = BEAD_SIGMA_UM / config.optics.pixel_size_um
         bead_power = np.exp(-2.0 * math.pi**2 * sigma_px**2 * radius**2) ** 2
-        self.distances_um = np.array([d for d in bank.bank.defocus_um if d >= 0], dtype=np.float64)
+        self.distances_um = np.array([d for d in fusion.bank.defocus_um if d >= 0], dtype=np.float64)
         self.models = np.array(
             [
-                _profile(bank.mtf(float(d), shape).astype(np.float64) ** 2 * bead_power, self.band)[0]
+                _profile(fusion.mtf(float(d), shape).astype(np.float64) ** 2 * bead_power, self.band)[0]
                 for d in self.distances_um
             ]
         )
