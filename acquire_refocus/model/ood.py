@@ -235,11 +235,11 @@ def build_sets(
     )
     sets["scalar PSF"] = _render(scalar, "scalar PSF", positions, distances_um, window_px, realistic_camera, rng)
 
+    side_um = (200.0, 200.0)
     for family, seed, name in (
         ("membranes", MEMBRANE_SEED_BASE, "membranes (held-out family)"),
         ("beads", BEAD_SEED_BASE, "beads (one plane)"),
     ):
-        side_um = (200.0, 200.0)
         scope = SimulatedMicroscope(
             config.optics,
             _no_background(config.simulator, family=family, field_size_um=side_um).model_copy(update={"seed": seed}),
@@ -254,11 +254,12 @@ def select_sets(sets: dict[str, list[Sample]], only: Sequence[str]) -> dict[str,
     names no set is a UserError listing the names, so a typo does not silently score nothing."""
     if not only:
         return sets
-    wanted = [text.strip().lower() for text in only]
-    unknown = [text for text, low in zip(only, wanted, strict=True) if not any(n.lower().startswith(low) for n in sets)]
-    if unknown or not all(wanted):
-        raise UserError(f"--set: no set is named {', '.join(map(repr, unknown or only))}; the sets: {'; '.join(sets)}")
-    return {name: samples for name, samples in sets.items() if any(name.lower().startswith(low) for low in wanted)}
+    matches = {text: [name for name in sets if name.lower().startswith(text.strip().lower())] for text in only}
+    unknown = [text for text, names in matches.items() if not names or not text.strip()]
+    if unknown:
+        raise UserError(f"--set: no set is named {', '.join(map(repr, unknown))}; the sets: {'; '.join(sets)}")
+    chosen = {name for names in matches.values() for name in names}
+    return {name: samples for name, samples in sets.items() if name in chosen}
 
 
 Method = Callable[[Sample], tuple[np.ndarray, float, float]]  # -> (image ADU, |d| estimate, confidence)
