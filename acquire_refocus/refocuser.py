@@ -206,7 +206,9 @@ class Refocuser:
             ).astype(np.float32)
         image, focus = infer_frame(self.engine, normalised)
         if self.fusion is not None:
-            image = self.fusion(normalised, image, focus.magnitude_um)
+            image = self.fusion(
+                normalised, image, focus.magnitude_um, lambda window: infer_frame(self.engine, window)[0]
+            )
         if resampled:
             image = resize(
                 image, frame.shape, order=1, mode="reflect", anti_aliasing=zoom > 1.0, preserve_range=True
