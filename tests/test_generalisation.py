@@ -288,6 +288,30 @@ def test_fusion_measures_the_noise_a_network_passes_through(fusion: object) -> N
     np.testing.assert_array_equal(fusion(raw, output, 0.5, sharpening), probed)  # one fixed probe
 
 
+def test_the_refocuser_runs_the_noise_probe_through_its_own_engine(tiny_refocuser: object) -> None:
+    """The Refocuser's image is the fusion given the engine as its network (the probe runs), not the fusion
+    without it: what the daemon publishes is what the OOD suite scored."""
+    from acquire_refocus.engines.tiling import infer_frame
+    from acquire_refocus.model.normalization import denormalize, frame_scale, normalize
+
+    refocuser = tiny_refocuser
+    assert refocuser.fusion is not None
+    frame = (np.random.default_rng(8).poisson(60.0, (96, 128)) + 100).astype(np.uint16)
+    frame[30:60, 40:90] += 300
+    intensity = frame_scale(frame, refocuser.loaded.normalization)
+    normalised = normalize(frame, intensity)
+    image, focus = infer_frame(refocuser.engine, normalised)
+
+    def network(window: np.ndarray) -> np.ndarray:
+        return infer_frame(refocuser.engine, window)[0]
+
+    probed = denormalize(refocuser.fusion(normalised, image, focus.magnitude_um, network), intensity)
+    unprobed = denormalize(refocuser.fusion(normalised, image, focus.magnitude_um), intensity)
+    result = refocuser(frame).image
+    np.testing.assert_allclose(result, probed, rtol=1e-5, atol=1e-3)
+    assert float(np.abs(result - unprobed).max()) > 10 * 1e-3
+
+
 def test_noise_model_reads_the_shot_noise_of_bright_structures() -> None:
     """Poisson + read noise on in-focus nuclei at 500 photons peak: the mean per-pixel variance the fusion weighs
     against is read within 12 %, where the typical pixel's (the background's) is 31 % low."""
