@@ -4,7 +4,7 @@
 
 ONNX Runtime on one thread. Prints p50 of: the envelope checks alone (model/envelope.py), a Refocuser call with
 `engine.physics_fusion: false` (network + checks), one with the fusion as shipped (model/fusion.py, whose noise
-probe runs the network again on a window) and one with the fusion told no network (no probe: the fusion before the
+probe runs the network twice more on a window) and one with the fusion told no network (no probe: the fusion before the
 probe), interleaved, and the ratios of the last two to the network-and-checks call.
 """
 
