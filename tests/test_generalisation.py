@@ -314,7 +314,8 @@ def test_the_refocuser_runs_the_noise_probe_through_its_own_engine(tiny_refocuse
 
 def test_noise_model_reads_the_shot_noise_of_bright_structures() -> None:
     """Poisson + read noise on in-focus nuclei at 500 photons peak: the mean per-pixel variance the fusion weighs
-    against is read within 12 %, where the typical pixel's (the background's) is 31 % low."""
+    against is read within 12 %, where the typical pixel's (the background's) is 31 % low. (Sparse bright spots on a
+    dark field read 6-54 % low: see model/noise.py for why that is kept.)"""
     from acquire_refocus.model.envelope import noise_std
     from acquire_refocus.model.noise import fit_noise_model
     from acquire_refocus.sim.microscope import SimulatedMicroscope
@@ -330,6 +331,24 @@ def test_noise_model_reads_the_shot_noise_of_bright_structures() -> None:
     assert model.mean_variance(frame) == pytest.approx(true_variance, rel=0.12)
     assert noise_std(frame) ** 2 < 0.8 * true_variance
     assert 0.5 * gain < model.slope < 1.5 * gain
+
+
+def test_fusion_refuses_a_network_that_changes_the_shape(fusion: object) -> None:
+    _, raw, _ = _bright_frames()
+    with pytest.raises(ValueError, match="must keep the shape"):
+        fusion(raw, raw.copy(), 0.5, lambda window: window[:-1, :-1])
+
+
+def test_a_non_finite_probe_response_leaves_the_fusion_finite(fusion: object) -> None:
+    _, raw, _ = _bright_frames()
+    calls = []
+
+    def broken_once(window: np.ndarray) -> np.ndarray:
+        calls.append(window.shape)
+        return np.full_like(window, np.nan) if len(calls) == 1 else window
+
+    fused = fusion(raw, 1.05 * raw, 0.5, broken_once)
+    assert np.isfinite(fused).all() and len(calls) == 2
 
 
 def test_a_larger_margin_keeps_the_fusion_nearer_the_raw_frame() -> None:

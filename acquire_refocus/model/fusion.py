@@ -174,10 +174,15 @@ def _passed_noise_share(raw: np.ndarray, network: Callable[[np.ndarray], np.ndar
     window = np.asarray(raw[top : top + height, left : left + width], dtype=np.float32)
     normal = np.random.default_rng(_PROBE_SEED).standard_normal(window.shape)
     probe = (_PROBE_SCALE * np.sqrt(noise.variance(window)) * normal).astype(np.float32)
-    response = network(window + probe) - network(window)
+    probed, plain = np.asarray(network(window + probe)), np.asarray(network(window))
+    if probed.shape != window.shape or plain.shape != window.shape:
+        raise ValueError(f"the network returned {plain.shape} for a {window.shape} window; it must keep the shape")
+    response = probed - plain
     probe_spectrum = scipy.fft.rfft2(probe, workers=_WORKERS)
     covariance = np.real(scipy.fft.rfft2(response, workers=_WORKERS) * np.conj(probe_spectrum))
     band = _radial_bands((height, width)).ravel()
     probe_power = np.bincount(band, (np.abs(probe_spectrum) ** 2).ravel(), minlength=_BANDS)
-    passed: np.ndarray = np.bincount(band, covariance.ravel(), minlength=_BANDS) / np.maximum(probe_power, 1e-12)
-    return passed
+    passed = np.bincount(band, covariance.ravel(), minlength=_BANDS) / np.maximum(probe_power, 1e-12)
+    # a non-finite network response says nothing about the noise: such a band is weighed as if none passed
+    finite: np.ndarray = np.where(np.isfinite(passed), passed, 0.0)
+    return finite
