@@ -171,7 +171,7 @@ def _passed_noise_share(raw: np.ndarray, network: Callable[[np.ndarray], np.ndar
     docstring), measured on the central window of `raw` with a probe of the frame's own noise shape."""
     height, width = min(raw.shape[0], PROBE_WINDOW_PX), min(raw.shape[1], PROBE_WINDOW_PX)
     top, left = (raw.shape[0] - height) // 2, (raw.shape[1] - width) // 2
-    window = np.asarray(raw[top : top + height, left : left + width], dtype=np.float32)
+    window = np.array(raw[top : top + height, left : left + width], dtype=np.float32)  # a copy: raw stays as given
     normal = np.random.default_rng(_PROBE_SEED).standard_normal(window.shape)
     probe = (_PROBE_SCALE * np.sqrt(noise.variance(window)) * normal).astype(np.float32)
     probed, plain = np.asarray(network(window + probe)), np.asarray(network(window))
