@@ -16,7 +16,7 @@ def _previous_demo(folder: Path) -> None:
     for store in ("raw.ome.zarr", "refocused.ome.zarr"):
         (folder / store / "0").mkdir(parents=True)
         (folder / store / "0" / "zarr.json").write_text("{}")
-    for name in ("focus.csv", "run.json", "focus_trace.png", DEMO_MARKER):
+    for name in ("focus.csv", "run.json", "focus_trace.png", "raw_frames.jsonl", DEMO_MARKER):
         (folder / name).write_text(name)
 
 

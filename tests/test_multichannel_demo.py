@@ -1,5 +1,6 @@
 """`acquire-refocus demo --config configs/simulator-multichannel.yaml`: the shipped two-channel demo runs and its
-summary measures the focus error on the frames of the channel that drives the loop."""
+summary measures the focus error on the frames of the channel that drives the loop; and a second demo may replace
+everything the first wrote."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from acquire_refocus.cli import main
+from acquire_refocus.commands.demo import DEMO_MARKER, prepare_output
 from acquire_refocus.config import PROJECT_ROOT
 from acquire_refocus.storage import FOCUS_LOG, read_focus_log
 
@@ -29,3 +31,8 @@ def test_two_channel_demo_summary(tmp_path: Path, capsys: pytest.CaptureFixture[
     rows = read_focus_log(tmp_path / "demo" / FOCUS_LOG)
     assert len(rows) == 18 and {r["axes"]["c"] for r in rows} == {0, 1}
     assert all(r["status"] == ("refocused" if r["axes"]["c"] == 0 else "skipped") for r in rows)
+
+    # Every file the demo wrote is one a later demo may replace (raw_frames.jsonl once was not: a second
+    # `bash tools/demo.sh` was refused as "not a previous demo's output").
+    prepare_output(tmp_path / "demo")
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == [DEMO_MARKER]

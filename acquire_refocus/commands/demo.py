@@ -124,10 +124,19 @@ def _demo_config(args: argparse.Namespace) -> AppConfig:
 def prepare_output(output: Path) -> None:
     """Make `output` an empty folder marked as a demo's. A previous demo's files are removed only when its marker
     is there and nothing else is: a `serve` run's data or the user's own files in that folder are never deleted."""
-    from acquire_refocus.storage import FOCUS_LOG, RAW_STORE, REFOCUSED_STORE, RUN_RECORD
+    from acquire_refocus.storage import FOCUS_LOG, RAW_FRAME_LOG, RAW_STORE, REFOCUSED_STORE, RUN_RECORD
 
     # Everything a demo writes; run.json.tmp is left when a crash interrupts write_run_record.
-    demo_names = {DEMO_MARKER, RAW_STORE, REFOCUSED_STORE, FOCUS_LOG, RUN_RECORD, f"{RUN_RECORD}.tmp", PLOT_NAME}
+    demo_names = {
+        DEMO_MARKER,
+        RAW_STORE,
+        RAW_FRAME_LOG,
+        REFOCUSED_STORE,
+        FOCUS_LOG,
+        RUN_RECORD,
+        f"{RUN_RECORD}.tmp",
+        PLOT_NAME,
+    }
     output_folder(output, "--output")  # created when new; a file or an unusable path is refused here
     try:
         present = list(output.iterdir())
