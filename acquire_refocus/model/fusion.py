@@ -55,7 +55,7 @@ _OTF_CACHE_ENTRIES = 48
 _BANDS = 24  # radial frequency bands over which the network's error power is estimated
 _WORKERS = -1
 # The noise probe's window, run through the network twice (with and without the probe: reusing the whole frame's
-# output cropped let border effects swamp the low bands): 28 % of a 512 px frame's pixels (measured: +18 % per
+# output cropped let border effects swamp the low bands): 28 % of a 512 px frame's pixels (measured: +24 % per
 # Refocuser call on CPU), 2 % of a 2048 px one. The shares it gives agreed with a whole-frame probe's within 0.1
 # per band at 192 and 256 px on 512 px frames.
 PROBE_WINDOW_PX = 192
