@@ -149,8 +149,9 @@ class OpticalFusion:
         amplitude = np.abs(estimate)
         estimate *= np.minimum(1.0, np.abs(observed) * ratio / np.maximum(amplitude, 1e-12))
         noise = fit_noise_model(raw)
-        # never below the typical pixel's noise: the fit is on a central crop, which may be dimmer than the frame
-        # or too flat for a slope, and a noise power read low pulls the blend towards the network
+        # never below the typical pixel's noise: in a fluorescence frame most pixels lie below the mean, so the mean
+        # variance is at least the median pixel's, and a fit on a central crop that is dimmer than the frame, or too
+        # flat for a slope, can fall below it
         noise_power = max(raw.size * max(noise.mean_variance(raw), noise_std(raw) ** 2), 1e-12)
         band = _radial_bands(shape)
         counts = np.maximum(np.bincount(band.ravel(), minlength=_BANDS), 1)
