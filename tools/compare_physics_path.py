@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from acquire_refocus.config import load_config
 from acquire_refocus.engines.tiling import infer_frame
-from acquire_refocus.model.baselines import deconvolve, tune_wiener_balance
-from acquire_refocus.model.held_out import Sample, crop_psf
 from acquire_refocus.model.normalization import denormalize, frame_scale, normalize
-from acquire_refocus.model.ood import build_sets, ood_distances_um
+from acquire_refocus.model.ood import build_sets, ood_distances_um, wiener_at_magnitude
 from acquire_refocus.refocuser import Refocuser
-from acquire_refocus.sim.microscope import SimulatedMicroscope
 
 METHODS = ("network + fusion", "Wiener + fusion", "mean of both")
 
@@ -50,19 +46,7 @@ def main() -> None:
     fusion = refocuser.fusion
     if fusion is None:
         raise SystemExit("the engine config has physics_fusion off: nothing to compare")
-    bank = SimulatedMicroscope(config.optics, config.simulator).psf_bank
-    balances = tune_wiener_balance(config, distances_um, 256)
-    in_focus = crop_psf(bank.plane(int(bank.index(0.0))).astype(np.float64))
-
-    def wiener_at(magnitude_um: float) -> Callable[[np.ndarray], np.ndarray]:
-        psf = crop_psf(bank.plane(int(bank.index(magnitude_um))).astype(np.float64))
-        balance = balances[min(balances, key=lambda d: abs(d - magnitude_um))]
-
-        def run(frame: np.ndarray) -> np.ndarray:
-            sample = Sample("wiener", "wiener", 0.0, frame, frame)
-            return deconvolve(sample, psf, in_focus, float(np.percentile(frame, 0.5)), "wiener", balance)
-
-        return run
+    wiener_at = wiener_at_magnitude(config, 256, distances_um)
 
     def network(window: np.ndarray) -> np.ndarray:
         return infer_frame(refocuser.engine, window)[0]

@@ -265,23 +265,39 @@ def select_sets(sets: dict[str, list[Sample]], only: Sequence[str]) -> dict[str,
 Method = Callable[[Sample], tuple[np.ndarray, float, float]]  # -> (image ADU, |d| estimate, confidence)
 
 
-def physics_method(
-    config: AppConfig, estimate: Callable[[Sample], float], window_px: int, distances_um: Sequence[float]
-) -> Method:
-    """Wiener deconvolution with the model optics' vectorial PSF at an estimated |d| (balance tuned per distance on
-    a validation specimen), re-blurred with the in-focus PSF."""
+def wiener_at_magnitude(
+    config: AppConfig, window_px: int, distances_um: Sequence[float]
+) -> Callable[[float], Callable[[np.ndarray], np.ndarray]]:
+    """For an estimated |d|: Wiener deconvolution of a frame with the model optics' vectorial PSF there (balance
+    tuned per distance on a validation specimen), re-blurred with the in-focus PSF, in the frame's own units."""
     from acquire_refocus.sim.microscope import SimulatedMicroscope
 
     bank = SimulatedMicroscope(config.optics, config.simulator).psf_bank
     balances = tune_wiener_balance(config, distances_um, window_px)
     in_focus = crop_psf(bank.plane(int(bank.index(0.0))).astype(np.float64))
 
+    def at(magnitude_um: float) -> Callable[[np.ndarray], np.ndarray]:
+        psf = crop_psf(bank.plane(int(bank.index(magnitude_um))).astype(np.float64))
+        balance = balances[min(balances, key=lambda d: abs(d - magnitude_um))]
+
+        def run(frame: np.ndarray) -> np.ndarray:
+            offset = float(np.percentile(frame, 0.5))
+            return deconvolve(Sample("wiener", "wiener", 0.0, frame, frame), psf, in_focus, offset, "wiener", balance)
+
+        return run
+
+    return at
+
+
+def physics_method(
+    config: AppConfig, estimate: Callable[[Sample], float], window_px: int, distances_um: Sequence[float]
+) -> Method:
+    """Wiener deconvolution at an estimated |d| (`wiener_at_magnitude`) of each sample's raw frame."""
+    wiener_at = wiener_at_magnitude(config, window_px, distances_um)
+
     def run(sample: Sample) -> tuple[np.ndarray, float, float]:
         magnitude_um = estimate(sample)
-        psf = crop_psf(bank.plane(int(bank.index(magnitude_um))).astype(np.float64))
-        nearest = min(balances, key=lambda d: abs(d - magnitude_um))
-        offset = float(np.percentile(sample.raw, 0.5))
-        return deconvolve(sample, psf, in_focus, offset, "wiener", balances[nearest]), magnitude_um, math.nan
+        return wiener_at(magnitude_um)(sample.raw), magnitude_um, math.nan
 
     return run
 
