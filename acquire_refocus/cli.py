@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "calibrate_focus",
         "fit how image sharpness falls with defocus on your z-stacks; print focus settings",
     ),
+    "calibrate-model": (
+        "calibrate_model",
+        "choose where the model mixes in Wiener deconvolution, on its validation frames; write the weights",
+    ),
     "build-engine": ("build_engine", "compile the network for this machine (TensorRT / ONNX) ahead of time"),
     "benchmark": ("benchmark", "measure latency and throughput of each engine and of the daemon path"),
     "serve": ("serve", "run the headless daemon on the acquisition stream"),

@@ -526,6 +526,11 @@ class EngineConfig(_Section):
         description="bound the network's image by what defocus can explain and lean on the raw frame where "
         "it already holds the answer (model/fusion.py); false returns the network's image as it is",
     )
+    physics_path: bool = Field(
+        True,
+        description="mix in Wiener deconvolution at the estimated |d| where the weights' calibration says it "
+        "restores better (model/physics_path.py; needs physics_fusion); false runs the network's path alone",
+    )
 
     @model_validator(mode="after")
     def _check_sizes(self) -> EngineConfig:

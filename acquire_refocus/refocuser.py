@@ -44,6 +44,7 @@ from acquire_refocus.model.checkpoint import LoadedModel, load_weights
 from acquire_refocus.model.envelope import DISTRUSTED, envelope_flags
 from acquire_refocus.model.fusion import DEFAULT_MARGIN_UM, SHIPPED_REACH_UM, OpticalFusion
 from acquire_refocus.model.normalization import denormalize, frame_scale, normalize
+from acquire_refocus.model.physics_path import PhysicsPath, PhysicsPathCalibration
 
 if TYPE_CHECKING:
     from acquire_refocus.engines.base import Engine
@@ -130,10 +131,17 @@ class Refocuser:
     """Refocus frames and estimate their defocus with a loaded model on one engine. Thread-compatible: one
     Refocuser per thread, or calls serialised by the caller (the daemon runs it on one worker thread)."""
 
-    def __init__(self, loaded: LoadedModel, engine: Engine, fusion: OpticalFusion | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        engine: Engine,
+        fusion: OpticalFusion | None = None,
+        physics_path: PhysicsPath | None = None,
+    ) -> None:
         self.loaded = loaded
         self.engine = engine
         self.fusion = fusion
+        self.physics_path = physics_path
 
     @classmethod
     def load(cls, path: str | Path | None = None, engine: EngineConfig | str | None = None) -> Refocuser:
@@ -143,7 +151,7 @@ class Refocuser:
         loaded = load_weights(path)
         engine_config = _engine_config(engine)
         built = create_engine(loaded, engine_config)
-        fusion = None
+        fusion = physics_path = None
         if engine_config.physics_fusion:
             training = loaded.metadata.get("training") or {}
             calibration = training.get("focus_calibration") or {}
@@ -151,6 +159,9 @@ class Refocuser:
             fusion = OpticalFusion(
                 loaded.optics, float(calibration.get("magnitude_margin_um", DEFAULT_MARGIN_UM)), reach_um
             )
+            recorded_path = training.get("physics_path")
+            if engine_config.physics_path and recorded_path:
+                physics_path = PhysicsPath(fusion, PhysicsPathCalibration.from_metadata(recorded_path))
         log.info(
             kv(
                 "refocuser_loaded",
@@ -162,7 +173,7 @@ class Refocuser:
                 model_pixel_size_um=loaded.pixel_size_um,
             )
         )
-        return cls(loaded, built, fusion)
+        return cls(loaded, built, fusion, physics_path)
 
     @property
     def engine_name(self) -> str:
@@ -206,9 +217,8 @@ class Refocuser:
             ).astype(np.float32)
         image, focus = infer_frame(self.engine, normalised)
         if self.fusion is not None:
-            image = self.fusion(
-                normalised, image, focus.magnitude_um, lambda window: infer_frame(self.engine, window)[0]
-            )
+            fuse = self.fusion if self.physics_path is None else self.physics_path
+            image = fuse(normalised, image, focus.magnitude_um, lambda window: infer_frame(self.engine, window)[0])
         if resampled:
             image = resize(
                 image, frame.shape, order=1, mode="reflect", anti_aliasing=zoom > 1.0, preserve_range=True

@@ -528,3 +528,33 @@ def stored_sources(config: AppConfig) -> tuple[StoredWindows, list[Window]]:
     rng = np.random.default_rng(training.seed)
     validation = [validation_source.next_window(rng) for _ in validation_names]
     return StoredWindows(dataset, train_names, training.defocus_range_um), validation
+
+
+def calibration_windows(config: AppConfig, fields: int, window_px: int, magnitudes_um: Sequence[float]) -> list[Window]:
+    """Windows of the training envelope's validation specimens (simulated or domain-randomised; never the test
+    seeds), one a field, at the given |d| with a sign drawn per plane: frames on which a model's post-processing is
+    tuned after training (model/physics_path.py)."""
+    training = _training(config, SimulatedTrainingConfig)
+    count = max(1, fields)
+    source: _RendersFields
+    if training.randomization is not None:
+        per_specimen = RANDOMIZED_FIELDS_PER_SPECIMEN
+        seeds = [VALIDATION_SEED_BASE + i for i in range(math.ceil(count / per_specimen))]
+        randomized = RandomizedWindows(
+            config.optics,
+            config.simulator,
+            training.randomization,
+            seeds,
+            training.defocus_range_um,
+            window_px,
+            fields_per_specimen=per_specimen,
+            variants_seed=training.seed,
+        )
+        source, chosen = randomized, randomized.fields[:count]
+    else:
+        field_size = config.simulator.specimen.field_size_um
+        chosen = simulated_fields(count, VALIDATION_SEED_BASE, field_size)
+        source = SimulatedWindows(config.optics, config.simulator, chosen, training.defocus_range_um, window_px)
+    rng = np.random.default_rng(np.random.SeedSequence([training.seed, 0xCA1]))
+    magnitudes = np.asarray(magnitudes_um, dtype=np.float64)
+    return [source.render(field, magnitudes * rng.choice((-1.0, 1.0), magnitudes.size), rng) for field in chosen]

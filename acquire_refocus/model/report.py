@@ -163,6 +163,24 @@ def stage_note(training: dict[str, Any]) -> str:
     )
 
 
+def physics_path_note(training: dict[str, Any]) -> str:
+    """The physics-path calibration the weights carry (model/physics_path.py), in words; "" without one."""
+    recorded = training.get("physics_path")
+    if not recorded:
+        return ""
+    edges = ["0", *(f"{edge:g}" for edge in recorded["bin_edges_um"])]
+    mixed = [
+        f"{share:g} at {edges[i]}-{edges[i + 1]} um" if i + 1 < len(edges) else f"{share:g} beyond {edges[i]} um"
+        for i, share in enumerate(recorded["shares"])
+        if share > 0
+    ]
+    return (
+        " Physics path (with the fusion): Wiener share per estimated |d| "
+        + (", ".join(mixed) if mixed else "0 everywhere")
+        + f", calibrated on {recorded['source']}."
+    )
+
+
 def calibration_line(rows: Sequence[Row], method: str) -> str:
     mine = [r for r in rows if r.method == method and r.setting == "flat"]
     within1 = np.mean([abs(r.estimate_um - r.defocus_um) <= r.sigma_um for r in mine])
@@ -301,7 +319,7 @@ def write_report(
             f"sha256 {info['sha256'][:16]}..., trained {training.get('steps', '?')} steps "
             f"(batch {training.get('batch_size', '?')}, {training.get('patch_size_px', '?')} px patches) in "
             f"{float(training.get('wall_time_s', 0)) / 60:.1f} min on {training.get('device', '?')} "
-            f"({training.get('threads', '?')} threads){stage_note(training)}."
+            f"({training.get('threads', '?')} threads){stage_note(training)}.{physics_path_note(training)}"
         )
     lines += [
         "",

@@ -1,0 +1,67 @@
+"""`acquire-refocus calibrate-model`: choose where the model's Wiener path is mixed in (model/physics_path.py) on
+validation frames of its training envelope, and write the weights with that calibration."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from acquire_refocus.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Calibrate the physics path of a model: per bin of its estimated |defocus|, the Wiener balance and the share "
+        "of Wiener deconvolution (through the same fusion as the network's image) that restore the model's "
+        "validation frames best; where none beats the network's own path, the bin keeps the network. The frames "
+        "are the validation specimens of the training envelope in --config (never the test specimens of "
+        "'evaluate'). Writes the weights, unchanged but for this calibration in their metadata, to --out; the "
+        "Refocuser uses it when engine.physics_path is on (the default). Takes minutes on a CPU."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the YAML config the weights were trained with (its training, optics and simulator sections)",
+    )
+    parser.add_argument(
+        "--weights", type=Path, default=None, metavar="W", help="weights to calibrate (default: the shipped model)"
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="W2", help="where to write the calibrated weights")
+    parser.add_argument(
+        "--fields", type=int, default=24, metavar="N", help="validation fields of view, 13 frames each (default 24)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from acquire_refocus.config import SimulatedTrainingConfig, load_config
+    from acquire_refocus.model.physics_path import calibrate_weights
+
+    if args.fields < 1:
+        raise UserError(f"--fields must be at least 1, got {args.fields}")
+    if args.weights is not None and not args.weights.is_file():
+        raise UserError(f"--weights {args.weights} not found")
+    if args.out.exists() and not args.force:
+        raise UserError(f"{args.out} exists; give --force to replace it, or another --out")
+    if args.weights is not None and args.out.resolve() == args.weights.resolve():
+        raise UserError("--out must differ from --weights: the uncalibrated weights stay as they are")
+    config = load_config(args.config)
+    if not isinstance(config.training, SimulatedTrainingConfig):
+        raise UserError(
+            f"{args.config}: training.data is {config.training.data!r}; the calibration renders validation frames "
+            "of a simulated training envelope (training.data: simulated)"
+        )
+    calibration = calibrate_weights(config, args.weights, args.out, args.fields)
+    edges = ("0", *(f"{edge:g}" for edge in calibration.bin_edges_um), "")
+    print(f"estimated |d| (um)   share  balance  gain, mixed / network alone (dB)  frames   ({calibration.source})")
+    for index, share in enumerate(calibration.shares):
+        span = f"{edges[index]}-{edges[index + 1]}" if edges[index + 1] else f">= {edges[index]}"
+        print(
+            f"{span:<20} {share:5.2f}  {calibration.balances[index]:7g}  "
+            f"{calibration.mean_gain_db[index]:+6.2f} / {calibration.network_gain_db[index]:+6.2f}"
+            f"{'':18}{calibration.frames[index]:6d}"
+        )
+    print(f"calibrated weights: {args.out}")
+    return 0

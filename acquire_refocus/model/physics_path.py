@@ -1,0 +1,269 @@
+"""Wiener deconvolution beside the network, at the distances where the model's validation frames say it restores
+better.
+
+Why: at a known |d| the blur of these optics is known too (the PSF bank the fusion already holds; the PSFs at +d
+and -d nearly agree, so the unsigned estimate is enough). A linear deconvolution with it has learnt no specimen
+and no brightness, so it cannot be fooled by an unseen one the way a network can; it is limited instead by the
+noise and by how far off the |d| estimate is. Passed through the same fusion as the network's image (amplitude
+bound, blend towards the raw frame, with its own noise probe: model/fusion.py), it beat the shipped network within
+10 um on nine of the ten out-of-distribution sets and lost to it beyond 14 um (tools/compare_physics_path.py).
+
+Per frame: the network's unsigned estimate picks a bin of |d|; the bin's calibration gives the Wiener balance and
+the share of the fused Wiener image in the result (share x fused Wiener + (1 - share) x fused network; a share of 0
+leaves the network's path exactly as it was and costs nothing, 1 skips the network's noise probe). The balance and
+share per bin are chosen by `calibrate` on validation frames of the model's own training envelope (its validation
+specimen seeds, never the test ones; model/data.py), and stored in the weights' metadata (`training.physics_path`).
+Weights without it run the network's path alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from skimage.metrics import peak_signal_noise_ratio
+from tqdm import tqdm
+
+from acquire_refocus.logs import kv
+from acquire_refocus.model.baselines import WIENER_BALANCES, deconvolve
+from acquire_refocus.model.held_out import Sample, crop_psf
+
+if TYPE_CHECKING:
+    from acquire_refocus.config import AppConfig
+    from acquire_refocus.model.data import Window
+    from acquire_refocus.model.fusion import OpticalFusion
+    from acquire_refocus.refocuser import Refocuser
+
+log = logging.getLogger(__name__)
+
+# Upper edges of the |d| bins as fractions of the model's training reach (35 um for the shipped model: 1.05, 2.1,
+# 3.5, 5.25, 7.7, 10.5, 15.75 and 24.5 um; the last bin is open): fine near focus, where the choice matters most.
+BIN_FRACTIONS = (0.03, 0.06, 0.1, 0.15, 0.22, 0.3, 0.45, 0.7)
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+# True |d| of the calibration frames as fractions of the reach (sign drawn per frame): dense near focus.
+CALIBRATION_FRACTIONS = (0.0, 0.015, 0.03, 0.05, 0.08, 0.12, 0.17, 0.23, 0.3, 0.4, 0.55, 0.75, 1.0)
+MIN_BIN_FRAMES = 12  # fewer validation frames in a bin than this say too little: the bin keeps the network
+MIN_ADVANTAGE_DB = 0.05  # a share above 0 must beat the network's path by this much on the bin's mean PSNR gain,
+ADVANTAGE_STANDARD_ERRORS = 2.0  # and by this many standard errors of the frames' paired differences: a bin of 15
+# frames from 4 specimens is a small sample, and a share that wins on it by chance costs every user's frames there
+
+
+@dataclass(frozen=True)
+class PhysicsPathCalibration:
+    """Per bin of estimated |d| (upper edges in um; the last bin open): the Wiener balance and its share."""
+
+    bin_edges_um: tuple[float, ...]
+    balances: tuple[float, ...]
+    shares: tuple[float, ...]
+    mean_gain_db: tuple[float, ...]  # the chosen mixture's mean PSNR gain over the raw frame on the bin's frames
+    network_gain_db: tuple[float, ...]  # the network's path alone on the same frames
+    frames: tuple[int, ...]
+    source: str  # what the frames were
+
+    def __post_init__(self) -> None:
+        bins = len(self.bin_edges_um) + 1
+        lengths = {len(self.balances), len(self.shares), len(self.mean_gain_db), len(self.network_gain_db)}
+        if lengths != {bins} or len(self.frames) != bins:
+            raise ValueError(f"a physics-path calibration needs {bins} values per bin for {bins - 1} edges")
+        if any(not 0.0 <= share <= 1.0 for share in self.shares) or any(b <= 0 for b in self.balances):
+            raise ValueError("physics-path shares must lie in [0, 1] and balances be positive")
+
+    def bin_of(self, magnitude_um: float) -> int:
+        return int(np.searchsorted(np.asarray(self.bin_edges_um), magnitude_um, side="right"))
+
+    def to_metadata(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_metadata(cls, recorded: dict[str, Any]) -> PhysicsPathCalibration:
+        return cls(
+            bin_edges_um=tuple(float(v) for v in recorded["bin_edges_um"]),
+            balances=tuple(float(v) for v in recorded["balances"]),
+            shares=tuple(float(v) for v in recorded["shares"]),
+            mean_gain_db=tuple(float(v) for v in recorded["mean_gain_db"]),
+            network_gain_db=tuple(float(v) for v in recorded["network_gain_db"]),
+            frames=tuple(int(v) for v in recorded["frames"]),
+            source=str(recorded["source"]),
+        )
+
+
+class WienerFilter:
+    """Wiener deconvolution with the fusion's PSF bank at a |d|, re-blurred with the in-focus PSF (the target is the
+    in-focus image, not the object), in the frame's own units (model/baselines.py `deconvolve`)."""
+
+    def __init__(self, fusion: OpticalFusion) -> None:
+        self.bank = fusion.bank
+        self._psf = lru_cache(maxsize=64)(self._cropped_psf)
+        self._in_focus = self._psf(int(self.bank.index(0.0)))
+
+    def _cropped_psf(self, index: int) -> np.ndarray:
+        return crop_psf(self.bank.plane(index).astype(np.float64))
+
+    def at(self, magnitude_um: float, balance: float) -> Callable[[np.ndarray], np.ndarray]:
+        psf = self._psf(int(self.bank.index(magnitude_um)))
+
+        def run(frame: np.ndarray) -> np.ndarray:
+            offset = float(np.percentile(frame, 0.5))
+            sample = Sample("wiener", "wiener", 0.0, frame, frame)
+            return deconvolve(sample, psf, self._in_focus, offset, "wiener", balance)
+
+        return run
+
+
+class PhysicsPath:
+    """The fused network image mixed with the fused Wiener image per the calibration (module docstring); called
+    like OpticalFusion."""
+
+    def __init__(self, fusion: OpticalFusion, calibration: PhysicsPathCalibration) -> None:
+        self.fusion = fusion
+        self.calibration = calibration
+        self.wiener = WienerFilter(fusion)
+
+    def __call__(
+        self,
+        raw: np.ndarray,
+        output: np.ndarray,
+        magnitude_um: float,
+        network: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        if not math.isfinite(magnitude_um):
+            return self.fusion(raw, output, magnitude_um, network)
+        index = self.calibration.bin_of(magnitude_um)
+        share = self.calibration.shares[index]
+        if share <= 0.0:
+            return self.fusion(raw, output, magnitude_um, network)
+        wiener = self.wiener.at(magnitude_um, self.calibration.balances[index])
+        by_wiener = self.fusion(raw, wiener(raw), magnitude_um, wiener)
+        if share >= 1.0:
+            return by_wiener
+        by_network = self.fusion(raw, output, magnitude_um, network)
+        mixed: np.ndarray = (share * by_wiener + (1.0 - share) * by_network).astype(np.float32)
+        return mixed
+
+
+def bin_edges_um(reach_um: float) -> tuple[float, ...]:
+    return tuple(round(reach_um * fraction, 3) for fraction in BIN_FRACTIONS)
+
+
+def calibrate(
+    refocuser: Refocuser,
+    windows: Sequence[Window],
+    reach_um: float,
+    source: str,
+    balances: Sequence[float] = WIENER_BALANCES,
+    progress: bool = False,
+) -> PhysicsPathCalibration:
+    """Choose each bin's balance and share on `windows` (validation frames with their in-focus truth): the pair
+    with the highest mean PSNR gain over the raw frame, where it beats the network's path alone by
+    MIN_ADVANTAGE_DB and by ADVANTAGE_STANDARD_ERRORS standard errors of the per-frame paired differences, on at
+    least MIN_BIN_FRAMES frames; otherwise the bin keeps the network (share 0)."""
+    from acquire_refocus.engines.tiling import infer_frame
+    from acquire_refocus.model.normalization import frame_scale, normalize
+
+    fusion = refocuser.fusion
+    if fusion is None:
+        raise ValueError("the physics path goes through the fusion: load the Refocuser with physics_fusion on")
+    wiener = WienerFilter(fusion)
+    edges = bin_edges_um(reach_um)
+    bins = len(edges) + 1
+    # gains[bin][balance index][share index]: PSNR gains of every frame that fell into the bin
+    gains: list[list[list[list[float]]]] = [[[[] for _ in SHARES] for _ in balances] for _ in range(bins)]
+
+    def network(window: np.ndarray) -> np.ndarray:
+        return infer_frame(refocuser.engine, window)[0]
+
+    pairs = [(raw, window.truth) for window in windows for raw in window.planes]
+    for raw, truth_adu in tqdm(pairs, desc="calibrate physics path", unit="frame", disable=not progress):
+        intensity = frame_scale(raw, refocuser.loaded.normalization)
+        if intensity.is_degenerate:
+            continue
+        frame, truth = normalize(raw, intensity), normalize(truth_adu, intensity)
+        data_range = float(truth.max() - truth.min())
+        if data_range <= 0:
+            continue
+        image, focus = infer_frame(refocuser.engine, frame)
+        magnitude_um = focus.magnitude_um
+        by_network = fusion(frame, image, magnitude_um, network)
+        raw_psnr = peak_signal_noise_ratio(truth, frame, data_range=data_range)
+        index = int(np.searchsorted(np.asarray(edges), magnitude_um, side="right"))
+        for b, balance in enumerate(balances):
+            deconvolved = wiener.at(magnitude_um, balance)
+            by_wiener = fusion(frame, deconvolved(frame), magnitude_um, deconvolved)
+            for s, share in enumerate(SHARES):
+                mixed = share * by_wiener + (1.0 - share) * by_network
+                psnr = peak_signal_noise_ratio(truth, mixed, data_range=data_range)
+                gains[index][b][s].append(float(psnr - raw_psnr))
+    chosen_balances, chosen_shares, mean_gains, network_gains, frames = [], [], [], [], []
+    for index in range(bins):
+        count = len(gains[index][0][0])
+        network_gain = float(np.mean(gains[index][0][0])) if count else math.nan
+        best_balance, best_share, best_gain = balances[0], 0.0, network_gain
+        if count >= MIN_BIN_FRAMES:
+            for b, balance in enumerate(balances):
+                for s, share in enumerate(SHARES[1:], start=1):
+                    advantage = np.asarray(gains[index][b][s]) - np.asarray(gains[index][0][0])
+                    gain = network_gain + float(advantage.mean())
+                    standard_error = float(advantage.std(ddof=1)) / math.sqrt(count)
+                    margin = max(MIN_ADVANTAGE_DB, ADVANTAGE_STANDARD_ERRORS * standard_error)
+                    if gain > best_gain and advantage.mean() >= margin:
+                        best_balance, best_share, best_gain = balance, share, gain
+        chosen_balances.append(float(best_balance))
+        chosen_shares.append(best_share)
+        mean_gains.append(round(best_gain, 3))
+        network_gains.append(round(network_gain, 3))
+        frames.append(count)
+    calibration = PhysicsPathCalibration(
+        bin_edges_um=edges,
+        balances=tuple(chosen_balances),
+        shares=tuple(chosen_shares),
+        mean_gain_db=tuple(mean_gains),
+        network_gain_db=tuple(network_gains),
+        frames=tuple(frames),
+        source=source,
+    )
+    log.info(
+        kv(
+            "physics_path_calibrated",
+            **{
+                f"bin{i}": f"{s:g}@{b:g}"
+                for i, (s, b) in enumerate(zip(calibration.shares, calibration.balances, strict=True))
+            },
+        )
+    )
+    return calibration
+
+
+def calibrate_weights(
+    config: AppConfig, weights: Path | None, out: Path, fields: int, window_px: int = 256, progress: bool = True
+) -> PhysicsPathCalibration:
+    """Calibrate the physics path of `weights` (None: the shipped default) on `fields` validation windows of
+    `config`'s training envelope and write the weights, with the calibration in their metadata, to `out`."""
+    from acquire_refocus.config import EngineConfig
+    from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS, TENSORS_SHA256, read_payload, write_payload
+    from acquire_refocus.model.data import VALIDATION_SEED_BASE, calibration_windows
+    from acquire_refocus.refocuser import Refocuser
+
+    source = weights if weights is not None else DEFAULT_WEIGHTS
+    refocuser = Refocuser.load(
+        source, EngineConfig(backend="torch", precision="fp32", physics_fusion=True, physics_path=False)
+    )
+    reach_um = max(abs(d) for d in config.training.defocus_range_um)
+    magnitudes_um = [round(reach_um * fraction, 3) for fraction in CALIBRATION_FRACTIONS]
+    windows = calibration_windows(config, fields, window_px, magnitudes_um)
+    description = (
+        f"{len(windows)} validation windows ({window_px} px, specimen seeds from {VALIDATION_SEED_BASE}) of the "
+        f"training envelope of the given config, |d| = {', '.join(f'{m:g}' for m in magnitudes_um)} um"
+    )
+    calibration = calibrate(refocuser, windows, reach_um, description, progress=progress)
+    payload, _ = read_payload(source)
+    payload.pop(TENSORS_SHA256, None)
+    metadata = payload.setdefault("metadata", {})
+    metadata.setdefault("training", {})["physics_path"] = calibration.to_metadata()
+    write_payload(out, payload)
+    return calibration

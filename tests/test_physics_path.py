@@ -1,0 +1,189 @@
+"""The physics path: Wiener deconvolution at the estimated |d|, mixed with the network's fused image per bin of |d|
+as the weights' calibration says (model/physics_path.py), and `acquire-refocus calibrate-model`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from acquire_refocus.cli import main
+from acquire_refocus.config import EngineConfig, OpticsConfig, parse_config
+from acquire_refocus.model.physics_path import (
+    CALIBRATION_FRACTIONS,
+    PhysicsPath,
+    PhysicsPathCalibration,
+    WienerFilter,
+    bin_edges_um,
+    calibrate,
+)
+
+SMALL_SIMULATOR = {"specimen": {"field_size_um": [120, 120], "nuclei_per_mm2": 6000}}
+
+
+@pytest.fixture(scope="module")
+def fusion() -> Any:
+    from acquire_refocus.model.fusion import OpticalFusion
+
+    return OpticalFusion(OpticsConfig(), margin_um=2.0)
+
+
+def _calibration(shares: tuple[float, ...], balance: float = 0.1) -> PhysicsPathCalibration:
+    edges = bin_edges_um(35.0)
+    bins = len(edges) + 1
+    shares = shares + (0.0,) * (bins - len(shares))
+    return PhysicsPathCalibration(edges, (balance,) * bins, shares, (1.0,) * bins, (0.5,) * bins, (20,) * bins, "test")
+
+
+def _frames(defocus_um: float, peak_photons: float = 2000.0) -> tuple[np.ndarray, np.ndarray]:
+    """The noiseless in-focus image of the simulator's nuclei and a Poisson frame at `defocus_um`, in photons."""
+    from acquire_refocus.sim.microscope import SimulatedMicroscope
+
+    config = parse_config({"simulator": SMALL_SIMULATOR})
+    scope = SimulatedMicroscope(config.optics, config.simulator)
+    stack, truth = scope.photon_stack([defocus_um], (60.0, 60.0), (128, 128))
+    scale = peak_photons / truth.max()
+    noisy = np.random.default_rng(3).poisson(stack[0] * scale)
+    return (truth * scale).astype(np.float32), noisy.astype(np.float32)
+
+
+def _rms(image: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((image.astype(np.float64) - truth) ** 2)))
+
+
+def test_wiener_at_the_estimated_distance_restores_a_noisy_defocused_frame(fusion: Any) -> None:
+    """At 100 photons peak, 3 um from focus, Wiener with the bank's PSF at 3 um halves the error to the in-focus
+    image (measured 3.6 -> 1.5 photons RMS; most of it is noise removed: with these optics the in-focus PSF does
+    nearly as well), and with the PSF of 14 um, far wider than the blur, it ruins the frame (44.7)."""
+    truth, blurred = _frames(3.0, peak_photons=100.0)
+    wiener = WienerFilter(fusion)
+    assert _rms(wiener.at(3.0, 1.0)(blurred), truth) < 0.6 * _rms(blurred, truth)
+    assert _rms(wiener.at(14.0, 1.0)(blurred), truth) > 3.0 * _rms(blurred, truth)
+
+
+def test_the_physics_path_mixes_by_the_share_of_the_estimated_distance_bin(fusion: Any) -> None:
+    """Bin 0 (|d| < 1.05 um) all Wiener, bin 1 half and half, the rest the network's path exactly as before."""
+    _, raw = _frames(1.5)
+    output = raw * 1.05  # a network that stretches contrast
+    path = PhysicsPath(fusion, _calibration((1.0, 0.5)))
+    wiener = path.wiener.at(0.5, 0.1)
+    np.testing.assert_array_equal(path(raw, output, 0.5), fusion(raw, wiener(raw), 0.5, wiener))
+    wiener = path.wiener.at(1.5, 0.1)
+    half = 0.5 * fusion(raw, wiener(raw), 1.5, wiener) + 0.5 * fusion(raw, output, 1.5)
+    np.testing.assert_allclose(path(raw, output, 1.5), half, rtol=1e-6, atol=1e-3)
+    np.testing.assert_array_equal(path(raw, output, 30.0), fusion(raw, output, 30.0))
+    assert not np.allclose(path(raw, output, 0.5), fusion(raw, output, 0.5), atol=1e-2)
+
+
+def test_a_calibration_round_trips_through_metadata_and_refuses_nonsense() -> None:
+    calibration = _calibration((1.0, 0.25))
+    assert PhysicsPathCalibration.from_metadata(calibration.to_metadata()) == calibration
+    with pytest.raises(ValueError, match="values per bin"):
+        dataclasses.replace(calibration, shares=calibration.shares[:-1])
+    with pytest.raises(ValueError, match="shares must lie in"):
+        dataclasses.replace(calibration, shares=(1.5, *calibration.shares[1:]))
+    assert calibration.bin_of(0.0) == 0 and calibration.bin_of(1.05) == 1 and calibration.bin_of(99.0) == 8
+
+
+def _with_calibration(weights: Path, out: Path, calibration: PhysicsPathCalibration) -> Path:
+    from acquire_refocus.model.checkpoint import TENSORS_SHA256, read_payload, write_payload
+
+    payload, _ = read_payload(weights)
+    payload.pop(TENSORS_SHA256)
+    payload["metadata"].setdefault("training", {})["physics_path"] = calibration.to_metadata()
+    write_payload(out, payload)
+    return out
+
+
+def test_the_refocuser_runs_the_calibrated_physics_path(tiny_weights: Path, tmp_path: Path) -> None:
+    """Weights that carry a calibration refocus through it (the engine's setting turns it off); the image of a
+    frame whose estimate falls in an all-Wiener bin is the fused Wiener image, whatever the network made."""
+    from acquire_refocus import Refocuser
+    from acquire_refocus.engines.tiling import infer_frame
+    from acquire_refocus.model.normalization import denormalize, frame_scale, normalize
+
+    calibrated = _with_calibration(tiny_weights, tmp_path / "calibrated.pt", _calibration((1.0,) * 9))
+    refocuser = Refocuser.load(calibrated, EngineConfig(backend="torch", precision="fp32"))
+    assert refocuser.physics_path is not None and refocuser.fusion is not None
+    off = Refocuser.load(calibrated, EngineConfig(backend="torch", precision="fp32", physics_path=False))
+    assert off.physics_path is None and off.fusion is not None
+    _, frame = _frames(3.0)
+    intensity = frame_scale(frame, refocuser.loaded.normalization)
+    normalised = normalize(frame, intensity)
+    _, focus = infer_frame(refocuser.engine, normalised)
+    wiener = refocuser.physics_path.wiener.at(focus.magnitude_um, 0.1)
+    expected = denormalize(refocuser.fusion(normalised, wiener(normalised), focus.magnitude_um, wiener), intensity)
+    result = refocuser(frame)
+    np.testing.assert_allclose(result.image, expected, rtol=1e-5, atol=1e-2)
+    assert float(np.abs(result.image - off(frame).image).max()) > 1.0
+
+
+@pytest.fixture(scope="module")
+def calibration_frames() -> list[Any]:
+    from acquire_refocus.model.data import calibration_windows
+
+    config = parse_config({"simulator": SMALL_SIMULATOR})
+    return calibration_windows(config, 2, 96, [35.0 * f for f in CALIBRATION_FRACTIONS])
+
+
+def test_calibration_windows_are_validation_specimens_at_the_asked_distances(calibration_frames: list[Any]) -> None:
+    from acquire_refocus.model.data import VALIDATION_SEED_BASE
+
+    assert len(calibration_frames) == 2
+    for window in calibration_frames:
+        assert window.name.startswith(f"seed{VALIDATION_SEED_BASE}")
+        np.testing.assert_allclose(np.abs(window.defocus_um), [35.0 * f for f in CALIBRATION_FRACTIONS])
+        assert window.planes.shape == (len(CALIBRATION_FRACTIONS), 96, 96)
+    assert (np.sign(calibration_frames[0].defocus_um[1:]) < 0).any()  # both signs drawn
+
+
+def test_calibration_keeps_the_network_where_frames_are_too_few_and_picks_the_best_mixture(
+    tiny_refocuser: Any, calibration_frames: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from acquire_refocus.model import physics_path
+
+    frames = 2 * len(CALIBRATION_FRACTIONS)
+    monkeypatch.setattr(physics_path, "MIN_BIN_FRAMES", frames + 1)
+    sparse = calibrate(tiny_refocuser, calibration_frames, 35.0, "test", balances=(0.03, 1.0))
+    assert sum(sparse.frames) == frames and sparse.shares == (0.0,) * 9  # no bin has enough frames
+    monkeypatch.undo()
+    chosen = calibrate(tiny_refocuser, calibration_frames, 35.0, "test", balances=(0.03, 1.0))
+    assert chosen.frames == sparse.frames
+    np.testing.assert_array_equal(chosen.network_gain_db, sparse.network_gain_db)  # NaN: a bin without frames
+    for share, gain, network_gain, count in zip(
+        chosen.shares, chosen.mean_gain_db, chosen.network_gain_db, chosen.frames, strict=True
+    ):
+        if count < physics_path.MIN_BIN_FRAMES:
+            assert share == 0.0
+        elif share == 0.0:
+            assert gain == pytest.approx(network_gain)
+        else:  # the best mixture, and only where it beats the network's path by the margin asked
+            assert gain >= network_gain + physics_path.MIN_ADVANTAGE_DB - 1e-3
+    # an untrained network reads every frame alike and restores nothing: the Wiener path takes a share of its bin
+    assert any(share > 0 for share in chosen.shares)
+
+
+def test_calibrate_model_refuses_bad_arguments_with_a_clear_message(
+    tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stored = tmp_path / "stored.yaml"
+    stored.write_text("training:\n  data: stored\n  dataset_dir: somewhere\n")
+    existing = tmp_path / "exists.pt"
+    existing.write_bytes(b"")
+    cases = [
+        (["--config", str(stored), "--out", str(tmp_path / "a.pt")], "training.data is 'stored'"),
+        (["--config", str(stored), "--out", str(existing)], "exists; give --force"),
+        (["--config", str(stored), "--weights", str(tiny_weights), "--out", str(tiny_weights), "--force"], "differ"),
+        (
+            ["--config", str(stored), "--weights", str(tmp_path / "none.pt"), "--out", str(tmp_path / "b.pt")],
+            "not found",
+        ),
+        (["--config", str(stored), "--fields", "0", "--out", str(tmp_path / "c.pt")], "at least 1"),
+    ]
+    for arguments, message in cases:
+        assert main(["calibrate-model", *arguments]) == 2
+        error = capsys.readouterr().err
+        assert message in error and "Traceback" not in error
