@@ -169,21 +169,51 @@ def test_calibration_keeps_the_network_where_frames_are_too_few_and_picks_the_be
 def test_calibrate_model_refuses_bad_arguments_with_a_clear_message(
     tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    stored = tmp_path / "stored.yaml"
-    stored.write_text("training:\n  data: stored\n  dataset_dir: somewhere\n")
+    config = tmp_path / "stored.yaml"
+    config.write_text(f"training:\n  data: stored\n  dataset_dir: {tmp_path / 'nowhere'}\n")
     existing = tmp_path / "exists.pt"
     existing.write_bytes(b"")
+    before = tiny_weights.read_bytes()
     cases = [
-        (["--config", str(stored), "--out", str(tmp_path / "a.pt")], "training.data is 'stored'"),
-        (["--config", str(stored), "--out", str(existing)], "exists; give --force"),
-        (["--config", str(stored), "--weights", str(tiny_weights), "--out", str(tiny_weights), "--force"], "differ"),
+        (["--config", str(config), "--out", str(tmp_path / "a.pt")], "z-stack folder not found"),
+        (["--config", str(config), "--out", str(existing)], "exists; give --force"),
+        (["--config", str(config), "--weights", str(tiny_weights), "--out", str(tiny_weights), "--force"], "differ"),
         (
-            ["--config", str(stored), "--weights", str(tmp_path / "none.pt"), "--out", str(tmp_path / "b.pt")],
+            ["--config", str(config), "--weights", str(tmp_path / "none.pt"), "--out", str(tmp_path / "b.pt")],
             "not found",
         ),
-        (["--config", str(stored), "--fields", "0", "--out", str(tmp_path / "c.pt")], "at least 1"),
+        (["--config", str(config), "--fields", "0", "--out", str(tmp_path / "c.pt")], "at least 1"),
     ]
     for arguments, message in cases:
         assert main(["calibrate-model", *arguments]) == 2
         error = capsys.readouterr().err
         assert message in error and "Traceback" not in error
+    assert tiny_weights.read_bytes() == before
+
+
+def test_calibrate_model_on_a_stored_dataset_writes_weights_that_refocus_through_it(
+    tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The path a user's own z-stacks take: training's validation sites of the stored dataset, every plane."""
+    from support import SMALL_FIELD_SIMULATOR
+
+    from acquire_refocus import Refocuser
+    from acquire_refocus.sim.dataset import write_simulated_dataset
+
+    simulated = parse_config({"simulator": SMALL_FIELD_SIMULATOR})
+    stacks = tmp_path / "stacks"
+    write_simulated_dataset(
+        stacks, simulated.optics, simulated.simulator, fields=2, defocus_um=np.arange(-8.0, 8.01, 1.0), seed=5
+    )
+    config = tmp_path / "stored.yaml"
+    config.write_text(f"training:\n  data: stored\n  dataset_dir: {stacks}\n  defocus_range_um: [-8, 8]\n")
+    before = tiny_weights.read_bytes()
+    out = tmp_path / "calibrated.pt"
+    assert main(["calibrate-model", "--config", str(config), "--weights", str(tiny_weights), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"calibrated weights: {out}" in printed and "17 frames of the 1 validation sites" in printed
+    assert tiny_weights.read_bytes() == before
+    refocuser = Refocuser.load(out, "torch")
+    assert refocuser.physics_path is not None
+    assert sum(refocuser.physics_path.calibration.frames) == 17
+    assert refocuser.physics_path.calibration.bin_edges_um == bin_edges_um(8.0)

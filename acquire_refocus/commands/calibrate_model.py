@@ -14,9 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Calibrate the physics path of a model: per bin of its estimated |defocus|, the Wiener balance and the share "
         "of Wiener deconvolution (through the same fusion as the network's image) that restore the model's "
         "validation frames best; where none beats the network's own path, the bin keeps the network. The frames "
-        "are the validation specimens of the training envelope in --config (never the test specimens of "
-        "'evaluate'). Writes the weights, unchanged but for this calibration in their metadata, to --out; the "
-        "Refocuser uses it when engine.physics_path is on (the default). Takes minutes on a CPU."
+        "are those training validates on: the validation specimens of a simulated envelope (never the test "
+        "specimens of 'evaluate'), or the validation sites of a stored dataset (training.data: stored, split "
+        "by site as training splits it; the truth is each site's in-focus plane). Writes the weights, unchanged "
+        "but for this calibration in their metadata, to --out; the Refocuser uses it when engine.physics_path is "
+        "on (the default). Takes minutes on a CPU."
     )
     parser.add_argument(
         "--config",
@@ -30,13 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, metavar="W2", help="where to write the calibrated weights")
     parser.add_argument(
-        "--fields", type=int, default=24, metavar="N", help="validation fields of view, 13 frames each (default 24)"
+        "--fields",
+        type=int,
+        default=24,
+        metavar="N",
+        help="simulated envelopes: validation fields of view, 13 frames each (default 24); a stored dataset: "
+        "all its validation sites",
     )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
 def run(args: argparse.Namespace) -> int:
-    from acquire_refocus.config import SimulatedTrainingConfig, load_config
+    from acquire_refocus.config import load_config
     from acquire_refocus.model.physics_path import calibrate_weights
 
     if args.fields < 1:
@@ -48,11 +55,6 @@ def run(args: argparse.Namespace) -> int:
     if args.weights is not None and args.out.resolve() == args.weights.resolve():
         raise UserError("--out must differ from --weights: the uncalibrated weights stay as they are")
     config = load_config(args.config)
-    if not isinstance(config.training, SimulatedTrainingConfig):
-        raise UserError(
-            f"{args.config}: training.data is {config.training.data!r}; the calibration renders validation frames "
-            "of a simulated training envelope (training.data: simulated)"
-        )
     calibration = calibrate_weights(config, args.weights, args.out, args.fields)
     edges = ("0", *(f"{edge:g}" for edge in calibration.bin_edges_um), "")
     print(f"estimated |d| (um)   share  balance  gain, mixed / network alone (dB)  frames   ({calibration.source})")

@@ -242,11 +242,13 @@ def calibrate(
 def calibrate_weights(
     config: AppConfig, weights: Path | None, out: Path, fields: int, window_px: int = 256, progress: bool = True
 ) -> PhysicsPathCalibration:
-    """Calibrate the physics path of `weights` (None: the shipped default) on `fields` validation windows of
-    `config`'s training envelope and write the weights, with the calibration in their metadata, to `out`."""
-    from acquire_refocus.config import EngineConfig
+    """Calibrate the physics path of `weights` (None: the shipped default) on validation frames of `config`'s
+    training data and write the weights, with the calibration in their metadata, to `out`. Simulated envelopes:
+    `fields` windows of the validation specimens at CALIBRATION_FRACTIONS of the reach; a stored dataset: the
+    validation sites of training's split, every plane."""
+    from acquire_refocus.config import EngineConfig, StoredTrainingConfig
     from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS, TENSORS_SHA256, read_payload, write_payload
-    from acquire_refocus.model.data import VALIDATION_SEED_BASE, calibration_windows
+    from acquire_refocus.model.data import VALIDATION_SEED_BASE, calibration_windows, stored_sources
     from acquire_refocus.refocuser import Refocuser
 
     source = weights if weights is not None else DEFAULT_WEIGHTS
@@ -254,12 +256,19 @@ def calibrate_weights(
         source, EngineConfig(backend="torch", precision="fp32", physics_fusion=True, physics_path=False)
     )
     reach_um = max(abs(d) for d in config.training.defocus_range_um)
-    magnitudes_um = [round(reach_um * fraction, 3) for fraction in CALIBRATION_FRACTIONS]
-    windows = calibration_windows(config, fields, window_px, magnitudes_um)
-    description = (
-        f"{len(windows)} validation windows ({window_px} px, specimen seeds from {VALIDATION_SEED_BASE}) of the "
-        f"training envelope of the given config, |d| = {', '.join(f'{m:g}' for m in magnitudes_um)} um"
-    )
+    if isinstance(config.training, StoredTrainingConfig):
+        _, windows = stored_sources(config)
+        description = (
+            f"{sum(len(w.planes) for w in windows)} frames of the {len(windows)} validation sites of "
+            f"{config.training.dataset_dir} (training's split by site), truth: each site's in-focus plane"
+        )
+    else:
+        magnitudes_um = [round(reach_um * fraction, 3) for fraction in CALIBRATION_FRACTIONS]
+        windows = calibration_windows(config, fields, window_px, magnitudes_um)
+        description = (
+            f"{len(windows)} validation windows ({window_px} px, specimen seeds from {VALIDATION_SEED_BASE}) of the "
+            f"training envelope of the given config, |d| = {', '.join(f'{m:g}' for m in magnitudes_um)} um"
+        )
     calibration = calibrate(refocuser, windows, reach_um, description, progress=progress)
     payload, _ = read_payload(source)
     payload.pop(TENSORS_SHA256, None)
