@@ -6,8 +6,9 @@ image. Near focus on bright frames that over-sharpens (the head reads ~2 um in f
 Wiener image through the model's OpticalFusion, exactly as the Refocuser passes the network's (the amplitude bound
 at |d| less the margin, then the blend with the raw frame, the noise probe run through the Wiener filter), and
 prints, per set and |d|, the PSNR gain of: the network through the fusion (what ships), Wiener through the fusion,
-and their mean. A prototype for deciding whether a deconvolution path belongs in the product (model README, last
-section); it changes nothing in the package.
+and their mean: the two candidates of the product's physics path (model/physics_path.py) on their own, where the
+OOD suite scores only their calibrated mixture. Useful to see, for a new model, which path wins at which distance
+on data the calibration never saw; it changes nothing in the package.
 
 Run: python tools/compare_physics_path.py [--config tools/reports/default-model/evaluate.yaml] [--weights W]
      [--fields 3]

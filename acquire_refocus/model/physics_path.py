@@ -7,6 +7,8 @@ and no brightness, so it cannot be fooled by an unseen one the way a network can
 noise and by how far off the |d| estimate is. Passed through the same fusion as the network's image (amplitude
 bound, blend towards the raw frame, with its own noise probe: model/fusion.py), it beat the shipped network within
 10 um on nine of the ten out-of-distribution sets and lost to it beyond 14 um (tools/compare_physics_path.py).
+With 20x / 0.45 optics most of what it adds near focus is noise removed: defocus beyond a few um erases
+frequencies that no linear filter restores.
 
 Per frame: the network's unsigned estimate picks a bin of |d|; the bin's calibration gives the Wiener balance and
 the share of the fused Wiener image in the result (share x fused Wiener + (1 - share) x fused network; a share of 0
