@@ -38,7 +38,7 @@ from pydantic import ValidationError
 from skimage.transform import resize
 
 from acquire_refocus.config import EngineConfig
-from acquire_refocus.errors import ConfigError, InputError
+from acquire_refocus.errors import ConfigError, InputError, WeightsError
 from acquire_refocus.logs import kv
 from acquire_refocus.model.checkpoint import LoadedModel, load_weights
 from acquire_refocus.model.envelope import DISTRUSTED, envelope_flags
@@ -161,7 +161,14 @@ class Refocuser:
             )
             recorded_path = training.get("physics_path")
             if engine_config.physics_path and recorded_path:
-                physics_path = PhysicsPath(fusion, PhysicsPathCalibration.from_metadata(recorded_path))
+                try:
+                    calibration = PhysicsPathCalibration.from_metadata(recorded_path)
+                except ValueError as exc:
+                    raise WeightsError(
+                        f"{loaded.path}: {exc}; recalibrate it (acquire-refocus calibrate-model) or load it with "
+                        "engine.physics_path: false"
+                    ) from None
+                physics_path = PhysicsPath(fusion, calibration)
         log.info(
             kv(
                 "refocuser_loaded",

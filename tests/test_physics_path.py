@@ -217,3 +217,34 @@ def test_calibrate_model_on_a_stored_dataset_writes_weights_that_refocus_through
     assert refocuser.physics_path is not None
     assert sum(refocuser.physics_path.calibration.frames) == 17
     assert refocuser.physics_path.calibration.bin_edges_um == bin_edges_um(8.0)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda recorded: recorded.pop("shares"), "lacks 'shares'"),
+        (lambda recorded: recorded.update(shares=recorded["shares"][:-1]), "values per bin"),
+        (lambda recorded: recorded.update(shares=[1.5] * 9), "shares must lie in"),
+        (lambda recorded: recorded.update(balances=["a"] * 9), "damaged"),
+        (lambda recorded: recorded.update(bin_edges_um=list(reversed(recorded["bin_edges_um"]))), "must rise"),
+    ],
+)
+def test_weights_with_a_damaged_calibration_are_refused_clearly(
+    tiny_weights: Path, tmp_path: Path, damage: Any, message: str
+) -> None:
+    """A clear WeightsError naming the fix, never a KeyError from deep inside; the network's path still loads."""
+    from acquire_refocus import Refocuser
+    from acquire_refocus.errors import WeightsError
+    from acquire_refocus.model.checkpoint import TENSORS_SHA256, read_payload, write_payload
+
+    payload, _ = read_payload(tiny_weights)
+    payload.pop(TENSORS_SHA256)
+    recorded = _calibration((1.0,)).to_metadata()
+    damage(recorded)
+    payload["metadata"]["training"] = {"physics_path": recorded}
+    damaged = tmp_path / "damaged.pt"
+    write_payload(damaged, payload)
+    with pytest.raises(WeightsError, match=message) as raised:
+        Refocuser.load(damaged, "torch")
+    assert "calibrate-model" in str(raised.value)
+    assert Refocuser.load(damaged, EngineConfig(backend="torch", physics_path=False)).physics_path is None

@@ -73,7 +73,7 @@ class PhysicsPathCalibration:
         lengths = {len(self.balances), len(self.shares), len(self.mean_gain_db), len(self.network_gain_db)}
         if lengths != {bins} or len(self.frames) != bins:
             raise ValueError(f"a physics-path calibration needs {bins} values per bin for {bins - 1} edges")
-        if any(not 0.0 <= share <= 1.0 for share in self.shares) or any(b <= 0 for b in self.balances):
+        if any(not 0.0 <= share <= 1.0 for share in self.shares) or any(not b > 0 for b in self.balances):
             raise ValueError("physics-path shares must lie in [0, 1] and balances be positive")
 
     def bin_of(self, magnitude_um: float) -> int:
@@ -83,16 +83,29 @@ class PhysicsPathCalibration:
         return asdict(self)
 
     @classmethod
-    def from_metadata(cls, recorded: dict[str, Any]) -> PhysicsPathCalibration:
-        return cls(
-            bin_edges_um=tuple(float(v) for v in recorded["bin_edges_um"]),
-            balances=tuple(float(v) for v in recorded["balances"]),
-            shares=tuple(float(v) for v in recorded["shares"]),
-            mean_gain_db=tuple(float(v) for v in recorded["mean_gain_db"]),
-            network_gain_db=tuple(float(v) for v in recorded["network_gain_db"]),
-            frames=tuple(int(v) for v in recorded["frames"]),
-            source=str(recorded["source"]),
-        )
+    def from_metadata(cls, recorded: object) -> PhysicsPathCalibration:
+        """The calibration a weights file records; ValueError saying what is wrong with a damaged one."""
+        try:
+            if not isinstance(recorded, dict):
+                raise TypeError(f"a {type(recorded).__name__}, not a table")
+            calibration = cls(
+                bin_edges_um=tuple(float(v) for v in recorded["bin_edges_um"]),
+                balances=tuple(float(v) for v in recorded["balances"]),
+                shares=tuple(float(v) for v in recorded["shares"]),
+                mean_gain_db=tuple(float(v) for v in recorded["mean_gain_db"]),
+                network_gain_db=tuple(float(v) for v in recorded["network_gain_db"]),
+                frames=tuple(int(v) for v in recorded["frames"]),
+                source=str(recorded["source"]),
+            )
+        except KeyError as exc:
+            raise ValueError(f"its physics-path calibration lacks {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"its physics-path calibration is damaged: {exc}") from None
+        if any(not math.isfinite(v) for v in (*calibration.bin_edges_um, *calibration.balances)) or list(
+            calibration.bin_edges_um
+        ) != sorted(calibration.bin_edges_um):
+            raise ValueError("its physics-path calibration is damaged: bin edges must rise and be finite")
+        return calibration
 
 
 class WienerFilter:
