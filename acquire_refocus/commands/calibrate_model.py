@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"estimated |d| (um)   share  balance  gain, mixed / network alone (dB)  frames   ({calibration.source})")
     for index, share in enumerate(calibration.shares):
         span = f"{edges[index]}-{edges[index + 1]}" if edges[index + 1] else f">= {edges[index]}"
+        if calibration.frames[index] == 0:
+            print(f"{span:<20} {share:5.2f}  {'-':>7}  {'no validation frame read this':<33}{0:6d}")
+            continue
         print(
             f"{span:<20} {share:5.2f}  {calibration.balances[index]:7g}  "
             f"{calibration.mean_gain_db[index]:+6.2f} / {calibration.network_gain_db[index]:+6.2f}"
