@@ -160,7 +160,7 @@ class Refocuser:
                 loaded.optics, float(calibration.get("magnitude_margin_um", DEFAULT_MARGIN_UM)), reach_um
             )
             recorded_path = training.get("physics_path")
-            if engine_config.physics_path and recorded_path:
+            if engine_config.physics_path and recorded_path is not None:
                 try:
                     calibration = PhysicsPathCalibration.from_metadata(recorded_path)
                 except ValueError as exc:

@@ -4,6 +4,7 @@ as the weights' calibration says (model/physics_path.py), and `acquire-refocus c
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from acquire_refocus.cli import main
 from acquire_refocus.config import EngineConfig, OpticsConfig, parse_config
+from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS
 from acquire_refocus.model.physics_path import (
     CALIBRATION_FRACTIONS,
     PhysicsPath,
@@ -173,7 +175,7 @@ def test_calibrate_model_refuses_bad_arguments_with_a_clear_message(
     config.write_text(f"training:\n  data: stored\n  dataset_dir: {tmp_path / 'nowhere'}\n")
     existing = tmp_path / "exists.pt"
     existing.write_bytes(b"")
-    before = tiny_weights.read_bytes()
+    before, shipped = tiny_weights.read_bytes(), DEFAULT_WEIGHTS.read_bytes()
     cases = [
         (["--config", str(config), "--out", str(tmp_path / "a.pt")], "z-stack folder not found"),
         (["--config", str(config), "--out", str(existing)], "exists; give --force"),
@@ -183,12 +185,15 @@ def test_calibrate_model_refuses_bad_arguments_with_a_clear_message(
             "not found",
         ),
         (["--config", str(config), "--fields", "0", "--out", str(tmp_path / "c.pt")], "at least 1"),
+        (["--config", str(config), "--out", str(DEFAULT_WEIGHTS), "--force"], "or the shipped model"),
+        (["--config", str(config), "--out", str(tmp_path)], "is a folder"),
+        (["--config", str(config), "--out", str(existing / "d.pt")], "cannot create the folder"),
     ]
     for arguments, message in cases:
         assert main(["calibrate-model", *arguments]) == 2
         error = capsys.readouterr().err
         assert message in error and "Traceback" not in error
-    assert tiny_weights.read_bytes() == before
+    assert tiny_weights.read_bytes() == before and DEFAULT_WEIGHTS.read_bytes() == shipped
 
 
 def test_calibrate_model_on_a_stored_dataset_writes_weights_that_refocus_through_it(
@@ -227,6 +232,9 @@ def test_calibrate_model_on_a_stored_dataset_writes_weights_that_refocus_through
         (lambda recorded: recorded.update(shares=[1.5] * 9), "shares must lie in"),
         (lambda recorded: recorded.update(balances=["a"] * 9), "damaged"),
         (lambda recorded: recorded.update(bin_edges_um=list(reversed(recorded["bin_edges_um"]))), "must rise"),
+        (lambda recorded: recorded.update(balances=[math.inf] * 9), "balances must lie in"),
+        (lambda recorded: recorded.update(balances=[1e-300] * 9), "balances must lie in"),
+        (lambda recorded: recorded.clear(), "lacks 'bin_edges_um'"),
     ],
 )
 def test_weights_with_a_damaged_calibration_are_refused_clearly(

@@ -44,18 +44,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from acquire_refocus.config import load_config
+    from acquire_refocus.model.checkpoint import DEFAULT_WEIGHTS
     from acquire_refocus.model.physics_path import calibrate_weights
 
     if args.fields < 1:
         raise UserError(f"--fields must be at least 1, got {args.fields}")
     if args.weights is not None and not args.weights.is_file():
         raise UserError(f"--weights {args.weights} not found")
+    if args.out.resolve() == (args.weights or DEFAULT_WEIGHTS).resolve():
+        raise UserError("--out must differ from --weights (or the shipped model): the weights given stay as they are")
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder; give the weights file to write")
     if args.out.exists() and not args.force:
         raise UserError(f"{args.out} exists; give --force to replace it, or another --out")
-    if args.weights is not None and args.out.resolve() == args.weights.resolve():
-        raise UserError("--out must differ from --weights: the uncalibrated weights stay as they are")
+    _check_writable(args.out)
     config = load_config(args.config)
-    calibration = calibrate_weights(config, args.weights, args.out, args.fields)
+    try:
+        calibration = calibrate_weights(config, args.weights, args.out, args.fields)
+    except OSError as exc:
+        raise UserError(f"could not write {args.out}: {exc.strerror or exc}") from None
     edges = ("0", *(f"{edge:g}" for edge in calibration.bin_edges_um), "")
     print(f"estimated |d| (um)   share  balance  gain, mixed / network alone (dB)  frames   ({calibration.source})")
     for index, share in enumerate(calibration.shares):
@@ -70,3 +77,18 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"calibrated weights: {args.out}")
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """UserError now, before minutes of calibration, when --out cannot be written: its folder is created (as the
+    write would) and must accept a file."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder of --out {out}: {exc.strerror or exc}") from None
+    probe = out.parent / f".{out.name}.write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write into {out.parent}: {exc.strerror or exc}") from None

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 # 3.5, 5.25, 7.7, 10.5, 15.75 and 24.5 um; the last bin is open): fine near focus, where the choice matters most.
 BIN_FRACTIONS = (0.03, 0.06, 0.1, 0.15, 0.22, 0.3, 0.45, 0.7)
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+# Balances a calibration may hold: around the baselines' grid (0.003-3,000); far below it the filter divides by
+# nearly zero where the OTF does (1e-300 turned a frame of 65-974 into -2,800-4,650).
+BALANCE_RANGE = (1e-4, 1e5)
 # True |d| of the calibration frames as fractions of the reach (sign drawn per frame): dense near focus.
 CALIBRATION_FRACTIONS = (0.0, 0.015, 0.03, 0.05, 0.08, 0.12, 0.17, 0.23, 0.3, 0.4, 0.55, 0.75, 1.0)
 MIN_BIN_FRAMES = 12  # fewer validation frames in a bin than this say too little: the bin keeps the network
@@ -73,8 +76,10 @@ class PhysicsPathCalibration:
         lengths = {len(self.balances), len(self.shares), len(self.mean_gain_db), len(self.network_gain_db)}
         if lengths != {bins} or len(self.frames) != bins:
             raise ValueError(f"a physics-path calibration needs {bins} values per bin for {bins - 1} edges")
-        if any(not 0.0 <= share <= 1.0 for share in self.shares) or any(not b > 0 for b in self.balances):
-            raise ValueError("physics-path shares must lie in [0, 1] and balances be positive")
+        if any(not 0.0 <= share <= 1.0 for share in self.shares):
+            raise ValueError("physics-path shares must lie in [0, 1]")
+        if any(not BALANCE_RANGE[0] <= b <= BALANCE_RANGE[1] for b in self.balances):
+            raise ValueError(f"physics-path balances must lie in [{BALANCE_RANGE[0]:g}, {BALANCE_RANGE[1]:g}]")
 
     def bin_of(self, magnitude_um: float) -> int:
         return int(np.searchsorted(np.asarray(self.bin_edges_um), magnitude_um, side="right"))
@@ -101,9 +106,8 @@ class PhysicsPathCalibration:
             raise ValueError(f"its physics-path calibration lacks {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ValueError(f"its physics-path calibration is damaged: {exc}") from None
-        if any(not math.isfinite(v) for v in (*calibration.bin_edges_um, *calibration.balances)) or list(
-            calibration.bin_edges_um
-        ) != sorted(calibration.bin_edges_um):
+        edges = calibration.bin_edges_um
+        if any(not math.isfinite(edge) for edge in edges) or list(edges) != sorted(edges):
             raise ValueError("its physics-path calibration is damaged: bin edges must rise and be finite")
         return calibration
 
