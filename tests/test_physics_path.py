@@ -256,3 +256,18 @@ def test_weights_with_a_damaged_calibration_are_refused_clearly(
         Refocuser.load(damaged, "torch")
     assert "calibrate-model" in str(raised.value)
     assert Refocuser.load(damaged, EngineConfig(backend="torch", physics_path=False)).physics_path is None
+
+
+def test_a_mixture_is_chosen_only_when_it_wins_on_most_frames_and_beyond_chance() -> None:
+    """The rules of `calibrate` on per-frame gains (dB) of 40 frames whose network path gains 2 dB."""
+    from acquire_refocus.model.physics_path import choose_mixture
+
+    network = np.full(40, 2.0)
+    steady = network + 0.5  # +0.5 dB on every frame
+    risky = network + np.where(np.arange(40) < 8, -1.0, 1.2)  # mean +0.76, but a fifth of the frames lose 1 dB
+    noisy = network + np.random.default_rng(0).normal(0.06, 1.0, 40)  # +0.06 on average, within chance
+    assert choose_mixture(network, {(3.0, 0.5): steady, (10.0, 1.0): risky}, 0.1) == pytest.approx((3.0, 0.5, 2.5))
+    assert choose_mixture(network, {(10.0, 1.0): risky}, 0.1) == (0.1, 0.0, 2.0)
+    assert choose_mixture(network, {(10.0, 1.0): noisy}, 0.1) == (0.1, 0.0, 2.0)
+    few = choose_mixture(network[:5], {(3.0, 0.5): steady[:5]}, 0.1)  # too few frames to say
+    assert few == (0.1, 0.0, 2.0)
