@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=24,
         metavar="N",
-        help="simulated envelopes: validation fields of view, 13 frames each (default 24); a stored dataset: "
+        help="simulated envelopes: validation fields of view, 19 frames each (default 24); a stored dataset: "
         "all its validation sites",
     )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")

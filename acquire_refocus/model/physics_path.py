@@ -51,8 +51,14 @@ SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Balances a calibration may hold: around the baselines' grid (0.003-3,000); far below it the filter divides by
 # nearly zero where the OTF does (1e-300 turned a frame of 65-974 into -2,800-4,650).
 BALANCE_RANGE = (1e-4, 1e5)
-# True |d| of the calibration frames as fractions of the reach (sign drawn per frame): dense near focus.
-CALIBRATION_FRACTIONS = (0.0, 0.015, 0.03, 0.05, 0.08, 0.12, 0.17, 0.23, 0.3, 0.4, 0.55, 0.75, 1.0)
+# True |d| of the calibration frames as fractions of the reach (sign drawn per frame): dense near focus, where a
+# closed loop keeps most frames, then evenly spaced to the reach, so that a bin holds the far frames the head
+# misreads into it as often as they come (with 0.4, 0.55, 0.75 and 1.0 beyond 0.3, frames 12-20 um out were too
+# few, and the 7.7-15.75 um bins took Wiener shares that cost such frames 0.5-3.7 dB in a black-box test).
+CALIBRATION_FRACTIONS = (
+    *(0.0, 0.015, 0.03, 0.05, 0.08, 0.12, 0.17, 0.23),
+    *(0.3, 0.37, 0.44, 0.51, 0.58, 0.65, 0.72, 0.79, 0.86, 0.93, 1.0),
+)
 MIN_BIN_FRAMES = 12  # fewer validation frames in a bin than this say too little: the bin keeps the network
 MIN_ADVANTAGE_DB = 0.05  # a share above 0 must beat the network's path by this much on the bin's mean PSNR gain,
 ADVANTAGE_STANDARD_ERRORS = 2.0  # and by this many standard errors of the frames' paired differences: a bin of 15
@@ -63,6 +69,13 @@ ADVANTAGE_STANDARD_ERRORS = 2.0  # and by this many standard errors of the frame
 # 50-5,000 photons found 18 % of frames 0.5 dB or more worse than the network's path (worst -3.7 dB).
 TAIL_FRACTION = 0.1
 TAIL_LOSS_DB = 0.3
+# Beyond this fraction of the reach (5.25 um for the shipped model) every bin keeps the network. Near focus what the
+# Wiener path adds is mostly noise removed, which holds whatever the specimen; further out its gain rests on a |d|
+# reading right to within a depth of field (the shipped head is 2-5 um off at 6-14 um on the OOD sets) and on the
+# validation envelope's mix of specimens. There, with validation frames choosing shares of 0.25-0.75 at 7.7-15.75
+# um, the OOD suite's nuclei sets lost 0.05-0.21 dB at 14 um and a black-box test on the simulator's nuclei at
+# 50-5,000 photons lost 0.2-0.45 dB on average at 7-20 um, single frames up to 3.7 dB.
+MAX_REACH_FRACTION = 0.15
 
 
 @dataclass(frozen=True)
@@ -209,8 +222,8 @@ def calibrate(
     """Choose each bin's balance and share on `windows` (validation frames with their in-focus truth): the pair
     with the highest mean PSNR gain over the raw frame, where it beats the network's path alone by
     MIN_ADVANTAGE_DB and by ADVANTAGE_STANDARD_ERRORS standard errors of the per-frame paired differences, loses
-    more than TAIL_LOSS_DB on at most TAIL_FRACTION of the frames, and the bin has at least MIN_BIN_FRAMES frames;
-    otherwise the bin keeps the network (share 0)."""
+    more than TAIL_LOSS_DB on at most TAIL_FRACTION of the frames, the bin has at least MIN_BIN_FRAMES frames and
+    ends within MAX_REACH_FRACTION of the reach; otherwise the bin keeps the network (share 0)."""
     from acquire_refocus.engines.tiling import infer_frame
     from acquire_refocus.model.normalization import frame_scale, normalize
 
@@ -250,11 +263,12 @@ def calibrate(
     chosen_balances, chosen_shares, mean_gains, network_gains, frames = [], [], [], [], []
     for index in range(bins):
         network_db = np.asarray(gains[index][0][0])
+        near_focus = index < len(edges) and edges[index] <= MAX_REACH_FRACTION * reach_um + 1e-9
         candidates = {
             (balance, share): np.asarray(gains[index][b][s])
             for b, balance in enumerate(balances)
             for s, share in enumerate(SHARES)
-            if share > 0
+            if share > 0 and near_focus
         }
         balance, share, gain = choose_mixture(network_db, candidates, balances[0])
         chosen_balances.append(float(balance))
