@@ -66,6 +66,24 @@ def test_wiener_at_the_estimated_distance_restores_a_noisy_defocused_frame(fusio
     assert _rms(wiener.at(14.0, 1.0)(blurred), truth) > 3.0 * _rms(blurred, truth)
 
 
+@pytest.mark.parametrize("shape", [(65, 97), (128, 128)])
+def test_the_wiener_filter_is_the_evaluations_wiener_in_one_fft_pair(fusion: Any, shape: tuple[int, int]) -> None:
+    """Folding deconvolution and re-blur into one cached transfer function changes nothing against
+    model/baselines.py `deconvolve` (skimage's Wiener, then the in-focus re-blur), at any distance and balance."""
+    from acquire_refocus.model.baselines import deconvolve
+    from acquire_refocus.model.held_out import Sample, crop_psf
+
+    frame = (np.random.default_rng(4).poisson(50.0, shape) + 100).astype(np.float32)
+    frame[10:40, 20:60] += 300
+    wiener = WienerFilter(fusion)
+    in_focus = crop_psf(fusion.bank.plane(int(fusion.bank.index(0.0))).astype(np.float64))
+    for magnitude_um, balance in [(0.0, 0.003), (3.0, 10.0), (30.0, 3000.0)]:
+        psf = crop_psf(fusion.bank.plane(int(fusion.bank.index(magnitude_um))).astype(np.float64))
+        offset = float(np.percentile(frame, 0.5))
+        expected = deconvolve(Sample("w", "w", 0.0, frame, frame), psf, in_focus, offset, "wiener", balance)
+        np.testing.assert_allclose(wiener.at(magnitude_um, balance)(frame), expected, rtol=1e-5, atol=1e-3)
+
+
 def test_the_physics_path_mixes_by_the_share_of_the_estimated_distance_bin(fusion: Any) -> None:
     """Bin 0 (|d| < 1.05 um) all Wiener, bin 1 half and half, the rest the network's path exactly as before."""
     _, raw = _frames(1.5)

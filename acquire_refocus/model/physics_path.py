@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import scipy.fft
 from skimage.metrics import peak_signal_noise_ratio
 from tqdm import tqdm
 
 from acquire_refocus.logs import kv
-from acquire_refocus.model.baselines import WIENER_BALANCES, deconvolve
-from acquire_refocus.model.held_out import Sample, crop_psf
+from acquire_refocus.model.baselines import WIENER_BALANCES
+from acquire_refocus.model.held_out import crop_psf
 
 if TYPE_CHECKING:
     from acquire_refocus.config import AppConfig
@@ -59,6 +60,7 @@ CALIBRATION_FRACTIONS = (
     *(0.0, 0.015, 0.03, 0.05, 0.08, 0.12, 0.17, 0.23),
     *(0.3, 0.37, 0.44, 0.51, 0.58, 0.65, 0.72, 0.79, 0.86, 0.93, 1.0),
 )
+_TRANSFER_CACHE_ENTRIES = 32  # (PSF, balance, padded shape): a run's frames and probe windows share a few
 MIN_BIN_FRAMES = 12  # fewer validation frames in a bin than this say too little: the bin keeps the network
 MIN_ADVANTAGE_DB = 0.05  # a share above 0 must beat the network's path by this much on the bin's mean PSNR gain,
 ADVANTAGE_STANDARD_ERRORS = 2.0  # and by this many standard errors of the frames' paired differences: a bin of 15
@@ -133,23 +135,45 @@ class PhysicsPathCalibration:
 
 class WienerFilter:
     """Wiener deconvolution with the fusion's PSF bank at a |d|, re-blurred with the in-focus PSF (the target is the
-    in-focus image, not the object), in the frame's own units (model/baselines.py `deconvolve`)."""
+    in-focus image, not the object), in the frame's own units: the same filter as model/baselines.py `deconvolve`
+    (skimage's Laplacian-regularised Wiener, reflect padding by the PSF radius), with the deconvolution and the
+    re-blur folded into one transfer function cached per PSF, balance and padded shape, so a frame costs one FFT
+    pair. (The re-blur is circular here and linear there; they differ only within the padding, which is cropped.)"""
 
     def __init__(self, fusion: OpticalFusion) -> None:
         self.bank = fusion.bank
         self._psf = lru_cache(maxsize=64)(self._cropped_psf)
-        self._in_focus = self._psf(int(self.bank.index(0.0)))
+        self._transfer = lru_cache(maxsize=_TRANSFER_CACHE_ENTRIES)(self._transfer_function)
+        self._in_focus_index = int(self.bank.index(0.0))
 
     def _cropped_psf(self, index: int) -> np.ndarray:
         return crop_psf(self.bank.plane(index).astype(np.float64))
 
+    def _transfer_function(self, index: int, balance: float, shape: tuple[int, int]) -> np.ndarray:
+        from skimage.restoration import uft
+
+        blur = uft.ir2tf(self._psf(index), shape)
+        regulariser, _ = uft.laplacian(2, shape)
+        in_focus = uft.ir2tf(self._psf(self._in_focus_index), shape)
+        transfer: np.ndarray = np.conj(blur) / (np.abs(blur) ** 2 + balance * np.abs(regulariser) ** 2) * in_focus
+        transfer.flags.writeable = False
+        return transfer
+
     def at(self, magnitude_um: float, balance: float) -> Callable[[np.ndarray], np.ndarray]:
-        psf = self._psf(int(self.bank.index(magnitude_um)))
+        index = int(self.bank.index(magnitude_um))
+        pad = max(self._psf(index).shape[0], self._psf(self._in_focus_index).shape[0]) // 2
 
         def run(frame: np.ndarray) -> np.ndarray:
             offset = float(np.percentile(frame, 0.5))
-            sample = Sample("wiener", "wiener", 0.0, frame, frame)
-            return deconvolve(sample, psf, self._in_focus, offset, "wiener", balance)
+            image = np.clip(np.asarray(frame, dtype=np.float64) - offset, 0.0, None)
+            scale = max(float(image.max()), 1.0)
+            padded = np.pad(image / scale, pad, mode="reflect")
+            shape = (int(padded.shape[0]), int(padded.shape[1]))
+            spectrum = scipy.fft.rfft2(padded, workers=-1) * self._transfer(index, balance, shape)
+            restored = scipy.fft.irfft2(spectrum, s=shape, workers=-1)[
+                pad : pad + frame.shape[0], pad : pad + frame.shape[1]
+            ]
+            return np.asarray(restored * scale + offset, dtype=np.float32)
 
         return run
 
