@@ -130,6 +130,8 @@ def test_randomised_windows_differ_in_family_camera_and_come_with_their_truth() 
     assert len(validation) == 2 and all(w.planes.shape == (8, 64, 64) for w in validation)
     assert {s // 1000 for s in train.seeds} == {1}  # training seeds 1000+, validation 2000+: disjoint
     assert all(w.name.startswith("seed2") for w in validation)
+    # each window names its specimen family (the physics-path calibration checks every family on its own)
+    assert all(w.family in (*FAMILIES, "mixture") and f"_{w.family}_" in w.name for w in validation)
     rng = np.random.default_rng(0)
     windows = [train.next_window(rng) for _ in range(6)]
     assert all(w.planes.dtype == np.uint16 and w.truth.shape == (64, 64) for w in windows)

@@ -166,7 +166,7 @@ def test_calibration_keeps_the_network_where_frames_are_too_few_and_picks_the_be
     from acquire_refocus.model import physics_path
 
     frames = 2 * len(CALIBRATION_FRACTIONS)
-    reach_um = 100.0  # bins end at 3, 6, 10, 15 um near focus: the untrained network reads these frames ~6-7 um
+    reach_um = 35.0
     monkeypatch.setattr(physics_path, "MIN_BIN_FRAMES", frames + 1)
     sparse = calibrate(tiny_refocuser, calibration_frames, reach_um, "test", balances=(0.03, 1.0))
     assert sum(sparse.frames) == frames and sparse.shares == (0.0,) * 9  # no bin has enough frames
@@ -185,9 +185,6 @@ def test_calibration_keeps_the_network_where_frames_are_too_few_and_picks_the_be
             assert gain >= network_gain + physics_path.MIN_ADVANTAGE_DB - 1e-3
     # an untrained network reads every frame alike and restores nothing: the Wiener path takes a share of its bin
     assert any(share > 0 for share in chosen.shares)
-    # the same frames against a 35 um reach fall beyond MAX_REACH_FRACTION of it: every bin keeps the network
-    far = calibrate(tiny_refocuser, calibration_frames, 35.0, "test", balances=(0.03, 1.0))
-    assert sum(far.frames[4:]) == frames and far.shares == (0.0,) * 9  # all read beyond 5.25 um
 
 
 def test_calibrate_model_refuses_bad_arguments_with_a_clear_message(
@@ -288,8 +285,14 @@ def test_a_mixture_is_chosen_only_when_it_wins_on_most_frames_and_beyond_chance(
     steady = network + 0.5  # +0.5 dB on every frame
     risky = network + np.where(np.arange(40) < 8, -1.0, 1.2)  # mean +0.76, but a fifth of the frames lose 1 dB
     noisy = network + np.random.default_rng(0).normal(0.06, 1.0, 40)  # +0.06 on average, within chance
+    one_family_loses = network + np.where(np.arange(40) < 8, -0.2, 0.6)  # mean +0.44; filaments lose 0.2 dB
+    families = ["filaments"] * 8 + ["nuclei"] * 32
     assert choose_mixture(network, {(3.0, 0.5): steady, (10.0, 1.0): risky}, 0.1) == pytest.approx((3.0, 0.5, 2.5))
     assert choose_mixture(network, {(10.0, 1.0): risky}, 0.1) == (0.1, 0.0, 2.0)
     assert choose_mixture(network, {(10.0, 1.0): noisy}, 0.1) == (0.1, 0.0, 2.0)
+    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1, families) == (0.1, 0.0, 2.0)
+    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1)[1] == 0.5  # families unknown: taken
+    few_filaments = ["filaments"] * 5 + ["nuclei"] * 35  # 5 frames of a family say too little to veto
+    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1, few_filaments)[1] == 0.5
     few = choose_mixture(network[:5], {(3.0, 0.5): steady[:5]}, 0.1)  # too few frames to say
     assert few == (0.1, 0.0, 2.0)

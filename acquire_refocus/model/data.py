@@ -74,6 +74,7 @@ class Window:
     defocus_um: np.ndarray  # float64 [Z]
     truth: np.ndarray  # float32 [H, W], same units as planes
     name: str
+    family: str = ""  # the specimen family of a domain-randomised window ("" where one family is all there is)
 
 
 @dataclass
@@ -245,7 +246,7 @@ class RandomizedWindows:
         planes, truth = randomization.expose_window(photons, truth_photons, camera, self.simulator.camera, rng)
         draw = self.draws[field.seed]
         name = f"seed{field.seed}_{draw.family}_x{field.x_um:g}_y{field.y_um:g}_peak{camera.peak_photons:.0f}"
-        return Window(planes, np.asarray(defocus_um, dtype=np.float64), truth, name)
+        return Window(planes, np.asarray(defocus_um, dtype=np.float64), truth, name, draw.family)
 
     def next_window(self, rng: np.random.Generator) -> Window:
         field = self.fields[self._next % len(self.fields)]
