@@ -166,7 +166,7 @@ def test_calibration_keeps_the_network_where_frames_are_too_few_and_picks_the_be
     from acquire_refocus.model import physics_path
 
     frames = 2 * len(CALIBRATION_FRACTIONS)
-    reach_um = 35.0
+    reach_um = 100.0  # bins end at 3, 6, 10, 15 um near focus: the untrained network reads these frames ~6-7 um
     monkeypatch.setattr(physics_path, "MIN_BIN_FRAMES", frames + 1)
     sparse = calibrate(tiny_refocuser, calibration_frames, reach_um, "test", balances=(0.03, 1.0))
     assert sum(sparse.frames) == frames and sparse.shares == (0.0,) * 9  # no bin has enough frames
@@ -185,6 +185,9 @@ def test_calibration_keeps_the_network_where_frames_are_too_few_and_picks_the_be
             assert gain >= network_gain + physics_path.MIN_ADVANTAGE_DB - 1e-3
     # an untrained network reads every frame alike and restores nothing: the Wiener path takes a share of its bin
     assert any(share > 0 for share in chosen.shares)
+    # the same frames against a 35 um reach fall beyond MAX_REACH_FRACTION of it: every bin keeps the network
+    far = calibrate(tiny_refocuser, calibration_frames, 35.0, "test", balances=(0.03, 1.0))
+    assert sum(far.frames[4:]) == frames and far.shares == (0.0,) * 9  # all read beyond 5.25 um
 
 
 def test_calibrate_model_refuses_bad_arguments_with_a_clear_message(

@@ -77,6 +77,14 @@ TAIL_LOSS_DB = 0.3
 # suite's nuclei sets lost 0.05-0.21 dB at 14 um and a black-box test on the simulator's nuclei at 50-5,000 photons
 # lost 0.2-0.45 dB on average at 7-20 um (single frames up to 3.7 dB).
 MIN_FAMILY_FRAMES = 6
+# Beyond this fraction of the reach (5.25 um for the shipped model) every bin keeps the network. Near focus what the
+# Wiener path adds is mostly noise removed, which held on every set we have; further out its gain rests on a |d|
+# reading right to within a depth of field (the shipped head is 2-5 um off at 6-14 um on the OOD sets). There the
+# validation frames, every family included, still chose shares of 0.5-0.75 at 7.7-15.75 um, while the OOD suite's
+# nuclei sets lost 0.08-0.22 dB at 14 um and a nuclei sweep (50-5,000 photons) 0.2-0.55 dB on average at 7-15 um,
+# single frames up to 3.2 dB. The limit was set after those measurements. A head that reads every frame beyond it
+# (the 60x and 100x presets read 1.3-4.2 um whatever the distance) gets no physics path.
+MAX_REACH_FRACTION = 0.15
 
 
 @dataclass(frozen=True)
@@ -253,8 +261,8 @@ def calibrate(
     with the highest mean PSNR gain over the raw frame, where it beats the network's path alone by
     MIN_ADVANTAGE_DB and by ADVANTAGE_STANDARD_ERRORS standard errors of the per-frame paired differences, loses
     more than TAIL_LOSS_DB on at most TAIL_FRACTION of the frames, loses on average on no specimen family with
-    MIN_FAMILY_FRAMES frames or more, and the bin has at least MIN_BIN_FRAMES frames; otherwise the bin keeps the
-    network (share 0)."""
+    MIN_FAMILY_FRAMES frames or more, the bin has at least MIN_BIN_FRAMES frames and ends within MAX_REACH_FRACTION
+    of the reach; otherwise the bin keeps the network (share 0)."""
     from acquire_refocus.engines.tiling import infer_frame
     from acquire_refocus.model.normalization import frame_scale, normalize
 
@@ -296,11 +304,12 @@ def calibrate(
     chosen_balances, chosen_shares, mean_gains, network_gains, frames = [], [], [], [], []
     for index in range(bins):
         network_db = np.asarray(gains[index][0][0])
+        near_focus = index < len(edges) and edges[index] <= MAX_REACH_FRACTION * reach_um + 1e-9
         candidates = {
             (balance, share): np.asarray(gains[index][b][s])
             for b, balance in enumerate(balances)
             for s, share in enumerate(SHARES)
-            if share > 0
+            if share > 0 and near_focus
         }
         balance, share, gain = choose_mixture(network_db, candidates, balances[0], families[index])
         chosen_balances.append(float(balance))
