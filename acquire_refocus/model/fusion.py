@@ -32,6 +32,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -140,23 +141,41 @@ class OpticalFusion:
         output, same shape) is run twice more on a window of `raw` to measure how much noise it passes through."""
         if not math.isfinite(magnitude_um):
             return output
-        shape = (int(raw.shape[0]), int(raw.shape[1]))
-        lower_um = max(0.0, float(magnitude_um) - self.margin_um)
-        ratio = np.minimum(self.mtf(0.0, shape) / np.maximum(self.mtf(lower_um, shape), 1e-6), MAX_RATIO)
+        measured = self.measure(raw)
+        return self.image(measured, self.fused_spectrum(raw, measured, output, magnitude_um, network))
+
+    def measure(self, raw: np.ndarray) -> MeasuredFrame:
+        """What the fusion reads off a raw frame, whatever output it then fuses (physics_path.py fuses two)."""
         mean = float(np.mean(raw))
         observed = scipy.fft.rfft2(np.asarray(raw, dtype=np.float32) - mean, workers=_WORKERS)
-        estimate = scipy.fft.rfft2(np.asarray(output, dtype=np.float32) - mean, workers=_WORKERS)
-        amplitude = np.abs(estimate)
-        estimate *= np.minimum(1.0, np.abs(observed) * ratio / np.maximum(amplitude, 1e-12))
         noise = fit_noise_model(raw)
         # never below the typical pixel's noise: in a fluorescence frame most pixels lie below the mean, so the mean
         # variance is at least the median pixel's, and a fit on a central crop that is dimmer than the frame, or too
         # flat for a slope, can fall below it
         noise_power = max(raw.size * max(noise.mean_variance(raw), noise_std(raw) ** 2), 1e-12)
+        return MeasuredFrame((int(raw.shape[0]), int(raw.shape[1])), mean, observed, noise, noise_power)
+
+    def fused_spectrum(
+        self,
+        raw: np.ndarray,
+        measured: MeasuredFrame,
+        output: np.ndarray,
+        magnitude_um: float,
+        network: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """The fused image's rfft2, mean removed (`image` turns it into the image): the module docstring's bound and
+        blend of `output` against the raw frame `measured` was read from."""
+        shape, observed = measured.shape, measured.observed
+        lower_um = max(0.0, float(magnitude_um) - self.margin_um)
+        ratio = np.minimum(self.mtf(0.0, shape) / np.maximum(self.mtf(lower_um, shape), 1e-6), MAX_RATIO)
+        estimate = scipy.fft.rfft2(np.asarray(output, dtype=np.float32) - measured.mean, workers=_WORKERS)
+        amplitude = np.abs(estimate)
+        estimate *= np.minimum(1.0, np.abs(observed) * ratio / np.maximum(amplitude, 1e-12))
         band = _radial_bands(shape)
         counts = np.maximum(np.bincount(band.ravel(), minlength=_BANDS), 1)
         departure = np.bincount(band.ravel(), (np.abs(estimate - observed) ** 2).ravel(), minlength=_BANDS) / counts
-        passed = np.zeros(_BANDS) if network is None else _passed_noise_share(raw, network, noise)
+        passed = np.zeros(_BANDS) if network is None else _passed_noise_share(raw, network, measured.noise)
+        noise_power = measured.noise_power
         weight = np.clip((departure - noise_power * (1.0 - passed)) / np.maximum(departure, 1e-12), 0.0, 1.0)[band]
         # Where the in-focus OTF is the weaker one (ratio < 1: aberrated high-NA optics, or beyond the in-focus
         # cutoff), defocus has not attenuated the frequency: the in-focus-consistent reference is the raw frame
@@ -165,8 +184,25 @@ class OpticalFusion:
         weight /= np.maximum(ratio, 1.0) ** 2
         weight[0, 0] = 0.0  # the mean is the network's (flux is conserved either way)
         estimate += weight * (observed * np.minimum(ratio, 1.0) - estimate)
-        fused = scipy.fft.irfft2(estimate, s=shape, workers=_WORKERS) + mean
+        spectrum: np.ndarray = estimate
+        return spectrum
+
+    @staticmethod
+    def image(measured: MeasuredFrame, spectrum: np.ndarray) -> np.ndarray:
+        """The image (float32) of a fused spectrum of the frame `measured` was read from."""
+        fused = scipy.fft.irfft2(spectrum, s=measured.shape, workers=_WORKERS) + measured.mean
         return np.asarray(fused, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class MeasuredFrame:
+    """A raw frame as the fusion reads it: shape, mean, spectrum (mean removed) and noise."""
+
+    shape: tuple[int, int]
+    mean: float
+    observed: np.ndarray  # rfft2 of the frame minus its mean
+    noise: NoiseModel
+    noise_power: float  # per-frequency noise power on the rfft2 grid (pixels x mean variance)
 
 
 def _passed_noise_share(raw: np.ndarray, network: Callable[[np.ndarray], np.ndarray], noise: NoiseModel) -> np.ndarray:

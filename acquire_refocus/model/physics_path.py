@@ -208,12 +208,12 @@ class PhysicsPath:
         if share <= 0.0:
             return self.fusion(raw, output, magnitude_um, network)
         wiener = self.wiener.at(magnitude_um, self.calibration.balances[index])
-        by_wiener = self.fusion(raw, wiener(raw), magnitude_um, wiener)
-        if share >= 1.0:
-            return by_wiener
-        by_network = self.fusion(raw, output, magnitude_um, network)
-        mixed: np.ndarray = (share * by_wiener + (1.0 - share) * by_network).astype(np.float32)
-        return mixed
+        measured = self.fusion.measure(raw)  # once for both paths: the frame's spectrum and noise
+        spectrum = self.fusion.fused_spectrum(raw, measured, wiener(raw), magnitude_um, wiener)
+        if share < 1.0:  # mixed as spectra: one inverse FFT for both
+            by_network = self.fusion.fused_spectrum(raw, measured, output, magnitude_um, network)
+            spectrum = share * spectrum + (1.0 - share) * by_network
+        return self.fusion.image(measured, spectrum)
 
 
 def bin_edges_um(reach_um: float) -> tuple[float, ...]:
