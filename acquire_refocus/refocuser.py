@@ -7,8 +7,10 @@
 
 Per frame: validate -> percentile-normalise (normalization.py) -> resample to the model's pixel size if the frame's
 differs -> the engine (padding to the stride and tiling large frames: engines.tiling.infer_frame) -> fuse with the
-input under the optics' bounds (model/fusion.py; engine.physics_fusion) -> resample back to the exact original
-shape -> undo the normalisation, so `image` is in the frame's own intensity units.
+input under the optics' bounds (model/fusion.py; engine.physics_fusion), mixed near focus with Wiener deconvolution
+at the estimated |d| where the weights' calibration says so (model/physics_path.py; engine.physics_path) ->
+resample back to the exact original shape -> undo the normalisation, so `image` is in the frame's own intensity
+units.
 
 defocus_um follows the project convention: stage Z now minus stage Z in focus; moving the focus stage by
 -defocus_um restores focus. defocus_magnitude_um is the network's unsigned estimate |defocus|: with optics whose blur
@@ -162,13 +164,13 @@ class Refocuser:
             recorded_path = training.get("physics_path")
             if engine_config.physics_path and recorded_path is not None:
                 try:
-                    calibration = PhysicsPathCalibration.from_metadata(recorded_path)
+                    path_calibration = PhysicsPathCalibration.from_metadata(recorded_path)
                 except ValueError as exc:
                     raise WeightsError(
                         f"{loaded.path}: {exc}; recalibrate it (acquire-refocus calibrate-model) or load it with "
                         "engine.physics_path: false"
                     ) from None
-                physics_path = PhysicsPath(fusion, calibration)
+                physics_path = PhysicsPath(fusion, path_calibration)
         log.info(
             kv(
                 "refocuser_loaded",
