@@ -293,9 +293,11 @@ def test_a_mixture_is_chosen_only_when_it_wins_on_most_frames_and_beyond_chance(
     assert choose_mixture(network, {(3.0, 0.5): steady, (10.0, 1.0): risky}, 0.1) == pytest.approx((3.0, 0.5, 2.5))
     assert choose_mixture(network, {(10.0, 1.0): risky}, 0.1) == (0.1, 0.0, 2.0)
     assert choose_mixture(network, {(10.0, 1.0): noisy}, 0.1) == (0.1, 0.0, 2.0)
-    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1, families) == (0.1, 0.0, 2.0)
+    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1, [families]) == (0.1, 0.0, 2.0)
+    brightness = ["1e3"] * 8 + ["1e2"] * 32  # the same frames as one bright decade: vetoed as well
+    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1, [["all"] * 40, brightness])[1] == 0
     assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1)[1] == 0.5  # families unknown: taken
     few_filaments = ["filaments"] * 5 + ["nuclei"] * 35  # 5 frames of a family say too little to veto
-    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1, few_filaments)[1] == 0.5
+    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1, [few_filaments])[1] == 0.5
     few = choose_mixture(network[:5], {(3.0, 0.5): steady[:5]}, 0.1)  # too few frames to say
     assert few == (0.1, 0.0, 2.0)

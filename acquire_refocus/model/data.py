@@ -75,6 +75,7 @@ class Window:
     truth: np.ndarray  # float32 [H, W], same units as planes
     name: str
     family: str = ""  # the specimen family of a domain-randomised window ("" where one family is all there is)
+    peak_photons: float = math.nan  # the drawn camera's peak signal (domain-randomised windows)
 
 
 @dataclass
@@ -246,7 +247,7 @@ class RandomizedWindows:
         planes, truth = randomization.expose_window(photons, truth_photons, camera, self.simulator.camera, rng)
         draw = self.draws[field.seed]
         name = f"seed{field.seed}_{draw.family}_x{field.x_um:g}_y{field.y_um:g}_peak{camera.peak_photons:.0f}"
-        return Window(planes, np.asarray(defocus_um, dtype=np.float64), truth, name, draw.family)
+        return Window(planes, np.asarray(defocus_um, dtype=np.float64), truth, name, draw.family, camera.peak_photons)
 
     def next_window(self, rng: np.random.Generator) -> Window:
         field = self.fields[self._next % len(self.fields)]

@@ -71,12 +71,12 @@ ADVANTAGE_STANDARD_ERRORS = 2.0  # and by this many standard errors of the frame
 # 50-5,000 photons found 18 % of frames 0.5 dB or more worse than the network's path (worst -3.7 dB).
 TAIL_FRACTION = 0.1
 TAIL_LOSS_DB = 0.3
-# Nor may it lose on average on any specimen family among the bin's frames (with MIN_FAMILY_FRAMES or more): the
-# envelope mixes nuclei, cytoplasm, filaments, puncta and mixtures, a user images one of them, and a share that wins
-# on the mix can lose on one. Without it the shipped calibration mixed Wiener in at 7.7-15.75 um, where the OOD
-# suite's nuclei sets lost 0.05-0.21 dB at 14 um and a black-box test on the simulator's nuclei at 50-5,000 photons
-# lost 0.2-0.45 dB on average at 7-20 um (single frames up to 3.7 dB).
-MIN_FAMILY_FRAMES = 6
+# Nor may it lose on average on any specimen family, or any decade of brightness, among the bin's frames (groups of
+# MIN_GROUP_FRAMES or more): the envelope mixes nuclei, cytoplasm, filaments, puncta and mixtures at 20-5,000
+# photons, a user images one family at one brightness, and a share that wins on the mix can lose on one of them.
+# Without the family rule the shipped model's real-image gain in focus fell 0.9 dB (balance 100 near focus); without
+# the brightness rule the 10x preset took a share that cost bright frames 0.5-1.2 dB near focus.
+MIN_GROUP_FRAMES = 6
 # Beyond this fraction of the reach (5.25 um for the shipped model) every bin keeps the network. Near focus what the
 # Wiener path adds is mostly noise removed, which held on every set we have; further out its gain rests on a |d|
 # reading right to within a depth of field (the shipped head is 2-5 um off at 6-14 um on the OOD sets). There the
@@ -224,15 +224,19 @@ def choose_mixture(
     network_db: np.ndarray,
     candidates: dict[tuple[float, float], np.ndarray],
     default_balance: float,
-    families: Sequence[str] = (),
+    groupings: Sequence[Sequence[str]] = (),
 ) -> tuple[float, float, float]:
     """(balance, share, mean gain) for one bin, from the per-frame PSNR gains of the network's path and of each
-    (balance, share) mixture on the same frames (`families`: each frame's specimen family, if known): the best
-    mixture by mean gain that passes every rule of `calibrate`, else (default_balance, 0, the network's mean gain)."""
+    (balance, share) mixture on the same frames (`groupings`: per-frame labels, e.g. each frame's specimen family,
+    its brightness decade): the best mixture by mean gain that passes every rule of `calibrate`, else
+    (default_balance, 0, the network's mean gain)."""
     count = network_db.size
-    labels = np.asarray(families if len(families) == count else [""] * count)
-    groups = [labels == family for family in set(labels.tolist())]
-    groups = [members for members in groups if members.sum() >= MIN_FAMILY_FRAMES]
+    groups = []
+    for labels in groupings:
+        if len(labels) == count:
+            array = np.asarray(labels)
+            groups += [array == label for label in set(array.tolist())]
+    groups = [members for members in groups if members.sum() >= MIN_GROUP_FRAMES]
     network_gain = float(network_db.mean()) if count else math.nan
     best = (default_balance, 0.0, network_gain)
     if count < MIN_BIN_FRAMES:
@@ -242,9 +246,9 @@ def choose_mixture(
         standard_error = float(advantage.std(ddof=1)) / math.sqrt(count)
         margin = max(MIN_ADVANTAGE_DB, ADVANTAGE_STANDARD_ERRORS * standard_error)
         tail_ok = float(np.quantile(advantage, TAIL_FRACTION)) >= -TAIL_LOSS_DB
-        every_family_ok = all(float(advantage[members].mean()) >= 0.0 for members in groups)
+        every_group_ok = all(float(advantage[members].mean()) >= 0.0 for members in groups)
         gain = network_gain + float(advantage.mean())
-        if gain > best[2] and advantage.mean() >= margin and tail_ok and every_family_ok:
+        if gain > best[2] and advantage.mean() >= margin and tail_ok and every_group_ok:
             best = (balance, share, gain)
     return best
 
@@ -260,9 +264,9 @@ def calibrate(
     """Choose each bin's balance and share on `windows` (validation frames with their in-focus truth): the pair
     with the highest mean PSNR gain over the raw frame, where it beats the network's path alone by
     MIN_ADVANTAGE_DB and by ADVANTAGE_STANDARD_ERRORS standard errors of the per-frame paired differences, loses
-    more than TAIL_LOSS_DB on at most TAIL_FRACTION of the frames, loses on average on no specimen family with
-    MIN_FAMILY_FRAMES frames or more, the bin has at least MIN_BIN_FRAMES frames and ends within MAX_REACH_FRACTION
-    of the reach; otherwise the bin keeps the network (share 0)."""
+    more than TAIL_LOSS_DB on at most TAIL_FRACTION of the frames, loses on average on no specimen family and no
+    decade of brightness with MIN_GROUP_FRAMES frames or more, the bin has at least MIN_BIN_FRAMES frames and ends
+    within MAX_REACH_FRACTION of the reach; otherwise the bin keeps the network (share 0)."""
     from acquire_refocus.engines.tiling import infer_frame
     from acquire_refocus.model.normalization import frame_scale, normalize
 
@@ -275,12 +279,15 @@ def calibrate(
     # gains[bin][balance index][share index]: PSNR gains of every frame that fell into the bin
     gains: list[list[list[list[float]]]] = [[[[] for _ in SHARES] for _ in balances] for _ in range(bins)]
     families: list[list[str]] = [[] for _ in range(bins)]
+    brightness: list[list[str]] = [[] for _ in range(bins)]
 
     def network(window: np.ndarray) -> np.ndarray:
         return infer_frame(refocuser.engine, window)[0]
 
-    pairs = [(raw, window.truth, window.family) for window in windows for raw in window.planes]
-    for raw, truth_adu, family in tqdm(pairs, desc="calibrate physics path", unit="frame", disable=not progress):
+    pairs = [(raw, window.truth, window.family, window.peak_photons) for window in windows for raw in window.planes]
+    for raw, truth_adu, family, peak_photons in tqdm(
+        pairs, desc="calibrate physics path", unit="frame", disable=not progress
+    ):
         intensity = frame_scale(raw, refocuser.loaded.normalization)
         if intensity.is_degenerate:
             continue
@@ -294,6 +301,7 @@ def calibrate(
         raw_psnr = peak_signal_noise_ratio(truth, frame, data_range=data_range)
         index = int(np.searchsorted(np.asarray(edges), magnitude_um, side="right"))
         families[index].append(family)
+        brightness[index].append(f"1e{math.floor(math.log10(peak_photons))}" if peak_photons > 0 else "")
         for b, balance in enumerate(balances):
             deconvolved = wiener.at(magnitude_um, balance)
             by_wiener = fusion(frame, deconvolved(frame), magnitude_um, deconvolved)
@@ -311,7 +319,7 @@ def calibrate(
             for s, share in enumerate(SHARES)
             if share > 0 and near_focus
         }
-        balance, share, gain = choose_mixture(network_db, candidates, balances[0], families[index])
+        balance, share, gain = choose_mixture(network_db, candidates, balances[0], (families[index], brightness[index]))
         chosen_balances.append(float(balance))
         chosen_shares.append(share)
         mean_gains.append(round(gain, 3))
