@@ -277,8 +277,11 @@ def calibrate(
     wiener = WienerFilter(fusion)
     edges = bin_edges_um(reach_um)
     bins = len(edges) + 1
-    # gains[bin][balance index][share index]: PSNR gains of every frame that fell into the bin
+    # bins a share may be chosen in: those that end within MAX_REACH_FRACTION of the reach
+    near_focus = {index for index, edge in enumerate(edges) if edge <= MAX_REACH_FRACTION * reach_um + 1e-9}
+    # gains[bin][balance index][share index]: PSNR gains of the mixtures on every frame of a near-focus bin
     gains: list[list[list[list[float]]]] = [[[[] for _ in SHARES] for _ in balances] for _ in range(bins)]
+    network_gains_db: list[list[float]] = [[] for _ in range(bins)]  # the network's path, on every bin's frames
     families: list[list[str]] = [[] for _ in range(bins)]
     brightness: list[list[str]] = [[] for _ in range(bins)]
 
@@ -298,27 +301,35 @@ def calibrate(
             continue
         image, focus = infer_frame(refocuser.engine, frame)
         magnitude_um = focus.magnitude_um
-        by_network = fusion(frame, image, magnitude_um, network)
-        raw_psnr = peak_signal_noise_ratio(truth, frame, data_range=data_range)
+        measured = fusion.measure(frame)
+        by_network = fusion.image(measured, fusion.fused_spectrum(frame, measured, image, magnitude_um, network))
+        network_gain = float(peak_signal_noise_ratio(truth, by_network, data_range=data_range)) - float(
+            peak_signal_noise_ratio(truth, frame, data_range=data_range)
+        )
         index = int(np.searchsorted(np.asarray(edges), magnitude_um, side="right"))
         families[index].append(family)
         brightness[index].append(f"1e{math.floor(math.log10(peak_photons))}" if peak_photons > 0 else "")
+        network_gains_db[index].append(network_gain)
+        if index not in near_focus:  # no share can be chosen there: the Wiener path is not scored
+            continue
+        raw_psnr = peak_signal_noise_ratio(truth, frame, data_range=data_range)
         for b, balance in enumerate(balances):
             deconvolved = wiener.at(magnitude_um, balance)
-            by_wiener = fusion(frame, deconvolved(frame), magnitude_um, deconvolved)
-            for s, share in enumerate(SHARES):
+            by_wiener = fusion.image(
+                measured, fusion.fused_spectrum(frame, measured, deconvolved(frame), magnitude_um, deconvolved)
+            )
+            for s, share in enumerate(SHARES[1:], start=1):
                 mixed = share * by_wiener + (1.0 - share) * by_network
                 psnr = peak_signal_noise_ratio(truth, mixed, data_range=data_range)
                 gains[index][b][s].append(float(psnr - raw_psnr))
     chosen_balances, chosen_shares, mean_gains, network_gains, frames = [], [], [], [], []
     for index in range(bins):
-        network_db = np.asarray(gains[index][0][0])
-        near_focus = index < len(edges) and edges[index] <= MAX_REACH_FRACTION * reach_um + 1e-9
+        network_db = np.asarray(network_gains_db[index])
         candidates = {
             (balance, share): np.asarray(gains[index][b][s])
             for b, balance in enumerate(balances)
             for s, share in enumerate(SHARES)
-            if share > 0 and near_focus
+            if share > 0 and index in near_focus
         }
         balance, share, gain = choose_mixture(network_db, candidates, balances[0], (families[index], brightness[index]))
         chosen_balances.append(float(balance))
