@@ -303,16 +303,14 @@ def calibrate(
         magnitude_um = focus.magnitude_um
         measured = fusion.measure(frame)
         by_network = fusion.image(measured, fusion.fused_spectrum(frame, measured, image, magnitude_um, network))
-        network_gain = float(peak_signal_noise_ratio(truth, by_network, data_range=data_range)) - float(
-            peak_signal_noise_ratio(truth, frame, data_range=data_range)
-        )
+        raw_psnr = float(peak_signal_noise_ratio(truth, frame, data_range=data_range))
+        network_gain = float(peak_signal_noise_ratio(truth, by_network, data_range=data_range)) - raw_psnr
         index = int(np.searchsorted(np.asarray(edges), magnitude_um, side="right"))
         families[index].append(family)
         brightness[index].append(f"1e{math.floor(math.log10(peak_photons))}" if peak_photons > 0 else "")
         network_gains_db[index].append(network_gain)
         if index not in near_focus:  # no share can be chosen there: the Wiener path is not scored
             continue
-        raw_psnr = peak_signal_noise_ratio(truth, frame, data_range=data_range)
         for b, balance in enumerate(balances):
             deconvolved = wiener.at(magnitude_um, balance)
             by_wiener = fusion.image(
