@@ -169,15 +169,19 @@ def physics_path_note(training: dict[str, Any]) -> str:
     if not recorded:
         return ""
     edges = ["0", *(f"{edge:g}" for edge in recorded["bin_edges_um"])]
-    mixed = [
-        f"{share:g} at {edges[i]}-{edges[i + 1]} um" if i + 1 < len(edges) else f"{share:g} beyond {edges[i]} um"
-        for i, share in enumerate(recorded["shares"])
-        if share > 0
-    ]
+
+    def per_bin(shares: Sequence[float]) -> str:
+        mixed = [
+            f"{share:g} at {edges[i]}-{edges[i + 1]} um" if i + 1 < len(edges) else f"{share:g} beyond {edges[i]} um"
+            for i, share in enumerate(shares)
+            if share > 0
+        ]
+        return ", ".join(mixed) if mixed else "0 everywhere"
+
     return (
-        " Physics path (with the fusion): Wiener share per estimated |d| "
-        + (", ".join(mixed) if mixed else "0 everywhere")
-        + f", calibrated on {recorded['source']}."
+        f" Physics path (with the fusion): Wiener share per estimated |d| {per_bin(recorded['shares'])}; share of"
+        f" the network's image unfused {per_bin(recorded.get('unfused_shares', ()))}; calibrated on"
+        f" {recorded['source']}."
     )
 
 
