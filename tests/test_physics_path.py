@@ -307,6 +307,12 @@ def test_calibrate_model_on_a_stored_dataset_writes_weights_that_refocus_through
         (lambda recorded: recorded.update(balances=[math.inf] * 9), "balances must lie in"),
         (lambda recorded: recorded.update(balances=[1e-300] * 9), "balances must lie in"),
         (lambda recorded: recorded.clear(), "lacks 'bin_edges_um'"),
+        (lambda recorded: recorded.update(unfused_shares=[10**400] + [0] * 8), "damaged"),  # beyond any float
+        (lambda recorded: recorded.update(unfused_shares=["0.5"] * 9), "other than numbers"),
+        (lambda recorded: recorded.update(unfused_shares="000000000"), "not a list of numbers"),
+        (lambda recorded: recorded.update(unfused_shares=[True] + [False] * 8), "other than numbers"),
+        (lambda recorded: recorded.update(unfused_shares=[math.nan] * 9), "unfused shares must lie in"),
+        (lambda recorded: recorded.update(unfused_shares=[0.5] * 9), "add up to at most 1"),  # Wiener 1 in bin 0
     ],
 )
 def test_weights_with_a_damaged_calibration_are_refused_clearly(
@@ -353,3 +359,15 @@ def test_a_mixture_is_chosen_only_when_it_wins_on_most_frames_and_beyond_chance(
     assert choose_mixture(network, {half: one_family_loses}, keep, [few_filaments])[0] == half
     few = choose_mixture(network[:5], {half: steady[:5]}, keep)  # too few frames to say
     assert few == (keep, 2.0)
+
+
+def test_the_report_names_both_shares_and_a_damaged_calibration() -> None:
+    from acquire_refocus.model.report import physics_path_note
+
+    calibration = dataclasses.replace(_calibration((0.5,)), unfused_shares=(0.0,) * 7 + (0.5, 1.0))
+    note = physics_path_note({"physics_path": calibration.to_metadata()})
+    assert "Wiener share per estimated |d| 0.5 at 0-1.05 um;" in note
+    assert "unfused 0.5 at 15.75-24.5 um, 1 beyond 24.5 um;" in note
+    damaged = calibration.to_metadata() | {"shares": ["0.5"] * 9}
+    assert "damaged" in physics_path_note({"physics_path": damaged})
+    assert physics_path_note({}) == ""

@@ -66,21 +66,17 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"could not write {args.out}: {exc.strerror or exc}") from None
     edges = ("0", *(f"{edge:g}" for edge in calibration.bin_edges_um), "")
-    print(
-        "estimated |d| (um)   Wiener  balance  unfused  gain, mixed / network fused (dB)  frames   "
-        f"({calibration.source})"
-    )
+    header = f"{'estimated |d| (um)':<20} {'Wiener':>6}  {'balance':>7}  {'unfused':>7}  "
+    print(f"{header}{'gain, mixed / network fused (dB)':<33}{'frames':>7}  ({calibration.source})")
     for index, share in enumerate(calibration.shares):
         span = f"{edges[index]}-{edges[index + 1]}" if edges[index + 1] else f">= {edges[index]}"
         unfused = calibration.unfused_shares[index]
+        balance = f"{calibration.balances[index]:g}" if share > 0 else "-"
         if calibration.frames[index] == 0:
-            print(f"{span:<20} {share:6.2f}  {'-':>7}  {unfused:7.2f}  {'no validation frame read this':<33}{0:6d}")
-            continue
-        print(
-            f"{span:<20} {share:6.2f}  {calibration.balances[index] if share > 0 else '-':>7}  {unfused:7.2f}  "
-            f"{calibration.mean_gain_db[index]:+6.2f} / {calibration.network_gain_db[index]:+6.2f}"
-            f"{'':18}{calibration.frames[index]:6d}"
-        )
+            gains = "no validation frame read this"
+        else:
+            gains = f"{calibration.mean_gain_db[index]:+6.2f} / {calibration.network_gain_db[index]:+6.2f}"
+        print(f"{span:<20} {share:6.2f}  {balance:>7}  {unfused:7.2f}  {gains:<33}{calibration.frames[index]:7d}")
     print(f"calibrated weights: {args.out}")
     return 0
 

@@ -20,9 +20,9 @@ with a raw frame whose noise at those frequencies is as large as what is left of
 Per frame: the network's unsigned estimate picks a bin of |d|; the bin's calibration gives the Wiener balance, the
 Wiener share and the unfused share (share x fused Wiener + unfused share x network's image + the rest x fused
 network; shares of 0 leave the network's path exactly as it was and cost nothing; an unfused share of 1 skips the
-fusion). Bins that end within MAX_REACH_FRACTION of the reach may take only Wiener, the others only the unfused
-image. The shares per bin are chosen by `calibrate` on validation frames of the model's own training envelope (its
-validation specimen seeds, never the test ones; model/data.py), and stored in the weights' metadata
+fusion). `calibrate` gives Wiener shares only to bins that end within MAX_REACH_FRACTION of the reach, and unfused
+shares only to the others; it chooses them on validation frames of the model's own training envelope (its
+validation specimen seeds, never the test ones; model/data.py), and they are stored in the weights' metadata
 (`training.physics_path`). Weights without it run the network's path alone.
 """
 
@@ -134,8 +134,10 @@ class PhysicsPathCalibration:
         }
         if lengths != {bins} or len(self.frames) != bins:
             raise ValueError(f"a physics-path calibration needs {bins} values per bin for {bins - 1} edges")
-        if any(not 0.0 <= share <= 1.0 for share in (*self.shares, *self.unfused_shares)):
+        if any(not 0.0 <= share <= 1.0 for share in self.shares):
             raise ValueError("physics-path shares must lie in [0, 1]")
+        if any(not 0.0 <= share <= 1.0 for share in self.unfused_shares):
+            raise ValueError("physics-path unfused shares must lie in [0, 1]")
         if any(w + u > 1.0 + 1e-9 for w, u in zip(self.shares, self.unfused_shares, strict=True)):
             raise ValueError("a bin's Wiener and unfused shares must add up to at most 1")
         if any(not BALANCE_RANGE[0] <= b <= BALANCE_RANGE[1] for b in self.balances):
@@ -158,23 +160,33 @@ class PhysicsPathCalibration:
             if not isinstance(recorded, dict):
                 raise TypeError(f"a {type(recorded).__name__}, not a table")
             calibration = cls(
-                bin_edges_um=tuple(float(v) for v in recorded["bin_edges_um"]),
-                balances=tuple(float(v) for v in recorded["balances"]),
-                shares=tuple(float(v) for v in recorded["shares"]),
-                mean_gain_db=tuple(float(v) for v in recorded["mean_gain_db"]),
-                network_gain_db=tuple(float(v) for v in recorded["network_gain_db"]),
-                frames=tuple(int(v) for v in recorded["frames"]),
+                bin_edges_um=_numbers(recorded, "bin_edges_um"),
+                balances=_numbers(recorded, "balances"),
+                shares=_numbers(recorded, "shares"),
+                mean_gain_db=_numbers(recorded, "mean_gain_db"),
+                network_gain_db=_numbers(recorded, "network_gain_db"),
+                frames=tuple(int(v) for v in _numbers(recorded, "frames")),
                 source=str(recorded["source"]),
-                unfused_shares=tuple(float(v) for v in recorded.get("unfused_shares", ())),
+                unfused_shares=_numbers(recorded, "unfused_shares") if "unfused_shares" in recorded else (),
             )
         except KeyError as exc:
             raise ValueError(f"its physics-path calibration lacks {exc}") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"its physics-path calibration is damaged: {exc}") from None
         edges = calibration.bin_edges_um
         if any(not math.isfinite(edge) for edge in edges) or list(edges) != sorted(edges):
             raise ValueError("its physics-path calibration is damaged: bin edges must rise and be finite")
         return calibration
+
+
+def _numbers(recorded: dict[str, Any], key: str) -> tuple[float, ...]:
+    """recorded[key] as floats: a list of numbers (not text, not true / false, which float() would take)."""
+    values = recorded[key]
+    if not isinstance(values, list | tuple):
+        raise TypeError(f"{key} is a {type(values).__name__}, not a list of numbers")
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        raise TypeError(f"{key} holds something other than numbers")
+    return tuple(float(v) for v in values)
 
 
 class WienerFilter:

@@ -165,10 +165,16 @@ def stage_note(training: dict[str, Any]) -> str:
 
 def physics_path_note(training: dict[str, Any]) -> str:
     """The physics-path calibration the weights carry (model/physics_path.py), in words; "" without one."""
+    from acquire_refocus.model.physics_path import PhysicsPathCalibration
+
     recorded = training.get("physics_path")
     if not recorded:
         return ""
-    edges = ["0", *(f"{edge:g}" for edge in recorded["bin_edges_um"])]
+    try:
+        calibration = PhysicsPathCalibration.from_metadata(recorded)
+    except ValueError as exc:
+        return f" Physics path: {exc} (not used)."
+    edges = ["0", *(f"{edge:g}" for edge in calibration.bin_edges_um)]
 
     def per_bin(shares: Sequence[float]) -> str:
         mixed = [
@@ -179,9 +185,8 @@ def physics_path_note(training: dict[str, Any]) -> str:
         return ", ".join(mixed) if mixed else "0 everywhere"
 
     return (
-        f" Physics path (with the fusion): Wiener share per estimated |d| {per_bin(recorded['shares'])}; share of"
-        f" the network's image unfused {per_bin(recorded.get('unfused_shares', ()))}; calibrated on"
-        f" {recorded['source']}."
+        f" Physics path (with the fusion): Wiener share per estimated |d| {per_bin(calibration.shares)}; share of"
+        f" the network's image unfused {per_bin(calibration.unfused_shares)}; calibrated on {calibration.source}."
     )
 
 
