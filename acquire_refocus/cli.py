@@ -25,8 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "calibrate-model": (
         "calibrate_model",
-        "choose where the model mixes in Wiener deconvolution and its unfused image, on its validation frames; "
-        "write the weights",
+        "choose where the model mixes in Wiener deconvolution, on its validation frames; write the weights",
     ),
     "build-engine": ("build_engine", "compile the network for this machine (TensorRT / ONNX) ahead of time"),
     "benchmark": ("benchmark", "measure latency and throughput of each engine and of the daemon path"),

@@ -528,9 +528,9 @@ class EngineConfig(_Section):
     )
     physics_path: bool = Field(
         True,
-        description="mix in Wiener deconvolution at the estimated |d| near focus, and the network's image without "
-        "the fusion's bounds far from focus, where the weights' calibration says each restores better "
-        "(model/physics_path.py; needs physics_fusion); false runs the network's fused path alone",
+        description="mix in Wiener deconvolution at the estimated |d| where the weights' calibration says it "
+        "restores better, for frames inside the model's envelope (model/physics_path.py; needs physics_fusion); "
+        "false runs the network's path alone",
     )
 
     @model_validator(mode="after")

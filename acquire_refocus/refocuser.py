@@ -7,9 +7,9 @@
 
 Per frame: validate -> percentile-normalise (normalization.py) -> resample to the model's pixel size if the frame's
 differs -> the engine (padding to the stride and tiling large frames: engines.tiling.infer_frame) -> fuse with the
-input under the optics' bounds (model/fusion.py; engine.physics_fusion), mixed with Wiener deconvolution at the
-estimated |d| near focus and with the network's unfused image far from focus where the weights' calibration says
-so, for frames inside the model's envelope (model/physics_path.py; engine.physics_path) ->
+input under the optics' bounds (model/fusion.py; engine.physics_fusion), mixed near focus with Wiener deconvolution
+at the estimated |d| where the weights' calibration says so, for frames inside the model's envelope
+(model/physics_path.py; engine.physics_path) ->
 resample back to the exact original shape -> undo the normalisation, so `image` is in the frame's own intensity
 units.
 
@@ -229,7 +229,7 @@ class Refocuser:
         distrusted = any(flag in DISTRUSTED for flag in flags)
         if self.fusion is not None:
             # a frame outside the model's envelope gets the optics' bounds alone: the physics path's Wiener filter
-            # and unfused image both rest on a |d| estimate that such a frame does not support
+            # rests on a |d| estimate that such a frame does not support
             fuse = self.fusion if self.physics_path is None or distrusted else self.physics_path
             image = fuse(normalised, image, focus.magnitude_um, lambda window: infer_frame(self.engine, window)[0])
         if resampled:

@@ -98,23 +98,6 @@ def test_the_physics_path_mixes_by_the_share_of_the_estimated_distance_bin(fusio
     assert not np.allclose(path(raw, output, 0.5), fusion(raw, output, 0.5), atol=1e-2)
 
 
-def test_far_from_focus_the_physics_path_mixes_in_the_network_image_unfused(fusion: Any) -> None:
-    """An unfused share of 1 returns the network's image as it came (the fusion skipped), 0.5 half of each; a bin
-    with a Wiener share and an unfused share mixes all three."""
-    _, raw = _frames(12.0)
-    output = raw * 1.05 + 3.0
-    calibration = dataclasses.replace(
-        _calibration((0.5,)), unfused_shares=(0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.0)
-    )
-    path = PhysicsPath(fusion, calibration)
-    np.testing.assert_array_equal(path(raw, output, 30.0), output)
-    fused = fusion(raw, output, 12.0)
-    np.testing.assert_allclose(path(raw, output, 12.0), 0.5 * fused + 0.5 * output, rtol=1e-6, atol=1e-3)
-    wiener = path.wiener.at(0.5, 0.1)
-    three = 0.5 * fusion(raw, wiener(raw), 0.5, wiener) + 0.25 * fusion(raw, output, 0.5) + 0.25 * output
-    np.testing.assert_allclose(path(raw, output, 0.5), three, rtol=1e-5, atol=1e-2)
-
-
 def test_a_calibration_round_trips_through_metadata_and_refuses_nonsense() -> None:
     calibration = _calibration((1.0, 0.25))
     assert PhysicsPathCalibration.from_metadata(calibration.to_metadata()) == calibration
@@ -123,16 +106,6 @@ def test_a_calibration_round_trips_through_metadata_and_refuses_nonsense() -> No
     with pytest.raises(ValueError, match="shares must lie in"):
         dataclasses.replace(calibration, shares=(1.5, *calibration.shares[1:]))
     assert calibration.bin_of(0.0) == 0 and calibration.bin_of(1.05) == 1 and calibration.bin_of(99.0) == 8
-    far = dataclasses.replace(calibration, unfused_shares=(0.0,) * 5 + (0.5, 1.0, 1.0, 1.0))
-    assert PhysicsPathCalibration.from_metadata(far.to_metadata()) == far
-    assert far.mixture(20.0).unfused_share == 1.0 and far.mixture(0.5).share == 1.0
-    written_before = calibration.to_metadata()
-    del written_before["unfused_shares"]  # weights calibrated before the unfused share existed: none
-    assert PhysicsPathCalibration.from_metadata(written_before).unfused_shares == (0.0,) * 9
-    with pytest.raises(ValueError, match="add up to at most 1"):
-        dataclasses.replace(calibration, unfused_shares=(0.5,) * 9)
-    with pytest.raises(ValueError, match="values per bin"):
-        dataclasses.replace(calibration, unfused_shares=(0.0,) * 8)
 
 
 def _with_calibration(weights: Path, out: Path, calibration: PhysicsPathCalibration) -> Path:
@@ -169,23 +142,20 @@ def test_the_refocuser_runs_the_calibrated_physics_path(tiny_weights: Path, tmp_
 
 
 def test_a_frame_outside_the_envelope_takes_the_fusion_alone(tiny_weights: Path, tmp_path: Path) -> None:
-    """With the network's image unfused in every bin, a frame inside the envelope comes out as the network made it,
-    and a saturated one (flagged, distrusted) as the fusion bounds it."""
+    """With Wiener in every bin, a frame inside the envelope comes out as the fused Wiener image, a saturated one
+    (flagged, distrusted) as the fusion bounds the network's image."""
     from acquire_refocus import Refocuser
 
-    unfused = dataclasses.replace(_calibration(()), unfused_shares=(1.0,) * 9)
-    calibrated = _with_calibration(tiny_weights, tmp_path / "unfused.pt", unfused)
+    calibrated = _with_calibration(tiny_weights, tmp_path / "wiener.pt", _calibration((1.0,) * 9))
     refocuser = Refocuser.load(calibrated, EngineConfig(backend="torch", precision="fp32"))
-    network_alone = Refocuser.load(calibrated, EngineConfig(backend="torch", precision="fp32", physics_fusion=False))
     fused_only = Refocuser.load(calibrated, EngineConfig(backend="torch", precision="fp32", physics_path=False))
     _, frame = _frames(3.0)
-    np.testing.assert_allclose(refocuser(frame).image, network_alone(frame).image, rtol=1e-5, atol=1e-3)
+    assert float(np.abs(refocuser(frame).image - fused_only(frame).image).max()) > 1.0
     saturated = frame.copy()
     saturated[:40] = 65535.0
     result = refocuser(saturated.astype(np.uint16))
     assert "saturated" in result.flags
     np.testing.assert_array_equal(result.image, fused_only(saturated.astype(np.uint16)).image)
-    assert float(np.abs(result.image - network_alone(saturated.astype(np.uint16)).image).max()) > 1.0
 
 
 @pytest.fixture(scope="module")
@@ -232,12 +202,9 @@ def test_calibration_keeps_the_network_where_frames_are_too_few_and_picks_the_be
             assert gain >= network_gain + physics_path.MIN_ADVANTAGE_DB - 1e-3
     # an untrained network reads every frame alike and restores nothing: the Wiener path takes a share of its bin
     assert any(share > 0 for share in chosen.shares)
-    assert chosen.unfused_shares[:4] == (0.0,) * 4  # near focus never unfused
-    # the same frames against a 35 um reach fall beyond MAX_REACH_FRACTION of it: no bin takes Wiener, and the
-    # untrained network's own image (no better than its input) is not mixed in unfused either
+    # the same frames against a 35 um reach fall beyond MAX_REACH_FRACTION of it: every bin keeps the network
     far = calibrate(tiny_refocuser, calibration_frames, 35.0, "test", balances=(0.03, 1.0))
     assert sum(far.frames[4:]) == frames and far.shares == (0.0,) * 9  # all read beyond 5.25 um
-    assert far.unfused_shares == (0.0,) * 9
 
 
 def test_calibrate_model_refuses_bad_arguments_with_a_clear_message(
@@ -307,12 +274,11 @@ def test_calibrate_model_on_a_stored_dataset_writes_weights_that_refocus_through
         (lambda recorded: recorded.update(balances=[math.inf] * 9), "balances must lie in"),
         (lambda recorded: recorded.update(balances=[1e-300] * 9), "balances must lie in"),
         (lambda recorded: recorded.clear(), "lacks 'bin_edges_um'"),
-        (lambda recorded: recorded.update(unfused_shares=[10**400] + [0] * 8), "damaged"),  # beyond any float
-        (lambda recorded: recorded.update(unfused_shares=["0.5"] * 9), "other than numbers"),
-        (lambda recorded: recorded.update(unfused_shares="000000000"), "not a list of numbers"),
-        (lambda recorded: recorded.update(unfused_shares=[True] + [False] * 8), "other than numbers"),
-        (lambda recorded: recorded.update(unfused_shares=[math.nan] * 9), "unfused shares must lie in"),
-        (lambda recorded: recorded.update(unfused_shares=[0.5] * 9), "add up to at most 1"),  # Wiener 1 in bin 0
+        (lambda recorded: recorded.update(shares=[10**400] + [0] * 8), "damaged"),  # beyond any float
+        (lambda recorded: recorded.update(shares=["0.5"] * 9), "other than numbers"),
+        (lambda recorded: recorded.update(shares="000000000"), "not a list of numbers"),
+        (lambda recorded: recorded.update(shares=[True] + [False] * 8), "other than numbers"),
+        (lambda recorded: recorded.update(frames=[1.5] * 9), "frames"),
     ],
 )
 def test_weights_with_a_damaged_calibration_are_refused_clearly(
@@ -338,7 +304,7 @@ def test_weights_with_a_damaged_calibration_are_refused_clearly(
 
 def test_a_mixture_is_chosen_only_when_it_wins_on_most_frames_and_beyond_chance() -> None:
     """The rules of `calibrate` on per-frame gains (dB) of 40 frames whose network path gains 2 dB."""
-    from acquire_refocus.model.physics_path import Mixture, choose_mixture
+    from acquire_refocus.model.physics_path import choose_mixture
 
     network = np.full(40, 2.0)
     steady = network + 0.5  # +0.5 dB on every frame
@@ -346,28 +312,25 @@ def test_a_mixture_is_chosen_only_when_it_wins_on_most_frames_and_beyond_chance(
     noisy = network + np.random.default_rng(0).normal(0.06, 1.0, 40)  # +0.06 on average, within chance
     one_family_loses = network + np.where(np.arange(40) < 8, -0.2, 0.6)  # mean +0.44; filaments lose 0.2 dB
     families = ["filaments"] * 8 + ["nuclei"] * 32
-    keep, half, whole, unfused = Mixture(0.1), Mixture(3.0, 0.5), Mixture(10.0, 1.0), Mixture(0.1, unfused_share=1)
-    assert choose_mixture(network, {half: steady, whole: risky}, keep) == (half, pytest.approx(2.5))
-    assert choose_mixture(network, {whole: risky}, keep) == (keep, 2.0)
-    assert choose_mixture(network, {whole: noisy}, keep) == (keep, 2.0)
-    assert choose_mixture(network, {unfused: steady, whole: noisy}, keep) == (unfused, pytest.approx(2.5))
-    assert choose_mixture(network, {half: one_family_loses}, keep, [families]) == (keep, 2.0)
+    assert choose_mixture(network, {(3.0, 0.5): steady, (10.0, 1.0): risky}, 0.1) == pytest.approx((3.0, 0.5, 2.5))
+    assert choose_mixture(network, {(10.0, 1.0): risky}, 0.1) == (0.1, 0.0, 2.0)
+    assert choose_mixture(network, {(10.0, 1.0): noisy}, 0.1) == (0.1, 0.0, 2.0)
+    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1, [families]) == (0.1, 0.0, 2.0)
     brightness = ["1e3"] * 8 + ["1e2"] * 32  # the same frames as one bright decade: vetoed as well
-    assert choose_mixture(network, {half: one_family_loses}, keep, [["all"] * 40, brightness])[0] == keep
-    assert choose_mixture(network, {half: one_family_loses}, keep)[0] == half  # families unknown: taken
+    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1, [["all"] * 40, brightness])[1] == 0
+    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1)[1] == 0.5  # families unknown: taken
     few_filaments = ["filaments"] * 5 + ["nuclei"] * 35  # 5 frames of a family say too little to veto
-    assert choose_mixture(network, {half: one_family_loses}, keep, [few_filaments])[0] == half
-    few = choose_mixture(network[:5], {half: steady[:5]}, keep)  # too few frames to say
-    assert few == (keep, 2.0)
+    assert choose_mixture(network, {(3.0, 0.5): one_family_loses}, 0.1, [few_filaments])[1] == 0.5
+    few = choose_mixture(network[:5], {(3.0, 0.5): steady[:5]}, 0.1)  # too few frames to say
+    assert few == (0.1, 0.0, 2.0)
 
 
-def test_the_report_names_both_shares_and_a_damaged_calibration() -> None:
+def test_the_report_names_the_shares_and_a_damaged_calibration() -> None:
     from acquire_refocus.model.report import physics_path_note
 
-    calibration = dataclasses.replace(_calibration((0.5,)), unfused_shares=(0.0,) * 7 + (0.5, 1.0))
+    calibration = _calibration((0.5, 0.0, 0.25))
     note = physics_path_note({"physics_path": calibration.to_metadata()})
-    assert "Wiener share per estimated |d| 0.5 at 0-1.05 um;" in note
-    assert "unfused 0.5 at 15.75-24.5 um, 1 beyond 24.5 um;" in note
+    assert "Wiener share per estimated |d| 0.5 at 0-1.05 um, 0.25 at 2.1-3.5 um, calibrated on test." in note
     damaged = calibration.to_metadata() | {"shares": ["0.5"] * 9}
     assert "damaged" in physics_path_note({"physics_path": damaged})
     assert physics_path_note({}) == ""

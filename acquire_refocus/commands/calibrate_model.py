@@ -1,6 +1,5 @@
-"""`acquire-refocus calibrate-model`: choose where the model's Wiener path and its unfused image are mixed in
-(model/physics_path.py) on validation frames of its training envelope, and write the weights with that
-calibration."""
+"""`acquire-refocus calibrate-model`: choose where the model's Wiener path is mixed in (model/physics_path.py) on
+validation frames of its training envelope, and write the weights with that calibration."""
 
 from __future__ import annotations
 
@@ -12,10 +11,9 @@ from acquire_refocus.errors import UserError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Calibrate the physics path of a model: per bin of its estimated |defocus|, near focus the Wiener balance "
-        "and the share of Wiener deconvolution (through the same fusion as the network's image), far from focus the "
-        "share of the network's image without the fusion's bounds, that restore the model's validation frames "
-        "best; where none beats the network's own path, the bin keeps the network's fused image. The frames "
+        "Calibrate the physics path of a model: per bin of its estimated |defocus|, the Wiener balance and the share "
+        "of Wiener deconvolution (through the same fusion as the network's image) that restore the model's "
+        "validation frames best; where none beats the network's own path, the bin keeps the network. The frames "
         "are those training validates on: the validation specimens of a simulated envelope (never the test "
         "specimens of 'evaluate'), or the validation sites of a stored dataset (training.data: stored, split "
         "by site as training splits it; the truth is each site's in-focus plane). Writes the weights, unchanged "
@@ -66,17 +64,16 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"could not write {args.out}: {exc.strerror or exc}") from None
     edges = ("0", *(f"{edge:g}" for edge in calibration.bin_edges_um), "")
-    header = f"{'estimated |d| (um)':<20} {'Wiener':>6}  {'balance':>7}  {'unfused':>7}  "
-    print(f"{header}{'gain, mixed / network fused (dB)':<33}{'frames':>7}  ({calibration.source})")
+    header = f"{'estimated |d| (um)':<20} {'share':>6}  {'balance':>7}  "
+    print(f"{header}{'gain, mixed / network alone (dB)':<33}{'frames':>7}  ({calibration.source})")
     for index, share in enumerate(calibration.shares):
         span = f"{edges[index]}-{edges[index + 1]}" if edges[index + 1] else f">= {edges[index]}"
-        unfused = calibration.unfused_shares[index]
         balance = f"{calibration.balances[index]:g}" if share > 0 else "-"
         if calibration.frames[index] == 0:
             gains = "no validation frame read this"
         else:
             gains = f"{calibration.mean_gain_db[index]:+6.2f} / {calibration.network_gain_db[index]:+6.2f}"
-        print(f"{span:<20} {share:6.2f}  {balance:>7}  {unfused:7.2f}  {gains:<33}{calibration.frames[index]:7d}")
+        print(f"{span:<20} {share:6.2f}  {balance:>7}  {gains:<33}{calibration.frames[index]:7d}")
     print(f"calibrated weights: {args.out}")
     return 0
 

@@ -1,29 +1,23 @@
-"""Per bin of the network's unsigned |d| estimate, a calibrated mixture of three images: the network's image
-through the fusion (what the model does without this module), Wiener deconvolution at |d| through the same fusion
-(near focus), and the network's own image without the fusion's bounds (far from focus).
+"""Wiener deconvolution beside the network, at the distances where the model's validation frames say it restores
+better.
 
-Near focus, Wiener: at a known |d| the blur of these optics is known too (the PSF bank the fusion already holds;
-the PSFs at +d and -d nearly agree, so the unsigned estimate is enough). A linear deconvolution with it has learnt
-no specimen and no brightness, so it cannot be fooled by an unseen one the way a network can; it is limited instead
-by the noise and by how far off the |d| estimate is. Passed through the same fusion as the network's image
-(amplitude bound, blend towards the raw frame, with its own noise probe: model/fusion.py), it beat the shipped
-network within 10 um on nine of the ten out-of-distribution sets and lost to it beyond 14 um
-(tools/compare_physics_path.py). With 20x / 0.45 optics most of what it adds near focus is noise removed: defocus
-beyond a few um erases frequencies that no linear filter restores.
+Why: at a known |d| the blur of these optics is known too (the PSF bank the fusion already holds; the PSFs at +d
+and -d nearly agree, so the unsigned estimate is enough). A linear deconvolution with it has learnt no specimen
+and no brightness, so it cannot be fooled by an unseen one the way a network can; it is limited instead by the
+noise and by how far off the |d| estimate is. Passed through the same fusion as the network's image (amplitude
+bound, blend towards the raw frame, with its own noise probe: model/fusion.py), it beat the shipped network within
+10 um on nine of the ten out-of-distribution sets and lost to it beyond 14 um (tools/compare_physics_path.py).
+With 20x / 0.45 optics most of what it adds near focus is noise removed: defocus beyond a few um erases
+frequencies that no linear filter restores.
 
-Far from focus, the network unfused: the fusion's bounds are what keep near-focus frames from harm (the shipped
-network alone made bright in-focus frames up to 13 dB worse), but 10-30 um out they cost the network's image 0.5-1.3
-dB on every out-of-distribution set: the amplitude bound is set at the estimate less a margin, and the shipped head
-reads 6-14 um frames 2-3 um short, so it cuts frequencies the network restored rightly; and both bounds compare
-with a raw frame whose noise at those frequencies is as large as what is left of the signal.
-
-Per frame: the network's unsigned estimate picks a bin of |d|; the bin's calibration gives the Wiener balance, the
-Wiener share and the unfused share (share x fused Wiener + unfused share x network's image + the rest x fused
-network; shares of 0 leave the network's path exactly as it was and cost nothing; an unfused share of 1 skips the
-fusion). `calibrate` gives Wiener shares only to bins that end within MAX_REACH_FRACTION of the reach, and unfused
-shares only to the others; it chooses them on validation frames of the model's own training envelope (its
-validation specimen seeds, never the test ones; model/data.py), and they are stored in the weights' metadata
-(`training.physics_path`). Weights without it run the network's path alone.
+Per frame: the network's unsigned estimate picks a bin of |d|; the bin's calibration gives the Wiener balance and
+the share of the fused Wiener image in the result (share x fused Wiener + (1 - share) x fused network; a share of 0
+leaves the network's path exactly as it was and costs nothing, 1 skips the network's noise probe). The balance and
+share per bin are chosen by `calibrate` on validation frames of the model's own training envelope (its validation
+specimen seeds, never the test ones; model/data.py), and stored in the weights' metadata (`training.physics_path`).
+Weights without it run the network's path alone. Frames the Refocuser distrusts (outside the model's envelope) take
+the fusion alone. (The network's image without the fusion, mixed in far from focus the same way, was measured and
+not kept: the model README, 2026-12-07.)
 """
 
 from __future__ import annotations
@@ -86,69 +80,40 @@ TAIL_LOSS_DB = 0.3
 # brightness rule came after the 10x preset took a share that cost the OOD suite's bright frames 0.5-1.2 dB near
 # focus; its validation frames' bright decade did not lose, so the rule did not change that choice.
 MIN_GROUP_FRAMES = 6
-# Beyond this fraction of the reach (5.25 um for the shipped model) no bin takes Wiener. Near focus what the
+# Beyond this fraction of the reach (5.25 um for the shipped model) every bin keeps the network. Near focus what the
 # Wiener path adds is mostly noise removed, which held on every set we have; further out its gain rests on a |d|
 # reading right to within a depth of field (the shipped head is 2-5 um off at 6-14 um on the OOD sets). There the
 # validation frames, every family included, still chose shares of 0.5-0.75 at 7.7-15.75 um, while the OOD suite's
 # nuclei sets lost 0.08-0.22 dB at 14 um and a nuclei sweep (50-5,000 photons) 0.2-0.55 dB on average at 7-15 um,
 # single frames up to 3.2 dB. The limit was set after those measurements. A head that reads every frame beyond it
-# (the 60x and 100x presets read 1.3-4.2 um whatever the distance) gets no Wiener path. Within it no bin takes the
-# unfused image: near focus the bounds are what keep a bright frame from harm.
+# (the 60x and 100x presets read 1.3-4.2 um whatever the distance) gets no physics path.
 MAX_REACH_FRACTION = 0.15
 
 
 @dataclass(frozen=True)
-class Mixture:
-    """One bin's recipe: share x fused Wiener (at `balance`) + unfused_share x the network's own image + the rest x
-    the fused network."""
-
-    balance: float
-    share: float = 0.0
-    unfused_share: float = 0.0
-
-
-@dataclass(frozen=True)
 class PhysicsPathCalibration:
-    """Per bin of estimated |d| (upper edges in um; the last bin open): the Wiener balance and share, and the share
-    of the network's image unfused (calibrations written before 2026-12-07 have none: zeros)."""
+    """Per bin of estimated |d| (upper edges in um; the last bin open): the Wiener balance and its share."""
 
     bin_edges_um: tuple[float, ...]
     balances: tuple[float, ...]
     shares: tuple[float, ...]
     mean_gain_db: tuple[float, ...]  # the chosen mixture's mean PSNR gain over the raw frame on the bin's frames
-    network_gain_db: tuple[float, ...]  # the network's path alone (fused) on the same frames
+    network_gain_db: tuple[float, ...]  # the network's path alone on the same frames
     frames: tuple[int, ...]
     source: str  # what the frames were
-    unfused_shares: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         bins = len(self.bin_edges_um) + 1
-        if not self.unfused_shares:
-            object.__setattr__(self, "unfused_shares", (0.0,) * len(self.shares))
-        lengths = {
-            len(self.balances),
-            len(self.shares),
-            len(self.unfused_shares),
-            len(self.mean_gain_db),
-            len(self.network_gain_db),
-        }
+        lengths = {len(self.balances), len(self.shares), len(self.mean_gain_db), len(self.network_gain_db)}
         if lengths != {bins} or len(self.frames) != bins:
             raise ValueError(f"a physics-path calibration needs {bins} values per bin for {bins - 1} edges")
         if any(not 0.0 <= share <= 1.0 for share in self.shares):
             raise ValueError("physics-path shares must lie in [0, 1]")
-        if any(not 0.0 <= share <= 1.0 for share in self.unfused_shares):
-            raise ValueError("physics-path unfused shares must lie in [0, 1]")
-        if any(w + u > 1.0 + 1e-9 for w, u in zip(self.shares, self.unfused_shares, strict=True)):
-            raise ValueError("a bin's Wiener and unfused shares must add up to at most 1")
         if any(not BALANCE_RANGE[0] <= b <= BALANCE_RANGE[1] for b in self.balances):
             raise ValueError(f"physics-path balances must lie in [{BALANCE_RANGE[0]:g}, {BALANCE_RANGE[1]:g}]")
 
     def bin_of(self, magnitude_um: float) -> int:
         return int(np.searchsorted(np.asarray(self.bin_edges_um), magnitude_um, side="right"))
-
-    def mixture(self, magnitude_um: float) -> Mixture:
-        index = self.bin_of(magnitude_um)
-        return Mixture(self.balances[index], self.shares[index], self.unfused_shares[index])
 
     def to_metadata(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,9 +130,8 @@ class PhysicsPathCalibration:
                 shares=_numbers(recorded, "shares"),
                 mean_gain_db=_numbers(recorded, "mean_gain_db"),
                 network_gain_db=_numbers(recorded, "network_gain_db"),
-                frames=tuple(int(v) for v in _numbers(recorded, "frames")),
+                frames=_counts(recorded, "frames"),
                 source=str(recorded["source"]),
-                unfused_shares=_numbers(recorded, "unfused_shares") if "unfused_shares" in recorded else (),
             )
         except KeyError as exc:
             raise ValueError(f"its physics-path calibration lacks {exc}") from None
@@ -187,6 +151,13 @@ def _numbers(recorded: dict[str, Any], key: str) -> tuple[float, ...]:
     if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
         raise TypeError(f"{key} holds something other than numbers")
     return tuple(float(v) for v in values)
+
+
+def _counts(recorded: dict[str, Any], key: str) -> tuple[int, ...]:
+    values = _numbers(recorded, key)
+    if any(not value.is_integer() or value < 0 for value in values):
+        raise ValueError(f"{key} must be whole numbers of 0 or more")
+    return tuple(int(value) for value in values)
 
 
 class WienerFilter:
@@ -237,8 +208,8 @@ class WienerFilter:
 
 
 class PhysicsPath:
-    """The fused network image mixed with the fused Wiener image and the unfused network image per the calibration
-    (module docstring); called like OpticalFusion."""
+    """The fused network image mixed with the fused Wiener image per the calibration (module docstring); called
+    like OpticalFusion."""
 
     def __init__(self, fusion: OpticalFusion, calibration: PhysicsPathCalibration) -> None:
         self.fusion = fusion
@@ -254,24 +225,17 @@ class PhysicsPath:
     ) -> np.ndarray:
         if not math.isfinite(magnitude_um):
             return self.fusion(raw, output, magnitude_um, network)
-        mixture = self.calibration.mixture(magnitude_um)
-        share, unfused = mixture.share, mixture.unfused_share
-        if unfused >= 1.0:
-            return np.asarray(output, dtype=np.float32)
+        index = self.calibration.bin_of(magnitude_um)
+        share = self.calibration.shares[index]
         if share <= 0.0:
-            fused = self.fusion(raw, output, magnitude_um, network)
-        else:
-            wiener = self.wiener.at(magnitude_um, mixture.balance)
-            measured = self.fusion.measure(raw)  # once for both paths: the frame's spectrum and noise
-            spectrum = self.fusion.fused_spectrum(raw, measured, wiener(raw), magnitude_um, wiener)
-            network_share = (1.0 - share - unfused) / (1.0 - unfused)  # of the fused part
-            if network_share > 0.0:  # mixed as spectra: one inverse FFT for both
-                by_network = self.fusion.fused_spectrum(raw, measured, output, magnitude_um, network)
-                spectrum = (1.0 - network_share) * spectrum + network_share * by_network
-            fused = self.fusion.image(measured, spectrum)
-        if unfused <= 0.0:
-            return fused
-        return np.asarray((1.0 - unfused) * fused + unfused * np.asarray(output, dtype=np.float32), dtype=np.float32)
+            return self.fusion(raw, output, magnitude_um, network)
+        wiener = self.wiener.at(magnitude_um, self.calibration.balances[index])
+        measured = self.fusion.measure(raw)  # once for both paths: the frame's spectrum and noise
+        spectrum = self.fusion.fused_spectrum(raw, measured, wiener(raw), magnitude_um, wiener)
+        if share < 1.0:  # mixed as spectra: one inverse FFT for both
+            by_network = self.fusion.fused_spectrum(raw, measured, output, magnitude_um, network)
+            spectrum = share * spectrum + (1.0 - share) * by_network
+        return self.fusion.image(measured, spectrum)
 
 
 def bin_edges_um(reach_um: float) -> tuple[float, ...]:
@@ -280,14 +244,14 @@ def bin_edges_um(reach_um: float) -> tuple[float, ...]:
 
 def choose_mixture(
     network_db: np.ndarray,
-    candidates: dict[Mixture, np.ndarray],
-    default: Mixture,
+    candidates: dict[tuple[float, float], np.ndarray],
+    default_balance: float,
     groupings: Sequence[Sequence[str]] = (),
-) -> tuple[Mixture, float]:
-    """(mixture, mean gain) for one bin, from the per-frame PSNR gains of the network's path and of each candidate
-    mixture on the same frames (`groupings`: per-frame labels, e.g. each frame's specimen family, its brightness
-    decade): the best mixture by mean gain that passes every rule of `calibrate`, else (`default`, the network's
-    mean gain)."""
+) -> tuple[float, float, float]:
+    """(balance, share, mean gain) for one bin, from the per-frame PSNR gains of the network's path and of each
+    (balance, share) mixture on the same frames (`groupings`: per-frame labels, e.g. each frame's specimen family,
+    its brightness decade): the best mixture by mean gain that passes every rule of `calibrate`, else
+    (default_balance, 0, the network's mean gain)."""
     count = network_db.size
     groups = []
     for labels in groupings:
@@ -295,18 +259,19 @@ def choose_mixture(
             array = np.asarray(labels)
             groups += [array == label for label in set(array.tolist())]
     groups = [members for members in groups if members.sum() >= MIN_GROUP_FRAMES]
-    best = (default, float(network_db.mean()) if count else math.nan)
+    network_gain = float(network_db.mean()) if count else math.nan
+    best = (default_balance, 0.0, network_gain)
     if count < MIN_BIN_FRAMES:
         return best
-    for mixture, mixed_db in candidates.items():
+    for (balance, share), mixed_db in candidates.items():
         advantage = mixed_db - network_db
         standard_error = float(advantage.std(ddof=1)) / math.sqrt(count)
         margin = max(MIN_ADVANTAGE_DB, ADVANTAGE_STANDARD_ERRORS * standard_error)
         tail_ok = float(np.quantile(advantage, TAIL_FRACTION)) >= -TAIL_LOSS_DB
         every_group_ok = all(float(advantage[members].mean()) >= 0.0 for members in groups)
-        gain = float(network_db.mean() + advantage.mean())
-        if gain > best[1] and advantage.mean() >= margin and tail_ok and every_group_ok:
-            best = (mixture, gain)
+        gain = network_gain + float(advantage.mean())
+        if gain > best[2] and advantage.mean() >= margin and tail_ok and every_group_ok:
+            best = (balance, share, gain)
     return best
 
 
@@ -318,13 +283,12 @@ def calibrate(
     balances: Sequence[float] = WIENER_BALANCES,
     progress: bool = False,
 ) -> PhysicsPathCalibration:
-    """Choose each bin's mixture on `windows` (validation frames with their in-focus truth): in bins that end
-    within MAX_REACH_FRACTION of the reach a Wiener balance and share, in the others a share of the unfused network
-    image; the candidate with the highest mean PSNR gain over the raw frame, where it beats the network's path
-    alone by MIN_ADVANTAGE_DB and by ADVANTAGE_STANDARD_ERRORS standard errors of the per-frame paired differences,
-    loses more than TAIL_LOSS_DB on at most TAIL_FRACTION of the frames, loses on average on no specimen family
-    and no decade of brightness with MIN_GROUP_FRAMES frames or more, and the bin has at least MIN_BIN_FRAMES
-    frames; otherwise the bin keeps the network's path."""
+    """Choose each bin's balance and share on `windows` (validation frames with their in-focus truth): the pair
+    with the highest mean PSNR gain over the raw frame, where it beats the network's path alone by
+    MIN_ADVANTAGE_DB and by ADVANTAGE_STANDARD_ERRORS standard errors of the per-frame paired differences, loses
+    more than TAIL_LOSS_DB on at most TAIL_FRACTION of the frames, loses on average on no specimen family and no
+    decade of brightness with MIN_GROUP_FRAMES frames or more, the bin has at least MIN_BIN_FRAMES frames and ends
+    within MAX_REACH_FRACTION of the reach; otherwise the bin keeps the network (share 0)."""
     from acquire_refocus.engines.tiling import infer_frame
     from acquire_refocus.model.normalization import frame_scale, normalize
 
@@ -334,17 +298,10 @@ def calibrate(
     wiener = WienerFilter(fusion)
     edges = bin_edges_um(reach_um)
     bins = len(edges) + 1
-    # bins that may take Wiener: those that end within MAX_REACH_FRACTION of the reach; the rest may take the
-    # unfused image
+    # bins a share may be chosen in: those that end within MAX_REACH_FRACTION of the reach
     near_focus = {index for index, edge in enumerate(edges) if edge <= MAX_REACH_FRACTION * reach_um + 1e-9}
-    candidates_of = {
-        index: [Mixture(b, share) for b in balances for share in SHARES[1:]]
-        if index in near_focus
-        else [Mixture(balances[0], unfused_share=share) for share in SHARES[1:]]
-        for index in range(bins)
-    }
-    # gains[bin][candidate]: PSNR gains of each candidate mixture on every frame of the bin
-    gains: list[list[list[float]]] = [[[] for _ in candidates_of[index]] for index in range(bins)]
+    # gains[bin][balance index][share index]: PSNR gains of the mixtures on every frame of a near-focus bin
+    gains: list[list[list[list[float]]]] = [[[[] for _ in SHARES] for _ in balances] for _ in range(bins)]
     network_gains_db: list[list[float]] = [[] for _ in range(bins)]  # the network's path, on every bin's frames
     families: list[list[str]] = [[] for _ in range(bins)]
     brightness: list[list[str]] = [[] for _ in range(bins)]
@@ -373,46 +330,48 @@ def calibrate(
         families[index].append(family)
         brightness[index].append(f"1e{math.floor(math.log10(peak_photons))}" if peak_photons > 0 else "")
         network_gains_db[index].append(network_gain)
-        by_wiener: dict[float, np.ndarray] = {}
-        for candidate, candidate_gains in zip(candidates_of[index], gains[index], strict=True):
-            if candidate.share > 0.0 and candidate.balance not in by_wiener:
-                deconvolved = wiener.at(magnitude_um, candidate.balance)
-                by_wiener[candidate.balance] = fusion.image(
-                    measured, fusion.fused_spectrum(frame, measured, deconvolved(frame), magnitude_um, deconvolved)
-                )
-            other = by_wiener[candidate.balance] if candidate.share > 0.0 else image
-            weight = candidate.share + candidate.unfused_share
-            mixed = weight * other + (1.0 - weight) * by_network
-            psnr = peak_signal_noise_ratio(truth, mixed, data_range=data_range)
-            candidate_gains.append(float(psnr - raw_psnr))
-    chosen: list[Mixture] = []
-    mean_gains, network_gains, frames = [], [], []
+        if index not in near_focus:  # no share can be chosen there: the Wiener path is not scored
+            continue
+        for b, balance in enumerate(balances):
+            deconvolved = wiener.at(magnitude_um, balance)
+            by_wiener = fusion.image(
+                measured, fusion.fused_spectrum(frame, measured, deconvolved(frame), magnitude_um, deconvolved)
+            )
+            for s, share in enumerate(SHARES[1:], start=1):
+                mixed = share * by_wiener + (1.0 - share) * by_network
+                psnr = peak_signal_noise_ratio(truth, mixed, data_range=data_range)
+                gains[index][b][s].append(float(psnr - raw_psnr))
+    chosen_balances, chosen_shares, mean_gains, network_gains, frames = [], [], [], [], []
     for index in range(bins):
         network_db = np.asarray(network_gains_db[index])
         candidates = {
-            candidate: np.asarray(candidate_gains)
-            for candidate, candidate_gains in zip(candidates_of[index], gains[index], strict=True)
+            (balance, share): np.asarray(gains[index][b][s])
+            for b, balance in enumerate(balances)
+            for s, share in enumerate(SHARES)
+            if share > 0 and index in near_focus
         }
-        groupings = (families[index], brightness[index])
-        mixture, gain = choose_mixture(network_db, candidates, Mixture(balances[0]), groupings)
-        chosen.append(mixture)
+        balance, share, gain = choose_mixture(network_db, candidates, balances[0], (families[index], brightness[index]))
+        chosen_balances.append(float(balance))
+        chosen_shares.append(share)
         mean_gains.append(round(gain, 3))
         network_gains.append(round(float(network_db.mean()), 3) if network_db.size else math.nan)
         frames.append(int(network_db.size))
     calibration = PhysicsPathCalibration(
         bin_edges_um=edges,
-        balances=tuple(float(m.balance) for m in chosen),
-        shares=tuple(m.share for m in chosen),
+        balances=tuple(chosen_balances),
+        shares=tuple(chosen_shares),
         mean_gain_db=tuple(mean_gains),
         network_gain_db=tuple(network_gains),
         frames=tuple(frames),
         source=source,
-        unfused_shares=tuple(m.unfused_share for m in chosen),
     )
     log.info(
         kv(
             "physics_path_calibrated",
-            **{f"bin{i}": f"{m.share:g}@{m.balance:g}+{m.unfused_share:g}unfused" for i, m in enumerate(chosen)},
+            **{
+                f"bin{i}": f"{s:g}@{b:g}"
+                for i, (s, b) in enumerate(zip(calibration.shares, calibration.balances, strict=True))
+            },
         )
     )
     return calibration

@@ -175,18 +175,15 @@ def physics_path_note(training: dict[str, Any]) -> str:
     except ValueError as exc:
         return f" Physics path: {exc} (not used)."
     edges = ["0", *(f"{edge:g}" for edge in calibration.bin_edges_um)]
-
-    def per_bin(shares: Sequence[float]) -> str:
-        mixed = [
-            f"{share:g} at {edges[i]}-{edges[i + 1]} um" if i + 1 < len(edges) else f"{share:g} beyond {edges[i]} um"
-            for i, share in enumerate(shares)
-            if share > 0
-        ]
-        return ", ".join(mixed) if mixed else "0 everywhere"
-
+    mixed = [
+        f"{share:g} at {edges[i]}-{edges[i + 1]} um" if i + 1 < len(edges) else f"{share:g} beyond {edges[i]} um"
+        for i, share in enumerate(calibration.shares)
+        if share > 0
+    ]
     return (
-        f" Physics path (with the fusion): Wiener share per estimated |d| {per_bin(calibration.shares)}; share of"
-        f" the network's image unfused {per_bin(calibration.unfused_shares)}; calibrated on {calibration.source}."
+        " Physics path (with the fusion): Wiener share per estimated |d| "
+        + (", ".join(mixed) if mixed else "0 everywhere")
+        + f", calibrated on {calibration.source}."
     )
 
 
