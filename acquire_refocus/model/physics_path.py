@@ -154,6 +154,7 @@ def _numbers(recorded: dict[str, Any], key: str) -> tuple[float, ...]:
 
 
 def _counts(recorded: dict[str, Any], key: str) -> tuple[int, ...]:
+    """recorded[key] as whole numbers of 0 or more (frame counts)."""
     values = _numbers(recorded, key)
     if any(not value.is_integer() or value < 0 for value in values):
         raise ValueError(f"{key} must be whole numbers of 0 or more")

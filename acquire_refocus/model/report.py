@@ -173,7 +173,7 @@ def physics_path_note(training: dict[str, Any]) -> str:
     try:
         calibration = PhysicsPathCalibration.from_metadata(recorded)
     except ValueError as exc:
-        return f" Physics path: {exc} (not used)."
+        return f" Physics path not used: {exc}."
     edges = ["0", *(f"{edge:g}" for edge in calibration.bin_edges_um)]
     mixed = [
         f"{share:g} at {edges[i]}-{edges[i + 1]} um" if i + 1 < len(edges) else f"{share:g} beyond {edges[i]} um"
