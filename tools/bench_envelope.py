@@ -7,7 +7,7 @@ ONNX Runtime on one thread. Prints p50 of: the envelope checks alone (model/enve
 network twice more on a window; `engine.physics_path: false`), one with the fusion told no network (no probe: the
 fusion before the probe), and one through the physics path at its most costly (model/physics_path.py: a share
 between 0 and 1, so both the Wiener image and the network's image are fused and mixed), interleaved, and the
-ratios to the network-and-checks call.
+ratios to the network-and-checks call (median and quartiles of the ratios within each round).
 """
 
 from __future__ import annotations
@@ -76,11 +76,20 @@ def main() -> None:
             without_probe.append(p50_ms(lambda frame=frame: unprobed(frame), 1))
             with_path.append(p50_ms(lambda frame=frame: both(frame), 1))
         a, b, c, d = (float(np.median(times)) for times in (without, with_fusion, without_probe, with_path))
+        fusion, unprobed_fusion, path = (ratio(t, without) for t in (with_fusion, without_probe, with_path))
         print(
             f"{size}x{size}: envelope checks {checks:.1f} ms, network + checks {a:.1f} ms, + fusion {b:.1f} ms "
-            f"(x{b / a:.2f}), + fusion without its noise probe {c:.1f} ms (x{c / a:.2f}), + physics path mixing "
-            f"both {d:.1f} ms (x{d / a:.2f}) p50; checks {100 * checks / a:.1f} % of the call without fusion"
+            f"({fusion}), + fusion without its noise probe {c:.1f} ms ({unprobed_fusion}), + physics path mixing "
+            f"both {d:.1f} ms ({path}) p50 over {rounds} rounds, ratios per round [quartiles]; checks "
+            f"{100 * checks / a:.1f} % of the call without fusion"
         )
+
+
+def ratio(times_ms: list[float], baseline_ms: list[float]) -> str:
+    """Median and quartiles of the per-round ratios to the baseline: the calls of one round ran back to back, so a
+    ratio within a round is less noisy than a ratio of medians across rounds."""
+    q1, median, q3 = np.percentile(np.asarray(times_ms) / np.asarray(baseline_ms), [25, 50, 75])
+    return f"x{median:.2f} [{q1:.2f}-{q3:.2f}]"
 
 
 if __name__ == "__main__":
