@@ -128,7 +128,7 @@ class SoftwareAutofocus:
         _, width_um, range_um = focus.sharpness_settings_um(optics)
         return cls(
             focus.autofocus,
-            BandPassSharpness.for_optics(optics),
+            BandPassSharpness.for_optics(optics, focus.sharpness_band_um),
             range_um,
             width_um,
             magnitude,

@@ -736,6 +736,17 @@ class FocusConfig(_Section):
             "more than 1.4 times the true width makes it overshoot"
         ),
     )
+    sharpness_band_um: float | None = Field(
+        None,
+        gt=0.0,
+        le=20.0,
+        description=(
+            "scale of the band of spatial frequencies the sharpness is measured in (a difference of Gaussians of "
+            "0.8 and 2.1 times it); null: the optics' resolution, 0.61 wavelength / NA. A specimen without detail "
+            "that fine (at 60x / 1.4 the simulated nuclei: only camera noise there) needs a coarser band: "
+            "calibrate-focus measures which band, width and range suit your specimen"
+        ),
+    )
     sharpness_lead_time_points: float = Field(
         1.5,
         ge=0.0,

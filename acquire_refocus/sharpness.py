@@ -13,6 +13,12 @@ it. On the default optics and specimen it falls by 10% at 2 um and 40% at 4 um f
 between frames (photon noise). It is computed with one FFT of a central crop of at most `crop_px` square
 (1-2 ms for 512 x 512 on one core), so the whole 2048 x 2048 frame is never transformed.
 
+The band's scale defaults to the optics' resolution (`focus.sharpness_band_um` sets another). At high NA a
+specimen may have no detail that fine: at 60x / 1.4 NA oil the simulated nuclei, textured down to 0.5 um, leave
+only camera noise in the 0.16-0.42 um band, and their sharpness hardly changes over +-5 um; a band five times
+coarser falls by 1.5-3 (log) over the same stack. `acquire-refocus calibrate-focus` tries several scales on the
+user's z-stacks and recommends the one whose fit is least noisy.
+
 The same FFT says whether the frame has structure at all (`measure`): the band's power per frequency against the
 power near the Nyquist frequency (0.4-0.5 cycles per pixel), where white camera and photon noise dominate. A blank
 field reads 1.00 +- 0.01 on the simulator; the default field reads 5.2 in focus, 1.8 at 8 um and 1.2 at 15 um from
@@ -39,6 +45,11 @@ _COARSE_SIGMA_RESOLUTIONS = 2.1
 DEFAULT_CROP_PX = 512
 MIN_STRUCTURE_RATIO = 1.1  # band power per frequency over the noise's: 10% above white noise alone
 _NOISE_BAND_CYCLES_PER_PX = (0.4, 0.5)
+
+
+def resolution_um(optics: OpticsConfig) -> float:
+    """The Rayleigh resolution 0.61 lambda / NA: the default scale of the sharpness band."""
+    return 0.61 * optics.emission_wavelength_nm * 1e-3 / optics.numerical_aperture
 
 
 @lru_cache(maxsize=8)
@@ -77,9 +88,11 @@ class BandPassSharpness:
         self.crop_px = int(crop_px)
 
     @classmethod
-    def for_optics(cls, optics: OpticsConfig, crop_px: int = DEFAULT_CROP_PX) -> BandPassSharpness:
-        resolution_um = 0.61 * optics.emission_wavelength_nm * 1e-3 / optics.numerical_aperture
-        return cls(resolution_um, optics.pixel_size_um, crop_px)
+    def for_optics(
+        cls, optics: OpticsConfig, band_um: float | None = None, crop_px: int = DEFAULT_CROP_PX
+    ) -> BandPassSharpness:
+        """The band at `band_um` (`focus.sharpness_band_um`), or at the optics' resolution when None."""
+        return cls(resolution_um(optics) if band_um is None else band_um, optics.pixel_size_um, crop_px)
 
     def __call__(self, frame: np.ndarray, pixel_size_um: float | None = None) -> float:
         return self.measure(frame, pixel_size_um)[0]

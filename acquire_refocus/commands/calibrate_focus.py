@@ -27,13 +27,39 @@ _MIN_PLANES = 5
 _MIN_LOG_SHARPNESS_DROP = 0.05
 _MIN_DROP_TO_SCATTER = 15.0
 
+# Sharpness bands tried, as multiples of the optics' resolution (0.61 lambda / NA; 1 is the loop's default). At
+# 20x / 0.45 the simulated nuclei fit best at 1-2 (median scatter x width^2 0.27-0.30 um^2, 3.9 from 5); at 60x / 1.4
+# oil only 5 fits any field (1.0 um: 3 fields of 8, the other 5 empty), see tools/reports/presets/README.md.
+_BAND_SCALES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
+# Without --range-um the fit range follows the fitted width (the loop's sharpness_range_um is set to the width) for
+# at most this many refits, stopping within _RANGE_TOLERANCE of it; a range where no field fits is doubled first.
+_RANGE_REFITS = 4
+_RANGE_TOLERANCE = 0.05
+# Bands that calibrate at least _FIELDS_TOLERANCE of the most fields any band does compete. The optics' band, which
+# the closed-loop tests validate, stays unless its noise_um2 is over _DEFAULT_NOISE_TOLERANCE times their least;
+# otherwise the finest band within _NOISE_TOLERANCE of the least. On the simulated nuclei: at 20x the optics' band
+# (6 of 8 fields, 0.28 um^2) stays against 0.94 um (8, 0.23), whose settings held the demo's focus less steadily
+# (sd 0.59-0.72 um against 0.39-0.55); at 100x it fits 4 of 8 but at 1.0 um^2 against 0.14; at 60x it fits 1 of 3,
+# and 1.0 um (0.10 um^2) held the mid-plane closer than 1.61 um (0.09) in 3 of 3 demo seeds
+# (tools/reports/presets/README.md).
+_FIELDS_TOLERANCE = 0.75
+_DEFAULT_NOISE_TOLERANCE = 2.0
+_NOISE_TOLERANCE = 1.25
+
 _DESCRIPTION = """\
 Measure the band-pass sharpness of every plane of one or more z-stacks through focus and fit, per field of view,
-log sharpness = c - (z - peak)^2 / (2 width^2) over the planes within --range-um of the sharpest one. Prints the
-sharpest Z and the width per field and the focus settings they call for:
+log sharpness = c - (z - peak)^2 / (2 width^2) over the planes within --range-um of the sharpest one. The sharpness
+is measured in several bands of spatial frequency (1 to 8 times the optics' resolution 0.61 lambda / NA): the band
+that calibrates the most fields, and of those the one whose fit scatters least for its width, is recommended.
+Prints the sharpest Z and the width per field and the focus settings they call for:
 
+  sharpness_band_um: the band (null: the optics' resolution); a specimen without detail at the resolution of a
+    high-NA objective shows focus only in a coarser one;
   sharpness_width_um / sharpness_range_um: the median width (the defaults, 4/3 of the depth of field, are a
-    guess from the optics; a width set too large makes the loop overshoot, too small slows it);
+    guess from the optics; a width set too large makes the loop overshoot, too small slows it); without
+    --range-um the fit range follows the width;
+  sharpness_dither_um: where the default dither (a tenth of the depth of field) leaves the fit of two dithered
+    frames noisier than half the depth of field, the dither that brings it there;
   target_offset_um: when the stack says which plane you call in focus (--in-focus-index, or a simulated
     dataset), minus the median distance of the sharpest plane from it, so the loop holds your focus rather than
     the sharpest plane.
@@ -59,6 +85,30 @@ class FieldCalibration:
     peak_z_um: float  # from the labelled focus when there is one, else from the first plane
     width_um: float
     planes_used: int
+    scatter: float  # rms of log sharpness about the fit, per degree of freedom
+
+
+@dataclass(frozen=True)
+class BandCalibration:
+    """The fit of every field in one sharpness band."""
+
+    band_um: float
+    range_um: float
+    fields: list[FieldCalibration]
+    skipped: list[str]
+
+    @property
+    def width_um(self) -> float:
+        return statistics.median(f.width_um for f in self.fields)
+
+    @property
+    def noise_um2(self) -> float:
+        """Median scatter x width^2: two frames +-d apart put the sharpest Z within about noise_um2 / (sqrt 2 d)
+        (one standard deviation), so the smaller, the less the loop's dither needs to be."""
+        return statistics.median(f.scatter * f.width_um**2 for f in self.fields)
+
+    def pair_noise_um(self, dither_um: float) -> float:
+        return self.noise_um2 / (math.sqrt(2) * dither_um) if dither_um > 0 else math.inf
 
 
 def add_stack_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, in_focus_use: str) -> None:
@@ -112,8 +162,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="R",
-        help="fit the planes within this distance of the sharpest one (default: 4/3 of the depth "
-        "of field, as the closed loop)",
+        help="fit the planes within this distance of the sharpest one (default: start at 4/3 of the depth "
+        "of field, as the closed loop, and follow the fitted width)",
+    )
+    parser.add_argument(
+        "--band-um",
+        type=float,
+        default=None,
+        metavar="B",
+        help="measure sharpness in this band only (focus.sharpness_band_um; default: try 1 to 8 times the "
+        "optics' resolution and recommend one)",
     )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
@@ -180,24 +238,30 @@ def read_stacks(args: argparse.Namespace) -> tuple[list[tuple[str, np.ndarray]],
     return fields, np.asarray(dataset.defocus_um, dtype=float), dataset.pixel_size_um, labelled
 
 
-def calibrate(
-    fields: list[tuple[str, np.ndarray]],
-    z_um: np.ndarray,
-    sharpness: BandPassSharpness,
-    pixel_size_um: float | None,
-    range_um: float,
-) -> tuple[list[FieldCalibration], list[str]]:
-    """Fit each field; the fields that could not be fitted come back as messages."""
-    from acquire_refocus.sharpness import fit_sharpness_curve
-
-    results: list[FieldCalibration] = []
-    failed: list[str] = []
+def log_sharpness(
+    fields: list[tuple[str, np.ndarray]], sharpness: BandPassSharpness, pixel_size_um: float | None
+) -> list[tuple[str, np.ndarray]]:
+    """Log sharpness of every plane per field; NaN where a plane has no band power (blank: not measurable)."""
+    measured = []
     for name, planes in fields:
         if planes.shape[0] < _MIN_PLANES:
             raise InputError(f"{name}: {planes.shape[0]} planes; a calibration needs at least {_MIN_PLANES}")
         values = np.array([sharpness(plane, pixel_size_um) for plane in planes])
         log_s = np.full(values.shape, np.nan)
-        np.log(values, out=log_s, where=values > 0)  # no band power (a blank plane): not measurable
+        np.log(values, out=log_s, where=values > 0)
+        measured.append((name, log_s))
+    return measured
+
+
+def calibrate(
+    measured: list[tuple[str, np.ndarray]], z_um: np.ndarray, range_um: float
+) -> tuple[list[FieldCalibration], list[str]]:
+    """Fit each field's log sharpness; the fields that could not be fitted come back as messages."""
+    from acquire_refocus.sharpness import fit_sharpness_curve
+
+    results: list[FieldCalibration] = []
+    failed: list[str] = []
+    for name, log_s in measured:
         curve = fit_sharpness_curve(z_um, log_s, range_um)
         if curve is None:
             failed.append(
@@ -223,42 +287,97 @@ def calibrate(
             failed.append(f"{name}: the sharpness peaks outside the stack ({curve.peak_z_um:+.2f} um)")
             continue
         results.append(
-            FieldCalibration(name, int(np.nanargmax(log_s)), curve.peak_z_um, curve.width_um, curve.planes_used)
+            FieldCalibration(
+                name,
+                int(np.nanargmax(log_s)),
+                curve.peak_z_um,
+                curve.width_um,
+                curve.planes_used,
+                curve.residual_rms,
+            )
         )
     return results, failed
 
 
-def _plot(
-    path: Path,
-    fields: list[tuple[str, np.ndarray]],
-    z_um: np.ndarray,
-    sharpness: BandPassSharpness,
-    pixel_size_um: float | None,
-    range_um: float,
-) -> None:
+def calibrate_band(
+    measured: list[tuple[str, np.ndarray]], z_um: np.ndarray, band_um: float, range_um: float, follow_width: bool
+) -> BandCalibration:
+    """Fit every field in one band over `range_um`; with `follow_width`, move the range to the fitted width (the
+    loop's sharpness_range_um) while that fits as many fields, doubling it first while no field fits and the stack
+    is long enough."""
+    results, failed = calibrate(measured, z_um, range_um)
+    if follow_width:
+        half_extent_um = float(np.ptp(z_um)) / 2
+        while not results and range_um * 2 <= half_extent_um:
+            range_um *= 2
+            results, failed = calibrate(measured, z_um, range_um)
+        for _ in range(_RANGE_REFITS):
+            if not results:
+                break
+            width_um = statistics.median(r.width_um for r in results)
+            if abs(width_um - range_um) <= _RANGE_TOLERANCE * range_um:
+                break
+            refit = calibrate(measured, z_um, width_um)
+            if len(refit[0]) < len(results):  # a range that loses fields is not the better one
+                break
+            range_um, (results, failed) = width_um, refit
+    return BandCalibration(band_um, range_um, results, failed)
+
+
+def best_band(bands: list[BandCalibration]) -> BandCalibration | None:
+    """Of the bands that calibrate nearly the most fields (_FIELDS_TOLERANCE): the first (the optics' band, the
+    loop's default) unless its noise_um2 is more than _DEFAULT_NOISE_TOLERANCE times their least, else the finest
+    within _NOISE_TOLERANCE of it (a finer band weighs structure at other depths less). None when no band
+    calibrates a field."""
+    most = max((len(b.fields) for b in bands), default=0)
+    if most == 0:
+        return None
+    candidates = [b for b in bands if len(b.fields) >= _FIELDS_TOLERANCE * most]
+    least = min(b.noise_um2 for b in candidates)
+    if bands[0] in candidates and bands[0].noise_um2 <= _DEFAULT_NOISE_TOLERANCE * least:
+        return bands[0]
+    return min((b for b in candidates if b.noise_um2 <= _NOISE_TOLERANCE * least), key=lambda b: b.band_um)
+
+
+def _plot(path: Path, measured: list[tuple[str, np.ndarray]], z_um: np.ndarray, range_um: float, title: str) -> None:
     """The focus curve of every field (fitted where a peak was found) in one PNG."""
     from acquire_refocus.autofocus import plot_sharpness_curves
     from acquire_refocus.sharpness import fit_sharpness_curve
 
-    curves = []
-    for name, planes in fields:
-        values = np.array([sharpness(plane, pixel_size_um) for plane in planes])
-        log_s = np.full(values.shape, np.nan)
-        np.log(values, out=log_s, where=values > 0)
-        curves.append((name, z_um, log_s, fit_sharpness_curve(z_um, log_s, range_um)))
+    curves = [(name, z_um, log_s, fit_sharpness_curve(z_um, log_s, range_um)) for name, log_s in measured]
     try:
-        plot_sharpness_curves(path, curves, f"calibrate-focus: {len(fields)} field(s)")
+        plot_sharpness_curves(path, curves, title)
     except OSError as exc:
         raise UserError(f"--plot {path}: cannot write ({exc.strerror or exc})") from None
     print(f"wrote {path}")
 
 
+def _print_bands(
+    bands: list[BandCalibration], chosen: BandCalibration, optics_band_um: float, dither_um: float
+) -> None:
+    print(
+        f"{'sharpness band':<22} {'fields':>8} {'range (um)':>11} {'width (um)':>11} {'scatter':>8} "
+        f"{f'focus sd, 2 frames +-{dither_um:.2g} um':>30}"
+    )
+    for band in bands:
+        label = f"{band.band_um:.2f} um" + (" (optics)" if band.band_um == optics_band_um else "")
+        label += " <" if band is chosen else ""
+        if not band.fields:
+            print(f"{label:<22} {'0':>8}")
+            continue
+        scatter = statistics.median(f.scatter for f in band.fields)
+        print(
+            f"{label:<22} {len(band.fields):>8d} {band.range_um:>11.2f} {band.width_um:>11.2f} {scatter:>8.4f} "
+            f"{band.pair_noise_um(dither_um):>27.2f} um"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from acquire_refocus.config import load_config
-    from acquire_refocus.sharpness import BandPassSharpness
+    from acquire_refocus.sharpness import BandPassSharpness, resolution_um
 
     config = load_config(args.config)
-    for option in ("z_step_um", "pixel_size_um", "range_um"):
+    for option in ("z_step_um", "pixel_size_um", "range_um", "band_um"):
         value = getattr(args, option)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"--{option.replace('_', '-')} must be a positive number, got {value}")
@@ -266,36 +385,78 @@ def run(args: argparse.Namespace) -> int:
         json_output_file(args.json)
     fields, z_um, dataset_pixel_um, labelled = read_stacks(args)
     pixel_size_um = args.pixel_size_um or dataset_pixel_um or config.optics.pixel_size_um
-    range_um = args.range_um or config.focus.sharpness_settings_um(config.optics)[2]
-    sharpness = BandPassSharpness.for_optics(config.optics)
-    results, failed = calibrate(fields, z_um, sharpness, pixel_size_um, range_um)
+    dither_um, _, default_range_um = config.focus.sharpness_settings_um(config.optics)
+    optics_band_um = resolution_um(config.optics)
+    band_list = [args.band_um] if args.band_um else [scale * optics_band_um for scale in _BAND_SCALES]
+    measured, bands = [], []
+    for band_um in band_list:
+        measured.append(log_sharpness(fields, BandPassSharpness(band_um, config.optics.pixel_size_um), pixel_size_um))
+        bands.append(
+            calibrate_band(measured[-1], z_um, band_um, args.range_um or default_range_um, args.range_um is None)
+        )
+    chosen = best_band(bands)
+    shown = chosen or bands[0]
     if args.plot is not None:
-        _plot(args.plot, fields, z_um, sharpness, pixel_size_um, range_um)
-    for message in failed:
+        _plot(
+            args.plot,
+            measured[bands.index(shown)],
+            z_um,
+            shown.range_um,
+            f"calibrate-focus: {len(fields)} field(s), band {shown.band_um:.2f} um",
+        )
+    if len(bands) > 1 and chosen is not None:
+        _print_bands(bands, chosen, optics_band_um, dither_um)
+    for message in shown.skipped:
         print(f"skipped {message}")
-    if not results:
+    if chosen is None:
         raise InputError(f"{args.stack}: no field could be calibrated")
 
     reference = "labelled focus" if labelled else "plane 0"
     print(
-        f"{len(results)} field(s), {len(z_um)} planes {abs(z_um[1] - z_um[0]):g} um apart, pixel "
-        f"{pixel_size_um:.4g} um, planes within {range_um:.2f} um of the sharpest fitted"
+        f"{len(chosen.fields)} field(s), {len(z_um)} planes {abs(z_um[1] - z_um[0]):g} um apart, pixel "
+        f"{pixel_size_um:.4g} um, band {chosen.band_um:.2f} um, planes within {chosen.range_um:.2f} um of the "
+        "sharpest fitted"
     )
     print(f"{'field':<28} {'sharpest plane':>14} {'peak Z vs ' + reference:>22} {'width (um)':>11}")
-    for r in results:
+    for r in chosen.fields:
         print(f"{r.name:<28} {r.sharpest_plane:>14d} {r.peak_z_um:>+22.2f} {r.width_um:>11.2f}")
-    width_um = statistics.median(r.width_um for r in results)
+    width_um = chosen.width_um
+    band_setting = None if chosen.band_um == optics_band_um else round(chosen.band_um, 2)
     summary: dict[str, object] = {
         "width_um": round(width_um, 3),
-        "fields": [asdict(r) for r in results],
-        "skipped": failed,
+        "sharpness_band_um": band_setting,
+        "fields": [asdict(r) for r in chosen.fields],
+        "skipped": chosen.skipped,
         "pixel_size_um": pixel_size_um,
-        "range_um": range_um,
+        "range_um": chosen.range_um,
+        "bands": [
+            {
+                "band_um": round(b.band_um, 4),
+                "fields": len(b.fields),
+                "range_um": round(b.range_um, 3),
+                "width_um": round(b.width_um, 3) if b.fields else None,
+                "noise_um2": round(b.noise_um2, 5) if b.fields else None,
+            }
+            for b in bands
+        ],
     }
     print("\nfocus settings for these optics and this specimen (config file, section focus:):")
-    print(f"  sharpness_width_um: {width_um:.1f}\n  sharpness_range_um: {width_um:.1f}")
+    print(
+        "  sharpness_band_um: "
+        + ("null    # the optics' resolution" if band_setting is None else f"{band_setting:g}")
+        + f"\n  sharpness_width_um: {width_um:.1f}\n  sharpness_range_um: {width_um:.1f}"
+    )
+    half_dof_um = config.optics.depth_of_field_um / 2
+    if chosen.pair_noise_um(dither_um) > half_dof_um:
+        wanted_um = min(5.0, math.ceil(100 * chosen.noise_um2 / (math.sqrt(2) * half_dof_um)) / 100)
+        summary["sharpness_dither_um"] = wanted_um
+        print(
+            f"  sharpness_dither_um: {wanted_um:g}    # single planes: two frames +-{wanted_um:g} um apart put focus "
+            f"within {chosen.pair_noise_um(wanted_um):.2f} um (1 sd; at {dither_um:.2g} um: "
+            f"{chosen.pair_noise_um(dither_um):.2f} um); z-stacks of 3+ planes do not dither"
+        )
     if labelled:
-        shift_um = statistics.median(r.peak_z_um for r in results)
+        shift_um = statistics.median(r.peak_z_um for r in chosen.fields)
         summary["sharpest_minus_focus_um"] = round(shift_um, 3)
         limit_um = width_um / 2
         note = "" if abs(shift_um) <= limit_um else f"; beyond +-{limit_um:.1f} um, half the range: not allowed"

@@ -6,6 +6,7 @@ import argparse
 import datetime
 import math
 import shutil
+import statistics
 import threading
 import time
 from collections.abc import Mapping
@@ -235,6 +236,14 @@ def _rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values)) if values else math.nan
 
 
+def _mean_sd(values: list[float]) -> str:
+    """'+mean / sd um' of a position's errors: an offset held steadily is a different failure from a loop that
+    wanders (the sharpest plane of a thick specimen need not be the simulator's in-focus mid-plane)."""
+    if not values:
+        return "-"
+    return f"{statistics.fmean(values):+.2f} / {statistics.pstdev(values):.2f} um"
+
+
 def _plot(path: Path, truth: FocusTruth, estimates: list[dict[str, Any]], title: str, channel: str | None) -> None:
     import matplotlib
 
@@ -391,6 +400,12 @@ def run(args: argparse.Namespace) -> int:
                     f"p{p} {_rms([r['error_um'] for r in truth.of_channel(channel) if r['p'] == p]):.2f} um"
                     for p in sorted({r["p"] for r in truth.rows})
                 ),
+                "  error mean / sd       "
+                + ", ".join(
+                    f"p{p} {_mean_sd([r['error_um'] for r in truth.of_channel(channel) if r['p'] == p])}"
+                    for p in sorted({r["p"] for r in truth.rows})
+                )
+                + " (where the loop held focus against the simulator's in-focus plane, and how steadily)",
                 f"  focus moves           {summary.focus.get('moves', 0)} {summary.focus.get('moves_by_source', {})}, "
                 f"offsets_um {summary.focus.get('offsets_um', {})}; network estimates used "
                 f"{summary.focus.get('estimates_accepted', 0)}, rejected {summary.focus.get('estimates_rejected', 0)} "

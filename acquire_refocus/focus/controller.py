@@ -77,7 +77,11 @@ class FocusController:
         self._z_planes = z_planes
         self.channel = channel
         optics = (optics or OpticsConfig()).for_channel(channel)
-        self._sharpness = BandPassSharpness.for_optics(optics) if config.fine_source == "sharpness" else None
+        self._sharpness = (
+            BandPassSharpness.for_optics(optics, config.sharpness_band_um)
+            if config.fine_source == "sharpness"
+            else None
+        )
         self.sharpness_dither_um, self.sharpness_width_um, self.sharpness_range_um = config.sharpness_settings_um(
             optics
         )
