@@ -43,7 +43,9 @@ holds; in the simulator it lies from 1.2 um shallower to 0.6 um deeper than the 
 simulator's "in focus"), depending on the field (`acquire-refocus calibrate-focus` on 16 fields), and 0.9 um
 deeper in the field of the closed-loop tests.
 `target_offset_um` holds the stage that far from it instead (at most half of `sharpness_range_um`, where the fit is
-trusted); how far the loop really ends up scales with (true width / w)^2.
+trusted); how far the loop really ends up scales with (true width / w)^2. The sharpness is measured in the band
+`sharpness_band_um` (the optics' resolution unless set; `calibrate-focus` recommends one per specimen: at 60x the
+simulated nuclei show focus only in a band five times coarser).
 
 Channels: only the frames of one channel (`channel`, chosen by `channels.driving_channel` from `focus.channel`)
 enter the estimates' window and the sharpness fit; the offset planned from them applies to every channel of
