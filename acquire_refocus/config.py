@@ -661,6 +661,12 @@ class SoftwareAutofocusConfig(_Section):
     fine_planes: int = Field(5, ge=3, le=41, description="planes of the fine sweep around the focus found")
 
 
+# The sharpness band's scale (focus.sharpness_band_um): from below the finest resolution of any objective to far
+# beyond what a frame's central crop holds; calibrate-focus recommends nothing outside it.
+MIN_SHARPNESS_BAND_UM = 0.05
+MAX_SHARPNESS_BAND_UM = 20.0
+
+
 class FocusConfig(_Section):
     """Closed-loop focus: from autofocus estimates to Z-stage moves."""
 
@@ -738,8 +744,8 @@ class FocusConfig(_Section):
     )
     sharpness_band_um: float | None = Field(
         None,
-        gt=0.0,
-        le=20.0,
+        ge=MIN_SHARPNESS_BAND_UM,
+        le=MAX_SHARPNESS_BAND_UM,
         description=(
             "scale of the band of spatial frequencies the sharpness is measured in (a difference of Gaussians of "
             "0.8 and 2.1 times it); null: the optics' resolution, 0.61 wavelength / NA. A specimen without detail "

@@ -119,10 +119,11 @@ class BandPassSharpness:
         if not math.isfinite(total) or total <= 0:
             return math.nan, math.nan
         band = float((power * weights).sum())
-        if not math.isfinite(band):
+        weight_sum = float(weights.sum())
+        if not math.isfinite(band) or not weight_sum > 0:  # no frequency of this crop lies in the band
             return math.nan, math.nan
         noise = float(power[_noise_band(crop.shape)].mean())
-        structure = (band / float(weights.sum())) / noise if noise > 0 else math.inf
+        structure = (band / weight_sum) / noise if noise > 0 else math.inf
         return band / total**2, structure
 
 

@@ -96,8 +96,23 @@ def test_at_60x_the_nuclei_show_focus_only_in_a_band_coarser_than_the_optics_res
     assert result["range_um"] == pytest.approx(result["width_um"], rel=0.06)
     # the default dither (0.047 um) leaves two frames' fit 2.2 um noisy; the recommendation brings it to half the
     # 0.47 um depth of field
-    assert 0.2 <= result["sharpness_dither_um"] <= 1.0
+    assert 0.2 <= result["sharpness_dither_um"] <= 0.47  # at most the depth of field
     assert "sharpness_dither_um:" in printed
+    assert result["settings"]["sharpness_band_um"] == result["sharpness_band_um"]
+    assert result["settings"]["sharpness_width_um"] == round(result["width_um"], 1)
+
+
+def test_a_z_step_given_in_the_wrong_unit_gives_no_recommendation(
+    simulated_stacks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1 um planes declared 1 nm apart: a 4 nm wide focus curve, which no config could hold, is refused."""
+    from acquire_refocus.datasets.zstack import read_zstack_folders
+
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, read_zstack_folders(simulated_stacks)[0].planes)
+    assert main(["calibrate-focus", str(stack), "--z-step-um", "0.001"]) == 2
+    captured = capsys.readouterr()
+    assert "which no microscope's focus curve does" in captured.err and "Traceback" not in captured.err
 
 
 def test_a_multi_page_tiff_gives_the_same_fit_as_its_plane_folders(
@@ -138,7 +153,7 @@ def test_a_fit_over_too_few_planes_is_refused(simulated_stacks: Path, capsys: py
     """Within 1.2 um of the sharpest plane a 1 um stack has 3 planes, which any parabola fits exactly."""
     assert main(["calibrate-focus", str(simulated_stacks), "--range-um", "1.2"]) == 2
     captured = capsys.readouterr()
-    assert "3 planes within 1.2 um of the sharpest; the fit needs 5" in captured.out
+    assert "3 planes within 1.20 um of the sharpest; the fit needs 5" in captured.out
     assert "no field could be calibrated" in captured.err
 
 
@@ -167,6 +182,14 @@ def test_arguments_that_contradict_a_simulated_dataset_are_refused(
         (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "-1"], "--z-step-um must be a positive number"),
         (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "1", "--in-focus-index", "9"], "planes 0 .. 8"),
         (np.ones((64, 64, 3), np.uint8), ["--z-step-um", "1"], "looks like a colour (RGB) image"),
+        (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "1", "--band-um", "1e9"], "takes 0.05 to 20 um"),
+        (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "1e300"], "lie at most 100 um apart"),
+        (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "1", "--pixel-size-um", "1e-6"], "0.01 to 100 um"),
+        (
+            np.ones((9, 64, 64), np.uint16),
+            ["--z-step-um", "1", "--plot", "no/such/folder/focus.png"],
+            "the folder no/such/folder does not exist",
+        ),
         (np.ones((9, 64, 64), np.uint16), ["--z-step-um", "inf"], "--z-step-um must be a positive number"),
         (
             np.ones((9, 64, 64), np.uint16),
@@ -183,6 +206,10 @@ def test_arguments_that_contradict_a_simulated_dataset_are_refused(
         "negative-step",
         "focus-index-out-of-range",
         "rgb",
+        "band-beyond-the-config",
+        "z-step-beyond-a-microscope",
+        "pixel-size-beyond-a-microscope",
+        "plot-in-a-missing-folder",
         "infinite-step",
         "json-in-a-missing-folder",
     ],

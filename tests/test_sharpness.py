@@ -43,6 +43,10 @@ def test_sharpness_is_nan_for_what_it_cannot_measure() -> None:
     bad[3, 3] = np.nan
     assert math.isnan(measure(bad))
     assert measure(np.full((64, 64), 7.0, np.float32)) == 0.0  # no structure at all
+    # a band coarser than the crop holds (focus.sharpness_band_um allows 20 um; 64 px of 65 nm are 4 um)
+    assert math.isnan(
+        BandPassSharpness(20.0, 0.065)(np.random.default_rng(0).poisson(100, (64, 64)).astype(np.float32))
+    )
 
 
 def test_large_frames_are_measured_on_a_central_crop() -> None:

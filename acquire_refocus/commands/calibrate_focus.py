@@ -46,11 +46,19 @@ _FIELDS_TOLERANCE = 0.75
 _DEFAULT_NOISE_TOLERANCE = 2.0
 _NOISE_TOLERANCE = 1.25
 
+# Beyond these a number is a typo (um for nm, a wrong unit), not a microscope: refused with a message.
+_MAX_Z_STEP_UM = 100.0
+_PIXEL_SIZE_RANGE_UM = (0.01, 100.0)
+_WIDTH_RANGE_UM = (0.05, 100.0)  # widths calibrate-focus recommends; the config takes (0, 100]
+
 _DESCRIPTION = """\
 Measure the band-pass sharpness of every plane of one or more z-stacks through focus and fit, per field of view,
 log sharpness = c - (z - peak)^2 / (2 width^2) over the planes within --range-um of the sharpest one. The sharpness
-is measured in several bands of spatial frequency (1 to 8 times the optics' resolution 0.61 lambda / NA): the band
-that calibrates the most fields, and of those the one whose fit scatters least for its width, is recommended.
+is measured in several bands of spatial frequency (1 to 8 times the optics' resolution 0.61 lambda / NA). Of the
+bands that calibrate at least 3/4 of the most fields any band does, the optics' band (the closed loop's default)
+is kept unless its focus is over twice as noisy as the least noisy one's (the table's last column: the spread of
+the focus two dithered frames give, from the planes' scatter about the fit and the width); otherwise the finest
+band within 1.25 times the least noisy is recommended (a finer band weighs structure at other depths less).
 Prints the sharpest Z and the width per field and the focus settings they call for:
 
   sharpness_band_um: the band (null: the optics' resolution); a specimen without detail at the resolution of a
@@ -59,7 +67,8 @@ Prints the sharpest Z and the width per field and the focus settings they call f
     guess from the optics; a width set too large makes the loop overshoot, too small slows it); without
     --range-um the fit range follows the width;
   sharpness_dither_um: where the default dither (a tenth of the depth of field) leaves the fit of two dithered
-    frames noisier than half the depth of field, the dither that brings it there;
+    frames noisier than half the depth of field, the dither that brings it there (at most the depth of field and
+    a quarter of the width: where that is not enough, use z-stacks);
   target_offset_um: when the stack says which plane you call in focus (--in-focus-index, or a simulated
     dataset), minus the median distance of the sharpest plane from it, so the loop holds your focus rather than
     the sharpest plane.
@@ -265,22 +274,22 @@ def calibrate(
         curve = fit_sharpness_curve(z_um, log_s, range_um)
         if curve is None:
             failed.append(
-                f"{name}: no sharpness peak within {range_um:g} um of the sharpest plane (an empty field, "
+                f"{name}: no sharpness peak within {range_um:.2f} um of the sharpest plane (an empty field, "
                 "a stack that does not pass through focus, or fewer than 3 planes in --range-um)"
             )
             continue
         if curve.planes_used < _MIN_PLANES:  # 3 or 4 planes fit a parabola (almost) exactly, noise included
             failed.append(
-                f"{name}: {curve.planes_used} planes within {range_um:g} um of the sharpest; the fit needs "
+                f"{name}: {curve.planes_used} planes within {range_um:.2f} um of the sharpest; the fit needs "
                 f"{_MIN_PLANES} to be told from noise: take planes closer together or raise --range-um"
             )
             continue
         drop = (range_um / curve.width_um) ** 2 / 2
         if drop < max(_MIN_LOG_SHARPNESS_DROP, _MIN_DROP_TO_SCATTER * curve.residual_rms):
             failed.append(
-                f"{name}: the sharpness falls by {drop:.3f} (log) within {range_um:g} um of its peak, "
-                f"not clearly more than the planes scatter ({curve.residual_rms:.3f}): no structure in "
-                "focus (camera noise or an empty field)"
+                f"{name}: the sharpness falls by {drop:.3f} (log) within {range_um:.2f} um of its peak, less "
+                f"than {_MIN_LOG_SHARPNESS_DROP:g} or {_MIN_DROP_TO_SCATTER:g} times the planes' scatter about the "
+                f"fit ({curve.residual_rms:.3f}): no structure in focus (camera noise or an empty field)"
             )
             continue
         if not z_um.min() <= curve.peak_z_um <= z_um.max():
@@ -363,31 +372,70 @@ def _print_bands(
         label = f"{band.band_um:.2f} um" + (" (optics)" if band.band_um == optics_band_um else "")
         label += " <" if band is chosen else ""
         if not band.fields:
-            print(f"{label:<22} {'0':>8}")
+            print(f"{label:<22} {'0':>8}   (no field shows a focus peak in this band)")
             continue
         scatter = statistics.median(f.scatter for f in band.fields)
         print(
             f"{label:<22} {len(band.fields):>8d} {band.range_um:>11.2f} {band.width_um:>11.2f} {scatter:>8.4f} "
             f"{band.pair_noise_um(dither_um):>27.2f} um"
         )
+    print(
+        "< recommended: of the bands that fit at least 3/4 of the most fields, the optics' band unless its focus sd "
+        "is over 2x the least, else the finest band within 1.25x the least (calibrate-focus --help)\n"
+    )
 
 
-def run(args: argparse.Namespace) -> int:
-    from acquire_refocus.config import load_config
-    from acquire_refocus.sharpness import BandPassSharpness, resolution_um
+def _setting_um(value: float) -> str:
+    """A length for a YAML line: 0.1 um steps from 1 um on, two significant digits below (never an exponent)."""
+    return f"{value:.1f}" if value >= 1.0 else f"{value:.2f}"
 
-    config = load_config(args.config)
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    from acquire_refocus.config import MAX_SHARPNESS_BAND_UM, MIN_SHARPNESS_BAND_UM
+
     for option in ("z_step_um", "pixel_size_um", "range_um", "band_um"):
         value = getattr(args, option)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UserError(f"--{option.replace('_', '-')} must be a positive number, got {value}")
+    if args.z_step_um is not None and args.z_step_um > _MAX_Z_STEP_UM:
+        raise UserError(
+            f"--z-step-um {args.z_step_um:g}: the planes of a focus stack lie at most {_MAX_Z_STEP_UM:g} um apart"
+        )
+    low, high = _PIXEL_SIZE_RANGE_UM
+    if args.pixel_size_um is not None and not low <= args.pixel_size_um <= high:
+        raise UserError(
+            f"--pixel-size-um {args.pixel_size_um:g}: give the pixel size at the sample, {low:g} to {high:g} um"
+        )
+    if args.band_um is not None and not MIN_SHARPNESS_BAND_UM <= args.band_um <= MAX_SHARPNESS_BAND_UM:
+        raise UserError(
+            f"--band-um {args.band_um:g}: focus.sharpness_band_um takes {MIN_SHARPNESS_BAND_UM:g} to "
+            f"{MAX_SHARPNESS_BAND_UM:g} um"
+        )
     if args.json is not None:
         json_output_file(args.json)
+    if args.plot is not None and not args.plot.parent.is_dir():
+        raise UserError(f"--plot {args.plot}: the folder {args.plot.parent} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    from acquire_refocus.config import MAX_SHARPNESS_BAND_UM, MIN_SHARPNESS_BAND_UM, load_config
+    from acquire_refocus.sharpness import BandPassSharpness, resolution_um
+
+    config = load_config(args.config)
+    _check_arguments(args)
     fields, z_um, dataset_pixel_um, labelled = read_stacks(args)
     pixel_size_um = args.pixel_size_um or dataset_pixel_um or config.optics.pixel_size_um
     dither_um, _, default_range_um = config.focus.sharpness_settings_um(config.optics)
     optics_band_um = resolution_um(config.optics)
-    band_list = [args.band_um] if args.band_um else [scale * optics_band_um for scale in _BAND_SCALES]
+    band_list = (
+        [args.band_um]
+        if args.band_um
+        else [
+            scale * optics_band_um
+            for scale in _BAND_SCALES
+            if MIN_SHARPNESS_BAND_UM <= scale * optics_band_um <= MAX_SHARPNESS_BAND_UM
+        ]
+    )
     measured, bands = [], []
     for band_um in band_list:
         measured.append(log_sharpness(fields, BandPassSharpness(band_um, config.optics.pixel_size_um), pixel_size_um))
@@ -411,17 +459,34 @@ def run(args: argparse.Namespace) -> int:
     if chosen is None:
         raise InputError(f"{args.stack}: no field could be calibrated")
 
+    width_um = chosen.width_um
+    if not _WIDTH_RANGE_UM[0] <= width_um <= _WIDTH_RANGE_UM[1]:
+        raise InputError(
+            f"{args.stack}: the sharpness falls to exp(-1/2) over {width_um:.3g} um, which no microscope's focus "
+            f"curve does ({_WIDTH_RANGE_UM[0]:g} to {_WIDTH_RANGE_UM[1]:g} um): check --z-step-um, the stage step "
+            "between planes in um"
+        )
     reference = "labelled focus" if labelled else "plane 0"
     print(
         f"{len(chosen.fields)} field(s), {len(z_um)} planes {abs(z_um[1] - z_um[0]):g} um apart, pixel "
         f"{pixel_size_um:.4g} um, band {chosen.band_um:.2f} um, planes within {chosen.range_um:.2f} um of the "
         "sharpest fitted"
     )
-    print(f"{'field':<28} {'sharpest plane':>14} {'peak Z vs ' + reference:>22} {'width (um)':>11}")
+    print(f"{'field':<28} {'sharpest plane':>15} {'peak Z vs ' + reference:>25} {'width (um)':>11}")
     for r in chosen.fields:
-        print(f"{r.name:<28} {r.sharpest_plane:>14d} {r.peak_z_um:>+22.2f} {r.width_um:>11.2f}")
-    width_um = chosen.width_um
+        print(f"{r.name:<28} {r.sharpest_plane:>15d} {round(r.peak_z_um, 2) + 0.0:>+25.2f} {r.width_um:>11.2f}")
+    half_extent_um = float(np.ptp(z_um)) / 2
+    if half_extent_um < width_um:
+        print(
+            f"note: the stack spans +-{half_extent_um:.2f} um, less than the width it gives ({width_um:.2f} um), "
+            f"which is extrapolated: planes over +-{2 * width_um:.1f} um would measure it"
+        )
     band_setting = None if chosen.band_um == optics_band_um else round(chosen.band_um, 2)
+    settings: dict[str, float | None] = {
+        "sharpness_band_um": band_setting,
+        "sharpness_width_um": float(_setting_um(width_um)),
+        "sharpness_range_um": float(_setting_um(width_um)),
+    }
     summary: dict[str, object] = {
         "width_um": round(width_um, 3),
         "sharpness_band_um": band_setting,
@@ -444,26 +509,38 @@ def run(args: argparse.Namespace) -> int:
     print(
         "  sharpness_band_um: "
         + ("null    # the optics' resolution" if band_setting is None else f"{band_setting:g}")
-        + f"\n  sharpness_width_um: {width_um:.1f}\n  sharpness_range_um: {width_um:.1f}"
+        + f"\n  sharpness_width_um: {_setting_um(width_um)}\n  sharpness_range_um: {_setting_um(width_um)}"
     )
-    half_dof_um = config.optics.depth_of_field_um / 2
-    if chosen.pair_noise_um(dither_um) > half_dof_um:
-        wanted_um = min(5.0, math.ceil(100 * chosen.noise_um2 / (math.sqrt(2) * half_dof_um)) / 100)
-        summary["sharpness_dither_um"] = wanted_um
+    depth_of_field_um = config.optics.depth_of_field_um
+    if chosen.pair_noise_um(dither_um) > depth_of_field_um / 2:
+        wanted_um = math.ceil(100 * chosen.noise_um2 / (math.sqrt(2) * depth_of_field_um / 2)) / 100
+        largest_um = math.floor(100 * min(depth_of_field_um, width_um / 4, 5.0)) / 100
+        capped = wanted_um > largest_um
+        dither_setting = max(min(wanted_um, largest_um), 0.01)
+        settings["sharpness_dither_um"] = summary["sharpness_dither_um"] = dither_setting
         print(
-            f"  sharpness_dither_um: {wanted_um:g}    # single planes: two frames +-{wanted_um:g} um apart put focus "
-            f"within {chosen.pair_noise_um(wanted_um):.2f} um (1 sd; at {dither_um:.2g} um: "
-            f"{chosen.pair_noise_um(dither_um):.2f} um); z-stacks of 3+ planes do not dither"
+            f"  sharpness_dither_um: {dither_setting:g}    # single planes: two frames +-{dither_setting:g} um apart "
+            f"put focus within {chosen.pair_noise_um(dither_setting):.2f} um (1 sd; at {dither_um:.2g} um: "
+            f"{chosen.pair_noise_um(dither_um):.2f} um)"
+            + (
+                "; capped at the depth of field or a quarter of the width, still over half the depth of field: "
+                "prefer z-stacks of 3+ planes per time point"
+                if capped
+                else "; z-stacks of 3+ planes do not dither"
+            )
         )
     if labelled:
         shift_um = statistics.median(r.peak_z_um for r in chosen.fields)
         summary["sharpest_minus_focus_um"] = round(shift_um, 3)
         limit_um = width_um / 2
         note = "" if abs(shift_um) <= limit_um else f"; beyond +-{limit_um:.1f} um, half the range: not allowed"
+        if not note:
+            settings["target_offset_um"] = round(-shift_um, 1) + 0.0
         print(
             f"  target_offset_um: {round(-shift_um, 1) + 0.0:.1f}    # with fine_source sharpness: the sharpest "
-            f"plane lies {shift_um:+.2f} um from the labelled focus (+: deeper){note}"
+            f"plane lies {round(shift_um, 2) + 0.0:+.2f} um from the labelled focus (+: deeper){note}"
         )
+    summary["settings"] = settings
     if args.json is not None:
         try:
             args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
