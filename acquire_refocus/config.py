@@ -765,6 +765,16 @@ class FocusConfig(_Section):
         le=100.0,
         description="largest distance to focus the sharpness fit is trusted for; null: 4/3 of the depth of field",
     )
+    hold: Literal["sharpest", "start"] = Field(
+        "sharpest",
+        description=(
+            "fine_source sharpness: the plane the loop holds. sharpest: the sharpest plane (plus target_offset_um). "
+            "start: with z-stacks of 3 or more planes, each position's stack stays centred where it was when the "
+            "first stack was taken (the plane you focused on), kept at the distance from the sharpest plane that "
+            "stack measured; for specimens thicker than the depth of field, whose sharpest plane depends on the "
+            "field (60x: -1.8 to +1.9 um from the simulated layer's mid-plane)"
+        ),
+    )
     target_offset_um: float = Field(
         0.0,
         ge=-50.0,
@@ -858,6 +868,16 @@ class AppConfig(_Section):
     @model_validator(mode="after")
     def _check_focus_offset(self) -> AppConfig:
         focus = self.focus
+        if focus.hold == "start" and focus.fine_source != "sharpness":
+            raise ValueError(
+                "focus.hold: start keeps a distance from the sharpest plane, which only fine_source: sharpness "
+                "measures; set fine_source: sharpness, or hold: sharpest"
+            )
+        if focus.hold == "start" and focus.target_offset_um != 0:
+            raise ValueError(
+                "focus.hold: start holds the plane each position started at, so focus.target_offset_um must be 0; "
+                "for a fixed distance from the sharpest plane use hold: sharpest"
+            )
         if focus.fine_source == "sharpness":
             range_um = focus.sharpness_settings_um(self.optics)[2]
             if abs(focus.target_offset_um) > range_um / 2 + _OFFSET_TOLERANCE_UM:

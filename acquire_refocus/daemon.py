@@ -31,7 +31,7 @@ from acquire_refocus.config import AppConfig, dump_config
 from acquire_refocus.control import ControlServer
 from acquire_refocus.diskspace import SpaceNeed, check_space, low_space_problem, space_need
 from acquire_refocus.errors import ConfigError, UserError
-from acquire_refocus.focus.controller import FocusController
+from acquire_refocus.focus.controller import HOLD_START_NEEDS_STACKS, FocusController
 from acquire_refocus.hooks.backend import FrameFormat, RunRequest, create_backend
 from acquire_refocus.hooks.pymmcore_plus_backend import PymmcorePlusBackend
 from acquire_refocus.logs import kv
@@ -412,6 +412,8 @@ class Daemon:
         if output_dir is not None:
             output_dir = _run_output(output_dir)
         backend = self.config.acquisition.backend
+        if self.config.focus.hold == "start" and self.config.focus.mode != "off" and _z_planes(sequence) < 3:
+            raise UserError(HOLD_START_NEEDS_STACKS)
         summary = RunSummary(run=run_id, output_dir=output_dir, backend=backend, started=utc_now())
         controller = (
             FocusController(

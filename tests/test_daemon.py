@@ -325,6 +325,19 @@ def test_a_pixel_size_the_model_cannot_be_resampled_to_is_refused_before_the_run
     assert list((tmp_path / "run").iterdir()) == []
 
 
+def test_hold_start_with_single_planes_is_refused_before_the_run(
+    tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path
+) -> None:
+    from acquire_refocus.errors import UserError
+
+    config = daemon_config(tiny_weights, focus={"mode": "correct", "fine_source": "sharpness", "hold": "start"})
+    with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
+        with pytest.raises(UserError, match="needs a z_plan of 3 or more planes"):
+            daemon.run(useq.MDASequence(**SEQUENCE), tmp_path / "run")
+        stacks = {**SEQUENCE, "time_plan": {"interval": 0, "loops": 1}, "z_plan": {"range": 2, "step": 1}}
+        assert daemon.run(useq.MDASequence(**{**stacks, "axis_order": "tpz"}), tmp_path / "run").counts()["seen"] == 6
+
+
 def test_closed_loop_moves_between_time_points_of_a_single_position(
     tmp_path: Path, tiny_refocuser: Any, tiny_weights: Path
 ) -> None:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import useq
 
-from acquire_refocus.config import FocusConfig
+from acquire_refocus.config import FocusConfig, parse_config
+from acquire_refocus.errors import ConfigError
 from acquire_refocus.focus import FocusController
 from acquire_refocus.pipeline import FrameInfo, FrameResult
 
@@ -416,6 +417,50 @@ def test_a_z_stack_gives_the_sharpness_fit_all_its_planes(small_field_scope: obj
     focus_error_um = 100.0 + offset - c.sharpness_dither_um - 96.5  # the plan includes this time point's dither
     assert abs(focus_error_um) < 0.8
     c.close()
+
+
+def stack_centre_errors(scope: object, hold: str, time_points: int = 12) -> tuple[list[float], FocusController]:
+    """Stage Z of each 5-plane stack's centre (planes 1 um apart) minus the true focus, drifting 0.2 um per time
+    point from the stack centre at t = 0."""
+    c = FocusController(
+        FocusConfig.model_validate(
+            {"mode": "correct", "fine_source": "sharpness", "hold": hold, "dead_band_um": 0.3, "max_step_um": 5.0}
+        ),
+        z_planes=5,
+    )
+    errors = []
+    for t in range(time_points):
+        focus_z_um = 100.0 + 0.2 * t
+        centre_um = 100.0 + c.plan(0, 100.0, t_index=t)
+        errors.append(centre_um - focus_z_um)
+        for k, dz in enumerate((-2.0, -1.0, 0.0, 1.0, 2.0)):
+            result = image_result(scope, centre_um + dz, focus_z_um, t)
+            result.info.axes["z"] = k
+            c.on_frame(result)
+    c.close()
+    return errors, c
+
+
+def test_hold_start_keeps_each_stack_centred_where_the_acquisition_started(small_field_scope: object) -> None:
+    """This field is sharpest about 0.8 um deeper than its mid-plane, where the first stack is centred: hold:
+    sharpest moves the stacks there, hold: start keeps them on the starting plane as the focus drifts."""
+    sharpest, _ = stack_centre_errors(small_field_scope, "sharpest")
+    start, c = stack_centre_errors(small_field_scope, "start")
+    held_um = c.state()["positions"]["0"]["held_from_sharpest_um"]
+    assert np.mean(sharpest[4:]) > 0.4  # measured +0.72 um
+    assert abs(np.mean(start[4:])) < 0.3  # measured -0.05 um, each time point within 0.4 um (held -0.87 um)
+    assert held_um == pytest.approx(-np.mean(sharpest[4:]), abs=0.4)
+
+
+def test_hold_start_needs_z_stacks_and_no_target_offset() -> None:
+    config = FocusConfig(mode="correct", fine_source="sharpness", hold="start")
+    with pytest.raises(ValueError, match="needs a z_plan of 3 or more planes"):
+        FocusController(config, z_planes=1)
+    FocusController(config, z_planes=3).close()
+    with pytest.raises(ConfigError, match="target_offset_um must be 0"):
+        parse_config({"focus": {"hold": "start", "target_offset_um": 0.5, "fine_source": "sharpness"}})
+    with pytest.raises(ConfigError, match="only fine_source: sharpness"):
+        parse_config({"focus": {"hold": "start", "fine_source": "none"}})
 
 
 def test_a_frame_the_sharpness_measure_fails_on_is_logged_and_never_waited_for(

@@ -43,7 +43,11 @@ holds; in the simulator it lies from 1.2 um shallower to 0.6 um deeper than the 
 simulator's "in focus"), depending on the field (`acquire-refocus calibrate-focus` on 16 fields), and 0.9 um
 deeper in the field of the closed-loop tests.
 `target_offset_um` holds the stage that far from it instead (at most half of `sharpness_range_um`, where the fit is
-trusted); how far the loop really ends up scales with (true width / w)^2. The sharpness is measured in the band
+trusted); how far the loop really ends up scales with (true width / w)^2. With z-stacks of 3 or more planes,
+`hold: start` keeps instead each position's stack centre at the distance from the sharpest plane that its first
+stack measured: the plane the user focused on, for specimens thicker than the depth of field, whose sharpest plane
+depends on the field. (From single dithered frames that first fit was off by up to 2 um under drift; the
+controller refuses `hold: start` without z-stacks.) The sharpness is measured in the band
 `sharpness_band_um` (the optics' resolution unless set; `calibrate-focus` recommends one per specimen: at 60x the
 simulated nuclei show focus only in a band five times coarser).
 

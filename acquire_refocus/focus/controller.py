@@ -47,6 +47,15 @@ _FOCUS_JUMP_FRACTION_OF_RANGE = 0.5
 _APPLIED_OFFSET_TIME_POINTS = 16  # per position, the offsets handed out that the focus log may still ask about
 
 
+# focus.hold start learns the plane to hold from the first sharpness fit; from single dithered frames taken a time
+# point apart under drift that fit was off by up to 2 um, and the demo held focus worse than hold: sharpest in 2 of
+# 3 seeds at 60x and at 20x (tools/reports/presets/README.md), so it needs z-stacks.
+HOLD_START_NEEDS_STACKS = (
+    "focus.hold: start learns the plane to hold from each position's first z-stack, so the sequence needs a z_plan "
+    "of 3 or more planes per time point; for single planes use hold: sharpest"
+)
+
+
 @dataclass(frozen=True)
 class FocusMove:
     position: int
@@ -73,6 +82,8 @@ class FocusController:
         """`optics`: the optics frames come from (default: `OpticsConfig()`), for the sharpness measure's band.
         `z_planes`: planes per time point of the acquisition (its z-plan); from 3 on, the stage is not dithered.
         `channel`: the channel whose frames drive the loop (None: every frame, for acquisitions without channels)."""
+        if config.hold == "start" and config.mode != "off" and z_planes < 3:
+            raise ValueError(HOLD_START_NEEDS_STACKS)
         self.config = config
         self._z_planes = z_planes
         self.channel = channel
@@ -98,6 +109,7 @@ class FocusController:
         self._side: dict[int, float] = {}  # probe mode: sign of the last resolved defocus per position
         self._centre_um: dict[int, float] = {}
         self._offset_um: dict[int, float] = {}
+        self._held_offset_um: dict[int, float] = {}  # hold start: the plane held, from the sharpest one
         self._applied_um: dict[int, deque[tuple[int, float]]] = {}  # (t, offset given to its frames) per position
         self._last_defocus_um: dict[int, float] = {}
         self._frames_seen = threading.Condition(self._lock)
@@ -285,6 +297,7 @@ class FocusController:
             history = self._applied_um.setdefault(position, deque(maxlen=_APPLIED_OFFSET_TIME_POINTS))
             history.append((t_index, 0.0))
             self._fine_history.pop(position, None)  # fitted focus history was relative to the old plan
+            self._held_offset_um.pop(position, None)  # hold start: the plane the autofocus found is the new start
         log.info(kv("focus_offset_restart", position=position, t=t_index, note="software autofocus found focus"))
 
     def applied_offset_um(self, axes: dict[str, int]) -> float | None:
@@ -312,7 +325,10 @@ class FocusController:
             if located is None:
                 return current + dither if self.applies else current
             focus_z_um, source = located
-            error = focus_z_um + cfg.target_offset_um - centre_um - current
+            target_offset_um = cfg.target_offset_um
+            if cfg.hold == "start" and source == "sharpness":
+                target_offset_um = self._held_offset_locked(position, t_index, centre_um + current - focus_z_um)
+            error = focus_z_um + target_offset_um - centre_um - current
             if not math.isfinite(error) or abs(error) <= cfg.dead_band_um:
                 return current + dither if self.applies else current
             if cfg.max_step_action == "refuse" and abs(cfg.gain * error) > cfg.max_step_um:
@@ -354,6 +370,22 @@ class FocusController:
             ),
         )
         return new + dither if self.applies else current
+
+    def _held_offset_locked(self, position: int, t_index: int, offset_now_um: float) -> float:
+        """focus.hold start: how far from the sharpest plane this position's stack centre is held, learnt at its first
+        sharpness fit (`offset_now_um`: where the centre is now, from the sharpest Z that fit found)."""
+        if position not in self._held_offset_um:
+            self._held_offset_um[position] = offset_now_um
+            log.info(
+                kv(
+                    "focus_hold_learnt",
+                    position=position,
+                    t=t_index,
+                    offset_um=f"{offset_now_um:+.3f}",
+                    note="holds this plane: this far from the sharpest one (+: deeper)",
+                )
+            )
+        return self._held_offset_um[position]
 
     def _next_dither_locked(self, position: int) -> float:
         """fine_source sharpness, correct mode: the Z dither for this time point, alternating sides; none while
@@ -463,6 +495,7 @@ class FocusController:
                 "actuator": self.config.actuator,
                 "sign_source": self.config.sign_source,
                 "fine_source": self.config.fine_source,
+                "hold": self.config.hold,
                 "target_offset_um": self.config.target_offset_um,
                 "offsets_um": {str(p): round(o, 4) for p, o in sorted(self._offset_um.items())},
                 "last_defocus_um": {str(p): round(d, 4) for p, d in sorted(self._last_defocus_um.items())},
@@ -489,6 +522,9 @@ class FocusController:
             move = last_move.get(position)
             states[str(position)] = {
                 "offset_um": round(self._offset_um.get(position, 0.0), 4),
+                "held_from_sharpest_um": (
+                    round(self._held_offset_um[position], 4) if position in self._held_offset_um else None
+                ),
                 "sharpness_frames": len(self._sharpness_window.get(position, ())),
                 "estimates": len(self._window.get(position, ())),
                 "last_move_t": move.t_index if move else None,
