@@ -100,6 +100,10 @@ def test_at_60x_the_nuclei_show_focus_only_in_a_band_coarser_than_the_optics_res
     assert "sharpness_dither_um:" in printed
     assert result["settings"]["sharpness_band_um"] == result["sharpness_band_um"]
     assert result["settings"]["sharpness_width_um"] == round(result["width_um"], 1)
+    # fields whose sharpest planes lie further apart than the 0.47 um depth of field get a note on hold: start
+    peaks = [field["peak_z_um"] for field in result["fields"]]
+    assert ("sharpest_plane_spread_um" in result) == (max(peaks) - min(peaks) > 0.47)
+    assert ("focus.hold: start" in printed) == ("sharpest_plane_spread_um" in result)
 
 
 def test_a_z_step_given_in_the_wrong_unit_gives_no_recommendation(

@@ -540,6 +540,15 @@ def run(args: argparse.Namespace) -> int:
             f"  target_offset_um: {round(-shift_um, 1) + 0.0:.1f}    # with fine_source sharpness: the sharpest "
             f"plane lies {round(shift_um, 2) + 0.0:+.2f} um from the labelled focus (+: deeper){note}"
         )
+    peaks_um = [r.peak_z_um for r in chosen.fields]
+    if labelled and len(peaks_um) >= 2 and max(peaks_um) - min(peaks_um) > depth_of_field_um:
+        summary["sharpest_plane_spread_um"] = round(max(peaks_um) - min(peaks_um), 3)
+        print(
+            f"note: the sharpest plane lies {min(peaks_um):+.2f} to {max(peaks_um):+.2f} um from the labelled focus, "
+            f"depending on the field: more than the depth of field ({depth_of_field_um:.2f} um), so no one "
+            "target_offset_um holds your plane in every field; with z-stacks of 3+ planes, focus.hold: start keeps "
+            "each position on the plane it starts at"
+        )
     summary["settings"] = settings
     if args.json is not None:
         try:
