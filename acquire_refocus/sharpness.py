@@ -15,9 +15,9 @@ between frames (photon noise). It is computed with one FFT of a central crop of 
 
 The band's scale defaults to the optics' resolution (`focus.sharpness_band_um` sets another). At high NA a
 specimen may have no detail that fine: at 60x / 1.4 NA oil the simulated nuclei, textured down to 0.5 um, leave
-only camera noise in the 0.16-0.42 um band, and their sharpness hardly changes over +-5 um; a band five times
-coarser falls by 1.5-3 (log) over the same stack. `acquire-refocus calibrate-focus` tries several scales on the
-user's z-stacks and recommends the one whose fit is least noisy.
+mostly camera noise in the 0.16-0.42 um band, and in the 3 of 8 fields with nuclei their log sharpness changes by
+0.05-0.5 over +-5 um, where a band five times coarser changes by 1.5-3. `acquire-refocus calibrate-focus` tries
+several scales on the user's z-stacks and recommends one (its --help says how).
 
 The same FFT says whether the frame has structure at all (`measure`): the band's power per frequency against the
 power near the Nyquist frequency (0.4-0.5 cycles per pixel), where white camera and photon noise dominate. A blank

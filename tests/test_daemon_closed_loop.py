@@ -282,8 +282,8 @@ def test_at_60x_the_sharpness_loop_holds_a_plane_in_the_band_calibrate_focus_rec
     shipped_refocuser: Any,
 ) -> None:
     """60x / 1.4 oil (depth of field 0.47 um), thermal drift. The simulated nuclei have no detail at the optics'
-    resolution, so in its band (the default) the sharpness is camera noise and the loop cannot see focus; in the
-    band calibrate-focus recommends for them (1.0 um; width, range and dither from the same calibration,
+    resolution, so in its band (the default) the sharpness is camera noise and the loop cannot see focus; with the
+    60x preset's sharpness settings (band 1.0 um, width, range and dither from calibrate-focus on them,
     tools/reports/presets/README.md) it follows the drift. Errors are against the simulator's mid-plane of the
     nuclei layer, which need not be the field's sharpest plane: the test asks that the plane held stays put."""
     preset = load_config(PRESET_60X)
@@ -306,21 +306,19 @@ def test_at_60x_the_sharpness_loop_holds_a_plane_in_the_band_calibrate_focus_rec
         simulator_overrides=simulator,
         optics=optics,
         fine_source="sharpness",
-        sharpness_band_um=1.0,
-        sharpness_width_um=2.9,
-        sharpness_range_um=2.9,
-        sharpness_dither_um=0.24,
+        sharpness_band_um=preset.focus.sharpness_band_um,  # 1.0 um, from calibrate-focus on the simulated nuclei
+        sharpness_width_um=preset.focus.sharpness_width_um,
+        sharpness_range_um=preset.focus.sharpness_range_um,
+        sharpness_dither_um=preset.focus.sharpness_dither_um,
     )
     corrected, uncorrected = focus_error_rms(calibrated)
     settled = [r["error_um"] for r in calibrated.rows[LOOPS // 3 :]]
-    print(
-        f"60x: default band {focus_error_rms(default_band)[0]:.2f} um RMS; calibrated {corrected:.2f} um RMS, "
-        f"settled mean {statistics.fmean(settled):+.2f} sd {statistics.pstdev(settled):.2f} um, "
-        f"{focus['moves']} moves; uncorrected {uncorrected:.2f} um"
-    )
+    # measured: the default band 4.17 um RMS; calibrated 1.95 um RMS, settled sd 0.38 um around +2.14 um (this
+    # field's sharpest plane), 12 moves; uncorrected 4.16 um
     assert focus_error_rms(default_band)[0] > 0.8 * uncorrected
     assert statistics.pstdev(settled) < 0.5
     assert corrected < 0.5 * uncorrected
+    assert focus["moves"] >= 5
 
 
 def stack_centre_errors(truth: FocusTruth) -> tuple[list[float], list[float]]:

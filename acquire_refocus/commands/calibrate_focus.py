@@ -27,9 +27,9 @@ _MIN_PLANES = 5
 _MIN_LOG_SHARPNESS_DROP = 0.05
 _MIN_DROP_TO_SCATTER = 15.0
 
-# Sharpness bands tried, as multiples of the optics' resolution (0.61 lambda / NA; 1 is the loop's default). At
-# 20x / 0.45 the simulated nuclei fit best at 1-2 (median scatter x width^2 0.27-0.30 um^2, 3.9 from 5); at 60x / 1.4
-# oil only 5 fits any field (1.0 um: 3 fields of 8, the other 5 empty), see tools/reports/presets/README.md.
+# Sharpness bands tried, as multiples of the optics' resolution (0.61 lambda / NA; 1 is the loop's default). The
+# simulated nuclei, textured down to 0.5 um, show focus best in the optics' band at 20x / 0.45 and 10x, in 2x it
+# at 20x / 0.75 and in 5x it at 40x to 100x; the scans per preset are in tools/reports/presets/README.md.
 _BAND_SCALES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 # Without --range-um the fit range follows the fitted width (the loop's sharpness_range_um is set to the width) for
 # at most this many refits, stopping within _RANGE_TOLERANCE of it; a range where no field fits is doubled first.
@@ -37,11 +37,11 @@ _RANGE_REFITS = 4
 _RANGE_TOLERANCE = 0.05
 # Bands that calibrate at least _FIELDS_TOLERANCE of the most fields any band does compete. The optics' band, which
 # the closed-loop tests validate, stays unless its noise_um2 is over _DEFAULT_NOISE_TOLERANCE times their least;
-# otherwise the finest band within _NOISE_TOLERANCE of the least. On the simulated nuclei: at 20x the optics' band
-# (6 of 8 fields, 0.28 um^2) stays against 0.94 um (8, 0.23), whose settings held the demo's focus less steadily
-# (sd 0.59-0.72 um against 0.39-0.55); at 100x it fits 4 of 8 but at 1.0 um^2 against 0.14; at 60x it fits 1 of 3,
-# and 1.0 um (0.10 um^2) held the mid-plane closer than 1.61 um (0.09) in 3 of 3 demo seeds
-# (tools/reports/presets/README.md).
+# otherwise the finest band within _NOISE_TOLERANCE of the least. On the simulated nuclei: at 20x / 0.45 the optics'
+# band (7 of 8 fields) stays against 0.94 um (8 of 8), whose settings held the demo's focus less steadily (sd
+# 0.44-0.72 um per position against 0.38-0.55 over 3 seeds); at 100x it fits 4 of 8 at 1.0 um^2 against 0.14; at
+# 60x it fits 1 field where 1.0 um fits 3, and 1.0 um (0.10 um^2) held the mid-plane closer than 1.61 um (0.09)
+# in 3 of 3 demo seeds (tools/reports/presets/README.md).
 _FIELDS_TOLERANCE = 0.75
 _DEFAULT_NOISE_TOLERANCE = 2.0
 _NOISE_TOLERANCE = 1.25
@@ -429,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
     optics_band_um = resolution_um(config.optics)
     band_list = (
         [args.band_um]
-        if args.band_um
+        if args.band_um is not None
         else [
             scale * optics_band_um
             for scale in _BAND_SCALES
