@@ -31,7 +31,7 @@ from acquire_refocus.config import AppConfig, dump_config
 from acquire_refocus.control import ControlServer
 from acquire_refocus.diskspace import SpaceNeed, check_space, low_space_problem, space_need
 from acquire_refocus.errors import ConfigError, UserError
-from acquire_refocus.focus.controller import HOLD_START_NEEDS_STACKS, FocusController
+from acquire_refocus.focus.controller import FocusController, check_hold
 from acquire_refocus.hooks.backend import FrameFormat, RunRequest, create_backend
 from acquire_refocus.hooks.pymmcore_plus_backend import PymmcorePlusBackend
 from acquire_refocus.logs import kv
@@ -48,7 +48,7 @@ from acquire_refocus.pipeline import (
 from acquire_refocus.publishing import Publisher, PublishSink
 from acquire_refocus.run_watch import Check, RunWatch
 from acquire_refocus.security import SecureContext
-from acquire_refocus.sequence import parse_sequence
+from acquire_refocus.sequence import parse_sequence, z_planes
 from acquire_refocus.storage import (
     FOCUS_LOG,
     MAX_UNCOMMITTED_FRAMES,
@@ -119,11 +119,6 @@ def interrupted_runs(root: Path | None) -> list[str]:
         if record is not None and record.get("state") == "interrupted":
             found.append(str(folder))
     return found
-
-
-def _z_planes(sequence: useq.MDASequence) -> int:
-    """Planes per time point of the sequence's z-plan (1 without one)."""
-    return len(list(sequence.z_plan)) if sequence.z_plan is not None else 1
 
 
 def load_refocuser(config: AppConfig) -> FrameCorrector:
@@ -316,6 +311,7 @@ class Daemon:
         if not isinstance(request.get("sequence"), dict):
             raise UserError('run request: "sequence" must be a useq-schema MDASequence object')
         sequence = parse_sequence(request["sequence"], "run request")
+        check_hold(self.config.focus, z_planes(sequence))
         output = self._requested_output(request.get("output"))
         frames = self._check_against_hardware(sequence)
         if self.data_root is not None and self.data_root.is_dir() and frames is not None:
@@ -409,17 +405,16 @@ class Daemon:
         """Acquire one sequence (in this thread) with a fresh pipeline; returns when the stores are closed."""
         if run_id is None:
             run_id, _ = self._next_run(None)
+        check_hold(self.config.focus, z_planes(sequence))
         if output_dir is not None:
             output_dir = _run_output(output_dir)
         backend = self.config.acquisition.backend
-        if self.config.focus.hold == "start" and self.config.focus.mode != "off" and _z_planes(sequence) < 3:
-            raise UserError(HOLD_START_NEEDS_STACKS)
         summary = RunSummary(run=run_id, output_dir=output_dir, backend=backend, started=utc_now())
         controller = (
             FocusController(
                 self.config.focus,
                 self.config.optics,
-                z_planes=_z_planes(sequence),
+                z_planes=z_planes(sequence),
                 channel=driving_channel(self.config.focus, sequence_channels(sequence)),
             )
             if self.config.focus.mode != "off"

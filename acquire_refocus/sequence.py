@@ -66,6 +66,11 @@ def axis_sizes(sequence: useq.MDASequence) -> dict[str, int]:
     return {str(axis): _plan_size(plans[str(axis)]) for axis in sequence.axis_order}
 
 
+def z_planes(sequence: useq.MDASequence) -> int:
+    """Planes per time point of the sequence's z-plan (1 without one)."""
+    return len(list(sequence.z_plan)) if sequence.z_plan is not None else 1
+
+
 def nested_event_count(sequence: useq.MDASequence) -> int:
     """Events in the full nest of the sequence's axes (fewer where channels skip time points or stacks), without
     listing them: useq yields one in ~0.1 ms, and a long time-lapse has hundreds of thousands. A position with its

@@ -334,6 +334,9 @@ def test_hold_start_with_single_planes_is_refused_before_the_run(
     with Daemon(config, output_dir=tmp_path, corrector=tiny_refocuser) as daemon:
         with pytest.raises(UserError, match="needs a z_plan of 3 or more planes"):
             daemon.run(useq.MDASequence(**SEQUENCE), tmp_path / "run")
+        reply = request(config.publishing.control_address, "run", sequence=SEQUENCE, output=str(tmp_path / "queued"))
+        assert reply["ok"] is False and "needs a z_plan of 3 or more planes" in reply["error"]  # in the reply
+        assert not (tmp_path / "queued").exists()
         stacks = {**SEQUENCE, "time_plan": {"interval": 0, "loops": 1}, "z_plan": {"range": 2, "step": 1}}
         assert daemon.run(useq.MDASequence(**{**stacks, "axis_order": "tpz"}), tmp_path / "run").counts()["seen"] == 6
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from acquire_refocus.cli import main
 from acquire_refocus.commands.demo import DEMO_MARKER, prepare_output
 from acquire_refocus.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _previous_demo(folder: Path) -> None:
@@ -109,3 +112,23 @@ def test_demo_output_that_cannot_be_a_folder_is_a_clear_error(
     assert "acquire-refocus demo: error:" in error and "choose another --output" in error
     assert "Traceback" not in error
     assert blocker.read_text() == "the user's notes"
+
+
+def test_a_demo_refused_for_its_focus_settings_leaves_the_previous_demo_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """focus.hold: start with single planes is refused before the output folder is cleared."""
+    config = yaml.safe_load((CONFIGS / "simulator.yaml").read_text(encoding="utf-8"))
+    config["focus"]["hold"] = "start"
+    path = tmp_path / "hold-start.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    output = tmp_path / "demo"
+    output.mkdir()
+    _previous_demo(output)
+    before = _snapshot(output)
+
+    assert main(["demo", "--config", str(path), "--output", str(output), "--loops", "1"]) == 2
+
+    error = capsys.readouterr().err
+    assert "needs a z_plan of 3 or more planes" in error and "Traceback" not in error
+    assert _snapshot(output) == before

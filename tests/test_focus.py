@@ -13,7 +13,7 @@ import pytest
 import useq
 
 from acquire_refocus.config import FocusConfig, parse_config
-from acquire_refocus.errors import ConfigError
+from acquire_refocus.errors import ConfigError, UserError
 from acquire_refocus.focus import FocusController
 from acquire_refocus.pipeline import FrameInfo, FrameResult
 
@@ -454,8 +454,8 @@ def test_hold_start_keeps_each_stack_centred_where_the_acquisition_started(small
 
 def test_hold_start_needs_z_stacks_and_no_target_offset() -> None:
     config = FocusConfig(mode="correct", fine_source="sharpness", hold="start")
-    with pytest.raises(ValueError, match="needs a z_plan of 3 or more planes"):
-        FocusController(config, z_planes=1)
+    with pytest.raises(UserError, match=r"needs a z_plan of 3 or more planes per time point \(this one takes 2\)"):
+        FocusController(config, z_planes=2)
     FocusController(config, z_planes=3).close()
     with pytest.raises(ConfigError, match="target_offset_um must be 0"):
         parse_config({"focus": {"hold": "start", "target_offset_um": 0.5, "fine_source": "sharpness"}})

@@ -9,7 +9,7 @@ import shutil
 import statistics
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -34,7 +34,8 @@ every frame refocused by the network, published over ZeroMQ and saved beside the
 
 It ends with a summary: frames, rates, frames skipped, the focus error (RMS, from the simulator's ground
 truth) with the correction and what it would have been without it (the stage left at its planned Z, same
-drift, same instants), and where the data and the plot (focus_trace.png) are.
+drift, same instants; with z-stacks also for the stacks' centre planes), per position the error's mean and
+spread (the plane the loop held, and how steadily), and where the data and the plot (focus_trace.png) are.
 """
 
 _EPILOG = """\
@@ -179,7 +180,9 @@ def _free_address(address: str) -> str:
 
 
 class TruthRow(TypedDict):
-    """One frame's ground truth; errors are stage Z (less the channel's offset) minus the in-focus Z."""
+    """One frame's ground truth; errors are stage Z (less the channel's offset) minus the in-focus Z. `plane_um`:
+    the frame's planned Z relative to its z-stack's centre (0 without a relative z-plan), so error_um - plane_um
+    is the error of the stack's centre plane."""
 
     p: int
     t_index: int
@@ -187,6 +190,7 @@ class TruthRow(TypedDict):
     stage_z_um: float
     channel: str | None
     focus_z_um: float
+    plane_um: float
     error_um: float
     uncorrected_error_um: float
 
@@ -196,11 +200,18 @@ class FocusTruth:
     frame's channel (its focus Z is its stage Z minus the channel's Z offset in the sequence)."""
 
     def __init__(
-        self, scope: ClockedMicroscope, time_per_frame_s: float | None, nominal_z_um: Mapping[int, float]
+        self,
+        scope: ClockedMicroscope,
+        time_per_frame_s: float | None,
+        nominal_z_um: Mapping[int, float],
+        plane_offsets_um: Sequence[float] = (),
     ) -> None:
+        """`nominal_z_um`: each position's planned Z; `plane_offsets_um`: a relative z-plan's planes (by z index),
+        which the planned Z of each frame, and so its error without correction, includes."""
         self._scope = scope
         self._dt = time_per_frame_s or 0.0
         self._nominal = nominal_z_um
+        self._plane_offsets_um = tuple(plane_offsets_um)
         self.rows: list[TruthRow] = []
 
     def frameReady(  # noqa: N802 - named after the pymmcore-plus signal it listens to
@@ -214,6 +225,9 @@ class FocusTruth:
         t_s = self._scope.clock_s() - self._dt  # the clock advanced once when this frame was exposed
         focus_z = self._scope.focus_z_um(xy, t_s)
         channel_offset_um = channel_z_offset_um(event)
+        plane = index.get("z", 0)
+        plane_um = self._plane_offsets_um[plane] if plane < len(self._plane_offsets_um) else 0.0
+        planned_um = self._nominal[position] + plane_um if position in self._nominal else stage_z - channel_offset_um
         self.rows.append(
             {
                 "p": position,
@@ -222,8 +236,9 @@ class FocusTruth:
                 "stage_z_um": stage_z,
                 "channel": event.channel.config if event.channel is not None else None,
                 "focus_z_um": focus_z,
+                "plane_um": plane_um,
                 "error_um": stage_z - channel_offset_um - focus_z,
-                "uncorrected_error_um": self._nominal.get(position, stage_z - channel_offset_um) - focus_z,
+                "uncorrected_error_um": planned_um - focus_z,
             }
         )
 
@@ -234,6 +249,12 @@ class FocusTruth:
 
 def _rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values)) if values else math.nan
+
+
+def _relative_planes_um(sequence: useq.MDASequence) -> list[float]:
+    """The planes of a relative z-plan (stage Z relative to the position's), by z index; [] for none or absolute."""
+    plan = sequence.z_plan
+    return [float(z) for z in plan] if plan is not None and plan.is_relative else []
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -288,7 +309,8 @@ def run(args: argparse.Namespace) -> int:
 
     from acquire_refocus.client import Subscriber
     from acquire_refocus.daemon import Daemon
-    from acquire_refocus.sequence import parse_sequence
+    from acquire_refocus.focus.controller import check_hold
+    from acquire_refocus.sequence import parse_sequence, z_planes
     from acquire_refocus.storage import FOCUS_LOG, RAW_STORE, REFOCUSED_STORE, RUN_RECORD, read_focus_log
 
     t_start = time.perf_counter()
@@ -298,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
         sequence = sequence.model_copy(
             update={"time_plan": useq.TIntervalLoops(interval=datetime.timedelta(0), loops=args.loops)}
         )
+    check_hold(config.focus, z_planes(sequence))  # before the output folder is touched
     output = args.output.resolve()
     prepare_output(output)
     publishing = config.publishing
@@ -340,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
         core = daemon.acquisition_core()
         if daemon.scope is None:  # the simulator backend (the only one _demo_config allows) loads it with the core
             raise RuntimeError("the simulator backend loaded no simulated microscope")
-        truth = FocusTruth(daemon.scope, config.simulator.time_per_frame_s, nominal)
+        truth = FocusTruth(daemon.scope, config.simulator.time_per_frame_s, nominal, _relative_planes_um(sequence))
         core.mda.events.frameReady.connect(truth.frameReady)
         try:
             summary = daemon.run(sequence, output)
@@ -357,6 +380,22 @@ def run(args: argparse.Namespace) -> int:
     corrected = [r["error_um"] for r in truth.of_channel(channel)]
     uncorrected = [r["uncorrected_error_um"] for r in truth.of_channel(channel)]
     rms_with, rms_without = _rms(corrected), _rms(uncorrected)
+    stacks = any(r["plane_um"] != 0 for r in truth.rows)
+    held = "the z-stacks' centres" if stacks else "focus"
+
+    def centre_errors(position: int) -> list[float]:
+        return [r["error_um"] - r["plane_um"] for r in truth.of_channel(channel) if r["p"] == position]
+
+    stack_lines = (
+        [
+            f"  stack centre RMS      {_rms([r['error_um'] - r['plane_um'] for r in truth.of_channel(channel)]):.2f} "
+            f"um {'with correction' if config.focus.mode == 'correct' else f'focus mode {config.focus.mode}'}, "
+            f"{_rms([r['uncorrected_error_um'] - r['plane_um'] for r in truth.of_channel(channel)]):.2f} um "
+            "without (each z-stack's planned centre plane; the line above counts every plane)"
+        ]
+        if stacks
+        else []
+    )
     dof_um = config.optics.depth_of_field_um
     plot_path = output / PLOT_NAME
     _plot(
@@ -400,12 +439,10 @@ def run(args: argparse.Namespace) -> int:
                     f"p{p} {_rms([r['error_um'] for r in truth.of_channel(channel) if r['p'] == p]):.2f} um"
                     for p in sorted({r["p"] for r in truth.rows})
                 ),
+                *stack_lines,
                 "  error mean / sd       "
-                + ", ".join(
-                    f"p{p} {_mean_sd([r['error_um'] for r in truth.of_channel(channel) if r['p'] == p])}"
-                    for p in sorted({r["p"] for r in truth.rows})
-                )
-                + " (where the loop held focus against the simulator's in-focus plane, and how steadily)",
+                + ", ".join(f"p{p} {_mean_sd(centre_errors(p))}" for p in sorted({r["p"] for r in truth.rows}))
+                + f" (where the loop held {held} against the simulator's in-focus plane, and how steadily)",
                 f"  focus moves           {summary.focus.get('moves', 0)} {summary.focus.get('moves_by_source', {})}, "
                 f"offsets_um {summary.focus.get('offsets_um', {})}; network estimates used "
                 f"{summary.focus.get('estimates_accepted', 0)}, rejected {summary.focus.get('estimates_rejected', 0)} "

@@ -53,15 +53,16 @@ def _exit_quietly(signum: int, frame: object) -> None:
 def run(args: argparse.Namespace) -> int:
     from acquire_refocus.daemon import Daemon, refuse_previous_run
     from acquire_refocus.errors import ConfigError
+    from acquire_refocus.focus.controller import check_hold
     from acquire_refocus.logs import log_file
-    from acquire_refocus.sequence import parse_sequence
+    from acquire_refocus.sequence import parse_sequence, z_planes
 
     config = load_config(args.config)
     output: Path | None = args.output or config.storage.output_dir
     if args.once:  # check before the (slow) model load
         if config.acquisition.sequence is None:
             raise ConfigError("acquisition.sequence: required with --once (inline, or a YAML/JSON file path)")
-        parse_sequence(config.acquisition.sequence)
+        check_hold(config.focus, z_planes(parse_sequence(config.acquisition.sequence)))
         if output is not None:  # before the log file goes into it
             refuse_previous_run(output)
     signal.signal(signal.SIGTERM, _exit_quietly)

@@ -19,6 +19,7 @@ import numpy as np
 import useq
 
 from acquire_refocus.config import FocusConfig, OpticsConfig
+from acquire_refocus.errors import UserError
 from acquire_refocus.focus.estimators import (
     Estimate,
     SharpnessSample,
@@ -47,13 +48,17 @@ _FOCUS_JUMP_FRACTION_OF_RANGE = 0.5
 _APPLIED_OFFSET_TIME_POINTS = 16  # per position, the offsets handed out that the focus log may still ask about
 
 
-# focus.hold start learns the plane to hold from the first sharpness fit; from single dithered frames taken a time
-# point apart under drift that fit was off by up to 2 um, and the demo held focus worse than hold: sharpest in 2 of
-# 3 seeds at 60x and at 20x (tools/reports/presets/README.md), so it needs z-stacks.
-HOLD_START_NEEDS_STACKS = (
-    "focus.hold: start learns the plane to hold from each position's first z-stack, so the sequence needs a z_plan "
-    "of 3 or more planes per time point; for single planes use hold: sharpest"
-)
+def check_hold(config: FocusConfig, z_planes: int) -> None:
+    """UserError when `focus.hold: start` meets a sequence without z-stacks of 3 or more planes (checked before a
+    run starts, in the reply to a run request, and by the controller). It learns the plane to hold from the first
+    sharpness fit: from single dithered frames taken a time point apart under drift that fit was off by up to 2 um,
+    and the demo held focus worse than hold: sharpest in 2 of 3 seeds at 60x and at 20x
+    (tools/reports/presets/README.md)."""
+    if config.hold == "start" and config.mode != "off" and z_planes < 3:
+        raise UserError(
+            "focus.hold: start learns the plane to hold from each position's first z-stack, so the sequence needs "
+            f"a z_plan of 3 or more planes per time point (this one takes {z_planes}); otherwise use hold: sharpest"
+        )
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,7 @@ class FocusController:
         """`optics`: the optics frames come from (default: `OpticsConfig()`), for the sharpness measure's band.
         `z_planes`: planes per time point of the acquisition (its z-plan); from 3 on, the stage is not dithered.
         `channel`: the channel whose frames drive the loop (None: every frame, for acquisitions without channels)."""
-        if config.hold == "start" and config.mode != "off" and z_planes < 3:
-            raise ValueError(HOLD_START_NEEDS_STACKS)
+        check_hold(config, z_planes)
         self.config = config
         self._z_planes = z_planes
         self.channel = channel
