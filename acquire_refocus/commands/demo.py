@@ -386,10 +386,11 @@ def run(args: argparse.Namespace) -> int:
     def centre_errors(position: int) -> list[float]:
         return [r["error_um"] - r["plane_um"] for r in truth.of_channel(channel) if r["p"] == position]
 
+    mode_word = "with correction" if config.focus.mode == "correct" else f"focus mode {config.focus.mode}"
     stack_lines = (
         [
             f"  stack centre RMS      {_rms([r['error_um'] - r['plane_um'] for r in truth.of_channel(channel)]):.2f} "
-            f"um {'with correction' if config.focus.mode == 'correct' else f'focus mode {config.focus.mode}'}, "
+            f"um {mode_word}, "
             f"{_rms([r['uncorrected_error_um'] - r['plane_um'] for r in truth.of_channel(channel)]):.2f} um "
             "without (each z-stack's planned centre plane; the line above counts every plane)"
         ]
@@ -414,7 +415,6 @@ def run(args: argparse.Namespace) -> int:
     outside = sum(1 for r in truth.rows if policy(r["channel"]))
     not_refocused = f" ({outside} of them of channels kept raw: pipeline.channels)" if outside else ""
     loop_channel = f"; frames of channel {channel}, which drives the loop" if channel else ""
-    mode_word = "with correction" if config.focus.mode == "correct" else f"focus mode {config.focus.mode}"
     released = (
         f" ({counts['pixels_released']} of them without pixels: the sinks were behind)"
         if counts.get("pixels_released")
