@@ -377,21 +377,23 @@ def run(args: argparse.Namespace) -> int:
     rows = read_focus_log(output / FOCUS_LOG)
     counts = summary.counts()
     channel = summary.focus.get("channel")  # the channel that drives the loop: its frames measure the error
-    corrected = [r["error_um"] for r in truth.of_channel(channel)]
-    uncorrected = [r["uncorrected_error_um"] for r in truth.of_channel(channel)]
-    rms_with, rms_without = _rms(corrected), _rms(uncorrected)
+    loop_rows = truth.of_channel(channel)  # the frames of the channel that drives the loop
+    rms_with, rms_without = (
+        _rms([r["error_um"] for r in loop_rows]),
+        _rms([r["uncorrected_error_um"] for r in loop_rows]),
+    )
     stacks = any(r["plane_um"] != 0 for r in truth.rows)
     held = "the z-stacks' centres" if stacks else "focus"
 
-    def centre_errors(position: int) -> list[float]:
-        return [r["error_um"] - r["plane_um"] for r in truth.of_channel(channel) if r["p"] == position]
+    def centre_errors(position: int | None = None) -> list[float]:
+        """Errors of the z-stacks' centre planes (of every frame without z-stacks), of one position or all."""
+        return [r["error_um"] - r["plane_um"] for r in loop_rows if position is None or r["p"] == position]
 
     mode_word = "with correction" if config.focus.mode == "correct" else f"focus mode {config.focus.mode}"
     stack_lines = (
         [
-            f"  stack centre RMS      {_rms([r['error_um'] - r['plane_um'] for r in truth.of_channel(channel)]):.2f} "
-            f"um {mode_word}, "
-            f"{_rms([r['uncorrected_error_um'] - r['plane_um'] for r in truth.of_channel(channel)]):.2f} um "
+            f"  stack centre RMS      {_rms(centre_errors()):.2f} um {mode_word}, "
+            f"{_rms([r['uncorrected_error_um'] - r['plane_um'] for r in loop_rows]):.2f} um "
             "without (each z-stack's planned centre plane; the line above counts every plane)"
         ]
         if stacks
@@ -436,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
                 f"(depth of field {dof_um:.2f} um{loop_channel})",
                 "  per position          "
                 + ", ".join(
-                    f"p{p} {_rms([r['error_um'] for r in truth.of_channel(channel) if r['p'] == p]):.2f} um"
+                    f"p{p} {_rms([r['error_um'] for r in loop_rows if r['p'] == p]):.2f} um"
                     for p in sorted({r["p"] for r in truth.rows})
                 ),
                 *stack_lines,
