@@ -305,7 +305,7 @@ def test_fusion_keeps_signal_a_network_erases(
     """Sub-resolution beads near focus, and a network that smooths them away (what networks trained on thick
     specimens did to the OOD suite's bead slide). Defocus only attenuates, so bands whose signal the network erased
     are the raw frame's, however far from focus the head reads the frame. Measured, error against the raw frame's:
-    read within the fusion's 2 um margin, 0.99x / 1.01x at 1 / 2 um (bands whose signal is under 4x the noise are
+    read within the fusion's 2 um margin, 0.99x / 1.00x at 1 / 2 um (bands whose signal is under 3x the noise are
     still blended), 1.04x without the rule; read 2-4 um beyond it (as the retrained 20x / 0.75 preset read beads in
     focus), 0.99x / 1.05x, 6.4x / 4.1x without it."""
     import scipy.ndimage
