@@ -46,6 +46,7 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.fft
+import scipy.sparse
 
 from acquire_refocus.config import OpticsConfig, SimulatorConfig
 from acquire_refocus.logs import kv
@@ -89,11 +90,22 @@ def magnitude_margin_um(estimates_um: Sequence[float], true_um: Sequence[float])
     return float(max(0.0, np.percentile(near if near.size else excess, 90.0)))
 
 
-def _band_mean(band: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Mean of `values` over each radial band of `band` (from _radial_bands)."""
-    counts = np.maximum(np.bincount(band.ravel(), minlength=_BANDS), 1)
-    means: np.ndarray = np.bincount(band.ravel(), values.ravel(), minlength=_BANDS) / counts
+def _band_mean(shape: tuple[int, int], values: np.ndarray) -> np.ndarray:
+    """Mean per radial band (_radial_bands) of `values` on the rfft2 grid of a frame of `shape`, float32 (relative
+    error ~4e-6): a sparse product with the bands' averaging matrix, 4x faster than np.bincount at 512 px."""
+    means: np.ndarray = _band_averaging(shape) @ values.ravel()
     return means
+
+
+@lru_cache(maxsize=4)
+def _band_averaging(shape: tuple[int, int]) -> scipy.sparse.csr_matrix:
+    """The (_BANDS x frequencies) matrix whose product with values on the rfft2 grid of `shape` is their mean per
+    radial band; computed once a frame shape, since a run's frames share one."""
+    band = _radial_bands(shape).ravel()
+    counts = np.maximum(np.bincount(band, minlength=_BANDS), 1)
+    return scipy.sparse.csr_matrix(
+        ((1.0 / counts[band]).astype(np.float32), (band, np.arange(band.size))), shape=(_BANDS, band.size)
+    )
 
 
 @lru_cache(maxsize=4)
@@ -192,9 +204,11 @@ class OpticalFusion:
         ratio = np.minimum(self.mtf(0.0, shape) / np.maximum(self.mtf(lower_um, shape), 1e-6), MAX_RATIO)
         estimate = scipy.fft.rfft2(np.asarray(output, dtype=np.float32) - measured.mean, workers=_WORKERS)
         amplitude = np.abs(estimate)
-        estimate *= np.minimum(1.0, np.abs(observed) * ratio / np.maximum(amplitude, 1e-12))
+        observed_amplitude = np.abs(observed)
+        bound = observed_amplitude * ratio
+        estimate *= np.minimum(1.0, bound / np.maximum(amplitude, 1e-12))
         band = _radial_bands(shape)
-        departure = _band_mean(band, np.abs(estimate - observed) ** 2)
+        departure = _band_mean(shape, np.abs(estimate - observed) ** 2)
         passed = np.zeros(_BANDS) if network is None else _passed_noise_share(raw, network, measured.noise)
         noise_power = measured.noise_power
         weight_by_band = np.clip((departure - noise_power * (1.0 - passed)) / np.maximum(departure, 1e-12), 0.0, 1.0)
@@ -203,17 +217,17 @@ class OpticalFusion:
         # times the ratio, trusted as much as an unattenuated one. Unclipped, 1 / ratio^2 reached 1e8 at 60x / 1.4
         # oil and the blend overshot the raw frame by as much.
         attenuation = np.minimum(ratio, 1.0)
-        reference = observed * attenuation
-        reference_noise = noise_power * _band_mean(band, attenuation**2)
-        signal = np.maximum(_band_mean(band, np.abs(reference) ** 2) - reference_noise, 0.0)
-        kept = _band_mean(band, np.abs(estimate) ** 2)
+        reference_noise = noise_power * _band_mean(shape, attenuation**2)
+        signal = np.maximum(_band_mean(shape, (observed_amplitude * attenuation) ** 2) - reference_noise, 0.0)
+        kept = _band_mean(shape, np.minimum(amplitude, bound) ** 2)  # the estimate's power after bound 1
         erased = (signal > ERASED_MIN_SNR * reference_noise) & (
             kept < ERASED_SHARE * signal**2 / (signal + reference_noise)
         )
-        # bound 3 holds however far from focus (the truth holds even more than the reference's signal there)
-        weight = np.where(erased[band], 1.0, weight_by_band[band] / np.maximum(ratio, 1.0) ** 2)
+        weight = weight_by_band[band] / np.maximum(ratio, 1.0) ** 2
+        if erased.any():  # bound 3 holds however far from focus (the truth holds more than the reference's signal)
+            weight[erased[band]] = 1.0
         weight[0, 0] = 0.0  # the mean is the network's (flux is conserved either way)
-        estimate += weight * (reference - estimate)
+        estimate += weight * (observed * attenuation - estimate)
         spectrum: np.ndarray = estimate
         return spectrum
 
