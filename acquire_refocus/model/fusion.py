@@ -26,7 +26,7 @@ of the frame (the PSFs at +d and -d nearly agree, so only the unsigned distance 
    weighed by 2 (whose blend assumes the network's error independent of the raw frame's, which an erasure is
    not) nor divided by ratio^2 (a head that reads an in-focus frame 3-4 um out would otherwise hand it the
    network). Measured on the OOD suite's bead slide, whose sub-resolution beads the networks wiped out (1-60 % of
-   their power kept where S/N was 10-1,800): the shipped model at 1 um -0.22 -> +0.08 dB, a 20x / 0.75 fine-tune
+   their power kept where S/N was 10-1,800): the shipped model at 1 um -0.22 -> +0.07 dB, a 20x / 0.75 fine-tune
    in focus -7.0 -> 0.0 dB (tools/reports/presets/README.md).
 
 The OTFs come from the model's optics (its weights record them) through the simulator's PSF bank (psf.py, cached
