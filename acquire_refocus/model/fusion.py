@@ -263,9 +263,8 @@ def _passed_noise_share(raw: np.ndarray, network: Callable[[np.ndarray], np.ndar
     response = probed - plain
     probe_spectrum = scipy.fft.rfft2(probe, workers=_WORKERS)
     covariance = np.real(scipy.fft.rfft2(response, workers=_WORKERS) * np.conj(probe_spectrum))
-    band = _radial_bands((height, width)).ravel()
-    probe_power = np.bincount(band, (np.abs(probe_spectrum) ** 2).ravel(), minlength=_BANDS)
-    passed = np.bincount(band, covariance.ravel(), minlength=_BANDS) / np.maximum(probe_power, 1e-12)
+    probe_power = _band_mean((height, width), np.abs(probe_spectrum) ** 2)
+    passed = _band_mean((height, width), covariance) / np.maximum(probe_power, 1e-12)
     # a non-finite network response says nothing about the noise: such a band is weighed as if none passed
     finite: np.ndarray = np.where(np.isfinite(passed), passed, 0.0)
     return finite
