@@ -368,6 +368,11 @@ class RandomizationConfig(_Section):
     density_factor: tuple[float, float] = Field(
         (0.3, 3.0), description="sparse to confluent: scales the family's density (log-uniform)"
     )
+    nucleus_size_factor: tuple[float, float] = Field(
+        (1.0, 1.0),
+        description="scales the nuclei's diameter and thickness (log-uniform; their number per area by its inverse "
+        "square, so the density factor alone sets how confluent): nuclei are 3-30 um across between cell types",
+    )
     layer_thickness_um: tuple[float, ...] = Field(
         (2.0, 6.0, 14.0), description="thin to thick specimens; few values, since each needs its own PSF bank"
     )
@@ -393,11 +398,14 @@ class RandomizationConfig(_Section):
             "hot_pixel_fraction",
             "fixed_pattern_adu",
             "density_factor",
+            "nucleus_size_factor",
             "collar_mismatch_um",
         ):
             _ordered_pair(name, getattr(self, name))
-        if self.peak_photons[0] <= 0 or self.gain_adu_per_electron[0] <= 0 or self.density_factor[0] <= 0:
+        if min(self.peak_photons[0], self.gain_adu_per_electron[0], self.density_factor[0]) <= 0:
             raise ValueError("peak_photons, gain_adu_per_electron and density_factor must be positive")
+        if not 0.2 <= self.nucleus_size_factor[0] <= self.nucleus_size_factor[1] <= 5.0:
+            raise ValueError("nucleus_size_factor must lie between 0.2 and 5")
         if not self.families:
             raise ValueError("families must name at least one specimen family")
         if not self.layer_thickness_um or any(not (0 <= t <= 100) for t in self.layer_thickness_um):

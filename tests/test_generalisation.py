@@ -100,6 +100,29 @@ def test_draws_stay_inside_the_envelope_and_specimens_are_deterministic() -> Non
     assert variants == randomization.optics_variants(envelope, OpticsConfig(), seed=0)
 
 
+def test_the_nucleus_size_axis_scales_the_nuclei_at_the_same_coverage() -> None:
+    sized = RandomizationConfig(nucleus_size_factor=(0.5, 2.0))
+    draws = [randomization.draw_specimen(sized, seed) for seed in range(1000, 1060)]
+    factors = [d.nucleus_size_factor for d in draws]
+    assert 0.5 <= min(factors) < 0.7 and 1.5 < max(factors) <= 2.0
+    # drawn last: every other axis of a seed is what an envelope without the size range draws
+    plain = [randomization.draw_specimen(RandomizationConfig(), seed) for seed in range(1000, 1060)]
+    assert [d.family for d in draws] == [d.family for d in plain]
+    assert all(d.nucleus_size_factor == 1.0 for d in plain)
+    simulator = parse_config({}).simulator
+    coverage = []
+    for factor in (0.5, 2.0):
+        draw = randomization.SpecimenDraw("nuclei", 1.0, 6.0, 0, nucleus_size_factor=factor)
+        config = randomization.specimen_simulator(sized, simulator, draw, seed=1000).specimen
+        assert config.nucleus_diameter_um == pytest.approx(tuple(factor * d for d in (7.0, 14.0)))
+        assert config.nucleus_thickness_um == pytest.approx(tuple(factor * t for t in (4.0, 7.0)))
+        specimen = Specimen(config, pixel_size_um=0.65, seed=1000)
+        diameters = [2 * max(n.semi_axes_um[:2]) for n in specimen.nuclei]
+        assert np.median(diameters) == pytest.approx(factor * 10.5, rel=0.2)
+        coverage.append(sum(math.pi * n.semi_axes_um[0] * n.semi_axes_um[1] for n in specimen.nuclei) / 200.0**2)
+    assert coverage[1] == pytest.approx(coverage[0], rel=0.5)  # 16x the area per nucleus, 1/16 as many
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -108,6 +131,8 @@ def test_draws_stay_inside_the_envelope_and_specimens_are_deterministic() -> Non
         ({"families": []}, "families"),
         ({"families": ["nuclei", "plankton"]}, "families"),
         ({"layer_thickness_um": [-1]}, "layer_thickness_um"),
+        ({"nucleus_size_factor": [2, 0.5]}, "nucleus_size_factor"),
+        ({"nucleus_size_factor": [0.01, 1]}, "nucleus_size_factor"),
     ],
 )
 def test_a_bad_envelope_is_a_config_error(bad: dict, message: str) -> None:

@@ -7,8 +7,8 @@ reshape one texture, which made real, brighter frames worse near focus. Here eve
 - a camera (`CameraDraw`): peak signal log-uniform over `peak_photons`, background as a fraction of the peak, read
   noise, gain, offset, hot pixels and per-column fixed-pattern offsets; the ground truth stays the noiseless
   in-focus response of the same camera (no hot pixels, no fixed pattern: those are defects to remove);
-- per specimen seed: a family, a density, a layer thickness and one of a few optics variants around the config's
-  optics (NA, wavelength, correction-collar mismatch, pixel size), each with its own cached PSF bank.
+- per specimen seed: a family, a density, a layer thickness, a nucleus size and one of a few optics variants around
+  the config's optics (NA, wavelength, correction-collar mismatch, pixel size), each with its own cached PSF bank.
 """
 
 from __future__ import annotations
@@ -123,12 +123,13 @@ def optics_variants(envelope: RandomizationConfig, optics: OpticsConfig, seed: i
 
 @dataclass(frozen=True)
 class SpecimenDraw:
-    """What one training specimen seed is: its family, density, thickness and optics variant."""
+    """What one training specimen seed is: its family, density, thickness, nucleus size and optics variant."""
 
     family: str
     density_factor: float
     layer_thickness_um: float
     optics_index: int
+    nucleus_size_factor: float = 1.0
 
 
 def draw_specimen(envelope: RandomizationConfig, seed: int) -> SpecimenDraw:
@@ -138,18 +139,25 @@ def draw_specimen(envelope: RandomizationConfig, seed: int) -> SpecimenDraw:
         density_factor=_log_uniform(rng, envelope.density_factor),
         layer_thickness_um=float(rng.choice(list(envelope.layer_thickness_um))),
         optics_index=int(rng.integers(envelope.optics_variants + 1)),
+        # drawn last, so that envelopes without a size range draw every other axis as before
+        nucleus_size_factor=_log_uniform(rng, envelope.nucleus_size_factor),
     )
 
 
 def specimen_simulator(
     envelope: RandomizationConfig, simulator: SimulatorConfig, draw: SpecimenDraw, seed: int
 ) -> SimulatorConfig:
-    """The simulator section for one drawn specimen: its seed, family, density and thickness, a field of
-    `envelope.field_size_um`, no background (the camera draw adds it), no drift or tilt."""
-    specimen = simulator.specimen.model_copy(
+    """The simulator section for one drawn specimen: its seed, family, density, thickness and nucleus size, a field
+    of `envelope.field_size_um`, no background (the camera draw adds it), no drift or tilt."""
+    base = simulator.specimen
+    size = draw.nucleus_size_factor
+    per_mm2 = base.nuclei_per_mm2 * draw.density_factor / size**2  # the same coverage at any nucleus size
+    specimen = base.model_copy(
         update={
             "family": draw.family,
-            "nuclei_per_mm2": min(20_000.0, simulator.specimen.nuclei_per_mm2 * draw.density_factor),
+            "nuclei_per_mm2": min(20_000.0, per_mm2),
+            "nucleus_diameter_um": (base.nucleus_diameter_um[0] * size, base.nucleus_diameter_um[1] * size),
+            "nucleus_thickness_um": (base.nucleus_thickness_um[0] * size, base.nucleus_thickness_um[1] * size),
             "layer_thickness_um": draw.layer_thickness_um,
             "field_size_um": (envelope.field_size_um, envelope.field_size_um),
             "background_photons_per_px": 0.0,
