@@ -346,6 +346,10 @@ def _ordered_pair(name: str, pair: tuple[float, float]) -> None:
         raise ValueError(f"{name} must be (low, high) with finite low <= high, got {list(pair)}")
 
 
+# The simulator's 7-14 um nuclei times these: 3-35 um, the range between cell types.
+NUCLEUS_SIZE_FACTOR_LIMITS = (0.4, 2.5)
+
+
 class RandomizationConfig(_Section):
     """Domain randomisation of simulated training data: the envelope of cameras, specimens and optics a model is
     trained on, so that it refocuses what real scopes produce rather than one simulator setting. The trained
@@ -370,8 +374,9 @@ class RandomizationConfig(_Section):
     )
     nucleus_size_factor: tuple[float, float] = Field(
         (1.0, 1.0),
-        description="scales the nuclei's diameter and thickness (log-uniform; their number per area by its inverse "
-        "square, so the density factor alone sets how confluent): nuclei are 3-30 um across between cell types",
+        description="scales the diameter and thickness of the nuclei (families nuclei and mixture; log-uniform) and "
+        "their number per area by its inverse square, so the density factor alone sets how confluent (at most "
+        "20,000 nuclei per mm2): nuclei are 3-30 um across between cell types",
     )
     layer_thickness_um: tuple[float, ...] = Field(
         (2.0, 6.0, 14.0), description="thin to thick specimens; few values, since each needs its own PSF bank"
@@ -404,8 +409,11 @@ class RandomizationConfig(_Section):
             _ordered_pair(name, getattr(self, name))
         if min(self.peak_photons[0], self.gain_adu_per_electron[0], self.density_factor[0]) <= 0:
             raise ValueError("peak_photons, gain_adu_per_electron and density_factor must be positive")
-        if not 0.2 <= self.nucleus_size_factor[0] <= self.nucleus_size_factor[1] <= 5.0:
-            raise ValueError("nucleus_size_factor must lie between 0.2 and 5")
+        low, high = NUCLEUS_SIZE_FACTOR_LIMITS
+        if not (low <= self.nucleus_size_factor[0] and self.nucleus_size_factor[1] <= high):
+            raise ValueError(
+                f"nucleus_size_factor must lie between {low} and {high}, got {list(self.nucleus_size_factor)}"
+            )
         if not self.families:
             raise ValueError("families must name at least one specimen family")
         if not self.layer_thickness_um or any(not (0 <= t <= 100) for t in self.layer_thickness_um):

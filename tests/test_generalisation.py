@@ -121,6 +121,11 @@ def test_the_nucleus_size_axis_scales_the_nuclei_at_the_same_coverage() -> None:
         assert np.median(diameters) == pytest.approx(factor * 10.5, rel=0.2)
         coverage.append(sum(math.pi * n.semi_axes_um[0] * n.semi_axes_um[1] for n in specimen.nuclei) / 200.0**2)
     assert coverage[1] == pytest.approx(coverage[0], rel=0.5)  # 16x the area per nucleus, 1/16 as many
+    # the other families read nuclei_per_mm2 as their density and the nuclei's thickness as their depth: untouched
+    filaments = randomization.SpecimenDraw("filaments", 1.0, 6.0, 0, nucleus_size_factor=2.0)
+    unscaled = randomization.specimen_simulator(sized, simulator, filaments, seed=1000).specimen
+    assert unscaled.nuclei_per_mm2 == simulator.specimen.nuclei_per_mm2
+    assert unscaled.nucleus_thickness_um == simulator.specimen.nucleus_thickness_um
 
 
 @pytest.mark.parametrize(
@@ -132,7 +137,8 @@ def test_the_nucleus_size_axis_scales_the_nuclei_at_the_same_coverage() -> None:
         ({"families": ["nuclei", "plankton"]}, "families"),
         ({"layer_thickness_um": [-1]}, "layer_thickness_um"),
         ({"nucleus_size_factor": [2, 0.5]}, "nucleus_size_factor"),
-        ({"nucleus_size_factor": [0.01, 1]}, "nucleus_size_factor"),
+        ({"nucleus_size_factor": [0.3, 1]}, r"between 0.4 and 2.5, got \[0.3, 1.0\]"),
+        ({"nucleus_size_factor": [1, 3]}, "nucleus_size_factor"),
     ],
 )
 def test_a_bad_envelope_is_a_config_error(bad: dict, message: str) -> None:

@@ -21,6 +21,8 @@ import numpy as np
 from acquire_refocus.config import CameraConfig, OpticsConfig, RandomizationConfig, SimulatorConfig
 from acquire_refocus.sim.camera import Camera
 
+# The families whose specimens are (or include) nuclei: the ones `nucleus_size_factor` scales.
+NUCLEUS_FAMILIES = ("nuclei", "mixture")
 # The percentile of the in-focus image that the drawn peak signal is assigned to (robust to a few hot voxels).
 PEAK_PERCENTILE = 99.9
 
@@ -52,7 +54,8 @@ def _uniform(rng: np.random.Generator, pair: tuple[float, float]) -> float:
 
 
 def _log_uniform(rng: np.random.Generator, pair: tuple[float, float]) -> float:
-    return float(math.exp(_uniform(rng, (math.log(pair[0]), math.log(pair[1])))))
+    # clipped: exp(log(x)) can land an ulp outside a range whose ends are equal
+    return float(min(max(math.exp(_uniform(rng, (math.log(pair[0]), math.log(pair[1])))), pair[0]), pair[1]))
 
 
 def draw_camera(envelope: RandomizationConfig, rng: np.random.Generator) -> CameraDraw:
@@ -150,7 +153,10 @@ def specimen_simulator(
     """The simulator section for one drawn specimen: its seed, family, density, thickness and nucleus size, a field
     of `envelope.field_size_um`, no background (the camera draw adds it), no drift or tilt."""
     base = simulator.specimen
-    size = draw.nucleus_size_factor
+    # only nuclei take the size; the other families read nuclei_per_mm2 as their density scale and the nuclei's
+    # thickness as their depth, so they are left as drawn (in a mixture the other family's count follows the
+    # nuclei's, which come from the same density)
+    size = draw.nucleus_size_factor if draw.family in NUCLEUS_FAMILIES else 1.0
     per_mm2 = base.nuclei_per_mm2 * draw.density_factor / size**2  # the same coverage at any nucleus size
     specimen = base.model_copy(
         update={
