@@ -376,7 +376,7 @@ class RandomizationConfig(_Section):
         (1.0, 1.0),
         description="scales the diameter and thickness of the nuclei (families nuclei and mixture; log-uniform) and "
         "their number per area by its inverse square, so the density factor alone sets how confluent (at most "
-        "20,000 nuclei per mm2): nuclei are 3-30 um across between cell types",
+        "20,000 nuclei per mm2): nuclei are 3-35 um across between cell types",
     )
     layer_thickness_um: tuple[float, ...] = Field(
         (2.0, 6.0, 14.0), description="thin to thick specimens; few values, since each needs its own PSF bank"
