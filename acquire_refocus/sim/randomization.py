@@ -132,7 +132,7 @@ class SpecimenDraw:
     density_factor: float
     layer_thickness_um: float
     optics_index: int
-    nucleus_size_factor: float = 1.0
+    nucleus_size_factor: float
 
 
 def draw_specimen(envelope: RandomizationConfig, seed: int) -> SpecimenDraw:
