@@ -327,6 +327,13 @@ class LossConfig(_Section):
         description="mean squared error: PSNR is an MSE measure, and where the in-focus image is "
         "uncertain (far from focus) L1 learns its median, L2 its mean",
     )
+    psnr_gain_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="minus the PSNR gain (dB) of each patch's output over its input, averaged over the batch: "
+        "every patch weighs by its error relative to the raw frame's, so bright frames (small errors in "
+        "normalised units) count as much as dim ones, where MSE and L1 let dim frames' noise dominate",
+    )
     multiscale_weight: float = Field(0.5, ge=0.0, description="loss on the coarser outputs of multiscale nets")
     perceptual_weight: float = Field(0.0, ge=0.0)
     gram_weight: float = Field(0.0, ge=0.0)

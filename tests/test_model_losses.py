@@ -10,7 +10,7 @@ import torch
 
 from acquire_refocus.config import LossConfig
 from acquire_refocus.errors import ConfigError
-from acquire_refocus.model.losses import RefocusLoss, defocus_loss, structural_loss
+from acquire_refocus.model.losses import RefocusLoss, defocus_loss, psnr_gain_loss, structural_loss
 
 
 @pytest.fixture(autouse=True)
@@ -84,8 +84,8 @@ def test_multiscale_term_uses_the_coarse_outputs() -> None:
     coarse_good = torch.nn.functional.avg_pool2d(target, 2)
     focus = torch.zeros(2, 2)
     d = torch.zeros(2)
-    good = criterion([coarse_good, target], focus, target, d)
-    bad = criterion([coarse_good + 0.5, target], focus, target, d)
+    good = criterion([coarse_good, target], focus, target, d, target)
+    bad = criterion([coarse_good + 0.5, target], focus, target, d, target)
     assert bad.parts["multiscale"] > good.parts["multiscale"] + 0.1
     assert good.parts["l1"] == pytest.approx(0.0, abs=1e-6)
 
@@ -94,9 +94,50 @@ def test_l2_term_is_the_weighted_mean_squared_error() -> None:
     target = torch.zeros(2, 1, 32, 32)
     prediction = target + 0.1
     terms = RefocusLoss(LossConfig(l1_weight=0.0, ms_ssim_weight=0.0, l2_weight=20.0, defocus_weight=0.0))(
-        [prediction], torch.zeros(2, 3), target, torch.zeros(2)
+        [prediction], torch.zeros(2, 3), target, torch.zeros(2), target
     )
     assert terms.parts == {"l2": pytest.approx(20.0 * 0.01)}
+
+
+def test_psnr_gain_term_is_minus_the_mean_gain_that_evaluation_reports() -> None:
+    """Two patches: one restored to a tenth of its raw error (+20 dB), one left as it was (0 dB): -10 dB; the
+    gain is that of skimage's PSNR with any data range (it cancels)."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    target = torch.rand(2, 1, 32, 32)
+    raw = target + 0.3 * torch.randn_like(target)  # errors well above the term's 1e-6 MSE floor
+    prediction = torch.stack([target[0] + 0.1 * (raw[0] - target[0]), raw[1]])
+    terms = RefocusLoss(LossConfig(l1_weight=0.0, ms_ssim_weight=0.0, psnr_gain_weight=0.5, defocus_weight=0.0))(
+        [prediction], torch.zeros(2, 3), target, torch.zeros(2), raw
+    )
+    assert terms.parts == {"psnr_gain": pytest.approx(0.5 * -10.0, abs=0.01)}
+    truth, noisy, restored = (t[0, 0].double().numpy() for t in (target, raw, prediction))
+    gain = peak_signal_noise_ratio(truth, restored, data_range=1.0) - peak_signal_noise_ratio(
+        truth, noisy, data_range=1.0
+    )
+    assert gain == pytest.approx(20.0, abs=1e-3)
+
+
+def test_psnr_gain_term_weighs_a_bright_patch_by_its_relative_error() -> None:
+    """A bright patch (raw error 0.01 in normalised units) and a dim one (0.1), each output as wrong as its raw
+    frame: MSE pulls 10x harder on the dim patch, the gain term 10x harder on the bright one. With equal output
+    errors both pull alike."""
+    target = torch.zeros(2, 1, 16, 16)
+    raw = torch.stack([target[0] + 0.01, target[1] + 0.1])
+    prediction = (target + 0.01).requires_grad_(True)
+    psnr_gain_loss(prediction, target, raw).backward()
+    per_patch = prediction.grad.abs().sum(dim=(1, 2, 3))
+    assert float(per_patch[0] / per_patch[1]) == pytest.approx(1.0, rel=1e-3)  # the same output error ...
+    prediction.grad = None
+    error = torch.stack([target[0] + 0.01, target[1] + 0.1])  # ... each patch as wrong as its raw frame
+    pulled = error.clone().requires_grad_(True)
+    psnr_gain_loss(pulled, target, raw).backward()
+    gradient = pulled.grad.abs().sum(dim=(1, 2, 3))
+    assert float(gradient[0] / gradient[1]) == pytest.approx(10.0, rel=0.02)  # 1 / error: 10x per pixel error
+    mse = torch.nn.functional.mse_loss
+    pulled.grad = None
+    (mse(pulled[0], target[0]) + mse(pulled[1], target[1])).backward()
+    assert float(pulled.grad[0].abs().sum() / pulled.grad[1].abs().sum()) == pytest.approx(0.1, rel=1e-3)
 
 
 def test_feature_loss_without_a_weights_file_is_a_config_error() -> None:
@@ -126,8 +167,8 @@ def test_feature_and_gram_loss_from_a_local_vgg16_file(tmp_path: Path) -> None:
     )
     noisy, target = _images(64)
     focus, d = torch.zeros(2, 2), torch.zeros(2)
-    same = criterion([target], focus, target, d)
-    different = criterion([noisy], focus, target, d)
+    same = criterion([target], focus, target, d, noisy)
+    different = criterion([noisy], focus, target, d, noisy)
     assert same.parts["perceptual"] == pytest.approx(0.0, abs=1e-6)
     assert different.parts["perceptual"] > 0 and different.parts["gram"] > 0
     assert not any(p.requires_grad for p in criterion.features.parameters())

@@ -112,7 +112,7 @@ def test_decoder_alone_trains_and_leaves_the_encoder_and_the_focus_estimate_as_t
         {
             **base,
             "model": model,
-            "loss": {"l1_weight": 0.5, "l2_weight": 20.0},
+            "loss": {"l1_weight": 0.5, "l2_weight": 20.0, "psnr_gain_weight": 0.01},  # every image term trains
             "training": {**base["training"], "initial_weights": str(start.weights_path), "train_only": "decoder"},
         }
     )

@@ -1,6 +1,6 @@
-"""Training losses: image fidelity (L1 + MS-SSIM, optionally L2), the multi-scale loss of the head-to-tail
-network, an optional VGG-16 feature (perceptual + gram) loss, and a robust loss on the defocus estimate with a
-Gaussian NLL that teaches the head its own uncertainty.
+"""Training losses: image fidelity (L1 + MS-SSIM, optionally L2 and the PSNR gain over the raw frame), the
+multi-scale loss of the head-to-tail network, an optional VGG-16 feature (perceptual + gram) loss, and a robust
+loss on the defocus estimate with a Gaussian NLL that teaches the head its own uncertainty.
 
 All image terms work on normalised intensities (see normalization.py), where the in-focus target of a typical
 frame spans about [0, 1]; SSIM uses data_range = 1.0 on that scale.
@@ -28,6 +28,9 @@ DEFOCUS_SIGN_WEIGHT = 5.0
 # The log-L1 magnitude term's weight: its gradient is this / (1 + |d| / um) per um, so 10 in focus (where the Huber
 # terms give 1) and about 0.3 at 30 um.
 LOG_MAGNITUDE_WEIGHT = 10.0
+# Added to both MSEs of psnr_gain_loss: 60 dB below a target spanning [0, 1], so an empty or perfectly restored patch
+# neither divides by zero nor takes the batch's gradient.
+_PSNR_FLOOR_MSE = 1e-6
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -47,6 +50,18 @@ def structural_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
             return 1.0 - similarity
     similarity = ssim(prediction, target, data_range=1.0, win_size=7)
     return 1.0 - similarity
+
+
+def psnr_gain_loss(prediction: torch.Tensor, target: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """Minus the mean PSNR gain (dB) of `prediction` over `raw`, each patch against its `target`:
+    10 log10(MSE(prediction) / MSE(raw)). Its gradient on a patch is that of its MSE divided by the MSE itself, so
+    a bright patch whose errors are small in normalised units weighs as much as a dim one: with MSE or L1 alone,
+    the dim patches' noise dominates the batch and bright ones, where the evaluation measures the least gain, are
+    learnt least. The raw frame's MSE does not change the gradient; it makes the value read as a gain."""
+    dims = tuple(range(1, target.ndim))
+    output_mse = ((prediction - target) ** 2).mean(dim=dims)
+    raw_mse = ((raw - target) ** 2).mean(dim=dims)
+    return (10.0 * torch.log10((output_mse + _PSNR_FLOOR_MSE) / (raw_mse + _PSNR_FLOOR_MSE))).mean()
 
 
 def defocus_loss(
@@ -158,8 +173,12 @@ class RefocusLoss(nn.Module):
                 )
             self.features = VGG16Features(config.feature_network_weights)
 
-    def _image_terms(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _image_terms(
+        self, prediction: torch.Tensor, target: torch.Tensor, raw: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
+        if self.config.psnr_gain_weight > 0:
+            terms["psnr_gain"] = self.config.psnr_gain_weight * psnr_gain_loss(prediction, target, raw)
         if self.config.l1_weight > 0:
             terms["l1"] = self.config.l1_weight * functional.l1_loss(prediction, target)
         if self.config.l2_weight > 0:
@@ -182,10 +201,15 @@ class RefocusLoss(nn.Module):
         return terms
 
     def forward(
-        self, outputs: list[torch.Tensor], focus: torch.Tensor, target: torch.Tensor, defocus_um: torch.Tensor
+        self,
+        outputs: list[torch.Tensor],
+        focus: torch.Tensor,
+        target: torch.Tensor,
+        defocus_um: torch.Tensor,
+        raw: torch.Tensor,
     ) -> LossTerms:
-        """`outputs`: the network's images, coarsest first, finest (full resolution) last."""
-        terms = self._image_terms(outputs[-1], target)
+        """`outputs`: the network's images, coarsest first, finest (full resolution) last; `raw`: its input."""
+        terms = self._image_terms(outputs[-1], target, raw)
         if len(outputs) > 1 and self.config.multiscale_weight > 0:
             coarse_total = torch.zeros((), device=target.device)
             for output in outputs[:-1]:

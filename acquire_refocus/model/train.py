@@ -127,7 +127,7 @@ def validation_metrics(
             y = torch.from_numpy(batch.targets[start : start + chunk]).to(device)
             d = torch.from_numpy(batch.defocus_um[start : start + chunk]).to(device)
             outputs, focus = network.forward_train(x)
-            losses.append(float(criterion(outputs, focus, y, d).total) * len(x))
+            losses.append(float(criterion(outputs, focus, y, d, x).total) * len(x))
             psnr_in.append(psnr_db(x, y))
             psnr_out.append(psnr_db(outputs[-1], y))
             errors.append((focus[:, 0] - d).abs())
@@ -450,7 +450,7 @@ class Trainer:
             parts: dict[str, float] = {}
         else:
             outputs, focus = self.network.forward_train(x)
-            terms = self.criterion(outputs, focus, y, d)
+            terms = self.criterion(outputs, focus, y, d, x)
             total, parts = terms.total, terms.parts
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
