@@ -158,6 +158,31 @@ def test_a_frame_outside_the_envelope_takes_the_fusion_alone(tiny_weights: Path,
     np.testing.assert_array_equal(result.image, fused_only(saturated.astype(np.uint16)).image)
 
 
+@pytest.mark.parametrize("physics_path", [True, False])
+def test_evaluations_score_the_candidate_with_the_engine_switches_of_their_config(
+    tiny_weights: Path, tmp_path: Path, physics_path: bool
+) -> None:
+    """`evaluate` (simulated suites and --stack) scores a model as the daemon of the same config runs it: with
+    engine.physics_path off it must not score the Wiener path the daemon would not run."""
+    from types import SimpleNamespace
+
+    from acquire_refocus import Refocuser
+    from acquire_refocus.commands.evaluate import _refocuser_model
+    from acquire_refocus.model.scoring import network_methods
+
+    calibrated = _with_calibration(tiny_weights, tmp_path / "wiener.pt", _calibration((1.0,) * 9))
+    config = parse_config({"engine": {"physics_path": physics_path}})
+    _, frame = _frames(3.0)
+    daemon = Refocuser.load(calibrated, EngineConfig(backend="torch", precision="fp32", physics_path=physics_path))
+    expected = daemon(frame, pixel_size_um=config.optics.pixel_size_um).image
+    other = Refocuser.load(calibrated, EngineConfig(backend="torch", precision="fp32", physics_path=not physics_path))
+    assert float(np.abs(expected - other(frame, pixel_size_um=config.optics.pixel_size_um).image).max()) > 1.0
+    methods, _ = network_methods(config, [("candidate", calibrated)])
+    np.testing.assert_array_equal(methods["candidate"](SimpleNamespace(raw=frame))[0], expected)
+    stack_model = _refocuser_model(calibrated, config.optics.pixel_size_um, config.engine)
+    np.testing.assert_array_equal(stack_model(frame)[0], expected)
+
+
 @pytest.fixture(scope="module")
 def calibration_frames() -> list[Any]:
     from acquire_refocus.model.data import calibration_windows

@@ -23,7 +23,7 @@ from acquire_refocus.model.verdict import (
 )
 
 if TYPE_CHECKING:
-    from acquire_refocus.config import AppConfig
+    from acquire_refocus.config import AppConfig, EngineConfig
     from acquire_refocus.model.stack_eval import StackModel
 
 
@@ -275,7 +275,7 @@ def _stack_suite(
     sections: list[str] = []
     all_rows: list[tuple[str, stack_eval.StackRow]] = []
     for label, path in weights:
-        model = _refocuser_model(path, pixel_size_um, config.engine.num_threads)
+        model = _refocuser_model(path, pixel_size_um, config.engine)
         rows = stack_eval.evaluate_stack(fields, z_um, model)
         summaries = stack_eval.per_distance(rows)
         ranges = stack_eval.stack_ranges(summaries)
@@ -297,12 +297,22 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_") or "model"
 
 
-def _refocuser_model(weights: Path | None, pixel_size_um: float, num_threads: int | None) -> StackModel:
-    """The network as Refocuser runs it (PyTorch, FP32, as the simulated suites), told the stack's pixel size."""
+def _refocuser_model(weights: Path | None, pixel_size_um: float, engine: EngineConfig) -> StackModel:
+    """The network as the daemon of this config runs it (its fusion and physics-path settings), on PyTorch in FP32
+    as the simulated suites, told the stack's pixel size."""
     from acquire_refocus.config import EngineConfig
     from acquire_refocus.refocuser import Refocuser
 
-    refocuser = Refocuser.load(weights, engine=EngineConfig(backend="torch", precision="fp32", num_threads=num_threads))
+    refocuser = Refocuser.load(
+        weights,
+        engine=EngineConfig(
+            backend="torch",
+            precision="fp32",
+            num_threads=engine.num_threads,
+            physics_fusion=engine.physics_fusion,
+            physics_path=engine.physics_path,
+        ),
+    )
     refocuser.check_pixel_size_um(pixel_size_um)
 
     def run(frame: np.ndarray) -> tuple[np.ndarray, float]:

@@ -42,16 +42,25 @@ class Row:
 
 
 def network_method(
-    weights: Path | None, pixel_size_um: float, num_threads: int | None = None, physics_fusion: bool = True
+    weights: Path | None,
+    pixel_size_um: float,
+    num_threads: int | None = None,
+    physics_fusion: bool = True,
+    physics_path: bool = True,
 ) -> tuple[Method, dict[str, Any]]:
     """The network as `Refocuser` runs it, told the test frames' pixel size (a model trained at another one
-    resamples them, as it would on a scope); `physics_fusion` as engine.physics_fusion (model/fusion.py)."""
+    resamples them, as it would on a scope); `physics_fusion` and `physics_path` as the engine settings of the
+    same names (model/fusion.py, model/physics_path.py)."""
     from acquire_refocus.refocuser import Refocuser
 
-    refocuser = Refocuser.load(
-        weights,
-        engine=EngineConfig(backend="torch", precision="fp32", num_threads=num_threads, physics_fusion=physics_fusion),
+    engine = EngineConfig(
+        backend="torch",
+        precision="fp32",
+        num_threads=num_threads,
+        physics_fusion=physics_fusion,
+        physics_path=physics_path,
     )
+    refocuser = Refocuser.load(weights, engine=engine)
 
     last: dict[int, tuple[float, float]] = {}  # id(sample) -> the factors of its result, until factors() asks
 
@@ -81,14 +90,16 @@ def network_methods(
     config: AppConfig, weights: Sequence[tuple[str, Path | None]]
 ) -> tuple[dict[str, Method], dict[str, dict[str, Any]]]:
     """Each labelled network as `network_method` runs it, with its info: the first (the candidate) as the daemon
-    runs it (engine.physics_fusion) and, when the fusion is on, also alone as "LABEL, network alone", to show what
-    the fusion adds; the others alone, for comparison."""
+    of this config runs it (engine.physics_fusion and engine.physics_path) and, when the fusion is on, also alone
+    as "LABEL, network alone", to show what the fusion adds; the others alone, for comparison."""
     methods: dict[str, Method] = {}
     networks: dict[str, dict[str, Any]] = {}
     pixel_size_um, threads = config.optics.pixel_size_um, config.engine.num_threads
     for index, (label, path) in enumerate(weights):
         fused = config.engine.physics_fusion and index == 0
-        methods[label], networks[label] = network_method(path, pixel_size_um, threads, physics_fusion=fused)
+        methods[label], networks[label] = network_method(
+            path, pixel_size_um, threads, physics_fusion=fused, physics_path=config.engine.physics_path
+        )
         if fused:
             alone = f"{label}, network alone"
             methods[alone], networks[alone] = network_method(path, pixel_size_um, threads, physics_fusion=False)
