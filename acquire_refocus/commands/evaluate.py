@@ -298,20 +298,13 @@ def _slug(label: str) -> str:
 
 
 def _refocuser_model(weights: Path | None, pixel_size_um: float, engine: EngineConfig) -> StackModel:
-    """The network as the daemon of this config runs it (its fusion and physics-path settings), on PyTorch in FP32
-    as the simulated suites, told the stack's pixel size."""
-    from acquire_refocus.config import EngineConfig
+    """The network as the daemon of this config runs it (its fusion and physics-path settings), on the simulated
+    suites' engine (`scoring_engine`), told the stack's pixel size."""
+    from acquire_refocus.model.scoring import scoring_engine
     from acquire_refocus.refocuser import Refocuser
 
     refocuser = Refocuser.load(
-        weights,
-        engine=EngineConfig(
-            backend="torch",
-            precision="fp32",
-            num_threads=engine.num_threads,
-            physics_fusion=engine.physics_fusion,
-            physics_path=engine.physics_path,
-        ),
+        weights, engine=scoring_engine(engine.num_threads, engine.physics_fusion, engine.physics_path)
     )
     refocuser.check_pixel_size_um(pixel_size_um)
 

@@ -41,6 +41,20 @@ class Row:
     p_positive: float = math.nan  # the focus head's P(d > 0) (networks only)
 
 
+def scoring_engine(
+    num_threads: int | None = None, physics_fusion: bool = True, physics_path: bool = True
+) -> EngineConfig:
+    """The engine every evaluation scores a network on: PyTorch in FP32, with the daemon's fusion and physics-path
+    switches (model/fusion.py, model/physics_path.py), so that scores do not depend on the backend a config names."""
+    return EngineConfig(
+        backend="torch",
+        precision="fp32",
+        num_threads=num_threads,
+        physics_fusion=physics_fusion,
+        physics_path=physics_path,
+    )
+
+
 def network_method(
     weights: Path | None,
     pixel_size_um: float,
@@ -48,19 +62,11 @@ def network_method(
     physics_fusion: bool = True,
     physics_path: bool = True,
 ) -> tuple[Method, dict[str, Any]]:
-    """The network as `Refocuser` runs it, told the test frames' pixel size (a model trained at another one
-    resamples them, as it would on a scope); `physics_fusion` and `physics_path` as the engine settings of the
-    same names (model/fusion.py, model/physics_path.py)."""
+    """The network as `Refocuser` runs it on `scoring_engine`, told the test frames' pixel size (a model trained
+    at another one resamples them, as it would on a scope)."""
     from acquire_refocus.refocuser import Refocuser
 
-    engine = EngineConfig(
-        backend="torch",
-        precision="fp32",
-        num_threads=num_threads,
-        physics_fusion=physics_fusion,
-        physics_path=physics_path,
-    )
-    refocuser = Refocuser.load(weights, engine=engine)
+    refocuser = Refocuser.load(weights, engine=scoring_engine(num_threads, physics_fusion, physics_path))
 
     last: dict[int, tuple[float, float]] = {}  # id(sample) -> the factors of its result, until factors() asks
 
