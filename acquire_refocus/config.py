@@ -254,14 +254,6 @@ class _ModelSection(_Section):
         "a full-resolution trunk of its own (measured at 20x: |d| closer at 3-10 um, worse beyond 14 um on dim "
         "frames; a 512 px call 1.28x as long; tools/reports/robust-model/README.md)",
     )
-    focus_heads: int = Field(
-        1,
-        ge=1,
-        le=8,
-        description="bottleneck focus heads, each trained on its own error and read as their mean: an ensemble "
-        "that steadies the unsigned estimate, whose single heads vary with their training run "
-        "(tools/reports/robust-model/README.md)",
-    )
     weights: Path | None = None
     weights_per_channel: dict[str, Path] = Field(
         default_factory=dict,

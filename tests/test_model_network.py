@@ -11,16 +11,7 @@ import torch
 
 from acquire_refocus.config import MultiScaleModelConfig, ResNet34ModelConfig, UNetModelConfig
 from acquire_refocus.errors import ConfigError
-from acquire_refocus.model.losses import defocus_loss
-from acquire_refocus.model.network import (
-    LOG_SIGMA_ROW,
-    SIGN_LOGIT_ROW,
-    FocusHeadEnsemble,
-    MultiScaleUNet,
-    ResNet34Encoder,
-    build_network,
-    focus_last_layers,
-)
+from acquire_refocus.model.network import MultiScaleUNet, ResNet34Encoder, build_network
 from acquire_refocus.model.normalization import NormalizationParams, denormalize, frame_scale, normalize
 
 ARCHITECTURES = {
@@ -30,7 +21,6 @@ ARCHITECTURES = {
     "resnet34": ResNet34ModelConfig(base_channels=4),
     "unet, image focus head": UNetModelConfig(base_channels=4, depth=3, focus_input="image"),
     "multiscale, image focus head": MultiScaleModelConfig(base_channels=4, depth=2, scales=2, focus_input="image"),
-    "unet, 3 focus heads": UNetModelConfig(base_channels=4, depth=3, focus_heads=3),
 }
 
 
@@ -87,38 +77,6 @@ def test_image_focus_head_reads_the_frame_not_the_unet(name: str) -> None:
     assert not torch.allclose(focus_other_frame, focus)
 
 
-def test_focus_head_ensemble_reads_the_mean_of_its_members_and_trains_each_on_its_own_error() -> None:
-    """Eval: one [N, 4] from the mean of the members' last layers. Training: every member's own outputs, stacked
-    member by member, and the loss on them is the mean of the members' losses."""
-    network = build_network(ARCHITECTURES["unet, 3 focus heads"]).eval()
-    head = network.focus_head
-    assert isinstance(head, FocusHeadEnsemble) and len(head.heads()) == 3
-    x = torch.rand(2, 1, 2 * network.stride, 2 * network.stride)
-    defocus_um = torch.tensor([-4.0, 12.0])
-    with torch.no_grad():
-        bottom = network.encode(x)
-        members = [member.forward_train(x, bottom) for member in head.heads()]
-        mean_raw = torch.stack([member.raw(bottom) for member in head.heads()]).mean(dim=0)
-        ensemble = network.forward_focus(x)
-        assert not torch.allclose(members[0], members[1])  # each from its own initialisation
-        torch.testing.assert_close(ensemble[:, 2], torch.nn.functional.softplus(mean_raw[:, 0]) * 10.0)
-        torch.testing.assert_close(ensemble[:, 1], mean_raw[:, LOG_SIGMA_ROW])
-        torch.testing.assert_close(ensemble[:, 3], mean_raw[:, SIGN_LOGIT_ROW])
-        head.train()
-        stacked = network.forward_focus(x)
-    torch.testing.assert_close(stacked, torch.cat(members))
-    each = torch.stack([defocus_loss(member, defocus_um, 1.0) for member in members])
-    torch.testing.assert_close(defocus_loss(stacked, defocus_um, 1.0), each.mean())
-    with pytest.raises(ValueError, match="5 focus outputs for 2 labels"):
-        defocus_loss(stacked[:5], defocus_um, 1.0)
-    assert len(focus_last_layers(head)) == 3
-
-
-def test_focus_head_ensemble_needs_the_bottleneck_head() -> None:
-    with pytest.raises(ConfigError, match="focus_heads above 1 needs model.focus_input: bottleneck"):
-        build_network(UNetModelConfig(base_channels=4, depth=3, focus_input="image", focus_heads=2))
-
-
 def test_parameter_count_of_the_default_unet_suits_real_time() -> None:
     count = sum(p.numel() for p in build_network(UNetModelConfig()).parameters())
     assert 500_000 <= count <= 2_000_000
@@ -150,7 +108,7 @@ def test_multiscale_fusion_feeds_the_coarse_scale_into_the_fine_one() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["multiscale-sum", "unet, image focus head", "unet, 3 focus heads"])
+@pytest.mark.parametrize("name", ["multiscale-sum", "unet, image focus head"])
 def test_network_exports_to_onnx_with_dynamic_size(name: str, tmp_path: Path) -> None:
     """Through the engines' own exporter, then ONNX Runtime at a size and batch other than the export example."""
     import onnxruntime

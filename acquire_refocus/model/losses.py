@@ -74,14 +74,7 @@ def defocus_loss(
     With the training outputs of a focus head (4 columns) the two factors are supervised too: the magnitude
     (Huber in um, or with `magnitude_loss` "log_l1" an L1 on log(1 + |d|), LOG_MAGNITUDE_WEIGHT times) and the
     sign (logistic loss, weighted down within 1 um of focus where the sign hardly matters).
-
-    An ensemble of heads in training mode gives its members' outputs stacked ([K*N, ...], network.py
-    FocusHeadEnsemble): the labels are repeated to match, so the loss is the mean of the members' losses.
     """
-    members, leftover = divmod(focus.shape[0], defocus_um.shape[0])
-    if leftover or members < 1:
-        raise ValueError(f"{focus.shape[0]} focus outputs for {defocus_um.shape[0]} labels")
-    defocus_um = defocus_um.repeat(members)
     estimate_um = focus[:, 0]
     log_sigma_um = focus[:, 1].clamp(-6.0, 6.0)
     loss = functional.huber_loss(estimate_um, defocus_um, delta=huber_delta_um)

@@ -99,16 +99,11 @@ class FocusHead(nn.Module):
         self.weight = nn.Conv2d(in_channels, 1, 1)
         self.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 3))
 
-    def raw(self, bottom: torch.Tensor) -> torch.Tensor:
-        """[N, 3]: the last linear layer's outputs, before _focus_outputs."""
-        pooled: torch.Tensor = self.fc(_masked_mean(self.reduce(bottom), self.weight(bottom)))
-        return pooled
-
     def forward_train(self, image: torch.Tensor, bottom: torch.Tensor | None) -> torch.Tensor:
         """[N, 4] (see _focus_outputs) from the bottleneck; `image` is not read."""
         if bottom is None:
             raise ValueError("FocusHead reads the bottleneck features")
-        return _focus_outputs(self.raw(bottom))
+        return _focus_outputs(self.fc(_masked_mean(self.reduce(bottom), self.weight(bottom))))
 
     def forward(self, image: torch.Tensor, bottom: torch.Tensor | None) -> torch.Tensor:
         return self.forward_train(image, bottom)[:, :3]
@@ -152,68 +147,15 @@ class ImageFocusHead(nn.Module):
         return self.forward_train(image, bottom)[:, :3]
 
 
-class FocusHeadEnsemble(nn.Module):
-    """Several bottleneck heads (model.focus_heads), each from its own initialisation and trained on its own loss,
-    read as one: the mean of their last layers' outputs, before the softplus and the sign.
-
-    Why: the unsigned estimate of one head depends on its training run more than on anything else measured. Two
-    heads on the same frozen U-Net, differing only in seed and length, read the same in-focus frames 1.2-4.4 um
-    and 0.8-3.3 um (tools/reports/robust-model/README.md); averaging independent heads is the standard cure for
-    such variance. The heads read the same bottleneck, so K heads cost K small 1x1 convolutions and linears, not
-    K networks. Averaging before the activations keeps the calibration exact: `last_layers()` scales every
-    member's sign row and shifts its sigma bias, which scales and shifts their mean alike.
-
-    In training mode `forward_train` returns every member's outputs stacked along the batch ([K*N, 4], member by
-    member) so that each learns from its own error (defocus_loss repeats the labels); in eval mode, as everywhere
-    a prediction is used, the ensemble's [N, 4]."""
-
-    reads_image = False
-
-    def __init__(self, in_channels: int, count: int) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(FocusHead(in_channels) for _ in range(count))
-
-    def heads(self) -> list[FocusHead]:
-        return [cast(FocusHead, member) for member in self.members]
-
-    def last_layers(self) -> list[nn.Linear]:
-        return [cast(nn.Linear, member.fc[-1]) for member in self.heads()]
-
-    def forward_train(self, image: torch.Tensor, bottom: torch.Tensor | None) -> torch.Tensor:
-        if bottom is None:
-            raise ValueError("FocusHeadEnsemble reads the bottleneck features")
-        raws = [member.raw(bottom) for member in self.heads()]
-        if self.training:
-            return torch.cat([_focus_outputs(raw) for raw in raws], dim=0)
-        return _focus_outputs(torch.stack(raws).mean(dim=0))
-
-    def forward(self, image: torch.Tensor, bottom: torch.Tensor | None) -> torch.Tensor:
-        return self.forward_train(image, bottom)[:, :3]
-
-
-AnyFocusHead = FocusHead | ImageFocusHead | FocusHeadEnsemble
-
-
-def build_focus_head(focus_input: FocusInput, bottleneck_channels: int, count: int = 1) -> AnyFocusHead:
-    """The focus head `model.focus_input` and `model.focus_heads` name."""
-    if focus_input == "image":
-        if count != 1:
-            raise ConfigError("model.focus_heads above 1 needs model.focus_input: bottleneck")
-        return ImageFocusHead()
-    return FocusHead(bottleneck_channels) if count == 1 else FocusHeadEnsemble(bottleneck_channels, count)
-
-
-def focus_last_layers(head: AnyFocusHead) -> list[nn.Linear]:
-    """The last linear layer of every head that reads out the focus (calibrate_focus_head rescales its rows)."""
-    if isinstance(head, FocusHeadEnsemble):
-        return head.last_layers()
-    return [cast(nn.Linear, head.fc[-1])]
+def build_focus_head(focus_input: FocusInput, bottleneck_channels: int) -> FocusHead | ImageFocusHead:
+    """The focus head `model.focus_input` names."""
+    return ImageFocusHead() if focus_input == "image" else FocusHead(bottleneck_channels)
 
 
 class RefocusNetwork(nn.Module, ABC):
     """What training, export and inference use of every architecture (the contract in the module docstring)."""
 
-    focus_head: AnyFocusHead
+    focus_head: FocusHead | ImageFocusHead
     stride: int  # frame sides must be a multiple of this
 
     @abstractmethod
@@ -285,13 +227,11 @@ class UNetCore(nn.Module):
 class RefocusUNet(RefocusNetwork):
     """The default network: U-Net predicting a residual on the (normalised) input, plus the focus head."""
 
-    def __init__(
-        self, base_channels: int = 16, depth: int = 4, focus_input: FocusInput = "bottleneck", focus_heads: int = 1
-    ) -> None:
+    def __init__(self, base_channels: int = 16, depth: int = 4, focus_input: FocusInput = "bottleneck") -> None:
         super().__init__()
         self.core = UNetCore(1, base_channels, depth)
         self.to_image = nn.Conv2d(self.core.out_channels, 1, 1)
-        self.focus_head = build_focus_head(focus_input, self.core.bottleneck_channels, focus_heads)
+        self.focus_head = build_focus_head(focus_input, self.core.bottleneck_channels)
         self.stride = 2**depth
 
     def forward_train(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -321,7 +261,6 @@ class MultiScaleUNet(RefocusNetwork):
         scales: int = 3,
         fusion: str = "sum",
         focus_input: FocusInput = "bottleneck",
-        focus_heads: int = 1,
     ) -> None:
         super().__init__()
         if fusion not in ("sum", "concat"):
@@ -338,8 +277,7 @@ class MultiScaleUNet(RefocusNetwork):
             core = UNetCore(in_channels, base_channels, depth)
             self.cores.append(core)
             self.to_images.append(nn.Conv2d(core.out_channels, 1, 1))
-        # The finest scale's bottleneck.
-        self.focus_head = build_focus_head(focus_input, core.bottleneck_channels, focus_heads)
+        self.focus_head = build_focus_head(focus_input, core.bottleneck_channels)  # the finest scale's bottleneck
 
     def _pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         levels = [x]
@@ -465,7 +403,7 @@ class ResNet34Encoder(nn.Module):
 class ResNet34UNet(RefocusNetwork):
     """U-Net with a ResNet-34 encoder. The grey input is repeated to the three channels ImageNet weights expect."""
 
-    def __init__(self, base_channels: int = 16, focus_input: FocusInput = "bottleneck", focus_heads: int = 1) -> None:
+    def __init__(self, base_channels: int = 16, focus_input: FocusInput = "bottleneck") -> None:
         super().__init__()
         self.encoder = ResNet34Encoder()
         self.stride = 32
@@ -478,7 +416,7 @@ class ResNet34UNet(RefocusNetwork):
             previous = width
         self.full_res = _conv_block(previous + 1, dec[4])
         self.to_image = nn.Conv2d(dec[4], 1, 1)
-        self.focus_head = build_focus_head(focus_input, enc[4], focus_heads)
+        self.focus_head = build_focus_head(focus_input, enc[4])
 
     def _decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(x.expand(-1, 3, -1, -1))
@@ -509,9 +447,7 @@ def build_network(model_config: ModelConfig, *, load_pretrained: bool = True) ->
     """The network named by `model_config.architecture`, freshly initialised (ImageNet encoder weights only from
     `model_config.pretrained_encoder`, and only when `load_pretrained`)."""
     if isinstance(model_config, UNetModelConfig):
-        return RefocusUNet(
-            model_config.base_channels, model_config.depth, model_config.focus_input, model_config.focus_heads
-        )
+        return RefocusUNet(model_config.base_channels, model_config.depth, model_config.focus_input)
     if isinstance(model_config, MultiScaleModelConfig):
         return MultiScaleUNet(
             model_config.base_channels,
@@ -519,9 +455,8 @@ def build_network(model_config: ModelConfig, *, load_pretrained: bool = True) ->
             model_config.scales,
             model_config.fusion,
             model_config.focus_input,
-            model_config.focus_heads,
         )
-    network = ResNet34UNet(model_config.base_channels, model_config.focus_input, model_config.focus_heads)
+    network = ResNet34UNet(model_config.base_channels, model_config.focus_input)
     if load_pretrained and model_config.pretrained_encoder is not None:
         network.encoder.load_pretrained(model_config.pretrained_encoder)
     return network

@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -43,7 +43,6 @@ from acquire_refocus.model.network import (
     SIGN_LOGIT_ROW,
     RefocusNetwork,
     build_network,
-    focus_last_layers,
     parameter_count,
 )
 from acquire_refocus.model.normalization import NormalizationParams
@@ -59,7 +58,7 @@ REFRESH_EVERY_STEPS = 12
 SIGN_CALIBRATION_MIN_UM = 1.0
 _WEIGHT_PATHS = frozenset({"weights", "pretrained_encoder"})  # model settings that name files, not the network
 # Model settings that only choose the focus head's design: initial weights with another head start the new head fresh.
-_HEAD_SETTINGS = frozenset({"focus_input", "focus_heads"})
+_HEAD_SETTINGS = frozenset({"focus_input"})
 
 
 @dataclass
@@ -197,11 +196,11 @@ def calibrate_focus_head(
         temperature = float(temperatures[int(torch.argmin(losses))])
     estimate_um = magnitude_um * torch.tanh(0.5 * logit / temperature)
     sigma_scale = float(torch.sqrt(((estimate_um - defocus_um) / torch.exp(log_sigma_um)).pow(2).mean()))
+    last = cast(torch.nn.Linear, network.focus_head.fc[-1])  # FocusHead builds it so
     with torch.no_grad():
-        for last in focus_last_layers(network.focus_head):
-            last.weight[SIGN_LOGIT_ROW] /= temperature
-            last.bias[SIGN_LOGIT_ROW] /= temperature
-            last.bias[LOG_SIGMA_ROW] += math.log(sigma_scale)
+        last.weight[SIGN_LOGIT_ROW] /= temperature
+        last.bias[SIGN_LOGIT_ROW] /= temperature
+        last.bias[LOG_SIGMA_ROW] += math.log(sigma_scale)
     return temperature, sigma_scale, magnitude_margin_um(magnitude_um.tolist(), defocus_um.tolist())
 
 
