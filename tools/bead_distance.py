@@ -9,7 +9,9 @@ reports the |d| of the best plane per frame, beside the head's `defocus_magnitud
 
 Frames: the out-of-distribution suite's bead set (`--psf vectorial`, the simulator's PSF, the same as the bank's:
 an upper bound) or the same beads through psfmodels' scalar Gibson-Lanni PSF (`--psf scalar`, a PSF model the fit
-does not know). Run: python tools/bead_distance.py [--config my.yaml] [--weights my.pt] [--psf scalar]
+does not know). The fit's bank: the fusion's (`--bank fusion`: at the coverslip, d >= 0, what the package has at
+run time) or the bead slide's own (`--bank beads`: at the beads' depth in the medium, both signs).
+Run: python tools/bead_distance.py [--config my.yaml] [--weights my.pt | --no-head] [--psf scalar] [--bank beads]
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ import scipy.fft
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from acquire_refocus.config import AppConfig, load_config
+from acquire_refocus.model.fusion import OpticalFusion, bank_mtf
 from acquire_refocus.model.held_out import Sample
-from acquire_refocus.model.ood import build_sets, ood_distances_um, select_sets
+from acquire_refocus.model.ood import BEAD_SEED_BASE, _no_background, build_sets, ood_distances_um, select_sets
+from acquire_refocus.sim.microscope import SimulatedMicroscope
+from acquire_refocus.sim.psf import PsfBank
 
 WINDOW_PX = 256
 BANDS = 64  # radial bands up to Nyquist; band BANDS holds the corners beyond it (noise)
@@ -48,21 +53,25 @@ def _profile(power: np.ndarray, band: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 class BeadDistanceFit:
-    """|d| of a bead frame: the bank plane whose |OTF|^2 x bead spectrum best fits the frame's power spectrum."""
+    """|d| of a bead frame: the bank plane whose |OTF|^2 x bead spectrum best fits the frame's power spectrum.
 
-    def __init__(self, config: AppConfig, shape: tuple[int, int]) -> None:
-        from acquire_refocus.model.fusion import OpticalFusion
+    `bank`: the planes to fit, signed defocus (um) -> PSF (sim/psf.py PsfBank). The fusion's bank (the default)
+    is computed at the coverslip for d >= 0 only; the simulator's bank for the bead slide is computed at the
+    beads' depth in the medium, both signs, which at high NA into water differ (spherical aberration)."""
 
+    def __init__(self, config: AppConfig, shape: tuple[int, int], bank: PsfBank, signed: bool) -> None:
         reach_um = max(abs(float(d)) for d in config.training.defocus_range_um)
-        fusion = OpticalFusion(config.optics, 0.0, reach_um)  # for its PSF bank and OTFs on the frame's grid
         self.band, radius = _bands(shape)
         sigma_px = BEAD_SIGMA_UM / config.optics.pixel_size_um
         bead_power = np.exp(-2.0 * math.pi**2 * sigma_px**2 * radius**2) ** 2
-        self.distances_um = np.array([d for d in fusion.bank.defocus_um if d >= 0], dtype=np.float64)
+        planes = [
+            index for index, d in enumerate(bank.defocus_um) if abs(d) <= reach_um * 1.2 + 1e-9 and (signed or d >= 0)
+        ]
+        self.distances_um = np.abs(np.asarray(bank.defocus_um, dtype=np.float64)[planes])
         self.models = np.array(
             [
-                _profile(fusion.mtf(float(d), shape).astype(np.float64) ** 2 * bead_power, self.band)[0]
-                for d in self.distances_um
+                _profile(bank_mtf(bank, index, shape).astype(np.float64) ** 2 * bead_power, self.band)[0]
+                for index in planes
             ]
         )
 
@@ -95,19 +104,40 @@ def main() -> int:
     )
     parser.add_argument("--fields", type=int, default=3)
     parser.add_argument("--psf", choices=("vectorial", "scalar"), default="vectorial")
+    parser.add_argument(
+        "--bank",
+        choices=("fusion", "beads"),
+        default="fusion",
+        help="fit against the fusion's bank (at the coverslip, d >= 0; default) or the bead slide's own (at the "
+        "beads' depth, both signs; with --psf vectorial the very PSF that made the frames)",
+    )
+    parser.add_argument("--no-head", action="store_true", help="fit only (no network for these optics at hand)")
     args = parser.parse_args()
     from acquire_refocus.refocuser import Refocuser
 
     config = load_config(args.config)
     samples = _bead_frames(config, args.fields, args.psf)
-    fit = BeadDistanceFit(config, (WINDOW_PX, WINDOW_PX))
-    head = Refocuser.load(args.weights, "onnxruntime")
+    reach_um = max(abs(float(d)) for d in config.training.defocus_range_um)
+    if args.bank == "beads":
+        scope = SimulatedMicroscope(
+            config.optics,
+            _no_background(config.simulator, family="beads", field_size_um=(200.0, 200.0)).model_copy(
+                update={"seed": BEAD_SEED_BASE}
+            ),
+        )
+        bank = scope.psf_bank
+    else:
+        bank = OpticalFusion(config.optics, 0.0, reach_um).bank
+    fit = BeadDistanceFit(config, (WINDOW_PX, WINDOW_PX), bank, signed=args.bank == "beads")
+    head = None if args.no_head else Refocuser.load(args.weights, "onnxruntime")
     rows: dict[float, list[tuple[float, float]]] = {}
     for sample in samples:
-        rows.setdefault(abs(sample.defocus_um), []).append((fit(sample.raw), head(sample.raw).defocus_magnitude_um))
+        read = math.nan if head is None else head(sample.raw).defocus_magnitude_um
+        rows.setdefault(abs(sample.defocus_um), []).append((fit(sample.raw), read))
     print(
         f"beads ({args.psf} PSF), {config.optics.magnification:g}x / {config.optics.numerical_aperture:g} NA, "
-        f"bank planes {np.diff(fit.distances_um[:2])[0]:.2f} um apart; mean |d| read and mean absolute error (um)"
+        f"{args.bank} bank, planes {np.diff(bank.defocus_um[:2])[0]:.2f} um apart; mean |d| read and mean "
+        "absolute error (um)"
     )
     print("| |d| | spectral fit | its error | head | its error |")
     print("|---|---|---|---|---|")

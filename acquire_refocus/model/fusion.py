@@ -43,6 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.fft
@@ -52,6 +53,9 @@ from acquire_refocus.config import OpticsConfig, SimulatorConfig
 from acquire_refocus.logs import kv
 from acquire_refocus.model.envelope import noise_std
 from acquire_refocus.model.noise import NoiseModel, fit_noise_model
+
+if TYPE_CHECKING:
+    from acquire_refocus.sim.psf import PsfBank
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,20 @@ def _radial_bands(shape: tuple[int, int]) -> np.ndarray:
     return bands
 
 
+def bank_mtf(bank: PsfBank, index: int, shape: tuple[int, int]) -> np.ndarray:
+    """|OTF| (float32) of plane `index` of a PSF bank on the rfft2 grid of `shape`: the PSF centred at the origin,
+    cropped to the frame where it is larger, normalised to a sum of 1."""
+    psf = bank.plane(index).astype(np.float64)
+    half = psf.shape[0] // 2
+    reach_y, reach_x = min(half, (shape[0] - 1) // 2), min(half, (shape[1] - 1) // 2)
+    kernel = psf[half - reach_y : half + reach_y + 1, half - reach_x : half + reach_x + 1]
+    grid = np.zeros(shape, dtype=np.float64)
+    grid[: kernel.shape[0], : kernel.shape[1]] = kernel / kernel.sum()
+    grid = np.roll(grid, (-reach_y, -reach_x), axis=(0, 1))
+    mtf: np.ndarray = np.abs(scipy.fft.rfft2(grid, workers=_WORKERS)).astype(np.float32)
+    return mtf
+
+
 class OpticalFusion:
     """Fuse a network output with its input frame under the two bounds of the module docstring."""
 
@@ -150,14 +168,7 @@ class OpticalFusion:
         with self._lock:  # the software autofocus may run the Refocuser beside the pipeline's worker
             cached = self._otf.pop(key, None)
         if cached is None:
-            psf = self.bank.plane(index).astype(np.float64)
-            half = psf.shape[0] // 2
-            reach_y, reach_x = min(half, (shape[0] - 1) // 2), min(half, (shape[1] - 1) // 2)
-            kernel = psf[half - reach_y : half + reach_y + 1, half - reach_x : half + reach_x + 1]
-            grid = np.zeros(shape, dtype=np.float64)
-            grid[: kernel.shape[0], : kernel.shape[1]] = kernel / kernel.sum()
-            grid = np.roll(grid, (-reach_y, -reach_x), axis=(0, 1))
-            cached = np.abs(scipy.fft.rfft2(grid, workers=_WORKERS)).astype(np.float32)
+            cached = bank_mtf(self.bank, index, shape)
         with self._lock:
             self._otf[key] = cached
             while len(self._otf) > _OTF_CACHE_ENTRIES:
