@@ -156,12 +156,32 @@ def test_one_config_is_read_by_many_threads_while_copies_are_made() -> None:
     assert set(seen) == {"observe"} and len(seen) == 800
 
 
-def test_the_shipped_weights_of_version_1_load() -> None:
+def test_weights_of_version_1_still_load(tmp_path: Path) -> None:
+    """Weights written before config version 2 (the shipped default until 2026-12-07) carry no version and a model
+    section with every architecture's keys; they load as the architecture they name."""
+    model_config = UNetModelConfig(base_channels=4, depth=2)
+    path = tmp_path / "weights.pt"
+    save_weights(path, build_network(model_config), model_config, OpticsConfig(), {})
+    payload = torch.load(path, weights_only=True)
+    del payload[CONFIG_VERSION_KEY]
+    payload["model_config"] = {
+        "architecture": "unet",
+        "base_channels": 4,
+        "depth": 2,
+        "scales": 3,
+        "fusion": "sum",
+        "pretrained_encoder": None,
+        "weights": None,
+    }  # the shipped default's section as version 1 wrote it
+    write_payload(path, payload)
+    loaded = load_weights(path)
+    assert isinstance(loaded.model_config, UNetModelConfig) and loaded.model_config.depth == 2
+
+
+def test_the_shipped_weights_load_as_the_current_version() -> None:
     payload, _ = read_payload(DEFAULT_WEIGHTS)
-    assert CONFIG_VERSION_KEY not in payload and "scales" in payload["model_config"]  # written before version 2
-    loaded = load_weights(None)
-    assert isinstance(loaded.model_config, UNetModelConfig)
-    assert loaded.model_config.depth == payload["model_config"]["depth"]
+    assert payload[CONFIG_VERSION_KEY] == CONFIG_VERSION
+    assert isinstance(load_weights(None).model_config, UNetModelConfig)
 
 
 @pytest.mark.parametrize(
