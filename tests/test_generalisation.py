@@ -425,8 +425,8 @@ def test_a_non_finite_probe_response_leaves_the_fusion_finite(fusion: object) ->
 
 def test_a_larger_margin_keeps_the_fusion_nearer_the_raw_frame() -> None:
     """With all of |d| taken off, the fusion may not sharpen a defocused frame at all: even a perfect network's
-    output stays nearer the raw frame than with a 1.84 um margin (the shipped one until 2026-12-07; what training.fusion_margin_extra_um
-    buys near focus, and costs far from it)."""
+    output stays nearer the raw frame than with a 1.84 um margin (the shipped one until 2026-12-07; what
+    training.fusion_margin_extra_um buys near focus, and costs far from it)."""
     from acquire_refocus.model.fusion import OpticalFusion
 
     truth, _, blurred = _bright_frames(10.0)
