@@ -227,6 +227,38 @@ def test_extruded_real_image_keeps_its_projection() -> None:
     assert volume.depth_um > 2
 
 
+def test_real_volume_keeps_its_structure_and_photons() -> None:
+    """The real 3-D volume as a specimen: background and its noise gone, photons per um^2 kept through resampling,
+    planes grouped to the step asked for and centred on the signal, and a mirrored field with no seam."""
+    import tifffile
+
+    from acquire_refocus.model.ood import REAL_VOLUME, REAL_VOLUME_VOXEL_UM
+    from acquire_refocus.sim.volume import MeasuredVolume
+
+    stack = tifffile.imread(REAL_VOLUME)
+    assert stack.shape == (60, 256, 256)
+    volume = MeasuredVolume(stack, REAL_VOLUME_VOXEL_UM, 0.325, max_z_step_um=0.75)
+    assert volume.unique_shape_px == (205, 205) and volume.field_shape_px == (410, 410)
+    assert len(volume.plane_z_um) == 30 and np.allclose(np.diff(volume.plane_z_um), 0.58)
+    unique = volume.planes[:, :205, :205]
+    weights = unique.sum(axis=(1, 2))
+    assert abs(float((weights * volume.plane_z_um).sum() / weights.sum())) < 1e-6  # z measured from the centre
+    assert weights[:3].sum() < 0.005 * weights.sum()  # the empty planes above the cells: no haze of rectified noise
+    # photons per um^2: the whole unique field against the stack's own signal (background removed the same way)
+    signal_um2 = unique.sum() / (205 * 0.325) ** 2
+    dimmest = stack[np.argsort(stack.mean(axis=(1, 2)))[:6]].astype(np.float64)
+    threshold = np.median(dimmest) + 2 * 1.4826 * np.median(np.abs(dimmest - np.median(dimmest)))
+    expected_um2 = np.clip(stack - threshold, 0, None).sum() / (256 * 0.26) ** 2
+    assert signal_um2 == pytest.approx(expected_um2, rel=0.03)
+    # mirrored: periodic, so a window across the field's edge continues the field without a jump
+    across = volume.window(400, 0, 20, 20)
+    np.testing.assert_array_equal(across[:, 9], volume.planes[:, 409, :20])
+    np.testing.assert_array_equal(across[:, 10], volume.planes[:, 0, :20])
+    np.testing.assert_array_equal(volume.planes[:, 409], volume.planes[:, 0])
+    with pytest.raises(ValueError, match="3-D"):
+        MeasuredVolume(stack[0], REAL_VOLUME_VOXEL_UM, 0.325, max_z_step_um=0.75)
+
+
 def test_ood_evaluation_reports_every_set_with_its_targets(tmp_path: Path, tiny_weights: Path) -> None:
     from acquire_refocus.model.ood import OOD_SOURCES, run_ood_evaluation
 
@@ -243,13 +275,15 @@ def test_ood_evaluation_reports_every_set_with_its_targets(tmp_path: Path, tiny_
         "beads (one plane)",
         "nuclei, peak 20 photons",
         "nuclei, peak 5000 photons",
+        "real nuclei 3-D (cells3d)",
     ):
         assert f"## {name}" in text
     assert all(name in text for name in OOD_SOURCES)
     assert "no harm (gain >= -0.3 dB everywhere)" in text and "reads <= 1 um in focus" in text
     rows = (tmp_path / "ood" / "metrics.csv").read_text().splitlines()
-    # the model with and without engine.physics_fusion x 10 sets (5 of them brightness levels) x 15 signed distances
-    assert len(rows) - 1 == 2 * 10 * 15
+    # the model with and without engine.physics_fusion x 15 signed distances x (10 sets of one field, 5 of them
+    # brightness levels, and the real volume's four windows)
+    assert len(rows) - 1 == 2 * 15 * (10 + 4)
     with (tmp_path / "ood" / "metrics.csv").open() as handle:
         methods = {row["method"] for row in csv.DictReader(handle)}
     assert methods == {"tiny", "tiny, network alone"}

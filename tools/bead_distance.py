@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from acquire_refocus.config import AppConfig, load_config
 from acquire_refocus.model.fusion import OpticalFusion, bank_mtf
 from acquire_refocus.model.held_out import Sample
-from acquire_refocus.model.ood import BEAD_SEED_BASE, _no_background, build_sets, ood_distances_um, select_sets
+from acquire_refocus.model.ood import BEAD_SEED_BASE, build_sets, ood_distances_um, select_sets, suite_simulator
 from acquire_refocus.sim.microscope import SimulatedMicroscope
 from acquire_refocus.sim.psf import PsfBank
 
@@ -121,7 +121,7 @@ def main() -> int:
     if args.bank == "beads":
         scope = SimulatedMicroscope(
             config.optics,
-            _no_background(config.simulator, family="beads", field_size_um=(200.0, 200.0)).model_copy(
+            suite_simulator(config.simulator, family="beads", field_size_um=(200.0, 200.0)).model_copy(
                 update={"seed": BEAD_SEED_BASE}
             ),
         )

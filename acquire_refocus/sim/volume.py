@@ -1,6 +1,9 @@
-"""A specimen given as a volume: what the microscope needs of any specimen, and a real 2-D image made 3-D.
+"""A specimen given as a volume: what the microscope needs of any specimen, a real 2-D image made 3-D, and a real
+3-D volume.
 
 `SpecimenVolume` is the Protocol the simulated microscope renders from (the procedural `Specimen` satisfies it).
+`MeasuredVolume` takes a real fluorescence z-stack (e.g. a confocal one, whose PSF is far narrower than a
+widefield objective's) as the specimen itself: structure real in x, y and z.
 `ExtrudedImage` turns a real in-focus fluorescence image and its nucleus labels into a 3-D volume: each labelled
 nucleus keeps its real outline and chromatin texture in x and y and gets a dome-shaped thickness in z
 (half its equivalent diameter at the centre), at a random depth within a layer. The z structure is modelled; the
@@ -77,6 +80,60 @@ class ExtrudedImage:
         # nuclei carry their signal through their thickness; the background stays in the mid-plane
         self.planes = (inside * (signal * (labels > 0) / layers)[None]).astype(np.float32)
         self.planes[count] += signal * (labels == 0)
+
+    def window(self, top_px: int, left_px: int, height_px: int, width_px: int) -> np.ndarray:
+        rows = np.arange(top_px, top_px + height_px) % self.field_shape_px[0]
+        cols = np.arange(left_px, left_px + width_px) % self.field_shape_px[1]
+        window: np.ndarray = self.planes[:, rows[:, None], cols[None, :]]
+        return window
+
+
+class MeasuredVolume:
+    """A real fluorescence z-stack (ZYX) as a specimen, resampled to the microscope's pixel size.
+
+    Background (the median of the dimmest tenth of the planes, which a stack bracketing the specimen holds) and its
+    noise (2 MADs of those planes) are subtracted, so empty voxels add no haze of rectified camera noise. Planes are
+    summed in groups up to `max_z_step_um` (photons kept), and their depths are measured from the signal's
+    intensity-weighted centre, which is the plane the stack's "in focus" refers to. The field is mirrored in y and x
+    (2H x 2W), which makes it periodic without seams, as the renderer's windows need: `unique_shape_px` is the part
+    that is not a mirror image.
+    """
+
+    def __init__(
+        self,
+        stack: np.ndarray,
+        voxel_size_um: tuple[float, float, float],
+        pixel_size_um: float,
+        *,
+        max_z_step_um: float,
+    ) -> None:
+        if stack.ndim != 3 or min(stack.shape) < 2:
+            raise ValueError(f"a z-stack must be 3-D (z, y, x) with 2 or more voxels on each axis, got {stack.shape}")
+        z_um, y_um, x_um = (float(v) for v in voxel_size_um)
+        if not all(math.isfinite(v) and v > 0 for v in (z_um, y_um, x_um, pixel_size_um, max_z_step_um)):
+            raise ValueError("voxel sizes, pixel size and max_z_step_um must be positive micrometres")
+        volume = stack.astype(np.float32)
+        plane_means = volume.mean(axis=(1, 2))
+        dimmest = volume[np.argsort(plane_means)[: max(1, len(plane_means) // 10)]]
+        background = float(np.median(dimmest))
+        noise = 1.4826 * float(np.median(np.abs(dimmest - background)))
+        volume = np.clip(volume - (background + 2.0 * noise), 0.0, None)
+        group = max(1, int(max_z_step_um // z_um))
+        planes = volume[: volume.shape[0] // group * group].reshape(-1, group, *volume.shape[1:]).sum(axis=1)
+        zoom = (y_um / pixel_size_um, x_um / pixel_size_um)
+        # interpolated plane by plane, then scaled by the pixels' area ratio, so that photons per um^2 are kept
+        resampled = ndimage.zoom(planes, (1.0, *zoom), order=1, grid_mode=True, mode="grid-mirror")
+        resampled = np.clip(resampled, 0.0, None) / np.float32(zoom[0] * zoom[1])
+        step_um = group * z_um
+        weights = resampled.sum(axis=(1, 2))
+        centre = float((weights * np.arange(len(weights))).sum() / max(float(weights.sum()), 1e-12))
+        self.plane_z_um = (np.arange(len(weights)) - centre) * step_um
+        self.depth_um = float(np.abs(self.plane_z_um).max() + step_um)
+        self.pixel_size_um = float(pixel_size_um)
+        self.unique_shape_px = (int(resampled.shape[1]), int(resampled.shape[2]))
+        mirrored = np.concatenate([resampled, resampled[:, ::-1]], axis=1)
+        self.planes = np.ascontiguousarray(np.concatenate([mirrored, mirrored[:, :, ::-1]], axis=2), np.float32)
+        self.field_shape_px = (int(self.planes.shape[1]), int(self.planes.shape[2]))
 
     def window(self, top_px: int, left_px: int, height_px: int, width_px: int) -> np.ndarray:
         rows = np.arange(top_px, top_px + height_px) % self.field_shape_px[0]
