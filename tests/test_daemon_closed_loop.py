@@ -189,9 +189,10 @@ def test_trusting_a_coin_toss_sign_does_not_hold_focus(shipped_refocuser: Any) -
 
 def test_probe_mode_with_the_shipped_head_bounds_a_large_drift(shipped_refocuser: Any) -> None:
     """The shipped head's unsigned estimate reads 2-3 um at focus (tools/reports/robust-model/README.md), so it
-    needs a dead band above that, and it stops a 12 um drift from running away (measured 1.14 um RMS with 4 moves
-    against 6.75 uncorrected; the head shipped before 2026-12-07 late: 2.00 um, 20 moves). Frames of 512 px of the
-    default specimen: on sparse 256 px fields its estimate does not follow the blur at all."""
+    needs a dead band above that, and it stops a 12 um drift from running away (measured 3.16 um RMS with 3 moves
+    against 6.75 uncorrected; the head shipped before 2026-12-07 session 15: 1.14 um, 4 moves; the one before it
+    2.00 um, 20 moves; `python tools/closed_loop_figures.py`). Frames of 512 px of the default specimen: on sparse
+    256 px fields its estimate does not follow the blur at all."""
     frames = {
         "camera": {"width_px": 512, "height_px": 512, "exposure_ms": 10},
         "specimen": SpecimenConfig().model_dump(mode="json"),

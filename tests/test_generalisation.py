@@ -239,8 +239,9 @@ def test_real_volume_keeps_its_structure_and_photons() -> None:
     assert stack.shape == (60, 256, 256)
     volume = MeasuredVolume(stack, REAL_VOLUME_VOXEL_UM, 0.325, max_z_step_um=0.75)
     assert volume.unique_shape_px == (205, 205) and volume.field_shape_px == (410, 410)
+    assert volume.planes.shape == (30, 205, 205)
     assert len(volume.plane_z_um) == 30 and np.allclose(np.diff(volume.plane_z_um), 0.58)
-    unique = volume.planes[:, :205, :205]
+    unique = volume.planes
     weights = unique.sum(axis=(1, 2))
     assert abs(float((weights * volume.plane_z_um).sum() / weights.sum())) < 1e-6  # z measured from the centre
     assert weights[:3].sum() < 0.005 * weights.sum()  # the empty planes above the cells: no haze of rectified noise
@@ -250,11 +251,13 @@ def test_real_volume_keeps_its_structure_and_photons() -> None:
     threshold = np.median(dimmest) + 2 * 1.4826 * np.median(np.abs(dimmest - np.median(dimmest)))
     expected_um2 = np.clip(stack - threshold, 0, None).sum() / (256 * 0.26) ** 2
     assert signal_um2 == pytest.approx(expected_um2, rel=0.03)
-    # mirrored: periodic, so a window across the field's edge continues the field without a jump
-    across = volume.window(400, 0, 20, 20)
-    np.testing.assert_array_equal(across[:, 9], volume.planes[:, 409, :20])
-    np.testing.assert_array_equal(across[:, 10], volume.planes[:, 0, :20])
-    np.testing.assert_array_equal(volume.planes[:, 409], volume.planes[:, 0])
+    # read mirrored: periodic (period 410 px), and a window across an edge of the field continues it without a jump
+    np.testing.assert_array_equal(volume.window(0, 0, 205, 205), unique)
+    np.testing.assert_array_equal(volume.window(410, -410, 205, 205), unique)
+    across = volume.window(195, 0, 20, 20)
+    np.testing.assert_array_equal(across[:, 9], unique[:, 204, :20])
+    np.testing.assert_array_equal(across[:, 10], unique[:, 204, :20])  # the mirror's first row is the field's last
+    np.testing.assert_array_equal(volume.window(405, 0, 10, 5)[:, 5:], unique[:, :5, :5])  # the period wraps
     with pytest.raises(ValueError, match="3-D"):
         MeasuredVolume(stack[0], REAL_VOLUME_VOXEL_UM, 0.325, max_z_step_um=0.75)
 
