@@ -274,9 +274,9 @@ def _render_real_volume(
     config: AppConfig, distances_um: Sequence[float], window_px: int, rng: np.random.Generator
 ) -> list[Sample]:
     """The real 3-D volume through the model's optics, whatever the suite's field count (it is one specimen, and
-    cheap): four windows in the corners of its unmirrored field, each
-    at most 65 % of that field's side (so the four differ, with overlap) and at most `window_px`, in multiples of
-    16 px. Planes are summed to a quarter of the optics' depth of field (0.58 um at 20x / 0.45)."""
+    cheap): four windows in the corners of its unmirrored field, each at most 65 % of that field's side (so the
+    four differ, with overlap) and at most `window_px`, in multiples of 16 px, and at least the 64 px a network
+    takes. Planes are summed to a quarter of the optics' depth of field (0.58 um at 20x / 0.45)."""
     import tifffile
 
     from acquire_refocus.sim.microscope import SimulatedMicroscope
@@ -291,7 +291,7 @@ def _render_real_volume(
     )
     scope = SimulatedMicroscope(optics, suite_simulator(config.simulator), specimen=volume)
     unique_px = min(volume.unique_shape_px)
-    side_px = max(16, min(window_px, int(0.65 * unique_px) // 16 * 16))
+    side_px = max(64, min(window_px, int(0.65 * unique_px) // 16 * 16))
     pixel_um = optics.pixel_size_um
     corners = (side_px / 2, unique_px - side_px / 2)
     positions = [(x * pixel_um, y * pixel_um) for y in corners for x in corners]
