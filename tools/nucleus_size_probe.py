@@ -19,11 +19,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from skimage.metrics import peak_signal_noise_ratio
 
 from acquire_refocus.config import AppConfig, EngineConfig, RandomizationConfig
 from acquire_refocus.model.data import TEST_SEED_BASE
-from acquire_refocus.model.ood import busy_positions, grid_positions, realistic_camera, render_set
+from acquire_refocus.model.held_out import Sample
+from acquire_refocus.model.ood import (
+    busy_positions,
+    evaluate_sets,
+    grid_positions,
+    per_distance,
+    realistic_camera,
+    render_set,
+)
 from acquire_refocus.refocuser import Refocuser
 from acquire_refocus.sim.microscope import SimulatedMicroscope
 from acquire_refocus.sim.randomization import SpecimenDraw, specimen_simulator
@@ -44,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = EngineConfig(backend="torch", precision="fp32", num_threads=1)
     for weights in args.weights or [None]:
         refocuser = Refocuser.load(weights, engine)
+
+        def refocus(sample: Sample, refocuser: Refocuser = refocuser) -> tuple[np.ndarray, float, float]:
+            result = refocuser(sample.raw)
+            return result.image, result.defocus_magnitude_um, result.confidence
+
         print(f"\n{weights or 'shipped model'}: PSNR gain over the raw frame (dB) / mean |d| read (um)")
         print("size x | " + " | ".join(f"{d:g} um" for d in args.distances_um))
         for index, size in enumerate(args.sizes):
@@ -55,16 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             positions = busy_positions(scope, grid_positions(side_um, 3), args.fields, args.window_px)
             rng = np.random.default_rng(seed)
             samples = render_set(scope, "probe", positions, args.distances_um, args.window_px, realistic_camera, rng)
-            gains: dict[float, list[float]] = {}
-            readings: dict[float, list[float]] = {}
-            for sample in samples:
-                result = refocuser(sample.raw)
-                data_range = float(np.ptp(sample.truth))
-                raw_psnr = peak_signal_noise_ratio(sample.truth, sample.raw.astype(np.float32), data_range=data_range)
-                psnr = peak_signal_noise_ratio(sample.truth, result.image, data_range=data_range)
-                gains.setdefault(abs(sample.defocus_um), []).append(float(psnr - raw_psnr))
-                readings.setdefault(abs(sample.defocus_um), []).append(result.defocus_magnitude_um)
-            cells = [f"{np.mean(gains[d]):+.2f} / {np.mean(readings[d]):.1f}" for d in sorted(gains)]
+            rows = evaluate_sets({"probe": samples}, {"model": refocus})
+            table = per_distance(rows, "model", "probe")
+            cells = [f"{cell['gain_db']:+.2f} / {cell['magnitude_um']:.1f}" for cell in table.values()]
             print(f"{size:g} | " + " | ".join(cells), flush=True)
     return 0
 
