@@ -65,6 +65,11 @@ def focus_error_rms(truth: FocusTruth) -> tuple[float, float]:
 
 LINEAR_DRIFT = {"model": "linear", "rate_um_per_min": 6.0}  # 0.2 um per frame: 6 um over the run
 THERMAL_DRIFT = {"model": "thermal", "amplitude_um": 8.0, "time_constant_s": 40.0}
+# 512 px frames of the default specimen: the fast-drift loops need the field's full structure
+FRAMES_512PX = {
+    "camera": {"width_px": 512, "height_px": 512, "exposure_ms": 10},
+    "specimen": SpecimenConfig().model_dump(mode="json"),
+}
 
 
 class SpecifiedAccuracyEstimator:
@@ -193,16 +198,12 @@ def test_probe_mode_with_the_shipped_head_bounds_a_large_drift(shipped_refocuser
     against 6.75 uncorrected; the head shipped before 2026-12-07 session 15: 1.14 um, 4 moves; the one before it
     2.00 um, 20 moves; `python tools/closed_loop_figures.py`). Frames of 512 px of the default specimen: on sparse
     256 px fields its estimate does not follow the blur at all."""
-    frames = {
-        "camera": {"width_px": 512, "height_px": 512, "exposure_ms": 10},
-        "specimen": SpecimenConfig().model_dump(mode="json"),
-    }
     truth, focus = run_closed_loop(
         shipped_refocuser,
         {"model": "linear", "rate_um_per_min": 12.0},
         (50.0, 150.0),
         specified_accuracy=False,
-        simulator_overrides=frames,
+        simulator_overrides=FRAMES_512PX,
         sign_source="probe",
         dead_band_um=2.5,
         min_confidence=0.0,
@@ -234,17 +235,13 @@ def test_sharpness_feed_forward_keeps_up_with_a_fast_drift(shipped_refocuser: An
     """12 um/min (0.4 um per frame), 512 px frames of the default specimen: the sharpness fit lags the focus by about
     a time point and a half; adding the drift over that lag holds focus (measured 0.71 um RMS), without it the loop
     trails by 1-2 um (1.37 um). Uncorrected: 6.75 um."""
-    frames = {
-        "camera": {"width_px": 512, "height_px": 512, "exposure_ms": 10},
-        "specimen": SpecimenConfig().model_dump(mode="json"),
-    }
     fast = {"model": "linear", "rate_um_per_min": 12.0}
     with_lead, _ = run_closed_loop(
         shipped_refocuser,
         fast,
         (50.0, 150.0),
         specified_accuracy=False,
-        simulator_overrides=frames,
+        simulator_overrides=FRAMES_512PX,
         fine_source="sharpness",
     )
     without_lead, _ = run_closed_loop(
@@ -252,7 +249,7 @@ def test_sharpness_feed_forward_keeps_up_with_a_fast_drift(shipped_refocuser: An
         fast,
         (50.0, 150.0),
         specified_accuracy=False,
-        simulator_overrides=frames,
+        simulator_overrides=FRAMES_512PX,
         fine_source="sharpness",
         sharpness_lead_time_points=0,
     )

@@ -21,7 +21,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 import test_daemon_closed_loop as loop_test  # noqa: E402 - the tests' loops and drifts, after sys.path
 
 from acquire_refocus import Refocuser  # noqa: E402
-from acquire_refocus.config import SpecimenConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,14 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None, help="weights file (default: the shipped model)")
     args = parser.parse_args(argv)
     refocuser = Refocuser.load(args.weights)
-    frames = {
-        "camera": {"width_px": 512, "height_px": 512, "exposure_ms": 10},
-        "specimen": SpecimenConfig().model_dump(mode="json"),
-    }
     loops = {
         "probe, dead band 2.5 um, 512 px, linear 12 um/min": dict(
             drift={"model": "linear", "rate_um_per_min": 12.0},
-            simulator_overrides=frames,
+            simulator_overrides=loop_test.FRAMES_512PX,
             sign_source="probe",
             dead_band_um=2.5,
             min_confidence=0.0,
