@@ -98,9 +98,31 @@ def test_the_physics_path_mixes_by_the_share_of_the_estimated_distance_bin(fusio
     assert not np.allclose(path(raw, output, 0.5), fusion(raw, output, 0.5), atol=1e-2)
 
 
+def test_each_bin_bounds_the_fusion_with_its_own_margin(fusion: Any) -> None:
+    """A calibration with margins hands the fusion its bin's margin (a network-only bin included); one made
+    before margins were calibrated keeps the model's one margin."""
+    _, raw = _frames(20.0)
+    output = raw * 1.2  # a network that sharpens: the bound decides how much of that stays
+    margins = (3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.0, 0.5, 0.0)
+    path = PhysicsPath(fusion, dataclasses.replace(_calibration(()), margins_um=margins))
+    np.testing.assert_array_equal(path(raw, output, 20.0), fusion(raw, output, 20.0, margin_um=0.5))
+    np.testing.assert_array_equal(path(raw, output, 30.0), fusion(raw, output, 30.0, margin_um=0.0))
+    assert not np.allclose(path(raw, output, 20.0), fusion(raw, output, 20.0), atol=1e-2)
+    np.testing.assert_array_equal(PhysicsPath(fusion, _calibration(()))(raw, output, 20.0), fusion(raw, output, 20.0))
+
+
 def test_a_calibration_round_trips_through_metadata_and_refuses_nonsense() -> None:
     calibration = _calibration((1.0, 0.25))
     assert PhysicsPathCalibration.from_metadata(calibration.to_metadata()) == calibration
+    with_margins = dataclasses.replace(calibration, margins_um=(3.0,) * 6 + (1.5, 0.5, 0.0))
+    assert PhysicsPathCalibration.from_metadata(with_margins.to_metadata()) == with_margins
+    older = calibration.to_metadata()
+    older.pop("margins_um")
+    assert PhysicsPathCalibration.from_metadata(older).margins_um == ()
+    with pytest.raises(ValueError, match="values per bin"):
+        dataclasses.replace(calibration, margins_um=(1.0,) * 8)
+    with pytest.raises(ValueError, match="margins must be finite"):
+        dataclasses.replace(calibration, margins_um=(-1.0,) + (1.0,) * 8)
     with pytest.raises(ValueError, match="values per bin"):
         dataclasses.replace(calibration, shares=calibration.shares[:-1])
     with pytest.raises(ValueError, match="shares must lie in"):
@@ -212,10 +234,13 @@ def test_calibration_keeps_the_network_where_frames_are_too_few_and_picks_the_be
     monkeypatch.setattr(physics_path, "MIN_BIN_FRAMES", frames + 1)
     sparse = calibrate(tiny_refocuser, calibration_frames, reach_um, "test", balances=(0.03, 1.0))
     assert sum(sparse.frames) == frames and sparse.shares == (0.0,) * 9  # no bin has enough frames
+    assert sparse.margins_um == (tiny_refocuser.fusion.margin_um,) * 9  # nor enough to measure a margin
     monkeypatch.undo()
     chosen = calibrate(tiny_refocuser, calibration_frames, reach_um, "test", balances=(0.03, 1.0))
     assert chosen.frames == sparse.frames
-    np.testing.assert_array_equal(chosen.network_gain_db, sparse.network_gain_db)  # NaN: a bin without frames
+    np.testing.assert_array_equal(np.isnan(chosen.network_gain_db), np.array(chosen.frames) == 0)  # NaN: no frames
+    # every frame reads 6-10 um, near focus for a 100 um reach: that bin's margin is measured, never below the one
+    assert chosen.margins_um[2] >= tiny_refocuser.fusion.margin_um and chosen.frames[2] == frames
     for share, gain, network_gain, count in zip(
         chosen.shares, chosen.mean_gain_db, chosen.network_gain_db, chosen.frames, strict=True
     ):
@@ -230,6 +255,76 @@ def test_calibration_keeps_the_network_where_frames_are_too_few_and_picks_the_be
     # the same frames against a 35 um reach fall beyond MAX_REACH_FRACTION of it: every bin keeps the network
     far = calibrate(tiny_refocuser, calibration_frames, 35.0, "test", balances=(0.03, 1.0))
     assert sum(far.frames[4:]) == frames and far.shares == (0.0,) * 9  # all read beyond 5.25 um
+    assert far.margins_um == (tiny_refocuser.fusion.margin_um,) * 9  # and within 10.5 um: near, the one margin
+
+
+class _SpreadReadings:
+    """The tiny network's engine with its |d| reading spread over 5 and 9 um by the input (it reads every frame
+    alike), so that frames of two bins come interleaved; the images are the network's own."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images, focus = self.engine.run(batch)
+        focus[:, 2] = [5.0 if int(abs(float(b.sum())) * 1e3) % 2 else 9.0 for b in batch]
+        return images, focus
+
+
+def test_bins_far_from_focus_choose_the_margin_their_frames_gain_most_under(
+    tiny_refocuser: Any, calibration_frames: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a 22 um reach, frames read 5 um keep the model's one margin (near focus: bins ending within 30 % of
+    the reach, 6.6 um) and frames read 9 um take their bin's choice among fractions of it; each bin's recorded gain
+    is the network path's under that bin's own margin, frame by frame, though the two bins' frames interleave."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from acquire_refocus import Refocuser
+    from acquire_refocus.engines.tiling import infer_frame
+    from acquire_refocus.model import physics_path
+    from acquire_refocus.model.normalization import frame_scale, normalize
+
+    spread = Refocuser(tiny_refocuser.loaded, _SpreadReadings(tiny_refocuser.engine), tiny_refocuser.fusion)
+    one_margin = tiny_refocuser.fusion.margin_um
+    chosen = calibrate(spread, calibration_frames, 22.0, "test", balances=(0.03,))
+    assert set(chosen.margins_um) <= {round(f * one_margin, 3) for f in physics_path.MARGIN_FRACTIONS}
+    assert chosen.margins_um[:6] == (one_margin,) * 6
+
+    real_choice = physics_path.choose_candidate
+
+    def smallest_margin(baseline: Any, candidates: Any, default: Any, groupings: Any = ()) -> Any:
+        if isinstance(default, float):  # a margin: the smallest, as if it gained most
+            return min(candidates), math.nan
+        return real_choice(baseline, candidates, default, groupings)
+
+    monkeypatch.setattr(physics_path, "choose_candidate", smallest_margin)
+    forced = calibrate(spread, calibration_frames, 22.0, "test", balances=(0.03,))
+    assert forced.frames[5] >= 5 and forced.frames[6] >= physics_path.MIN_BIN_FRAMES  # read 5 and 9 um
+    assert forced.margins_um[5] == one_margin and forced.margins_um[6] == 0.0
+
+    def network(window: np.ndarray) -> np.ndarray:
+        return infer_frame(spread.engine, window)[0]
+
+    gains: dict[int, list[float]] = {5: [], 6: []}
+    for window in calibration_frames:
+        for raw in window.planes:
+            intensity = frame_scale(raw, spread.loaded.normalization)
+            frame, truth = normalize(raw, intensity), normalize(window.truth, intensity)
+            image, focus = infer_frame(spread.engine, frame)
+            index = forced.bin_of(focus.magnitude_um)
+            fused = spread.fusion(frame, image, focus.magnitude_um, network, forced.margins_um[index])
+            data_range = float(truth.max() - truth.min())
+            gains[index].append(
+                float(
+                    peak_signal_noise_ratio(truth, fused, data_range=data_range)
+                    - peak_signal_noise_ratio(truth, frame, data_range=data_range)
+                )
+            )
+    for index, per_frame in gains.items():
+        assert forced.network_gain_db[index] == pytest.approx(np.mean(per_frame), abs=2e-3)
 
 
 def test_calibrate_model_refuses_bad_arguments_with_a_clear_message(
@@ -304,6 +399,8 @@ def test_calibrate_model_on_a_stored_dataset_writes_weights_that_refocus_through
         (lambda recorded: recorded.update(shares="000000000"), "not a list of numbers"),
         (lambda recorded: recorded.update(shares=[True] + [False] * 8), "other than numbers"),
         (lambda recorded: recorded.update(frames=[1.5] * 9), "frames"),
+        (lambda recorded: recorded.update(margins_um=[-1.0] * 9), "margins must be finite"),
+        (lambda recorded: recorded.update(margins_um=["3"] * 9), "other than numbers"),
     ],
 )
 def test_weights_with_a_damaged_calibration_are_refused_clearly(
@@ -329,7 +426,13 @@ def test_weights_with_a_damaged_calibration_are_refused_clearly(
 
 def test_a_mixture_is_chosen_only_when_it_wins_on_most_frames_and_beyond_chance() -> None:
     """The rules of `calibrate` on per-frame gains (dB) of 40 frames whose network path gains 2 dB."""
-    from acquire_refocus.model.physics_path import choose_mixture
+    from acquire_refocus.model.physics_path import choose_candidate
+
+    def choose_mixture(
+        network: np.ndarray, candidates: dict[tuple[float, float], np.ndarray], balance: float, *groupings: Any
+    ) -> tuple[float, float, float]:
+        (chosen_balance, share), gain = choose_candidate(network, candidates, (balance, 0.0), *groupings)
+        return chosen_balance, share, gain
 
     network = np.full(40, 2.0)
     steady = network + 0.5  # +0.5 dB on every frame

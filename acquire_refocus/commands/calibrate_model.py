@@ -13,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Calibrate the physics path of a model: per bin of its estimated |defocus|, the Wiener balance and the share "
         "of Wiener deconvolution (through the same fusion as the network's image) that restore the model's "
-        "validation frames best; where none beats the network's own path, the bin keeps the network. The frames "
+        "validation frames best; where none beats the network's own path, the bin keeps the network. It also "
+        "measures the margin the fusion takes off each bin's estimate (never less than the model's one margin near "
+        "focus). The frames "
         "are those training validates on: the validation specimens of a simulated envelope (never the test "
         "specimens of 'evaluate'), or the validation sites of a stored dataset (training.data: stored, split "
         "by site as training splits it; the truth is each site's in-focus plane). Writes the weights, unchanged "
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"could not write {args.out}: {exc.strerror or exc}") from None
     edges = ("0", *(f"{edge:g}" for edge in calibration.bin_edges_um), "")
-    header = f"{'estimated |d| (um)':<20} {'share':>6}  {'balance':>7}  "
+    header = f"{'estimated |d| (um)':<20} {'share':>6}  {'balance':>7}  {'margin':>6}  "
     print(f"{header}{'gain, mixed / network alone (dB)':<33}{'frames':>7}  ({calibration.source})")
     for index, share in enumerate(calibration.shares):
         span = f"{edges[index]}-{edges[index + 1]}" if edges[index + 1] else f">= {edges[index]}"
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
             gains = "no validation frame read this"
         else:
             gains = f"{calibration.mean_gain_db[index]:+6.2f} / {calibration.network_gain_db[index]:+6.2f}"
-        print(f"{span:<20} {share:6.2f}  {balance:>7}  {gains:<33}{calibration.frames[index]:7d}")
+        margin = f"{calibration.margins_um[index]:g}" if calibration.margins_um else "-"
+        print(f"{span:<20} {share:6.2f}  {balance:>7}  {margin:>6}  {gains:<33}{calibration.frames[index]:7d}")
     print(f"calibrated weights: {args.out}")
     return 0
 

@@ -7,7 +7,8 @@ of the frame (the PSFs at +d and -d nearly agree, so only the unsigned distance 
 
 1. Defocus only attenuates: the in-focus image's amplitude is at most the raw frame's times
    ratio(f) = |OTF_0(f)| / |OTF_|d|(f)|. With the network's own |d| lowered by a margin (its estimate's spread, so
-   the bound errs on the generous side), an output amplitude above |raw| x ratio is cut to it.
+   the bound errs on the generous side), an output amplitude above |raw| x ratio is cut to it. One margin per model
+   (magnitude_margin_um), or one per bin of |d| where calibrate-model measured them (model/physics_path.py).
 2. Where defocus leaves a frequency nearly intact (ratio ~ 1), the raw frame is the truth plus known noise, and
    the network's image the truth plus its own error. The blend towards the raw frame that minimises the expected
    error has, per frequency, the weight (D - N + C) / D: D the power by which the network departs from the raw
@@ -181,13 +182,16 @@ class OpticalFusion:
         output: np.ndarray,
         magnitude_um: float,
         network: Callable[[np.ndarray], np.ndarray] | None = None,
+        margin_um: float | None = None,
     ) -> np.ndarray:
         """The fused image (float32, raw's shape) from the network input `raw` and its output. `network` (input ->
-        output, same shape) is run twice more on a window of `raw` to measure how much noise it passes through."""
+        output, same shape) is run twice more on a window of `raw` to measure how much noise it passes through.
+        `margin_um`: the margin for this estimate (None: the model's one margin; physics_path.py calibrates one per
+        bin of |d|)."""
         if not math.isfinite(magnitude_um):
             return output
         measured = self.measure(raw)
-        return self.image(measured, self.fused_spectrum(raw, measured, output, magnitude_um, network))
+        return self.image(measured, self.fused_spectrum(raw, measured, output, magnitude_um, network, margin_um))
 
     def measure(self, raw: np.ndarray) -> MeasuredFrame:
         """What the fusion reads off a raw frame, whatever output it then fuses (physics_path.py fuses two)."""
@@ -207,11 +211,12 @@ class OpticalFusion:
         output: np.ndarray,
         magnitude_um: float,
         network: Callable[[np.ndarray], np.ndarray] | None = None,
+        margin_um: float | None = None,
     ) -> np.ndarray:
         """The fused image's rfft2, mean removed (`image` turns it into the image): the module docstring's bound and
-        blend of `output` against the raw frame `measured` was read from."""
+        blend of `output` against the raw frame `measured` was read from (`margin_um` as in __call__)."""
         shape, observed = measured.shape, measured.observed
-        lower_um = max(0.0, float(magnitude_um) - self.margin_um)
+        lower_um = max(0.0, float(magnitude_um) - (self.margin_um if margin_um is None else float(margin_um)))
         ratio = np.minimum(self.mtf(0.0, shape) / np.maximum(self.mtf(lower_um, shape), 1e-6), MAX_RATIO)
         estimate = scipy.fft.rfft2(np.asarray(output, dtype=np.float32) - measured.mean, workers=_WORKERS)
         amplitude = np.abs(estimate)

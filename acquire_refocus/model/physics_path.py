@@ -15,9 +15,11 @@ the share of the fused Wiener image in the result (share x fused Wiener + (1 - s
 leaves the network's path exactly as it was and costs nothing, 1 skips the network's noise probe). The balance and
 share per bin are chosen by `calibrate` on validation frames of the model's own training envelope (its validation
 specimen seeds, never the test ones; model/data.py), and stored in the weights' metadata (`training.physics_path`).
-Weights without it run the network's path alone. Frames the Refocuser distrusts (outside the model's envelope) take
-the fusion alone. (The network's image without the fusion, mixed in far from focus the same way, was measured and
-not kept: the model README, 2026-12-07.)
+The same frames also choose the fusion's margin per bin (MARGIN_FRACTIONS): near focus the model's one margin,
+further out the one under which the network's path gains most. Weights without a calibration run the network's path
+alone, with the one margin; so do frames the Refocuser distrusts (outside the model's envelope). (The network's
+image without the fusion, mixed in far from focus the same way, was measured and not kept: the model README,
+2026-12-07.)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import scipy.fft
@@ -42,10 +44,11 @@ from acquire_refocus.model.held_out import crop_psf
 if TYPE_CHECKING:
     from acquire_refocus.config import AppConfig
     from acquire_refocus.model.data import Window
-    from acquire_refocus.model.fusion import OpticalFusion
+    from acquire_refocus.model.fusion import MeasuredFrame, OpticalFusion
     from acquire_refocus.refocuser import Refocuser
 
 log = logging.getLogger(__name__)
+Choice = TypeVar("Choice")  # what a bin's calibration chooses: a (balance, share) mixture, a margin
 
 # Upper edges of the |d| bins as fractions of the model's training reach (35 um for the shipped model: 1.05, 2.1,
 # 3.5, 5.25, 7.7, 10.5, 15.75 and 24.5 um; the last bin is open): fine near focus, where the choice matters most.
@@ -88,6 +91,17 @@ MIN_GROUP_FRAMES = 6
 # single frames up to 3.2 dB. The limit was set after those measurements. A head that reads every frame beyond it
 # (the 60x and 100x presets read 1.3-4.2 um whatever the distance) gets no physics path.
 MAX_REACH_FRACTION = 0.15
+# The fusion's margin (model/fusion.py: what it takes off the estimated |d| before bounding the image) per bin, chosen
+# like the shares, by the network path's gain on the bin's validation frames, among these fractions of the model's
+# one margin (the 90th percentile of the head's excess over every validation frame within 10 um of focus). Bins that
+# end within NEAR_MARGIN_FRACTION of the reach (10.5 um for the shipped model) keep the one margin: there the bound
+# is what stops an in-focus frame the head over-reads from being sharpened. Further out the head reads short, and
+# the one margin, taken off estimates already short, bounded frames 14-30 um out at the OTF of a distance 3-6 um
+# nearer: the shipped model lost 0.3-1.2 dB there against a margin of 0 on every OOD set but the beads. (The 90th
+# percentile of each far bin's own excess was tried first and not kept: on the validation frames it came to 2.4,
+# 4.6 and 3.6 um, no smaller than the one margin; 2026-12-07, session 16.)
+NEAR_MARGIN_FRACTION = 0.3
+MARGIN_FRACTIONS = (1.0, 0.5, 0.25, 0.0)
 
 
 @dataclass(frozen=True)
@@ -101,19 +115,27 @@ class PhysicsPathCalibration:
     network_gain_db: tuple[float, ...]  # the network's path alone on the same frames
     frames: tuple[int, ...]
     source: str  # what the frames were
+    # the fusion's margin per bin (NEAR_MARGIN_FRACTION); () in calibrations made before 2026-12-07: the one margin
+    margins_um: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         bins = len(self.bin_edges_um) + 1
         lengths = {len(self.balances), len(self.shares), len(self.mean_gain_db), len(self.network_gain_db)}
-        if lengths != {bins} or len(self.frames) != bins:
+        if lengths != {bins} or len(self.frames) != bins or len(self.margins_um) not in (0, bins):
             raise ValueError(f"a physics-path calibration needs {bins} values per bin for {bins - 1} edges")
         if any(not 0.0 <= share <= 1.0 for share in self.shares):
             raise ValueError("physics-path shares must lie in [0, 1]")
         if any(not BALANCE_RANGE[0] <= b <= BALANCE_RANGE[1] for b in self.balances):
             raise ValueError(f"physics-path balances must lie in [{BALANCE_RANGE[0]:g}, {BALANCE_RANGE[1]:g}]")
+        if any(not 0.0 <= margin < math.inf for margin in self.margins_um):
+            raise ValueError("physics-path margins must be finite and 0 or more (um)")
 
     def bin_of(self, magnitude_um: float) -> int:
         return int(np.searchsorted(np.asarray(self.bin_edges_um), magnitude_um, side="right"))
+
+    def margin_of(self, index: int) -> float | None:
+        """The fusion's margin for bin `index`; None: the model's one margin (an older calibration)."""
+        return self.margins_um[index] if self.margins_um else None
 
     def to_metadata(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +154,7 @@ class PhysicsPathCalibration:
                 network_gain_db=_numbers(recorded, "network_gain_db"),
                 frames=_counts(recorded, "frames"),
                 source=str(recorded["source"]),
+                margins_um=_numbers(recorded, "margins_um") if "margins_um" in recorded else (),
             )
         except KeyError as exc:
             raise ValueError(f"its physics-path calibration lacks {exc}") from None
@@ -227,14 +250,14 @@ class PhysicsPath:
         if not math.isfinite(magnitude_um):
             return self.fusion(raw, output, magnitude_um, network)
         index = self.calibration.bin_of(magnitude_um)
-        share = self.calibration.shares[index]
+        share, margin_um = self.calibration.shares[index], self.calibration.margin_of(index)
         if share <= 0.0:
-            return self.fusion(raw, output, magnitude_um, network)
+            return self.fusion(raw, output, magnitude_um, network, margin_um)
         wiener = self.wiener.at(magnitude_um, self.calibration.balances[index])
         measured = self.fusion.measure(raw)  # once for both paths: the frame's spectrum and noise
-        spectrum = self.fusion.fused_spectrum(raw, measured, wiener(raw), magnitude_um, wiener)
+        spectrum = self.fusion.fused_spectrum(raw, measured, wiener(raw), magnitude_um, wiener, margin_um)
         if share < 1.0:  # mixed as spectra: one inverse FFT for both
-            by_network = self.fusion.fused_spectrum(raw, measured, output, magnitude_um, network)
+            by_network = self.fusion.fused_spectrum(raw, measured, output, magnitude_um, network, margin_um)
             spectrum = share * spectrum + (1.0 - share) * by_network
         return self.fusion.image(measured, spectrum)
 
@@ -243,36 +266,35 @@ def bin_edges_um(reach_um: float) -> tuple[float, ...]:
     return tuple(round(reach_um * fraction, 3) for fraction in BIN_FRACTIONS)
 
 
-def choose_mixture(
-    network_db: np.ndarray,
-    candidates: dict[tuple[float, float], np.ndarray],
-    default_balance: float,
+def choose_candidate(
+    baseline_db: np.ndarray,
+    candidates: dict[Choice, np.ndarray],
+    default: Choice,
     groupings: Sequence[Sequence[str]] = (),
-) -> tuple[float, float, float]:
-    """(balance, share, mean gain) for one bin, from the per-frame PSNR gains of the network's path and of each
-    (balance, share) mixture on the same frames (`groupings`: per-frame labels, e.g. each frame's specimen family,
-    its brightness decade): the best mixture by mean gain that passes every rule of `calibrate`, else
-    (default_balance, 0, the network's mean gain)."""
-    count = network_db.size
+) -> tuple[Choice, float]:
+    """(choice, mean gain) for one bin, from the per-frame PSNR gains of the baseline (the network's path as it
+    stands) and of each candidate on the same frames (`groupings`: per-frame labels, e.g. each frame's specimen
+    family, its brightness decade): the best candidate by mean gain that passes every rule of `calibrate`, else
+    (default, the baseline's mean gain)."""
+    count = baseline_db.size
     groups = []
     for labels in groupings:
         if len(labels) == count:
             array = np.asarray(labels)
             groups += [array == label for label in set(array.tolist())]
     groups = [members for members in groups if members.sum() >= MIN_GROUP_FRAMES]
-    network_gain = float(network_db.mean()) if count else math.nan
-    best = (default_balance, 0.0, network_gain)
+    best = (default, float(baseline_db.mean()) if count else math.nan)
     if count < MIN_BIN_FRAMES:
         return best
-    for (balance, share), mixed_db in candidates.items():
-        advantage = mixed_db - network_db
+    for choice, candidate_db in candidates.items():
+        advantage = candidate_db - baseline_db
         standard_error = float(advantage.std(ddof=1)) / math.sqrt(count)
         margin = max(MIN_ADVANTAGE_DB, ADVANTAGE_STANDARD_ERRORS * standard_error)
         tail_ok = float(np.quantile(advantage, TAIL_FRACTION)) >= -TAIL_LOSS_DB
         every_group_ok = all(float(advantage[members].mean()) >= 0.0 for members in groups)
-        gain = network_gain + float(advantage.mean())
-        if gain > best[2] and advantage.mean() >= margin and tail_ok and every_group_ok:
-            best = (balance, share, gain)
+        gain = float(baseline_db.mean() + advantage.mean())
+        if gain > best[1] and advantage.mean() >= margin and tail_ok and every_group_ok:
+            best = (choice, gain)
     return best
 
 
@@ -289,7 +311,9 @@ def calibrate(
     MIN_ADVANTAGE_DB and by ADVANTAGE_STANDARD_ERRORS standard errors of the per-frame paired differences, loses
     more than TAIL_LOSS_DB on at most TAIL_FRACTION of the frames, loses on average on no specimen family and no
     decade of brightness with MIN_GROUP_FRAMES frames or more, the bin has at least MIN_BIN_FRAMES frames and ends
-    within MAX_REACH_FRACTION of the reach; otherwise the bin keeps the network (share 0)."""
+    within MAX_REACH_FRACTION of the reach; otherwise the bin keeps the network (share 0). First, in each bin beyond
+    NEAR_MARGIN_FRACTION of the reach, the fusion's margin: the fraction of the model's one margin (MARGIN_FRACTIONS)
+    under which the network's path gains most by the same rules; both paths are then scored with the bin's margin."""
     from acquire_refocus.engines.tiling import infer_frame
     from acquire_refocus.model.normalization import frame_scale, normalize
 
@@ -310,38 +334,62 @@ def calibrate(
     def network(window: np.ndarray) -> np.ndarray:
         return infer_frame(refocuser.engine, window)[0]
 
-    pairs = [(raw, window.truth, window.family, window.peak_photons) for window in windows for raw in window.planes]
-    for raw, truth_adu, family, peak_photons in tqdm(
-        pairs, desc="calibrate physics path", unit="frame", disable=not progress
-    ):
-        intensity = frame_scale(raw, refocuser.loaded.normalization)
-        if intensity.is_degenerate:
+    inferred: list[_Inferred] = []  # every frame through the network first: the far bins' margins need them all
+    for window in tqdm(windows, desc="calibrate: network", unit="window", disable=not progress):
+        for raw in window.planes:
+            intensity = frame_scale(raw, refocuser.loaded.normalization)
+            if intensity.is_degenerate:
+                continue
+            frame, truth = normalize(raw, intensity), normalize(window.truth, intensity)
+            if float(truth.max() - truth.min()) <= 0:
+                continue
+            image, focus = infer_frame(refocuser.engine, frame)
+            index = int(np.searchsorted(np.asarray(edges), focus.magnitude_um, side="right"))
+            decade = f"1e{math.floor(math.log10(window.peak_photons))}" if window.peak_photons > 0 else ""
+            inferred.append(_Inferred(frame, truth, image, focus.magnitude_um, index, window.family, decade))
+
+    def network_path(item: _Inferred, margin_um: float) -> tuple[float, MeasuredFrame, np.ndarray]:
+        """The network path's PSNR gain on a frame, what the fusion measured on it, and the fused image."""
+        measured = fusion.measure(item.frame)
+        fused = fusion.image(
+            measured, fusion.fused_spectrum(item.frame, measured, item.image, item.magnitude_um, network, margin_um)
+        )
+        return _gain_db(item.truth, item.frame, fused), measured, fused
+
+    margins = [fusion.margin_um] * bins
+    near_margin_um = NEAR_MARGIN_FRACTION * reach_um + 1e-9
+    far = [index for index in range(bins) if index == len(edges) or edges[index] > near_margin_um]
+    for index in tqdm(far, desc="calibrate: margins", unit="bin", disable=not progress):
+        members = [item for item in inferred if item.index == index]
+        if len(members) < MIN_BIN_FRAMES:
             continue
-        frame, truth = normalize(raw, intensity), normalize(truth_adu, intensity)
-        data_range = float(truth.max() - truth.min())
-        if data_range <= 0:
-            continue
-        image, focus = infer_frame(refocuser.engine, frame)
-        magnitude_um = focus.magnitude_um
-        measured = fusion.measure(frame)
-        by_network = fusion.image(measured, fusion.fused_spectrum(frame, measured, image, magnitude_um, network))
-        raw_psnr = float(peak_signal_noise_ratio(truth, frame, data_range=data_range))
-        network_gain = float(peak_signal_noise_ratio(truth, by_network, data_range=data_range)) - raw_psnr
-        index = int(np.searchsorted(np.asarray(edges), magnitude_um, side="right"))
-        families[index].append(family)
-        brightness[index].append(f"1e{math.floor(math.log10(peak_photons))}" if peak_photons > 0 else "")
+        by_margin = {
+            round(fraction * fusion.margin_um, 3): np.array(
+                [network_path(item, fraction * fusion.margin_um)[0] for item in members]
+            )
+            for fraction in MARGIN_FRACTIONS
+        }
+        baseline = by_margin.pop(round(fusion.margin_um, 3))
+        groupings = ([item.family for item in members], [item.brightness for item in members])
+        margins[index], _ = choose_candidate(baseline, by_margin, fusion.margin_um, groupings)
+    for item in tqdm(inferred, desc="calibrate: physics path", unit="frame", disable=not progress):
+        index, magnitude_um, frame = item.index, item.magnitude_um, item.frame
+        margin_um = margins[index]
+        network_gain, measured, by_network = network_path(item, margin_um)
+        families[index].append(item.family)
+        brightness[index].append(item.brightness)
         network_gains_db[index].append(network_gain)
         if index not in near_focus:  # no share can be chosen there: the Wiener path is not scored
             continue
         for b, balance in enumerate(balances):
             deconvolved = wiener.at(magnitude_um, balance)
             by_wiener = fusion.image(
-                measured, fusion.fused_spectrum(frame, measured, deconvolved(frame), magnitude_um, deconvolved)
+                measured,
+                fusion.fused_spectrum(frame, measured, deconvolved(frame), magnitude_um, deconvolved, margin_um),
             )
             for s, share in enumerate(SHARES[1:], start=1):
                 mixed = share * by_wiener + (1.0 - share) * by_network
-                psnr = peak_signal_noise_ratio(truth, mixed, data_range=data_range)
-                gains[index][b][s].append(float(psnr - raw_psnr))
+                gains[index][b][s].append(_gain_db(item.truth, frame, mixed))
     chosen_balances, chosen_shares, mean_gains, network_gains, frames = [], [], [], [], []
     for index in range(bins):
         network_db = np.asarray(network_gains_db[index])
@@ -351,7 +399,9 @@ def calibrate(
             for s, share in enumerate(SHARES)
             if share > 0 and index in near_focus
         }
-        balance, share, gain = choose_mixture(network_db, candidates, balances[0], (families[index], brightness[index]))
+        (balance, share), gain = choose_candidate(
+            network_db, candidates, (balances[0], 0.0), (families[index], brightness[index])
+        )
         chosen_balances.append(float(balance))
         chosen_shares.append(share)
         mean_gains.append(round(gain, 3))
@@ -365,17 +415,37 @@ def calibrate(
         network_gain_db=tuple(network_gains),
         frames=tuple(frames),
         source=source,
+        margins_um=tuple(margins),
     )
     log.info(
         kv(
             "physics_path_calibrated",
             **{
-                f"bin{i}": f"{s:g}@{b:g}"
-                for i, (s, b) in enumerate(zip(calibration.shares, calibration.balances, strict=True))
+                f"bin{i}": f"{s:g}@{b:g}/margin={m:g}"
+                for i, (s, b, m) in enumerate(zip(calibration.shares, calibration.balances, margins, strict=True))
             },
         )
     )
     return calibration
+
+
+@dataclass(frozen=True)
+class _Inferred:
+    """A calibration frame after the network: normalised frame and truth, the image, the |d| estimate and its bin."""
+
+    frame: np.ndarray
+    truth: np.ndarray
+    image: np.ndarray
+    magnitude_um: float
+    index: int
+    family: str
+    brightness: str  # the decade of its peak photons ("" unknown)
+
+
+def _gain_db(truth: np.ndarray, raw: np.ndarray, image: np.ndarray) -> float:
+    data_range = float(truth.max() - truth.min())
+    raw_psnr = peak_signal_noise_ratio(truth, raw, data_range=data_range)
+    return float(peak_signal_noise_ratio(truth, image, data_range=data_range) - raw_psnr)
 
 
 def calibrate_weights(

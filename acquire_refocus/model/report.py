@@ -180,10 +180,15 @@ def physics_path_note(training: dict[str, Any]) -> str:
         for i, share in enumerate(calibration.shares)
         if share > 0
     ]
+    margins = (
+        f"; fusion margin per bin {' / '.join(f'{m:g}' for m in calibration.margins_um)} um"
+        if calibration.margins_um
+        else ""
+    )
     return (
         " Physics path (with the fusion): Wiener share per estimated |d| "
         + (", ".join(mixed) if mixed else "0 everywhere")
-        + f", calibrated on {calibration.source}."
+        + f"{margins}, calibrated on {calibration.source}."
     )
 
 
