@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import scipy.fft
@@ -97,7 +97,7 @@ MAX_REACH_FRACTION = 0.15
 # end within NEAR_MARGIN_FRACTION of the reach (10.5 um for the shipped model) keep the one margin: there the bound
 # is what stops an in-focus frame the head over-reads from being sharpened. Further out the head reads short, and
 # the one margin, taken off estimates already short, bounded frames 14-30 um out at the OTF of a distance 3-6 um
-# nearer: the shipped model lost 0.3-1.2 dB there against a margin of 0 on every OOD set but the beads. (The 90th
+# nearer: the shipped model lost 0.2-1.2 dB there against a margin of 0 on every OOD set but the beads. (The 90th
 # percentile of each far bin's own excess was tried first and not kept: on the validation frames it came to 2.4,
 # 4.6 and 3.6 um, no smaller than the one margin; 2026-12-07, session 16.)
 NEAR_MARGIN_FRACTION = 0.3
@@ -334,50 +334,58 @@ def calibrate(
     def network(window: np.ndarray) -> np.ndarray:
         return infer_frame(refocuser.engine, window)[0]
 
-    inferred: list[_Inferred] = []  # every frame through the network first: the far bins' margins need them all
-    for window in tqdm(windows, desc="calibrate: network", unit="window", disable=not progress):
-        for raw in window.planes:
-            intensity = frame_scale(raw, refocuser.loaded.normalization)
-            if intensity.is_degenerate:
-                continue
-            frame, truth = normalize(raw, intensity), normalize(window.truth, intensity)
-            if float(truth.max() - truth.min()) <= 0:
-                continue
-            image, focus = infer_frame(refocuser.engine, frame)
-            index = int(np.searchsorted(np.asarray(edges), focus.magnitude_um, side="right"))
-            decade = f"1e{math.floor(math.log10(window.peak_photons))}" if window.peak_photons > 0 else ""
-            inferred.append(_Inferred(frame, truth, image, focus.magnitude_um, index, window.family, decade))
+    def prepared(window: Window, plane: int) -> Prepared | None:
+        """A plane normalised, its truth likewise, the network's image and |d|; None for a frame with nothing in it.
+        Run again wherever a pass needs them, rather than kept for every frame (a stored dataset's validation
+        sites can hold thousands of large planes); the engine gives the same output for the same frame."""
+        raw = window.planes[plane]
+        intensity = frame_scale(raw, refocuser.loaded.normalization)
+        if intensity.is_degenerate:
+            return None
+        frame, truth = normalize(raw, intensity), normalize(window.truth, intensity)
+        if float(truth.max() - truth.min()) <= 0:
+            return None
+        image, focus = infer_frame(refocuser.engine, frame)
+        return frame, truth, image, focus.magnitude_um
 
-    def network_path(item: _Inferred, margin_um: float) -> tuple[float, MeasuredFrame, np.ndarray]:
+    readings: list[_Reading] = []  # every frame's |d| first: the far bins' margins need all of a bin's frames
+    for window in tqdm(windows, desc="calibrate: |d| readings", unit="window", disable=not progress):
+        decade = f"1e{math.floor(math.log10(window.peak_photons))}" if window.peak_photons > 0 else ""
+        for plane in range(len(window.planes)):
+            if (inferred := prepared(window, plane)) is not None:
+                index = int(np.searchsorted(np.asarray(edges), inferred[3], side="right"))
+                readings.append(_Reading(window, plane, index, window.family, decade))
+
+    def network_path(
+        frame: np.ndarray, truth: np.ndarray, image: np.ndarray, magnitude_um: float, margin_um: float
+    ) -> tuple[float, MeasuredFrame, np.ndarray]:
         """The network path's PSNR gain on a frame, what the fusion measured on it, and the fused image."""
-        measured = fusion.measure(item.frame)
-        fused = fusion.image(
-            measured, fusion.fused_spectrum(item.frame, measured, item.image, item.magnitude_um, network, margin_um)
-        )
-        return _gain_db(item.truth, item.frame, fused), measured, fused
+        measured = fusion.measure(frame)
+        fused = fusion.image(measured, fusion.fused_spectrum(frame, measured, image, magnitude_um, network, margin_um))
+        return _gain_db(truth, frame, fused), measured, fused
 
     margins = [fusion.margin_um] * bins
     near_margin_um = NEAR_MARGIN_FRACTION * reach_um + 1e-9
     far = [index for index in range(bins) if index == len(edges) or edges[index] > near_margin_um]
     for index in tqdm(far, desc="calibrate: margins", unit="bin", disable=not progress):
-        members = [item for item in inferred if item.index == index]
+        members = [reading for reading in readings if reading.index == index]
         if len(members) < MIN_BIN_FRAMES:
             continue
-        by_margin = {
-            round(fraction * fusion.margin_um, 3): np.array(
-                [network_path(item, fraction * fusion.margin_um)[0] for item in members]
-            )
-            for fraction in MARGIN_FRACTIONS
-        }
-        baseline = by_margin.pop(round(fusion.margin_um, 3))
-        groupings = ([item.family for item in members], [item.brightness for item in members])
-        margins[index], _ = choose_candidate(baseline, by_margin, fusion.margin_um, groupings)
-    for item in tqdm(inferred, desc="calibrate: physics path", unit="frame", disable=not progress):
-        index, magnitude_um, frame = item.index, item.magnitude_um, item.frame
-        margin_um = margins[index]
-        network_gain, measured, by_network = network_path(item, margin_um)
-        families[index].append(item.family)
-        brightness[index].append(item.brightness)
+        by_margin: dict[float, list[float]] = {round(f * fusion.margin_um, 3): [] for f in MARGIN_FRACTIONS}
+        for reading in members:
+            frame, truth, image, magnitude_um = cast(Prepared, prepared(reading.window, reading.plane))
+            for margin_um, gains_db in by_margin.items():
+                gains_db.append(network_path(frame, truth, image, magnitude_um, margin_um)[0])
+        baseline = np.array(by_margin.pop(round(fusion.margin_um, 3)))
+        smaller = {margin_um: np.array(gains_db) for margin_um, gains_db in by_margin.items()}
+        groupings = ([reading.family for reading in members], [reading.brightness for reading in members])
+        margins[index], _ = choose_candidate(baseline, smaller, fusion.margin_um, groupings)
+    for reading in tqdm(readings, desc="calibrate: physics path", unit="frame", disable=not progress):
+        frame, truth, image, magnitude_um = cast(Prepared, prepared(reading.window, reading.plane))
+        index, margin_um = reading.index, margins[reading.index]
+        network_gain, measured, by_network = network_path(frame, truth, image, magnitude_um, margin_um)
+        families[index].append(reading.family)
+        brightness[index].append(reading.brightness)
         network_gains_db[index].append(network_gain)
         if index not in near_focus:  # no share can be chosen there: the Wiener path is not scored
             continue
@@ -389,7 +397,7 @@ def calibrate(
             )
             for s, share in enumerate(SHARES[1:], start=1):
                 mixed = share * by_wiener + (1.0 - share) * by_network
-                gains[index][b][s].append(_gain_db(item.truth, frame, mixed))
+                gains[index][b][s].append(_gain_db(truth, frame, mixed))
     chosen_balances, chosen_shares, mean_gains, network_gains, frames = [], [], [], [], []
     for index in range(bins):
         network_db = np.asarray(network_gains_db[index])
@@ -429,14 +437,15 @@ def calibrate(
     return calibration
 
 
-@dataclass(frozen=True)
-class _Inferred:
-    """A calibration frame after the network: normalised frame and truth, the image, the |d| estimate and its bin."""
+Prepared = tuple[np.ndarray, np.ndarray, np.ndarray, float]  # a calibration frame: frame, truth, image, |d|
 
-    frame: np.ndarray
-    truth: np.ndarray
-    image: np.ndarray
-    magnitude_um: float
+
+@dataclass(frozen=True)
+class _Reading:
+    """Where a calibration frame is (its window and plane), the bin its |d| reading falls in, and its groups."""
+
+    window: Window
+    plane: int
     index: int
     family: str
     brightness: str  # the decade of its peak photons ("" unknown)
