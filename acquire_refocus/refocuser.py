@@ -166,6 +166,7 @@ class Refocuser:
             if engine_config.physics_path and recorded_path is not None:
                 try:
                     path_calibration = PhysicsPathCalibration.from_metadata(recorded_path)
+                    path_calibration.check_margins(fusion.margin_um)
                 except ValueError as exc:
                     raise WeightsError(
                         f"{loaded.path}: {exc}; recalibrate it (acquire-refocus calibrate-model) or load it with "

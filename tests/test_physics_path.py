@@ -401,6 +401,8 @@ def test_calibrate_model_on_a_stored_dataset_writes_weights_that_refocus_through
         (lambda recorded: recorded.update(frames=[1.5] * 9), "frames"),
         (lambda recorded: recorded.update(margins_um=[-1.0] * 9), "margins must be finite"),
         (lambda recorded: recorded.update(margins_um=["3"] * 9), "other than numbers"),
+        (lambda recorded: recorded.update(margins_um=[0.0] * 9), "margin of 0 um in bin 0 near focus must be"),
+        (lambda recorded: recorded.update(margins_um=[3.0] * 8 + [1e300]), "margin of 1e.300 um in bin 8 may not"),
     ],
 )
 def test_weights_with_a_damaged_calibration_are_refused_clearly(
@@ -462,3 +464,24 @@ def test_the_report_names_the_shares_and_a_damaged_calibration() -> None:
     damaged = calibration.to_metadata() | {"shares": ["0.5"] * 9}
     assert "damaged" in physics_path_note({"physics_path": damaged})
     assert physics_path_note({}) == ""
+    margins = dataclasses.replace(calibration, margins_um=(3.0,) * 6 + (0.0, 3.0, 0.0))
+    assert "; fusion margin 3 um up to 10.5 um, 0 um at 10.5-15.75 um, 3 um at 15.75-24.5 um, 0 um beyond 24.5 um," in (
+        physics_path_note({"physics_path": margins.to_metadata()})
+    )
+
+
+def test_the_report_says_how_each_network_was_run(tiny_weights: Path, tmp_path: Path) -> None:
+    """A network scored without the fusion, or without the physics path, is not described by the calibration its
+    weights carry."""
+    from acquire_refocus.model.report import network_note
+    from acquire_refocus.model.scoring import network_method
+
+    training = {"physics_path": _calibration((1.0,)).to_metadata()}
+    calibrated = _with_calibration(tiny_weights, tmp_path / "calibrated.pt", _calibration((1.0,)))
+    for fusion, path, expected in [
+        (True, True, "Physics path (with the fusion)"),
+        (True, False, "with the model's one margin, without the physics path"),
+        (False, True, "without the fusion"),
+    ]:
+        _, info = network_method(calibrated, 0.325, 1, physics_fusion=fusion, physics_path=path)
+        assert expected in network_note(info, training)

@@ -45,7 +45,7 @@ from acquire_refocus.logs import kv
 from acquire_refocus.model.baselines import deconvolve, tune_wiener_balance
 from acquire_refocus.model.data import TEST_SEED_BASE
 from acquire_refocus.model.held_out import Sample, crop_psf
-from acquire_refocus.model.report import physics_path_note
+from acquire_refocus.model.report import network_note
 from acquire_refocus.model.scoring import network_methods
 from acquire_refocus.outputs import output_folder
 from acquire_refocus.sim.randomization import CameraDraw, expose_window
@@ -533,7 +533,7 @@ def write_report(out_dir: Path, rows: Sequence[OodRow], networks: dict[str, dict
             f"- **{label}**: sha256 {info['sha256'][:16]}..., trained {training.get('steps', '?')} steps; "
             f"data: {data.get('source', '?')}"
             + (f", families {', '.join(data['families'])}" if data.get("families") else "")
-            + f".{physics_path_note(training)}"
+            + f".{network_note(info, training)}"
         )
     lines.append("")
     for set_name in sets:

@@ -94,14 +94,16 @@ MAX_REACH_FRACTION = 0.15
 # The fusion's margin (model/fusion.py: what it takes off the estimated |d| before bounding the image) per bin, chosen
 # like the shares, by the network path's gain on the bin's validation frames, among these fractions of the model's
 # one margin (the 90th percentile of the head's excess over every validation frame within 10 um of focus). Bins that
-# end within NEAR_MARGIN_FRACTION of the reach (10.5 um for the shipped model) keep the one margin: there the bound
-# is what stops an in-focus frame the head over-reads from being sharpened. Further out the head reads short, and
-# the one margin, taken off estimates already short, bounded frames 14-30 um out at the OTF of a distance 3-6 um
-# nearer: the shipped model lost 0.2-1.2 dB there against a margin of 0 on every OOD set but the beads. (The 90th
-# percentile of each far bin's own excess was tried first and not kept: on the validation frames it came to 2.4,
-# 4.6 and 3.6 um, no smaller than the one margin; 2026-12-07, session 16.)
+# end within NEAR_MARGIN_FRACTION of the reach (10.5 um for the shipped model; NEAR_MARGIN_BINS) keep the one
+# margin: there the bound is what stops an in-focus frame the head over-reads from being sharpened. Further out the
+# head reads short, and the one margin, taken off estimates already short, bounded frames 14-30 um out at the OTF of
+# a distance 3-6 um nearer: the shipped model lost 0.2-1.2 dB there against a margin of 0 on every OOD set but the
+# beads. (The 90th percentile of each far bin's own excess was tried first and not kept: on the validation frames it
+# came to 2.4, 4.6 and 3.6 um, no smaller than the one margin; 2026-12-07, session 16.)
 NEAR_MARGIN_FRACTION = 0.3
+NEAR_MARGIN_BINS = BIN_FRACTIONS.index(NEAR_MARGIN_FRACTION) + 1  # the bins that end there or nearer: 0-5
 MARGIN_FRACTIONS = (1.0, 0.5, 0.25, 0.0)
+_MARGIN_ROUNDING_UM = 1e-3  # margins are recorded to 3 decimals
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,21 @@ class PhysicsPathCalibration:
 
     def bin_of(self, magnitude_um: float) -> int:
         return int(np.searchsorted(np.asarray(self.bin_edges_um), magnitude_um, side="right"))
+
+    def check_margins(self, margin_um: float) -> None:
+        """ValueError unless the per-bin margins are what `calibrate` writes for a model whose one margin is
+        `margin_um`: bins of BIN_FRACTIONS, that margin in the NEAR_MARGIN_BINS, none larger anywhere. Smaller near
+        focus would let the fusion sharpen in-focus frames the head over-reads; larger would loosen the bound
+        wherever the head reads short."""
+        if self.margins_um and len(self.bin_edges_um) != len(BIN_FRACTIONS):
+            raise ValueError(f"its fusion margins need {len(BIN_FRACTIONS) + 1} bins, not {len(self.margins_um)}")
+        for index, margin in enumerate(self.margins_um):
+            near = index < NEAR_MARGIN_BINS
+            if margin > margin_um + _MARGIN_ROUNDING_UM or (near and margin < margin_um - _MARGIN_ROUNDING_UM):
+                where = "near focus must be" if near else "may not exceed"
+                raise ValueError(
+                    f"its fusion margin of {margin:g} um in bin {index} {where} the model's margin ({margin_um:g} um)"
+                )
 
     def margin_of(self, index: int) -> float | None:
         """The fusion's margin for bin `index`; None: the model's one margin (an older calibration)."""
@@ -365,8 +382,7 @@ def calibrate(
         return _gain_db(truth, frame, fused), measured, fused
 
     margins = [fusion.margin_um] * bins
-    near_margin_um = NEAR_MARGIN_FRACTION * reach_um + 1e-9
-    far = [index for index in range(bins) if index == len(edges) or edges[index] > near_margin_um]
+    far = range(NEAR_MARGIN_BINS, bins)
     for index in tqdm(far, desc="calibrate: margins", unit="bin", disable=not progress):
         members = [reading for reading in readings if reading.index == index]
         if len(members) < MIN_BIN_FRAMES:

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio
@@ -18,6 +18,9 @@ from skimage.metrics import peak_signal_noise_ratio
 from acquire_refocus.model.baselines import RL_ITERATIONS, Method
 from acquire_refocus.model.held_out import TILT_UM_PER_MM, HeldOutSet
 from acquire_refocus.model.scoring import Row
+
+if TYPE_CHECKING:
+    from acquire_refocus.model.physics_path import PhysicsPathCalibration
 
 SIGN_MIN_UM = 3.0
 
@@ -180,16 +183,42 @@ def physics_path_note(training: dict[str, Any]) -> str:
         for i, share in enumerate(calibration.shares)
         if share > 0
     ]
-    margins = (
-        f"; fusion margin per bin {' / '.join(f'{m:g}' for m in calibration.margins_um)} um"
-        if calibration.margins_um
-        else ""
-    )
+    margins = f"; fusion margin {margin_spans(calibration)}" if calibration.margins_um else ""
     return (
         " Physics path (with the fusion): Wiener share per estimated |d| "
         + (", ".join(mixed) if mixed else "0 everywhere")
         + f"{margins}, calibrated on {calibration.source}."
     )
+
+
+def margin_spans(calibration: PhysicsPathCalibration) -> str:
+    """The per-bin fusion margins in words, neighbouring bins with one margin as one span: "3.26 um up to 10.5 um,
+    0 at 10.5-15.75 um, ...", the last span open."""
+    edges = (0.0, *calibration.bin_edges_um)
+    spans: list[tuple[int, int, float]] = []  # (first bin, last bin, margin)
+    for index, margin in enumerate(calibration.margins_um):
+        if spans and spans[-1][2] == margin:
+            spans[-1] = (spans[-1][0], index, margin)
+        else:
+            spans.append((index, index, margin))
+    words = []
+    for first, last, margin in spans:
+        if last == len(edges) - 1:
+            where = f"beyond {edges[first]:g} um" if first > 0 else "at every |d|"
+        else:
+            where = f"up to {edges[last + 1]:g} um" if first == 0 else f"at {edges[first]:g}-{edges[last + 1]:g} um"
+        words.append(f"{margin:g} um {where}")
+    return ", ".join(words)
+
+
+def network_note(info: dict[str, Any], training: dict[str, Any]) -> str:
+    """How a scored network's image was made (scoring.network_method records the switches); "" for weights
+    without a physics path run with it."""
+    if not info.get("fusion", True):
+        return " Run without the fusion: the network's image as it is."
+    if not info.get("physics_path", True):
+        return " Run through the fusion with the model's one margin, without the physics path."
+    return physics_path_note(training)
 
 
 def calibration_line(rows: Sequence[Row], method: str) -> str:
@@ -330,7 +359,7 @@ def write_report(
             f"sha256 {info['sha256'][:16]}..., trained {training.get('steps', '?')} steps "
             f"(batch {training.get('batch_size', '?')}, {training.get('patch_size_px', '?')} px patches) in "
             f"{float(training.get('wall_time_s', 0)) / 60:.1f} min on {training.get('device', '?')} "
-            f"({training.get('threads', '?')} threads){stage_note(training)}.{physics_path_note(training)}"
+            f"({training.get('threads', '?')} threads){stage_note(training)}.{network_note(info, training)}"
         )
     lines += [
         "",

@@ -88,6 +88,8 @@ def network_method(
         "architecture": refocuser.loaded.model_config.architecture,
         "parameters": sum(p.numel() for p in refocuser.loaded.network.parameters()),
         "factors": factors,
+        "fusion": refocuser.fusion is not None,  # how its images were made, for the report
+        "physics_path": refocuser.physics_path is not None,
     }
     return run, info
 
