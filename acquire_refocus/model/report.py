@@ -212,8 +212,9 @@ def margin_spans(calibration: PhysicsPathCalibration) -> str:
 
 
 def network_note(info: dict[str, Any], training: dict[str, Any]) -> str:
-    """How a scored network's image was made (scoring.network_method records the switches); "" for weights
-    without a physics path run with it."""
+    """How a scored network's image was made (scoring.network_method records the switches): without the fusion,
+    through it with the one margin and no physics path (switched off, or no calibration in the weights), or the
+    calibration's note."""
     if not info.get("fusion", True):
         return " Run without the fusion: the network's image as it is."
     if not info.get("physics_path", True):
