@@ -212,9 +212,13 @@ class OpticalFusion:
         magnitude_um: float,
         network: Callable[[np.ndarray], np.ndarray] | None = None,
         margin_um: float | None = None,
+        *,
+        passed_share: np.ndarray | None = None,
     ) -> np.ndarray:
         """The fused image's rfft2, mean removed (`image` turns it into the image): the module docstring's bound and
-        blend of `output` against the raw frame `measured` was read from (`margin_um` as in __call__)."""
+        blend of `output` against the raw frame `measured` was read from (`margin_um` as in __call__).
+        `passed_share`: the network's `passed_noise_share` on this frame, where a caller fusing one output several
+        times (under several margins) measured it once; otherwise it is measured here when `network` is given."""
         shape, observed = measured.shape, measured.observed
         lower_um = max(0.0, float(magnitude_um) - (self.margin_um if margin_um is None else float(margin_um)))
         ratio = np.minimum(self.mtf(0.0, shape) / np.maximum(self.mtf(lower_um, shape), 1e-6), MAX_RATIO)
@@ -225,9 +229,12 @@ class OpticalFusion:
         estimate *= np.minimum(1.0, bound / np.maximum(amplitude, 1e-12))
         band = _radial_bands(shape)
         departure = _band_mean(shape, np.abs(estimate - observed) ** 2)
-        passed = np.zeros(_BANDS) if network is None else _passed_noise_share(raw, network, measured.noise)
+        if passed_share is None:
+            passed_share = np.zeros(_BANDS) if network is None else passed_noise_share(raw, network, measured.noise)
         noise_power = measured.noise_power
-        weight_by_band = np.clip((departure - noise_power * (1.0 - passed)) / np.maximum(departure, 1e-12), 0.0, 1.0)
+        weight_by_band = np.clip(
+            (departure - noise_power * (1.0 - passed_share)) / np.maximum(departure, 1e-12), 0.0, 1.0
+        )
         # Where the in-focus OTF is the weaker one (ratio < 1: aberrated high-NA optics, or beyond the in-focus
         # cutoff), defocus has not attenuated the frequency: the in-focus-consistent reference is the raw frame
         # times the ratio, trusted as much as an unattenuated one. Unclipped, 1 / ratio^2 reached 1e8 at 60x / 1.4
@@ -265,7 +272,7 @@ class MeasuredFrame:
     noise_power: float  # per-frequency noise power on the rfft2 grid (pixels x mean variance)
 
 
-def _passed_noise_share(raw: np.ndarray, network: Callable[[np.ndarray], np.ndarray], noise: NoiseModel) -> np.ndarray:
+def passed_noise_share(raw: np.ndarray, network: Callable[[np.ndarray], np.ndarray], noise: NoiseModel) -> np.ndarray:
     """Per radial band, the share of a noise probe the network passes to its output (C / N of the module
     docstring), measured on the central window of `raw` with a probe of the frame's own noise shape."""
     height, width = min(raw.shape[0], PROBE_WINDOW_PX), min(raw.shape[1], PROBE_WINDOW_PX)

@@ -332,6 +332,7 @@ def calibrate(
     NEAR_MARGIN_FRACTION of the reach, the fusion's margin: the fraction of the model's one margin (MARGIN_FRACTIONS)
     under which the network's path gains most by the same rules; both paths are then scored with the bin's margin."""
     from acquire_refocus.engines.tiling import infer_frame
+    from acquire_refocus.model.fusion import passed_noise_share
     from acquire_refocus.model.normalization import frame_scale, normalize
 
     fusion = refocuser.fusion
@@ -373,13 +374,18 @@ def calibrate(
                 index = int(np.searchsorted(np.asarray(edges), inferred[3], side="right"))
                 readings.append(_Reading(window, plane, index, window.family, decade))
 
-    def network_path(
-        frame: np.ndarray, truth: np.ndarray, image: np.ndarray, magnitude_um: float, margin_um: float
-    ) -> tuple[float, MeasuredFrame, np.ndarray]:
-        """The network path's PSNR gain on a frame, what the fusion measured on it, and the fused image."""
-        measured = fusion.measure(frame)
-        fused = fusion.image(measured, fusion.fused_spectrum(frame, measured, image, magnitude_um, network, margin_um))
-        return _gain_db(truth, frame, fused), measured, fused
+    def fused_by_margin(
+        frame: np.ndarray, measured: MeasuredFrame, image: np.ndarray, magnitude_um: float, margins_um: Sequence[float]
+    ) -> list[np.ndarray]:
+        """The network's image fused with `frame` under each margin, its noise probe run once for all of them."""
+        passed_share = passed_noise_share(frame, network, measured.noise)
+        return [
+            fusion.image(
+                measured,
+                fusion.fused_spectrum(frame, measured, image, magnitude_um, margin_um=m, passed_share=passed_share),
+            )
+            for m in margins_um
+        ]
 
     margins = [fusion.margin_um] * bins
     far = range(NEAR_MARGIN_BINS, bins)
@@ -390,8 +396,10 @@ def calibrate(
         by_margin: dict[float, list[float]] = {round(f * fusion.margin_um, 3): [] for f in MARGIN_FRACTIONS}
         for reading in members:
             frame, truth, image, magnitude_um = cast(Prepared, prepared(reading.window, reading.plane))
-            for margin_um, gains_db in by_margin.items():
-                gains_db.append(network_path(frame, truth, image, magnitude_um, margin_um)[0])
+            raw_psnr_db = _psnr_db(truth, frame)
+            fused = fused_by_margin(frame, fusion.measure(frame), image, magnitude_um, list(by_margin))
+            for gains_db, by_network in zip(by_margin.values(), fused, strict=True):
+                gains_db.append(_psnr_db(truth, by_network) - raw_psnr_db)
         baseline = np.array(by_margin.pop(round(fusion.margin_um, 3)))
         smaller = {margin_um: np.array(gains_db) for margin_um, gains_db in by_margin.items()}
         groupings = ([reading.family for reading in members], [reading.brightness for reading in members])
@@ -399,10 +407,11 @@ def calibrate(
     for reading in tqdm(readings, desc="calibrate: physics path", unit="frame", disable=not progress):
         frame, truth, image, magnitude_um = cast(Prepared, prepared(reading.window, reading.plane))
         index, margin_um = reading.index, margins[reading.index]
-        network_gain, measured, by_network = network_path(frame, truth, image, magnitude_um, margin_um)
+        measured, raw_psnr_db = fusion.measure(frame), _psnr_db(truth, frame)
+        (by_network,) = fused_by_margin(frame, measured, image, magnitude_um, [margin_um])
         families[index].append(reading.family)
         brightness[index].append(reading.brightness)
-        network_gains_db[index].append(network_gain)
+        network_gains_db[index].append(_psnr_db(truth, by_network) - raw_psnr_db)
         if index not in near_focus:  # no share can be chosen there: the Wiener path is not scored
             continue
         for b, balance in enumerate(balances):
@@ -413,7 +422,7 @@ def calibrate(
             )
             for s, share in enumerate(SHARES[1:], start=1):
                 mixed = share * by_wiener + (1.0 - share) * by_network
-                gains[index][b][s].append(_gain_db(truth, frame, mixed))
+                gains[index][b][s].append(_psnr_db(truth, mixed) - raw_psnr_db)
     chosen_balances, chosen_shares, mean_gains, network_gains, frames = [], [], [], [], []
     for index in range(bins):
         network_db = np.asarray(network_gains_db[index])
@@ -467,10 +476,9 @@ class _Reading:
     brightness: str  # the decade of its peak photons ("" unknown)
 
 
-def _gain_db(truth: np.ndarray, raw: np.ndarray, image: np.ndarray) -> float:
-    data_range = float(truth.max() - truth.min())
-    raw_psnr = peak_signal_noise_ratio(truth, raw, data_range=data_range)
-    return float(peak_signal_noise_ratio(truth, image, data_range=data_range) - raw_psnr)
+def _psnr_db(truth: np.ndarray, image: np.ndarray) -> float:
+    """PSNR against the truth with its own range (a frame's gain is this of the output less this of the raw frame)."""
+    return float(peak_signal_noise_ratio(truth, image, data_range=float(truth.max() - truth.min())))
 
 
 def calibrate_weights(
